@@ -1,0 +1,48 @@
+"""vmmpool: CUDA virtual memory management from Python.
+
+Reserve virtual address ranges, create physical memory, map it where you
+want it, and let a page pool stitch scattered free pages into contiguous
+ranges so that allocations fail only when memory is really gone. Every piece
+runs on a GPU through the CUDA driver, and on any Linux machine through the
+host emulator (``Device("host")``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._backends.base import BackendCounters
+from ._device import Device, default_device, devices
+from ._errors import (
+    ClosedError,
+    DeviceUnavailableError,
+    DriverError,
+    OutOfMemoryError,
+    VmmError,
+)
+from ._options import Access, HandleType
+from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+
+__version__ = "0.1.0"
+
+logging.getLogger("vmmpool").addHandler(logging.NullHandler())
+
+__all__ = [
+    "Access",
+    "AddressReservation",
+    "BackendCounters",
+    "ClosedError",
+    "Device",
+    "DeviceUnavailableError",
+    "DriverError",
+    "HandleType",
+    "Mapping",
+    "OutOfMemoryError",
+    "PhysicalAllocation",
+    "VmmError",
+    "__version__",
+    "create",
+    "default_device",
+    "devices",
+    "reserve",
+]

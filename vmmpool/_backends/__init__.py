@@ -1,0 +1,1 @@
+"""Backends: the CUDA driver and the host emulator, behind one interface (``base.Backend``)."""

@@ -1,0 +1,263 @@
+"""The small internal interface every backend implements.
+
+One method per driver operation. Addresses, sizes and handles are plain
+``int``; access is an :class:`~vmmpool._options.Access`. Backends validate
+nothing that the higher layers validate (argument types, ranges inside a
+reservation): they enforce the *driver's* contract and report violations as
+:class:`~vmmpool.DriverError` with the driver's error name.
+
+Every public operation starts with ``self._enter("op")``, which counts the call
+and fires an injected fault if one is armed for that call. Backends also count
+their live resources, so tests can prove that nothing leaked and that hot
+paths make no backend calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .._errors import DriverError, OutOfMemoryError
+from .._options import Access
+
+__all__ = ["Backend", "BackendCounters", "DeviceInfo", "OPERATIONS"]
+
+#: The operations a backend provides, in the order of the interface.
+OPERATIONS: tuple[str, ...] = (
+    "reserve",
+    "free_address",
+    "create",
+    "release",
+    "map",
+    "unmap",
+    "set_access",
+    "get_access",
+    "retain",
+    "export_fd",
+    "import_fd",
+    "mem_info",
+    "synchronize",
+    "write",
+    "read",
+)
+
+
+@dataclass(frozen=True)
+class BackendCounters:
+    """A snapshot of one backend's live resources and call counts.
+
+    Attributes
+    ----------
+    reservations : int
+        Live virtual address reservations.
+    allocations : int
+        Live physical allocations (memory not yet given back: a released handle
+        whose memory is still mapped counts until its last mapping goes).
+    mappings : int
+        Live mappings (one per successful ``map``).
+    physical_bytes : int
+        Bytes of live physical allocations.
+    calls : dict of str to int
+        Calls per operation since the backend was created.
+    """
+
+    reservations: int
+    allocations: int
+    mappings: int
+    physical_bytes: int
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def live(self) -> tuple[int, int, int]:
+        """``(reservations, allocations, mappings)``: all zero when nothing leaked."""
+        return (self.reservations, self.allocations, self.mappings)
+
+    def total_calls(self) -> int:
+        """Sum of all operation calls."""
+        return sum(self.calls.values())
+
+    def __sub__(self, other: BackendCounters) -> dict[str, int]:
+        """Calls per operation made between `other` and this snapshot (non-zero only)."""
+        out = {}
+        for op, n in self.calls.items():
+            d = n - other.calls.get(op, 0)
+            if d:
+                out[op] = d
+        return out
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Static facts about a backend's device."""
+
+    kind: str
+    ordinal: int
+    name: str
+    granularity: int
+    recommended_granularity: int
+    supports_vmm: bool
+    supports_posix_fd: bool
+
+
+class _Fault:
+    __slots__ = ("countdown", "name", "message")
+
+    def __init__(self, countdown: int, name: str, message: str) -> None:
+        self.countdown = countdown
+        self.name = name
+        self.message = message
+
+
+class Backend(abc.ABC):
+    """Abstract backend: one method per driver operation.
+
+    Subclasses implement the public methods directly and begin each with
+    ``self._enter(op)``, which keeps the instrumentation to one method call.
+    Subclasses keep ``_live_*`` and ``_physical_bytes`` up to date under
+    ``self._lock``.
+    """
+
+    info: DeviceInfo
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._calls: collections.Counter[str] = collections.Counter()
+        self._faults: dict[str, list[_Fault]] = {}
+        self._live_reservations = 0
+        self._live_allocations = 0
+        self._live_mappings = 0
+        self._physical_bytes = 0
+
+    # ------------------------------------------------------------------ counting
+    def _enter(self, op: str) -> None:
+        self._calls[op] += 1
+        if self._faults:
+            self._check_fault(op)
+
+    def _check_fault(self, op: str) -> None:
+        with self._lock:
+            faults = self._faults.get(op)
+            if not faults:
+                return
+            fired = None
+            for f in faults:
+                f.countdown -= 1
+                if f.countdown == 0:
+                    fired = f
+            faults[:] = [f for f in faults if f.countdown > 0]
+            if not faults:
+                del self._faults[op]
+        if fired is not None:
+            if fired.name == "CUDA_ERROR_OUT_OF_MEMORY":
+                raise OutOfMemoryError(0, self._physical_bytes, 0, message=f"injected fault in {op}")
+            raise DriverError(fired.name, fired.message, operation=op)
+
+    def inject_fault(
+        self,
+        op: str,
+        nth: int = 1,
+        name: str = "CUDA_ERROR_OUT_OF_MEMORY",
+        message: str = "injected fault",
+    ) -> None:
+        """Make the `nth` next call of `op` fail (before it touches anything).
+
+        Parameters
+        ----------
+        op : str
+            One of :data:`OPERATIONS`.
+        nth : int
+            1 fails the very next call, 2 the one after, and so on.
+        name : str
+            The driver error name to raise. ``CUDA_ERROR_OUT_OF_MEMORY`` raises
+            :class:`~vmmpool.OutOfMemoryError`; any other name a
+            :class:`~vmmpool.DriverError`.
+        """
+        if op not in OPERATIONS:
+            raise ValueError(f"op must be one of {OPERATIONS}, got {op!r}")
+        if nth < 1:
+            raise ValueError(f"nth must be >= 1, got {nth}")
+        with self._lock:
+            self._faults.setdefault(op, []).append(_Fault(nth, name, message))
+
+    def clear_faults(self) -> None:
+        """Disarm every injected fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def counters(self) -> BackendCounters:
+        """Snapshot of live resources and call counts."""
+        with self._lock:
+            return BackendCounters(
+                self._live_reservations,
+                self._live_allocations,
+                self._live_mappings,
+                self._physical_bytes,
+                dict(self._calls),
+            )
+
+    # ------------------------------------------------------------ the interface
+    @abc.abstractmethod
+    def reserve(self, size: int, alignment: int = 0, hint: int = 0) -> int:
+        """Reserve `size` bytes of virtual address space; return the address."""
+
+    @abc.abstractmethod
+    def free_address(self, address: int, size: int) -> None:
+        """Free exactly one reservation, given as its ``(address, size)``."""
+
+    @abc.abstractmethod
+    def create(self, size: int, exportable: bool = False) -> int:
+        """Create `size` bytes of physical memory; return its handle."""
+
+    @abc.abstractmethod
+    def release(self, handle: int) -> None:
+        """Drop one reference to a physical allocation handle."""
+
+    @abc.abstractmethod
+    def map(self, address: int, size: int, handle: int, offset: int = 0) -> None:
+        """Back ``[address, address + size)`` with the physical allocation `handle`."""
+
+    @abc.abstractmethod
+    def unmap(self, address: int, size: int) -> None:
+        """Unmap one or more whole, adjacent mappings covering exactly the range."""
+
+    @abc.abstractmethod
+    def set_access(self, address: int, size: int, access: Access, devices: Sequence[int]) -> None:
+        """Grant `access` to the range (whole adjacent mappings) for `devices`."""
+
+    @abc.abstractmethod
+    def get_access(self, address: int, device: int) -> Access:
+        """Return the access `device` has at `address`."""
+
+    @abc.abstractmethod
+    def retain(self, address: int) -> int:
+        """Return the handle mapped at `address`, adding one reference."""
+
+    @abc.abstractmethod
+    def export_fd(self, handle: int) -> int:
+        """Export a POSIX file descriptor for `handle` (the caller owns it)."""
+
+    @abc.abstractmethod
+    def import_fd(self, fd: int) -> int:
+        """Import a POSIX file descriptor; return a new handle (one reference)."""
+
+    @abc.abstractmethod
+    def mem_info(self) -> tuple[int, int]:
+        """Return ``(free, total)`` bytes of the device."""
+
+    @abc.abstractmethod
+    def synchronize(self, stream: int | None = None) -> None:
+        """Wait for `stream` (or, with ``None``, the whole device) to finish its work."""
+
+    @abc.abstractmethod
+    def write(self, address: int, data: memoryview) -> None:
+        """Copy host bytes `data` to device memory at `address` (synchronous)."""
+
+    @abc.abstractmethod
+    def read(self, address: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes of device memory at `address` into `out` (synchronous)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend-wide resources (contexts); resources must be closed first."""

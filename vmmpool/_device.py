@@ -1,0 +1,275 @@
+"""Devices: which backend a resource lives on.
+
+``Device("cuda:0")`` / ``Device(0)`` select a CUDA device through the driver
+backend; ``Device("host")`` selects the process-wide host emulator, and
+:meth:`Device.emulated` makes a fresh, independent emulated device (its own
+capacity and counters), which is what tests and notebooks use.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Union
+
+from ._backends.base import Backend, BackendCounters
+from ._backends.host import HostBackend
+from ._options import check_int
+
+__all__ = ["Device", "DeviceLike", "devices", "default_device", "KDL_CPU", "KDL_CUDA"]
+
+KDL_CPU = 1
+KDL_CUDA = 2
+
+DeviceLike = Union["Device", str, int, None]
+
+_lock = threading.Lock()
+_cuda_devices: dict[int, Device] = {}
+_host: Device | None = None
+
+
+def _parse(spec: object) -> tuple[str, int]:
+    if isinstance(spec, bool):
+        raise TypeError(f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ValueError(f"device ordinal must be >= 0, got {spec}")
+        return ("cuda", spec)
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "host":
+            return ("host", 0)
+        if s == "cuda":
+            return ("cuda", 0)
+        if s.startswith("cuda:") and s[5:].isdigit():
+            return ("cuda", int(s[5:]))
+        if s.isdigit():
+            return ("cuda", int(s))
+        raise ValueError(f"device must be 'host', 'cuda' or 'cuda:N', got {spec!r}")
+    raise TypeError(
+        f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {type(spec).__name__}"
+    )
+
+
+class Device:
+    """A device that VMM resources live on.
+
+    Parameters
+    ----------
+    spec : Device, str, int or None
+        ``"cuda:N"``, ``"cuda"`` (= ``"cuda:0"``), an ordinal ``N``, ``"host"``
+        (the process-wide host emulator), a :class:`Device` (returned as is),
+        or ``None`` for :func:`default_device`.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        A CUDA device was asked for where there is no driver, no such GPU or
+        no VMM support. The message says how to use the host device instead.
+
+    Notes
+    -----
+    Devices are singletons per spec: ``Device("cuda:0") is Device(0)``. Each
+    wraps one backend, which counts its live resources and calls (see
+    :meth:`counters`).
+    """
+
+    _backend: Backend
+    kind: str
+    ordinal: int
+
+    def __new__(cls, spec: DeviceLike = None) -> Device:
+        if isinstance(spec, Device):
+            return spec
+        if spec is None:
+            return default_device()
+        kind, ordinal = _parse(spec)
+        if kind == "host":
+            return _host_device()
+        with _lock:
+            dev = _cuda_devices.get(ordinal)
+            if dev is None:
+                from ._backends import cuda as _cuda
+
+                dev = cls._from_backend(_cuda.CudaBackend(ordinal))
+                _cuda_devices[ordinal] = dev
+            return dev
+
+    @classmethod
+    def _from_backend(cls, backend: Backend) -> Device:
+        self = object.__new__(cls)
+        self._backend = backend
+        self.kind = backend.info.kind
+        self.ordinal = backend.info.ordinal
+        return self
+
+    @classmethod
+    def emulated(
+        cls,
+        capacity: int | None = None,
+        *,
+        granularity: int = 2 << 20,
+        recommended_granularity: int | None = None,
+        name: str = "host emulator (Linux virtual memory)",
+    ) -> Device:
+        """Create a fresh, independent host-emulated device.
+
+        Parameters
+        ----------
+        capacity : int, optional
+            Physical bytes the device has (out-of-memory beyond it). Default:
+            a quarter of the machine's RAM, at most 8 GiB.
+        granularity : int
+            Minimum mapping granularity in bytes (default 2 MiB, like current GPUs).
+        recommended_granularity : int, optional
+            Recommended granularity; defaults to `granularity`.
+        name : str
+            Name reported by :attr:`name`.
+
+        Returns
+        -------
+        Device
+            A device with its own memory, capacity and counters, unrelated to
+            ``Device("host")``.
+        """
+        if capacity is not None:
+            capacity = check_int("capacity", capacity, multiple=granularity)
+        granularity = check_int("granularity", granularity, minimum=1)
+        return cls._from_backend(
+            HostBackend(capacity, granularity, recommended_granularity, name=name)
+        )
+
+    # --------------------------------------------------------------- facts
+    @property
+    def is_host(self) -> bool:
+        """True for the host emulator."""
+        return self.kind == "host"
+
+    @property
+    def name(self) -> str:
+        """The device's name (the GPU's name, or the emulator's)."""
+        return self._backend.info.name
+
+    @property
+    def granularity(self) -> int:
+        """Minimum granularity in bytes: sizes and offsets are multiples of it."""
+        return self._backend.info.granularity
+
+    @property
+    def recommended_granularity(self) -> int:
+        """Granularity the driver recommends for performance, in bytes."""
+        return self._backend.info.recommended_granularity
+
+    @property
+    def total_memory(self) -> int:
+        """Total physical memory in bytes (a driver call)."""
+        return self._backend.mem_info()[1]
+
+    @property
+    def free_memory(self) -> int:
+        """Free physical memory in bytes (a driver call)."""
+        return self._backend.mem_info()[0]
+
+    @property
+    def supports_vmm(self) -> bool:
+        """Whether the device supports virtual memory management."""
+        return self._backend.info.supports_vmm
+
+    @property
+    def supports_posix_fd(self) -> bool:
+        """Whether physical memory can be exported as a POSIX file descriptor."""
+        return self._backend.info.supports_posix_fd
+
+    @property
+    def dlpack_device(self) -> tuple[int, int]:
+        """``(device_type, device_id)`` as DLPack spells it: (2, N) for CUDA, (1, 0) for host."""
+        return (KDL_CPU, 0) if self.is_host else (KDL_CUDA, self.ordinal)
+
+    def round_up(self, nbytes: int) -> int:
+        """Round `nbytes` up to a multiple of :attr:`granularity`."""
+        n = check_int("nbytes", nbytes)
+        g = self.granularity
+        return -(-n // g) * g
+
+    def counters(self) -> BackendCounters:
+        """Snapshot of the backend's live resources and calls per operation."""
+        return self._backend.counters()
+
+    def synchronize(self, stream: int | None = None) -> None:
+        """Wait for `stream`, or for all work on this device with ``None``."""
+        self._backend.synchronize(stream)
+
+    def write(self, address: int, data: object) -> None:
+        """Copy host bytes to device memory (synchronous; for tests, demos and debugging).
+
+        Parameters
+        ----------
+        address : int
+            Destination; must be mapped with write access.
+        data : bytes-like
+            Anything exposing the buffer protocol (bytes, bytearray, a NumPy array).
+        """
+        mv = memoryview(data).cast("B")  # type: ignore[arg-type]
+        if mv.nbytes:
+            self._backend.write(check_int("address", address, minimum=1), mv)
+
+    def read(self, address: int, nbytes: int) -> bytearray:
+        """Copy `nbytes` of device memory at `address` to a new ``bytearray`` (synchronous)."""
+        n = check_int("nbytes", nbytes)
+        out = bytearray(n)
+        if n:
+            self._backend.read(check_int("address", address, minimum=1), memoryview(out))
+        return out
+
+    def __repr__(self) -> str:
+        if self.is_host:
+            tag = "" if self is _host else f", emulated at {id(self):#x}"
+            return f"Device('host'{tag})"
+        return f"Device('cuda:{self.ordinal}')"
+
+    def __str__(self) -> str:
+        return "host" if self.is_host else f"cuda:{self.ordinal}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        if self.is_host and self is not _host:
+            raise TypeError("an emulated Device cannot be pickled (its memory is process-local)")
+        return (Device, (str(self),))
+
+
+def _host_device() -> Device:
+    global _host
+    with _lock:
+        if _host is None:
+            _host = Device._from_backend(HostBackend())
+        return _host
+
+
+def devices() -> list[Device]:
+    """List the usable devices: every CUDA device first, then the host emulator.
+
+    Returns
+    -------
+    list of Device
+        CUDA devices (none where there is no driver or GPU) followed by
+        ``Device("host")``.
+    """
+    from ._backends import cuda as _cuda
+
+    out = [Device(i) for i in range(_cuda.device_count()) if _cuda.probe(i) is None]
+    out.append(_host_device())
+    return out
+
+
+_default: Device | None = None
+
+
+def default_device() -> Device:
+    """``Device("cuda:0")`` where a usable GPU is present, else ``Device("host")``.
+
+    Decided once per process.
+    """
+    global _default
+    if _default is None:
+        from ._backends import cuda as _cuda
+
+        _default = Device(0) if _cuda.probe(0) is None else _host_device()
+    return _default
