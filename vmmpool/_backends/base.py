@@ -133,7 +133,10 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:
-        self._calls[op] += 1
+        # Under the lock: an unlocked Counter increment can lose counts when
+        # threads race, and tests rely on exact call counts.
+        with self._lock:
+            self._calls[op] += 1
         if self._faults:
             self._check_fault(op)
 
@@ -152,7 +155,9 @@ class Backend(abc.ABC):
                 del self._faults[op]
         if fired is not None:
             if fired.name == "CUDA_ERROR_OUT_OF_MEMORY":
-                raise OutOfMemoryError(0, self._physical_bytes, 0, message=f"injected fault in {op}")
+                raise OutOfMemoryError(
+                    0, self._physical_bytes, self._physical_bytes, message=f"injected fault in {op}"
+                )
             raise DriverError(fired.name, fired.message, operation=op)
 
     def inject_fault(
@@ -253,11 +258,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def write(self, address: int, data: memoryview) -> None:
-        """Copy host bytes `data` to device memory at `address` (synchronous)."""
+        """Copy host bytes `data` to device memory at `address`.
+
+        Synchronous with respect to the host, but on CUDA it is ordered only
+        after the current context's legacy default stream: synchronize streams
+        that may still use the memory first (driver rule 8).
+        """
 
     @abc.abstractmethod
     def read(self, address: int, out: memoryview) -> None:
-        """Copy ``len(out)`` bytes of device memory at `address` into `out` (synchronous)."""
+        """Copy ``len(out)`` bytes of device memory at `address` into `out`.
+
+        Same ordering as :meth:`write`.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend-wide resources (contexts); resources must be closed first."""

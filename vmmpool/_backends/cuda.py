@@ -1,0 +1,846 @@
+"""The CUDA backend: :class:`~vmmpool._backends.base.Backend` on the driver API.
+
+Every operation is one call into ``cuda.bindings.driver`` (cuda-bindings 12.x
+and 13.x), whose ``CUresult`` is checked by :func:`_check`. The module imports
+the bindings lazily, so ``import vmmpool`` works where cuda-bindings is not
+installed; :func:`probe` and :func:`device_count` say whether a device is usable
+without raising.
+
+Rules of the driver this module relies on (numbers refer to
+``VMM-FACTS.md``, "The driver's rules"):
+
+* Context: CuPy and PyTorch use each device's *primary* context, so the backend
+  retains it and makes it current on a thread that has no current context
+  (once per thread); memory mapped here is then what their kernels see.
+* Rule 1: the granularities in :attr:`CudaBackend.info` come from
+  ``cuMemGetAllocationGranularity`` and are never hard-coded.
+* Rules 3 and 4: ``set_access`` and ``unmap`` may cover several whole adjacent
+  mappings; the backend walks its table of mappings to count what an unmap
+  removed. The driver enforces the contract itself: the backend does not
+  pre-validate ranges.
+* Rule 6: a hinted reservation may land elsewhere; ``reserve`` returns what the
+  driver gave and the caller checks it.
+* Rule 7: physical memory is freed only when every reference is released AND
+  every mapping is gone; the live counters follow that rule.
+* Rule 8 (pytorch #196258): ``synchronize(None)`` synchronizes the device that
+  owns the memory (its primary context pushed), not whatever context is current.
+* Rule 11: exportable memory requests ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``
+  at create time.
+* ``CUdeviceptr`` and handle wrappers have no value equality in cuda-bindings
+  13.5.0 (cuda-python #2388): every value is converted with ``int(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import ClosedError, DeviceUnavailableError, DriverError, OutOfMemoryError
+from .._options import Access, check_int
+from .base import Backend, DeviceInfo
+
+__all__ = ["CudaBackend", "device_count", "probe"]
+
+#: ``CUresult`` names meaning "no usable CUDA here" rather than a bug. Names a
+#: given cuda-bindings release lacks are simply never matched.
+_UNAVAILABLE_ERRORS: frozenset[str] = frozenset(
+    {
+        "CUDA_ERROR_NO_DEVICE",
+        "CUDA_ERROR_NOT_INITIALIZED",
+        "CUDA_ERROR_DEINITIALIZED",
+        "CUDA_ERROR_INSUFFICIENT_DRIVER",
+        "CUDA_ERROR_INVALID_DEVICE",
+        "CUDA_ERROR_NOT_SUPPORTED",
+        "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+        "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+        "CUDA_ERROR_STUB_LIBRARY",
+        "CUDA_ERROR_DEVICE_UNAVAILABLE",
+        "CUDA_ERROR_DEVICE_NOT_LICENSED",
+    }
+)
+
+#: Short reasons for the commonest "not available" errors.
+_REASONS: dict[str, str] = {
+    "CUDA_ERROR_NO_DEVICE": "no CUDA device",
+    "CUDA_ERROR_INSUFFICIENT_DRIVER": "the CUDA driver is too old for cuda-bindings",
+    "CUDA_ERROR_STUB_LIBRARY": "CUDA driver library not found (only the stub libcuda)",
+    "CUDA_ERROR_NOT_SUPPORTED": "VMM not supported",
+}
+
+_MISSING_LIBRARY = "CUDA driver library not found"
+
+_NAME_LENGTH = 256
+
+
+# --------------------------------------------------------------------- helpers
+def _driver() -> Any:
+    """Import and return ``cuda.bindings.driver`` (raises ImportError without it)."""
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _missing_library_types() -> tuple[type[BaseException], ...]:
+    """Return the exception classes meaning "no driver library is installed"."""
+    try:
+        from cuda.pathfinder import DynamicLibNotFoundError
+    except ImportError:
+        return ()
+    return (DynamicLibNotFoundError,)
+
+
+def _is_missing_library(exc: BaseException) -> bool:
+    """Whether `exc` says that libcuda could not be loaded.
+
+    cuda-bindings 13.x raises ``cuda.pathfinder.DynamicLibNotFoundError`` (a
+    ``RuntimeError``) on the first driver call; older 12.x releases raise a plain
+    ``RuntimeError("Failed to dlopen libcuda.so...")``.
+    """
+    if not isinstance(exc, RuntimeError):
+        return False
+    types = _missing_library_types()
+    if types and isinstance(exc, types):
+        return True
+    if any(cls.__name__ == "DynamicLibNotFoundError" for cls in type(exc).__mro__):
+        return True
+    text = str(exc)
+    return type(exc) is RuntimeError and (
+        text.startswith("Failed to dlopen libcuda") or text.startswith("Failed to LoadLibraryEx")
+    )
+
+
+def _unavailable_reason(exc: BaseException) -> str | None:
+    """Return why CUDA is unavailable if `exc` means so, else ``None`` (real error)."""
+    if isinstance(exc, ImportError):
+        return "cuda-bindings is not installed (pip install cuda-bindings)"
+    if isinstance(exc, DriverError):
+        if exc.name not in _UNAVAILABLE_ERRORS:
+            return None
+        return _REASONS.get(exc.name, f"{exc.name}: {exc.message}")
+    if _is_missing_library(exc):
+        return _MISSING_LIBRARY
+    return None
+
+
+def _to_str(value: Any) -> str:
+    """Decode a driver string (bytes, NUL-padded) to ``str``."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).split(b"\x00", 1)[0].decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _raise_driver_error(err: Any, op: str, owner: CudaBackend | None, requested: int) -> None:
+    """Raise the vmmpool exception for the failed ``CUresult`` `err`."""
+    drv = _driver()
+    status = int(err)
+    name_result = drv.cuGetErrorName(err)
+    name = _to_str(name_result[1]) if not name_result[0] else ""
+    if not name:
+        name = getattr(err, "name", "") or f"CUresult {status}"
+    text_result = drv.cuGetErrorString(err)
+    message = _to_str(text_result[1]) if not text_result[0] else ""
+    if not message:
+        message = "unknown driver error"
+    if name == "CUDA_ERROR_OUT_OF_MEMORY":
+        in_use = owner._physical_bytes if owner is not None else 0
+        limit = owner._total_memory if owner is not None else 0
+        raise OutOfMemoryError(
+            requested=requested,
+            in_use=in_use,
+            limit=limit,
+            status=status,
+            message=f"driver: {op}: {message}",
+        )
+    raise DriverError(name, message, status=status, operation=op)
+
+
+def _check(
+    result: tuple[Any, ...],
+    op: str,
+    owner: CudaBackend | None = None,
+    requested: int = 0,
+) -> Any:
+    """Check the ``CUresult`` of a driver call and return the rest of its tuple.
+
+    Parameters
+    ----------
+    result : tuple
+        What the binding returned: ``(CUresult, *values)``.
+    op : str
+        The operation, for the error message (``"map"``, ``"cuInit"``, ...).
+    owner : CudaBackend, optional
+        The backend making the call, whose live physical bytes and device
+        capacity go into an :class:`~vmmpool.OutOfMemoryError`.
+    requested : int
+        Bytes the call asked for, if known (for out-of-memory errors).
+
+    Returns
+    -------
+    object
+        ``None`` when the call returns only a status, the single value when it
+        returns one, else the tuple of values.
+
+    Raises
+    ------
+    OutOfMemoryError
+        On ``CUDA_ERROR_OUT_OF_MEMORY``.
+    DriverError
+        On any other error, with the driver's error name and description.
+    """
+    err = result[0]
+    if err:  # CUresult is an int enum; CUDA_SUCCESS is 0
+        _raise_driver_error(err, op, owner, requested)
+    n = len(result)
+    if n == 1:
+        return None
+    if n == 2:
+        return result[1]
+    return result[1:]
+
+
+def _device_attribute(drv: Any, dev: Any, *names: str) -> int:
+    """Return the first of the device attributes `names` this binding knows."""
+    for name in names:
+        attr = getattr(drv.CUdevice_attribute, name, None)
+        if attr is not None:
+            return int(_check(drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
+    return 0
+
+
+class _Facts:
+    """What :func:`_inspect` learned about one device."""
+
+    __slots__ = ("count", "dev", "reason", "supports_posix_fd", "supports_vmm")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.dev: Any = None
+        self.reason: str | None = None
+        self.supports_vmm = False
+        self.supports_posix_fd = False
+
+
+def _inspect(drv: Any, ordinal: int) -> _Facts:
+    """Initialise the driver and inspect device `ordinal` (driver errors propagate)."""
+    facts = _Facts()
+    _check(drv.cuInit(0), "cuInit")
+    facts.count = int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount"))
+    if facts.count == 0:
+        facts.reason = "no CUDA device"
+        return facts
+    if not 0 <= ordinal < facts.count:
+        plural = "device" if facts.count == 1 else "devices"
+        facts.reason = f"device ordinal {ordinal} out of range ({facts.count} {plural})"
+        return facts
+    facts.dev = _check(drv.cuDeviceGet(ordinal), "cuDeviceGet")
+    facts.supports_vmm = bool(
+        _device_attribute(
+            drv,
+            facts.dev,
+            "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+            "CU_DEVICE_ATTRIBUTE_VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED",
+        )
+    )
+    facts.supports_posix_fd = bool(
+        _device_attribute(
+            drv,
+            facts.dev,
+            "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED",
+        )
+    )
+    if not facts.supports_vmm:
+        facts.reason = "VMM not supported"
+    return facts
+
+
+# ------------------------------------------------------------------ public API
+def probe(ordinal: int = 0) -> str | None:
+    """Say whether CUDA device `ordinal` can back a :class:`CudaBackend`.
+
+    Parameters
+    ----------
+    ordinal : int
+        The CUDA device ordinal.
+
+    Returns
+    -------
+    str or None
+        ``None`` when the device is usable; otherwise a short reason such as
+        ``"CUDA driver library not found"``, ``"no CUDA device"``,
+        ``"device ordinal 3 out of range (2 devices)"`` or ``"VMM not supported"``.
+
+    Raises
+    ------
+    DriverError
+        For driver failures that do not mean "CUDA is not available here".
+    """
+    ordinal = check_int("ordinal", ordinal, minimum=None)
+    try:
+        return _inspect(_driver(), ordinal).reason
+    except (ImportError, RuntimeError) as exc:
+        reason = _unavailable_reason(exc)
+        if reason is None:
+            raise
+        return reason
+
+
+def device_count() -> int:
+    """Return the number of CUDA devices, or 0 where CUDA is not available.
+
+    Raises
+    ------
+    DriverError
+        For driver failures that do not mean "CUDA is not available here".
+    """
+    try:
+        drv = _driver()
+        _check(drv.cuInit(0), "cuInit")
+        return int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount"))
+    except (ImportError, RuntimeError) as exc:
+        if _unavailable_reason(exc) is None:
+            raise
+        return 0
+
+
+class _Allocation:
+    """Bookkeeping for one physical allocation (rule 7).
+
+    The memory is live until ``refs`` and ``mapped`` both reach zero. ``keys``
+    lists the handle values that name it in the backend's table.
+    """
+
+    __slots__ = ("keys", "mapped", "refs", "size")
+
+    def __init__(self, size: int, refs: int, keys: list[int]) -> None:
+        self.size = size
+        self.refs = refs
+        self.mapped = 0
+        self.keys = keys
+
+
+class CudaBackend(Backend):
+    """Backend on the CUDA driver's virtual memory management API.
+
+    Parameters
+    ----------
+    ordinal : int
+        The CUDA device ordinal. Physical memory is created on this device and
+        its primary context is retained until :meth:`close`.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        When :func:`probe` reports the device unusable (no cuda-bindings, no
+        driver, no device, ordinal out of range, no VMM support) or its primary
+        context cannot be retained.
+
+    Notes
+    -----
+    Imported allocations (:meth:`import_fd`) count as live allocations but add
+    nothing to the live physical bytes: the memory belongs to the exporting
+    process (as in the host emulator), and the driver API offers no query for
+    an allocation's size anyway. The same holds for a handle :meth:`retain`
+    returns for memory this backend did not map.
+
+    A thread on which no context is current gets this device's primary context
+    made current the first time it calls an operation; a thread that already
+    has a context current keeps it (VMM calls name the device explicitly).
+    """
+
+    def __init__(self, ordinal: int) -> None:
+        super().__init__()
+        ordinal = check_int("ordinal", ordinal, minimum=None)
+        self._ordinal = ordinal
+        self._closed = False
+        self._pctx: Any = None
+        self._tls = threading.local()
+        device = f"cuda:{ordinal}"
+        try:
+            drv = _driver()
+            facts = _inspect(drv, ordinal)
+        except (ImportError, RuntimeError) as exc:
+            reason = _unavailable_reason(exc)
+            if reason is None:
+                raise
+            raise DeviceUnavailableError(device, reason) from exc
+        if facts.reason is not None:
+            raise DeviceUnavailableError(device, facts.reason)
+        self._drv: Any = drv
+        self._dev: Any = facts.dev
+        try:
+            self._pctx = _check(drv.cuDevicePrimaryCtxRetain(facts.dev), "cuDevicePrimaryCtxRetain")
+        except DriverError as exc:
+            reason = _unavailable_reason(exc)
+            if reason is None:
+                raise
+            raise DeviceUnavailableError(device, reason) from exc
+        try:
+            self._setup(drv, facts)
+        except BaseException:
+            with contextlib.suppress(DriverError):  # keep the original error
+                self._release_context()
+            raise
+
+    def _setup(self, drv: Any, facts: _Facts) -> None:
+        """Build the driver structures and :attr:`info` (primary context retained)."""
+        ordinal = self._ordinal
+        dev_type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._posix_fd = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        self._props: dict[bool, Any] = {}
+        for exportable in (False, True):
+            prop = drv.CUmemAllocationProp()
+            prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            prop.location.type = dev_type
+            prop.location.id = ordinal
+            prop.requestedHandleTypes = (
+                self._posix_fd if exportable else drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+            )
+            self._props[exportable] = prop
+        flags = drv.CUmemAccess_flags
+        self._flags: dict[Access, Any] = {
+            Access.READWRITE: flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            Access.READ: flags.CU_MEM_ACCESS_FLAGS_PROT_READ,
+            Access.NONE: flags.CU_MEM_ACCESS_FLAGS_PROT_NONE,
+        }
+        self._access_of: dict[int, Access] = {int(v): k for k, v in self._flags.items()}
+        self._descs: dict[tuple[Any, tuple[int, ...]], list[Any]] = {}
+        self._locations: dict[int, Any] = {}
+        # Physical allocations by handle, and mappings by address -> (size, handle).
+        self._allocs: dict[int, _Allocation] = {}
+        self._mappings: dict[int, tuple[int, int]] = {}
+
+        gran = drv.CUmemAllocationGranularity_flags
+        minimum = int(
+            _check(
+                drv.cuMemGetAllocationGranularity(self._props[False], gran.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+                "cuMemGetAllocationGranularity",
+            )
+        )
+        recommended = int(
+            _check(
+                drv.cuMemGetAllocationGranularity(
+                    self._props[False], gran.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+                ),
+                "cuMemGetAllocationGranularity",
+            )
+        )
+        self._total_memory = int(_check(drv.cuDeviceTotalMem(facts.dev), "cuDeviceTotalMem"))
+        name = _to_str(_check(drv.cuDeviceGetName(_NAME_LENGTH, facts.dev), "cuDeviceGetName"))
+        self.info = DeviceInfo(
+            kind="cuda",
+            ordinal=ordinal,
+            name=name,
+            granularity=minimum,
+            recommended_granularity=max(recommended, minimum),
+            supports_vmm=facts.supports_vmm,
+            supports_posix_fd=facts.supports_posix_fd,
+        )
+
+    # ----------------------------------------------------------------- context
+    def _ctx(self) -> None:
+        """Make the primary context current here if none is (once per thread)."""
+        tls = self._tls
+        if getattr(tls, "ready", False):
+            return
+        if self._closed:
+            raise ClosedError("CudaBackend")
+        drv = self._drv
+        current = _check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if current is None or int(current) == 0:
+            _check(drv.cuCtxSetCurrent(self._pctx), "cuCtxSetCurrent")
+        tls.ready = True
+
+    def _push(self) -> None:
+        _check(self._drv.cuCtxPushCurrent(self._pctx), "cuCtxPushCurrent")
+
+    def _pop(self) -> None:
+        _check(self._drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+    def _release_context(self) -> None:
+        if self._pctx is not None:
+            self._pctx = None
+            _check(
+                self._drv.cuDevicePrimaryCtxRelease(self._dev),
+                "cuDevicePrimaryCtxRelease",
+            )
+
+    # ------------------------------------------------------------- bookkeeping
+    def _drop(self, rec: _Allocation) -> None:
+        """Forget `rec` if its memory is gone (no refs, no mappings). Lock held."""
+        if rec.refs <= 0 and rec.mapped <= 0:
+            for key in rec.keys:
+                if self._allocs.get(key) is rec:
+                    del self._allocs[key]
+            self._live_allocations -= 1
+            self._physical_bytes -= rec.size
+
+    def _record_of_address(self, address: int) -> _Allocation | None:
+        """Return the allocation mapped at `address` (inside any mapping). Lock held."""
+        entry = self._mappings.get(address)
+        if entry is None:
+            for start, (size, handle) in self._mappings.items():
+                if start <= address < start + size:
+                    entry = (size, handle)
+                    break
+            else:
+                return None
+        return self._allocs.get(entry[1])
+
+    # --------------------------------------------------------------- interface
+    def reserve(self, size: int, alignment: int = 0, hint: int = 0) -> int:
+        """Reserve `size` bytes of virtual address space (``cuMemAddressReserve``).
+
+        Parameters
+        ----------
+        size : int
+            Bytes to reserve.
+        alignment : int
+            A power of two, or 0 for the default.
+        hint : int
+            Preferred address, or 0. Only a hint (rule 6): the returned address
+            may differ, and the caller must check it.
+
+        Returns
+        -------
+        int
+            The start of the reservation.
+        """
+        self._enter("reserve")
+        self._ctx()
+        ptr = _check(
+            self._drv.cuMemAddressReserve(size, alignment, hint, 0),
+            "reserve",
+            self,
+            size,
+        )
+        address = int(ptr)
+        with self._lock:
+            self._live_reservations += 1
+        return address
+
+    def free_address(self, address: int, size: int) -> None:
+        """Free exactly one reservation (``cuMemAddressFree``, rule 5).
+
+        Parameters
+        ----------
+        address, size : int
+            The reservation as :meth:`reserve` returned and was asked for.
+        """
+        self._enter("free_address")
+        self._ctx()
+        _check(self._drv.cuMemAddressFree(address, size), "free_address", self)
+        with self._lock:
+            self._live_reservations -= 1
+
+    def create(self, size: int, exportable: bool = False) -> int:
+        """Create `size` bytes of pinned device memory (``cuMemCreate``).
+
+        Parameters
+        ----------
+        size : int
+            Bytes; a multiple of ``info.granularity`` (rule 1).
+        exportable : bool
+            Request a POSIX file descriptor handle type (rule 11) so that
+            :meth:`export_fd` works.
+
+        Returns
+        -------
+        int
+            The handle, holding one reference.
+
+        Raises
+        ------
+        OutOfMemoryError
+            When the device has no memory left.
+        """
+        self._enter("create")
+        self._ctx()
+        prop = self._props[bool(exportable)]
+        handle = int(_check(self._drv.cuMemCreate(size, prop, 0), "create", self, size))
+        with self._lock:
+            self._allocs[handle] = _Allocation(int(size), 1, [handle])
+            self._live_allocations += 1
+            self._physical_bytes += int(size)
+        return handle
+
+    def release(self, handle: int) -> None:
+        """Drop one reference to `handle` (``cuMemRelease``).
+
+        The memory is given back once every reference is released and every
+        mapping is gone (rule 7); releasing right after mapping is normal.
+        """
+        self._enter("release")
+        self._ctx()
+        _check(self._drv.cuMemRelease(handle), "release", self)
+        with self._lock:
+            rec = self._allocs.get(int(handle))
+            if rec is not None:
+                rec.refs -= 1
+                self._drop(rec)
+
+    def map(self, address: int, size: int, handle: int, offset: int = 0) -> None:
+        """Back ``[address, address + size)`` with `handle` (``cuMemMap``).
+
+        Mapping grants no access: call :meth:`set_access` afterwards (rule 3).
+        """
+        self._enter("map")
+        self._ctx()
+        _check(self._drv.cuMemMap(address, size, offset, handle, 0), "map", self, size)
+        with self._lock:
+            handle = int(handle)
+            self._mappings[int(address)] = (int(size), handle)
+            self._live_mappings += 1
+            rec = self._allocs.get(handle)
+            if rec is not None:
+                rec.mapped += 1
+
+    def unmap(self, address: int, size: int) -> None:
+        """Unmap whole adjacent mappings covering exactly the range (``cuMemUnmap``).
+
+        Rule 4. Does not wait for kernels still using the memory (rule 8):
+        synchronize first.
+        """
+        self._enter("unmap")
+        self._ctx()
+        _check(self._drv.cuMemUnmap(address, size), "unmap", self)
+        with self._lock:
+            cursor = int(address)
+            end = cursor + int(size)
+            while cursor < end:
+                entry = self._mappings.pop(cursor, None)
+                if entry is None:  # mapped outside this backend: nothing to count
+                    break
+                msize, handle = entry
+                self._live_mappings -= 1
+                rec = self._allocs.get(handle)
+                if rec is not None:
+                    rec.mapped -= 1
+                    self._drop(rec)
+                cursor += msize
+
+    def _descs_for(self, access: Access | str, devices: Sequence[int]) -> list[Any]:
+        """Build (once) the ``CUmemAccessDesc`` list for `access` and `devices`."""
+        flags = self._flags[Access.parse(access)]
+        drv = self._drv
+        descs = []
+        for device in devices:
+            desc = drv.CUmemAccessDesc()  # a fresh object per device, never [desc] * n
+            desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            desc.location.id = int(device)
+            desc.flags = flags
+            descs.append(desc)
+        return descs
+
+    def set_access(self, address: int, size: int, access: Access, devices: Sequence[int]) -> None:
+        """Grant `access` to `devices` over whole mappings (one ``cuMemSetAccess``).
+
+        Parameters
+        ----------
+        address, size : int
+            One or more whole adjacent mappings (rule 3).
+        access : Access
+            ``"rw"``, ``"r"`` or ``"none"``.
+        devices : sequence of int
+            Device ordinals to grant the access to.
+        """
+        self._enter("set_access")
+        self._ctx()
+        key = (access, tuple(devices))
+        descs = self._descs.get(key)
+        if descs is None:
+            descs = self._descs_for(access, key[1])
+            with self._lock:
+                if len(self._descs) >= 64:
+                    self._descs.clear()
+                self._descs[key] = descs
+        _check(
+            self._drv.cuMemSetAccess(address, size, descs, len(descs)),
+            "set_access",
+            self,
+        )
+
+    def get_access(self, address: int, device: int) -> Access:
+        """Return the access `device` has at `address` (``cuMemGetAccess``)."""
+        self._enter("get_access")
+        self._ctx()
+        location = self._locations.get(device)
+        if location is None:
+            drv = self._drv
+            location = drv.CUmemLocation()
+            location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            location.id = int(device)
+            with self._lock:
+                self._locations[int(device)] = location
+        flags = _check(self._drv.cuMemGetAccess(location, address), "get_access", self)
+        return self._access_of.get(int(flags), Access.NONE)
+
+    def retain(self, address: int) -> int:
+        """Return the handle mapped at `address`, adding one reference.
+
+        ``cuMemRetainAllocationHandle``; release the result with :meth:`release`.
+        """
+        self._enter("retain")
+        self._ctx()
+        handle = int(_check(self._drv.cuMemRetainAllocationHandle(address), "retain", self))
+        with self._lock:
+            rec = self._allocs.get(handle)
+            if rec is None:
+                # The driver documents the same handle value as the mapping's; if it
+                # ever differs, count the reference on the allocation mapped there.
+                rec = self._record_of_address(int(address))
+                if rec is None:
+                    rec = _Allocation(0, 0, [])
+                    self._live_allocations += 1
+                rec.keys.append(handle)
+                self._allocs[handle] = rec
+            rec.refs += 1
+        return handle
+
+    def export_fd(self, handle: int) -> int:
+        """Export a POSIX fd for `handle` (``cuMemExportToShareableHandle``).
+
+        The handle must come from ``create(..., exportable=True)``. The caller
+        owns the returned descriptor and closes it.
+        """
+        self._enter("export_fd")
+        self._ctx()
+        fd = _check(
+            self._drv.cuMemExportToShareableHandle(handle, self._posix_fd, 0),
+            "export_fd",
+            self,
+        )
+        return int(fd)
+
+    def import_fd(self, fd: int) -> int:
+        """Import a POSIX file descriptor (``cuMemImportFromShareableHandle``).
+
+        Returns a new handle holding one reference. The descriptor stays open
+        and is the caller's to close (the imported handle keeps the memory
+        alive). The memory is not charged to this backend's physical bytes
+        (see the class Notes).
+        """
+        self._enter("import_fd")
+        self._ctx()
+        handle = int(
+            _check(
+                self._drv.cuMemImportFromShareableHandle(int(fd), self._posix_fd),
+                "import_fd",
+                self,
+            )
+        )
+        with self._lock:
+            rec = self._allocs.get(handle)
+            if rec is not None:  # the allocation is already known in this process
+                rec.refs += 1
+            else:
+                self._allocs[handle] = _Allocation(0, 1, [handle])
+                self._live_allocations += 1
+        return handle
+
+    def mem_info(self) -> tuple[int, int]:
+        """Return ``(free, total)`` bytes of this device (``cuMemGetInfo``).
+
+        The primary context is pushed around the call so the numbers are this
+        device's even when another device's context is current.
+        """
+        self._enter("mem_info")
+        self._ctx()
+        self._push()
+        try:
+            free, total = _check(self._drv.cuMemGetInfo(), "mem_info", self)
+        finally:
+            self._pop()
+        return int(free), int(total)
+
+    def synchronize(self, stream: int | None = None) -> None:
+        """Wait for `stream`, or with ``None`` for this whole device (rule 8).
+
+        Parameters
+        ----------
+        stream : int or None
+            A ``CUstream`` handle as an int. ``None`` synchronizes the device
+            that owns the memory (its primary context pushed), not the current
+            one (pytorch #196258). The special handles 0, 1 (legacy) and 2
+            (per-thread) name the current context's stream, so they are
+            synchronized with this device's primary context pushed too.
+        """
+        self._enter("synchronize")
+        self._ctx()
+        drv = self._drv
+        if stream is not None and int(stream) > 2:
+            _check(drv.cuStreamSynchronize(int(stream)), "synchronize", self)
+            return
+        self._push()
+        try:
+            if stream is None:
+                _check(drv.cuCtxSynchronize(), "synchronize", self)
+            else:
+                _check(drv.cuStreamSynchronize(int(stream)), "synchronize", self)
+        finally:
+            self._pop()
+
+    def write(self, address: int, data: memoryview) -> None:
+        """Copy host bytes `data` to device memory at `address` (``cuMemcpyHtoD``).
+
+        Synchronous: returns when the copy is done. The range must be mapped
+        with at least read-write access for this device.
+
+        Parameters
+        ----------
+        address : int
+            Destination device address.
+        data : memoryview
+            Source bytes; a non-contiguous view is copied to a contiguous one first.
+        """
+        self._enter("write")
+        self._ctx()
+        n = data.nbytes
+        if not n:
+            return
+        if not data.contiguous:
+            data = memoryview(data.tobytes())
+        _check(self._drv.cuMemcpyHtoD(address, data, n), "write", self)
+
+    def read(self, address: int, out: memoryview) -> None:
+        """Copy ``out.nbytes`` bytes at device `address` into `out` (``cuMemcpyDtoH``).
+
+        Synchronous: returns when the copy is done.
+
+        Parameters
+        ----------
+        address : int
+            Source device address.
+        out : memoryview
+            A writable, contiguous destination buffer.
+
+        Raises
+        ------
+        TypeError
+            If `out` is read-only.
+        ValueError
+            If `out` is not contiguous.
+        """
+        self._enter("read")
+        self._ctx()
+        if out.readonly:
+            raise TypeError("out must be a writable buffer")
+        if not out.contiguous:
+            raise ValueError("out must be a contiguous buffer")
+        n = out.nbytes
+        if n:
+            _check(self._drv.cuMemcpyDtoH(out, address, n), "read", self)
+
+    def close(self) -> None:
+        """Release the primary context retained at construction (idempotent).
+
+        Free every reservation and allocation first. Afterwards, operations
+        raise :class:`~vmmpool.ClosedError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._tls = threading.local()  # every thread re-checks _closed in _ctx()
+            self._release_context()
