@@ -392,7 +392,7 @@ class AddressReservation(_Closable):
         allocation._check_open()
         if allocation.device is not self.device:
             raise ValueError(
-                f"allocation is on {allocation.device}, but this reservation is on {self.device}"
+                f"allocation is on {allocation.device!r}, but this reservation is on {self.device!r}"
             )
         off, n = self._check_range(offset, allocation.size)
         acc = None if access is None else Access.parse(access)

@@ -1,0 +1,55 @@
+"""The public surface: names exported, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import vmmpool
+
+FOUNDATION = {
+    "Access",
+    "AddressReservation",
+    "BackendCounters",
+    "ClosedError",
+    "Device",
+    "DeviceUnavailableError",
+    "DriverError",
+    "HandleType",
+    "Mapping",
+    "OutOfMemoryError",
+    "PhysicalAllocation",
+    "VmmError",
+    "__version__",
+    "create",
+    "default_device",
+    "devices",
+    "reserve",
+}
+
+
+def test_all_is_pinned() -> None:
+    names = set(vmmpool.__all__)
+    assert FOUNDATION <= names
+    for name in names:
+        assert hasattr(vmmpool, name), name
+    assert len(vmmpool.__all__) == len(names), "duplicates in __all__"
+
+
+def test_cli_info_lists_host_device() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vmmpool", "info"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "\nhost\n" in out.stdout
+    assert "host emulator" in out.stdout
+    assert "granularity:  2 MiB minimum, 2 MiB recommended" in out.stdout
+    assert "POSIX fd:     yes" in out.stdout
+
+
+def test_cli_rejects_unknown_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vmmpool", "frobnicate"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
