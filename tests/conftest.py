@@ -59,3 +59,9 @@ def device(request: pytest.FixtureRequest) -> Iterator[vmmpool.Device]:
 def host() -> vmmpool.Device:
     """A fresh emulated host device (64 MiB) for host-only tests."""
     return vmmpool.Device.emulated(capacity=HOST_CAPACITY)
+
+
+@pytest.fixture
+def cuda() -> vmmpool.Device:
+    """``Device(0)``; skips without a GPU (fails under VMMPOOL_REQUIRE_CUDA=1)."""
+    return cuda_device_or_skip(0)
