@@ -1,0 +1,231 @@
+"""vmmpool.cupy: the page pool as CuPy's allocator.
+
+Without a GPU, CuPy still imports and `cupy.empty`, slicing and `del` work
+with a custom allocator, which exercises the whole life cycle on the host
+emulator. The GPU tests run real kernels.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import vmmpool
+
+cupy = pytest.importorskip("cupy")
+vcupy = pytest.importorskip("vmmpool.cupy")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def restore_cupy_allocator() -> Iterator[None]:
+    previous = cupy.cuda.get_allocator()
+    yield
+    cupy.cuda.set_allocator(previous)
+
+
+@pytest.fixture
+def hostpool() -> Iterator[vcupy.MemoryPool]:
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev)
+    yield pool
+    gc.collect()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_life_cycle_through_cupy_arrays(hostpool: vcupy.MemoryPool) -> None:
+    with vcupy.using_pool(hostpool):
+        a = cupy.empty((256, 1024), dtype=cupy.float32)  # 1 MiB
+        stats = hostpool.stats()
+        assert stats.n_malloc == 1
+        assert stats.requested_bytes == MiB
+        assert hostpool.used_bytes() >= MiB
+        b = a[10:20]
+        assert b.data.ptr == a.data.ptr + 10 * 1024 * 4
+        ptr = a.data.ptr
+        del a
+        assert hostpool.stats().requested_bytes == MiB  # the slice keeps it alive
+        del b
+        assert hostpool.stats().requested_bytes == 0
+        assert hostpool.used_bytes() == 0
+        assert hostpool.n_free_blocks() >= 1 and hostpool.free_bytes() > 0
+        c = cupy.empty((256, 1024), dtype=cupy.float32)
+        assert c.data.ptr == ptr  # same-stream reuse from the cache
+        assert hostpool.total_bytes() == hostpool.used_bytes() + hostpool.free_bytes()
+        del c
+
+
+def test_one_line_switch(hostpool: vcupy.MemoryPool) -> None:
+    cupy.cuda.set_allocator(hostpool.malloc)
+    x = cupy.empty(1000, dtype=cupy.int64)
+    assert hostpool.stats().requested_bytes == 8000
+    del x
+    assert hostpool.stats().requested_bytes == 0
+
+
+def test_limit_is_honoured_and_oom_is_cupys_error(hostpool: vcupy.MemoryPool) -> None:
+    hostpool.set_limit(size=8 * MiB)
+    assert hostpool.get_limit() == 8 * MiB
+    with vcupy.using_pool(hostpool):
+        keep = cupy.empty(6 * MiB, dtype=cupy.uint8)
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError) as info:
+            cupy.empty(4 * MiB, dtype=cupy.uint8)
+        assert isinstance(info.value, MemoryError)
+        assert isinstance(info.value.__cause__, vmmpool.OutOfMemoryError)
+        del keep
+        ok = cupy.empty(4 * MiB, dtype=cupy.uint8)  # usable again
+        del ok
+    hostpool.set_limit(fraction=0.5)
+    assert hostpool.get_limit() == 16 * MiB
+    hostpool.set_limit()
+    assert hostpool.get_limit() == 0
+    with pytest.raises(ValueError, match="not both"):
+        hostpool.set_limit(size=1, fraction=0.1)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        hostpool.set_limit(fraction=1.5)
+
+
+@pytest.mark.parametrize(("env", "expected"), [("4194304", 4 * MiB), ("25%", 8 * MiB)])
+def test_cupy_gpu_memory_limit_env(
+    monkeypatch: pytest.MonkeyPatch, env: str, expected: int
+) -> None:
+    monkeypatch.setenv("CUPY_GPU_MEMORY_LIMIT", env)
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev)
+    assert pool.get_limit() == expected
+    with vcupy.using_pool(pool):
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+            cupy.empty(expected + 2 * MiB, dtype=cupy.uint8)
+    pool.close()
+
+
+def test_bad_env_limit_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="percentage like '50%', got 'lots'"):
+        vcupy.parse_limit("lots", 100)
+
+
+def test_zero_bytes(hostpool: vcupy.MemoryPool) -> None:
+    mp = hostpool.malloc(0)
+    assert mp.ptr == 0
+    assert hostpool.stats().n_malloc == 0
+
+
+def test_free_all_blocks_returns_memory_to_the_driver(hostpool: vcupy.MemoryPool) -> None:
+    with vcupy.using_pool(hostpool):
+        arrays = [cupy.empty(3 * MiB, dtype=cupy.uint8) for _ in range(3)]
+        del arrays
+    assert hostpool.total_bytes() > 0
+    hostpool.free_all_blocks()
+    assert hostpool.total_bytes() == 0
+    assert hostpool.n_free_blocks() == 0
+
+
+def test_helpers_restore_the_previous_allocator(hostpool: vcupy.MemoryPool) -> None:
+    before = cupy.cuda.get_allocator()
+    with vcupy.using_pool(hostpool) as p:
+        assert p is hostpool
+        assert cupy.cuda.get_allocator() == hostpool.malloc
+    assert cupy.cuda.get_allocator() is before
+    installed = vcupy.set_allocator(hostpool)
+    assert installed.pool is hostpool
+    assert cupy.cuda.get_allocator() == hostpool.malloc
+    installed.restore()
+    assert cupy.cuda.get_allocator() is before
+    with vcupy.set_allocator(hostpool) as p:
+        assert p is hostpool
+    assert cupy.cuda.get_allocator() is before
+    with pytest.raises(TypeError, match=r"vmmpool\.cupy\.MemoryPool, got int"):
+        vcupy.set_allocator(3)  # type: ignore[arg-type]
+
+
+def test_default_pool_without_gpu_uses_host() -> None:
+    if not vmmpool.default_device().is_host:
+        pytest.skip("a GPU is present: the default pool follows CuPy's device")
+    pool = vcupy.MemoryPool()
+    with vcupy.using_pool(pool):
+        x = cupy.empty(10)
+        assert pool.stats().requested_bytes == 80
+        del x
+    assert list(d.kind for d in pool.page_pools()) == ["host"]
+    pool.close()
+
+
+def test_import_without_cupy_says_what_to_install() -> None:
+    code = "import sys; sys.modules['cupy'] = None\nimport vmmpool\nimport vmmpool.cupy\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "vmmpool.cupy needs CuPy" in out.stderr and "pip install" in out.stderr
+
+
+# ---------------------------------------------------------------------- GPU
+@pytest.fixture
+def gpupool(cuda: vmmpool.Device) -> Iterator[vcupy.MemoryPool]:
+    pool = vcupy.MemoryPool()
+    yield pool
+    cupy.cuda.Device(0).synchronize()
+    gc.collect()
+    pool.close()
+
+
+@pytest.mark.cuda
+def test_gpu_kernels_read_and_write_pool_memory(gpupool: vcupy.MemoryPool) -> None:
+    rng = np.random.default_rng(0)
+    with vcupy.using_pool(gpupool):
+        for n in (1, 1000, 3 * MiB // 8, 5_000_001):
+            h = rng.standard_normal(n)
+            d = cupy.asarray(h)
+            np.testing.assert_allclose(cupy.asnumpy(d * 2 + 1), h * 2 + 1)
+            np.testing.assert_allclose(float(d.sum()), h.sum(), rtol=1e-9)
+            del d
+    assert gpupool.stats().n_malloc > 0
+
+
+@pytest.mark.cuda
+def test_gpu_fragmentation_where_cupys_pool_fails(gpupool: vcupy.MemoryPool) -> None:
+    limit = 512 * MiB
+    big, small = 64 * MiB, 1 * MiB
+
+    def scenario(malloc: object) -> bool:
+        blocks = [malloc(big) for _ in range(limit // big)]  # type: ignore[operator]
+        del blocks  # cached in the pool
+        smalls = [malloc(small) for _ in range(limit // small - 8)]  # type: ignore[operator]
+        survivors = smalls[::20]  # ~5% pin every big segment
+        del smalls
+        try:
+            malloc(limit // 2)  # type: ignore[operator]
+            ok = True
+        except cupy.cuda.memory.OutOfMemoryError:
+            ok = False
+        del survivors
+        return ok
+
+    ref = cupy.cuda.MemoryPool()
+    ref.set_limit(size=limit)
+    assert scenario(ref.malloc) is False  # the classic failure (cupy #536)
+    ref.free_all_blocks()
+    gpupool.set_limit(size=limit)
+    assert scenario(gpupool.malloc) is True
+
+
+@pytest.mark.cuda
+def test_gpu_two_streams_with_reuse(gpupool: vcupy.MemoryPool) -> None:
+    s1, s2 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    with vcupy.using_pool(gpupool):
+        for i in range(20):
+            with s1:
+                a = cupy.full(1 << 20, i, dtype=cupy.float32)
+                ra = a * 2
+            with s2:
+                b = cupy.full(1 << 20, -i, dtype=cupy.float32)
+                rb = b * 3
+            del a, b  # freed while kernels may still run: reused per stream
+            s1.synchronize()
+            s2.synchronize()
+            assert float(ra[0]) == 2 * i and float(rb[-1]) == -3 * i

@@ -1,0 +1,326 @@
+"""vmmpool as CuPy's memory pool: one line switches CuPy to VMM pages.
+
+>>> import cupy, vmmpool.cupy                                    # doctest: +SKIP
+>>> cupy.cuda.set_allocator(vmmpool.cupy.MemoryPool().malloc)    # doctest: +SKIP
+
+After that, existing CuPy code runs unchanged, and large allocations no
+longer fail because a few long-lived small arrays pin whole segments: the
+page pool stitches scattered free pages into a fresh contiguous range.
+
+CuPy is optional: ``import vmmpool`` never imports it, and importing this
+module without CuPy raises an ``ImportError`` that says what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+try:
+    import cupy as _cupy
+except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "vmmpool.cupy needs CuPy. Install the wheel matching your CUDA driver: "
+        "pip install 'vmmpool[cupy]' (cupy-cuda13x) for CUDA 13, or "
+        "pip install cupy-cuda12x for CUDA 12."
+    ) from _err
+
+from ._device import Device, DeviceLike, default_device
+from ._errors import OutOfMemoryError
+from ._options import check_int
+from ._pool import PagePool, PoolStats
+
+__all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
+
+
+def parse_limit(text: str, total: int) -> int:
+    """Parse a CuPy-style limit: bytes (``"1073741824"``) or a percentage (``"50%"``).
+
+    Parameters
+    ----------
+    text : str
+        The value, as in ``CUPY_GPU_MEMORY_LIMIT``.
+    total : int
+        The device's total memory, for percentages.
+
+    Returns
+    -------
+    int
+        The limit in bytes (0 means no limit).
+    """
+    s = text.strip()
+    try:
+        if s.endswith("%"):
+            frac = float(s[:-1]) / 100.0
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError
+            return int(total * frac)
+        n = int(s)
+        if n < 0:
+            raise ValueError
+        return n
+    except ValueError:
+        raise ValueError(
+            f"memory limit must be a number of bytes or a percentage like '50%', got {text!r}"
+        ) from None
+
+
+class MemoryPool:
+    """A drop-in replacement for ``cupy.cuda.MemoryPool`` backed by :class:`~vmmpool.PagePool`.
+
+    Parameters
+    ----------
+    device : Device-like, optional
+        ``None`` (default) follows CuPy's current device at each ``malloc``,
+        keeping one page pool per device; where no GPU is usable it means
+        ``"host"``. ``"host"`` (or an emulated
+        :class:`~vmmpool.Device`) pins the pool to the host emulator, for
+        tests and teaching on machines without a GPU: arrays can be created,
+        sliced and dropped there, though no kernel can touch them.
+    page_size : int, optional
+        Page size of each page pool (default: the device's granularity).
+    preallocate : int
+        Bytes each page pool takes up front.
+
+    Notes
+    -----
+    ``malloc`` returns ``MemoryPointer(UnownedMemory(ptr, size, owner,
+    device_id), 0)`` whose owner is the page pool's
+    :class:`~vmmpool._pool.Allocation`: when CuPy drops the last array using
+    the memory, the owner dies and the memory returns to the page pool. The
+    allocation's stream is CuPy's current stream at ``malloc``, so the page
+    pool's stream rule (same-stream reuse is immediate; other streams wait)
+    matches CuPy's own.
+
+    The limit honours ``CUPY_GPU_MEMORY_LIMIT`` (bytes or ``"N%"``) as CuPy
+    does, per device, when a device's page pool is created.
+    """
+
+    def __init__(
+        self, device: DeviceLike = None, *, page_size: int | None = None, preallocate: int = 0
+    ) -> None:
+        if device is None and default_device().is_host:
+            device = "host"  # no usable GPU: CuPy has no current device to follow
+        self._pinned: Device | None = None if device is None else Device(device)
+        self._page_size = page_size
+        self._preallocate = check_int("preallocate", preallocate)
+        self._pools: dict[int, PagePool] = {}
+        self._limits: dict[int, int] = {}  # device key -> explicit limit (0 = none)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ devices
+    def _current(self) -> tuple[int, Device]:
+        if self._pinned is not None:
+            return (-1, self._pinned)
+        ordinal = _cupy.cuda.runtime.getDevice()
+        return (ordinal, Device(ordinal))
+
+    def _limit_for(self, key: int, dev: Device) -> int:
+        """The explicit limit of a device, else ``CUPY_GPU_MEMORY_LIMIT``'s, else 0."""
+        limit = self._limits.get(key)
+        if limit is None:
+            env = os.environ.get("CUPY_GPU_MEMORY_LIMIT")
+            limit = parse_limit(env, dev.total_memory) if env else 0
+        return limit
+
+    def _pool_for(self, key: int, dev: Device) -> PagePool:
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(key)
+                if pool is None:
+                    limit = self._limits[key] = self._limit_for(key, dev)
+                    pool = PagePool(
+                        dev,
+                        limit=limit or None,
+                        page_size=self._page_size,
+                        preallocate=self._preallocate,
+                    )
+                    self._pools[key] = pool
+        return pool
+
+    def _pool(self) -> PagePool:
+        key, dev = self._current()
+        return self._pool_for(key, dev)
+
+    # ------------------------------------------------------------ allocator
+    def malloc(self, nbytes: int) -> Any:
+        """Allocate `nbytes` on the current device and stream; CuPy's allocator signature.
+
+        Returns
+        -------
+        cupy.cuda.MemoryPointer
+
+        Raises
+        ------
+        cupy.cuda.memory.OutOfMemoryError
+            When the page pool cannot serve the request even after
+            defragmenting and a garbage collection.
+        """
+        key, dev = self._current()
+        device_id = dev.ordinal
+        if nbytes == 0:
+            return _cupy.cuda.MemoryPointer(_cupy.cuda.UnownedMemory(0, 0, None, device_id), 0)
+        pool = self._pools.get(key) or self._pool_for(key, dev)
+        stream = 0 if dev.is_host else _cupy.cuda.get_current_stream().ptr
+        try:
+            alloc = pool.malloc(nbytes, stream)
+        except OutOfMemoryError:
+            # Arrays awaiting collection may hold memory, as CuPy's own pool assumes.
+            gc.collect()
+            try:
+                alloc = pool.malloc(nbytes, stream)
+            except OutOfMemoryError as err:
+                raise _cupy.cuda.memory.OutOfMemoryError(
+                    nbytes, err.in_use, pool.limit
+                ) from err
+        mem = _cupy.cuda.UnownedMemory(alloc.ptr, alloc.size, alloc, device_id)
+        return _cupy.cuda.MemoryPointer(mem, 0)
+
+    __call__ = malloc
+
+    # ------------------------------------------------------ cupy's methods
+    def free_all_blocks(self, stream: object = None) -> None:
+        """Give cached free memory back to the driver.
+
+        Unlike CuPy's pool, this releases the free memory of every stream
+        (the `stream` argument is accepted for compatibility): cached ranges
+        are unmapped and their free pages released.
+        """
+        for pool in list(self._pools.values()):
+            pool.defragment()
+            pool.trim()
+
+    def used_bytes(self) -> int:
+        """Bytes held by live allocations (with rounding), over all devices."""
+        return sum(p.stats().in_use_bytes for p in self._pools.values())
+
+    def free_bytes(self) -> int:
+        """Bytes the pools hold but no allocation uses (cached ranges and free pages)."""
+        total = 0
+        for p in self._pools.values():
+            s = p.stats()
+            total += s.cached_bytes + s.free_pages * s.page_size
+        return total
+
+    def total_bytes(self) -> int:
+        """Bytes of physical pages the pools hold (``used_bytes() + free_bytes()``)."""
+        return sum(p.stats().total_pages * p.page_size for p in self._pools.values())
+
+    def n_free_blocks(self) -> int:
+        """Number of cached free blocks, over all devices."""
+        return sum(p.stats().cached_blocks for p in self._pools.values())
+
+    def set_limit(self, size: int | None = None, fraction: float | None = None) -> None:
+        """Limit the current device's pool, as ``cupy.cuda.MemoryPool.set_limit``.
+
+        Parameters
+        ----------
+        size : int, optional
+            Limit in bytes.
+        fraction : float, optional
+            Limit as a fraction (0 to 1) of the device's total memory.
+            With neither, the limit is removed.
+        """
+        if size is not None and fraction is not None:
+            raise ValueError("give size or fraction, not both")
+        key, dev = self._current()
+        if fraction is not None:
+            if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+                raise ValueError(f"fraction must be between 0 and 1, got {fraction!r}")
+            limit = int(dev.total_memory * fraction)
+        elif size is not None:
+            limit = check_int("size", size)
+        else:
+            limit = 0
+        with self._lock:
+            self._limits[key] = limit
+            pool = self._pools.get(key)
+        if pool is not None:
+            pool.set_limit(limit or None)
+
+    def get_limit(self) -> int:
+        """The current device's limit in bytes; 0 means no limit."""
+        key, dev = self._current()
+        return self._limit_for(key, dev)
+
+    # ----------------------------------------------------------- vmmpool
+    def stats(self) -> PoolStats:
+        """Statistics of the current device's page pool (see :class:`~vmmpool.PoolStats`)."""
+        return self._pool().stats()
+
+    def page_pools(self) -> dict[Device, PagePool]:
+        """The page pools created so far, by device."""
+        return {p.device: p for p in self._pools.values()}
+
+    def close(self) -> None:
+        """Close every page pool (arrays still alive must not be used afterwards)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for p in pools:
+            p.close()
+
+    def __repr__(self) -> str:
+        where = "current CuPy device" if self._pinned is None else str(self._pinned)
+        return f"<vmmpool.cupy.MemoryPool on {where}, {len(self._pools)} page pool(s)>"
+
+
+class _Installed:
+    """What :func:`set_allocator` returns: the pool, and a way to restore the previous allocator."""
+
+    def __init__(self, pool: MemoryPool, previous: Any) -> None:
+        self.pool = pool
+        self.previous = previous
+
+    def restore(self) -> None:
+        """Put back the allocator that was installed before."""
+        _cupy.cuda.set_allocator(self.previous)
+
+    def __enter__(self) -> MemoryPool:
+        return self.pool
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+
+def set_allocator(pool: MemoryPool | None = None) -> _Installed:
+    """Make `pool` (a new :class:`MemoryPool` by default) CuPy's allocator, process-wide.
+
+    Returns
+    -------
+    object
+        ``.pool`` is the pool installed; ``.restore()`` puts back the previous
+        allocator; used as a context manager it yields the pool and restores
+        on exit.
+    """
+    pool = MemoryPool() if pool is None else pool
+    if not isinstance(pool, MemoryPool):
+        raise TypeError(f"pool must be a vmmpool.cupy.MemoryPool, got {type(pool).__name__}")
+    previous = _cupy.cuda.get_allocator()
+    _cupy.cuda.set_allocator(pool.malloc)
+    return _Installed(pool, previous)
+
+
+@contextlib.contextmanager
+def using_pool(pool: MemoryPool | None = None) -> Iterator[MemoryPool]:
+    """Use `pool` as CuPy's allocator in this thread, inside a ``with`` block.
+
+    Built on ``cupy.cuda.using_allocator`` (thread-local); the previous
+    allocator is restored on exit.
+    """
+    pool = MemoryPool() if pool is None else pool
+    if not isinstance(pool, MemoryPool):
+        raise TypeError(f"pool must be a vmmpool.cupy.MemoryPool, got {type(pool).__name__}")
+    with _cupy.cuda.using_allocator(pool.malloc):
+        yield pool
+
