@@ -400,3 +400,35 @@ def test_driver_error_fields() -> None:
     assert e.status == 1 and e.name == "CUDA_ERROR_INVALID_VALUE"
     assert str(e) == "unmap: CUDA_ERROR_INVALID_VALUE: bad range"
     assert isinstance(e, RuntimeError) and isinstance(e, vmmpool.VmmError)
+
+
+def test_failed_close_keeps_bookkeeping_consistent_and_can_retry(host: Device) -> None:
+    g = host.granularity
+    res = vmmpool.reserve(2 * g, host)
+    with vmmpool.create(g, host) as a:
+        m = res.map(a, access="rw")
+    host._backend.inject_fault("free_address", name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        res.close()
+    # The unmap happened, the free did not: the reservation is still open and
+    # knows it has no mappings left.
+    assert m.closed and not res.closed
+    assert res.mappings() == []
+    assert host.counters().live == (1, 0, 0)
+    res.close()
+    assert res.closed and host.counters().live == (0, 0, 0)
+
+
+def test_many_mappings_in_one_reservation(host: Device) -> None:
+    g = host.granularity
+    dev = Device.emulated(capacity=130 * g)
+    with vmmpool.reserve(256 * g, dev) as res:
+        for i in range(0, 256, 2):  # every other slot, out of order
+            with vmmpool.create(g, dev) as a:
+                res.map(a, ((i * 37) % 256) // 2 * 2 * g)
+        assert len(res.mappings()) == 128
+        with vmmpool.create(g, dev) as a:
+            with pytest.raises(ValueError, match="overlaps the mapping at"):
+                res.map(a, 10 * g)
+            res.map(a, 11 * g)  # the gaps are free
+    assert dev.counters().live == (0, 0, 0)

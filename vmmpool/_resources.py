@@ -18,6 +18,8 @@ driver's own contract as a second line.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +38,7 @@ __all__ = [
     "reserve",
     "create",
     "check_peers",
+    "safety_finalizer",
 ]
 
 
@@ -47,7 +50,11 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
         pass
 
 
-def _finalizer(obj: object, fn: Callable[..., Any], *args: Any) -> weakref.finalize:
+def safety_finalizer(obj: object, fn: Callable[..., Any], *args: Any) -> weakref.finalize:
+    """Call ``fn(*args)`` when `obj` dies: never raising, and not at interpreter shutdown.
+
+    `fn` and `args` must not reference `obj`, or it would never die.
+    """
     fin = weakref.finalize(obj, _quietly, fn, *args)
     fin.atexit = False  # do nothing at interpreter shutdown
     return fin
@@ -138,7 +145,7 @@ class PhysicalAllocation(_Closable):
         self.size = size
         self.handle = handle
         self.exportable = exportable
-        self._fin = _finalizer(self, _release, device._backend, handle)
+        self._fin = safety_finalizer(self, _release, device._backend, handle)
 
     @classmethod
     def from_fd(cls, fd: int, size: int, device: DeviceLike = None) -> PhysicalAllocation:
@@ -247,14 +254,34 @@ class _MapRecord:
 class _ReservationState:
     """What the reservation's finalizer needs: no reference to the Python objects."""
 
-    __slots__ = ("backend", "address", "size", "records", "lock")
+    __slots__ = ("backend", "address", "size", "records", "offsets", "lock", "on_unmap")
 
     def __init__(self, backend: Backend, address: int, size: int) -> None:
         self.backend = backend
         self.address = address
         self.size = size
         self.records: dict[int, _MapRecord] = {}  # offset -> record
+        self.offsets: list[int] = []  # sorted keys of `records`, for O(log n) overlap checks
         self.lock = threading.RLock()
+        # Called with each record unmapped (the reservation drops its Mapping
+        # object); a plain function holding no reference to the reservation.
+        self.on_unmap: Callable[[_MapRecord], None] | None = None
+
+    def add(self, rec: _MapRecord) -> None:
+        self.records[rec.offset] = rec
+        bisect.insort(self.offsets, rec.offset)
+
+    def overlapping(self, offset: int, size: int) -> _MapRecord | None:
+        """The live mapping overlapping [offset, offset + size), if any."""
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        if i >= 0:
+            rec = self.records[self.offsets[i]]
+            if offset < rec.offset + rec.size:
+                return rec
+        i += 1
+        if i < len(self.offsets) and self.offsets[i] < offset + size:
+            return self.records[self.offsets[i]]
+        return None
 
     def runs(self) -> list[tuple[int, int, list[_MapRecord]]]:
         """Live mappings grouped into runs of adjacent ones: (offset, size, records)."""
@@ -274,12 +301,23 @@ class _ReservationState:
         for rec in recs:
             rec.live = False
             del self.records[rec.offset]
+            del self.offsets[bisect.bisect_left(self.offsets, rec.offset)]
+            if self.on_unmap is not None:
+                self.on_unmap(rec)
 
     def free(self) -> None:
         with self.lock:
             for off, size, recs in self.runs():
                 self.unmap_records(off, size, recs)
             self.backend.free_address(self.address, self.size)
+
+
+def _forget_mapping(ref: weakref.ReferenceType[AddressReservation], rec: _MapRecord) -> None:
+    # Through a weak reference: the state (held by the finalizer) must not keep
+    # the reservation, or its Mapping objects, alive.
+    res = ref()
+    if res is not None:
+        res._mappings.pop(rec.offset, None)
 
 
 class AddressReservation(_Closable):
@@ -313,7 +351,8 @@ class AddressReservation(_Closable):
         # caller drops the Mapping object. (The state must not hold them: the
         # finalizer holds the state, and a mapping holds the reservation.)
         self._mappings: dict[int, Mapping] = {}
-        self._fin = _finalizer(self, self._state.free)
+        self._state.on_unmap = functools.partial(_forget_mapping, weakref.ref(self))
+        self._fin = safety_finalizer(self, self._state.free)
 
     @property
     def end(self) -> int:
@@ -399,14 +438,15 @@ class AddressReservation(_Closable):
         devs = check_peers(self.device, peers)
         st = self._state
         with st.lock:
-            for o, rec in st.records.items():
-                if o < off + n and off < o + rec.size:
-                    raise ValueError(
-                        f"range [{off}, {off + n}) overlaps the mapping at [{o}, {o + rec.size})"
-                    )
+            hit = st.overlapping(off, n)
+            if hit is not None:
+                raise ValueError(
+                    f"range [{off}, {off + n}) overlaps the mapping at "
+                    f"[{hit.offset}, {hit.offset + hit.size})"
+                )
             st.backend.map(self.address + off, n, allocation.handle, 0)
             rec = _MapRecord(off, n)
-            st.records[off] = rec
+            st.add(rec)
             if acc is not None:
                 try:
                     st.backend.set_access(self.address + off, n, acc, devs)
@@ -421,8 +461,6 @@ class AddressReservation(_Closable):
     def _unmap_records(self, off: int, n: int, recs: Sequence[_MapRecord]) -> None:
         with self._state.lock:
             self._state.unmap_records(off, n, recs)
-            for rec in recs:
-                self._mappings.pop(rec.offset, None)
 
     def set_access(
         self, offset: int, size: int, access: Access | str = "rw", peers: Iterable[int] = ()
@@ -464,7 +502,6 @@ class AddressReservation(_Closable):
         """Unmap what is still mapped, then free the range (idempotent)."""
         if self._fin.alive:
             self._state.free()
-            self._mappings.clear()
             self._fin.detach()
 
     def __repr__(self) -> str:
