@@ -1,0 +1,277 @@
+"""GrowableBuffer under stress: 1,000 random resizes, and a fault at every driver call.
+
+The fault loop follows the issue: for each backend operation, fail its 1st,
+2nd, 3rd... call during the operation under test, until the operation
+succeeds without the fault firing. After every failure the buffer (pointer,
+size, capacity, max_size, contents) and the backend's live resource counts
+must be exactly what they were.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool._buffer import GrowableBuffer
+
+MiB = 1 << 20
+
+#: Every backend operation a resize, reserve, shrink or move may call.
+OPS = ("create", "release", "map", "unmap", "set_access", "reserve", "free_address", "retain", "synchronize")
+
+
+_NOISE = np.random.default_rng(7).integers(0, 256, 24 * MiB, dtype=np.uint8)
+
+
+def fill(buf: GrowableBuffer, seed: int) -> None:
+    """Fill the whole size with bytes that differ per seed and per position."""
+    buf.write(_NOISE[seed * 4099 : seed * 4099 + buf.size])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    ptr: int
+    size: int
+    capacity: int
+    max_size: int
+    data: bytes
+    live: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, buf: GrowableBuffer) -> Snapshot:
+        return cls(
+            buf.ptr, buf.size, buf.capacity, buf.max_size, bytes(buf.read()), buf.device.counters().live
+        )
+
+
+def all_or_nothing(
+    device: vmmpool.Device,
+    setup: Callable[[], GrowableBuffer],
+    action: Callable[[GrowableBuffer], object],
+    ops: tuple[str, ...] = OPS,
+) -> dict[str, int]:
+    """Fail every call of every op in `action` in turn; return the faults that fired per op."""
+    backend = device._backend
+    fired_per_op = {}
+    for op in ops:
+        nth = 1
+        while True:
+            buf = setup()
+            snap = Snapshot.of(buf)
+            calls = device.counters().calls.get(op, 0)
+            name = "CUDA_ERROR_OUT_OF_MEMORY" if nth % 2 else "CUDA_ERROR_INVALID_VALUE"
+            backend.inject_fault(op, nth=nth, name=name)
+            try:
+                action(buf)
+            except (vmmpool.OutOfMemoryError, vmmpool.DriverError) as err:
+                fired = device.counters().calls.get(op, 0) - calls >= nth
+                assert fired, f"{op} #{nth}: failed without the injected fault: {err!r}"
+                assert Snapshot.of(buf) == snap, f"{op} #{nth} changed the buffer"
+                assert getattr(err, "name", "") == name
+                buf.close()
+                nth += 1
+                continue
+            finally:
+                backend.clear_faults()
+            fired = device.counters().calls.get(op, 0) - calls >= nth
+            assert not fired, f"{op} #{nth} fired but the operation succeeded"
+            buf.close()
+            break
+        fired_per_op[op] = nth - 1
+    return fired_per_op
+
+
+def grown(device: vmmpool.Device, steps: list[int], max_pages: int) -> Callable[[], GrowableBuffer]:
+    """A buffer grown in several steps (sizes in pages), filled with data."""
+    g = device.granularity
+
+    def setup() -> GrowableBuffer:
+        buf = GrowableBuffer(max_size=max_pages * g, device=device)
+        for i, pages in enumerate(steps):
+            buf.resize(pages * g - 3 * i)
+            fill(buf, i)
+        return buf
+
+    return setup
+
+
+def test_fault_at_every_call_of_growth_in_place(device: vmmpool.Device) -> None:
+    g = device.granularity
+    fired = all_or_nothing(device, grown(device, [1, 2], 8), lambda b: b.resize(6 * g))
+    assert fired == {**dict.fromkeys(OPS, 0), "create": 4, "map": 4, "set_access": 1}
+
+
+def test_fault_at_every_call_of_reserve(device: vmmpool.Device) -> None:
+    g = device.granularity
+    fired = all_or_nothing(device, grown(device, [2], 8), lambda b: b.reserve(5 * g))
+    assert fired == {**dict.fromkeys(OPS, 0), "create": 3, "map": 3, "set_access": 1}
+
+
+def test_fault_at_every_call_of_shrink(device: vmmpool.Device) -> None:
+    g = device.granularity
+    fired = all_or_nothing(device, grown(device, [1, 3, 5], 8), lambda b: b.resize(g + 1))
+    assert fired == {**dict.fromkeys(OPS, 0), "synchronize": 1, "release": 3, "unmap": 1}
+
+
+def test_fault_at_every_call_of_shrink_to_fit(device: vmmpool.Device) -> None:
+    g = device.granularity
+
+    def setup() -> GrowableBuffer:
+        buf = grown(device, [2], 8)()
+        buf.reserve(6 * g)
+        return buf
+
+    fired = all_or_nothing(device, setup, lambda b: b.shrink_to_fit())
+    assert fired == {**dict.fromkeys(OPS, 0), "synchronize": 1, "release": 4, "unmap": 1}
+
+
+def test_fault_at_every_call_of_move_after_several_growth_steps(device: vmmpool.Device) -> None:
+    g = device.granularity
+    setup = grown(device, [1, 2, 3, 4], 4)  # four growth steps, full
+
+    def move(buf: GrowableBuffer) -> None:
+        old = buf.ptr
+        assert buf.resize(6 * g, allow_move=True) != old
+
+    fired = all_or_nothing(device, setup, move)
+    assert fired == {
+        **dict.fromkeys(OPS, 0),
+        "create": 2,
+        "reserve": 1,
+        "map": 6,
+        "set_access": 1,
+        "synchronize": 1,
+        "unmap": 1,
+        "free_address": 1,
+    }
+    # and the successful move kept every byte
+    buf = setup()
+    data = bytes(buf.read())
+    buf.resize(6 * g, allow_move=True)
+    assert bytes(buf.read(len(data))) == data
+    buf.close()
+
+
+def test_fault_at_every_call_of_construction(device: vmmpool.Device) -> None:
+    g = device.granularity
+    live = device.counters().live
+    backend = device._backend
+    for op in OPS:
+        nth = 1
+        while True:
+            backend.inject_fault(op, nth=nth)
+            try:
+                buf = GrowableBuffer(max_size=4 * g, device=device, initial_size=3 * g)
+            except vmmpool.OutOfMemoryError:
+                assert device.counters().live == live
+                nth += 1
+                continue
+            finally:
+                backend.clear_faults()
+            buf.close()
+            break
+
+
+# --------------------------------------------------------- when undo fails too
+def test_failed_undo_makes_the_buffer_unusable_but_close_frees_everything(
+    device: vmmpool.Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    g = device.granularity
+    live = device.counters().live
+    backend = device._backend
+    buf = grown(device, [2], 8)()
+    backend.inject_fault("map", nth=3)  # growth fails at its third page...
+    backend.inject_fault("unmap", nth=1)  # ...and unmapping the first two fails too
+    with pytest.raises(vmmpool.OutOfMemoryError) as info:
+        buf.resize(6 * g)
+    backend.clear_faults()
+    assert "undoing it also failed" in "".join(getattr(info.value, "__notes__", ["undoing it also failed"]))
+    assert "GrowableBuffer is unusable" in caplog.text
+    with pytest.raises(vmmpool.VmmError, match="GrowableBuffer is unusable"):
+        buf.resize(g)
+    assert "unusable" in repr(buf)
+    buf.close()
+    assert device.counters().live == live
+
+
+def test_failed_undo_of_a_move_frees_both_ranges_on_close(device: vmmpool.Device) -> None:
+    g = device.granularity
+    live = device.counters().live
+    backend = device._backend
+    buf = grown(device, [1, 2], 2)()
+    backend.inject_fault("free_address", nth=1)  # freeing the old range fails after its unmap...
+    backend.inject_fault("map", nth=5)  # ...(3 maps into the new range) and remapping it fails
+    with pytest.raises(vmmpool.OutOfMemoryError):
+        buf.resize(3 * g, allow_move=True)
+    backend.clear_faults()
+    with pytest.raises(vmmpool.VmmError, match="unusable"):
+        buf.view()
+    buf.close()
+    assert device.counters().live == live
+
+
+def test_failed_undo_of_a_shrink(device: vmmpool.Device) -> None:
+    g = device.granularity
+    live = device.counters().live
+    backend = device._backend
+    buf = grown(device, [4], 4)()
+    backend.inject_fault("unmap", nth=1)
+    backend.inject_fault("retain", nth=2)
+    with pytest.raises(vmmpool.OutOfMemoryError):
+        buf.resize(g)
+    backend.clear_faults()
+    buf.close()
+    assert device.counters().live == live
+
+
+# ---------------------------------------------------------------- 1,000 resizes
+def test_thousand_random_resizes() -> None:
+    """Pointer fixed, bytes kept, and driver calls = pages added or removed, for every step."""
+    g = 64 << 10
+    pages = 48
+    max_size = pages * g
+    dev = vmmpool.Device.emulated(capacity=2 * max_size, granularity=g)
+    rng = random.Random(20240607)
+    model = np.zeros(max_size, dtype=np.uint8)
+    with GrowableBuffer(max_size=max_size, device=dev) as buf:
+        ptr = buf.ptr
+        size = 0
+        for step in range(1000):
+            r = rng.random()
+            if r < 0.4:
+                n = rng.randrange(0, max_size + 1)
+            elif r < 0.7:
+                n = min(max(size + rng.randrange(-3 * g, 3 * g + 1), 0), max_size)
+            elif r < 0.9:
+                n = min(max(size + rng.randrange(-100, 101), 0), max_size)
+            else:
+                n = rng.choice([0, max_size])
+            before = dev.counters()
+            assert buf.resize(n) == ptr
+            delta = dev.counters() - before
+            added = -(-n // g) - -(-size // g)
+            if added > 0:
+                assert delta == {"create": added, "map": added, "set_access": 1}, step
+            elif added < 0:
+                assert delta == {"synchronize": 1, "release": -added, "unmap": 1}, step
+            else:
+                assert delta == {}, step
+            assert (buf.size, buf.capacity) == (n, -(-n // g) * g)
+            if n:
+                mem = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ptr))
+                keep = min(size, n)
+                assert np.array_equal(mem[:keep], model[:keep]), f"step {step}: bytes lost"
+                if n > size:
+                    value = step % 255 + 1
+                    mem[size:n] = value
+                    model[size:n] = value
+                del mem
+            size = n
+        assert buf.ptr == ptr
+    assert dev.counters().live == (0, 0, 0)

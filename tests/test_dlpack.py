@@ -1,0 +1,378 @@
+"""ArrayView: DLPack capsules and array interfaces, consumed by NumPy (host) and CuPy/PyTorch (CUDA)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import cuda_device_or_skip
+
+import vmmpool
+from vmmpool import _dlpack
+from vmmpool._buffer import GrowableBuffer
+from vmmpool._dlpack import ArrayView, DLManagedTensor, DLManagedTensorVersioned, export_stats
+
+MiB = 1 << 20
+
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
+
+_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_get_pointer.restype = ctypes.c_void_p
+_get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_set_name = ctypes.pythonapi.PyCapsule_SetName
+_set_name.restype = ctypes.c_int
+_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class Capsule:
+    """A producer that hands out one given capsule (to feed numpy.from_dlpack)."""
+
+    def __init__(self, capsule: Any, device: tuple[int, int] = (1, 0)) -> None:
+        self.capsule = capsule
+        self.device = device
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        cap, self.capsule = self.capsule, None
+        return cap
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self.device
+
+
+@pytest.fixture
+def buf(host: vmmpool.Device) -> Any:
+    with GrowableBuffer(max_size=8 * MiB, device=host, initial_size=MiB) as b:
+        yield b
+    gc.collect()
+    assert host.counters().live == (0, 0, 0)
+
+
+def expected_values(dtype: np.dtype, n: int) -> np.ndarray:
+    if dtype.kind == "b":
+        return np.arange(n) % 3 == 0
+    if dtype.kind == "c":
+        return (np.arange(n) + 1j * np.arange(n)[::-1]).astype(dtype)
+    return (np.arange(n) % 100).astype(dtype)
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_round_trip_shares_memory(buf: GrowableBuffer, dtype: str) -> None:
+    dt = np.dtype(dtype)
+    offset = 4 * dt.itemsize
+    shape = (3, 5, 7)
+    view = buf.view(dtype, shape=shape, offset=offset)
+    a = np.from_dlpack(view)
+    assert (a.dtype, a.shape) == (dt, shape)
+    assert a.ctypes.data == buf.ptr + offset
+    values = expected_values(dt, a.size).reshape(shape)
+    a[...] = values
+    raw = bytes(buf.read(a.nbytes, offset=offset))
+    assert raw == values.tobytes()  # writes through numpy reach the buffer
+    buf.write(np.zeros(1, dt).tobytes(), offset=offset)
+    assert a.flat[0] == np.zeros(1, dt)[0]  # and writes to the buffer show in numpy
+    b = np.asarray(view)  # the array interface sees the same bytes
+    assert b.ctypes.data == a.ctypes.data and np.array_equal(a, b)
+    del a, b, view
+
+
+def test_default_shape_covers_the_size_from_offset(buf: GrowableBuffer) -> None:
+    buf.resize(1001)
+    v = buf.view("int32", offset=8)
+    assert v.shape == ((1001 - 8) // 4,)
+    assert np.from_dlpack(v).shape == v.shape
+    assert buf.view("uint8").shape == (1001,)
+    s = buf.view("float64", shape=())  # 0-d
+    assert np.from_dlpack(s).shape == ()
+
+
+def test_legacy_and_versioned_capsules(buf: GrowableBuffer) -> None:
+    view = buf.view("float32", shape=(4, 8), offset=64)
+    np.from_dlpack(view)[...] = np.arange(32, dtype=np.float32).reshape(4, 8)
+    legacy = view.__dlpack__(max_version=None)
+    versioned = view.__dlpack__(max_version=(1, 0))
+    assert "dltensor" in repr(legacy) and "dltensor_versioned" not in repr(legacy)
+    assert "dltensor_versioned" in repr(versioned)
+    assert "dltensor_versioned" in repr(view.__dlpack__(max_version=(1, 3)))
+    assert "dltensor_versioned" not in repr(view.__dlpack__(max_version=(0, 8)))
+
+    m = DLManagedTensor.from_address(_get_pointer(legacy, b"dltensor"))
+    mv = DLManagedTensorVersioned.from_address(_get_pointer(versioned, b"dltensor_versioned"))
+    assert DLManagedTensorVersioned.dl_tensor.offset == 32
+    assert (mv.version.major, mv.version.minor, mv.flags) == (1, 0, 0)
+    for t in (m.dl_tensor, mv.dl_tensor):
+        assert t.data == buf.ptr + 64 and t.byte_offset == 0
+        assert (t.device.device_type, t.device.device_id) == (1, 0)
+        assert (t.ndim, t.dtype.code, t.dtype.bits, t.dtype.lanes) == (2, 2, 32, 1)
+        assert [t.shape[0], t.shape[1], t.strides[0], t.strides[1]] == [4, 8, 8, 1]
+
+    for cap in (legacy, versioned):
+        a = np.from_dlpack(Capsule(cap))
+        assert np.array_equal(a, np.arange(32, dtype=np.float32).reshape(4, 8))
+        assert "used_dltensor" in repr(cap)  # the consumer took it over
+        del a
+
+
+def test_unconsumed_capsule_is_freed_once(buf: GrowableBuffer) -> None:
+    view = buf.view("uint8")
+    start = export_stats()
+    cap = view.__dlpack__(max_version=(1, 0))
+    assert view.exports == 1
+    assert export_stats()["live"] == start["live"] + 1
+    del cap
+    stats = export_stats()
+    assert stats["deleter_calls"] - start["deleter_calls"] == 1
+    assert stats["released"] - start["released"] == 1
+    assert stats["live"] == start["live"]
+    assert view.exports == 0
+
+
+def test_consumed_capsule_deleter_runs_once_when_the_array_goes(buf: GrowableBuffer) -> None:
+    view = buf.view("int64")
+    start = export_stats()
+    a = np.from_dlpack(view)
+    gc.collect()
+    assert export_stats()["deleter_calls"] == start["deleter_calls"]  # capsule consumed, not freed
+    assert view.exports == 1
+    del a
+    gc.collect()
+    stats = export_stats()
+    assert stats["deleter_calls"] - start["deleter_calls"] == 1
+    assert stats["released"] - start["released"] == 1
+    assert view.exports == 0
+
+
+def test_a_second_deleter_call_does_nothing(buf: GrowableBuffer) -> None:
+    view = buf.view("uint8")
+    start = export_stats()
+    cap = view.__dlpack__()
+    m = DLManagedTensor.from_address(_get_pointer(cap, b"dltensor"))
+    assert _set_name(cap, b"used_dltensor") == 0  # what a consumer does
+    address = ctypes.addressof(m)
+    m.deleter(address)
+    m.deleter(address)  # a buggy consumer
+    del cap, m
+    stats = export_stats()
+    assert stats["deleter_calls"] - start["deleter_calls"] == 2
+    assert stats["released"] - start["released"] == 1
+    assert view.exports == 0
+
+
+def test_deleter_from_another_thread(buf: GrowableBuffer) -> None:
+    start = export_stats()
+    holder = [np.from_dlpack(buf.view("float32")), buf.view("uint8").__dlpack__()]
+    t = threading.Thread(target=holder.clear)
+    t.start()
+    t.join()
+    stats = export_stats()
+    assert stats["released"] - start["released"] == 2
+    assert stats["live"] == start["live"]
+
+
+def test_del_buffer_while_an_array_uses_it(host: vmmpool.Device) -> None:
+    data = np.arange(MiB // 8, dtype=np.float64)
+    b = GrowableBuffer(max_size=4 * MiB, device=host, initial_size=MiB)
+    b.write(data)
+    a: Any = np.from_dlpack(b.view("float64"))
+    c: Any = np.asarray(b.view("float64"))
+    del b
+    gc.collect()
+    assert np.array_equal(a, data) and np.array_equal(c, data)  # still mapped, still right
+    a += 1
+    assert np.array_equal(c, data + 1)
+    assert host.counters().live != (0, 0, 0)
+    del a, c
+    gc.collect()
+    assert host.counters().live == (0, 0, 0)  # the last array took the buffer with it
+
+
+def test_capsule_rejected_by_a_consumer_with_its_error_pending(
+    buf: GrowableBuffer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NumPy drops a CUDA capsule while its own error is set: the export must still be freed."""
+    view = buf.view("float32")
+    start = export_stats()
+    producer = Capsule(_dlpack._new_capsule(view, view.ptr, (2, 0), (2, 32, 1), view.shape, [1], True))
+    with caplog.at_level(logging.WARNING, logger="vmmpool"):
+        with pytest.raises((SystemError, BufferError, RuntimeError)):
+            np.from_dlpack(producer)  # holds the only reference to the capsule
+    stats = export_stats()
+    assert stats["released"] - start["released"] == 1
+    assert view.exports == 0
+    assert "exception was pending" in caplog.text
+
+
+def test_exports_at_interpreter_shutdown_are_left_alone() -> None:
+    code = textwrap.dedent(
+        """
+        import numpy as np, vmmpool
+        from vmmpool._buffer import GrowableBuffer
+        dev = vmmpool.Device.emulated(capacity=8 << 20)
+        buf = GrowableBuffer(max_size=4 << 20, device=dev, initial_size=1 << 20)
+        a = np.from_dlpack(buf.view("float32"))     # consumed, alive at exit
+        cap = buf.view("int8").__dlpack__()           # unconsumed, alive at exit
+        vcap = buf.view("int8").__dlpack__(max_version=(1, 0))
+        a[:] = 1.0
+        del buf
+        print("ok")
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-X", "dev", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "ok", "")
+
+
+# ------------------------------------------------------------------ validation
+def test_dlpack_device_and_interfaces_on_host(buf: GrowableBuffer) -> None:
+    view = buf.view("float32")
+    assert view.__dlpack_device__() == (1, 0)
+    assert hasattr(view, "__array_interface__")
+    assert not hasattr(view, "__cuda_array_interface__")
+    with pytest.raises(AttributeError, match="use __array_interface__ or DLPack"):
+        view.__cuda_array_interface__  # noqa: B018
+    desc = view.__array_interface__
+    assert desc == {
+        "shape": view.shape,
+        "typestr": "<f4",
+        "data": (buf.ptr, False),
+        "strides": None,
+        "version": 3,
+    }
+
+
+def test_unsupported_requests_raise_buffer_error(buf: GrowableBuffer) -> None:
+    view = buf.view("uint8")
+    with pytest.raises(BufferError, match="copy=True is not supported"):
+        view.__dlpack__(copy=True)
+    with pytest.raises(BufferError, match=r"cannot export to dl_device \(2, 0\)"):
+        view.__dlpack__(dl_device=(2, 0))
+    with pytest.raises(BufferError, match="stream must be None for host memory"):
+        view.__dlpack__(stream=1)
+    with pytest.raises(TypeError, match="stream must be None or an int"):
+        view.__dlpack__(stream="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_version must be a"):
+        view.__dlpack__(max_version=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="copy must be None, True or False"):
+        view.__dlpack__(copy=1)  # type: ignore[arg-type]
+    start = export_stats()["exported"]
+    view.__dlpack__(copy=False, dl_device=(1, 0), stream=None)  # accepted
+    assert export_stats()["exported"] == start + 1
+
+
+def test_stream_values_for_cuda_memory() -> None:
+    for ok in (None, -1, 1, 2, 3, 1 << 40):
+        _dlpack._check_stream(ok, 2)
+    for bad in (0, -2):
+        with pytest.raises(BufferError, match="stream must be None, -1, 1"):
+            _dlpack._check_stream(bad, 2)
+    with pytest.raises(TypeError):
+        _dlpack._check_stream(True, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float128", ">f4", "U2", "O", [("a", "i4")], "datetime64[s]"])
+def test_unsupported_dtypes(buf: GrowableBuffer, dtype: Any) -> None:
+    if dtype == "float128" and not hasattr(np, "float128"):
+        pytest.skip("no float128 here")
+    with pytest.raises(ValueError, match="dtype must be"):
+        buf.view(dtype)
+
+
+def test_dlpack_dtype_codes() -> None:
+    assert _dlpack.dlpack_dtype("bool") == (6, 8, 1)
+    assert _dlpack.dlpack_dtype(np.int16) == (0, 16, 1)
+    assert _dlpack.dlpack_dtype("u8") == (1, 64, 1)
+    assert _dlpack.dlpack_dtype("float16") == (2, 16, 1)
+    assert _dlpack.dlpack_dtype("complex128") == (5, 128, 1)
+    with pytest.raises(TypeError, match="dtype must be a NumPy dtype"):
+        _dlpack.dlpack_dtype("no such type")
+
+
+def test_view_of_any_owner(host: vmmpool.Device) -> None:
+    """The generic constructor, as pool allocations use it."""
+    mem = (ctypes.c_int32 * 8)(*range(8))
+
+    class Owner:
+        closed = False
+
+    owner = Owner()
+    v = ArrayView(owner, host, ctypes.addressof(mem), ctypes.sizeof(mem), "int32", (2, 3), offset=8)
+    assert v.owner is owner
+    assert np.from_dlpack(v).tolist() == [[2, 3, 4], [5, 6, 7]]
+    assert "int32[2, 3]" in repr(v)
+    owner.closed = True
+    with pytest.raises(BufferError, match="Owner has been closed"):
+        v.__dlpack__()
+
+    class Allocation:  # a pool allocation says "freed"
+        freed = True
+
+    w = ArrayView(Allocation(), host, ctypes.addressof(mem), ctypes.sizeof(mem), "int32")
+    with pytest.raises(BufferError, match="Allocation has been closed"):
+        w.__array_interface__  # noqa: B018
+    with pytest.raises(TypeError, match=r"device must be a vmmpool\.Device"):
+        ArrayView(owner, "host", 0, 0)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+def test_cupy_kernel_writes_are_seen_through_the_buffer_and_cai() -> None:
+    dev = cuda_device_or_skip(0)
+    cp = pytest.importorskip("cupy")
+    n = 1 << 20
+    with GrowableBuffer(max_size=64 * MiB, device=dev, initial_size=4 * n) as buf:
+        buf.write(np.arange(n, dtype=np.float32))
+        view = buf.view("float32")
+        assert view.__dlpack_device__() == (2, dev.ordinal)
+        assert not hasattr(view, "__array_interface__")
+        x = cp.from_dlpack(view)  # versioned capsule, consumer's stream
+        x += 1  # a kernel on the mapped pages
+        cp.cuda.Device(dev.ordinal).synchronize()
+        assert np.array_equal(np.frombuffer(buf.read(), np.float32), np.arange(n) + 1)
+        y = cp.asarray(view)  # __cuda_array_interface__
+        assert y.data.ptr == buf.ptr
+        y *= 2
+        cp.cuda.Device(dev.ordinal).synchronize()
+        assert float(x[3]) == 8.0
+        del x, y, view
+
+
+@pytest.mark.cuda
+def test_torch_and_cupy_share_the_buffer() -> None:
+    dev = cuda_device_or_skip(0)
+    cp = pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    with GrowableBuffer(max_size=64 * MiB, device=dev, initial_size=MiB) as buf:
+        t = torch.from_dlpack(buf.view("int32", shape=(256, 1024)))
+        assert t.device.type == "cuda" and t.data_ptr() == buf.ptr
+        t.fill_(41)
+        t += 1  # torch kernels
+        torch.cuda.synchronize(dev.ordinal)
+        c = cp.from_dlpack(buf.view("int32", shape=(256, 1024)))
+        assert int(c.sum()) == 42 * 256 * 1024  # read back through CuPy
+        legacy = torch.utils.dlpack.from_dlpack(buf.view("int32").__dlpack__())  # legacy capsule
+        assert int(legacy[0]) == 42
+        del t, c, legacy

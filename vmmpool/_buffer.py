@@ -1,0 +1,690 @@
+"""GrowableBuffer: one virtual address range that grows by mapping pages, never by copying.
+
+Design (the driver rules are numbered as in ``VMM-FACTS.md``):
+
+* The buffer reserves ``max_size`` bytes of address space once and maps one
+  physical page (one ``cuMemCreate`` handle, rule 2) per page of capacity, in
+  order, from offset 0. Page ``i`` is ``pages[i]`` at ``ptr + i * page_size``.
+  Within ``max_size`` the pointer never changes.
+* The buffer keeps one handle reference per page (the ``PhysicalAllocation``),
+  so growth costs ``create`` + ``map`` per new page and ONE ``set_access`` for
+  the whole new range (rules 3 and 9), and a move can remap every page without
+  ``retain`` calls. With a pool the pages come from and go back to the pool.
+* Shrinking waits for in-flight work first (rule 8: ``device.synchronize`` or
+  the buffer's stream), then unmaps the trailing pages in one call (rule 4).
+  Without a pool, the page handles are released just before that unmap, while
+  still mapped (legal, rule 7), so that a failing release can be undone with
+  ``retain``; with a pool, pages are unmapped first and then handed back, as
+  the pool requires, and a failing hand-back is undone by remapping.
+* A move (``allow_move=True`` past ``max_size``) reserves a new range of at
+  least twice the old size, maps EVERY page there (all of them, at their
+  offsets: cuda.core 1.2.2 remapped only the first chunk), sets access once,
+  synchronizes, then unmaps and frees the old range. No byte is copied.
+
+All-or-nothing. Every operation records an undo step after each step that
+changed something; if a later step fails, the undo steps run newest first and
+the original error is raised, leaving ``ptr``, ``size``, ``capacity``, the
+contents and the backend's live counts exactly as they were. An injected fault
+fires once, so the undo steps themselves run clean.
+
+If an undo step itself fails (the driver failed twice in a row), the buffer
+cannot promise its old state any more. It then stops undoing, keeps every
+resource the operation had created, and becomes *unusable*: every call except
+``close()`` and the plain properties raises :class:`~vmmpool.VmmError`
+("unusable"), and ``close()`` frees everything it ever held, including
+mappings left behind. The original error is raised (with a note naming the
+undo failure) and the undo failure is logged on the ``vmmpool`` logger.
+
+Views. ``view()`` returns an :class:`~vmmpool._dlpack.ArrayView`, which keeps
+the buffer alive, and the buffer tracks its live views in a weak set (a view
+stays live while any array or DLPack capsule made from it does). The rule:
+
+* a shrink that would unmap bytes under a live view raises ``BufferError``
+  (shrinking only ``size`` while the pages stay mapped is allowed);
+* a move raises ``BufferError`` while any view is live (its pointer would
+  dangle); there is no forced move;
+* ``close()`` with live views closes the buffer for further use at once but
+  gives the memory back only when the last view goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from numpy.typing import DTypeLike
+
+from ._device import Device, DeviceLike
+from ._dlpack import ArrayView
+from ._errors import ClosedError, VmmError
+from ._options import Access, check_int
+from ._resources import (
+    AddressReservation,
+    PhysicalAllocation,
+    check_peers,
+    create,
+    reserve,
+    safety_finalizer,
+)
+
+__all__ = ["GrowableBuffer", "PageSource"]
+
+_log = logging.getLogger("vmmpool")
+
+
+class PageSource(Protocol):
+    """What a page pool provides to a buffer (``vmmpool.PagePool`` implements it)."""
+
+    page_size: int
+    device: Device
+
+    @property
+    def peers(self) -> Iterable[int]: ...
+
+    def acquire_pages(self, count: int, stream: int | None = None) -> list[PhysicalAllocation]:
+        """Hand out `count` unmapped pages, all or none (``OutOfMemoryError``)."""
+
+    def release_pages(self, pages: Sequence[PhysicalAllocation]) -> None:
+        """Take back unmapped pages whose work has finished."""
+
+
+class _Undo:
+    """Undo steps of one operation, and what it created (kept if an undo step fails)."""
+
+    __slots__ = ("steps", "reservations", "pages")
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.reservations: list[AddressReservation] = []
+        self.pages: list[PhysicalAllocation] = []
+
+    def push(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.steps.append((fn, args))
+
+    def run(self, state: _State, err: BaseException) -> None:
+        """Run the steps newest first; on a failure, stop and make the buffer unusable."""
+        while self.steps:
+            fn, args = self.steps.pop()
+            try:
+                fn(*args)
+            except Exception as undo_err:  # noqa: BLE001 - reported through `err`
+                state.make_unusable(err, undo_err, self)
+                return
+
+
+class _State:
+    """Everything the buffer owns; what its finalizer frees. Holds no reference to the buffer."""
+
+    __slots__ = (
+        "device",
+        "page",
+        "pool",
+        "peers",
+        "stream",
+        "res",
+        "pages",
+        "size",
+        "floor",
+        "unusable",
+        "debris_res",
+        "debris_pages",
+    )
+
+    def __init__(
+        self,
+        device: Device,
+        page: int,
+        pool: PageSource | None,
+        peers: tuple[int, ...],
+        stream: int | None,
+        res: AddressReservation,
+    ) -> None:
+        self.device = device
+        self.page = page
+        self.pool = pool
+        self.peers = peers
+        self.stream = stream
+        self.res = res
+        self.pages: list[PhysicalAllocation] = []
+        self.size = 0
+        self.floor = 0  # pages reserve() asked to keep
+        self.unusable: str | None = None
+        self.debris_res: list[AddressReservation] = []
+        self.debris_pages: list[PhysicalAllocation] = []
+
+    # ----------------------------------------------------------------- steps
+    def sync(self) -> None:
+        """Wait for in-flight work on the memory before unmapping it (rule 8)."""
+        self.device.synchronize(self.stream)
+
+    def acquire(self, undo: _Undo, count: int) -> list[PhysicalAllocation]:
+        """`count` unmapped pages, from the pool or the driver; undo gives them back."""
+        if self.pool is not None:
+            pages = list(self.pool.acquire_pages(count, stream=self.stream))  # all or nothing
+            undo.pages = pages
+            undo.push(self.give_back, pages)
+            return pages
+        pages = undo.pages = []  # filled as created: undo releases exactly those
+        undo.push(self.give_back, pages)
+        for _ in range(count):
+            pages.append(create(self.page, self.device))
+        return pages
+
+    def give_back(self, pages: Sequence[PhysicalAllocation]) -> None:
+        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op)."""
+        if self.pool is not None:
+            if pages:
+                self.pool.release_pages(list(pages))
+        else:
+            for p in pages:
+                p.close()
+
+    def map_pages(
+        self, undo: _Undo, res: AddressReservation, first: int, pages: Sequence[PhysicalAllocation]
+    ) -> None:
+        """Map `pages` from page index `first` of `res`, then grant access once over them all."""
+        g = self.page
+        base = first * g
+        done = [0]
+        undo.push(self._unmap_done, res, base, done)
+        for p in pages:
+            res.map(p, base + done[0] * g)
+            done[0] += 1
+        if pages:
+            res.set_access(base, len(pages) * g, Access.READWRITE, self.peers)
+
+    def _unmap_done(self, res: AddressReservation, base: int, done: list[int]) -> None:
+        if done[0]:
+            res.unmap(base, done[0] * self.page)
+
+    def remap(self, res: AddressReservation, first: int, pages: Sequence[PhysicalAllocation]) -> None:
+        """Undo step: map `pages` back where they were (all or nothing)."""
+        undo = _Undo()
+        try:
+            self.map_pages(undo, res, first, pages)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+
+    def retain_back(self, first: int, indices: list[int]) -> None:
+        """Undo step: take back the handle references released for pages ``first + i``."""
+        backend = self.device._backend
+        while indices:
+            i = first + indices[-1]
+            handle = backend.retain(self.res.address + i * self.page)
+            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, exportable=False)
+            indices.pop()
+
+    # ------------------------------------------------------------ operations
+    def grow(self, count: int) -> None:
+        """Map `count` more pages in place."""
+        undo = _Undo()
+        try:
+            new = self.acquire(undo, count)
+            self.map_pages(undo, self.res, len(self.pages), new)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+        self.pages.extend(new)
+
+    def shrink(self, keep: int) -> None:
+        """Unmap and give back every page from index `keep` on."""
+        tail = self.pages[keep:]
+        g = self.page
+        self.sync()
+        undo = _Undo()
+        try:
+            if self.pool is None:
+                # Release while still mapped (legal, rule 7) so that a failure
+                # can be undone with retain; the unmap then frees the memory.
+                released: list[int] = []
+                undo.push(self.retain_back, keep, released)
+                for i, p in enumerate(tail):
+                    p.close()
+                    released.append(i)
+                self.res.unmap(keep * g, len(tail) * g)
+            else:
+                self.res.unmap(keep * g, len(tail) * g)
+                undo.push(self.remap, self.res, keep, tail)
+                self.pool.release_pages(tail)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+        del self.pages[keep:]
+
+    def move(self, new_size: int, target: int) -> None:
+        """Map every page (plus new ones up to `target`) into a new range of `new_size` bytes."""
+        old = self.res
+        undo = _Undo()
+        try:
+            new = self.acquire(undo, target - len(self.pages))
+            res = reserve(new_size, self.device)
+            undo.reservations.append(res)
+            undo.push(res.close)
+            self.map_pages(undo, res, 0, self.pages + new)
+            self.sync()  # nothing may still use the old addresses
+            try:
+                old.close()  # unmap (one call) and free
+            except BaseException:
+                # Unmapped, but the free failed: map the pages back. (mappings()
+                # still lists the unmapped Mapping objects then; they are closed.)
+                if not old.closed and self.pages and all(m.closed for m in old.mappings()):
+                    undo.push(self.remap, old, 0, self.pages)
+                raise
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+        self.res = res
+        self.pages.extend(new)
+
+    def make_unusable(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
+        self.unusable = f"undoing a failed operation ({err!r}) also failed ({undo_err!r})"
+        self.debris_res.extend(undo.reservations)
+        self.debris_pages.extend(undo.pages)
+        _log.error("GrowableBuffer is unusable: %s; close() it to free its memory", self.unusable)
+        if hasattr(err, "add_note"):  # Python >= 3.11
+            err.add_note(f"vmmpool: undoing it also failed ({undo_err!r}); the buffer is unusable")
+
+    def free(self) -> None:
+        """Give everything back: synchronize, unmap and free ranges, return pages.
+
+        Each step is idempotent, so calling this again after a failure resumes.
+        """
+        if self.res.closed and not self.debris_res and not self.pages and not self.debris_pages:
+            return
+        self.sync()
+        for res in (self.res, *self.debris_res):
+            res.close()
+        self.debris_res.clear()
+        self.give_back(self.pages + self.debris_pages)
+        self.pages = []
+        self.debris_pages = []
+        self.size = 0
+
+
+class GrowableBuffer:
+    """Device memory that grows in place: one address range, pages mapped on demand.
+
+    Parameters
+    ----------
+    max_size : int, optional
+        Bytes of address space to reserve once (rounded up to the page size).
+        The buffer grows up to this without its pointer changing. Default: the
+        device's total memory, rounded up, so growth up to physical capacity
+        never moves.
+    device : Device-like, optional
+        Where the memory lives; the pool's device with `pool`, else
+        :func:`~vmmpool.default_device`.
+    pool : PagePool, optional
+        Take pages from, and give them back to, this pool (many buffers can
+        share one pool). The page size is then ``pool.page_size`` and access is
+        granted to ``pool.peers`` too. Without a pool, each page is a
+        ``device.granularity``-sized :func:`~vmmpool.create` allocation.
+    initial_size : int
+        Bytes to map at construction (the size is set to it).
+    stream : int, optional
+        A CUDA stream handle to synchronize before unmapping pages (rule 8);
+        the whole owning device is synchronized when omitted.
+    peers : iterable of int
+        Other device ordinals to grant read-write access (CUDA only).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (before any driver call).
+    OutOfMemoryError, DriverError
+        The reservation or the initial pages failed (nothing is left behind).
+
+    Notes
+    -----
+    Capacity follows the size: :meth:`resize` maps or unmaps whole trailing
+    pages so that capacity is the smallest page multiple holding the size,
+    except that it never drops below what :meth:`reserve` asked for, until
+    :meth:`shrink_to_fit`. Growth never copies, and within `max_size` the
+    pointer never changes. Bytes beyond the size but inside a mapped page keep
+    their value; bytes in newly mapped pages are undefined.
+
+    A buffer is a context manager; :meth:`close` is idempotent. A buffer
+    dropped without ``close()`` gives its memory back when garbage collected.
+    Methods are thread-safe.
+
+    Examples
+    --------
+    >>> dev = vmmpool.Device.emulated(capacity=64 << 20)
+    >>> with GrowableBuffer(max_size=32 << 20, device=dev) as buf:
+    ...     p = buf.resize(3 << 20)      # maps two 2 MiB pages
+    ...     assert buf.resize(20 << 20) == p   # grows in place
+    """
+
+    def __init__(
+        self,
+        max_size: int | None = None,
+        device: DeviceLike = None,
+        pool: PageSource | None = None,
+        initial_size: int = 0,
+        *,
+        stream: int | None = None,
+        peers: Iterable[int] = (),
+    ) -> None:
+        if pool is not None:
+            dev = pool.device
+            if device is not None and Device(device) is not dev:
+                raise ValueError(f"device {Device(device)} differs from the pool's device {dev}")
+            page = check_int("pool.page_size", pool.page_size, minimum=1, multiple=dev.granularity)
+            peer_list = [*pool.peers, *peers]
+        else:
+            dev = Device(device)
+            page = dev.granularity
+            peer_list = list(peers)
+        others = check_peers(dev, peer_list)[1:]
+        initial = check_int("initial_size", initial_size)
+        if stream is not None:
+            stream = check_int("stream", stream)
+        if max_size is None:
+            limit = max(-(-dev.total_memory // page) * page, page)
+        else:
+            limit = check_int("max_size", max_size, minimum=1)
+            limit = -(-limit // page) * page
+        if initial > limit:
+            raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
+        res = reserve(limit, dev)
+        self._state = _State(dev, page, pool, others, stream, res)
+        self._lock = threading.RLock()
+        self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+        self._closed = False
+        self._deferred = False
+        self._fin = safety_finalizer(self, self._state.free)
+        if initial:
+            try:
+                self.resize(initial)
+            except BaseException:
+                self._closed = True
+                try:
+                    self._state.free()
+                    self._fin.detach()
+                except Exception:  # noqa: BLE001 - keep the original error; the finalizer retries
+                    pass
+                raise
+
+    # ----------------------------------------------------------------- facts
+    def _live(self) -> _State:
+        if self._closed:
+            raise ClosedError("GrowableBuffer")
+        return self._state
+
+    def _usable(self) -> _State:
+        st = self._live()
+        if st.unusable is not None:
+            raise VmmError(f"GrowableBuffer is unusable: {st.unusable}; close() it")
+        return st
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def device(self) -> Device:
+        """The device the memory lives on."""
+        return self._state.device
+
+    @property
+    def pool(self) -> PageSource | None:
+        """The pool pages come from, or ``None``."""
+        return self._state.pool
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per page: the device's granularity, or the pool's page size."""
+        return self._state.page
+
+    @property
+    def ptr(self) -> int:
+        """Address of the first byte. Changes only when a resize with ``allow_move=True`` moves."""
+        return self._live().res.address
+
+    @property
+    def size(self) -> int:
+        """Bytes in use (what :meth:`resize` set)."""
+        return self._live().size
+
+    @property
+    def capacity(self) -> int:
+        """Bytes mapped (a multiple of :attr:`page_size`, at least :attr:`size`)."""
+        st = self._live()
+        return len(st.pages) * st.page
+
+    @property
+    def max_size(self) -> int:
+        """Bytes of address space reserved: the most the buffer grows to without moving."""
+        return self._live().res.size
+
+    # --------------------------------------------------------------- resizing
+    def _pages_for(self, nbytes: int) -> int:
+        return -(-nbytes // self._state.page)
+
+    def _apply(self, st: _State, target: int, nbytes: int, allow_move: bool, what: str) -> None:
+        """Bring the mapped pages to `target`, growing, moving or shrinking."""
+        have = len(st.pages)
+        if target > have:
+            if target * st.page > st.res.size:
+                if not allow_move:
+                    raise ValueError(
+                        f"{what} {nbytes} bytes exceeds max_size {st.res.size}; pass allow_move=True "
+                        "to remap the buffer into a larger range (its pointer changes)"
+                    )
+                views = list(self._views)
+                if views:
+                    raise BufferError(
+                        f"cannot move the buffer while {len(views)} view(s) or DLPack export(s) of it "
+                        "are alive (their pointers would dangle); drop them first"
+                    )
+                st.move(max(target * st.page, 2 * st.res.size), target)
+            else:
+                st.grow(target - have)
+        elif target < have:
+            end = max((v.end for v in self._views), default=0)
+            if target * st.page < end:
+                raise BufferError(
+                    f"cannot unmap bytes {target * st.page}..{have * st.page}: a live view or DLPack "
+                    f"export uses bytes up to {end}; drop it first"
+                )
+            st.shrink(target)
+
+    def resize(self, nbytes: int, *, allow_move: bool = False) -> int:
+        """Set the size to `nbytes`, mapping or unmapping whole trailing pages.
+
+        Parameters
+        ----------
+        nbytes : int
+            New size in bytes (0 allowed).
+        allow_move : bool
+            Past :attr:`max_size`, reserve a larger range (at least twice the
+            old one), remap every page there and free the old range; the data
+            is not copied, but the pointer changes (returned). Refused while
+            views are alive.
+
+        Returns
+        -------
+        int
+            The buffer's pointer (new if it moved).
+
+        Raises
+        ------
+        TypeError, ValueError
+            `nbytes` is not a non-negative int, or exceeds :attr:`max_size`
+            without `allow_move` (before any driver call).
+        BufferError
+            Shrinking would unmap bytes a live view uses, or a move with live views.
+        OutOfMemoryError, DriverError
+            A driver call failed; the buffer is unchanged.
+        ClosedError
+            The buffer was closed.
+        """
+        n = check_int("nbytes", nbytes)
+        if not isinstance(allow_move, bool):
+            raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
+        with self._lock:
+            st = self._usable()
+            self._apply(st, max(self._pages_for(n), st.floor), n, allow_move, "size")
+            st.size = n
+            return st.res.address
+
+    def reserve(self, nbytes: int, *, allow_move: bool = False) -> int:
+        """Map pages so that capacity is at least `nbytes`; the size does not change.
+
+        The capacity then stays at least `nbytes` through later resizes, until
+        :meth:`shrink_to_fit`.
+
+        Parameters
+        ----------
+        nbytes : int
+            Capacity wanted, in bytes.
+        allow_move : bool
+            As for :meth:`resize`.
+
+        Returns
+        -------
+        int
+            The buffer's pointer (new if it moved).
+        """
+        n = check_int("nbytes", nbytes)
+        if not isinstance(allow_move, bool):
+            raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
+        with self._lock:
+            st = self._usable()
+            want = self._pages_for(n)
+            self._apply(st, max(want, len(st.pages)), n, allow_move, "reserve of")
+            st.floor = max(st.floor, want)
+            return st.res.address
+
+    def shrink_to_fit(self) -> None:
+        """Unmap and give back every page beyond the size; forget :meth:`reserve` requests.
+
+        Raises
+        ------
+        BufferError
+            A live view uses bytes in the pages that would go.
+        """
+        with self._lock:
+            st = self._usable()
+            self._apply(st, self._pages_for(st.size), st.size, False, "size")
+            st.floor = 0
+
+    # ------------------------------------------------------------------- data
+    def view(
+        self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
+    ) -> ArrayView:
+        """A typed view of the buffer's bytes, exporting DLPack and the array interface.
+
+        Parameters
+        ----------
+        dtype : dtype-like
+            bool, int8..int64, uint8..uint64, float16/32/64 or complex64/128.
+        shape : int or sequence of int, optional
+            Shape in elements; default 1-D over every whole element from
+            `offset` to :attr:`size`.
+        offset : int
+            Byte offset of the first element (a multiple of the item size).
+
+        Returns
+        -------
+        ArrayView
+            Keeps the buffer alive. While it (or an array or capsule made from
+            it) lives, the buffer refuses to move and to unmap bytes under it.
+
+        Examples
+        --------
+        >>> a = numpy.from_dlpack(buf.view("float32"))   # host: shares the memory
+        """
+        with self._lock:
+            st = self._usable()
+            v = ArrayView(self, st.device, st.res.address, st.size, dtype, shape, offset)
+            self._views.add(v)
+            return v
+
+    def _range(self, offset: object, nbytes: int, size: int) -> int:
+        off = check_int("offset", offset)
+        if off + nbytes > size:
+            raise ValueError(f"bytes [{off}, {off + nbytes}) must lie inside the size {size}")
+        return off
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        mv = memoryview(data).cast("B")
+        with self._lock:
+            st = self._usable()
+            off = self._range(offset, mv.nbytes, st.size)
+            st.device.write(st.res.address + off, mv)
+
+    def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
+        """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
+        with self._lock:
+            st = self._usable()
+            off = self._range(offset, 0, st.size)
+            n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
+            self._range(off, n, st.size)
+            return st.device.read(st.res.address + off, n)
+
+    # ---------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Give the memory back (idempotent).
+
+        Synchronizes, unmaps and frees the range, and returns every page to the
+        pool or the driver. If views (or arrays and DLPack capsules made from
+        them) are still alive, the buffer is closed for use at once and the
+        memory goes back when the last of them goes (from whichever thread
+        drops it). If a step fails, the
+        error propagates and calling ``close()`` again resumes where it stopped.
+        """
+        with self._lock:
+            self._closed = True
+            if not self._fin.alive:
+                return
+            views = list(self._views)
+            if views:
+                if not self._deferred:
+                    self._deferred = True
+                    for v in views:
+                        safety_finalizer(v, self._free_when_unused)
+                return
+            self._state.free()
+            self._fin.detach()
+
+    def _free_when_unused(self) -> None:
+        """After a deferred close: free once the last view is gone (runs as a finalizer)."""
+        with self._lock:
+            if self._fin.alive and not any(True for _ in self._views):
+                self._fin()  # state.free(), once, never raising
+
+    def __enter__(self) -> GrowableBuffer:
+        self._live()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - never hide the caller's exception
+                pass
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<GrowableBuffer on {self._state.device} closed>"
+        st = self._state
+        state = " unusable" if st.unusable else ""
+        return (
+            f"<GrowableBuffer {st.size} bytes, capacity {len(st.pages) * st.page}, "
+            f"max_size {st.res.size} at {st.res.address:#x} on {st.device}{state}>"
+        )

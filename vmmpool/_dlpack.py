@@ -1,0 +1,669 @@
+"""Array views of device memory that other libraries consume (DLPack, array interfaces).
+
+:class:`ArrayView` describes a typed, C-contiguous window of memory that some
+owner object (a :class:`~vmmpool.GrowableBuffer`, a pool allocation) keeps
+mapped. It exports the memory three ways, so NumPy, CuPy, PyTorch, JAX and
+Numba can use it without a copy:
+
+* DLPack (``__dlpack__`` / ``__dlpack_device__``), as the array API standard
+  specifies: a versioned capsule (``"dltensor_versioned"``, DLPack 1.0 ABI)
+  when the consumer passes ``max_version >= (1, 0)``, a legacy
+  ``"dltensor"`` capsule otherwise;
+* ``__cuda_array_interface__`` (version 3) for memory on a CUDA device;
+* ``__array_interface__`` (version 3) for memory of the host emulator.
+
+Only the interface that applies exists: the other raises ``AttributeError``,
+so ``hasattr`` tells consumers which one to use.
+
+Everything is done with ctypes (no compiled extension). The rules that keeps
+this safe (``VMM-FACTS.md``, "DLPack facts"):
+
+1. The structs (``DLManagedTensor[Versioned]`` with its shape and strides
+   arrays) live in a module-level table keyed by their address, together with
+   the view, until the deleter runs. The view keeps its owner alive, so a
+   consumer's array keeps the memory mapped even after every other reference
+   to the buffer is gone.
+2. The deleter and the capsule destructor are ``ctypes.CFUNCTYPE`` callbacks,
+   which take the GIL, so consumers may call them from any thread. They are
+   created once and given an extra reference, so they outlive module teardown.
+   They do nothing at interpreter shutdown.
+3. The deleter releases an export at most once; a second call (a consumer bug)
+   is a no-op. The capsule destructor calls it only when the capsule was never
+   consumed (its name is still ``"dltensor"`` / ``"dltensor_versioned"``).
+4. A consumer that rejects a capsule may drop it while its own exception is
+   pending (NumPy does, for a CUDA capsule). Python code cannot run with an
+   exception set, so each callback first moves the pending exception aside
+   (``PyErr_Fetch``, with argument slots prepared per export so no other call
+   is needed first) and then releases the export. A ctypes callback cannot hand
+   the exception back, so it is logged on the ``vmmpool`` logger and dropped:
+   the consumer then reports a ``SystemError`` instead of its own message. The
+   export is freed either way.
+
+Data pointers are exported as is (``byte_offset`` 0); a view at a byte offset
+that is not a multiple of 256 is legal but slower for some CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from ._device import KDL_CPU, KDL_CUDA, Device
+from ._options import check_int
+
+__all__ = ["ArrayView", "DLPACK_VERSION", "dlpack_dtype", "export_stats"]
+
+_log = logging.getLogger("vmmpool")
+
+#: DLPack ABI version of the versioned capsules this module produces.
+DLPACK_VERSION: tuple[int, int] = (1, 0)
+
+# DLDataTypeCode values.
+_KDL_INT, _KDL_UINT, _KDL_FLOAT, _KDL_COMPLEX, _KDL_BOOL = 0, 1, 2, 5, 6
+_CODES = {"i": _KDL_INT, "u": _KDL_UINT, "f": _KDL_FLOAT, "c": _KDL_COMPLEX, "b": _KDL_BOOL}
+_SIZES = {"i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8), "c": (8, 16), "b": (1,)}
+
+
+# ------------------------------------------------------------------- ABI structs
+class DLDevice(ctypes.Structure):
+    """``DLDevice``: device type and ordinal."""
+
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    """``DLDataType``: type code, bits per lane, lanes."""
+
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    """``DLTensor``; shape and strides are in elements."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+# The deleter takes the struct's address as a plain pointer: no ctypes
+# pointer-type conversion happens on entry.
+_DELETER_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_DESTRUCTOR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class DLManagedTensor(ctypes.Structure):
+    """Legacy ``DLManagedTensor`` (capsule name ``"dltensor"``)."""
+
+    _fields_ = [
+        ("dl_tensor", DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", _DELETER_T),
+    ]
+
+
+class DLPackVersion(ctypes.Structure):
+    """``DLPackVersion``."""
+
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    """``DLManagedTensorVersioned`` (capsule name ``"dltensor_versioned"``); ``dl_tensor`` at offset 32."""
+
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", _DELETER_T),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
+
+
+# ------------------------------------------------------------------ Python C-API
+_api = ctypes.pythonapi
+_PyCapsule_New = _api.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _DESTRUCTOR_T]
+_PyCapsule_IsValid = _api.PyCapsule_IsValid
+_PyCapsule_IsValid.restype = ctypes.c_int
+_PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+# argtypes None on purpose: the prepared byref() arguments are passed through
+# without any conversion that could notice a pending exception (rule 4).
+_PyErr_Fetch = _api.PyErr_Fetch
+_PyErr_Fetch.restype = None
+_PyErr_Fetch.argtypes = None  # type: ignore[assignment]
+_Py_DecRef = _api.Py_DecRef
+_Py_DecRef.restype = None
+_Py_DecRef.argtypes = [ctypes.c_void_p]
+_Py_IncRef = _api.Py_IncRef
+_Py_IncRef.restype = None
+_Py_IncRef.argtypes = [ctypes.py_object]
+
+
+def _immortal(obj: Any) -> Any:
+    """Give `obj` one reference that is never dropped: it lives for the process."""
+    _Py_IncRef(obj)
+    return obj
+
+
+# Capsule names must stay valid as long as any capsule: never freed.
+_NAME_LEGACY = _immortal(ctypes.create_string_buffer(b"dltensor"))
+_NAME_VERSIONED = _immortal(ctypes.create_string_buffer(b"dltensor_versioned"))
+
+
+class _ErrorSlot:
+    """Where a callback parks an exception that was pending when it was called."""
+
+    __slots__ = ("args", "ptrs")
+
+    def __init__(self) -> None:
+        self.ptrs = (ctypes.c_void_p * 3)()
+        size = ctypes.sizeof(ctypes.c_void_p)
+        self.args = tuple(ctypes.byref(self.ptrs, i * size) for i in range(3))
+
+    def drop(self) -> None:
+        """Log and release an exception moved aside by ``PyErr_Fetch`` (if any)."""
+        ptrs = self.ptrs
+        if not ptrs[0]:
+            return
+        # The value if there is one (it may be unnormalized), else the type.
+        index = 1 if ptrs[1] else 0
+        size = ctypes.sizeof(ctypes.c_void_p)
+        what = ctypes.py_object.from_address(ctypes.addressof(ptrs) + index * size).value
+        _log.warning(
+            "a DLPack consumer dropped a capsule while its own exception was pending (%r); "
+            "a ctypes callback cannot preserve it, so the consumer will report SystemError",
+            what,
+        )
+        del what
+        for i in range(3):
+            if ptrs[i]:
+                _Py_DecRef(ptrs[i])
+                ptrs[i] = None
+
+
+class _Export:
+    """One exported tensor: the struct and everything it points to, until the deleter runs."""
+
+    __slots__ = ("managed", "shape", "strides", "view", "error")
+
+    def __init__(self, managed: ctypes.Structure, shape: Any, strides: Any, view: ArrayView) -> None:
+        self.managed = managed
+        self.shape = shape
+        self.strides = strides
+        self.view = view
+        self.error = _ErrorSlot()
+
+
+class _CapsuleRecord:
+    """What the capsule destructor needs: the struct's address and its own error slot."""
+
+    __slots__ = ("address", "name", "error")
+
+    def __init__(self, address: int, name: Any) -> None:
+        self.address = address
+        self.name = name
+        self.error = _ErrorSlot()
+
+
+_lock = threading.RLock()  # re-entrant: a deleter may run from GC on a thread holding it
+_exports: dict[int, _Export] = {}  # struct address -> export
+_capsules: dict[int, _CapsuleRecord] = {}  # id(capsule) -> record
+_stats = {"exported": 0, "released": 0, "deleter_calls": 0}
+_spare = _ErrorSlot()  # for a callback on an address we do not know (a consumer bug)
+
+
+def export_stats() -> dict[str, int]:
+    """Counters of DLPack exports in this process (for tests and debugging).
+
+    Returns
+    -------
+    dict of str to int
+        ``exported``: capsules created; ``released``: exports freed by their
+        deleter; ``deleter_calls``: deleter invocations (a second call for the
+        same export is counted but does nothing); ``live``: exports not yet
+        released.
+    """
+    with _lock:
+        out = dict(_stats)
+        out["live"] = len(_exports)
+    return out
+
+
+def _release(address: int) -> None:
+    """Free the export at `address` once; later calls only count."""
+    with _lock:
+        _stats["deleter_calls"] += 1
+        ex = _exports.pop(address, None)
+        if ex is not None:
+            _stats["released"] += 1
+            ex.view._exports -= 1
+    # Dropped outside the lock: this may be the view's, and then the owner's,
+    # last reference, and the owner's finalizer may give memory back.
+    del ex
+
+
+def _deleter(
+    address: int,
+    _table: dict[int, _Export] = _exports,
+    _fetch: Any = _PyErr_Fetch,
+    _spare: _ErrorSlot = _spare,
+    _finalizing: Any = sys.is_finalizing,
+) -> None:
+    # Only a dict lookup may come before PyErr_Fetch (rule 4).
+    slot = _table[address].error if address in _table else _spare
+    _fetch(*slot.args)
+    try:
+        slot.drop()
+        if not _finalizing():
+            _release(address)
+    except BaseException:  # noqa: BLE001 - a C callback must never raise
+        pass
+
+
+def _destructor(
+    capsule: int,
+    _table: dict[int, _CapsuleRecord] = _capsules,
+    _fetch: Any = _PyErr_Fetch,
+    _spare: _ErrorSlot = _spare,
+    _finalizing: Any = sys.is_finalizing,
+) -> None:
+    rec = _table[capsule] if capsule in _table else None
+    _fetch(*(rec.error if rec is not None else _spare).args)
+    try:
+        (rec.error if rec is not None else _spare).drop()
+        if rec is None or _finalizing():
+            return
+        del _table[capsule]
+        # A consumer renames the capsule ("used_dltensor...") when it takes
+        # ownership; only an unconsumed capsule still owns the export.
+        if _PyCapsule_IsValid(capsule, rec.name):
+            _release(rec.address)
+    except BaseException:  # noqa: BLE001 - a C callback must never raise
+        pass
+
+
+# Created once, never freed (rule 2).
+_DELETER = _immortal(_DELETER_T(_deleter))
+_DESTRUCTOR = _immortal(_DESTRUCTOR_T(_destructor))
+_DELETER_ADDRESS = ctypes.cast(_DELETER, ctypes.c_void_p).value
+
+
+def _new_capsule(
+    view: ArrayView,
+    data: int,
+    device: tuple[int, int],
+    dtype: tuple[int, int, int],
+    shape: Sequence[int],
+    strides: Sequence[int],
+    versioned: bool,
+) -> Any:
+    """Build the managed tensor for `view` and wrap it in a capsule the consumer owns."""
+    ndim = len(shape)
+    c_shape = (ctypes.c_int64 * max(ndim, 1))(*shape)
+    c_strides = (ctypes.c_int64 * max(ndim, 1))(*strides)
+    managed: DLManagedTensor | DLManagedTensorVersioned
+    if versioned:
+        managed = DLManagedTensorVersioned()
+        managed.version.major, managed.version.minor = DLPACK_VERSION
+        managed.flags = 0  # writable, not a copy
+        name = _NAME_VERSIONED
+    else:
+        managed = DLManagedTensor()
+        name = _NAME_LEGACY
+    t = managed.dl_tensor
+    t.data = data or None
+    t.device.device_type, t.device.device_id = device
+    t.ndim = ndim
+    t.dtype.code, t.dtype.bits, t.dtype.lanes = dtype
+    t.shape = ctypes.cast(c_shape, ctypes.POINTER(ctypes.c_int64))
+    t.strides = ctypes.cast(c_strides, ctypes.POINTER(ctypes.c_int64))  # never NULL (DLPack >= 1.2)
+    t.byte_offset = 0
+    managed.manager_ctx = None
+    managed.deleter = _DELETER
+    address = ctypes.addressof(managed)
+    with _lock:
+        _exports[address] = _Export(managed, c_shape, c_strides, view)
+        view._exports += 1
+        try:
+            capsule = _PyCapsule_New(address, name, _DESTRUCTOR)
+            _capsules[id(capsule)] = _CapsuleRecord(address, name)
+        except BaseException:
+            ex = _exports.pop(address)
+            view._exports -= 1
+            del ex
+            raise
+        _stats["exported"] += 1
+    return capsule
+
+
+# ------------------------------------------------------------------------ dtypes
+def dlpack_dtype(dtype: DTypeLike) -> tuple[int, int, int]:
+    """Return the DLPack ``(code, bits, lanes)`` of a NumPy dtype.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        bool, int8..int64, uint8..uint64, float16/32/64 or complex64/128, in
+        native byte order.
+
+    Raises
+    ------
+    TypeError
+        `dtype` is not a dtype NumPy understands.
+    ValueError
+        The dtype has no DLPack equivalent here.
+    """
+    dt = _parse_dtype(dtype)
+    return (_CODES[dt.kind], dt.itemsize * 8, 1)
+
+
+def _parse_dtype(dtype: DTypeLike) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"dtype must be a NumPy dtype, a type or a string, got {dtype!r}") from err
+    if dt.kind not in _CODES or dt.itemsize not in _SIZES[dt.kind] or dt.fields or dt.subdtype:
+        raise ValueError(
+            "dtype must be one of bool, int8..int64, uint8..uint64, float16/32/64, "
+            f"complex64/128, got {dt}"
+        )
+    if not dt.isnative:
+        raise ValueError(f"dtype must be in native byte order, got {dt.str}")
+    return dt
+
+
+# ------------------------------------------------------------------------- view
+class ArrayView:
+    """A typed, C-contiguous view of device memory that exports DLPack and array interfaces.
+
+    Parameters
+    ----------
+    owner : object
+        What keeps the memory valid (a buffer, a pool allocation). The view
+        holds a strong reference to it, and so does every capsule exported from
+        the view, until the consumer is done. If `owner` has a true ``closed``
+        or ``freed`` attribute, the view refuses new exports (``BufferError``).
+    device : Device
+        Where the memory is.
+    ptr : int
+        Address of the owner's first byte.
+    nbytes : int
+        Bytes available from `ptr`.
+    dtype : dtype-like
+        Element type: bool, int8..int64, uint8..uint64, float16/32/64,
+        complex64/128 (native byte order).
+    shape : int or sequence of int, optional
+        Shape in elements. Default: 1-D, every whole element available from
+        `offset`.
+    offset : int
+        Byte offset of the first element from `ptr`; a multiple of the item size.
+
+    Attributes
+    ----------
+    owner, device
+        As given.
+    ptr : int
+        Address of the first element (``ptr + offset`` of the arguments).
+    offset : int
+        Byte offset from the owner's first byte.
+    dtype : numpy.dtype
+    shape : tuple of int
+    strides : tuple of int
+        C-contiguous strides in bytes (as NumPy spells them).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong types, an unsupported dtype, a misaligned offset, or a shape that
+        does not fit in the bytes available.
+
+    Notes
+    -----
+    Create views with ``GrowableBuffer.view()`` (which also tracks them, so the
+    buffer refuses to unmap memory under a live view or to move while views
+    exist). Constructing one directly is for owners of other memory.
+    """
+
+    def __init__(
+        self,
+        owner: object,
+        device: Device,
+        ptr: int,
+        nbytes: int,
+        dtype: DTypeLike = "uint8",
+        shape: int | Sequence[int] | None = None,
+        offset: int = 0,
+    ) -> None:
+        if not isinstance(device, Device):
+            raise TypeError(f"device must be a vmmpool.Device, got {type(device).__name__}")
+        base = check_int("ptr", ptr)
+        avail = check_int("nbytes", nbytes)
+        dt = _parse_dtype(dtype)
+        off = check_int("offset", offset)
+        item = dt.itemsize
+        if off % item:
+            raise ValueError(f"offset must be a multiple of the item size {item} of {dt}, got {off}")
+        if off > avail:
+            raise ValueError(f"offset must be <= {avail} (the bytes available), got {off}")
+        if shape is None:
+            dims: tuple[int, ...] = ((avail - off) // item,)
+        else:
+            seq = (shape,) if hasattr(shape, "__index__") else shape
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+                raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+            dims = tuple(check_int("shape entry", d) for d in seq)
+        count = 1
+        for d in dims:
+            count *= d
+        need = count * item
+        if off + need > avail:
+            raise ValueError(
+                f"shape {dims} of {dt} needs {need} bytes from offset {off}, "
+                f"but only {avail - off} are available"
+            )
+        strides = []
+        step = item
+        for d in reversed(dims):
+            strides.append(step)
+            step *= max(d, 1)
+        self.owner = owner
+        self.device = device
+        self.ptr = base + off
+        self.offset = off
+        self.dtype = dt
+        self.shape = dims
+        self.strides = tuple(reversed(strides))
+        self._exports = 0
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the view covers."""
+        return self.size * self.dtype.itemsize
+
+    @property
+    def end(self) -> int:
+        """One past the view's last byte, as a byte offset from the owner's first byte."""
+        return self.offset + self.nbytes
+
+    @property
+    def exports(self) -> int:
+        """DLPack capsules exported from this view whose deleter has not run yet."""
+        return self._exports
+
+    def _check_owner(self) -> None:
+        owner = self.owner
+        if getattr(owner, "closed", False) or getattr(owner, "freed", False):
+            raise BufferError(f"{type(owner).__name__} has been closed; it exports nothing more")
+
+    # ----------------------------------------------------------------- DLPack
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(device_type, device_id)``: ``(2, ordinal)`` (kDLCUDA) or ``(1, 0)`` (kDLCPU) for host."""
+        return self.device.dlpack_device
+
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """Export the view as a DLPack capsule (array API standard).
+
+        Parameters
+        ----------
+        stream : int or None
+            The consumer's stream. CUDA: ``None`` or 1 (legacy default
+            stream), 2 (per-thread default stream), -1 (no synchronization) or
+            a stream handle > 2. Host: only ``None``. vmmpool queues no work on
+            this memory, so there is nothing to wait for; ordering work you
+            launched yourself is up to you.
+        max_version : tuple of int, optional
+            Highest DLPack version the consumer supports. ``(1, x)`` or later
+            gives a ``"dltensor_versioned"`` capsule (version
+            :data:`DLPACK_VERSION`); ``None`` or ``(0, x)`` a legacy
+            ``"dltensor"`` capsule.
+        dl_device : tuple of int, optional
+            Must equal :meth:`__dlpack_device__` (no cross-device export).
+        copy : bool, optional
+            ``True`` is refused (the point is sharing); ``None`` or ``False``
+            share the memory.
+
+        Returns
+        -------
+        PyCapsule
+            Owns one reference to this view (and so to its owner) until the
+            consumer calls the deleter, or until the capsule is dropped unconsumed.
+
+        Raises
+        ------
+        BufferError
+            A request this export cannot satisfy (copy, another device, stream
+            not allowed here, or a closed owner).
+        TypeError
+            An argument of the wrong type.
+        """
+        self._check_owner()
+        if copy is not None and not isinstance(copy, bool):
+            raise TypeError(f"copy must be None, True or False, got {copy!r}")
+        if copy:
+            raise BufferError("copy=True is not supported: views export the memory itself")
+        kind, ordinal = self.__dlpack_device__()
+        if dl_device is not None:
+            try:
+                want = (int(dl_device[0]), int(dl_device[1]))
+            except (TypeError, ValueError, IndexError):
+                raise TypeError(
+                    f"dl_device must be a (device_type, device_id) tuple, got {dl_device!r}"
+                ) from None
+            if want != (kind, ordinal):
+                raise BufferError(
+                    f"cannot export to dl_device {want}: the memory is on {(kind, ordinal)} "
+                    "and views never copy"
+                )
+        _check_stream(stream, kind)
+        versioned = False
+        if max_version is not None:
+            try:
+                major = int(max_version[0])
+            except (TypeError, ValueError, IndexError):
+                raise TypeError(
+                    f"max_version must be a (major, minor) tuple, got {max_version!r}"
+                ) from None
+            versioned = major >= 1
+        item = self.dtype.itemsize
+        return _new_capsule(
+            self,
+            self.ptr,
+            (kind, ordinal),
+            dlpack_dtype(self.dtype),
+            self.shape,
+            [s // item for s in self.strides],
+            versioned,
+        )
+
+    # -------------------------------------------------------- array interfaces
+    def _interface(self) -> dict[str, Any]:
+        self._check_owner()
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "strides": None,  # C-contiguous
+            "version": 3,
+        }
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """NumPy's array interface (version 3); only for memory of the host emulator."""
+        if not self.device.is_host:
+            raise AttributeError(
+                "__array_interface__ is for host memory; this view is on "
+                f"{self.device}: use __cuda_array_interface__ or DLPack"
+            )
+        return self._interface()
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        """The CUDA array interface (version 3); only for memory on a CUDA device."""
+        if self.device.is_host:
+            raise AttributeError(
+                "__cuda_array_interface__ is for CUDA memory; this view is on the host "
+                "emulator: use __array_interface__ or DLPack"
+            )
+        desc = self._interface()
+        desc["stream"] = None  # no producer work to wait for
+        return desc
+
+    def __repr__(self) -> str:
+        return (
+            f"<ArrayView {self.dtype}{list(self.shape)} at {self.ptr:#x} on {self.device}, "
+            f"owner {type(self.owner).__name__}>"
+        )
+
+
+def _check_stream(stream: object, kind: int) -> None:
+    if stream is None:
+        return
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"stream must be None or an int, got {type(stream).__name__}")
+    if kind == KDL_CPU:
+        raise BufferError(f"stream must be None for host memory (kDLCPU), got {stream}")
+    if kind == KDL_CUDA and (stream == 0 or stream < -1):
+        raise BufferError(
+            "stream must be None, -1, 1 (legacy default), 2 (per-thread default) or a stream "
+            f"handle > 2 for CUDA memory, got {stream} (0 is ambiguous and disallowed by DLPack)"
+        )
