@@ -263,3 +263,28 @@ def test_injected_fault_fires_on_the_nth_call_only(host: Device) -> None:
     b.release(h3)
     with pytest.raises(ValueError, match="op must be one of"):
         b.inject_fault("nope")
+
+
+def test_copies_to_unmapped_or_inaccessible_memory_raise_instead_of_faulting(host: Device) -> None:
+    # Emulator only: on a GPU a copy through a bad address can leave a sticky
+    # error that poisons the context for every later test.
+    t = Tracker(host)
+    try:
+        _bad_copies(t)
+    finally:
+        t.cleanup()
+
+
+def _bad_copies(t: Tracker) -> None:
+    addr = t.reserve(2)
+    with rejects():
+        t.dev.write(addr, b"x")  # nothing mapped
+    t.map(addr, t.create())
+    with rejects():
+        t.dev.read(addr, 1)  # mapped, no access yet
+    t.b.set_access(addr, t.g, Access.READ, [t.dev.ordinal])
+    assert t.dev.read(addr, 1) == b"\0"
+    with rejects():
+        t.dev.write(addr, b"x")  # read-only
+    with rejects():
+        t.dev.read(addr + t.g - 1, 2)  # runs into the unmapped second page

@@ -464,9 +464,26 @@ class HostBackend(Backend):
         # Host "work" is synchronous: there is nothing in flight to wait for.
         self._enter("synchronize")
 
+    def _check_accessible(self, op: str, address: int, size: int, write: bool) -> None:
+        """Raise instead of faulting: the range must be mapped with enough access."""
+        with self._lock:
+            r = self._reservation_of(op, address, size)
+            cur, end = address, address + size
+            while cur < end:
+                start = r.covering(cur)
+                if start is None:
+                    raise _invalid(op, f"{cur:#x} is not mapped")
+                m = r.maps[start]
+                if m.access is Access.NONE or (write and m.access is Access.READ):
+                    raise _invalid(
+                        op, f"{cur:#x} is mapped with access {m.access.value!r}: cannot {op} it"
+                    )
+                cur = start + m.size
+
     def write(self, address: int, data: memoryview) -> None:
         self._enter("write")
         n = data.nbytes
+        self._check_accessible("write", address, n, write=True)
         src = (ctypes.c_char * n).from_buffer_copy(data) if data.readonly else (
             (ctypes.c_char * n).from_buffer(data)
         )
@@ -474,4 +491,5 @@ class HostBackend(Backend):
 
     def read(self, address: int, out: memoryview) -> None:
         self._enter("read")
+        self._check_accessible("read", address, out.nbytes, write=False)
         ctypes.memmove((ctypes.c_char * out.nbytes).from_buffer(out), address, out.nbytes)
