@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 
 from ._backends.base import BackendCounters
+from ._buffer import GrowableBuffer
 from ._device import Device, default_device, devices
+from ._dlpack import ArrayView
 from ._errors import (
     ClosedError,
     DeviceUnavailableError,
@@ -21,6 +23,7 @@ from ._errors import (
     VmmError,
 )
 from ._options import Access, HandleType
+from ._pool import Allocation, PageInfo, PagePool, PoolStats, stream_key
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
 
 __version__ = "0.1.0"
@@ -30,19 +33,26 @@ logging.getLogger("vmmpool").addHandler(logging.NullHandler())
 __all__ = [
     "Access",
     "AddressReservation",
+    "Allocation",
+    "ArrayView",
     "BackendCounters",
     "ClosedError",
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "GrowableBuffer",
     "HandleType",
     "Mapping",
     "OutOfMemoryError",
+    "PageInfo",
+    "PagePool",
     "PhysicalAllocation",
+    "PoolStats",
     "VmmError",
     "__version__",
     "create",
     "default_device",
     "devices",
     "reserve",
+    "stream_key",
 ]

@@ -1,0 +1,126 @@
+"""Shared helpers of the benchmarks: options, machine facts, tables, JSON, timing.
+
+Each benchmark prints a table and writes ``benchmarks/results/<name>-<kind>.json``
+(``kind`` is the device kind: ``host`` or ``cuda``) with the date, the machine
+(platform, Python, CPU count) and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import vmmpool
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--device", default=None,
+        help="host or cuda:N (default: vmmpool.default_device(): cuda:0 if usable, else host)",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    p.add_argument(
+        "--output", default=None,
+        help="JSON file to write (default: benchmarks/results/<name>-<device kind>.json)",
+    )
+    return p
+
+
+def device_of(spec: str | None) -> vmmpool.Device:
+    return vmmpool.default_device() if spec is None else vmmpool.Device(spec)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "cpu_count": os.cpu_count(),
+        "vmmpool": vmmpool.__version__,
+    }
+
+
+def device_info(device: vmmpool.Device) -> dict[str, Any]:
+    return {
+        "device": str(device),
+        "kind": device.kind,
+        "name": device.name,
+        "granularity": device.granularity,
+        "total_memory": device.total_memory,
+    }
+
+
+def peer_versions() -> dict[str, str]:
+    """Versions of the peers compared against, where importable ("n/a" otherwise)."""
+    out = {}
+    for mod in ("numpy", "cupy", "torch"):
+        try:
+            m = __import__(mod)
+        except Exception:  # noqa: BLE001 - a broken peer install is "n/a", never a crash
+            out[mod] = "n/a"
+        else:
+            out[mod] = str(getattr(m, "__version__", "?"))
+    return out
+
+
+def write_json(name: str, device: vmmpool.Device, payload: dict[str, Any], output: str | None = None) -> Path:
+    """Write ``payload`` with machine and device facts; return the path."""
+    path = Path(output) if output else RESULTS / f"{name}-{device.kind}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "machine": machine_info(),
+        "device": device_info(device),
+        "peers": peer_versions(),
+        **payload,
+    }
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)
+        )
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def best_of(repeats: int, fn: Callable[[], float]) -> float:
+    """The smallest of `repeats` measurements (``fn`` returns seconds)."""
+    return min(fn() for _ in range(repeats))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def size(n: float) -> str:
+    for unit, m in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= m:
+            return f"{n / m:.1f} {unit}"
+    return f"{int(n)} B"

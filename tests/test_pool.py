@@ -1,0 +1,910 @@
+"""Behaviour of vmmpool.PagePool: allocation, caches, remapping, limits, errors, lifetime.
+
+Tests taking the ``device`` fixture run on the host emulator and, where a GPU
+is present, on CUDA; the others use host-only tools (fault injection, tiny
+pages) through the ``host`` fixture or their own emulated device.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats, stream_key
+
+MiB = 1 << 20
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return ((np.arange(n, dtype=np.uint32) * 13 + seed * 7 + 3) % 251).astype(np.uint8).tobytes()
+
+
+def fill(a: Allocation, seed: int) -> None:
+    a.device.write(a.ptr, pattern(seed, a.size))
+
+
+def intact(a: Allocation, seed: int) -> bool:
+    return bytes(a.device.read(a.ptr, a.size)) == pattern(seed, a.size)
+
+
+def pool_of(device: vmmpool.Device, pages: int = 16, **kw: object) -> PagePool:
+    return PagePool(device, limit=pages * device.granularity, **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- basics
+def test_malloc_small_and_large(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device) as pool:
+        assert pool.page_size == P and pool.limit == 16 * P and pool.device is device
+        assert pool.small_threshold == P // 2
+        small = pool.malloc(1000)
+        large = pool.malloc(P + 1)
+        assert small.ptr % ALIGNMENT == 0 and small.ptr != 0
+        assert large.ptr % P == 0
+        assert (small.size, large.size) == (1000, P + 1)
+        assert small.device is device and small.stream == 0 and small.pool is pool
+        assert int(large) == large.ptr
+        fill(small, 1)
+        fill(large, 2)
+        s = pool.stats()
+        assert s.requested_bytes == 1000 + P + 1
+        assert s.in_use_bytes == 1024 + 2 * P
+        assert s.live_allocations == 2 and s.total_pages == 3 and s.small_pages == 1
+        assert intact(small, 1) and intact(large, 2)
+        small.free()
+        pool.free(large)
+        assert small.freed and large.freed
+        s = pool.stats()
+        assert (s.requested_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
+        assert s.cached_bytes == 3 * P
+        assert (s.n_malloc, s.n_free) == (2, 2)
+        pool._check()
+
+
+def test_zero_size_allocations_are_valid_unique_and_non_null(device: vmmpool.Device) -> None:
+    with pool_of(device) as pool:
+        zs = [pool.malloc(0) for _ in range(10)]
+        ptrs = {z.ptr for z in zs}
+        assert len(ptrs) == 10 and 0 not in ptrs
+        assert all(z.size == 0 for z in zs)
+        assert pool.stats().in_use_bytes == 10 * ALIGNMENT
+        for z in zs:
+            z.free()
+        pool._check()
+
+
+def test_small_allocations_share_pages(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device) as pool:
+        blocks = [pool.malloc(4096) for _ in range(1000)]
+        s = pool.stats()
+        assert s.small_pages == -(-1000 * 4096 // P)  # 2 pages of 2 MiB, not 1000
+        assert s.total_pages == s.small_pages
+        ptrs = sorted(b.ptr for b in blocks)
+        assert all(b - a >= 4096 for a, b in itertools.pairwise(ptrs))
+        for b in blocks:
+            b.free()
+        s = pool.stats()
+        assert s.pinned_pages == 0 and s.reclaimable_pages == s.small_pages
+        # An emptied small page goes back to the free pages on demand.
+        pool.defragment()
+        s = pool.stats()
+        assert s.small_pages == 0 and s.free_pages == s.total_pages
+        pool._check()
+
+
+def test_small_blocks_coalesce_back_into_a_whole_page(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device) as pool:
+        a, b, c = pool.malloc(1000), pool.malloc(3000), pool.malloc(500)
+        assert b.ptr == a.ptr + 1024 and c.ptr == b.ptr + 3072
+        b.free()
+        d = pool.malloc(2900)  # best fit: the hole b left
+        assert d.ptr == b.ptr
+        for x in (a, c, d):
+            x.free()
+        s = pool.stats()
+        assert s.cached_blocks == 1 and s.cached_bytes == P
+        pool._check()
+
+
+def test_same_stream_reuse_is_immediate_other_streams_are_separate(device: vmmpool.Device) -> None:
+    # Streams 1 and 2 (legacy and per-thread default streams) are valid handles on a GPU too.
+    P = device.granularity
+    with pool_of(device) as pool:
+        a = pool.malloc(3 * P, stream=1)
+        ptr = a.ptr
+        a.free()
+        b = pool.malloc(3 * P, stream=1)
+        assert b.ptr == ptr and b.stream == 1
+        c = pool.malloc(3 * P, stream=2)
+        assert c.ptr != ptr and c.stream == 2
+        b.free()
+        c.free()
+        s1 = pool.malloc(100, stream=1)
+        s2 = pool.malloc(100, stream=2)
+        assert s1.ptr // P != s2.ptr // P  # small pages belong to one stream
+        s1.free()
+        s2.free()
+        pool._check()
+
+
+def test_steady_state_makes_no_backend_calls(device: vmmpool.Device) -> None:
+    P = device.granularity
+    sizes = [256, 4096, 65536, P // 2, 2 * P, 4 * P + 1, 100, P + 7]
+    with pool_of(device, pages=24) as pool:
+        window: list[Allocation] = []
+
+        def step(i: int) -> None:
+            window.append(pool.malloc(sizes[i % len(sizes)], stream=i % 2))
+            if len(window) > 3:
+                window.pop(0).free()
+
+        for i in range(5 * len(sizes)):  # warm-up
+            pool.malloc(sizes[i % len(sizes)]).free()
+            step(i)
+        before = device.counters()
+        for i in range(400):
+            pool.malloc(sizes[i % len(sizes)]).free()
+            step(i)
+        assert device.counters() - before == {}
+        for a in window:
+            a.free()
+        pool._check()
+
+
+def test_preallocate_maps_up_front_and_never_calls_the_driver_again(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8, preallocate=8 * P) as pool:
+        s = pool.stats()
+        assert s.total_pages == 8 and s.cached_bytes == 8 * P and s.n_page_creations == 8
+        before = device.counters()
+        allocs = [pool.malloc(n) for n in (100, P, 3 * P, 5000, 2 * P)]
+        for a in allocs:
+            a.free()
+        allocs = [pool.malloc(n) for n in (4 * P, P + 1, 300)]
+        assert device.counters() - before == {}
+        for a in allocs:
+            a.free()
+    with pytest.raises(ValueError, match="preallocate"):
+        pool_of(device, pages=4, preallocate=5 * P)
+
+
+# ------------------------------------------------------------ limits and OOM
+def test_oom_exactly_at_the_limit_and_recovery(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=16) as pool:
+        big = pool.malloc(15 * P)
+        one = pool.malloc(P)  # exactly at the limit
+        assert pool.stats().largest_allocatable == 0
+        with pytest.raises(vmmpool.OutOfMemoryError) as info:
+            pool.malloc(1)  # even a small block needs a page
+        err = info.value
+        assert isinstance(err, MemoryError)
+        assert (err.requested, err.in_use, err.limit, err.cached) == (1, 16 * P, 16 * P, 0)
+        for word in ("requested 1 bytes", f"limit {16 * P}", "in use", "cached"):
+            assert word in str(err)
+        one.free()
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(2 * P)
+        s = pool.stats()
+        assert s.n_ooms == 2 and s.live_allocations == 1 and s.largest_allocatable == P
+        pool._check()
+        again = pool.malloc(P)  # recovers: the cached page is reused
+        again.free()
+        big.free()
+        whole = pool.malloc(16 * P)
+        whole.free()
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(16 * P + 1)
+        pool._check()
+
+
+def test_oom_error_pickles() -> None:
+    err = vmmpool.OutOfMemoryError(5, 6, 7, cached=8, message="x")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.requested, back.in_use, back.limit, back.cached) == (5, 6, 7, 8)
+
+
+def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
+    dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
+    with PagePool(dev, limit=32 * 2 * MiB) as pool:  # limit above what the device has
+        a = pool.malloc(8 * 2 * MiB)
+        a.free()
+        b = pool.malloc(3 * 2 * MiB, stream=1)  # device full: reclaims a's cached pages
+        assert pool.stats().n_remaps == 1
+        with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
+            pool.malloc(6 * 2 * MiB, stream=1)
+        b.free()
+        pool._check()
+
+
+def test_set_limit(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=16) as pool:
+        allocs = [pool.malloc(P) for _ in range(8)]
+        for a in allocs[4:]:
+            a.free()
+        pool.set_limit(2 * P)  # below what is in use: allowed
+        s = pool.stats()
+        assert s.limit == 2 * P and s.total_pages == 4  # cached pages given back
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(P)
+        for a in allocs[:3]:
+            a.free()
+        b = pool.malloc(P)  # 1 + 1 pinned <= 2
+        pool.set_limit(16 * P + P // 2)  # rounded down to pages
+        assert pool.limit == 16 * P
+        c = pool.malloc(10 * P)
+        for x in (allocs[3], b, c):
+            x.free()
+        pool.set_limit(None)
+        assert pool.limit == device.total_memory // P * P
+        with pytest.raises(ValueError):
+            pool.set_limit(-1)
+        with pytest.raises(TypeError):
+            pool.set_limit(1.5)  # type: ignore[arg-type]
+        pool._check()
+
+
+def test_default_limit_is_the_device_memory(host: vmmpool.Device) -> None:
+    with PagePool(host) as pool:
+        assert pool.limit == host.total_memory
+        assert pool.stats().total_pages == 0  # nothing created up front
+
+
+# ---------------------------------------------------------- defragmentation
+def test_defragment_by_remapping_keeps_survivors(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=16) as pool:
+        allocs = [pool.malloc(P) for _ in range(16)]
+        survivors = allocs[1::4]  # 4 pages scattered over the range
+        for i, a in enumerate(survivors):
+            fill(a, i)
+        for a in allocs:
+            if a not in survivors:
+                a.free()
+        # 12 cached pages in runs of <= 3: only remapping makes 12 contiguous.
+        big = pool.malloc(12 * P)
+        s = pool.stats()
+        assert s.n_remaps == 1 and s.total_pages == 16 and s.n_page_creations == 16
+        fill(big, 99)
+        assert intact(big, 99)
+        assert all(intact(a, i) for i, a in enumerate(survivors))
+        assert not any(big.ptr < a.ptr + a.size and a.ptr < big.ptr + big.size for a in survivors)
+        big.free()
+        for a in survivors:
+            a.free()
+        pool._check()
+
+
+def test_remap_synchronizes_each_stream_once_and_only_off_the_hot_path() -> None:
+    dev = vmmpool.Device.emulated(capacity=16 * 2 * MiB)
+    with PagePool(dev) as pool:
+        P = pool.page_size
+        allocs = [pool.malloc(P, stream=1 + i // 6) for i in range(16)]  # 6 + 6 + 4 pages
+        for a in allocs:
+            a.free()
+        before = dev.counters()
+        big = pool.malloc(16 * P, stream=9)
+        delta = dev.counters() - before
+        assert delta["synchronize"] == 3  # streams 1, 2, 3 once each
+        assert delta["map"] == 16 and delta["set_access"] == 1
+        assert delta["unmap"] == 3  # each stream's cache had coalesced into one range
+        big.free()
+
+
+def test_defragment_and_trim(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=16) as pool:
+        keep = pool.malloc(100)
+        allocs = [pool.malloc(2 * P) for _ in range(4)]
+        for a in allocs:
+            a.free()
+        pool.defragment()
+        s = pool.stats()
+        assert s.free_pages == 8 and s.cached_bytes == P - 256 and s.total_pages == 9
+        phys = device.counters().physical_bytes
+        assert pool.trim() == 8 * P
+        assert device.counters().physical_bytes == phys - 8 * P
+        s = pool.stats()
+        assert s.total_pages == 1 and s.free_pages == 0 and s.n_page_releases == 8
+        assert pool.trim() == 0
+        keep.free()
+        assert pool.trim() == P
+        assert pool.stats().reserved_bytes == 0  # empty arenas are given back too
+        a = pool.malloc(3 * P)  # and the pool carries on
+        a.free()
+        pool._check()
+
+
+# ----------------------------------------------------------------- streams
+class _CupyLike:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+class _Protocol:
+    def __init__(self, handle: int = 1234) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+class _TorchLike:
+    cuda_stream = 77
+
+
+def test_stream_key() -> None:
+    assert stream_key(None) == 0
+    assert stream_key(5) == 5
+    assert stream_key(np.uint64(9)) == 9
+    assert stream_key(_CupyLike(42)) == 42
+    assert stream_key(_Protocol()) == 1234
+    assert stream_key(_TorchLike()) == 77
+    with pytest.raises(TypeError, match="stream"):
+        stream_key("0")
+    with pytest.raises(TypeError):
+        stream_key(True)
+    with pytest.raises(TypeError):
+        stream_key(_CupyLike("x"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        stream_key(-1)
+
+
+def test_stream_objects_are_accepted(device: vmmpool.Device) -> None:
+    with pool_of(device) as pool:
+        a = pool.malloc(10, stream=_CupyLike(0))
+        b = pool.malloc(10, stream=_Protocol(2))
+        assert (a.stream, b.stream) == (0, 2)
+        a.free()
+        b.free()
+        with pytest.raises(TypeError):
+            pool.malloc(10, stream=object())
+        pool._check()
+
+
+# ------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", [1.5, "8", None, True, [1]])
+def test_malloc_rejects_non_integer_sizes(device: vmmpool.Device, bad: object) -> None:
+    with pool_of(device) as pool:
+        keep = pool.malloc(100)
+        with pytest.raises(TypeError, match="nbytes must be an int"):
+            pool.malloc(bad)  # type: ignore[arg-type]
+        assert pool.stats().live_allocations == 1
+        keep.free()
+        pool._check()
+
+
+def test_malloc_rejects_negative_and_survives_huge(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device) as pool:
+        with pytest.raises(ValueError, match=">= 0, got -1"):
+            pool.malloc(-1)
+        before = device.counters()
+        for huge in (1 << 62, 10**30):
+            with pytest.raises(vmmpool.OutOfMemoryError):
+                pool.malloc(huge)
+        assert device.counters() - before == {}  # refused before any driver call
+        a = pool.malloc(np.int64(3 * P))
+        assert a.size == 3 * P
+        a.free()
+        assert pool.stats().n_ooms == 2
+        pool._check()
+
+
+def test_double_free(device: vmmpool.Device) -> None:
+    with pool_of(device) as pool:
+        a = pool.malloc(100)
+        b = pool.malloc(3 << 20)
+        a.free()
+        with pytest.raises(ValueError, match="already freed"):
+            a.free()
+        b.free()
+        with pytest.raises(ValueError, match="already freed"):
+            pool.free(b)
+        s = pool.stats()
+        assert (s.n_free, s.live_allocations) == (2, 0)
+        c = pool.malloc(100)
+        c.free()
+        pool._check()
+
+
+def test_free_of_another_pools_allocation(device: vmmpool.Device) -> None:
+    with pool_of(device, pages=4) as p1, pool_of(device, pages=4) as p2:
+        a = p1.malloc(100)
+        with pytest.raises(ValueError, match="another PagePool"):
+            p2.free(a)
+        with pytest.raises(TypeError, match="Allocation"):
+            p2.free(a.ptr)  # type: ignore[arg-type]
+        assert not a.freed and p1.stats().live_allocations == 1
+        p1.free(a)
+        p1._check()
+        p2._check()
+
+
+def test_bad_constructor_arguments(host: vmmpool.Device) -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        PagePool(host, page_size=3 * MiB)
+    with pytest.raises(ValueError, match=">="):
+        PagePool(host, page_size=MiB)
+    with pytest.raises(ValueError):
+        PagePool(host, limit=-1)
+    with pytest.raises(TypeError):
+        PagePool(host, limit=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="peer"):
+        PagePool(host, peers=[1])
+    with pytest.raises(ValueError, match="small_threshold"):
+        PagePool(host, small_threshold=2 * MiB)
+    with pytest.raises(ValueError, match="multiple"):
+        PagePool(host, small_threshold=1000)
+    assert host.counters().live == (0, 0, 0)
+
+
+def test_page_size_and_small_threshold_options(host: vmmpool.Device) -> None:
+    with PagePool(host, page_size=4 * MiB, small_threshold=0) as pool:
+        a = pool.malloc(0)  # no small class: every request gets pages
+        b = pool.malloc(5 * MiB)
+        assert pool.stats().total_pages == 3 and a.ptr % (4 * MiB) == 0
+        a.free()
+        b.free()
+        pool._check()
+
+
+# --------------------------------------------------------------- lifetime
+def test_use_after_close(device: vmmpool.Device) -> None:
+    pool = pool_of(device)
+    a = pool.malloc(100)
+    pool.close()
+    pool.close()  # idempotent
+    assert pool.closed and a.freed
+    for call in (
+        lambda: pool.malloc(1),
+        pool.defragment,
+        pool.trim,
+        lambda: pool.set_limit(None),
+        lambda: pool.acquire_pages(1),
+    ):
+        with pytest.raises(vmmpool.ClosedError, match="PagePool has been closed"):
+            call()
+    with pytest.raises(ValueError):  # ClosedError is a ValueError
+        pool.malloc(1)
+    a.free()  # invalidated by close(): a no-op
+    pool.release_pages([])
+    s = pool.stats()
+    assert s.total_pages == 0 and s.live_allocations == 0 and s.n_malloc == 1
+    assert s.largest_allocatable == 0
+    assert pool.snapshot() == []
+    assert "closed" in repr(pool)
+    with pytest.raises(vmmpool.ClosedError):
+        with pool:
+            pass
+
+
+def test_close_releases_everything_with_live_allocations(device: vmmpool.Device) -> None:
+    before = device.counters().live
+    pool = pool_of(device, pages=8)
+    allocs = [pool.malloc(n) for n in (10, 3 << 20, 5000, 1 << 20)]
+    pages = pool.acquire_pages(2)
+    assert device.counters().live != before
+    pool.close()
+    assert device.counters().live == before
+    for a in allocs:
+        a.free()
+    pool.release_pages(pages)  # no-op after close
+    del allocs
+    gc.collect()
+
+
+def test_context_managers(device: vmmpool.Device) -> None:
+    with pool_of(device) as pool:
+        with pool.malloc(100) as a:
+            assert not a.freed
+        assert a.freed
+        with pool.malloc(100) as b:
+            b.free()  # freeing inside the block is fine
+        with pytest.raises(RuntimeError, match="boom"):
+            with pool.malloc(3 << 20):
+                raise RuntimeError("boom")
+        assert pool.stats().live_allocations == 0
+    assert pool.closed
+    with pytest.raises(KeyError):  # the caller's exception wins
+        with pool_of(device):
+            raise KeyError("x")
+
+
+def test_garbage_collected_allocations_are_freed(device: vmmpool.Device) -> None:
+    with pool_of(device) as pool:
+        pool.malloc(100)
+        pool.malloc(3 << 20)
+        a = pool.malloc(200)
+        cycle: list[object] = [a]
+        cycle.append(cycle)
+        del a, cycle
+        gc.collect()
+        s = pool.stats()
+        assert s.live_allocations == 0 and s.n_free == 3
+        pool._check()
+
+
+def test_garbage_collection_after_close_is_a_noop(device: vmmpool.Device) -> None:
+    pool = pool_of(device)
+    a = pool.malloc(100)
+    pool.close()
+    del a
+    gc.collect()
+    assert pool.stats().live_allocations == 0
+
+
+def test_dropping_the_pool_releases_its_resources(device: vmmpool.Device) -> None:
+    before = device.counters().live
+    pool = pool_of(device)
+    a = pool.malloc(3 << 20)
+    del pool  # the allocation keeps the pool alive
+    fill(a, 1)
+    assert intact(a, 1)
+    del a
+    gc.collect()
+    assert device.counters().live == before
+
+
+# --------------------------------------------------------------- page level
+def test_acquire_and_release_pages(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        a = pool.malloc(2 * P)
+        a.free()  # 2 cached pages
+        pages = pool.acquire_pages(3)
+        assert len(pages) == 3 and all(isinstance(p, vmmpool.PhysicalAllocation) for p in pages)
+        s = pool.stats()
+        assert s.acquired_pages == 3 and s.in_use_bytes == 3 * P and s.pinned_pages == 3
+        with vmmpool.reserve(3 * P, device) as res:
+            for i, p in enumerate(pages):
+                res.map(p, i * P)
+            res.set_access(0, 3 * P, "rw")
+            device.write(res.address, pattern(1, 3 * P))
+            assert bytes(device.read(res.address, 3 * P)) == pattern(1, 3 * P)
+            res.unmap(0, 3 * P)
+        pool.release_pages(pages)
+        s = pool.stats()
+        assert s.acquired_pages == 0 and s.in_use_bytes == 0 and s.free_pages == 3
+        assert pool.acquire_pages(0) == []
+        pool._check()
+
+
+def test_acquire_pages_is_all_or_nothing(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        live = pool.malloc(5 * P)
+        cached = pool.malloc(2 * P)
+        cached.free()
+        before = pool.stats()
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.acquire_pages(4)
+        after = pool.stats()
+        assert (after.total_pages, after.free_pages, after.cached_bytes, after.acquired_pages) == (
+            before.total_pages, before.free_pages, before.cached_bytes, 0,
+        )
+        pages = pool.acquire_pages(3)  # 1 new + 2 reclaimed from the cache
+        assert pool.stats().n_remaps == 1
+        pool.release_pages(pages)
+        live.free()
+        pool._check()
+
+
+def test_release_pages_validation(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool, pool_of(device, pages=8) as other:
+        pages = pool.acquire_pages(2)
+        foreign = other.acquire_pages(1)
+        stranger = vmmpool.create(P, device)
+        try:
+            with pytest.raises(ValueError, match="not a page of this pool"):
+                pool.release_pages([pages[0], foreign[0]])
+            with pytest.raises(ValueError, match="not a page of this pool"):
+                pool.release_pages([stranger])
+            with pytest.raises(ValueError, match="twice"):
+                pool.release_pages([pages[0], pages[0]])
+            with pytest.raises(TypeError, match="PhysicalAllocation"):
+                pool.release_pages([pages[0], 5])  # type: ignore[list-item]
+            assert pool.stats().acquired_pages == 2  # nothing changed
+            pool.release_pages(pages)
+            with pytest.raises(ValueError, match="not acquired"):
+                pool.release_pages(pages[:1])
+        finally:
+            stranger.close()
+        other.release_pages(foreign)
+        pool._check()
+
+
+# ---------------------------------------------------------- observability
+def test_snapshot(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        big = pool.malloc(2 * P + 10, stream=2)
+        small = [pool.malloc(100), pool.malloc(200)]
+        gone = pool.malloc(P)
+        gone.free()
+        acq = pool.acquire_pages(1)
+        snap = pool.snapshot()
+        assert all(isinstance(p, PageInfo) for p in snap)
+        assert [p.index for p in snap] == sorted(p.index for p in snap)
+        by_state: dict[str, list[PageInfo]] = {}
+        for p in snap:
+            by_state.setdefault(p.state, []).append(p)
+        large = [p for p in by_state["in_use"] if p.kind == "large"]
+        assert [p.owner for p in large] == [big.ptr] * 3
+        assert [p.used_bytes for p in large] == [P, P, 10] and large[0].stream == 2
+        assert sorted(p.address or 0 for p in large) == [big.ptr, big.ptr + P, big.ptr + 2 * P]
+        (sp,) = [p for p in by_state["in_use"] if p.kind == "small"]
+        assert sp.allocations == (small[0].ptr, small[1].ptr) and sp.used_bytes == 300
+        assert sp.owner == "small (2 live)"
+        assert [(p.owner, p.address is not None) for p in by_state["cached"]] == [("cache", True)]
+        assert [(p.owner, p.address) for p in by_state["acquired"]] == [("acquired", None)]
+        s = pool.stats()
+        assert isinstance(s, PoolStats) and len(snap) == s.total_pages
+        assert s.mapped_pages == len(by_state["in_use"]) + len(by_state["cached"])
+        pool.release_pages(acq)
+        for a in (big, *small):
+            a.free()
+        assert "1 page(s)" not in repr(pool)
+
+
+def test_stats_add_up(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=16) as pool:
+        allocs = [pool.malloc(n) for n in (0, 1, 255, 257, P // 2, P // 2 + 1, P, 3 * P - 1)]
+        allocs[2].free()
+        allocs[5].free()
+        s = pool.stats()
+        assert s.requested_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
+        assert s.in_use_bytes == 256 + 256 + 512 + P // 2 + P + 3 * P
+        assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
+        assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
+        assert s.largest_allocatable == (16 - s.pinned_pages) * P
+        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_total_bytes == s.total_bytes
+        for i, a in enumerate(allocs):
+            if i not in (2, 5):
+                a.free()
+        pool._check()
+
+
+def test_logging(caplog: pytest.LogCaptureFixture) -> None:
+    dev = vmmpool.Device.emulated(capacity=8 * 2 * MiB)
+    with caplog.at_level(logging.DEBUG, logger="vmmpool.pool"), PagePool(dev) as pool:
+        a = pool.malloc(4 * 2 * MiB, stream=1)
+        a.free()
+        b = pool.malloc(8 * 2 * MiB)
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(1)
+        b.free()
+    text = caplog.text
+    assert "created 4 page(s)" in text and "remap: unmapped 4 cached page(s)" in text
+    assert "out of memory" in text
+    assert all(r.name == "vmmpool.pool" for r in caplog.records)
+
+
+# ------------------------------------------------------- failure injection
+@pytest.mark.parametrize(
+    ("op", "nth"),
+    [("create", 1), ("create", 3), ("map", 1), ("map", 4), ("set_access", 1), ("reserve", 1)],
+)
+def test_failed_fresh_mapping_changes_nothing(op: str, nth: int) -> None:
+    host = vmmpool.Device.emulated(capacity=128 * 2 * MiB)
+    P = host.granularity
+    with pool_of(host, pages=16) as pool:
+        keep = pool.malloc(P)
+        fill(keep, 5)
+        want = 6 * P
+        if op == "reserve":  # leave the first arena (64 pages) too little room
+            pool.set_limit(100 * P)
+            hold = pool.malloc(20 * P)
+            want = 50 * P
+        before = pool.stats()
+        live_before = host.counters().live
+        host._backend.inject_fault(op, nth, name="CUDA_ERROR_INVALID_VALUE")
+        if op == "reserve":  # the first failure makes the pool retry with just what it needs
+            host._backend.inject_fault(op, nth + 1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError, match=op):
+            pool.malloc(want)
+        host._backend.clear_faults()
+        after = pool.stats()
+        pool._check()
+        created = after.n_page_creations - before.n_page_creations
+        # Pages created before the failure are kept as free pages; nothing else moved.
+        assert after.free_pages == before.free_pages + created
+        assert (after.live_allocations, after.in_use_bytes, after.mapped_pages) == (
+            before.live_allocations, before.in_use_bytes, before.mapped_pages,
+        )
+        live_after = host.counters().live
+        assert live_after[2] == live_before[2]  # no mapping left behind
+        assert live_after[1] == live_before[1] + created
+        assert intact(keep, 5)
+        a = pool.malloc(want)  # and the pool works afterwards
+        fill(a, 6)
+        assert intact(a, 6)
+        a.free()
+        keep.free()
+        if op == "reserve":
+            hold.free()
+            assert pool.stats().reserved_bytes > 64 * P
+        pool._check()
+    assert host.counters().live == (0, 0, 0)
+
+
+def test_failed_unmap_during_reclaim_keeps_the_cache(host: vmmpool.Device) -> None:
+    P = host.granularity
+    with pool_of(host, pages=8) as pool:
+        allocs = [pool.malloc(P, stream=i) for i in range(8)]
+        for a in allocs:
+            a.free()
+        host._backend.inject_fault("unmap", 2, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.malloc(8 * P, stream=99)
+        host._backend.clear_faults()
+        pool._check()
+        s = pool.stats()
+        assert s.free_pages == 1 and s.reclaimable_pages == 7 and s.live_allocations == 0
+        big = pool.malloc(8 * P, stream=99)
+        big.free()
+        pool._check()
+
+
+def test_stale_stream_handle_falls_back_to_a_device_sync(host: vmmpool.Device) -> None:
+    P = host.granularity
+    with pool_of(host, pages=4) as pool:
+        a = pool.malloc(4 * P, stream=12345)
+        a.free()
+        host._backend.inject_fault("synchronize", 1, name="CUDA_ERROR_INVALID_HANDLE")
+        before = host.counters()
+        b = pool.malloc(4 * P, stream=1)  # reclaims stream 12345's cache
+        assert (host.counters() - before)["synchronize"] == 2  # the stream, then the device
+        assert pool.stats().n_syncs == 2
+        b.free()
+        pool._check()
+
+
+def test_racing_double_free_never_frees_a_reused_block(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device) as pool:
+        for n in (100, 3 * P):
+            a = pool.malloc(n)
+            rec = a._rec
+            a.free()
+            b = pool.malloc(n)  # reuses the same block or range
+            assert b.ptr == a.ptr
+            a._rec = rec  # what a second thread still sees after a racing free()
+            with pytest.raises(ValueError, match="already freed"):
+                a.free()
+            assert not b.freed and pool.stats().live_allocations == 1
+            b.free()
+        pool._check()
+
+
+def test_failed_undo_quarantines_pages(host: vmmpool.Device) -> None:
+    P = host.granularity
+    with pool_of(host, pages=8) as pool:
+        host._backend.inject_fault("set_access", 1, name="CUDA_ERROR_INVALID_VALUE")
+        host._backend.inject_fault("unmap", 1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError, match="set_access"):
+            pool.malloc(3 * P)
+        host._backend.clear_faults()
+        pool._check()
+        s = pool.stats()
+        assert s.quarantined_pages == 3 and s.pinned_pages == 3
+        assert s.largest_allocatable == 5 * P
+        assert [p.state for p in pool.snapshot()].count("quarantined") == 3
+        a = pool.malloc(5 * P)
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(1)
+        a.free()
+    assert host.counters().live == (0, 0, 0)  # close() releases quarantined pages too
+
+
+def test_preallocate_failure_leaves_nothing(host: vmmpool.Device) -> None:
+    host._backend.inject_fault("create", 3)
+    with pytest.raises(vmmpool.OutOfMemoryError):
+        PagePool(host, preallocate=6 * host.granularity)
+    host._backend.inject_fault("set_access", 1, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        PagePool(host, preallocate=6 * host.granularity)
+    assert host.counters().live == (0, 0, 0)
+
+
+# -------------------------------------------------------------- scenario
+def test_fragmentation_scenario() -> None:
+    from vmmpool._demo import PagePoolAdapter, contiguous_baseline, run_scenario
+
+    dev = vmmpool.Device.emulated(capacity=128 * MiB)
+    ad = PagePoolAdapter(dev, 128 * MiB)
+    try:
+        res = run_scenario(
+            ad, live_fraction=0.05, seed=1, baseline=lambda a: contiguous_baseline(a.pool)
+        )
+    finally:
+        ad.close()
+    assert res.verified and res.survivors >= 1
+    P = res.details["page_size"]
+    target = res.limit - res.details["pinned_pages"] * P
+    assert res.largest >= 0.99 * target
+    assert res.baseline is not None and res.largest >= res.baseline
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_demo_main(capsys: pytest.CaptureFixture[str]) -> None:
+    from vmmpool._demo import main
+
+    assert main(["--device", "host", "--limit", "64M", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: PASS" in out and "vmmpool.PagePool" in out and "contiguous" in out
+    assert main(["--live-fraction", "2"]) == 2
+
+
+class _FirstFit:
+    """A contiguous first-fit allocator over host bytes: the generic (CuPy / PyTorch) scenario path."""
+
+    name = "first-fit"
+    oom_errors = (MemoryError,)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.mem = bytearray(limit)
+        self.blocks: dict[int, int] = {}  # start -> size
+
+    def malloc(self, n: int) -> tuple[int, int]:
+        n = max(512, -(-n // 512) * 512)
+        cur = 0
+        for start in sorted(self.blocks):
+            if start - cur >= n:
+                break
+            cur = start + self.blocks[start]
+        if cur + n > self.limit:
+            raise MemoryError(n)
+        self.blocks[cur] = n
+        return (cur, n)
+
+    def free(self, h: tuple[int, int]) -> None:
+        del self.blocks[h[0]]
+
+    def write(self, h: tuple[int, int], offset: int, data: bytes) -> None:
+        self.mem[h[0] + offset : h[0] + offset + len(data)] = data
+
+    def read(self, h: tuple[int, int], offset: int, n: int) -> bytes:
+        return bytes(self.mem[h[0] + offset : h[0] + offset + n])
+
+    def largest(self, upper: int) -> tuple[int, object]:
+        from vmmpool._demo import bisect_largest
+
+        return bisect_largest(self, upper)
+
+    def details(self) -> dict[str, object]:
+        return {"blocks": len(self.blocks)}
+
+
+@pytest.mark.parametrize("survivors_from", ["small", "bytes"])
+def test_scenario_generic_path_and_comparison(survivors_from: str) -> None:
+    from vmmpool._demo import PagePoolAdapter, run_scenario
+
+    limit = 64 * MiB
+    ff = _FirstFit(limit)
+    theirs = run_scenario(ff, live_fraction=0.1, seed=4, survivors_from=survivors_from)
+    assert theirs.verified and ff.blocks == {}  # everything freed at the end
+    assert 0 < theirs.largest < theirs.available and theirs.largest % (2 * MiB) == 0
+    dev = vmmpool.Device.emulated(capacity=limit)
+    ad = PagePoolAdapter(dev, limit)
+    try:
+        ours = run_scenario(ad, live_fraction=0.1, seed=4, survivors_from=survivors_from)
+        assert ad.pool.stats().live_allocations == 0
+    finally:
+        ad.close()
+    assert ours.verified and abs(ours.n_allocations - theirs.n_allocations) <= 3  # page rounding
+    assert ours.largest > theirs.largest
+    with pytest.raises(ValueError, match="survivors_from"):
+        run_scenario(ff, survivors_from="large")

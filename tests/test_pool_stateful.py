@@ -1,0 +1,205 @@
+"""Stateful property test of PagePool on the host emulator.
+
+Random malloc / free / garbage collection / defragment / trim / set_limit /
+acquire / release / injected driver faults on a pool of 64 KiB pages with a
+limit of a few dozen pages (so that remapping and out-of-memory happen all
+the time). After every step: the internal invariants hold, live allocations
+never overlap, every allocation's bytes (its own pattern) survived, the
+statistics add up, and a request failed only if the limit forced it.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+
+import vmmpool
+from vmmpool._pool import ALIGNMENT, Allocation, PagePool
+
+P = 64 << 10  # page size: small, so that reading every live byte each step is cheap
+CAPACITY = 40  # pages the emulated device has
+LIMIT = 24  # the pool's starting limit, in pages
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return ((np.arange(n, dtype=np.uint32) * 5 + seed * 11 + 1) % 253).astype(np.uint8).tobytes()
+
+
+sizes = st.one_of(
+    st.integers(0, 300),
+    st.integers(0, P // 2),  # small
+    st.integers(P // 2 + 1, 8 * P),  # large
+    st.sampled_from([P, 2 * P, 3 * P - 1, P // 2, 4096]),
+)
+streams = st.sampled_from([0, 1, 7])
+
+
+class PoolMachine(RuleBasedStateMachine):
+    allocs = Bundle("allocs")
+    acquired = Bundle("acquired")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = vmmpool.Device.emulated(capacity=CAPACITY * P, granularity=P)
+        self.pool = PagePool(self.device, limit=LIMIT * P)
+        self.live: dict[int, tuple[Allocation, int]] = {}  # token -> (allocation, seed)
+        self.n_acquired = 0
+        self.limit_pages = LIMIT
+        self.seed = 0
+        self.expected_mallocs = 0
+        self.expected_frees = 0
+
+    def _must_succeed(self, nbytes: int) -> bool:
+        s = self.pool.stats()
+        free_pages = self.limit_pages - s.pinned_pages
+        if nbytes <= self.pool.small_threshold:
+            return free_pages >= 1
+        return -(-nbytes // P) <= free_pages
+
+    @rule(target=allocs, nbytes=sizes, stream=streams)
+    def malloc(self, nbytes: int, stream: int) -> object:
+        must = self._must_succeed(nbytes)
+        pinned = self.pool.stats().pinned_pages
+        try:
+            a = self.pool.malloc(nbytes, stream=stream)
+        except vmmpool.OutOfMemoryError:
+            assert not must, f"malloc({nbytes}) failed though the limit allowed it"
+            return None
+        if nbytes > self.pool.small_threshold:
+            assert pinned + -(-nbytes // P) <= self.limit_pages, "a request exceeded the limit"
+        self.seed += 1
+        self.device.write(a.ptr, pattern(self.seed, nbytes))
+        self.live[self.seed] = (a, self.seed)
+        self.expected_mallocs += 1
+        return self.seed  # a token: the machine holds the only reference to the allocation
+
+    @rule(token=consumes(allocs))
+    def free(self, token: int | None) -> None:
+        if token is None:
+            return
+        a, _ = self.live.pop(token)
+        if token % 2:
+            self.pool.free(a)
+        else:
+            a.free()
+        self.expected_frees += 1
+
+    @rule(token=consumes(allocs))
+    def drop(self, token: int | None) -> None:
+        """Lose the last reference: the garbage collector's safety net frees it."""
+        if token is None:
+            return
+        del self.live[token]
+        gc.collect()
+        self.expected_frees += 1
+
+    @rule()
+    def defragment(self) -> None:
+        self.pool.defragment()
+        s = self.pool.stats()
+        assert s.reclaimable_pages == 0 and s.free_pages + s.pinned_pages == s.total_pages
+
+    @rule()
+    def trim(self) -> None:
+        pinned = self.pool.stats().pinned_pages
+        self.pool.trim()
+        s = self.pool.stats()
+        assert s.free_pages == 0 and s.reclaimable_pages == 0 and s.total_pages == pinned
+
+    @rule(pages=st.integers(4, CAPACITY))
+    def set_limit(self, pages: int) -> None:
+        self.pool.set_limit(pages * P)
+        self.limit_pages = pages
+        s = self.pool.stats()
+        assert s.total_pages <= max(pages, s.pinned_pages)
+
+    @rule(target=acquired, count=st.integers(0, 4), stream=streams)
+    def acquire(self, count: int, stream: int) -> object:
+        must = self.pool.stats().pinned_pages + count <= self.limit_pages
+        try:
+            pages = self.pool.acquire_pages(count, stream=stream)
+        except vmmpool.OutOfMemoryError:
+            assert not must
+            return []
+        assert len(pages) == count
+        self.n_acquired += count
+        return pages
+
+    @rule(pages=consumes(acquired))
+    def release(self, pages: list[vmmpool.PhysicalAllocation]) -> None:
+        self.pool.release_pages(pages)
+        self.n_acquired -= len(pages)
+
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(["create", "map", "set_access", "unmap"]), nth=st.integers(1, 3),
+          nbytes=st.integers(P // 2 + 1, 6 * P), stream=streams)
+    def malloc_with_fault(self, op: str, nth: int, nbytes: int, stream: int) -> None:
+        """A driver call fails in the middle: nothing may change but the free set."""
+        before = {k: (a.ptr, a.size) for k, (a, _) in self.live.items()}
+        self.device._backend.inject_fault(op, nth, name="CUDA_ERROR_INVALID_VALUE")
+        try:
+            a = self.pool.malloc(nbytes, stream=stream)
+        except (vmmpool.DriverError, vmmpool.OutOfMemoryError):
+            pass
+        else:
+            a.free()
+            self.expected_mallocs += 1
+            self.expected_frees += 1
+        finally:
+            self.device._backend.clear_faults()
+        assert before == {k: (a.ptr, a.size) for k, (a, _) in self.live.items()}
+
+    @invariant()
+    def consistent(self) -> None:
+        pool = self.pool
+        pool._check()
+        s = pool.stats()
+        allocs = sorted((a for a, _ in self.live.values()), key=lambda a: a.ptr)
+        for x, y in itertools.pairwise(allocs):
+            assert x.ptr + max(x.size, 1) <= y.ptr, "live allocations overlap"
+        for a, seed in self.live.values():
+            assert bytes(self.device.read(a.ptr, a.size)) == pattern(seed, a.size), (
+                f"bytes of {a!r} changed"
+            )
+        T = pool.small_threshold
+
+        def rounded(a: Allocation) -> int:
+            if a.size <= T:
+                return max(ALIGNMENT, -(-a.size // ALIGNMENT) * ALIGNMENT)
+            return -(-a.size // P) * P
+
+        assert s.live_allocations == len(self.live)
+        assert s.requested_bytes == sum(a.size for a in allocs)
+        assert s.in_use_bytes == sum(rounded(a) for a in allocs) + self.n_acquired * P
+        assert s.acquired_pages == self.n_acquired
+        assert s.in_use_bytes - s.acquired_pages * P + s.cached_bytes == s.mapped_pages * P
+        assert (
+            s.free_pages + s.mapped_pages + s.acquired_pages + s.quarantined_pages == s.total_pages
+        )
+        assert s.largest_allocatable >= max(0, self.limit_pages - s.pinned_pages) * P
+        assert (s.n_malloc, s.n_free) == (self.expected_mallocs, self.expected_frees)
+        assert s.quarantined_pages == 0
+        snap = pool.snapshot()
+        assert len(snap) == s.total_pages
+        assert sum(p.state == "free" for p in snap) == s.free_pages
+        assert sum(p.state == "acquired" for p in snap) == s.acquired_pages
+
+    def teardown(self) -> None:
+        self.live.clear()
+        self.pool.close()
+        gc.collect()
+        assert self.device.counters().live == (0, 0, 0), "close() left driver resources behind"
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestPagePoolStateful = PoolMachine.TestCase
