@@ -136,7 +136,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Union
 
+from numpy.typing import DTypeLike
+
 from ._device import Device, DeviceLike
+from ._dlpack import ArrayView
 from ._errors import ClosedError, DriverError, OutOfMemoryError
 from ._options import check_int
 from ._resources import AddressReservation, PhysicalAllocation, check_peers, create, reserve
@@ -1329,7 +1332,7 @@ class Allocation:
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "__weakref__")
 
     ptr: int
     size: int
@@ -1337,6 +1340,7 @@ class Allocation:
     stream: int
     pool: PagePool
     _rec: _Rec | None
+    _views: weakref.WeakSet[ArrayView] | None
 
     def free(self) -> None:
         """Give the memory back to the pool (its stream's cache).
@@ -1345,14 +1349,51 @@ class Allocation:
         ------
         ValueError
             If it was already freed.
+        BufferError
+            If a view (or an array or DLPack capsule made from one) still uses
+            the memory: drop it first. The allocation stays valid.
         """
         rec = self._rec
         if rec is None:
             raise ValueError(
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
+        if self._views:
+            raise BufferError(
+                f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
+                "(arrays or DLPack capsules made from them use the memory); drop them first"
+            )
         self._rec = None
         self.pool._core.free(rec, self)
+
+    def view(
+        self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
+    ) -> ArrayView:
+        """A typed view of the allocation that exports DLPack and the array interfaces.
+
+        Parameters
+        ----------
+        dtype : dtype-like
+            Element type (bool, int8..int64, uint8..uint64, float16/32/64, complex64/128).
+        shape : int or sequence of int, optional
+            Default: 1-D over every whole element from `offset` to :attr:`size`.
+        offset : int
+            Byte offset of the first element; a multiple of the item size.
+
+        Returns
+        -------
+        ArrayView
+            Keeps the allocation alive. While it (or an array or capsule made
+            from it) exists, :meth:`free` raises ``BufferError``; the memory
+            returns to the pool when the last of them and the allocation are gone.
+        """
+        if self.freed:
+            raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
+        v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
+        if self._views is None:
+            self._views = weakref.WeakSet()
+        self._views.add(v)
+        return v
 
     @property
     def freed(self) -> bool:
@@ -1571,6 +1612,7 @@ class PagePool:
         a.stream = key
         a.pool = self
         a._rec = rec
+        a._views = None
         ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
