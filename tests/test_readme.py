@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,21 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+@pytest.fixture(autouse=True)
+def restore_cupy_allocator() -> Iterator[None]:
+    # The "Using with CuPy" example installs a process-wide allocator.
+    try:
+        import cupy
+    except ImportError:
+        yield
+        return
+    previous = cupy.cuda.get_allocator()
+    yield
+    cupy.cuda.set_allocator(previous)
+
+
 def test_readme_has_examples() -> None:
-    assert len(BLOCKS) >= 1
+    assert len(BLOCKS) >= 6
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
