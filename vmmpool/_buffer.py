@@ -53,7 +53,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
 from typing import Any, Protocol
 
 from numpy.typing import DTypeLike
@@ -64,6 +63,7 @@ from ._errors import ClosedError, VmmError
 from ._options import Access, check_int
 from ._resources import (
     AddressReservation,
+    ClosesOnExit,
     PhysicalAllocation,
     check_peers,
     create,
@@ -306,7 +306,7 @@ class _State:
         self.size = 0
 
 
-class GrowableBuffer:
+class GrowableBuffer(ClosesOnExit):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
     Parameters
@@ -664,20 +664,6 @@ class GrowableBuffer:
     def __enter__(self) -> GrowableBuffer:
         self._live()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-        else:
-            try:
-                self.close()
-            except Exception:  # noqa: BLE001 - never hide the caller's exception
-                pass
 
     def __repr__(self) -> str:
         if self._closed:

@@ -142,7 +142,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, DriverError, OutOfMemoryError
 from ._options import check_int
-from ._resources import AddressReservation, PhysicalAllocation, check_peers, create, reserve
+from ._resources import AddressReservation, ClosesOnExit, PhysicalAllocation, check_peers, create, reserve
 
 __all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats", "stream_key"]
 
@@ -1425,7 +1425,7 @@ class Allocation:
 
 
 # -------------------------------------------------------------------- PagePool
-class PagePool:
+class PagePool(ClosesOnExit):
     """A memory pool of physical pages that defragments by remapping.
 
     Parameters
@@ -1922,20 +1922,6 @@ class PagePool:
         if self._core.closed:
             raise ClosedError("PagePool")
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-        else:
-            try:
-                self.close()
-            except Exception:  # noqa: BLE001 - never hide the caller's exception
-                pass
 
     def __repr__(self) -> str:
         core = self._core

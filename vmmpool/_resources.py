@@ -39,6 +39,7 @@ __all__ = [
     "create",
     "check_peers",
     "safety_finalizer",
+    "ClosesOnExit",
 ]
 
 
@@ -72,8 +73,33 @@ def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-class _Closable:
-    """Shared close / context-manager behaviour."""
+class ClosesOnExit:
+    """Mixin: ``with obj:`` calls ``obj.close()`` on exit.
+
+    It never hides the caller's exception: if ``close()`` fails while one is
+    propagating, the caller's exception wins.
+    """
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - the caller's exception is the one to see
+                pass
+
+
+class _Closable(ClosesOnExit):
+    """Shared close / context-manager behaviour of the resource objects."""
 
     _fin: weakref.finalize
 
@@ -89,25 +115,6 @@ class _Closable:
     def __enter__(self) -> Any:
         self._check_open()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Never hide the caller's exception: if close() fails while one is
-        # propagating, the original wins and the close error is chained.
-        if exc is None:
-            self.close()
-        else:
-            try:
-                self.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------- physical
