@@ -573,8 +573,11 @@ class CudaBackend(Backend):
         """
         self._enter("release")
         self._ctx()
-        _check(self._drv.cuMemRelease(handle), "release", self)
+        # The lock spans the driver call: once the memory is freed the driver
+        # may hand the same handle value to a concurrent create(), whose record
+        # must not receive this release's bookkeeping.
         with self._lock:
+            _check(self._drv.cuMemRelease(handle), "release", self)
             rec = self._allocs.get(int(handle))
             if rec is not None:
                 rec.refs -= 1
@@ -604,8 +607,8 @@ class CudaBackend(Backend):
         """
         self._enter("unmap")
         self._ctx()
-        _check(self._drv.cuMemUnmap(address, size), "unmap", self)
-        with self._lock:
+        with self._lock:  # spans the driver call, as in release()
+            _check(self._drv.cuMemUnmap(address, size), "unmap", self)
             cursor = int(address)
             end = cursor + int(size)
             while cursor < end:
