@@ -69,13 +69,13 @@ An allocation belongs to the stream it was made on, as in CuPy: memory freed
 on a stream is reused at once by that stream (stream order makes it safe), and
 never handed to another stream directly. Before the pool unmaps cached pages
 (to remap them, in :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`,
-:meth:`~PagePool.set_limit`), it waits for the work of every stream that used
-them, once per stream, with a stream synchronize on the device that owns the
-memory (rule 8, pytorch #196258). Pages reach another stream only unmapped and
-so only after that wait. ``close()`` synchronizes the whole device once. If a
-stream handle is no longer valid, the pool falls back to a device synchronize.
-Stream 2 (the per-thread default stream) means the stream of the thread that
-synchronizes; use explicit streams across threads.
+:meth:`~PagePool.set_limit`), it waits for the work of the streams that used
+them with one synchronize of the device that owns the memory (rule 8, pytorch
+#196258), once per reclaim. A device synchronize rather than one per stream:
+it covers every stream, and stays safe when a stream was destroyed while its
+freed memory sat in the cache (synchronizing a destroyed handle is undefined;
+CuPy destroys a ``Stream`` in ``__del__``). Pages reach another stream only
+unmapped and so only after that wait. ``close()`` synchronizes the device once.
 
 Remapping changes what backs an address (rule 12): a freed range is the only
 thing ever remapped, so live pointers never move, but anything that
@@ -101,8 +101,8 @@ Invariants (checked by ``tests/test_pool_stateful.py``)
    are *quarantined*: never reused, released by ``close()``.)
 6. ``in_use_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
    are counted in ``in_use_bytes`` besides).
-7. Cached memory is never unmapped or handed to another stream before its
-   stream was synchronized.
+7. Cached memory is never unmapped or handed to another stream before the
+   device that owns it was synchronized.
 8. A request fails only if ``pinned_pages + pages needed > limit // page_size``
    (or the driver itself is out of memory).
 
@@ -649,16 +649,10 @@ class _Core:
         if self.in_use > self.peak_in_use:
             self.peak_in_use = self.in_use
 
-    def _sync(self, key: int | None) -> None:
-        """Wait for a stream (rule 8); a device sync if the handle is stale."""
+    def _sync(self) -> None:
+        """Wait for all work on the device that owns the memory (rule 8)."""
         self.n_syncs += 1
-        try:
-            self.device.synchronize(key)
-        except DriverError:
-            if key is None:
-                raise
-            self.n_syncs += 1
-            self.device.synchronize(None)
+        self.device.synchronize(None)
 
     def _stream(self, key: int) -> _Stream:
         st = self.streams.get(key)
@@ -1005,8 +999,8 @@ class _Core:
         """Unmap cached ranges / empty small pages into the free set.
 
         At least `need` pages (all with ``None``), largest ranges first and
-        only as much of the last one as needed. Every stream concerned is
-        synchronized once, before the first unmap. Returns the pages reclaimed.
+        only as much of the last one as needed. The device is synchronized
+        once, before the first unmap. Returns the pages reclaimed.
         """
         ranges = sorted(
             (r for st in self.streams.values() for r in st.by_start.values()),
@@ -1026,8 +1020,10 @@ class _Core:
             total += k
         if not chosen:
             return 0
-        for key in sorted({c.stream.key for c, _ in chosen}):
-            self._sync(key)
+        # One device synchronize, not one per stream: a stream may have been
+        # destroyed while its freed memory sat in the cache (CuPy destroys a
+        # Stream in __del__), and synchronizing a destroyed handle is undefined.
+        self._sync()
         got = 0
         for c, k in chosen:
             if isinstance(c, _Range):
@@ -1262,7 +1258,7 @@ class _Core:
             errors: list[BaseException] = []
             if self.arenas:
                 try:  # rule 8: nothing is unmapped under running kernels
-                    self._sync(None)
+                    self._sync()
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
             for arena in self.arenas:
