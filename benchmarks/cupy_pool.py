@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import vmmpool
-    from vmmpool._backends import cuda as _cuda
 
     if str(args.device).startswith("host"):
         print("cupy_pool: CuPy kernels need a GPU; the host device cannot run this benchmark.")
         return 0
-    reason = _cuda.probe(0)
-    if reason is not None:
-        print(f"cupy_pool: no GPU here ({reason}); nothing to measure. Exiting 0.")
+    try:
+        dev = vmmpool.Device(args.device)
+    except vmmpool.DeviceUnavailableError as err:
+        print(f"cupy_pool: no usable GPU here ({err.reason}); nothing to measure. Exiting 0.")
         return 0
     try:
         import cupy as cp
@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import vmmpool.cupy as vcupy
 
-    dev = vmmpool.Device(args.device)
     cp.cuda.Device(dev.ordinal).use()
     alloc_rounds = 200 if args.quick else 2000
     work_rounds = 20 if args.quick else 200
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "workload_us": _time_workload(cp, work_rounds) * 1e6,
         }
     default.free_all_blocks()
-    pool = vcupy.MemoryPool(dev)
+    pool = vcupy.MemoryPool()  # follows CuPy's current device, as README recommends
     with vcupy.using_pool(pool):
         before = dev.counters()
         results["vmmpool.cupy.MemoryPool"] = {

@@ -69,7 +69,8 @@ class TorchAdapter:
         import torch
 
         self.torch = torch
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        # PYTORCH_ALLOC_CONF is the current name; PYTORCH_CUDA_ALLOC_CONF the older alias.
+        conf = os.environ.get("PYTORCH_ALLOC_CONF", "") + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         self.name = "torch" + (" (expandable_segments)" if "expandable_segments:True" in conf else "")
         self._dev = torch.device("cuda", ordinal)
         total = torch.cuda.get_device_properties(self._dev).total_memory
@@ -158,9 +159,10 @@ def run_torch_subprocess(
     name: str, device: vmmpool.Device, limit: int, frac: float, seed: int, mode: str
 ) -> dict[str, Any]:
     env = dict(os.environ)
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    if "expandable" in name:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # current name, older alias
+        env.pop(var, None)
+        if "expandable" in name:
+            env[var] = "expandable_segments:True"
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", "torch",
         "--device", str(device), "--limit", str(limit), "--fraction", str(frac), "--seed", str(seed),

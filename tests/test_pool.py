@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import vmmpool
-from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats, stream_key
+from vmmpool._options import stream_key
+from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats
 
 MiB = 1 << 20
 

@@ -22,8 +22,8 @@ from ._errors import (
     OutOfMemoryError,
     VmmError,
 )
-from ._options import Access, HandleType
-from ._pool import Allocation, PageInfo, PagePool, PoolStats, stream_key
+from ._options import Access, HandleType, stream_key
+from ._pool import Allocation, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
 
 __version__ = "0.1.0"

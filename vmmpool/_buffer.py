@@ -60,7 +60,7 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, VmmError
-from ._options import Access, check_int
+from ._options import Access, check_int, stream_key
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
@@ -326,9 +326,10 @@ class GrowableBuffer(ClosesOnExit):
         ``device.granularity``-sized :func:`~vmmpool.create` allocation.
     initial_size : int
         Bytes to map at construction (the size is set to it).
-    stream : int, optional
-        A CUDA stream handle to synchronize before unmapping pages (rule 8);
-        the whole owning device is synchronized when omitted.
+    stream : int or stream object, optional
+        A CUDA stream (handle, or an object :func:`~vmmpool.stream_key`
+        accepts) to synchronize before unmapping pages (rule 8); the whole
+        owning device is synchronized when omitted. It must outlive the buffer.
     peers : iterable of int
         Other device ordinals to grant read-write access (CUDA only).
 
@@ -367,7 +368,7 @@ class GrowableBuffer(ClosesOnExit):
         pool: PageSource | None = None,
         initial_size: int = 0,
         *,
-        stream: int | None = None,
+        stream: object = None,
         peers: Iterable[int] = (),
     ) -> None:
         if pool is not None:
@@ -383,7 +384,7 @@ class GrowableBuffer(ClosesOnExit):
         others = check_peers(dev, peer_list)[1:]
         initial = check_int("initial_size", initial_size)
         if stream is not None:
-            stream = check_int("stream", stream)
+            stream = stream_key(stream)
         if max_size is None:
             limit = max(-(-dev.total_memory // page) * page, page)
         else:

@@ -173,12 +173,13 @@ class CupyPoolAdapter:
         self.cupy = cupy
         self.device = device
         self.name = f"cupy.cuda.{kind}"
-        self.pool = getattr(cupy.cuda, kind)()
-        self.pool.set_limit(size=limit)
-        self._limit = limit
-        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
         self._dev = cupy.cuda.Device(device.ordinal)
         self._dev.use()
+        with self._dev:  # CuPy pools' set_limit applies to the current device
+            self.pool = getattr(cupy.cuda, kind)()
+            self.pool.set_limit(size=limit)
+        self._limit = limit
+        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
 
     @property
     def limit(self) -> int:
@@ -204,7 +205,8 @@ class CupyPoolAdapter:
         return bisect_largest(self, upper)
 
     def details(self) -> dict[str, Any]:
-        return {"used_bytes": int(self.pool.used_bytes()), "total_bytes": int(self.pool.total_bytes())}
+        with self._dev:
+            return {"used_bytes": int(self.pool.used_bytes()), "total_bytes": int(self.pool.total_bytes())}
 
     def close(self) -> None:
         with self._dev:

@@ -134,17 +134,17 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Union
+from typing import Union
 
 from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, DriverError, OutOfMemoryError
-from ._options import check_int
+from ._options import check_int, stream_key
 from ._resources import AddressReservation, ClosesOnExit, PhysicalAllocation, check_peers, create, reserve
 
-__all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats", "stream_key"]
+__all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats"]
 
 logger = logging.getLogger("vmmpool.pool")
 
@@ -161,69 +161,6 @@ _FREE = "free"
 _MAPPED = "mapped"
 _ACQUIRED = "acquired"
 _QUARANTINED = "quarantined"
-
-
-# --------------------------------------------------------------------- streams
-def stream_key(stream: object) -> int:
-    """Normalize a stream to the integer key the pool files allocations under.
-
-    Parameters
-    ----------
-    stream : None, int or stream object
-        ``None`` is the default stream (key 0); an ``int`` is a ``CUstream``
-        handle value; an object with ``__cuda_stream__()`` (returning
-        ``(version, handle)``), ``.ptr`` (CuPy) or ``.cuda_stream`` (PyTorch)
-        gives its handle.
-
-    Returns
-    -------
-    int
-        The handle value (``>= 0``).
-
-    Raises
-    ------
-    TypeError
-        For anything else (``bool`` included).
-    ValueError
-        For a negative handle.
-    """
-    if stream is None:
-        return 0
-    if type(stream) is int:
-        if stream < 0:
-            raise ValueError(f"stream handle must be >= 0, got {stream}")
-        return stream
-    if isinstance(stream, bool):
-        raise TypeError("stream must be None, an int handle or a stream object, got bool")
-    value: Any
-    if hasattr(stream, "__index__"):
-        value = stream
-    elif hasattr(stream, "__cuda_stream__"):
-        info = stream.__cuda_stream__()
-        try:
-            _version, value = info
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"__cuda_stream__() must return (version, handle), got {info!r}"
-            ) from None
-    elif hasattr(stream, "ptr"):
-        value = stream.ptr
-    elif hasattr(stream, "cuda_stream"):
-        value = stream.cuda_stream
-    else:
-        raise TypeError(
-            "stream must be None, an int handle, or an object with __cuda_stream__(), .ptr "
-            f"or .cuda_stream, got {type(stream).__name__}"
-        )
-    try:
-        key = int(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"stream handle must be an int, got {type(value).__name__} from {type(stream).__name__}"
-        ) from None
-    if key < 0:
-        raise ValueError(f"stream handle must be >= 0, got {key}")
-    return key
 
 
 # ------------------------------------------------------------- public records

@@ -30,7 +30,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
         "pip install cupy-cuda12x for CUDA 12."
     ) from _err
 
-from ._device import Device, DeviceLike, default_device
+from ._device import Device, DeviceLike
 from ._errors import OutOfMemoryError
 from ._options import check_int
 from ._pool import PagePool, PoolStats
@@ -77,8 +77,9 @@ class MemoryPool:
     ----------
     device : Device-like, optional
         ``None`` (default) follows CuPy's current device at each ``malloc``,
-        keeping one page pool per device; where no GPU is usable it means
-        ``"host"``. ``"host"`` (or an emulated
+        keeping one page pool per device; where CuPy has no GPU it means
+        ``"host"``. A GPU without VMM support raises
+        :class:`~vmmpool.DeviceUnavailableError` here. ``"host"`` (or an emulated
         :class:`~vmmpool.Device`) pins the pool to the host emulator, for
         tests and teaching on machines without a GPU: arrays can be created,
         sliced and dropped there, though no kernel can touch them.
@@ -104,8 +105,14 @@ class MemoryPool:
     def __init__(
         self, device: DeviceLike = None, *, page_size: int | None = None, preallocate: int = 0
     ) -> None:
-        if device is None and default_device().is_host:
-            device = "host"  # no usable GPU: CuPy has no current device to follow
+        if device is None:
+            if not _cupy.cuda.is_available():
+                device = "host"  # no GPU for CuPy: there is no current device to follow
+            else:
+                # Fail now, not at the first malloc, if the device lacks VMM support
+                # (DeviceUnavailableError): never fall back to host memory that
+                # CuPy's kernels would then be handed.
+                Device(_cupy.cuda.runtime.getDevice())
         self._pinned: Device | None = None if device is None else Device(device)
         self._page_size = page_size
         self._preallocate = check_int("preallocate", preallocate)
@@ -115,10 +122,12 @@ class MemoryPool:
 
     # ------------------------------------------------------------ devices
     def _current(self) -> tuple[int, Device]:
+        """``(key, device)``: key -1 for a pinned device, else CuPy's current ordinal."""
         if self._pinned is not None:
             return (-1, self._pinned)
         ordinal = _cupy.cuda.runtime.getDevice()
-        return (ordinal, Device(ordinal))
+        pool = self._pools.get(ordinal)
+        return (ordinal, pool.device if pool is not None else Device(ordinal))
 
     def _limit_for(self, key: int, dev: Device) -> int:
         """The explicit limit of a device, else ``CUPY_GPU_MEMORY_LIMIT``'s, else 0."""
@@ -162,12 +171,17 @@ class MemoryPool:
             When the page pool cannot serve the request even after
             defragmenting and a garbage collection.
         """
-        key, dev = self._current()
-        device_id = dev.ordinal
+        pinned = self._pinned
+        if pinned is None:  # the hot path: two dict lookups, no Device() construction
+            key = _cupy.cuda.runtime.getDevice()
+            pool = self._pools.get(key) or self._pool_for(key, Device(key))
+            stream = _cupy.cuda.get_current_stream().ptr
+        else:
+            pool = self._pools.get(-1) or self._pool_for(-1, pinned)
+            stream = 0 if pinned.is_host else _cupy.cuda.get_current_stream(pinned.ordinal).ptr
+        device_id = pool.device.ordinal
         if nbytes == 0:
             return _cupy.cuda.MemoryPointer(_cupy.cuda.UnownedMemory(0, 0, None, device_id), 0)
-        pool = self._pools.get(key) or self._pool_for(key, dev)
-        stream = 0 if dev.is_host else _cupy.cuda.get_current_stream().ptr
         try:
             alloc = pool.malloc(nbytes, stream)
         except OutOfMemoryError:
@@ -190,10 +204,9 @@ class MemoryPool:
 
         Unlike CuPy's pool, this releases the free memory of every stream
         (the `stream` argument is accepted for compatibility): cached ranges
-        are unmapped and their free pages released.
+        are unmapped and their pages released (``PagePool.trim``).
         """
         for pool in list(self._pools.values()):
-            pool.defragment()
             pool.trim()
 
     def used_bytes(self) -> int:
@@ -228,7 +241,7 @@ class MemoryPool:
             With neither, the limit is removed.
         """
         if size is not None and fraction is not None:
-            raise ValueError("give size or fraction, not both")
+            raise ValueError(f"give size or fraction, not both (got size={size!r}, fraction={fraction!r})")
         key, dev = self._current()
         if fraction is not None:
             if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
