@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import vmmpool
+from vmmpool._demo import format_size as size  # noqa: F401 - re-exported for the benchmarks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,10 +118,3 @@ def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def size(n: float) -> str:
-    for unit, m in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= m:
-            return f"{n / m:.1f} {unit}"
-    return f"{int(n)} B"

@@ -15,16 +15,12 @@ Without a GPU it says so and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from _common import parser, table, write_json
 
 SIZES = [512, 4096, 65536, 1 << 20, 3 << 20, 8 << 20, 24 << 20, 100_000, 777, 16 << 10]
 SHAPES = [(1024,), (512, 512), (1000, 37), (2048, 1024), (333, 333), (4096, 256)]
@@ -61,11 +57,10 @@ def _time_workload(cp: Any, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda:0", help="a CUDA device (default cuda:0)")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--out", default=None, help="JSON path")
-    args = parser.parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda:0"
 
     import vmmpool
 
@@ -109,32 +104,28 @@ def main(argv: list[str] | None = None) -> int:
     pool.close()
 
     ref, ours = results["cupy.MemoryPool"], results["vmmpool.cupy.MemoryPool"]
-    print(f"device: {dev.name} ({dev})")
-    print(f"{'allocator':28} {'alloc+del (us)':>15} {'workload op (us)':>17}")
-    for name, r in results.items():
-        print(f"{name:28} {r['alloc_us']:15.2f} {r['workload_us']:17.1f}")
     ratio_alloc = ours["alloc_us"] / ref["alloc_us"]
     ratio_work = ours["workload_us"] / ref["workload_us"]
-    print(f"{'ratio vmmpool / cupy':28} {ratio_alloc:15.2f}x {ratio_work:16.2f}x")
+    print(f"device: {dev.name} ({dev})")
+    rows = [[name, f"{r['alloc_us']:.2f}", f"{r['workload_us']:.1f}"] for name, r in results.items()]
+    rows.append(["ratio vmmpool / cupy", f"{ratio_alloc:.2f}x", f"{ratio_work:.2f}x"])
+    print(table(["allocator", "cupy.empty+del (us)", "workload op (us)"], rows))
     print(f"backend calls during vmmpool runs: {calls or 'none'}")
-
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "cupy_pool-cuda.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "benchmark": "cupy_pool",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": dev.name,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "cupy": cp.__version__,
-        "results": results,
-        "ratio_alloc": ratio_alloc,
-        "ratio_workload": ratio_work,
-        "backend_calls": calls,
-        "pool_stats": dataclasses.asdict(stats),
-    }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print("targets: allocation path within 1.5x of CuPy's pool: "
+          + ("met" if ratio_alloc <= 1.5 else "NOT met"))
+    out = write_json(
+        "cupy_pool",
+        dev,
+        {
+            "cupy": cp.__version__,
+            "results": results,
+            "ratio_alloc": ratio_alloc,
+            "ratio_workload": ratio_work,
+            "backend_calls": calls,
+            "pool_stats": dataclasses.asdict(stats),
+        },
+        args.output,
+    )
     print(f"wrote {out}")
     return 0
 

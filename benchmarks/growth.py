@@ -26,21 +26,16 @@ It prints a table and writes ``benchmarks/results/growth-<device kind>.json``.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
-import json
-import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import parser, size, table, write_json
 
 import vmmpool
 from vmmpool._buffer import GrowableBuffer
@@ -50,25 +45,8 @@ GiB = 1 << 30
 
 
 # --------------------------------------------------------------------- helpers
-def human(nbytes: int) -> str:
-    """2 MiB, 1.5 GiB..."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if nbytes >= size:
-            v = nbytes / size
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{nbytes} B"
-
-
 def us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f}"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
-    out = [line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
 
 
 def schedule(name: str, max_bytes: int) -> list[int]:
@@ -138,7 +116,7 @@ class CopyGrowth:
         new = self.xp.empty(new_bytes, dtype=self.xp.uint8)
         if cur is not None and cur.size:
             new[: cur.size] = cur
-        del cur  # free the old array
+        del cur  # drop this frame's reference; the caller frees the old array
         self.sync()
         dt = time.perf_counter() - t0
         return new, dt
@@ -191,19 +169,19 @@ def window(steps: list[dict[str, Any]], old_bytes: int, width: int = 9) -> float
 
 # ------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="host", help="'host' (emulator) or 'cuda:N' (default host)")
-    parser.add_argument("--max-gib", type=float, default=None, help="grow to this many GiB (default 4)")
-    parser.add_argument("--quick", action="store_true", help="grow to 1 GiB, fewer repeats")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the copy baseline")
-    parser.add_argument("--out", default=None, help="JSON path (default results/growth-<kind>.json)")
-    args = parser.parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument(
+        "--max-gib", type=float, default=None, help="grow to this many GiB (default 4; 1 with --quick)"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the copy baseline")
+    args = p.parse_args(argv)
 
     max_gib = args.max_gib if args.max_gib is not None else (1.0 if args.quick else 4.0)
-    if args.device.strip().lower() == "host":
+    spec = str(args.device) if args.device is not None else str(vmmpool.default_device())
+    if spec.strip().lower() == "host":
         device = None
     else:
-        device = vmmpool.Device(args.device)
+        device = vmmpool.Device(spec)
     probe = device if device is not None else vmmpool.Device("host")
     g = probe.granularity
     max_bytes = max(int(max_gib * GiB) // (64 * MiB) * 64 * MiB, 64 * MiB)
@@ -218,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = 3 if args.quick else 5
     copier, copier_note = (None, "skipped") if args.no_baseline else copy_growth_for(device)
 
-    print(f"growth: {device.name} ({device}), 0 -> {human(max_bytes)}, page {human(g)}")
+    print(f"growth: {device.name} ({device}), 0 -> {size(max_bytes)}, page {size(g)}")
     print(f"baseline: {copier_note}")
     results: dict[str, Any] = {}
     summary_rows, compare_rows = [], []
@@ -287,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 compare_rows.append(
                     [
                         name,
-                        human(b["old_bytes"]),
-                        human(b["step_bytes"]),
+                        size(b["old_bytes"]),
+                        size(b["step_bytes"]),
                         us(b["vmm_seconds"]),
                         us(b["copy_seconds"]),
                         f"{b['copy_seconds'] / b['vmm_seconds']:.1f}x",
@@ -323,24 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     print("targets: step cost flat in the bytes already mapped (last/first quarter, 1.0 = flat): "
           + ", ".join(f"{k.split('_')[0]} {v:.2f}x" for k, v in targets.items() if "growth" in k))
     if last is not None:
-        print(f"         one 2 MiB step with {human(last['old_bytes'])} mapped: "
+        print(f"         one 2 MiB step with {size(last['old_bytes'])} mapped: "
               f"{targets['speedup_at_max_2MiB_step']:.0f}x faster than copy growth (GPU target: >= 20x)")
 
-    doc = {
-        "benchmark": "growth",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "vmmpool": vmmpool.__version__,
-        "cpu_count": os.cpu_count(),
-        "device": {
-            "kind": device.kind,
-            "name": device.name,
-            "spec": str(device),
-            "granularity": g,
-            "total_memory": device.total_memory,
-        },
+    payload = {
         "max_bytes": max_bytes,
         "quick": bool(args.quick),
         "baseline": copier_note,
@@ -354,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "schedules": results,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"growth-{device.kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = write_json("growth", device, payload, args.output)
     print(f"\nwrote {out}")
     return 0
 

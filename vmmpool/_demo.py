@@ -45,6 +45,7 @@ __all__ = [
     "parse_size",
     "format_size",
     "main",
+    "bisect_largest",
 ]
 
 MiB = 1 << 20
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     ok = ours.verified and ours.largest >= 0.99 * target
     if other_largest:
-        ratio = f"{ours.largest / other_largest:.1f}x" if other_largest else "inf"
+        ratio = f"{ours.largest / other_largest:.1f}x"
         versus = f"; {ratio} the largest allocation of {other_name}"
     elif other_largest == 0:
         versus = f"; {other_name} could not allocate anything"

@@ -81,8 +81,9 @@ class OutOfMemoryError(VmmError, MemoryError):
     requested : int
         Bytes asked for.
     in_use : int
-        Bytes in use when the request failed (the pool's pages in use, or the
-        device's used memory for a driver failure).
+        Bytes in use when the request failed: the pool's pages holding live
+        data, or, for a driver failure, the physical bytes this process's
+        backend holds on the device.
     limit : int
         The limit in force (pool limit or device capacity), in bytes.
     cached : int, optional
