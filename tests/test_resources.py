@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -432,3 +433,20 @@ def test_many_mappings_in_one_reservation(host: Device) -> None:
                 res.map(a, 10 * g)
             res.map(a, 11 * g)  # the gaps are free
     assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("env", "expected"), [("64M", 64 << 20), ("1G", 1 << 30), ("5242880", 4 << 20)])
+def test_host_capacity_from_environment(monkeypatch: pytest.MonkeyPatch, env: str, expected: int) -> None:
+    from vmmpool._backends.host import default_capacity
+
+    monkeypatch.setenv("VMMPOOL_HOST_CAPACITY", env)
+    assert default_capacity() == expected
+
+
+@pytest.mark.parametrize("env", ["lots", "1M", "-4G", "2.5G"])
+def test_bad_host_capacity_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    from vmmpool._backends.host import default_capacity
+
+    monkeypatch.setenv("VMMPOOL_HOST_CAPACITY", env)
+    with pytest.raises(ValueError, match=f"VMMPOOL_HOST_CAPACITY must be a size .* got '{re.escape(env)}'"):
+        default_capacity()

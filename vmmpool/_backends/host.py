@@ -73,7 +73,29 @@ _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def default_capacity() -> int:
-    """Physical capacity of the default host device: a quarter of RAM, at most 8 GiB."""
+    """Physical capacity of the default host device.
+
+    ``VMMPOOL_HOST_CAPACITY`` (bytes, or with a ``K``/``M``/``G`` suffix, e.g.
+    ``"512M"``) when set; otherwise a quarter of RAM, at most 8 GiB. Rounded
+    down to the granularity.
+
+    Raises
+    ------
+    ValueError
+        If ``VMMPOOL_HOST_CAPACITY`` is not a size of at least one granule.
+    """
+    env = os.environ.get("VMMPOOL_HOST_CAPACITY", "").strip()
+    if env:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        mult = units.get(env[-1:].upper(), 1)
+        digits = env[:-1] if mult > 1 else env
+        if not digits.isdigit() or int(digits) * mult < DEFAULT_GRANULARITY:
+            raise ValueError(
+                f"VMMPOOL_HOST_CAPACITY must be a size of at least {DEFAULT_GRANULARITY} bytes "
+                f"like '512M' or '4G', got {env!r}"
+            )
+        cap = int(digits) * mult
+        return cap - cap % DEFAULT_GRANULARITY
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):  # pragma: no cover - exotic platforms
