@@ -427,7 +427,6 @@ class _Block:
     """A small block: live (an allocation) or free (in its stream's bins)."""
 
     __slots__ = ("spage", "addr", "size", "prev", "next", "live", "nbytes", "ref")
-    small = True
 
     def __init__(
         self, spage: _SmallPage, addr: int, size: int, prev: _Block | None, nxt: _Block | None
@@ -446,7 +445,6 @@ class _Range:
     """Consecutive pages of one arena: a live large allocation or a cached range."""
 
     __slots__ = ("arena", "slot", "n", "addr", "stream", "live", "nbytes", "ref")
-    small = False
 
     def __init__(self, arena: _Arena, slot: int, n: int, addr: int, stream: _Stream) -> None:
         self.arena = arena
