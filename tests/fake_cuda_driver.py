@@ -210,6 +210,8 @@ class FakeDriver:
     CUdevice = real.CUdevice
     CUcontext = real.CUcontext
     CUstream = real.CUstream
+    CUevent = real.CUevent
+    CUevent_flags = real.CUevent_flags
     CUmemGenericAllocationHandle = real.CUmemGenericAllocationHandle
     CUmemAllocationProp = real.CUmemAllocationProp
     CUmemAccessDesc = real.CUmemAccessDesc
@@ -795,6 +797,58 @@ class FakeDriver:
             self.host.read(address, dst)
         with self._lock:
             self.copies.append(("DtoH", address, n))
+        return ()
+
+    # ---------------------------------------------------------------- events
+    # Work on the fake is synchronous: every recorded event is complete, unless
+    # its stream is in `busy_streams` (then cuEventQuery says NOT_READY until
+    # the stream leaves the set or cuEventSynchronize waits for it).
+    @_api(1)
+    def cuEventCreate(self, flags: Any) -> tuple[Any, ...]:
+        device = self._need_context()
+        with self._lock:
+            if not hasattr(self, "events"):
+                self.events: dict[int, list[Any]] = {}
+                self.busy_streams: set[int] = set()
+                self._next_event = 0xE0000
+            self._next_event += 0x10
+            self.events[self._next_event] = [None, device, _size("Flags", flags)]
+            return (real.CUevent(self._next_event),)
+
+    def _live_event(self, ev: Any) -> list[Any]:
+        rec = getattr(self, "events", {}).get(_int(ev))
+        if rec is None:
+            raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"event {_int(ev):#x} does not exist")
+        return rec
+
+    @_api(0)
+    def cuEventRecord(self, hEvent: Any, hStream: Any) -> tuple[Any, ...]:
+        rec = self._live_event(hEvent)
+        s = _int(hStream)
+        if s <= 2:
+            self._need_context()
+        elif s not in self.streams:
+            raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
+        rec[0] = s
+        return ()
+
+    @_api(0)
+    def cuEventQuery(self, hEvent: Any) -> tuple[Any, ...]:
+        rec = self._live_event(hEvent)
+        if rec[0] in self.busy_streams:
+            raise FakeDriverError(R.CUDA_ERROR_NOT_READY, "work pending")
+        return ()
+
+    @_api(0)
+    def cuEventSynchronize(self, hEvent: Any) -> tuple[Any, ...]:
+        rec = self._live_event(hEvent)
+        self.busy_streams.discard(rec[0])
+        return ()
+
+    @_api(0)
+    def cuEventDestroy(self, hEvent: Any) -> tuple[Any, ...]:
+        self._live_event(hEvent)
+        del self.events[_int(hEvent)]
         return ()
 
     # --------------------------------------------------------------- summary

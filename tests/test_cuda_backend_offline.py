@@ -759,17 +759,31 @@ def test_page_pool_on_the_fake(backend: CudaBackend, fake: FakeDriver, fdev: vmm
     assert backend.counters().live == (0, 0, 0)
 
 
-def test_pool_reclaim_synchronizes_the_device_not_stream_handles(
+def test_pool_reclaim_waits_on_events_never_on_the_device_or_a_dead_stream(
     backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device
 ) -> None:
-    fake.streams.add(0x5000)
-    with vmmpool.PagePool(fdev, limit=16 * MiB) as pool:
+    fake.streams.update({0x5000, 0x6000})
+    with vmmpool.PagePool(fdev, limit=12 * MiB) as pool:
         pool.malloc(4 * MiB, stream=0x5000).free()
-        pool.malloc(4 * MiB, stream=0x6000).free()  # a handle the driver does not know (destroyed)
+        pool.malloc(4 * MiB, stream=0x6000).free()
+        pool.retire_stream(0x6000)  # records its last event now ...
+        fake.streams.discard(0x6000)  # ... so it may be destroyed
         fake.syncs.clear()
-        pool.defragment()
-        assert fake.syncs == [("ctx", 0)]  # one device sync; no stream handle is touched
-        assert not [e for e in fake.errors if e[0] == "cuStreamSynchronize"]
+        fake.calls.clear()
+        fake.busy_streams.add(0x5000)  # its work is still running
+        # 4 pages: 2 new (the limit), 2 from the retired stream (done); 0x5000's are passed over
+        b = pool.malloc(8 * MiB)
+        assert fake.calls["cuEventQuery"] == 2 and fake.calls["cuEventSynchronize"] == 0
+        assert fake.calls["cuEventRecord"] == 1  # on 0x5000 only, lazily
+        b.free()
+        pool.defragment()  # must wait: on 0x5000's event (stream 0's is done), not the device
+        assert fake.calls["cuEventSynchronize"] == 1
+        assert fake.syncs == [] and {e[1] for e in fake.errors if e[0].startswith("cuEvent")} == {
+            "CUDA_ERROR_NOT_READY"
+        }
+        assert pool.stats().n_syncs == 0
+    assert fake.events == {}  # close() destroyed every event
+    assert fake.syncs == [("ctx", 0)]  # close() synchronizes the device once
 
 
 def test_pool_with_a_peer(backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device) -> None:

@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import pickle
+import weakref
 
 import numpy as np
 import pytest
@@ -43,11 +44,11 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
     P = device.granularity
     with pool_of(device) as pool:
         assert pool.page_size == P and pool.limit == 16 * P and pool.device is device
-        assert pool.small_threshold == P // 2
+        assert pool.small_threshold is None  # no page rounding
         small = pool.malloc(1000)
         large = pool.malloc(P + 1)
-        assert small.ptr % ALIGNMENT == 0 and small.ptr != 0
-        assert large.ptr % P == 0
+        assert small.ptr % ALIGNMENT == 0 and small.ptr != 0 and ALIGNMENT == 512
+        assert large.ptr == small.ptr + 1024  # carved right after it, across pages
         assert (small.size, large.size) == (1000, P + 1)
         assert small.device is device and small.stream == 0 and small.pool is pool
         assert int(large) == large.ptr
@@ -55,15 +56,16 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         fill(large, 2)
         s = pool.stats()
         assert s.requested_bytes == 1000 + P + 1
-        assert s.in_use_bytes == 1024 + 2 * P
-        assert s.live_allocations == 2 and s.total_pages == 3 and s.small_pages == 1
+        assert s.in_use_bytes == 1024 + P + 512  # 512-byte rounding, no page rounding
+        # 1024 + P + 512 bytes touch two pages; the first is shared by both blocks
+        assert s.live_allocations == 2 and s.total_pages == 2 and s.small_pages == 1
         assert intact(small, 1) and intact(large, 2)
         small.free()
         pool.free(large)
         assert small.freed and large.freed
         s = pool.stats()
         assert (s.requested_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
-        assert s.cached_bytes == 3 * P
+        assert s.cached_bytes == 2 * P and s.reclaimable_pages == 2
         assert (s.n_malloc, s.n_free) == (2, 2)
         pool._check()
 
@@ -85,18 +87,18 @@ def test_small_allocations_share_pages(device: vmmpool.Device) -> None:
     with pool_of(device) as pool:
         blocks = [pool.malloc(4096) for _ in range(1000)]
         s = pool.stats()
-        assert s.small_pages == -(-1000 * 4096 // P)  # 2 pages of 2 MiB, not 1000
-        assert s.total_pages == s.small_pages
+        assert s.total_pages == -(-1000 * 4096 // P)  # 2 pages of 2 MiB, not 1000
+        assert s.small_pages == s.total_pages  # both pages hold many blocks
         ptrs = sorted(b.ptr for b in blocks)
         assert all(b - a >= 4096 for a, b in itertools.pairwise(ptrs))
         for b in blocks:
             b.free()
         s = pool.stats()
-        assert s.pinned_pages == 0 and s.reclaimable_pages == s.small_pages
-        # An emptied small page goes back to the free pages on demand.
+        assert s.pinned_pages == 0 and s.reclaimable_pages == s.total_pages and s.small_pages == 0
+        # Pages no live block touches go back to the free pages on demand.
         pool.defragment()
         s = pool.stats()
-        assert s.small_pages == 0 and s.free_pages == s.total_pages
+        assert s.mapped_pages == 0 and s.free_pages == s.total_pages
         pool._check()
 
 
@@ -285,7 +287,7 @@ def test_defragment_by_remapping_keeps_survivors(device: vmmpool.Device) -> None
         pool._check()
 
 
-def test_remap_synchronizes_the_device_once_and_only_off_the_hot_path() -> None:
+def test_remap_waits_with_events_never_a_device_synchronize() -> None:
     dev = vmmpool.Device.emulated(capacity=16 * 2 * MiB)
     with PagePool(dev) as pool:
         P = pool.page_size
@@ -295,10 +297,16 @@ def test_remap_synchronizes_the_device_once_and_only_off_the_hot_path() -> None:
         before = dev.counters()
         big = pool.malloc(16 * P, stream=9)
         delta = dev.counters() - before
-        assert delta["synchronize"] == 1  # one device sync covers streams 1, 2 and 3
+        assert "synchronize" not in delta
+        # one event per stream whose cached pages leave it, recorded lazily, queried once
+        assert delta["event_record"] == 3 and delta["event_query"] == 3
+        assert delta["event_destroy"] == 3 and "event_wait" not in delta
         assert delta["map"] == 16 and delta["set_access"] == 1
         assert delta["unmap"] == 3  # each stream's cache had coalesced into one range
         big.free()
+        assert dev._backend.live_events() == 0
+        s = pool.stats()
+        assert (s.n_syncs, s.n_events, s.n_event_queries, s.n_event_waits) == (0, 3, 3, 0)
 
 
 def test_defragment_and_trim(device: vmmpool.Device) -> None:
@@ -310,7 +318,7 @@ def test_defragment_and_trim(device: vmmpool.Device) -> None:
             a.free()
         pool.defragment()
         s = pool.stats()
-        assert s.free_pages == 8 and s.cached_bytes == P - 256 and s.total_pages == 9
+        assert s.free_pages == 8 and s.cached_bytes == P - ALIGNMENT and s.total_pages == 9
         phys = device.counters().physical_bytes
         assert pool.trim() == 8 * P
         assert device.counters().physical_bytes == phys - 8 * P
@@ -443,7 +451,7 @@ def test_bad_constructor_arguments(host: vmmpool.Device) -> None:
     with pytest.raises(ValueError, match="peer"):
         PagePool(host, peers=[1])
     with pytest.raises(ValueError, match="small_threshold"):
-        PagePool(host, small_threshold=2 * MiB)
+        PagePool(host, small_threshold=-512)
     with pytest.raises(ValueError, match="multiple"):
         PagePool(host, small_threshold=1000)
     assert host.counters().live == (0, 0, 0)
@@ -640,14 +648,17 @@ def test_snapshot(device: vmmpool.Device) -> None:
         by_state: dict[str, list[PageInfo]] = {}
         for p in snap:
             by_state.setdefault(p.state, []).append(p)
-        large = [p for p in by_state["in_use"] if p.kind == "large"]
-        assert [p.owner for p in large] == [big.ptr] * 3
-        assert [p.used_bytes for p in large] == [P, P, 10] and large[0].stream == 2
-        assert sorted(p.address or 0 for p in large) == [big.ptr, big.ptr + P, big.ptr + 2 * P]
-        (sp,) = [p for p in by_state["in_use"] if p.kind == "small"]
+        mine = sorted((p for p in by_state["in_use"] if p.stream == 2), key=lambda p: p.address or 0)
+        # 2 * P + 10 bytes: two pages covered wholly, the third holds the last 10 bytes
+        assert [p.owner for p in mine] == [big.ptr] * 3
+        assert [p.kind for p in mine] == ["large"] * 2 + ["small"]
+        assert [p.used_bytes for p in mine] == [P, P, 10]
+        assert [p.address for p in mine] == [big.ptr, big.ptr + P, big.ptr + 2 * P]
+        (sp,) = [p for p in by_state["in_use"] if p.stream == 0]
         assert sp.allocations == (small[0].ptr, small[1].ptr) and sp.used_bytes == 300
-        assert sp.owner == "small (2 live)"
-        assert [(p.owner, p.address is not None) for p in by_state["cached"]] == [("cache", True)]
+        assert sp.owner == "shared (2 live)" and sp.kind == "small"
+        # `gone` touched the shared page and the next one, which no live block touches now
+        assert [(p.owner, p.address, p.stream) for p in by_state["cached"]] == [("cache", sp.address + P, 0)]
         assert [(p.owner, p.address) for p in by_state["acquired"]] == [("acquired", None)]
         s = pool.stats()
         assert isinstance(s, PoolStats) and len(snap) == s.total_pages
@@ -666,7 +677,7 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         allocs[5].free()
         s = pool.stats()
         assert s.requested_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
-        assert s.in_use_bytes == 256 + 256 + 512 + P // 2 + P + 3 * P
+        assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P  # 512-byte rounding only
         assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
         assert s.largest_allocatable == (16 - s.pinned_pages) * P
@@ -758,29 +769,69 @@ def test_failed_unmap_during_reclaim_keeps_the_cache(host: vmmpool.Device) -> No
         pool._check()
 
 
-def test_reclaim_never_synchronizes_a_stream_handle(host: vmmpool.Device) -> None:
-    # A stream may be destroyed while its freed memory is cached: the pool
-    # waits with a device synchronize, never with the (possibly dead) handle.
+def test_a_retired_stream_handle_is_never_used_again(host: vmmpool.Device) -> None:
+    # A raw stream handle may be destroyed while its freed memory is cached:
+    # retire_stream() records its last event at once; reclaiming its pages
+    # later waits on that event and never touches the (possibly dead) handle.
     P = host.granularity
-    calls: list[int | None] = []
-    real = host._backend.synchronize
+    recorded: list[int] = []
+    real = host._backend.event_record
 
-    def spy(stream: int | None = None) -> None:
-        calls.append(stream)
-        real(stream)
+    def spy(stream: int) -> int:
+        recorded.append(stream)
+        return real(stream)
 
-    host._backend.synchronize = spy  # type: ignore[method-assign]
+    host._backend.event_record = spy  # type: ignore[method-assign]
     try:
         with pool_of(host, pages=4) as pool:
             a = pool.malloc(4 * P, stream=12345)
             a.free()
+            pool.retire_stream(12345)
+            assert recorded == [12345]
+            before = host.counters()
             b = pool.malloc(4 * P, stream=1)  # reclaims stream 12345's cache
-            assert calls == [None]
-            assert pool.stats().n_syncs == 1
+            delta = host.counters() - before
+            assert recorded == [12345] and "synchronize" not in delta
+            assert delta["event_query"] == 1 and delta["unmap"] == 1
+            assert pool.stats().n_syncs == 0
             b.free()
             pool._check()
     finally:
-        del host._backend.synchronize
+        del host._backend.event_record
+
+
+def test_a_retired_stream_freeing_later_is_covered_by_one_device_synchronize(
+    host: vmmpool.Device,
+) -> None:
+    P = host.granularity
+    with pool_of(host, pages=4) as pool:
+        a = pool.malloc(4 * P, stream=777)
+        pool.retire_stream(777)
+        a.free()  # after its last event: nothing may be recorded on it any more
+        b = pool.malloc(4 * P, stream=1)
+        s = pool.stats()
+        assert s.n_syncs == 1 and s.n_reclaimed_pages == 4
+        b.free()
+        pool._check()
+
+
+def test_stream_objects_are_kept_alive_while_they_have_memory_in_the_pool(
+    host: vmmpool.Device,
+) -> None:
+    P = host.granularity
+    with pool_of(host, pages=4) as pool:
+        s = _CupyLike(0x4242)
+        ref = weakref.ref(s)
+        a = pool.malloc(4 * P, stream=s)
+        del s
+        a.free()
+        gc.collect()
+        assert ref() is not None  # its cached memory may still be used by its work
+        b = pool.malloc(4 * P, stream=1)  # its pages leave it: the object is let go
+        gc.collect()
+        assert ref() is None
+        b.free()
+        pool._check()
 
 
 def test_racing_double_free_never_frees_a_reused_block(device: vmmpool.Device) -> None:

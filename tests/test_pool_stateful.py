@@ -3,9 +3,12 @@
 Random malloc / free / garbage collection / defragment / trim / set_limit /
 acquire / release / injected driver faults on a pool of 64 KiB pages with a
 limit of a few dozen pages (so that remapping and out-of-memory happen all
-the time). After every step: the internal invariants hold, live allocations
-never overlap, every allocation's bytes (its own pattern) survived, the
-statistics add up, and a request failed only if the limit forced it.
+the time), with streams held pending (their events stay incomplete). After
+every step: the internal invariants hold, live allocations never overlap,
+every allocation's bytes (its own pattern) survived, the statistics add up, a
+page is in use exactly when a live allocation touches it (else cached while
+mapped, or free), no device synchronize was issued, and a request failed only
+if the limit forced it.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ class PoolMachine(RuleBasedStateMachine):
         self.expected_frees = 0
 
     def _must_succeed(self, nbytes: int) -> bool:
+        # A request fails only if the pages touched by live blocks plus the
+        # pages it needs exceed the limit; a fresh placement needs ceil(r / P).
         s = self.pool.stats()
-        free_pages = self.limit_pages - s.pinned_pages
-        if nbytes <= self.pool.small_threshold:
-            return free_pages >= 1
-        return -(-nbytes // P) <= free_pages
+        r = max(ALIGNMENT, -(-nbytes // ALIGNMENT) * ALIGNMENT)
+        return s.pinned_pages + -(-r // P) <= self.limit_pages
 
     @rule(target=allocs, nbytes=sizes, stream=streams)
     def malloc(self, nbytes: int, stream: int) -> object:
@@ -70,8 +73,9 @@ class PoolMachine(RuleBasedStateMachine):
         except vmmpool.OutOfMemoryError:
             assert not must, f"malloc({nbytes}) failed though the limit allowed it"
             return None
-        if nbytes > self.pool.small_threshold:
-            assert pinned + -(-nbytes // P) <= self.limit_pages, "a request exceeded the limit"
+        assert self.pool.stats().pinned_pages <= max(pinned, self.limit_pages), (
+            "a request exceeded the limit"
+        )
         self.seed += 1
         self.device.write(a.ptr, pattern(self.seed, nbytes))
         self.live[self.seed] = (a, self.seed)
@@ -117,6 +121,15 @@ class PoolMachine(RuleBasedStateMachine):
         self.limit_pages = pages
         s = self.pool.stats()
         assert s.total_pages <= max(pages, s.pinned_pages)
+
+    @rule(stream=streams)
+    def hold(self, stream: int) -> None:
+        """Keep the stream's work pending: its events stay incomplete."""
+        self.device._backend.hold_stream(stream)
+
+    @rule(stream=streams)
+    def complete(self, stream: int) -> None:
+        self.device._backend.release_stream(stream)
 
     @rule(target=acquired, count=st.integers(0, 4), stream=streams)
     def acquire(self, count: int, stream: int) -> object:
@@ -166,12 +179,8 @@ class PoolMachine(RuleBasedStateMachine):
             assert bytes(self.device.read(a.ptr, a.size)) == pattern(seed, a.size), (
                 f"bytes of {a!r} changed"
             )
-        T = pool.small_threshold
-
         def rounded(a: Allocation) -> int:
-            if a.size <= T:
-                return max(ALIGNMENT, -(-a.size // ALIGNMENT) * ALIGNMENT)
-            return -(-a.size // P) * P
+            return max(ALIGNMENT, -(-a.size // ALIGNMENT) * ALIGNMENT)
 
         assert s.live_allocations == len(self.live)
         assert s.requested_bytes == sum(a.size for a in allocs)
@@ -188,12 +197,27 @@ class PoolMachine(RuleBasedStateMachine):
         assert len(snap) == s.total_pages
         assert sum(p.state == "free" for p in snap) == s.free_pages
         assert sum(p.state == "acquired" for p in snap) == s.acquired_pages
+        # A page is in use exactly when a live allocation touches it; a mapped
+        # page no live allocation touches is cached; an unmapped one is free.
+        spans = [(a.ptr, a.ptr + rounded(a)) for a in allocs]
+        for p in snap:
+            if p.state in ("free", "acquired"):
+                assert p.address is None
+                continue
+            assert p.address is not None
+            lo, hi = p.address, p.address + P
+            touched = sorted(x for x, y in spans if x < hi and lo < y)
+            assert (p.state == "in_use") == bool(touched), f"page {p.index} is {p.state}"
+            assert list(p.allocations) == touched
+        assert sum(p.state == "cached" for p in snap) == s.reclaimable_pages
+        assert s.n_syncs == 0 and "synchronize" not in self.device.counters().calls
 
     def teardown(self) -> None:
         self.live.clear()
         self.pool.close()
         gc.collect()
         assert self.device.counters().live == (0, 0, 0), "close() left driver resources behind"
+        assert self.device._backend.live_events() == 0, "close() left events behind"
 
 
 PoolMachine.TestCase.settings = settings(

@@ -1,0 +1,126 @@
+"""A page pool of sub-page blocks that defragments by remapping.
+
+Where things are
+================
+``_pages.py`` (physical pages), ``_arena.py`` (address space: arenas and page
+slots), ``_blocks.py`` (sub-page blocks and free ranges, best fit),
+``_streams.py`` (per-stream caches and events), ``_stats.py`` (the public
+records), ``_core.py`` (the state and algorithms), ``pool.py`` (``PagePool``
+and ``Allocation``).
+
+Design
+======
+*Pages* stay the unit of physical memory and of remapping: each page is one
+``cuMemCreate`` handle of ``page_size`` bytes (2 MiB on current GPUs; driver
+rule 2), created on demand up to ``limit`` and reused; only
+:meth:`PagePool.trim` and :meth:`PagePool.set_limit` give pages back.
+
+*Address space* is reserved generously (VA is cheap but finite, rule 10): each
+stream gets arenas of twice the limit, cut into page *slots*; a slot is mapped
+(holds a page) or unmapped.
+
+*Blocks* are carved out of the address space, not out of pages: every request
+is rounded up to 512 bytes (``ALIGNMENT``) and placed anywhere in its stream's
+arenas, so blocks smaller than a page share pages, and blocks span page
+boundaries (PyTorch's expandable segments do the same). Every byte of a mapped
+slot belongs to one live block or one free range; free ranges are coalesced.
+Slots are mapped lazily, when a block needs them. A slot touched by no live
+block (wholly inside a free range) holds a *cached* page: still mapped,
+reusable by its stream at zero cost, and reclaimable. So a page returns to the
+free pages, or is remapped, exactly when no live block touches it.
+
+Waste: under 512 bytes per block for the rounding; beyond that, only the free
+bytes of pages that live blocks also touch (at most one partial page at each
+end of a run of live blocks), which later blocks of the stream reuse. There is
+no page rounding (unless ``small_threshold`` asks for it).
+
+malloc(n, stream)
+-----------------
+1. Best fit among the stream's free ranges (exact-size bins, then ``bisect``
+   over the sorted sizes); split. Zero driver calls: the steady state.
+2. Otherwise the block goes where it needs the fewest new pages: after a free
+   range that ends at unmapped slots, before one that starts after them,
+   across unmapped slots between two free ranges, or at fresh address space
+   (a new arena only when no arena of the stream has room). The missing pages
+   come, in order, from: the free (unmapped) pages; cached pages whose work is
+   done, the stream's own first (unmapped and remapped: reuse before
+   creation); new pages while under the limit; cached pages after waiting on
+   the events of their work. A request therefore fails only when the pages
+   touched by live blocks plus the pages it needs exceed the limit (or the
+   driver has no memory left): :class:`~vmmpool.OutOfMemoryError`, and the
+   pool stays as it was.
+
+free() makes no driver call: the block joins its stream's free ranges.
+
+Stream-ordered reuse with events
+--------------------------------
+Memory freed on a stream is reused at once by that stream (stream order makes
+it safe) and never given to another stream's blocks directly. A cached page
+leaves its stream (unmapped, for any range or stream, lent out by
+:meth:`~PagePool.acquire_pages`, or given back) only once the work that used
+it is complete: ``cuMemUnmap`` does not wait for kernels (rule 8), even on the
+same stream. Events are recorded lazily on the freeing stream, only when its
+cached memory must leave it (one per stream per reclaim), queried without
+blocking, and waited on only when the pool must; pages under pending work are
+passed over while other pages (free, done, or new under the limit) exist. The
+pool never synchronizes the device, except once in ``close()`` (live memory
+may still be in use). Destroyed streams: see ``_streams.py`` (stream objects
+are kept alive while they have memory here; raw handles are retired with
+:meth:`~PagePool.retire_stream` before they are destroyed).
+
+Remapping changes what backs an address (rule 12): only free memory is ever
+remapped, so live pointers never move, but anything that registered a *freed*
+range by address (CUDA graphs, NCCL registration, IPC peers) must not keep
+using it.
+
+Page-level API
+--------------
+:meth:`PagePool.acquire_pages` lends whole unmapped pages (the same sources,
+all or nothing) to a caller that maps them in its own reservations (a growable
+buffer); they count as in use until :meth:`PagePool.release_pages`.
+
+Invariants (checked by ``PagePool._check``, after every step of
+``tests/test_pool_stateful.py``)
+-------------------------------------------------------------------------
+1. Every page is in exactly one state: free (unmapped), mapped in one slot,
+   acquired or quarantined.
+2. ``total_pages * page_size`` never exceeds the limit, except after the limit
+   was lowered below what is in use.
+3. Live blocks never overlap; every byte of a mapped slot is in exactly one
+   live block or free range; free ranges are coalesced and lie only in mapped
+   slots of their stream's arenas.
+4. A mapped page is cached exactly when no live block touches it; pinned pages
+   (``mapped - cached + acquired + quarantined``) are exactly those touched by
+   live blocks, lent or quarantined.
+5. A multi-step operation that fails (driver error, out of memory) changes no
+   allocation; pages it created or unmapped stay free pages; nothing leaks, no
+   range is half mapped. (If even the undo fails, the pages concerned are
+   *quarantined*: never reused, released by ``close()``.)
+6. ``in_use_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
+   are counted in ``in_use_bytes`` besides).
+7. Cached memory leaves its stream only after an event recorded after its last
+   free completed (or, for a retired stream, a device synchronize).
+
+Lifetime
+--------
+An :class:`Allocation` keeps its pool object alive; the pool's driver
+resources are released by :meth:`PagePool.close` (or when the pool and every
+allocation are garbage). ``close()`` invalidates live allocations: their
+pointers dangle, ``free()`` becomes a no-op and ``freed`` is True. An
+allocation that is garbage collected without ``free()`` is freed as a safety
+net (from a weak-reference callback that holds only the pool's internal
+state; nothing happens at interpreter shutdown or after close). The callback
+may run in any thread at any time, so it only queues the block; the queue is
+drained under the pool's lock at the next pool call.
+
+Thread safety: one ``threading.Lock`` per pool guards all state; driver calls
+on the slow path are made under it.
+"""
+
+from __future__ import annotations
+
+from ._blocks import ALIGNMENT
+from ._stats import PageInfo, PoolStats
+from .pool import Allocation, PagePool
+
+__all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats"]

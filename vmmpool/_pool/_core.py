@@ -1,0 +1,785 @@
+"""The pool's state and algorithms (everything a GC callback may hold).
+
+See the package docstring for the design. All methods run with ``lock`` held
+(``malloc``/``free``/``close`` take it themselves).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .._device import Device
+from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._resources import PhysicalAllocation, create, reserve
+from ._arena import Arena
+from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
+from ._pages import ACQUIRED, FREE, MAPPED, QUARANTINED, Page
+from ._streams import EventCounts, StreamState
+
+logger = logging.getLogger("vmmpool.pool")
+
+#: Each arena reserves this many times the limit of virtual address space ...
+ARENA_FACTOR = 2
+#: ... and at least this many pages.
+ARENA_MIN_PAGES = 64
+#: The growth budget: the pool creates pages freely while it holds at most
+#: GROWTH x its peak in-use bytes + GROWTH_PAGES pages per stream; beyond, it
+#: reuses cached pages (other streams' and then the stream's own) first.
+GROWTH = 1.02
+GROWTH_PAGES = 4
+
+_SHIFT = ALIGNMENT.bit_length() - 1
+
+
+class Core:
+    """All state of a pool."""
+
+    def __init__(
+        self,
+        device: Device,
+        page_size: int,
+        max_pages: int,
+        round_above: int | None,
+        access_devices: tuple[int, ...],
+    ) -> None:
+        self.lock = threading.Lock()
+        self.device = device
+        self.backend = device._backend
+        self.P = page_size
+        self.max_pages = max_pages
+        self.round_above = round_above
+        # Requests above this are rounded up to whole pages.
+        self.page_round = -1 if round_above is None else round_above
+        self.peers = access_devices[1:]
+        self.closed = False
+        self.pending: collections.deque[Any] = collections.deque()
+        self.index = itertools.count()
+        # pages
+        self.pages: dict[PhysicalAllocation, Page] = {}
+        self.free_pages: list[Page] = []
+        self.acquired: dict[Page, None] = {}
+        self.quarantine: dict[Page, None] = {}
+        # address space, streams, blocks
+        self.arenas: list[Arena] = []
+        self.streams: dict[int, StreamState] = {}
+        self.live: dict[Block, None] = {}
+        self.mapped = 0
+        # accounting
+        self.n_live = 0
+        self.requested = 0
+        self.in_use = 0
+        self.peak_requested = 0
+        self.peak_in_use = 0
+        self.peak_total = 0
+        self.n_malloc = 0
+        self.n_free = 0
+        self.n_created = 0
+        self.n_released = 0
+        self.n_remaps = 0
+        self.n_ooms = 0
+        self.n_reclaimed = 0
+        self.n_syncs = 0
+        self.ev = EventCounts()
+
+    # ----------------------------------------------------------- accounting
+    def cached(self) -> int:
+        return sum(st.cached for st in self.streams.values())
+
+    def pinned(self) -> int:
+        return self.mapped - self.cached() + len(self.acquired) + len(self.quarantine)
+
+    def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+        self.n_ooms += 1
+        P = self.P
+        pinned = self.pinned()
+        reclaimable = self.cached()
+        msg = (
+            f"page pool on {self.device}: {n} page(s) of {P} bytes needed for {nbytes} bytes, "
+            f"{pinned} of {self.max_pages} pages hold live data, {reclaimable} cached page(s) "
+            f"reclaimable, {len(self.free_pages)} free, {len(self.pages)} held; "
+            f"{self.requested} bytes requested by {self.n_live} live allocation(s)"
+        )
+        if why:
+            msg = f"{msg}; {why}"
+        logger.info("out of memory: %s", msg)
+        return OutOfMemoryError(
+            nbytes, pinned * P, self.max_pages * P, cached=reclaimable * P, message=msg
+        )
+
+    def note_peaks(self) -> None:
+        if self.requested > self.peak_requested:
+            self.peak_requested = self.requested
+        if self.in_use > self.peak_in_use:
+            self.peak_in_use = self.in_use
+
+    def sync(self) -> None:
+        """Wait for all work on the device that owns the memory (close only)."""
+        self.n_syncs += 1
+        self.device.synchronize(None)
+
+    def stream(self, key: int) -> StreamState:
+        st = self.streams.get(key)
+        if st is None:
+            st = self.streams[key] = StreamState(key)
+        return st
+
+    def drain(self) -> None:
+        """Free the allocations the garbage collector queued (lock held)."""
+        pending = self.pending
+        while pending:
+            try:
+                ref = pending.popleft()
+            except IndexError:  # pragma: no cover - emptied by another drain
+                break
+            rec = ref.rec
+            if rec.live and rec.ref is ref and not self.closed:
+                self.free_rec(rec)
+
+    def round(self, nbytes: int) -> int:
+        if nbytes > self.page_round >= 0:
+            return -(-nbytes // self.P) * self.P
+        return ((nbytes + ALIGNMENT - 1) >> _SHIFT) << _SHIFT or ALIGNMENT
+
+    # --------------------------------------------------------------- malloc
+    def malloc(self, nbytes: int, key: int, obj: object) -> Block:
+        with self.lock:
+            if self.pending:
+                self.drain()
+            if self.closed:
+                raise ClosedError("PagePool")
+            st = self.streams.get(key)
+            if st is None:
+                st = self.stream(key)
+            r = self.round(nbytes)
+            b = st.best_fit(r)
+            if b is None:
+                b = self.place(st, r, nbytes)
+            elif b.size > r:  # split: the tail stays free
+                st.add(Block(b.arena, b.addr + r, b.size - r, b.seq))
+                b.size = r
+            b.live = True
+            b.nbytes = nbytes
+            self.live[b] = None
+            st.n_live += 1
+            if obj is not None and st.obj is None:
+                st.obj = obj
+            if st.retired:
+                st.retired = False
+            self.n_live += 1
+            self.n_malloc += 1
+            self.requested += nbytes
+            self.in_use += r
+            self.note_peaks()
+            return b
+
+    def place(self, st: StreamState, r: int, nbytes: int) -> Block:
+        """Slow path: put an `r`-byte block where it needs the fewest new pages."""
+        P = self.P
+        best: tuple[int, int] | None = None
+        choice: tuple[Arena, int, int, int, Block | None, Block | None] | None = None
+        by_end = st.by_end
+        by_start = st.by_start
+        for arena in st.arenas:
+            base = arena.base
+            for s, k in arena.runs():
+                a0 = base + s * P
+                a1 = a0 + k * P
+                L1 = by_end.get(a0)
+                if L1 is not None and L1.arena is not arena:
+                    L1 = None
+                L2 = by_start.get(a1)
+                if L2 is not None and L2.arena is not arena:
+                    L2 = None
+                l1 = L1.size if L1 is not None else 0
+                l2 = L2.size if L2 is not None else 0
+                need = -(-(r - l1) // P)
+                if need <= k:  # at the run's start, after L1 (if any)
+                    cost = (need, need * P + l1 - r)
+                    if best is None or cost < best:
+                        best, choice = cost, (arena, a0 - l1, s, need, L1, None)
+                need2 = -(-(r - l2) // P)
+                if L2 is not None and need2 <= k:  # ending at L2's end
+                    cost = (need2, need2 * P + l2 - r)
+                    if best is None or cost < best:
+                        best, choice = cost, (arena, a1 + l2 - r, s + k - need2, need2, None, L2)
+                if L1 is not None and L2 is not None and need > k and need2 > k and r <= l1 + k * P + l2:
+                    cost = (k, l1 + k * P + l2 - r)  # over the whole run, joining L1 and L2
+                    if best is None or cost < best:
+                        best, choice = cost, (arena, a0 - l1, s, k, L1, L2)
+        fresh = -(-r // P)
+        if self.pinned() + fresh > self.max_pages:
+            # Every placement pins ceil(r / P) pages or more: over the limit.
+            raise self.oom(nbytes, fresh, "the limit is reached")
+        rest: list[Block] = []
+        if choice is not None:
+            arena, start, m0, need, L1, L2 = choice
+            end = start + r
+            lo = L1.addr if L1 is not None else arena.base + m0 * P
+            hi = L2.addr + L2.size if L2 is not None else arena.base + (m0 + need) * P
+            seq = max(L1.seq if L1 is not None else 0, L2.seq if L2 is not None else 0)
+            rest = [Block(arena, a, e - a, seq) for a, e in ((lo, start), (end, hi)) if e > a]
+            lost = (n_whole(L1) if L1 is not None else 0) + (n_whole(L2) if L2 is not None else 0)
+            lost -= sum(n_whole(b) for b in rest)
+            if self.pinned() + need + lost > self.max_pages:
+                # Joining cached free ranges would pin more pages than the
+                # limit allows: place the block on fresh slots instead.
+                choice = self.fresh_slots(st, fresh)
+        else:
+            choice = self.fresh_slots(st, fresh)
+        if choice[4] is None and choice[5] is None:
+            arena, start, m0, need = choice[:4]
+            end = start + r
+            hi = arena.base + (m0 + need) * P
+            rest = [Block(arena, end, hi - end)] if hi > end else []
+        arena, start, m0, need, L1, L2 = choice
+        if L1 is not None:
+            st.remove(L1)
+        if L2 is not None:
+            st.remove(L2)
+        arena.take_at(m0, need)
+        try:
+            try:
+                pages = self.gather(need, nbytes, st)
+            except BaseException:
+                arena.give(m0, need)
+                raise
+            try:
+                self.map_pages(arena, m0, pages, st.key)
+            except BaseException:
+                self.unfree(pages)
+                raise
+        except BaseException:
+            if L1 is not None:
+                st.add(L1)
+            if L2 is not None:
+                st.add(L2)
+            raise
+        for b in rest:
+            st.insert(b)
+        return Block(arena, start, r)
+
+    def fresh_slots(
+        self, st: StreamState, n: int
+    ) -> tuple[Arena, int, int, int, Block | None, Block | None]:
+        """A placement on `n` unmapped slots (a new arena if no run is long enough)."""
+        for arena in st.arenas:
+            for s, k in arena.runs():
+                if k >= n:
+                    return arena, arena.base + s * self.P, s, n, None, None
+        arena = self.new_arena(st, n)
+        return arena, arena.base, 0, n, None, None
+
+    # ----------------------------------------------------------------- free
+    def free_rec(self, b: Block) -> None:
+        """Return a live block to its stream's free ranges (lock held)."""
+        if not b.live:
+            raise ValueError(f"allocation at {b.addr:#x} was already freed")
+        b.live = False
+        b.ref = None
+        del self.live[b]
+        self.n_live -= 1
+        self.n_free += 1
+        self.requested -= b.nbytes
+        self.in_use -= b.size
+        st = b.arena.stream
+        st.n_live -= 1
+        st.seq += 1
+        b.seq = st.seq
+        st.insert(b)
+
+    def free(self, b: Block, owner: object) -> None:
+        with self.lock:
+            if self.pending:
+                self.drain()
+            if self.closed:
+                return
+            ref = b.ref
+            if ref is None or ref() is not owner:
+                # Freed already (by a racing thread; the block may even have
+                # been merged into a free range by now): never touch it.
+                raise ValueError(f"allocation at {b.addr:#x} was already freed")
+            self.free_rec(b)
+
+    # ------------------------------------------------------------ slow path
+    def unfree(self, pages: list[Page]) -> None:
+        for p in pages:
+            if p.state is FREE:  # quarantined ones stay out
+                self.free_pages.append(p)
+
+    def take_free(self, got: list[Page], n: int) -> None:
+        free = self.free_pages
+        k = min(n - len(got), len(free))
+        if k > 0:
+            got.extend(free[len(free) - k :])
+            del free[len(free) - k :]
+
+    def gather(self, n: int, nbytes: int, st: StreamState | None) -> list[Page]:
+        """Take `n` unmapped pages (all or nothing).
+
+        In order: free pages; cached pages whose work is done (`st`'s first,
+        then other streams'); new pages while under the limit; cached pages
+        after waiting for their work; else OutOfMemoryError.
+        """
+        got: list[Page] = []
+        why = ""
+        reclaimed = self.n_reclaimed
+        try:
+            self.take_free(got, n)
+            if len(got) < n:
+                # Grow while the pool stays within its growth budget: streams
+                # that remapped cached pages each time a recurring request did
+                # not fit would never reach a steady state.
+                budget = min(self.budget(), self.max_pages) - len(self.pages)
+                why = self.create_pages(got, min(n - len(got), budget))
+            if len(got) < n:  # other streams' cached pages whose work is done
+                self.reclaim(n - len(got), st, wait=False, own=False)
+                self.take_free(got, n)
+            if len(got) < n:  # the stream's own cached pages whose work is done
+                self.reclaim(n - len(got), st, wait=False)
+                self.take_free(got, n)
+            missing = min(n - len(got), self.max_pages - len(self.pages))
+            if missing > 0 and not why:
+                why = self.create_pages(got, missing)
+            if len(got) < n:
+                self.reclaim(n - len(got), st, wait=True)
+                self.take_free(got, n)
+            if len(got) < n:
+                raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
+        except BaseException:
+            self.free_pages.extend(got)
+            raise
+        if self.n_reclaimed != reclaimed:
+            self.n_remaps += 1
+            logger.info(
+                "remap: unmapped %d cached page(s) for %d page(s)", self.n_reclaimed - reclaimed, n
+            )
+        return got
+
+    def budget(self) -> int:
+        """Pages the pool may hold before it reuses its streams' own cached pages."""
+        P = self.P
+        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES * len(self.streams)
+
+    def create_pages(self, got: list[Page], k: int) -> str:
+        """Create up to `k` pages into `got`; a driver out-of-memory stops it (returns why)."""
+        made = 0
+        why = ""
+        try:
+            for _ in range(k):
+                got.append(self.create_page())
+                made += 1
+        except OutOfMemoryError as err:  # the driver, not the pool, is out
+            why = f"the device is out of memory ({err})"
+        if made:
+            logger.debug(
+                "created %d page(s) of %d bytes (%d of %d pages)",
+                made, self.P, len(self.pages), self.max_pages,
+            )
+        return why
+
+    def create_page(self) -> Page:
+        phys = create(self.P, self.device)
+        page = Page(phys, next(self.index))
+        self.pages[phys] = page
+        self.n_created += 1
+        total = len(self.pages) * self.P
+        if total > self.peak_total:
+            self.peak_total = total
+        return page
+
+    def map_pages(self, arena: Arena, slot: int, pages: list[Page], key: int) -> None:
+        """Map `pages` at slots ``slot...`` (taken from the extents) and grant access."""
+        n = len(pages)
+        P = self.P
+        res = arena.res
+        off = slot * P
+        done = 0
+        try:
+            for p in pages:
+                res.map(p.phys, off + done * P)
+                done += 1
+            res.set_access(off, n * P, "rw", self.peers)
+        except BaseException:
+            undone = True
+            if done:
+                try:
+                    res.unmap(off, done * P)
+                except Exception:  # the original error wins (re-raised below)
+                    undone = False
+                    logger.error("undo failed: %d page(s) quarantined", done, exc_info=True)
+                    for i, p in enumerate(pages[:done]):
+                        p.state = QUARANTINED
+                        p.addr = arena.base + off + i * P
+                        arena.slots[slot + i] = p
+                        self.quarantine[p] = None
+                    if done < n:
+                        arena.give(slot + done, n - done)
+            if undone:
+                arena.give(slot, n)
+            raise
+        base = arena.base + off
+        for i, p in enumerate(pages):
+            p.state = MAPPED
+            p.addr = base + i * P
+            p.stream = key
+            arena.slots[slot + i] = p
+        arena.mapped += n
+        self.mapped += n
+
+    def new_arena(self, st: StreamState, n: int) -> Arena:
+        want = max(ARENA_FACTOR * self.max_pages, ARENA_MIN_PAGES, n)
+        P = self.P
+        align = P if P & (P - 1) == 0 else 0  # pages aligned to their size when possible
+        try:
+            res = reserve(want * P, self.device, align)
+        except (DriverError, OutOfMemoryError):
+            if want == n:
+                raise
+            res = reserve(n * P, self.device, align)  # VA is finite: take what is needed
+        arena = Arena(res, P, st)
+        self.arenas.append(arena)
+        st.arenas.append(arena)
+        logger.debug("stream %d: reserved an arena of %d bytes at %#x", st.key, res.size, res.address)
+        return arena
+
+    def _order(self, first: StreamState | None) -> Iterator[StreamState]:
+        if first is not None and first.key in self.streams:
+            yield first
+        for s in list(self.streams.values()):
+            if s is not first:
+                yield s
+
+    def reclaim(
+        self, need: int | None, first: StreamState | None, wait: bool, own: bool = True
+    ) -> int:
+        """Unmap cached pages (touched by no live block) into the free pages.
+
+        At least `need` pages (every one with ``None``), `first`'s stream
+        first, oldest free ranges first. Pages leave a stream only once the
+        events covering their last use are complete: without `wait` only those
+        known or queried complete; with `wait` the pool waits on the events.
+        Returns the pages reclaimed.
+        """
+        got = 0
+        for st in self._order(first):
+            if need is not None and got >= need:
+                break
+            if not st.cached or (st is first and not own):
+                continue
+            cands = sorted((b for b in st.by_start.values() if n_whole(b)), key=_seq)
+            chosen: list[tuple[Block, int]] = []
+            total = 0
+            for b in cands:
+                if need is not None and got + total >= need:
+                    break
+                k = n_whole(b)
+                if need is not None:
+                    k = min(k, need - got - total)
+                chosen.append((b, k))
+                total += k
+            if not chosen:
+                continue
+            top = chosen[-1][0].seq
+            if wait:
+                if not st.is_done(top, self.backend, self.ev) and not st.wait(
+                    top, self.backend, self.ev
+                ):
+                    # A retired stream freed memory after its last event: only
+                    # a device synchronize can tell its work is done.
+                    self.sync()
+                    st.done_seq = st.seq
+            elif not st.is_done(top, self.backend, self.ev):
+                # Still running (one query, never a wait): only ranges freed
+                # before work known complete may go.
+                chosen = [(b, k) for b, k in chosen if b.seq <= st.done_seq]
+            for b, k in chosen:
+                self.unmap_cached(st, b, k)
+                got += k
+        return got
+
+    def unmap_cached(self, st: StreamState, b: Block, k: int) -> None:
+        """Unmap the last `k` whole slots of free range `b` (one driver call)."""
+        a = b.arena
+        P = self.P
+        s0, s1 = whole_slots(b)
+        u0 = s1 - k
+        assert s0 <= u0 < s1
+        a.res.unmap(u0 * P, k * P)
+        st.remove(b)
+        cut = a.base + u0 * P
+        tail = a.base + s1 * P
+        end = b.addr + b.size
+        if end > tail:
+            st.add(Block(a, tail, end - tail, b.seq))
+        if cut > b.addr:
+            b.size = cut - b.addr
+            st.add(b)
+        free = self.free_pages
+        slots = a.slots
+        for i in range(u0, s1):
+            p = slots[i]
+            assert p is not None
+            slots[i] = None
+            p.state = FREE
+            p.addr = None
+            p.stream = None
+            free.append(p)
+        a.give(u0, k)
+        a.mapped -= k
+        self.mapped -= k
+        self.n_reclaimed += k
+        if not st.n_live and st.obj is not None and not any(x.mapped for x in st.arenas):
+            st.obj = None  # nothing of the stream left here: let it go
+
+    def release_free(self, k: int) -> int:
+        """Give `k` free pages back to the driver; returns how many."""
+        done = 0
+        while done < k and self.free_pages:
+            p = self.free_pages.pop()
+            try:
+                p.phys.close()
+            except BaseException:
+                self.free_pages.append(p)
+                raise
+            del self.pages[p.phys]
+            self.n_released += 1
+            done += 1
+        return done
+
+    def release_empty_arenas(self) -> None:
+        keep: list[Arena] = []
+        for i, arena in enumerate(self.arenas):
+            if arena.empty:
+                try:
+                    arena.res.close()
+                except BaseException:
+                    self.arenas = keep + self.arenas[i:]
+                    raise
+                arena.stream.arenas.remove(arena)
+            else:
+                keep.append(arena)
+        self.arenas = keep
+
+    # ------------------------------------------------------------- queries
+    def touching(self) -> dict[tuple[Arena, int], list[Block]]:
+        """Live blocks per ``(arena, slot)`` they touch (walks every live block)."""
+        P = self.P
+        out: dict[tuple[Arena, int], list[Block]] = {}
+        for b in self.live:
+            a = b.arena
+            off = b.addr - a.base
+            for s in range(off // P, (off + b.size - 1) // P + 1):
+                out.setdefault((a, s), []).append(b)
+        return out
+
+    def shared_pages(self) -> int:
+        P = self.P
+        edges: collections.Counter[tuple[int, int]] = collections.Counter()
+        for b in self.live:
+            a = b.arena
+            off = b.addr - a.base
+            s0 = off // P
+            s1 = (off + b.size - 1) // P
+            edges[(id(a), s0)] += 1
+            if s1 != s0:
+                edges[(id(a), s1)] += 1
+        return sum(1 for c in edges.values() if c > 1)
+
+    # ---------------------------------------------------------------- check
+    def check(self) -> None:
+        """Verify every internal invariant (tests and debugging; lock held)."""
+
+        def fail(msg: str) -> None:
+            raise AssertionError(f"PagePool invariant broken: {msg}")
+
+        P = self.P
+        seen: dict[Page, str] = {}
+
+        def claim(p: Page, where: str) -> None:
+            if p in seen:
+                fail(f"page {p.index} is both {seen[p]} and {where}")
+            seen[p] = where
+
+        for p in self.free_pages:
+            if p.state is not FREE or p.addr is not None:
+                fail(f"free page {p.index} has state {p.state}, address {p.addr}")
+            claim(p, "free")
+        for p in self.acquired:
+            if p.state is not ACQUIRED:
+                fail(f"acquired page {p.index} has state {p.state}")
+            claim(p, "acquired")
+        for p in self.quarantine:
+            if p.state is not QUARANTINED:
+                fail(f"quarantined page {p.index} has state {p.state}")
+            claim(p, "quarantined")
+        if sorted(map(id, self.arenas)) != sorted(id(a) for st in self.streams.values() for a in st.arenas):
+            fail("the arenas of the streams are not the pool's arenas")
+        touching = self.touching()
+        mapped = 0
+        cached = 0
+        in_use = requested = n_live = 0
+        for b in self.live:
+            if not b.live or b.size <= 0 or b.size % ALIGNMENT or b.nbytes > b.size:
+                fail(f"live block {b.addr:#x} ({b.size} bytes for {b.nbytes}) is malformed")
+            in_use += b.size
+            requested += b.nbytes
+            n_live += 1
+        for key, st in self.streams.items():
+            if st.key != key:
+                fail(f"stream {key} is filed as {st.key}")
+            if set(st.sizes) != set(st.bins) or st.sizes != sorted(st.sizes):
+                fail(f"stream {key}: size index out of date")
+            binned = {b: None for sz, bn in st.bins.items() for b in bn if b.size == sz}
+            if len(binned) != sum(len(bn) for bn in st.bins.values()):
+                fail(f"stream {key}: a free range is filed under the wrong size")
+            if set(binned) != set(st.by_start.values()) or set(binned) != set(st.by_end.values()):
+                fail(f"stream {key}: size bins disagree with the address indexes")
+            for addr, b in st.by_start.items():
+                if b.addr != addr or st.by_end.get(b.addr + b.size) is not b or b.live:
+                    fail(f"stream {key}: free range {addr:#x} misfiled")
+                if b.arena.stream is not st or b.size <= 0 or b.size % ALIGNMENT or b.addr % ALIGNMENT:
+                    fail(f"stream {key}: free range {addr:#x} malformed or in another stream's arena")
+                if b.seq > st.seq:
+                    fail(f"stream {key}: free range {addr:#x} from the future")
+            if st.cached != sum(n_whole(b) for b in binned):
+                fail(f"stream {key}: cached page count {st.cached} is wrong")
+            cached += st.cached
+            n_st_live = sum(1 for b in self.live if b.arena.stream is st)
+            if n_st_live != st.n_live:
+                fail(f"stream {key}: {st.n_live} live blocks counted, {n_st_live} found")
+            if [s for s, _h in st.events] != sorted(s for s, _h in st.events):
+                fail(f"stream {key}: events out of order")
+            for arena in st.arenas:
+                if arena.stream is not st:
+                    fail(f"stream {key}: arena {arena.base:#x} names another stream")
+                # every byte of a mapped slot: exactly one live block or free range
+                items = sorted(
+                    [(b.addr, b.size, True, b) for b in self.live if b.arena is arena]
+                    + [(b.addr, b.size, False, b) for b in binned if b.arena is arena],
+                    key=lambda t: t[0],
+                )
+                cur = None
+                prev_free = False
+                cover: dict[int, int] = {}
+                for addr, size, live, _b in items:
+                    if cur is not None and addr < cur:
+                        fail(f"arena {arena.base:#x}: blocks overlap at {addr:#x}")
+                    if not live and prev_free and cur == addr:
+                        fail(f"arena {arena.base:#x}: free ranges at {addr:#x} not coalesced")
+                    if addr < arena.base or addr + size > arena.base + arena.nslots * P:
+                        fail(f"block {addr:#x} lies outside its arena")
+                    off = addr - arena.base
+                    for s in range(off // P, (off + size - 1) // P + 1):
+                        lo = max(off, s * P)
+                        hi = min(off + size, (s + 1) * P)
+                        cover[s] = cover.get(s, 0) + hi - lo
+                    prev_free = not live
+                    cur = addr + size
+                n_mapped = 0
+                for s in range(arena.nslots):
+                    q = arena.slots[s]
+                    unm = arena.is_unmapped(s)
+                    if q is None:
+                        if not unm:
+                            fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
+                        if s in cover:
+                            fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
+                        continue
+                    p = q
+                    if unm:
+                        fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
+                    if p.state is QUARANTINED:
+                        claim_q = seen.get(p)
+                        if claim_q != "quarantined":
+                            fail(f"page {p.index} in slot {s} is quarantined but not listed")
+                        if s in cover:
+                            fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
+                        continue
+                    claim(p, f"arena {arena.base:#x} slot {s}")
+                    n_mapped += 1
+                    if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
+                        fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
+                    if cover.get(s, 0) != P:
+                        fail(f"arena {arena.base:#x} slot {s}: blocks cover {cover.get(s, 0)} of {P} bytes")
+                    # a page is cached exactly when no live block touches it
+                    is_cached = (arena, s) not in touching
+                    in_free = any(
+                        b.addr <= arena.base + s * P and arena.base + (s + 1) * P <= b.addr + b.size
+                        for b in binned if b.arena is arena
+                    ) if is_cached else False
+                    if is_cached != in_free:
+                        fail(f"arena {arena.base:#x} slot {s}: cached {is_cached}, in a free range {in_free}")
+                if n_mapped != arena.mapped:
+                    fail(f"arena {arena.base:#x}: {arena.mapped} mapped slots counted, {n_mapped} found")
+                mapped += n_mapped
+                if sum(arena.flen.values()) != len(
+                    {s for s0, ln in arena.flen.items() for s in range(s0, s0 + ln)}
+                ) or arena.fstarts != sorted(arena.flen) or len(arena.fend) != len(arena.flen):
+                    fail(f"arena {arena.base:#x}: extent index broken")
+        if set(seen) != set(self.pages.values()):
+            fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
+        if mapped != self.mapped:
+            fail(f"{self.mapped} mapped pages counted, {mapped} found")
+        pinned_touch = len({k for k in touching})
+        if self.mapped - cached != pinned_touch:
+            fail(f"{self.mapped - cached} pinned mapped pages counted, {pinned_touch} touched by live blocks")
+        in_use += len(self.acquired) * P
+        if (in_use, requested, n_live) != (self.in_use, self.requested, self.n_live):
+            fail(
+                f"counters (in use, requested, live) are {(self.in_use, self.requested, self.n_live)}, "
+                f"recount gives {(in_use, requested, n_live)}"
+            )
+        if len(self.pages) * P > self.peak_total:
+            fail("the peak of pages held is below what is held")
+
+    # ---------------------------------------------------------------- close
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.pending.clear()
+            errors: list[BaseException] = []
+            if self.arenas:
+                try:  # rule 8: nothing is unmapped under running kernels
+                    self.sync()
+                except Exception as err:  # noqa: BLE001 - keep releasing
+                    errors.append(err)
+            for st in self.streams.values():
+                try:
+                    st.drop_events(self.backend)
+                except Exception as err:  # noqa: BLE001
+                    errors.append(err)
+                st.obj = None
+            for arena in self.arenas:
+                try:
+                    arena.res.close()
+                except Exception as err:  # noqa: BLE001
+                    errors.append(err)
+            for page in self.pages.values():
+                try:
+                    page.phys.close()
+                except Exception as err:  # noqa: BLE001
+                    errors.append(err)
+            for b in self.live:
+                b.live = False
+                b.ref = None
+            self.arenas.clear()
+            self.pages.clear()
+            self.free_pages.clear()
+            self.acquired.clear()
+            self.quarantine.clear()
+            self.streams.clear()
+            self.live.clear()
+            self.mapped = self.n_live = self.requested = self.in_use = 0
+        if errors:
+            raise errors[0]
+
+
+def _seq(b: Block) -> int:
+    return b.seq

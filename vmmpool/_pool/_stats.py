@@ -1,0 +1,154 @@
+"""The pool's public records: :class:`PoolStats` and :class:`PageInfo`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes).
+
+    Attributes
+    ----------
+    requested_bytes : int
+        Sum of the sizes asked for by live allocations.
+    in_use_bytes : int
+        Live blocks with their rounding (512 bytes), plus pages lent by
+        :meth:`PagePool.acquire_pages`.
+    cached_bytes : int
+        Mapped but free: the free ranges of every stream.
+    cached_blocks : int
+        Number of free ranges.
+    free_pages : int
+        Pages owned by the pool, unmapped and unused.
+    total_pages : int
+        Pages owned by the pool (each one driver allocation).
+    page_size : int
+        Bytes per page.
+    limit : int
+        The pool's limit.
+    peak_requested_bytes, peak_in_use_bytes, peak_total_bytes : int
+        Highest values of requested, in-use and ``total_pages * page_size``.
+    n_malloc, n_free : int
+        Successful mallocs and frees (a garbage-collected allocation counts).
+    n_page_creations : int
+        Pages created (driver allocations).
+    n_remaps : int
+        Requests served by unmapping cached pages and mapping them into the
+        request's range (the defragmentation slow path).
+    n_ooms : int
+        Requests that raised :class:`~vmmpool.OutOfMemoryError`.
+    largest_allocatable : int
+        The largest single ``malloc`` that can succeed now without exceeding
+        the limit: ``(limit // page_size - pinned_pages) * page_size`` (free,
+        reclaimable and still creatable pages), or the largest free range
+        when no page is left. The driver may have less (other processes).
+    live_allocations : int
+        Allocations not yet freed.
+    mapped_pages : int
+        Pages mapped in the pool's arenas (touched by live blocks, or cached).
+    pinned_pages : int
+        Pages that cannot be reclaimed: touched by a live block, acquired or
+        quarantined.
+    reclaimable_pages : int
+        Cached pages: mapped, touched by no live block.
+    acquired_pages : int
+        Pages lent by :meth:`PagePool.acquire_pages`.
+    small_pages : int
+        Mapped pages shared by more than one live block.
+    quarantined_pages : int
+        Pages whose undo failed after a driver error; never reused.
+    reserved_bytes : int
+        Virtual address space reserved in arenas.
+    n_page_releases : int
+        Pages given back to the driver.
+    n_reclaimed_pages : int
+        Cached pages unmapped (remap, defragment, trim, set_limit).
+    n_syncs : int
+        Device synchronizations made by the pool (only ``close()`` makes one).
+    n_events : int
+        Events recorded (lazily: when cached memory had to leave its stream).
+    n_event_queries : int
+        Event queries (never blocking).
+    n_event_waits : int
+        Event waits: the pool needed pages still used by pending work.
+    """
+
+    requested_bytes: int
+    in_use_bytes: int
+    cached_bytes: int
+    cached_blocks: int
+    free_pages: int
+    total_pages: int
+    page_size: int
+    limit: int
+    peak_requested_bytes: int
+    peak_in_use_bytes: int
+    peak_total_bytes: int
+    n_malloc: int
+    n_free: int
+    n_page_creations: int
+    n_remaps: int
+    n_ooms: int
+    largest_allocatable: int
+    live_allocations: int = 0
+    mapped_pages: int = 0
+    pinned_pages: int = 0
+    reclaimable_pages: int = 0
+    acquired_pages: int = 0
+    small_pages: int = 0
+    quarantined_pages: int = 0
+    reserved_bytes: int = 0
+    n_page_releases: int = 0
+    n_reclaimed_pages: int = 0
+    n_syncs: int = 0
+    n_events: int = 0
+    n_event_queries: int = 0
+    n_event_waits: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """``total_pages * page_size``: physical memory the pool holds."""
+        return self.total_pages * self.page_size
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One page of a :meth:`PagePool.snapshot`.
+
+    Attributes
+    ----------
+    index : int
+        The page's creation number (stable for its life).
+    state : str
+        ``"free"`` (unmapped), ``"in_use"`` (touched by a live block),
+        ``"cached"`` (mapped, touched by no live block, reusable at once by
+        its stream), ``"acquired"`` (lent out by :meth:`PagePool.acquire_pages`)
+        or ``"quarantined"``.
+    address : int or None
+        Where it is mapped in the pool's arenas; ``None`` when unmapped.
+    owner : int, str or None
+        For an in-use page: the pointer of its only live block, or
+        ``"shared (N live)"``; ``"cache"`` for cached pages; ``"acquired"``;
+        ``None`` for free pages.
+    stream : int or None
+        Stream key of the arena (or the acquirer) that has the page.
+    kind : str or None
+        For an in-use page: ``"small"`` when it holds parts of several live
+        blocks or one block smaller than a page, ``"large"`` when one block
+        covers it wholly; ``None`` otherwise.
+    allocations : tuple of int
+        Pointers of the live allocations touching this page.
+    used_bytes : int
+        Bytes of this page that live allocations asked for.
+    """
+
+    index: int
+    state: str
+    address: int | None
+    owner: int | str | None
+    stream: int | None = None
+    kind: str | None = None
+    allocations: tuple[int, ...] = ()
+    used_bytes: int = 0

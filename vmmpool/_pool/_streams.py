@@ -1,0 +1,139 @@
+"""Stream caches and the events that order reuse across streams.
+
+Each stream the pool has served has a :class:`StreamState`: its arenas, its
+free ranges (a :class:`~._blocks.FreeBlocks`) and its events. Memory freed on
+a stream is reused by that stream at once, with no driver call (stream order
+makes it safe). Before pages of a stream's free ranges leave it (unmapped for
+another range or stream, lent out, or given back), the work that used them
+must be done: ``cuMemUnmap`` does not wait for kernels (driver rule 8).
+
+Every free bumps the stream's ``seq``; a free range remembers the ``seq`` of
+the last free merged into it. Events are recorded lazily, only when cached
+memory must leave the stream, at most one per stream per reclaim: an event
+recorded at ``seq = n`` covers every free up to ``n``. The pool queries them
+(never blocking) and waits on one only when it must. ``done_seq`` remembers the
+newest event known complete, so older free ranges need no further call.
+
+Destroyed streams: an event stays valid after its stream is destroyed, but an
+event cannot be *recorded* on a destroyed stream. So (a) a stream object passed
+to ``malloc`` (CuPy, PyTorch, ``__cuda_stream__``) is kept referenced by its
+state while the stream has memory in the pool, so it outlives its cached
+memory; (b) a stream given as a raw handle must be retired with
+:meth:`~vmmpool.PagePool.retire_stream` before it is destroyed: that records
+its last event at once, and the pool never records on it again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._blocks import FreeBlocks
+
+if TYPE_CHECKING:
+    from .._backends.base import Backend
+    from ._arena import Arena
+
+#: Most events kept per stream; older ones are destroyed (legal while pending).
+MAX_EVENTS = 8
+
+
+class EventCounts:
+    """Event calls a pool made (kept in its core)."""
+
+    __slots__ = ("n_events", "n_event_queries", "n_event_waits")
+
+    def __init__(self) -> None:
+        self.n_events = 0
+        self.n_event_queries = 0
+        self.n_event_waits = 0
+
+
+class StreamState(FreeBlocks):
+    """The arenas, free ranges and events of one stream."""
+
+    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired", "n_live")
+
+    def __init__(self, key: int) -> None:
+        super().__init__()
+        self.key = key
+        self.obj: object = None  # the stream object, kept alive while memory is here
+        self.arenas: list[Arena] = []
+        self.seq = 0  # frees so far
+        self.events: list[tuple[int, int]] = []  # (seq, event handle), oldest first
+        self.done_seq = 0  # every free up to this is known complete
+        self.retired = False
+        self.n_live = 0
+
+    # ------------------------------------------------------------ events
+    def is_done(self, seq: int, backend: Backend, counts: EventCounts, record: bool = True) -> bool:
+        """True when the work before free number `seq` is known complete.
+
+        Queries the oldest event covering `seq`, recording one first when none
+        does (unless `record` is False or the stream is retired). Never blocks.
+        """
+        if seq <= self.done_seq:
+            return True
+        ev = self._covering(seq, backend, counts, record)
+        if ev is None:
+            return False
+        i, (_eseq, h) = ev
+        counts.n_event_queries += 1
+        if backend.event_query(h):
+            self._completed(i, backend)
+            return True
+        return False
+
+    def wait(self, seq: int, backend: Backend, counts: EventCounts) -> bool:
+        """Block until the work before free number `seq` is done; False if it cannot be known."""
+        if seq <= self.done_seq:
+            return True
+        ev = self._covering(seq, backend, counts, True)
+        if ev is None:
+            return False
+        i, (_eseq, h) = ev
+        counts.n_event_waits += 1
+        backend.event_wait(h)
+        self._completed(i, backend)
+        return True
+
+    def record(self, backend: Backend, counts: EventCounts) -> None:
+        """Record an event covering every free so far (if none does yet)."""
+        if self.seq > self.done_seq and (not self.events or self.events[-1][0] < self.seq):
+            counts.n_events += 1
+            h = backend.event_record(self.key)
+            self.events.append((self.seq, h))
+            while len(self.events) > MAX_EVENTS:
+                _s, old = self.events.pop(0)
+                backend.event_destroy(old)
+
+    def _covering(
+        self, seq: int, backend: Backend, counts: EventCounts, record: bool
+    ) -> tuple[int, tuple[int, int]] | None:
+        for i, ev in enumerate(self.events):
+            if ev[0] >= seq:
+                return i, ev
+        if not record or self.retired:
+            return None
+        self.record(backend, counts)
+        ev = self.events[-1]
+        return len(self.events) - 1, ev
+
+    def _completed(self, i: int, backend: Backend) -> None:
+        """Event `i` is complete: so are all older ones (stream order); destroy them."""
+        done = self.events[: i + 1]
+        del self.events[: i + 1]
+        self.done_seq = max(self.done_seq, done[-1][0])
+        for _s, h in done:
+            backend.event_destroy(h)
+
+    def drop_events(self, backend: Backend) -> None:
+        """Destroy every event (at close); errors propagate after all are tried."""
+        evs, self.events = self.events, []
+        err: BaseException | None = None
+        for _s, h in evs:
+            try:
+                backend.event_destroy(h)
+            except Exception as e:  # noqa: BLE001 - keep destroying
+                err = err or e
+        if err is not None:
+            raise err
