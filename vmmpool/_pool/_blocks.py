@@ -9,8 +9,8 @@ reusable at once) and are coalesced with their neighbours on free.
 A page slot that lies wholly inside one free range is touched by no live block:
 its page is *cached* (still mapped, reusable by its stream at zero cost) and can
 be reclaimed (unmapped, to the free pages, or remapped). :func:`whole_slots`
-counts those pages, and each stream's :class:`FreeBlocks` keeps the count up to
-date, so the pool knows its pinned pages at all times.
+finds those pages; :meth:`FreeBlocks.cached_pages` counts them off the hot path
+(malloc and free keep no page counts at all).
 """
 
 from __future__ import annotations
@@ -60,14 +60,13 @@ def n_whole(b: Block) -> int:
 class FreeBlocks:
     """One stream's free ranges: size bins for best fit, address indexes for coalescing."""
 
-    __slots__ = ("bins", "sizes", "by_start", "by_end", "cached")
+    __slots__ = ("bins", "sizes", "by_start", "by_end")
 
     def __init__(self) -> None:
         self.bins: dict[int, dict[Block, None]] = {}  # size -> free ranges
         self.sizes: list[int] = []  # sorted keys of bins (bins may be empty)
         self.by_start: dict[int, Block] = {}
         self.by_end: dict[int, Block] = {}
-        self.cached = 0  # pages lying wholly inside free ranges
 
     def add(self, b: Block) -> None:
         bin_ = self.bins.get(b.size)
@@ -77,15 +76,21 @@ class FreeBlocks:
         bin_[b] = None
         self.by_start[b.addr] = b
         self.by_end[b.addr + b.size] = b
-        if b.size >= b.arena.P:
-            self.cached += n_whole(b)
 
     def remove(self, b: Block) -> None:
         del self.bins[b.size][b]
         del self.by_start[b.addr]
         del self.by_end[b.addr + b.size]
-        if b.size >= b.arena.P:
-            self.cached -= n_whole(b)
+
+    def cached_pages(self, page_size: int) -> int:
+        """Pages lying wholly inside free ranges (walks the ranges of a page or more)."""
+        sizes = self.sizes
+        bins = self.bins
+        n = 0
+        for i in range(bisect.bisect_left(sizes, page_size), len(sizes)):
+            for b in bins[sizes[i]]:
+                n += n_whole(b)
+        return n
 
     def best_fit(self, r: int) -> Block | None:
         """Take the smallest free range of at least `r` bytes out of the index."""
@@ -106,26 +111,40 @@ class FreeBlocks:
         b = bin_.popitem()[0]
         del self.by_start[b.addr]
         del self.by_end[b.addr + b.size]
-        if b.size >= b.arena.P:
-            self.cached -= n_whole(b)
         return b
 
     def insert(self, b: Block) -> None:
         """File free range `b`, coalescing with free neighbours of the same arena."""
-        prv = self.by_end.get(b.addr)
+        bins = self.bins
+        by_start = self.by_start
+        by_end = self.by_end
+        addr = b.addr
+        prv = by_end.get(addr)
         if prv is not None and prv.arena is b.arena:
-            self.remove(prv)
-            b.addr = prv.addr
+            del bins[prv.size][prv]
+            del by_end[addr]
+            del by_start[prv.addr]
+            addr = b.addr = prv.addr
             b.size += prv.size
             if prv.seq > b.seq:
                 b.seq = prv.seq
-        nxt = self.by_start.get(b.addr + b.size)
+        end = addr + b.size
+        nxt = by_start.get(end)
         if nxt is not None and nxt.arena is b.arena:
-            self.remove(nxt)
+            del bins[nxt.size][nxt]
+            del by_start[end]
+            end += nxt.size
+            del by_end[end]
             b.size += nxt.size
             if nxt.seq > b.seq:
                 b.seq = nxt.seq
-        self.add(b)
+        bin_ = bins.get(b.size)
+        if bin_ is None:
+            bins[b.size] = bin_ = {}
+            bisect.insort(self.sizes, b.size)
+        bin_[b] = None
+        by_start[addr] = b
+        by_end[end] = b
 
     def prune(self) -> None:
         """Drop empty bins (otherwise dropped lazily by best-fit scans)."""

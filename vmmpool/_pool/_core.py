@@ -6,6 +6,7 @@ See the package docstring for the design. All methods run with ``lock`` held
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -88,7 +89,8 @@ class Core:
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
-        return sum(st.cached for st in self.streams.values())
+        P = self.P
+        return sum(st.cached_pages(P) for st in self.streams.values())
 
     def pinned(self) -> int:
         return self.mapped - self.cached() + len(self.acquired) + len(self.quarantine)
@@ -155,13 +157,32 @@ class Core:
             st = self.streams.get(key)
             if st is None:
                 st = self.stream(key)
-            r = self.round(nbytes)
-            b = st.best_fit(r)
-            if b is None:
-                b = self.place(st, r, nbytes)
-            elif b.size > r:  # split: the tail stays free
-                st.add(Block(b.arena, b.addr + r, b.size - r, b.seq))
-                b.size = r
+            if nbytes > self.page_round >= 0:
+                r = -(-nbytes // self.P) * self.P
+            else:
+                r = ((nbytes + ALIGNMENT - 1) >> _SHIFT) << _SHIFT or ALIGNMENT
+            bin_ = st.bins.get(r)
+            if bin_:  # the steady state: an exact fit
+                b = bin_.popitem()[0]
+                del st.by_start[b.addr]
+                del st.by_end[b.addr + r]
+            else:
+                fit = st.best_fit(r)
+                if fit is None:
+                    b = self.place(st, r, nbytes)
+                else:
+                    b = fit
+                    if b.size > r:  # split: the tail stays free
+                        rest = Block(b.arena, b.addr + r, b.size - r, b.seq)
+                        st.by_end[b.addr + b.size] = rest
+                        b.size = r
+                        st.by_start[rest.addr] = rest
+                        bins = st.bins
+                        rbin = bins.get(rest.size)
+                        if rbin is None:
+                            bins[rest.size] = rbin = {}
+                            bisect.insort(st.sizes, rest.size)
+                        rbin[rest] = None
             b.live = True
             b.nbytes = nbytes
             self.live[b] = None
@@ -303,7 +324,19 @@ class Core:
                 # Freed already (by a racing thread; the block may even have
                 # been merged into a free range by now): never touch it.
                 raise ValueError(f"allocation at {b.addr:#x} was already freed")
-            self.free_rec(b)
+            # free_rec, inlined (the hot path)
+            b.live = False
+            b.ref = None
+            del self.live[b]
+            self.n_live -= 1
+            self.n_free += 1
+            self.requested -= b.nbytes
+            self.in_use -= b.size
+            st = b.arena.stream
+            st.n_live -= 1
+            st.seq += 1
+            b.seq = st.seq
+            st.insert(b)
 
     # ------------------------------------------------------------ slow path
     def unfree(self, pages: list[Page]) -> None:
@@ -469,7 +502,7 @@ class Core:
         for st in self._order(first):
             if need is not None and got >= need:
                 break
-            if not st.cached or (st is first and not own):
+            if st is first and not own:
                 continue
             cands = sorted((b for b in st.by_start.values() if n_whole(b)), key=_seq)
             chosen: list[tuple[Block, int]] = []
@@ -646,9 +679,9 @@ class Core:
                     fail(f"stream {key}: free range {addr:#x} malformed or in another stream's arena")
                 if b.seq > st.seq:
                     fail(f"stream {key}: free range {addr:#x} from the future")
-            if st.cached != sum(n_whole(b) for b in binned):
-                fail(f"stream {key}: cached page count {st.cached} is wrong")
-            cached += st.cached
+            cached += sum(n_whole(b) for b in binned)
+            if st.cached_pages(P) != sum(n_whole(b) for b in binned):
+                fail(f"stream {key}: cached page count is wrong")
             n_st_live = sum(1 for b in self.live if b.arena.stream is st)
             if n_st_live != st.n_live:
                 fail(f"stream {key}: {st.n_live} live blocks counted, {n_st_live} found")
