@@ -172,17 +172,8 @@ class Core:
                     b = self.place(st, r, nbytes)
                 else:
                     b = fit
-                    if b.size > r:  # split: the tail stays free
-                        rest = Block(b.arena, b.addr + r, b.size - r, b.seq)
-                        st.by_end[b.addr + b.size] = rest
-                        b.size = r
-                        st.by_start[rest.addr] = rest
-                        bins = st.bins
-                        rbin = bins.get(rest.size)
-                        if rbin is None:
-                            bins[rest.size] = rbin = {}
-                            bisect.insort(st.sizes, rest.size)
-                        rbin[rest] = None
+                    if b.size > r:  # split
+                        self.split(st, b, r)
             b.live = True
             b.nbytes = nbytes
             self.live[b] = None
@@ -198,13 +189,71 @@ class Core:
             self.note_peaks()
             return b
 
-    def place(self, st: StreamState, r: int, nbytes: int) -> Block:
-        """Slow path: put an `r`-byte block where it needs the fewest new pages."""
+    def split(self, st: StreamState, b: Block, r: int) -> None:
+        """Cut `r` bytes off free range `b` (out of the index) for a block; file the rest.
+
+        The block goes at the end of `b` that leaves the most whole pages in
+        the rest (those stay reclaimable: the block pins the fewest pages).
+        """
         P = self.P
-        best: tuple[int, int] | None = None
+        rest_size = b.size - r
+        at_end = False
+        if rest_size >= P:
+            base = b.arena.base
+            lo = b.addr - base
+            hi = lo + b.size
+            # whole pages of the rest with the block at the start, and at the end
+            w_start = hi // P - (lo + r + P - 1) // P
+            w_end = (hi - r) // P - (lo + P - 1) // P
+            at_end = w_end > w_start
+        if at_end:
+            rest = Block(b.arena, b.addr, rest_size, b.seq)
+            b.addr += rest_size
+        else:
+            rest = Block(b.arena, b.addr + r, rest_size, b.seq)
+        b.size = r
+        st.by_start[rest.addr] = rest
+        st.by_end[rest.addr + rest_size] = rest
+        bins = st.bins
+        rbin = bins.get(rest_size)
+        if rbin is None:
+            bins[rest_size] = rbin = {}
+            bisect.insort(st.sizes, rest_size)
+        rbin[rest] = None
+
+    def place(self, st: StreamState, r: int, nbytes: int) -> Block:
+        """Slow path: put an `r`-byte block where it pins the fewest pages.
+
+        Candidates, for every unmapped run of the stream's arenas: after the
+        free range ending at the run (its bytes are used first), before the
+        free range starting after it, across the whole run joining both, and
+        at the run's start. Ranked by the pages the block newly pins (mapped
+        new ones plus cached ones it covers: the scarce resource at the
+        limit), then by pages to map (driver calls), then by the free bytes
+        left over.
+        """
+        P = self.P
+        best: tuple[int, int, int] | None = None
         choice: tuple[Arena, int, int, int, Block | None, Block | None] | None = None
         by_end = st.by_end
         by_start = st.by_start
+
+        def pins(
+            arena: Arena, start: int, m0: int, need: int, L1: Block | None, L2: Block | None
+        ) -> int:
+            base = arena.base
+            lo = L1.addr if L1 is not None else base + m0 * P
+            hi = L2.addr + L2.size if L2 is not None else base + (m0 + need) * P
+            # whole slots of [lo, hi) minus those of the pieces left free
+            n = need + (n_whole(L1) if L1 is not None else 0) + (n_whole(L2) if L2 is not None else 0)
+            end = start + r
+            for a, e in ((lo, start), (end, hi)):
+                if e - a >= P:
+                    w = (e - base) // P - (a - base + P - 1) // P
+                    if w > 0:
+                        n -= w
+            return n
+
         for arena in st.arenas:
             base = arena.base
             for s, k in arena.runs():
@@ -218,46 +267,43 @@ class Core:
                     L2 = None
                 l1 = L1.size if L1 is not None else 0
                 l2 = L2.size if L2 is not None else 0
+                opts: list[tuple[int, int, int, Block | None, Block | None, int]] = []
                 need = -(-(r - l1) // P)
                 if need <= k:  # at the run's start, after L1 (if any)
-                    cost = (need, need * P + l1 - r)
-                    if best is None or cost < best:
-                        best, choice = cost, (arena, a0 - l1, s, need, L1, None)
+                    opts.append((a0 - l1, s, need, L1, None, need * P + l1 - r))
+                if L1 is not None:
+                    fresh = -(-r // P)
+                    if fresh <= k:  # at the run's start, L1 left alone
+                        opts.append((a0, s, fresh, None, None, fresh * P - r + l1))
                 need2 = -(-(r - l2) // P)
                 if L2 is not None and need2 <= k:  # ending at L2's end
-                    cost = (need2, need2 * P + l2 - r)
-                    if best is None or cost < best:
-                        best, choice = cost, (arena, a1 + l2 - r, s + k - need2, need2, None, L2)
+                    opts.append((a1 + l2 - r, s + k - need2, need2, None, L2, need2 * P + l2 - r))
                 if L1 is not None and L2 is not None and need > k and need2 > k and r <= l1 + k * P + l2:
-                    cost = (k, l1 + k * P + l2 - r)  # over the whole run, joining L1 and L2
+                    opts.append((a0 - l1, s, k, L1, L2, l1 + k * P + l2 - r))  # joining L1 and L2
+                for start, m0, nd, u1, u2, waste in opts:
+                    cost = (pins(arena, start, m0, nd, u1, u2), nd, waste)
                     if best is None or cost < best:
-                        best, choice = cost, (arena, a0 - l1, s, k, L1, L2)
+                        best, choice = cost, (arena, start, m0, nd, u1, u2)
         fresh = -(-r // P)
-        if self.pinned() + fresh > self.max_pages:
-            # Every placement pins ceil(r / P) pages or more: over the limit.
-            raise self.oom(nbytes, fresh, "the limit is reached")
-        rest: list[Block] = []
-        if choice is not None:
-            arena, start, m0, need, L1, L2 = choice
-            end = start + r
-            lo = L1.addr if L1 is not None else arena.base + m0 * P
-            hi = L2.addr + L2.size if L2 is not None else arena.base + (m0 + need) * P
-            seq = max(L1.seq if L1 is not None else 0, L2.seq if L2 is not None else 0)
-            rest = [Block(arena, a, e - a, seq) for a, e in ((lo, start), (end, hi)) if e > a]
-            lost = (n_whole(L1) if L1 is not None else 0) + (n_whole(L2) if L2 is not None else 0)
-            lost -= sum(n_whole(b) for b in rest)
-            if self.pinned() + need + lost > self.max_pages:
-                # Joining cached free ranges would pin more pages than the
-                # limit allows: place the block on fresh slots instead.
-                choice = self.fresh_slots(st, fresh)
+        if choice is None or (
+            best is not None
+            and best[0] > fresh
+            and not any(k >= fresh for a in st.arenas for _s, k in a.runs())
+        ):
+            if self.pinned() + fresh > self.max_pages:
+                raise self.oom(nbytes, fresh, "the limit is reached")
+            arena = self.new_arena(st, fresh)
+            choice = (arena, arena.base, 0, fresh, None, None)
         else:
-            choice = self.fresh_slots(st, fresh)
-        if choice[4] is None and choice[5] is None:
-            arena, start, m0, need = choice[:4]
-            end = start + r
-            hi = arena.base + (m0 + need) * P
-            rest = [Block(arena, end, hi - end)] if hi > end else []
+            assert best is not None
+            if self.pinned() + best[0] > self.max_pages:
+                raise self.oom(nbytes, best[1], "the limit is reached")
         arena, start, m0, need, L1, L2 = choice
+        end = start + r
+        lo = L1.addr if L1 is not None else arena.base + m0 * P
+        hi = L2.addr + L2.size if L2 is not None else arena.base + (m0 + need) * P
+        seq = max(L1.seq if L1 is not None else 0, L2.seq if L2 is not None else 0)
+        rest = [Block(arena, a, e - a, seq) for a, e in ((lo, start), (end, hi)) if e > a]
         if L1 is not None:
             st.remove(L1)
         if L2 is not None:
@@ -283,17 +329,6 @@ class Core:
         for b in rest:
             st.insert(b)
         return Block(arena, start, r)
-
-    def fresh_slots(
-        self, st: StreamState, n: int
-    ) -> tuple[Arena, int, int, int, Block | None, Block | None]:
-        """A placement on `n` unmapped slots (a new arena if no run is long enough)."""
-        for arena in st.arenas:
-            for s, k in arena.runs():
-                if k >= n:
-                    return arena, arena.base + s * self.P, s, n, None, None
-        arena = self.new_arena(st, n)
-        return arena, arena.base, 0, n, None, None
 
     # ----------------------------------------------------------------- free
     def free_rec(self, b: Block) -> None:
@@ -370,16 +405,16 @@ class Core:
                 budget = min(self.budget(), self.max_pages) - len(self.pages)
                 why = self.create_pages(got, min(n - len(got), budget))
             if len(got) < n:  # other streams' cached pages whose work is done
-                self.reclaim(n - len(got), st, wait=False, own=False)
+                self.reclaim(n - len(got), st, wait=False, which="others")
                 self.take_free(got, n)
-            if len(got) < n:  # the stream's own cached pages whose work is done
-                self.reclaim(n - len(got), st, wait=False)
+            if len(got) < n and st is not None:  # the stream's own cached pages whose work is done
+                self.reclaim(n - len(got), st, wait=False, which="own")
                 self.take_free(got, n)
             missing = min(n - len(got), self.max_pages - len(self.pages))
             if missing > 0 and not why:
                 why = self.create_pages(got, missing)
-            if len(got) < n:
-                self.reclaim(n - len(got), st, wait=True)
+            if len(got) < n:  # every cached page, after waiting for its work (queried above)
+                self.reclaim(n - len(got), st, wait=True, query_first=False)
                 self.take_free(got, n)
             if len(got) < n:
                 raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
@@ -488,7 +523,12 @@ class Core:
                 yield s
 
     def reclaim(
-        self, need: int | None, first: StreamState | None, wait: bool, own: bool = True
+        self,
+        need: int | None,
+        first: StreamState | None,
+        wait: bool,
+        which: str = "all",
+        query_first: bool = True,
     ) -> int:
         """Unmap cached pages (touched by no live block) into the free pages.
 
@@ -496,13 +536,15 @@ class Core:
         first, oldest free ranges first. Pages leave a stream only once the
         events covering their last use are complete: without `wait` only those
         known or queried complete; with `wait` the pool waits on the events.
-        Returns the pages reclaimed.
+        `which` is ``"all"``, ``"others"`` (not `first`) or ``"own"`` (only
+        `first`). With `query_first` a wait is made only after a query says
+        the work is still running. Returns the pages reclaimed.
         """
         got = 0
         for st in self._order(first):
             if need is not None and got >= need:
                 break
-            if st is first and not own:
+            if (which == "others" and st is first) or (which == "own" and st is not first):
                 continue
             cands = sorted((b for b in st.by_start.values() if n_whole(b)), key=_seq)
             chosen: list[tuple[Block, int]] = []
@@ -519,9 +561,8 @@ class Core:
                 continue
             top = chosen[-1][0].seq
             if wait:
-                if not st.is_done(top, self.backend, self.ev) and not st.wait(
-                    top, self.backend, self.ev
-                ):
+                done = query_first and st.is_done(top, self.backend, self.ev)
+                if not done and not st.wait(top, self.backend, self.ev):
                     # A retired stream freed memory after its last event: only
                     # a device synchronize can tell its work is done.
                     self.sync()
