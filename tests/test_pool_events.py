@@ -194,7 +194,7 @@ def synthetic_step(seed: int, streams: int = 1) -> list[tuple[str, int, int, int
             acts.append(n)
             ops.append(("a", n, act_size, s))
             ops.append(("f", n - 1, 0, s))
-        for (_t, _a, grad, _s), i in zip(reversed(layers), reversed(acts)):
+        for (_t, _a, grad, _s), i in zip(reversed(layers), reversed(acts), strict=True):
             n += 1
             ops.append(("a", n, grad, 0))
             ops.append(("f", i, 0, 0))
