@@ -11,6 +11,7 @@ PUBLIC = {
     "Access",
     "AddressReservation",
     "Allocation",
+    "AllocationInfo",
     "ArrayView",
     "GrowableBuffer",
     "PageInfo",

@@ -54,7 +54,7 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         fill(small, 1)
         fill(large, 2)
         s = pool.stats()
-        assert s.requested_bytes == 1000 + P + 1
+        assert s.allocated_bytes == 1000 + P + 1
         assert s.in_use_bytes == 1024 + 2 * P
         assert s.live_allocations == 2 and s.total_pages == 3 and s.small_pages == 1
         assert intact(small, 1) and intact(large, 2)
@@ -62,7 +62,7 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         pool.free(large)
         assert small.freed and large.freed
         s = pool.stats()
-        assert (s.requested_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
+        assert (s.allocated_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
         assert s.cached_bytes == 3 * P
         assert (s.n_malloc, s.n_free) == (2, 2)
         pool._check()
@@ -319,7 +319,7 @@ def test_defragment_and_trim(device: vmmpool.Device) -> None:
         assert pool.trim() == 0
         keep.free()
         assert pool.trim() == P
-        assert pool.stats().reserved_bytes == 0  # empty arenas are given back too
+        assert pool.stats().address_space_bytes == 0  # empty arenas are given back too
         a = pool.malloc(3 * P)  # and the pool carries on
         a.free()
         pool._check()
@@ -641,14 +641,18 @@ def test_snapshot(device: vmmpool.Device) -> None:
         for p in snap:
             by_state.setdefault(p.state, []).append(p)
         large = [p for p in by_state["in_use"] if p.kind == "large"]
-        assert [p.owner for p in large] == [big.ptr] * 3
+        big_info = vmmpool.AllocationInfo(big.ptr, 3 * P, 2 * P + 10, 2)
+        assert [p.allocations for p in large] == [(big_info,)] * 3
         assert [p.used_bytes for p in large] == [P, P, 10] and large[0].stream == 2
         assert sorted(p.address or 0 for p in large) == [big.ptr, big.ptr + P, big.ptr + 2 * P]
         (sp,) = [p for p in by_state["in_use"] if p.kind == "small"]
-        assert sp.allocations == (small[0].ptr, small[1].ptr) and sp.used_bytes == 300
-        assert sp.owner == "small (2 live)"
-        assert [(p.owner, p.address is not None) for p in by_state["cached"]] == [("cache", True)]
-        assert [(p.owner, p.address) for p in by_state["acquired"]] == [("acquired", None)]
+        assert sp.allocations == (
+            vmmpool.AllocationInfo(small[0].ptr, 256, 100, 0),
+            vmmpool.AllocationInfo(small[1].ptr, 256, 200, 0),
+        )
+        assert sp.used_bytes == 300
+        assert [(p.allocations, p.address is not None) for p in by_state["cached"]] == [((), True)]
+        assert [(p.allocations, p.address) for p in by_state["acquired"]] == [((), None)]
         s = pool.stats()
         assert isinstance(s, PoolStats) and len(snap) == s.total_pages
         assert s.mapped_pages == len(by_state["in_use"]) + len(by_state["cached"])
@@ -665,12 +669,12 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         allocs[2].free()
         allocs[5].free()
         s = pool.stats()
-        assert s.requested_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
+        assert s.allocated_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
         assert s.in_use_bytes == 256 + 256 + 512 + P // 2 + P + 3 * P
         assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
         assert s.largest_allocatable == (16 - s.pinned_pages) * P
-        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_total_bytes == s.total_bytes
+        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_reserved_bytes == s.reserved_bytes
         for i, a in enumerate(allocs):
             if i not in (2, 5):
                 a.free()
@@ -735,7 +739,7 @@ def test_failed_fresh_mapping_changes_nothing(op: str, nth: int) -> None:
         keep.free()
         if op == "reserve":
             hold.free()
-            assert pool.stats().reserved_bytes > 64 * P
+            assert pool.stats().address_space_bytes > 64 * P
         pool._check()
     assert host.counters().live == (0, 0, 0)
 

@@ -174,7 +174,7 @@ class PoolMachine(RuleBasedStateMachine):
             return -(-a.size // P) * P
 
         assert s.live_allocations == len(self.live)
-        assert s.requested_bytes == sum(a.size for a in allocs)
+        assert s.allocated_bytes == sum(a.size for a in allocs)
         assert s.in_use_bytes == sum(rounded(a) for a in allocs) + self.n_acquired * P
         assert s.acquired_pages == self.n_acquired
         assert s.in_use_bytes - s.acquired_pages * P + s.cached_bytes == s.mapped_pages * P

@@ -128,23 +128,26 @@ import bisect
 import collections
 import itertools
 import logging
+import os
+import pickle
 import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Union
+from typing import Any, Union
 
 from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, DriverError, OutOfMemoryError
+from ._observe import AllocationInfo, History, format_summary, torch_snapshot
 from ._options import check_int, stream_key
 from ._resources import AddressReservation, ClosesOnExit, PhysicalAllocation, check_peers, create, reserve
 
-__all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats"]
+__all__ = ["ALIGNMENT", "Allocation", "AllocationInfo", "PageInfo", "PagePool", "PoolStats"]
 
 logger = logging.getLogger("vmmpool.pool")
 
@@ -164,19 +167,31 @@ _QUARANTINED = "quarantined"
 
 
 # ------------------------------------------------------------- public records
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PoolStats:
-    """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes).
+    """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes), in PyTorch's terms.
+
+    PyTorch equivalents (``torch.cuda.*``):
+
+    - ``memory_allocated()``: ``in_use_bytes`` (with rounding); its
+      ``memory_stats()["requested_bytes.all.current"]``: ``allocated_bytes``.
+    - ``memory_reserved()``: ``reserved_bytes``; ``max_memory_reserved()``:
+      ``peak_reserved_bytes``; ``max_memory_allocated()``: ``peak_in_use_bytes``.
+    - ``memory_reserved() - memory_allocated()``: ``cached_bytes +
+      free_pages * page_size``.
 
     Attributes
     ----------
-    requested_bytes : int
-        Sum of the sizes asked for by live allocations.
+    allocated_bytes : int
+        Sum of the sizes asked for by live allocations (what the program allocated).
     in_use_bytes : int
         Live allocations with their rounding (256 bytes for small, whole pages
         for large), plus pages lent by :meth:`PagePool.acquire_pages`.
+    reserved_bytes : int
+        Physical memory the pool holds: ``total_pages * page_size`` (PyTorch's
+        "reserved"; the driver allocations the pool owns, mapped or not).
     cached_bytes : int
-        Mapped but free: cached ranges and free blocks of small pages.
+        Reserved, mapped and free: cached ranges and free blocks of small pages.
     cached_blocks : int
         Number of cached ranges plus free small blocks.
     free_pages : int
@@ -186,9 +201,9 @@ class PoolStats:
     page_size : int
         Bytes per page.
     limit : int
-        The pool's limit.
-    peak_requested_bytes, peak_in_use_bytes, peak_total_bytes : int
-        Highest values of requested, in-use and ``total_pages * page_size``.
+        The pool's limit on reserved memory.
+    peak_allocated_bytes, peak_in_use_bytes, peak_reserved_bytes : int
+        Highest values of allocated, in-use and reserved bytes.
     n_malloc, n_free : int
         Successful mallocs and frees (a garbage-collected allocation counts).
     n_page_creations : int
@@ -206,7 +221,7 @@ class PoolStats:
     live_allocations : int
         Allocations not yet freed.
     mapped_pages : int
-        Pages mapped in the pool's arenas (live, small and cached).
+        Pages mapped in the pool's address space (live, small and cached).
     pinned_pages : int
         Pages that cannot be reclaimed: in live large allocations, small pages
         with a live block, acquired and quarantined pages.
@@ -218,8 +233,9 @@ class PoolStats:
         Pages carved into small blocks (with or without live blocks).
     quarantined_pages : int
         Pages whose undo failed after a driver error; never reused.
-    reserved_bytes : int
-        Virtual address space reserved in arenas.
+    address_space_bytes : int
+        Virtual address space reserved (``cuMemAddressReserve``) for the pool's
+        arenas. Addresses, not memory.
     n_page_releases : int
         Pages given back to the driver.
     n_reclaimed_pages : int
@@ -228,7 +244,7 @@ class PoolStats:
         Stream / device synchronizations made by the pool.
     """
 
-    requested_bytes: int
+    allocated_bytes: int
     in_use_bytes: int
     cached_bytes: int
     cached_blocks: int
@@ -236,9 +252,9 @@ class PoolStats:
     total_pages: int
     page_size: int
     limit: int
-    peak_requested_bytes: int
+    peak_allocated_bytes: int
     peak_in_use_bytes: int
-    peak_total_bytes: int
+    peak_reserved_bytes: int
     n_malloc: int
     n_free: int
     n_page_creations: int
@@ -252,41 +268,56 @@ class PoolStats:
     acquired_pages: int = 0
     small_pages: int = 0
     quarantined_pages: int = 0
-    reserved_bytes: int = 0
+    address_space_bytes: int = 0
     n_page_releases: int = 0
     n_reclaimed_pages: int = 0
     n_syncs: int = 0
 
     @property
-    def total_bytes(self) -> int:
-        """``total_pages * page_size``: physical memory the pool holds."""
+    def reserved_bytes(self) -> int:
+        """``total_pages * page_size``: physical memory the pool holds (PyTorch's "reserved")."""
         return self.total_pages * self.page_size
+
+    def __repr__(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / (1 << 20):.1f} MiB"
+
+        return (
+            f"PoolStats(allocated {mib(self.allocated_bytes)}, in use {mib(self.in_use_bytes)}, "
+            f"reserved {mib(self.reserved_bytes)} ({self.total_pages} pages: {self.mapped_pages} mapped, "
+            f"{self.free_pages} free), cached {mib(self.cached_bytes)} in {self.cached_blocks} blocks, "
+            f"limit {mib(self.limit)}; peaks: allocated {mib(self.peak_allocated_bytes)}, "
+            f"in use {mib(self.peak_in_use_bytes)}, reserved {mib(self.peak_reserved_bytes)}; "
+            f"{self.live_allocations} live, {self.n_malloc} mallocs, {self.n_free} frees, "
+            f"{self.n_page_creations} pages created, {self.n_remaps} remaps, {self.n_syncs} syncs, "
+            f"{self.n_ooms} OOMs)"
+        )
 
 
 @dataclass(frozen=True)
 class PageInfo:
-    """One page of a :meth:`PagePool.snapshot`.
+    """One physical page of a :meth:`PagePool.snapshot`.
 
     Attributes
     ----------
     index : int
-        The page's creation number (stable for its life).
+        The physical page: its creation number (stable for its life).
     state : str
         ``"free"`` (unmapped), ``"in_use"`` (holds live data), ``"cached"``
         (mapped, free, reusable at once), ``"acquired"`` (lent out by
         :meth:`PagePool.acquire_pages`) or ``"quarantined"``.
     address : int or None
-        Where it is mapped in the pool's arenas; ``None`` when unmapped.
-    owner : int, str or None
-        The owning allocation's pointer for a large allocation;
-        ``"small (N live)"`` for a small page with live blocks; ``"cache"``
-        for cached pages; ``"acquired"``; ``None`` for free pages.
+        The virtual address where it is mapped in the pool's address space;
+        ``None`` when unmapped (free, acquired).
     stream : int or None
-        Stream key of the allocation or cache that has the page.
+        Stream key of the allocation(s) or cache that have the page.
     kind : str or None
-        ``"large"``, ``"small"`` or ``None``.
-    allocations : tuple of int
-        Pointers of the live allocations on this page.
+        ``"large"`` (part of one large allocation or cached range),
+        ``"small"`` (carved into small blocks) or ``None``.
+    allocations : tuple of AllocationInfo
+        The live allocations on this page: address, size (with rounding),
+        requested size and stream. A large allocation is listed on each of
+        its pages.
     used_bytes : int
         Bytes of this page that live allocations asked for.
     """
@@ -294,10 +325,9 @@ class PageInfo:
     index: int
     state: str
     address: int | None
-    owner: int | str | None
     stream: int | None = None
     kind: str | None = None
-    allocations: tuple[int, ...] = ()
+    allocations: tuple[AllocationInfo, ...] = ()
     used_bytes: int = 0
 
 
@@ -547,6 +577,8 @@ class _Core:
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
+        # PagePool.record_history: None when off (one attribute test per malloc / free).
+        self.history: History | None = None
 
     # ----------------------------------------------------------- accounting
     def pinned(self) -> int:
@@ -628,6 +660,8 @@ class _Core:
             self.n_malloc += 1
             self.requested += nbytes
             self._note_peaks()
+            if self.history is not None:
+                self.history.record("alloc", rec.addr, nbytes, key)
             return rec
 
     def _malloc_small(self, st: _Stream, r: int, nbytes: int) -> _Block:
@@ -739,6 +773,11 @@ class _Core:
         self.n_live -= 1
         self.n_free += 1
         self.requested -= rec.nbytes
+        if self.history is not None:
+            # Freed memory is reused in stream order at once: requested and completed together.
+            key = rec.spage.stream.key if isinstance(rec, _Block) else rec.stream.key
+            self.history.record("free_requested", rec.addr, rec.nbytes, key)
+            self.history.record("free_completed", rec.addr, rec.nbytes, key)
         if isinstance(rec, _Block):
             self._free_small(rec)
         else:
@@ -1737,7 +1776,7 @@ class PagePool(ClosesOnExit):
             if not largest:
                 largest = biggest_small
             return PoolStats(
-                requested_bytes=core.requested,
+                allocated_bytes=core.requested,
                 in_use_bytes=core.in_use,
                 cached_bytes=cached_range_pages * P + small_free_bytes,
                 cached_blocks=n_ranges + n_small_free,
@@ -1745,9 +1784,9 @@ class PagePool(ClosesOnExit):
                 total_pages=len(core.pages),
                 page_size=P,
                 limit=core.max_pages * P,
-                peak_requested_bytes=core.peak_requested,
+                peak_allocated_bytes=core.peak_requested,
                 peak_in_use_bytes=core.peak_in_use,
-                peak_total_bytes=core.peak_total,
+                peak_reserved_bytes=core.peak_total,
                 n_malloc=core.n_malloc,
                 n_free=core.n_free,
                 n_page_creations=core.n_created,
@@ -1761,7 +1800,7 @@ class PagePool(ClosesOnExit):
                 acquired_pages=len(core.acquired),
                 small_pages=len(core.small_pages),
                 quarantined_pages=len(core.quarantine),
-                reserved_bytes=sum(a.res.size for a in core.arenas),
+                address_space_bytes=sum(a.res.size for a in core.arenas),
                 n_page_releases=core.n_released,
                 n_reclaimed_pages=core.n_reclaimed,
                 n_syncs=core.n_syncs,
@@ -1787,41 +1826,95 @@ class PagePool(ClosesOnExit):
                 return out
 
             for rng in core.live_ranges:
+                alloc = (AllocationInfo(rng.addr, rng.n * P, rng.nbytes, rng.stream.key),)
                 for i, p in enumerate(pages_of(rng.arena, rng.slot, rng.n)):
                     info[p] = PageInfo(
-                        p.index, "in_use", p.addr, rng.addr, rng.stream.key, "large",
-                        (rng.addr,), max(0, min(P, rng.nbytes - i * P)),
+                        p.index, "in_use", p.addr, rng.stream.key, "large",
+                        alloc, max(0, min(P, rng.nbytes - i * P)),
                     )
             for st in core.streams.values():
                 for rng in st.by_start.values():
                     for p in pages_of(rng.arena, rng.slot, rng.n):
-                        info[p] = PageInfo(p.index, "cached", p.addr, "cache", st.key, "large")
+                        info[p] = PageInfo(p.index, "cached", p.addr, st.key, "large")
             for sp in core.small_pages:
                 (p,) = pages_of(sp.arena, sp.slot, 1)
-                ptrs = []
+                allocs = []
                 used = 0
                 b = sp.first
                 while b is not None:
                     if b.live:
-                        ptrs.append(b.addr)
+                        allocs.append(AllocationInfo(b.addr, b.size, b.nbytes, sp.stream.key))
                         used += b.nbytes
                     b = b.next
-                if ptrs:
-                    info[p] = PageInfo(
-                        p.index, "in_use", p.addr, f"small ({len(ptrs)} live)",
-                        sp.stream.key, "small", tuple(ptrs), used,
-                    )
-                else:
-                    info[p] = PageInfo(p.index, "cached", p.addr, "cache", sp.stream.key, "small")
+                state = "in_use" if allocs else "cached"
+                info[p] = PageInfo(p.index, state, p.addr, sp.stream.key, "small", tuple(allocs), used)
             for p in core.pages.values():
                 if p not in info:
                     if p.state is _ACQUIRED:
-                        info[p] = PageInfo(p.index, "acquired", None, "acquired", p.stream)
+                        info[p] = PageInfo(p.index, "acquired", None, p.stream)
                     elif p.state is _QUARANTINED:
-                        info[p] = PageInfo(p.index, "quarantined", p.addr, None)
+                        info[p] = PageInfo(p.index, "quarantined", p.addr)
                     else:
-                        info[p] = PageInfo(p.index, "free", None, None)
+                        info[p] = PageInfo(p.index, "free", None)
             return sorted(info.values(), key=lambda i: i.index)
+
+    def record_history(
+        self, enabled: bool = True, *, max_entries: int = 100_000, stacks: bool = False
+    ) -> None:
+        """Start (or stop) recording allocation events, like ``torch.cuda.memory._record_memory_history``.
+
+        Parameters
+        ----------
+        enabled : bool
+            True starts a new history (dropping the old one); False stops and drops it.
+        max_entries : int
+            Events kept; the oldest are dropped beyond this many.
+        stacks : bool
+            Record the Python stack of each event (for the memory viewer's "frames"); costs a
+            stack walk per malloc and free.
+
+        Notes
+        -----
+        Events are ``alloc``, ``free_requested`` and ``free_completed`` with address, size,
+        stream and time; :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as
+        ``device_traces``. Recording costs one tuple append per event.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        n = check_int("max_entries", max_entries, minimum=1)
+        core = self._core
+        with core.lock:
+            core.history = History(n, bool(stacks)) if enabled else None
+
+    def memory_summary(self) -> str:
+        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``."""
+        return format_summary(self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB")
+
+    def memory_snapshot(self) -> dict[str, Any]:
+        """The pool's memory in PyTorch's snapshot format (plain dicts), as ``torch.cuda.memory._snapshot()``.
+
+        ``segments`` are the runs of consecutively mapped pages, each with its blocks (live
+        allocations ``active_allocated``, the rest ``inactive``); ``device_traces`` holds the
+        events recorded since :meth:`record_history` (empty when recording is off). See
+        :mod:`vmmpool._observe` for the exact keys.
+        """
+        pages = self.snapshot()
+        core = self._core
+        with core.lock:
+            hist = core.history
+        ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
+        settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
+        return torch_snapshot(pages, self.page_size, hist, ordinal, settings)
+
+    def dump_snapshot(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`memory_snapshot` as a pickle, like ``torch.cuda.memory._dump_snapshot``.
+
+        The file holds only plain dicts, lists, tuples, ints and strings: it opens in PyTorch's
+        memory viewer (https://pytorch.org/memory_viz) and in ``python -m vmmpool replay``.
+        """
+        snap = self.memory_snapshot()
+        with open(path, "wb") as f:
+            pickle.dump(snap, f, protocol=4)
 
     def _check(self) -> None:
         """Verify the pool's internal invariants; raise AssertionError if one is broken.
