@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if limit > free:
         print(
-            f"error: --limit {format_size(limit)} is more than the {format_size(free)} free on "
+            f"error: --limit {format_size(limit)}{' (the default)' if args.limit is None else ''} "
+            f"is more than the {format_size(free)} free on "
             f"{device} ({format_size(device.total_memory)} total); pass a smaller --limit",
             file=sys.stderr,
         )
