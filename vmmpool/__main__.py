@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 __all__ = ["main", "info"]
 
@@ -40,9 +40,20 @@ def info(out: TextIO | None = None) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vmmpool`` and the ``vmmpool`` script."""
-    parser = argparse.ArgumentParser(
+    """Entry point of ``python -m vmmpool`` and the ``vmmpool`` script.
+
+    Returns 2, after one line on stderr, for bad arguments or settings (such
+    as a malformed ``VMMPOOL_HOST_CAPACITY``).
+    """
+    parser = _Parser(
         prog="python -m vmmpool", description="CUDA virtual memory management from Python."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
+        try:
+            return info()
+        except ValueError as exc:  # a malformed setting, e.g. VMMPOOL_HOST_CAPACITY
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from ._demo import main as demo_main
 
     return demo_main(rest)

@@ -372,6 +372,8 @@ class GrowableBuffer(ClosesOnExit):
         peers: Iterable[int] = (),
     ) -> None:
         if pool is not None:
+            if not callable(getattr(pool, "acquire_pages", None)):
+                raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
             dev = pool.device
             if device is not None and Device(device) is not dev:
                 raise ValueError(f"device {Device(device)} differs from the pool's device {dev}")

@@ -89,7 +89,7 @@ def default_capacity() -> int:
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         mult = units.get(env[-1:].upper(), 1)
         digits = env[:-1] if mult > 1 else env
-        if not digits.isdigit() or int(digits) * mult < DEFAULT_GRANULARITY:
+        if not (digits.isascii() and digits.isdigit()) or int(digits) * mult < DEFAULT_GRANULARITY:
             raise ValueError(
                 f"VMMPOOL_HOST_CAPACITY must be a size of at least {DEFAULT_GRANULARITY} bytes "
                 f"like '512M' or '4G', got {env!r}"
