@@ -115,10 +115,17 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     records = []
     status = 0
     for path, tr in zip(args.traces, traces, strict=True):
-        res = R.replay(tr, device, args.limit)
-        mn = None
-        if res.completed and args.min_limit:
-            mn = R.min_limit(tr, device, default=res)
+        try:
+            res = R.replay(tr, device, args.limit)
+            mn = None
+            if res.completed and args.min_limit:
+                mn = R.min_limit(tr, device, default=res)
+        except (OSError, VmmError) as e:
+            # Not out of memory: the device itself failed (an OS limit of the
+            # host emulator, a driver error). Say so and go on.
+            sys.stderr.write(f"{prog}: {tr.name}: replay failed: {type(e).__name__}: {e}\n")
+            status = 1
+            continue
         if not res.completed:
             status = 1
         peers = R.peer_replays(path, search=args.min_limit) if device is None or not device.is_host else []

@@ -651,6 +651,11 @@ def replay(
     except OutOfMemoryError as e:
         failed = i
         error = str(e)
+    except BaseException:
+        # Anything else (an OS resource of the emulator, an interrupt): give
+        # everything back, then let it through.
+        _close_quietly(pool, handles)
+        raise
     wall = time.perf_counter() - t0
     try:
         for h in handles:
@@ -683,6 +688,17 @@ def replay(
         recorded_peak_allocated=tr.recorded_peak_allocated,
         calls=calls,
     )
+
+
+def _close_quietly(pool: Any, handles: list[Any]) -> None:
+    try:
+        for h in handles:
+            if h is not None:
+                h.free()
+    except Exception:  # noqa: BLE001 - close() below releases everything anyway
+        pass
+    handles.clear()
+    pool.close()
 
 
 @dataclass
