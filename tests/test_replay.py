@@ -127,7 +127,7 @@ def test_pickle_referencing_a_class_is_refused(tmp_path: Path, obj: object, cls:
     with pytest.raises(R.TraceError) as info:
         R.load(p)
     msg = str(info.value)
-    assert msg.startswith("evil.pickle: refused")
+    assert msg.startswith("evil.pickle: refused at byte ")
     assert cls.split(".")[-1] in msg and "class" in msg
     assert not Path("/tmp/vmmpool-replay-should-not-exist").exists()
 
@@ -136,7 +136,17 @@ def test_truncated_pickle(tmp_path: Path) -> None:
     raw = pickle.dumps(small_snapshot())
     p = tmp_path / "cut.pickle"
     p.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(R.TraceError, match=r"^cut\.pickle: .*(truncated|not a valid pickle)"):
+    with pytest.raises(R.TraceError, match=r"^cut\.pickle: truncated pickle, stopped near byte \d+ of "
+                       + str(len(raw) // 2)):
+        R.load(p)
+
+
+def test_corrupt_pickle_names_position(tmp_path: Path) -> None:
+    raw = bytearray(pickle.dumps(small_snapshot()))
+    raw[40:48] = b"\xff" * 8  # not an opcode
+    p = tmp_path / "junk.pickle"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(R.TraceError, match=r"^junk\.pickle: malformed pickle, stopped near byte \d+"):
         R.load(p)
 
 

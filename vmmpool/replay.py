@@ -216,19 +216,25 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
     p = Path(path)
     name = p.name
     try:
-        with open(p, "rb") as fh:
-            data = _NoClasses(fh).load()
-    except _Refused as e:
-        raise TraceError(
-            f"{name}: refused: the pickle references the class {e}; only plain "
-            f"dicts, lists and scalars are loaded (a class could run code)"
-        ) from None
+        fh = open(p, "rb")  # closed by the with below; its position goes in the errors
     except OSError as e:
         raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
-    except pickle.UnpicklingError as e:
-        raise TraceError(f"{name}: not a valid pickle ({e or 'truncated'})") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-        raise TraceError(f"{name}: truncated or malformed pickle ({type(e).__name__}: {e})") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            data = _NoClasses(fh).load()
+        except _Refused as e:
+            raise TraceError(
+                f"{name}: refused at byte {fh.tell()}: the pickle references the class {e}; "
+                f"only plain dicts, lists and scalars are loaded (a class could run code)"
+            ) from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, MemoryError) as e:
+            what = "truncated" if fh.tell() >= size else "malformed"
+            raise TraceError(
+                f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
+                f"({type(e).__name__}: {e})"
+            ) from None
     return snapshot_to_trace(data, name, device)
 
 
