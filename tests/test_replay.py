@@ -191,6 +191,8 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     assert tr.streams == (0, 0x55)
     assert tr.peak_live == 4194304 + 1000
     assert tr.recorded_peak_reserved is None
+    r = R.replay(tr, vmmpool.Device.emulated(64 * MiB))
+    assert r.completed and r.events == 5 and r.peak_live == tr.peak_live and r.streams == 2
 
 
 @pytest.mark.parametrize(
@@ -258,6 +260,7 @@ def test_replay_matches_model_of_live_bytes(tmp_path: Path, seed: int) -> None:
     assert r.peak_held % P == 0
     assert r.page_creations == r.peak_held // P  # pages are kept and reused, never recreated
     assert r.backend_calls == sum(r.calls.values()) > 0
+    assert "write" not in r.calls and "read" not in r.calls  # the memory is never touched
     assert dev.counters().live == (0, 0, 0)  # pool closed, nothing leaked
     assert r.wall_s > 0 and r.us_per_event > 0
     d = r.to_dict()
