@@ -746,10 +746,12 @@ def min_limit(
 ) -> MinLimit:
     """Smallest pool limit, in whole pages, at which `trace` completes.
 
-    The search runs between the peak live bytes in pages (a lower bound: no
-    pool holds live data in fewer pages) and the default run's peak pages
-    held (`default`, replayed when not given): an exponential search upward
-    from the lower bound, then bisection, each probe a fresh pool (see
+    The search runs between a lower bound, the default run's peak in-use
+    bytes in pages (at least the peak live bytes in pages: the pool's
+    rounding of a request does not depend on the limit, and pages holding
+    live data cover every byte in use), and the default run's peak pages held
+    (`default`, replayed when not given): an exponential search upward from
+    the lower bound, then bisection, each probe a fresh pool (see
     :func:`replay` for the other parameters). Completing is assumed to be
     monotonic in the limit.
 
@@ -776,7 +778,7 @@ def min_limit(
             f"({default.limit} bytes): {default.error}",
         )
     P = default.page_size
-    lo = max(1, -(-default.peak_live // P))
+    lo = max(1, -(-default.peak_live // P), -(-default.peak_in_use // P))
     hi = max(lo, -(-default.peak_held // P))
     probes: list[tuple[int, bool]] = []
     results: dict[int, ReplayResult] = {}
