@@ -252,14 +252,32 @@ class Device:
         """
         mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         if mv.nbytes:
-            self._backend.write(check_int("address", address, minimum=1), mv)
+            addr = check_int("address", address, minimum=1)
+            self._backend.check_transfer(addr, mv.nbytes, write=True)
+            self._backend.write(addr, mv)
 
     def read(self, address: int, nbytes: int) -> bytearray:
-        """Copy `nbytes` of device memory at `address` to a new ``bytearray`` (synchronous)."""
+        """Copy `nbytes` of device memory at `address` to a new ``bytearray`` (synchronous).
+
+        The range is checked against what the device can address (and, on the
+        host emulator, against its mappings) before the buffer is allocated.
+
+        Raises
+        ------
+        ValueError
+            If ``[address, address + nbytes)`` lies beyond the device's
+            addressable range.
+        DriverError
+            ``CUDA_ERROR_INVALID_VALUE`` if the host emulator finds the range
+            unmapped or without read access.
+        """
         n = check_int("nbytes", nbytes)
+        if not n:
+            return bytearray()
+        addr = check_int("address", address, minimum=1)
+        self._backend.check_transfer(addr, n, write=False)
         out = bytearray(n)
-        if n:
-            self._backend.read(check_int("address", address, minimum=1), memoryview(out))
+        self._backend.read(addr, memoryview(out))
         return out
 
     def __repr__(self) -> str:
