@@ -139,7 +139,7 @@ def test_array_view_range_must_be_addressable(host: Device) -> None:
     with pytest.raises(ValueError, match="ptr must be <= "):
         ArrayView(None, host, 1 << 64, 0)
     with pytest.raises(ValueError, match="ptr \\+ nbytes must be <= "):
-        ArrayView(None, host, ADDRESS_LIMIT - 4095, 8192)
+        ArrayView(None, host, host.address_limit - 4095, 8192)
     with pytest.raises(ValueError, match="shape entry must be <= "):
         ArrayView(None, host, 4096, 16, "uint8", shape=(1 << 64, 0))
 
@@ -325,7 +325,7 @@ def test_sizes_beyond_64_bits_rejected_before_any_driver_call(host: Device) -> N
         ("nbytes", lambda: vmmpool.reserve(1 << 64, host)),
         ("alignment", lambda: vmmpool.reserve(2 * g, host, alignment=1 << 64)),
         ("hint", lambda: vmmpool.reserve(2 * g, host, hint=1 << 64)),
-        ("hint \\+ nbytes", lambda: vmmpool.reserve(4 * g, host, hint=ADDRESS_LIMIT - g)),
+        ("hint \\+ nbytes", lambda: vmmpool.reserve(4 * g, host, hint=host.address_limit + 1 - g)),
         ("nbytes", lambda: vmmpool.create(1 << 64, host)),
         ("max_size", lambda: GrowableBuffer(max_size=1 << 64, device=host)),
         ("limit", lambda: PagePool(host, limit=1 << 64)),
@@ -342,10 +342,11 @@ def test_sizes_beyond_64_bits_rejected_before_any_driver_call(host: Device) -> N
 def test_device_address_limit_bounds_every_size(
     host: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A backend that can address 48 bits: the Python layer uses its bound.
+    # A backend that can address 48 bits (Backend.address_limit is exclusive): the Python
+    # layer uses its bound, inclusive.
     limit = (1 << 48) - 1
     monkeypatch.setattr(
-        type(host._backend), "address_limit", property(lambda self: limit), raising=False
+        type(host._backend), "address_limit", property(lambda self: 1 << 48), raising=False
     )
     assert host.address_limit == limit == address_limit(host)
     g = host.granularity
@@ -370,7 +371,7 @@ def test_address_limit_defaults_and_check_int_bounds() -> None:
             return 1 << 40
 
     assert address_limit(NoLimit()) == ADDRESS_LIMIT == (1 << 64) - 1
-    assert address_limit(MethodLimit()) == 1 << 40
+    assert address_limit(MethodLimit()) == (1 << 40) - 1  # the backend's bound is exclusive
     assert check_int("n", ADDRESS_LIMIT) == ADDRESS_LIMIT
     assert check_int("n", np.uint64(ADDRESS_LIMIT)) == ADDRESS_LIMIT
     with pytest.raises(ValueError, match="n must be <= 10"):

@@ -150,7 +150,9 @@ class Device:
                 "recommended_granularity", recommended_granularity, minimum=1, multiple=granularity
             )
         if capacity is not None:
-            capacity = check_int("capacity", capacity, multiple=granularity)
+            capacity = check_int(
+                "capacity", capacity, multiple=granularity, maximum=address_limit(HostBackend)
+            )
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__} ({name!r})")
         return cls._from_backend(
@@ -252,7 +254,7 @@ class Device:
         """
         mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         if mv.nbytes:
-            addr = check_int("address", address, minimum=1)
+            addr = check_int("address", address, minimum=1, maximum=self.address_limit)
             self._backend.check_transfer(addr, mv.nbytes, write=True)
             self._backend.write(addr, mv)
 
@@ -274,7 +276,7 @@ class Device:
         n = check_int("nbytes", nbytes)
         if not n:
             return bytearray()
-        addr = check_int("address", address, minimum=1)
+        addr = check_int("address", address, minimum=1, maximum=self.address_limit)
         self._backend.check_transfer(addr, n, write=False)
         out = bytearray(n)
         self._backend.read(addr, memoryview(out))

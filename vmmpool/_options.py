@@ -56,27 +56,38 @@ class HandleType(str, enum.Enum):
 
 
 def address_limit(device: object) -> int:
-    """The largest size, offset or address `device` can take, in bytes.
+    """The largest size, offset or address `device` can take, in bytes (inclusive).
 
     Parameters
     ----------
     device : Device or backend
-        Anything with an ``address_limit`` (an int or a method returning one),
-        directly or through its ``_backend``.
+        A backend (its ``address_limit`` attribute is the exclusive bound
+        ``Backend.address_limit``: values must lie below it), or anything with
+        one under ``_backend`` (a :class:`~vmmpool.Device`).
 
     Returns
     -------
     int
-        That bound, capped at :data:`ADDRESS_LIMIT`; :data:`ADDRESS_LIMIT` when
-        the device does not say.
+        ``address_limit - 1``, capped at :data:`ADDRESS_LIMIT`; :data:`ADDRESS_LIMIT`
+        when the device does not say.
     """
-    for obj in (device, getattr(device, "_backend", None)):
-        lim = getattr(obj, "address_limit", None) if obj is not None else None
-        if callable(lim):
-            lim = lim()
-        if isinstance(lim, int) and not isinstance(lim, bool) and lim > 0:
-            return min(lim, ADDRESS_LIMIT)
+    backend = getattr(device, "_backend", device)
+    lim = getattr(backend, "address_limit", None) if backend is not None else None
+    if callable(lim):
+        lim = lim()
+    if isinstance(lim, int) and not isinstance(lim, bool) and lim > 1:
+        return min(lim - 1, ADDRESS_LIMIT)
     return ADDRESS_LIMIT
+
+
+def _bound(n: int) -> str:
+    """``140737488355327 (2**47 - 1)``: a bound with its power-of-two form when it has one."""
+    for k in range(1, 65):
+        if n == 1 << k:
+            return f"{n} (2**{k})"
+        if n == (1 << k) - 1:
+            return f"{n} (2**{k} - 1)"
+    return str(n)
 
 
 def check_int(
@@ -123,7 +134,7 @@ def check_int(
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     if maximum is not None and n > maximum:
         raise ValueError(
-            f"{name} must be <= {maximum} (the largest the device can address), got {n}"
+            f"{name} must be <= {_bound(maximum)}, the largest the device can address, got {n}"
         )
     if multiple > 1 and n % multiple:
         raise ValueError(
