@@ -394,3 +394,25 @@ def test_cli_limit_too_small_exits_1(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "0/1 (out of memory)" in out and "five.pickle: out of memory" in out
     assert main(["replay", str(p), "--limit", "6MiB"]) == 0
+
+
+def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path: Path) -> None:
+    P = 2 << 20
+    events = [
+        {"action": "segment_alloc", "addr": 0x10000000, "size": 8 * P, "stream": 0},
+        {"action": "alloc", "addr": 0x10000000, "size": 3 * P, "stream": 0},
+        {"action": "alloc", "addr": 0x10600000, "size": P, "stream": 0},
+        {"action": "free_requested", "addr": 0x10000000, "size": 3 * P, "stream": 0},
+        {"action": "segment_free", "addr": 0x10000000, "size": 8 * P, "stream": 0},
+    ]
+    path = tmp_path / "t.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [events]}))
+    tl = vmmpool.replay.timeline(path, samples=10)
+    assert tl.completed and tl.events == [0, 1, 2]
+    assert tl.allocated == [3 * P, 4 * P, P]
+    assert tl.reserved[0] == 3 * P and tl.reserved[1] == 4 * P and tl.reserved[2] >= P
+    assert tl.recorded_reserved == [(0, 0), (0, 8 * P), (3, 0)]
+    series = tl.series()
+    assert set(series) == {
+        "allocated (live requested bytes)", "reserved: vmmpool pages held", "reserved: PyTorch, recorded run",
+    }

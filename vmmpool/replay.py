@@ -59,6 +59,7 @@ from typing import Any
 
 from ._device import Device
 from ._errors import OutOfMemoryError
+from ._options import check_int
 
 __all__ = [
     "COLUMNS",
@@ -66,6 +67,7 @@ __all__ = [
     "PEERS",
     "PeerResult",
     "ReplayResult",
+    "Timeline",
     "Trace",
     "TraceError",
     "load",
@@ -80,6 +82,7 @@ __all__ = [
     "peer_replays",
     "record",
     "replay",
+    "timeline",
 ]
 
 _GIB = 1 << 30
@@ -130,6 +133,9 @@ class Trace:
     recorded_peak_allocated: int | None = None
     source: str = "pytorch-snapshot"
     n_failed: int = 0
+    #: The recorded run's reserved bytes over the replay: ``(event index, bytes)`` at the start
+    #: and after each segment event (PyTorch snapshots only; empty otherwise).
+    recorded_reserved: tuple[tuple[int, int], ...] = ()
 
     @property
     def peak_live(self) -> int:
@@ -356,6 +362,7 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
     n_prelude = b.n_slots
     reserved = sum(final_segs.values()) - net_seg
     peak_reserved = reserved
+    reserved_series = [(len(b.events), reserved)]
     rounded = {a: s for a, (_r, s, _st) in prelude.items()}
     allocated = sum(rounded.values())
     peak_alloc = allocated
@@ -375,8 +382,10 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
             reserved += size
             if reserved > peak_reserved:
                 peak_reserved = reserved
+            reserved_series.append((len(b.events), reserved))
         else:
             reserved -= size
+            reserved_series.append((len(b.events), reserved))
     return Trace(
         name=name,
         events=tuple(b.events),
@@ -386,6 +395,7 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
         recorded_peak_reserved=peak_reserved if (final_segs or parsed) else None,
         recorded_peak_allocated=peak_alloc,
         source="pytorch-snapshot",
+        recorded_reserved=tuple(reserved_series) if (final_segs or parsed) else (),
     )
 
 
@@ -694,6 +704,104 @@ def replay(
         recorded_peak_allocated=tr.recorded_peak_allocated,
         calls=calls,
     )
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Memory over a replay, sampled: what :func:`timeline` returns.
+
+    Attributes
+    ----------
+    trace : str
+    events : list of int
+        Event index of each sample.
+    allocated : list of int
+        Live requested bytes at each sample.
+    reserved : list of int
+        Bytes of pages the pool held at each sample.
+    recorded_reserved : list of (int, int)
+        The recorded run's reserved bytes, ``(event index, bytes)`` (PyTorch snapshots).
+    completed : bool
+        False when the pool ran out of memory (the series stop there).
+    """
+
+    trace: str
+    events: list[int]
+    allocated: list[int]
+    reserved: list[int]
+    recorded_reserved: list[tuple[int, int]]
+    completed: bool
+
+    def series(self) -> dict[str, tuple[list[int], list[int]]]:
+        """The series for :func:`vmmpool.plot.memory_timeline`."""
+        out = {
+            "allocated (live requested bytes)": (self.events, self.allocated),
+            "reserved: vmmpool pages held": (self.events, self.reserved),
+        }
+        if self.recorded_reserved:
+            xs = [x for x, _ in self.recorded_reserved] + [self.events[-1] if self.events else 0]
+            ys = [y for _, y in self.recorded_reserved] + [self.recorded_reserved[-1][1]]
+            out["reserved: PyTorch, recorded run"] = (xs, ys)
+        return out
+
+
+def timeline(
+    trace: Trace | str | os.PathLike[str],
+    device: Device | str | int | None = None,
+    limit: int | None = None,
+    *,
+    samples: int = 400,
+    **pool_options: Any,
+) -> Timeline:
+    """Replay `trace` like :func:`replay` and sample allocated and reserved bytes.
+
+    Parameters
+    ----------
+    trace, device, limit
+        As for :func:`replay`.
+    samples : int
+        About how many samples to take, at evenly spaced events (for plots: a peak between
+        two samples is not shown; the figures of :func:`replay` are exact).
+
+    Returns
+    -------
+    Timeline
+    **pool_options
+        ``page_size``, ``small_threshold`` for :class:`PagePool`.
+    """
+    from ._pool import PagePool
+
+    tr = _as_trace(trace)
+    n = check_int("samples", samples, minimum=1)
+    dev = Device.emulated(emulated_capacity(tr)) if device is None else Device(device)
+    pool = PagePool(dev, limit=limit, **pool_options)
+    handles: list[Any] = [None] * tr.n_slots
+    every = max(1, len(tr.events) // n)
+    xs: list[int] = []
+    live_s: list[int] = []
+    held_s: list[int] = []
+    live = 0
+    completed = True
+    try:
+        for i, (is_free, slot, nbytes, stream) in enumerate(tr.events):
+            if is_free:
+                handles[slot].free()
+                handles[slot] = None
+                live -= nbytes
+            else:
+                try:
+                    handles[slot] = pool.malloc(nbytes, stream)
+                except OutOfMemoryError:
+                    completed = False
+                    break
+                live += nbytes
+            if i % every == 0 or i == len(tr.events) - 1:
+                xs.append(i)
+                live_s.append(live)
+                held_s.append(pool.stats().reserved_bytes)
+    finally:
+        _close_quietly(pool, handles)
+    return Timeline(tr.name, xs, live_s, held_s, list(tr.recorded_reserved), completed)
 
 
 def _close_quietly(pool: Any, handles: list[Any]) -> None:
