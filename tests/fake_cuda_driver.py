@@ -499,6 +499,8 @@ class FakeDriver:
             return (int(self.vmm_supported),)
         if attrib == _ATTR.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED:
             return (int(self.posix_fd_supported),)
+        if attrib == _ATTR.CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED:
+            return (0,)
         raise FakeDriverError(R.CUDA_ERROR_NOT_SUPPORTED, f"attribute {attrib!r} is not modelled")
 
     @_api(1)
@@ -506,7 +508,8 @@ class FakeDriver:
         d = self._device(dev)
         text = self.name if d == 0 else f"Fake peer {d} (test double)"
         raw = text.encode()[: max(_size("length", length) - 1, 0)]
-        return (raw + b"\x00" * (length - len(raw)),)  # NUL-padded like the binding
+        # Like the real binding: the name, a NUL, then the buffer's spaces.
+        return (raw + b"\x00" + b" " * max(length - len(raw) - 1, 0),)
 
     @_api(1)
     def cuDeviceTotalMem(self, dev: Any) -> tuple[Any, ...]:
