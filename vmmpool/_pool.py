@@ -661,7 +661,7 @@ class _Core:
                 break
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - deferred finalizer work must not fail the caller
+            except Exception:
                 logger.error("deferred release failed", exc_info=True)
 
     # --------------------------------------------------------------- malloc
@@ -1362,7 +1362,7 @@ def _release_held(core: _Core) -> None:
                 core.release_held()
             finally:
                 core.lock.release()
-    except Exception:  # noqa: BLE001 - finalizer: never raise
+    except Exception:
         logger.error("releasing an arena after close failed", exc_info=True)
 
 
