@@ -354,3 +354,38 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend-wide resources (contexts); resources must be closed first."""
+
+    # ---------------------------------------------------------------- events
+    # Stream-ordered reuse (issue 12): the pool records an event on the stream
+    # that freed memory and queries or waits on it before the memory leaves
+    # that stream, instead of synchronizing the whole device. Kept in one block
+    # at the end of the interface (and of OPERATIONS below).
+    @abc.abstractmethod
+    def event_record(self, stream: int) -> int:
+        """Create an event, record it on `stream` (a ``CUstream`` value) and return it.
+
+        The event completes when the work queued on `stream` before it is
+        done. It stays valid after its stream is destroyed.
+        """
+
+    @abc.abstractmethod
+    def event_query(self, event: int) -> bool:
+        """Return True when the work before `event` is done (never blocks)."""
+
+    @abc.abstractmethod
+    def event_wait(self, event: int) -> None:
+        """Block the calling thread until `event` has completed."""
+
+    @abc.abstractmethod
+    def event_destroy(self, event: int) -> None:
+        """Release `event` (legal while it is still pending)."""
+
+    def live_events(self) -> int:
+        """Events recorded and not yet destroyed (tests prove none leak)."""
+        with self._lock:
+            return getattr(self, "_live_events", 0)
+
+
+#: Event operations, appended to :data:`OPERATIONS` (fault injection accepts them).
+EVENT_OPERATIONS: tuple[str, ...] = ("event_record", "event_query", "event_wait", "event_destroy")
+OPERATIONS = (*OPERATIONS, *EVENT_OPERATIONS)

@@ -923,3 +923,65 @@ class CudaBackend(Backend):
             self._closed = True
             self._tls = threading.local()  # every thread re-checks _closed in _ctx()
             self._release_context()
+
+    # ---------------------------------------------------------------- events
+    # cuEventCreate(CU_EVENT_DISABLE_TIMING) / cuEventRecord / cuEventQuery /
+    # cuEventSynchronize / cuEventDestroy, made with this device's primary
+    # context pushed (the events belong to the device that owns the memory).
+    _events: dict[int, Any]
+    _live_events: int
+
+    def event_record(self, stream: int) -> int:
+        """Create a timing-free event and record it on `stream` (0/1 legacy, 2 per-thread)."""
+        self._enter("event_record")
+        self._ctx()
+        drv = self._drv
+        self._push()
+        try:
+            flags = drv.CUevent_flags.CU_EVENT_DISABLE_TIMING
+            ev = _check(drv.cuEventCreate(int(flags)), "event_record", self)
+            try:
+                _check(drv.cuEventRecord(ev, int(stream)), "event_record", self)
+            except BaseException:
+                drv.cuEventDestroy(ev)
+                raise
+        finally:
+            self._pop()
+        h = int(ev)
+        with self._lock:
+            events = getattr(self, "_events", None)
+            if events is None:
+                events = self._events = {}
+            events[h] = ev
+            self._live_events = len(events)
+        return h
+
+    def _event_obj(self, op: str, event: int) -> Any:
+        ev = getattr(self, "_events", {}).get(event)
+        if ev is None:
+            raise DriverError("CUDA_ERROR_INVALID_HANDLE", f"{event:#x} is not a live event", operation=op)
+        return ev
+
+    def event_query(self, event: int) -> bool:
+        """True when the work before `event` is done (``CUDA_ERROR_NOT_READY``: False)."""
+        self._enter("event_query")
+        drv = self._drv
+        (err,) = drv.cuEventQuery(self._event_obj("event_query", event))
+        if err == drv.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        _check((err,), "event_query", self)
+        return True
+
+    def event_wait(self, event: int) -> None:
+        """Block until `event` completes (``cuEventSynchronize``)."""
+        self._enter("event_wait")
+        _check(self._drv.cuEventSynchronize(self._event_obj("event_wait", event)), "event_wait", self)
+
+    def event_destroy(self, event: int) -> None:
+        """Destroy `event` (``cuEventDestroy``; legal while it is pending)."""
+        self._enter("event_destroy")
+        ev = self._event_obj("event_destroy", event)
+        _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
+        with self._lock:
+            del self._events[event]
+            self._live_events = len(self._events)

@@ -50,12 +50,13 @@ at ``create`` time, exactly where the driver reports it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .._errors import DriverError, OutOfMemoryError
 from .._options import Access
@@ -778,3 +779,88 @@ class HostBackend(Backend):
             for c in [c for c in self._chunks if c.empty]:
                 self._chunks.remove(c)
                 os.close(c.fd)
+
+    # ---------------------------------------------------------------- events
+    # Host work is synchronous, so by itself every event completes at once. A
+    # test can hold a stream's work pending (hold_stream / holding): events
+    # recorded on it then stay incomplete until release_stream. Waiting on such
+    # an event models a GPU that finishes the work: the wait completes it (the
+    # stream's hold ends), and the wait is counted like every call.
+    _ev: tuple[dict[int, list[int]], dict[int, tuple[int, bool]], set[int]]
+    _live_events: int
+
+    def _event_state(self) -> tuple[dict[int, list[int]], dict[int, tuple[int, bool]], set[int]]:
+        st = getattr(self, "_ev", None)
+        if st is None:
+            # held stream -> pending events; event -> (stream, done); held streams
+            st = self._ev = ({}, {}, set())
+        return st
+
+    def hold_stream(self, stream: int) -> None:
+        """Keep events recorded on `stream` from now on incomplete (test hook)."""
+        with self._lock:
+            _pending, _events, held = self._event_state()
+            held.add(int(stream))
+
+    def release_stream(self, stream: int) -> None:
+        """Complete `stream`'s pending work: its events become complete (test hook)."""
+        with self._lock:
+            pending, events, held = self._event_state()
+            s = int(stream)
+            held.discard(s)
+            for ev in pending.pop(s, []):
+                if ev in events:
+                    events[ev] = (s, True)
+
+    @contextlib.contextmanager
+    def holding(self, *streams: int) -> Iterator[None]:
+        """Context manager: hold `streams` pending inside the block, release them after."""
+        for s in streams:
+            self.hold_stream(s)
+        try:
+            yield
+        finally:
+            for s in streams:
+                self.release_stream(s)
+
+    def event_record(self, stream: int) -> int:
+        self._enter("event_record")
+        with self._lock:
+            pending, events, held = self._event_state()
+            s = int(stream)
+            ev = next(self._next_handle)
+            done = s not in held
+            events[ev] = (s, done)
+            if not done:
+                pending.setdefault(s, []).append(ev)
+            self._live_events = getattr(self, "_live_events", 0) + 1
+            return ev
+
+    def _event(self, op: str, event: int) -> tuple[int, bool]:
+        _pending, events, _held = self._event_state()
+        rec = events.get(event)
+        if rec is None:
+            raise _invalid(op, f"{event:#x} is not a live event")
+        return rec
+
+    def event_query(self, event: int) -> bool:
+        self._enter("event_query")
+        with self._lock:
+            return self._event("event_query", event)[1]
+
+    def event_wait(self, event: int) -> None:
+        self._enter("event_wait")
+        with self._lock:
+            s, done = self._event("event_wait", event)
+            if not done:
+                self.release_stream(s)
+
+    def event_destroy(self, event: int) -> None:
+        self._enter("event_destroy")
+        with self._lock:
+            pending, events, _held = self._event_state()
+            s, _done = self._event("event_destroy", event)
+            del events[event]
+            if event in pending.get(s, ()):
+                pending[s].remove(event)
+            self._live_events -= 1
