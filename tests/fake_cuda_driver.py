@@ -220,6 +220,8 @@ class FakeDriver:
     CUmemAccess_flags = real.CUmemAccess_flags
     CUmemAllocationGranularity_flags = real.CUmemAllocationGranularity_flags
     CUdevice_attribute = real.CUdevice_attribute
+    CUevent = real.CUevent
+    CUevent_flags = real.CUevent_flags
 
     def __init__(
         self,
@@ -581,6 +583,48 @@ class FakeDriver:
             raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
         with self._lock:
             self.syncs.append(("stream", s, device))
+        return ()
+
+    # ------------------------------------------------------------------ events
+    @_api(1)
+    def cuEventCreate(self, Flags: Any) -> tuple[Any, ...]:
+        self._need_context()
+        with self._lock:
+            self._next_event = getattr(self, "_next_event", 0x7E000) + 0x10
+            h = self._next_event
+            self.events: dict[int, bool] = getattr(self, "events", {})
+            self.events[h] = False
+        return (real.CUevent(h),)
+
+    def _event(self, hEvent: Any) -> int:
+        h = _int(hEvent)
+        if h not in getattr(self, "events", {}):
+            raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} does not exist")
+        return h
+
+    @_api(0)
+    def cuEventRecord(self, hEvent: Any, hStream: Any) -> tuple[Any, ...]:
+        h = self._event(hEvent)
+        with self._lock:
+            self.events[h] = True  # host work is synchronous: complete once recorded
+        return ()
+
+    @_api(0)
+    def cuEventQuery(self, hEvent: Any) -> tuple[Any, ...]:
+        if not self.events[self._event(hEvent)]:
+            raise FakeDriverError(R.CUDA_ERROR_NOT_READY, "not recorded yet")
+        return ()
+
+    @_api(0)
+    def cuEventSynchronize(self, hEvent: Any) -> tuple[Any, ...]:
+        self._event(hEvent)
+        return ()
+
+    @_api(0)
+    def cuEventDestroy(self, hEvent: Any) -> tuple[Any, ...]:
+        h = self._event(hEvent)
+        with self._lock:
+            del self.events[h]
         return ()
 
     # -------------------------------------------------------------- VMM calls

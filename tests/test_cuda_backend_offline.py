@@ -991,3 +991,15 @@ def test_free_racing_a_create_that_reuses_the_handle_value(
             )
     finally:
         b.close()
+
+
+def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver) -> None:
+    ev = backend.event_record(0)
+    assert backend.live_events() == 1 and len(fake.events) == 1
+    assert backend.event_query(ev) is True
+    backend.event_wait(ev)
+    backend.event_destroy(ev)
+    assert backend.live_events() == 0 and fake.events == {}
+    with pytest.raises(vmmpool.DriverError) as info:
+        backend.event_query(ev)
+    assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"

@@ -126,6 +126,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import itertools
 import logging
 import os
@@ -1366,6 +1367,24 @@ def _release_held(core: _Core) -> None:
         logger.error("releasing an arena after close failed", exc_info=True)
 
 
+def _collect_garbage(core: _Core) -> bool:
+    """After an out-of-memory: collect reference cycles (they may hold allocations or buffers).
+
+    Runs the cyclic garbage collector (never under the pool's lock), then the releases its
+    finalizers deferred. Returns True when it found garbage, so the caller retries once; the
+    failed attempt is then not counted in ``n_ooms``.
+    """
+    if not gc.collect():
+        return False
+    if core.tasks:
+        core.run_tasks()
+    with core.lock:
+        core.n_ooms -= 1
+        if core.pending and not core.closed:
+            core.drain()
+    return True
+
+
 def _close_quietly(core: _Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
     # section of this very pool (a drain): never block on the lock.
@@ -1682,7 +1701,12 @@ class PagePool(ClosesOnExit):
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         key = 0 if stream is None else stream_key(stream)
         core = self._core
-        rec = core.malloc(nbytes, key)
+        try:
+            rec = core.malloc(nbytes, key)
+        except OutOfMemoryError:
+            if not _collect_garbage(core):
+                raise
+            rec = core.malloc(nbytes, key)  # garbage held memory: once more
         a = Allocation.__new__(Allocation)
         a.ptr = rec.addr
         a.size = nbytes
@@ -1757,6 +1781,14 @@ class PagePool(ClosesOnExit):
         """
         n = check_int("count", count)
         key = 0 if stream is None else stream_key(stream)
+        try:
+            return self._acquire(n, key)
+        except OutOfMemoryError:
+            if not _collect_garbage(self._core):
+                raise
+            return self._acquire(n, key)
+
+    def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
         if core.tasks:
             core.run_tasks()
