@@ -466,6 +466,11 @@ class GrowableBuffer(ClosesOnExit):
         return self._live().res.address
 
     @property
+    def address(self) -> int:
+        """The same as :attr:`ptr`: every vmmpool object names its first byte ``address``."""
+        return self._live().res.address
+
+    @property
     def size(self) -> int:
         """Bytes in use (what :meth:`resize` set)."""
         return self._live().size

@@ -510,6 +510,11 @@ class ArrayView:
 
     # ------------------------------------------------------------------ facts
     @property
+    def address(self) -> int:
+        """Device address of the view's first byte: the same as :attr:`ptr`."""
+        return self.ptr
+
+    @property
     def ndim(self) -> int:
         """Number of dimensions."""
         return len(self.shape)

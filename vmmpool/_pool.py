@@ -1435,6 +1435,11 @@ class Allocation:
     _rec: _Rec | None
     _views: weakref.WeakSet[ArrayView] | None
 
+    @property
+    def address(self) -> int:
+        """Device address of the first byte: the same as :attr:`ptr` (CuPy's spelling)."""
+        return self.ptr
+
     def free(self) -> None:
         """Give the memory back to the pool (its stream's cache).
 
