@@ -306,6 +306,21 @@ class _State:
         self.size = 0
 
 
+def _release(state: _State) -> None:
+    """The buffer's finalizer: free `state`, never blocking on a pool's lock.
+
+    With a pool that can defer work (``PagePool._defer``), the release is
+    queued for the pool's next call: the garbage collector may run this inside
+    a locked section of that pool, or in the middle of a backend call. Without
+    one it is done here.
+    """
+    defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
+    if defer is not None:
+        defer(state.free)
+    else:
+        state.free()
+
+
 class GrowableBuffer(ClosesOnExit):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
@@ -398,7 +413,7 @@ class GrowableBuffer(ClosesOnExit):
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
-        self._fin = safety_finalizer(self, self._state.free)
+        self._fin = safety_finalizer(self, _release, self._state)
         if initial:
             try:
                 self.resize(initial)
@@ -653,14 +668,25 @@ class GrowableBuffer(ClosesOnExit):
                     for v in views:
                         safety_finalizer(v, self._free_when_unused)
                 return
-            self._state.free()
-            self._fin.detach()
+            # Take over the release from the finalizer atomically (the last
+            # view's finalizer may race with us); re-arm it if a step fails.
+            if self._fin.detach() is None:
+                return
+            try:
+                self._state.free()
+            except BaseException:
+                self._fin = safety_finalizer(self, _release, self._state)
+                raise
 
     def _free_when_unused(self) -> None:
-        """After a deferred close: free once the last view is gone (runs as a finalizer)."""
-        with self._lock:
-            if self._fin.alive and not any(True for _ in self._views):
-                self._fin()  # state.free(), once, never raising
+        """After a deferred close: free once the last view is gone (runs as a finalizer).
+
+        It may run from the garbage collector inside a locked section of this
+        buffer or of its pool, in any thread: it takes no lock. Detaching the
+        finalizer is atomic, so exactly one of this and ``close()`` frees.
+        """
+        if not any(True for _ in self._views) and self._fin.detach() is not None:
+            _release(self._state)
 
     def __enter__(self) -> GrowableBuffer:
         self._live()

@@ -131,7 +131,7 @@ import logging
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Union
@@ -493,6 +493,8 @@ def _collected(ref: _Ref) -> None:
                 core.drain()
             finally:
                 core.lock.release()
+            if core.want_close:
+                _close_quietly(core)
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
 
@@ -519,6 +521,16 @@ class _Core:
         self.peers = access_devices[1:]
         self.closed = False
         self.pending: collections.deque[_Ref] = collections.deque()
+        # Work that finalizers queued and that needs the backend or the lock
+        # (a garbage-collected GrowableBuffer's release): run by the next
+        # public call, before it takes the lock, never from a finalizer.
+        self.tasks: collections.deque[Callable[[], object]] = collections.deque()
+        # Set by the pool's finalizer when the lock was busy; the next drain closes.
+        self.want_close = False
+        # After close: arenas kept mapped for views that still use them.
+        self.held: dict[_Arena, None] = {}
+        self.held_views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+        self.synced = False
         self.index = itertools.count()
         # pages
         self.pages: dict[PhysicalAllocation, _Page] = {}
@@ -607,8 +619,23 @@ class _Core:
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
 
+    def run_tasks(self) -> None:
+        """Run the work finalizers deferred (lock NOT held: a task may call the pool)."""
+        tasks = self.tasks
+        while tasks:
+            try:
+                fn = tasks.popleft()
+            except IndexError:  # pragma: no cover - emptied by another thread
+                break
+            try:
+                fn()
+            except Exception:
+                logger.error("deferred release failed", exc_info=True)
+
     # --------------------------------------------------------------- malloc
     def malloc(self, nbytes: int, key: int) -> _Rec:
+        if self.tasks:
+            self.run_tasks()
         with self.lock:
             if self.pending:
                 self.drain()
@@ -745,6 +772,8 @@ class _Core:
             self._free_large(rec)
 
     def free(self, rec: _Rec, owner: Allocation) -> None:
+        if self.tasks:
+            self.run_tasks()
         with self.lock:
             if self.pending:
                 self.drain()
@@ -1185,53 +1214,128 @@ class _Core:
 
     # ---------------------------------------------------------------- close
     def close(self) -> None:
+        """Release every driver resource; resumable after a failure.
+
+        Live allocations are invalidated at once. An arena holding an
+        allocation that a view (an array, a DLPack capsule) still uses stays
+        mapped until the last such view is gone; its pages' handles are
+        released now (the memory lives while mapped, rule 7). If a release
+        fails, the error propagates and calling ``close()`` again resumes.
+        """
         with self.lock:
-            if self.closed:
+            if self.closed and not self.arenas and not self.pages:
                 return
-            self.closed = True
-            self.pending.clear()
+            if not self.closed:
+                self.closed = True
+                self.pending.clear()
+                self._invalidate()
             errors: list[BaseException] = []
-            if self.arenas:
-                try:  # rule 8: nothing is unmapped under running kernels
-                    self._sync()
+            if self.held:
+                try:
+                    self.release_held()
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
+            if not self.synced and self.arenas:
+                try:  # rule 8: nothing is unmapped under running kernels
+                    self._sync()
+                    self.synced = True
+                except Exception as err:  # noqa: BLE001 - keep releasing
+                    errors.append(err)
+            keep: list[_Arena] = []
             for arena in self.arenas:
+                if arena in self.held:
+                    keep.append(arena)
+                    continue
                 try:
                     arena.res.close()
                 except Exception as err:  # noqa: BLE001
                     errors.append(err)
-            for page in self.pages.values():
+                    keep.append(arena)
+            self.arenas = keep
+            for phys in list(self.pages):
                 try:
-                    page.phys.close()
+                    phys.close()
                 except Exception as err:  # noqa: BLE001
                     errors.append(err)
-            for rng in self.live_ranges:
-                rng.live = False
-                rng.ref = None
-            for sp in self.small_pages:
-                b = sp.first
-                while b is not None:
-                    b.live = False
-                    b.ref = None
-                    b = b.next
-            self.arenas.clear()
-            self.pages.clear()
-            self.free_pages.clear()
-            self.acquired.clear()
-            self.quarantine.clear()
-            self.streams.clear()
-            self.live_ranges.clear()
-            self.small_pages.clear()
-            self.empty_small.clear()
-            self.live_large_pages = self.n_live = self.requested = self.in_use = 0
+                else:
+                    del self.pages[phys]
         if errors:
             raise errors[0]
 
+    def _invalidate(self) -> None:
+        """First close: mark every live block dead, note the arenas views still use."""
+        views: list[ArrayView] = []
+
+        def note(rec: _Rec, arena: _Arena) -> None:
+            ref = rec.ref
+            a = ref() if ref is not None else None
+            if a is not None and a._views:
+                vs = list(a._views)
+                if vs:
+                    self.held[arena] = None
+                    views.extend(vs)
+            rec.live = False
+            rec.ref = None
+
+        for rng in self.live_ranges:
+            note(rng, rng.arena)
+        for sp in self.small_pages:
+            b = sp.first
+            while b is not None:
+                if b.live:
+                    note(b, sp.arena)
+                b = b.next
+        self.free_pages.clear()
+        self.acquired.clear()
+        self.quarantine.clear()
+        self.streams.clear()
+        self.live_ranges.clear()
+        self.small_pages.clear()
+        self.empty_small.clear()
+        self.live_large_pages = self.n_live = self.requested = self.in_use = 0
+        if views:
+            logger.info(
+                "close: %d arena(s) stay mapped until %d view(s) are gone", len(self.held), len(views)
+            )
+            for v in views:
+                self.held_views.add(v)
+                fin = weakref.finalize(v, _release_held, self)
+                fin.atexit = False
+
+    def release_held(self) -> None:
+        """After close: unmap and free the arenas views kept, once no view is left."""
+        if not self.held or any(True for _ in self.held_views):
+            return
+        self._sync()  # rule 8: the views' last kernels may still run
+        for arena in list(self.held):
+            arena.res.close()  # unmaps and frees; pages' handles were released
+            del self.held[arena]
+            if arena in self.arenas:
+                self.arenas.remove(arena)
+
+
+def _release_held(core: _Core) -> None:
+    # A view's finalizer after close (any thread, possibly inside the GC):
+    # never block; a concurrent close() retry releases what is left.
+    try:
+        if core.lock.acquire(False):
+            try:
+                core.release_held()
+            finally:
+                core.lock.release()
+    except Exception:
+        logger.error("releasing an arena after close failed", exc_info=True)
+
 
 def _close_quietly(core: _Core) -> None:
+    # The pool's finalizer: may run from the garbage collector inside a locked
+    # section of this very pool (a drain): never block on the lock.
     try:
-        core.close()
+        if core.lock.acquire(False):
+            core.lock.release()
+            core.close()
+        else:
+            core.want_close = True
     except Exception:  # noqa: BLE001 - finalizer: never raise
         pass
 
@@ -1318,6 +1422,8 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
+        if self.pool._core.closed:
+            raise ClosedError("PagePool")
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
@@ -1485,6 +1591,8 @@ class PagePool(ClosesOnExit):
         """
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -1569,6 +1677,17 @@ class PagePool(ClosesOnExit):
             )
         allocation.free()
 
+    def _defer(self, fn: Callable[[], object]) -> None:
+        """Queue `fn` for the next pool call (safe from finalizers: never blocks).
+
+        A garbage-collected :class:`~vmmpool.GrowableBuffer` gives its pages
+        back this way: its finalizer may run inside a locked section of this
+        pool (the garbage collector runs wherever an object is allocated), so
+        it must not take the lock or call the backend there. The next public
+        call of this pool runs `fn` before taking its lock.
+        """
+        self._core.tasks.append(fn)
+
     # ------------------------------------------------------------ page level
     def acquire_pages(self, count: int, stream: object = None) -> list[PhysicalAllocation]:
         """Take `count` whole pages out of the pool for the caller to map.
@@ -1600,6 +1719,8 @@ class PagePool(ClosesOnExit):
         n = check_int("count", count)
         key = 0 if stream is None else stream_key(stream)
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -1634,6 +1755,8 @@ class PagePool(ClosesOnExit):
         """
         items = list(pages)
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -1672,6 +1795,8 @@ class PagePool(ClosesOnExit):
         pages with live blocks and live allocations stay where they are.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -1695,6 +1820,8 @@ class PagePool(ClosesOnExit):
             Bytes of physical memory given back.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -1714,6 +1841,8 @@ class PagePool(ClosesOnExit):
         """Return the pool's accounting (see :class:`PoolStats`)."""
         core = self._core
         P = self.page_size
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
@@ -1774,6 +1903,8 @@ class PagePool(ClosesOnExit):
         """
         core = self._core
         P = self.page_size
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
@@ -1829,6 +1960,8 @@ class PagePool(ClosesOnExit):
         Walks every page and block (slow): for tests and debugging.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
@@ -1836,17 +1969,24 @@ class PagePool(ClosesOnExit):
 
     # -------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Release every driver resource (idempotent).
+        """Release every driver resource (idempotent, resumable).
 
         The device is synchronized once, every arena unmapped and freed, every
         page released. Live allocations are invalidated: their pointers
-        dangle, ``free()`` does nothing. Pages lent by :meth:`acquire_pages`
-        lose the pool's reference; their memory lives until the caller unmaps
-        them (driver rule 7) and ``release_pages`` becomes a no-op.
+        dangle, ``free()`` does nothing, ``view()`` raises
+        :class:`~vmmpool.ClosedError`. An arena holding an allocation that a
+        view (or an array or DLPack capsule made from one) still uses stays
+        mapped until the last such view is gone, so those arrays stay valid.
+        Pages lent by :meth:`acquire_pages` lose the pool's reference; their
+        memory lives until the caller unmaps them (driver rule 7) and
+        ``release_pages`` becomes a no-op. If a driver call fails, the error
+        propagates and calling ``close()`` again releases what is left.
         """
-        try:
-            self._core.close()
-        finally:
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        core.close()  # raises on failure: the finalizer stays armed, close() resumes
+        if not core.arenas and not core.pages:
             self._fin.detach()
 
     def __enter__(self) -> PagePool:
