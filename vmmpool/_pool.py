@@ -486,6 +486,8 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
+            if core.held:
+                _release_held(core)
             return
         core.pending.append(ref)
         if core.lock.acquire(False):
@@ -529,8 +531,9 @@ class _Core:
         self.want_close = False
         # After close: arenas kept mapped for views that still use them.
         self.held: dict[_Arena, None] = {}
-        self.held_views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+        self.held_views: weakref.WeakSet[ArrayView | Allocation] = weakref.WeakSet()
         self.synced = False
+        self.held_refs: list[_Ref] = []
         self.index = itertools.count()
         # pages
         self.pages: dict[PhysicalAllocation, _Page] = {}
@@ -573,22 +576,47 @@ class _Core:
     def cached_range_pages(self) -> int:
         return sum(r.n for st in self.streams.values() for r in st.by_start.values())
 
+    def cached_bytes(self) -> int:
+        """Mapped but free bytes, as :meth:`PagePool.stats` reports them."""
+        small = sum(sz * len(b) for st in self.streams.values() for sz, b in st.sbins.items())
+        return self.cached_range_pages() * self.P + small
+
     def _oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+        # Built from the state the caller leaves behind (after any undo), so
+        # that it agrees with a stats() taken right after.
         self.n_ooms += 1
         P = self.P
         pinned = self.pinned()
         reclaimable = self.cached_range_pages() + len(self.empty_small)
+        cached = self.cached_bytes()
         msg = (
-            f"page pool on {self.device}: {n} page(s) of {P} bytes needed, {pinned} of "
+            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
+            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
             f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
             f"{len(self.free_pages)} free"
         )
         if why:
             msg = f"{msg}; {why}"
         logger.info("out of memory: %s", msg)
-        return OutOfMemoryError(
-            nbytes, pinned * P, self.max_pages * P, cached=reclaimable * P, message=msg
-        )
+        return OutOfMemoryError(nbytes, self.in_use, self.max_pages * P, cached=cached, message=msg)
+
+    def over_limit(self) -> bool:
+        return len(self.pages) > self.max_pages
+
+    def enforce_limit(self) -> None:
+        """Give pages above the limit back (after the limit was lowered); lock held.
+
+        Free pages first, then cached ones (device synchronized, unmapped).
+        Best effort: a failure is logged and retried by the next operation.
+        """
+        try:
+            excess = len(self.pages) - self.max_pages
+            if excess > 0:
+                excess -= self.release_free(excess)
+            if excess > 0 and self.reclaim(excess):
+                self.release_free(excess)
+        except Exception:
+            logger.warning("giving pages above the limit back failed; retried later", exc_info=True)
 
     def _note_peaks(self) -> None:
         if self.requested > self.peak_requested:
@@ -641,6 +669,8 @@ class _Core:
                 self.drain()
             if self.closed:
                 raise ClosedError("PagePool")
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
             st = self.streams.get(key)
             if st is None:
                 st = self._stream(key)
@@ -785,6 +815,8 @@ class _Core:
                 # another allocation by now): never touch it.
                 raise ValueError(f"allocation at {rec.addr:#x} was already freed")
             self.free_rec(rec)
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
 
     def _free_small(self, b: _Block) -> None:
         self.in_use -= b.size
@@ -881,11 +913,12 @@ class _Core:
                         "remap: unmapped %d cached page(s) to map a range of %d page(s)",
                         reclaimed, n,
                     )
-            if len(got) < n:
-                raise self._oom(nbytes, n, why or "no free, creatable or cached page left")
         except BaseException:
             free.extend(got)
             raise
+        if len(got) < n:
+            free.extend(got)
+            raise self._oom(nbytes, n, why or "no free, creatable or cached page left")
         return got
 
     def _create_page(self) -> _Page:
@@ -1269,7 +1302,12 @@ class _Core:
         def note(rec: _Rec, arena: _Arena) -> None:
             ref = rec.ref
             a = ref() if ref is not None else None
-            if a is not None and a._views:
+            if a is not None and a._hold:
+                self.held[arena] = None
+                self.held_views.add(a)
+                assert ref is not None
+                self.held_refs.append(ref)  # keep it: its callback releases the arena
+            elif a is not None and a._views:
                 vs = list(a._views)
                 if vs:
                     self.held[arena] = None
@@ -1312,6 +1350,7 @@ class _Core:
             del self.held[arena]
             if arena in self.arenas:
                 self.arenas.remove(arena)
+        self.held_refs.clear()
 
 
 def _release_held(core: _Core) -> None:
@@ -1367,7 +1406,7 @@ class Allocation:
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "_hold", "__weakref__")
 
     ptr: int
     size: int
@@ -1376,6 +1415,9 @@ class Allocation:
     pool: PagePool
     _rec: _Rec | None
     _views: weakref.WeakSet[ArrayView] | None
+    #: True when something outside the pool uses the memory for as long as the
+    #: object lives (CuPy's ``UnownedMemory``): ``close()`` then keeps it mapped.
+    _hold: bool
 
     def free(self) -> None:
         """Give the memory back to the pool (its stream's cache).
@@ -1471,7 +1513,8 @@ class PagePool(ClosesOnExit):
         Where the memory lives; :func:`~vmmpool.default_device` when omitted.
     limit : int, optional
         Most physical bytes the pool may hold, rounded down to `page_size`.
-        Default: the device's total memory.
+        Default, and most: the device's total memory (a larger limit is
+        clamped to it).
     page_size : int, optional
         Bytes per page; a multiple of the device's granularity (the default).
     preallocate : int
@@ -1554,9 +1597,12 @@ class PagePool(ClosesOnExit):
 
     @staticmethod
     def _max_pages(dev: Device, P: int, limit: object) -> int:
+        total = dev.total_memory
         if limit is None:
-            return dev.total_memory // P
-        return check_int("limit", limit) // P
+            return total // P
+        # Clamped: above what the device has, largest_allocatable would promise
+        # memory the device cannot give.
+        return min(check_int("limit", limit), total) // P
 
     # ------------------------------------------------------------ properties
     @property
@@ -1586,8 +1632,16 @@ class PagePool(ClosesOnExit):
         Notes
         -----
         Pages above the new limit are given back to the driver: free pages
-        first, then cached pages (their streams are synchronized and the pages
-        unmapped). Pages holding live data stay.
+        first, then cached pages (the device is synchronized and the pages
+        unmapped). Pages holding live data stay; when they are freed later,
+        those above the limit are given back at once (the cache never keeps
+        the pool above its limit once usage drops).
+
+        If a driver call fails, the error propagates and the old limit stays
+        in force: no allocation changed, pages already given back (free ones)
+        or unmapped (cached ones, now free pages) stay so, and calling
+        ``set_limit`` again resumes. A limit above the device's total memory
+        is clamped to it.
         """
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
@@ -1598,13 +1652,18 @@ class PagePool(ClosesOnExit):
                 core.drain()
             if core.closed:
                 raise ClosedError("PagePool")
+            old = core.max_pages
             core.max_pages = max_pages
-            excess = len(core.pages) - max_pages
-            if excess > 0:
-                excess -= core.release_free(excess)
-            if excess > 0:
-                core.reclaim(excess)
-                core.release_free(excess)
+            try:
+                excess = len(core.pages) - max_pages
+                if excess > 0:
+                    excess -= core.release_free(excess)
+                if excess > 0:
+                    core.reclaim(excess)
+                    core.release_free(excess)
+            except BaseException:
+                core.max_pages = old  # the old limit stays; a retry resumes
+                raise
             logger.info(
                 "limit set to %d bytes (%d pages); the pool holds %d pages",
                 max_pages * self.page_size, max_pages, len(core.pages),
@@ -1652,6 +1711,7 @@ class PagePool(ClosesOnExit):
         a.pool = self
         a._rec = rec
         a._views = None
+        a._hold = False
         ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
@@ -1846,6 +1906,8 @@ class PagePool(ClosesOnExit):
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
+            if not core.closed and len(core.pages) > core.max_pages:
+                core.enforce_limit()
             cached_range_pages = 0
             n_ranges = 0
             small_free_bytes = 0
