@@ -163,3 +163,36 @@ def test_sweep_counts() -> None:
     total = sum(FIRED.values())
     print(f"fault cases fired: {total} over {len(FIRED)} operations: {FIRED}")
     assert total >= 100
+
+
+def test_map_out_of_memory_reclaims_cached_pages_and_retries() -> None:
+    """Issue 8 item 7: a mapping failing for lack of resources gives cached mappings back first."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with PagePool(dev, limit=12 * P) as pool:
+        keep = pool.malloc(P)
+        dev.write(keep.ptr, b"keep")
+        pool.malloc(3 * P, stream=1).free()
+        dev._backend.inject_fault("map", nth=1, name="CUDA_ERROR_OUT_OF_MEMORY")
+        a = pool.malloc(4 * P, stream=2)  # not an error: the cache is reclaimed, then mapped
+        s = pool.stats()
+        assert s.reclaimable_pages == 0 and s.quarantined_pages == 0
+        assert bytes(dev.read(keep.ptr, 4)) == b"keep"
+        pool._check()
+        a.free()
+        keep.free()
+
+
+def test_failed_undo_quarantines_only_what_stays_mapped() -> None:
+    """Issue 8 item 7: the batched undo unmap fails; the per-page unmaps restore every page."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with PagePool(dev, limit=12 * P) as pool:
+        dev._backend.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+        dev._backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.malloc(4 * P)
+        dev._backend.clear_faults()
+        s = pool.stats()
+        assert s.quarantined_pages == 0, s
+        assert s.free_pages == 4
+        pool._check()
+        pool.malloc(4 * P).free()

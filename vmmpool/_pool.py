@@ -871,6 +871,22 @@ class _Core:
         pages = self.gather(n, nbytes)
         try:
             return self._place(pages, st.key)
+        except OutOfMemoryError:
+            # The driver (or the OS under the emulator) ran out of what a
+            # mapping needs: give the cached mappings back and try once more.
+            if any(p.state is not _FREE for p in pages) or not (
+                self.empty_small or any(st0.by_start for st0 in self.streams.values())
+            ):
+                self._unfree(pages)
+                raise
+            try:
+                if not self.reclaim(None):
+                    raise
+                logger.info("map ran out of memory: reclaimed cached pages, retrying")
+                return self._place(pages, st.key)
+            except BaseException:
+                self._unfree(pages)
+                raise
         except BaseException:
             self._unfree(pages)
             raise
@@ -951,13 +967,24 @@ class _Core:
                 try:
                     res.unmap(off, done * P)
                 except Exception:  # the original error wins (re-raised below)
+                    # One unmap per page then (each page is its own mapping):
+                    # quarantine only the pages that really stay mapped.
                     undone = False
-                    logger.error("undo failed: %d page(s) quarantined", done, exc_info=True)
+                    stuck = 0
                     for i, p in enumerate(pages[:done]):
-                        p.state = _QUARANTINED
-                        p.addr = arena.base + off + i * P
-                        arena.slots[slot + i] = p
-                        self.quarantine[p] = None
+                        try:
+                            res.unmap(off + i * P, P)
+                        except Exception:  # noqa: BLE001 - quarantined below
+                            p.state = _QUARANTINED
+                            p.addr = arena.base + off + i * P
+                            arena.slots[slot + i] = p
+                            self.quarantine[p] = None
+                            stuck += 1
+                        else:
+                            arena.give(slot + i, 1)
+                    logger.error(
+                        "undo of a failed map: %d of %d page(s) quarantined", stuck, done, exc_info=True
+                    )
                     if done < n:
                         arena.give(slot + done, n - done)
             if undone:
