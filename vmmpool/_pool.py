@@ -116,7 +116,14 @@ allocation that is garbage collected without ``free()`` is freed as a safety
 net (from a weak-reference callback that holds only the pool's internal state;
 nothing happens at interpreter shutdown or after close). The callback may run
 in any thread at any time, so it only queues the block; the queue is drained
-under the pool's lock at the next pool call.
+under the pool's lock at the next pool call. A garbage-collected
+:class:`~vmmpool.GrowableBuffer` that took pages from the pool queues its
+release with ``PagePool._defer``; the next public call runs it before taking
+the lock. Nothing a finalizer runs ever blocks on the pool's lock.
+
+``close()`` keeps mapped the arenas of allocations that views (arrays, DLPack
+capsules) or CuPy arrays still use, until the last of them dies; it is
+resumable after a failed release.
 
 Thread safety: one ``threading.Lock`` per pool guards all state; driver calls
 on the slow path are made under it.
