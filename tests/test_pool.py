@@ -818,7 +818,9 @@ def test_failed_undo_quarantines_pages(host: vmmpool.Device) -> None:
     P = host.granularity
     with pool_of(host, pages=8) as pool:
         host._backend.inject_fault("set_access", 1, name="CUDA_ERROR_INVALID_VALUE")
-        host._backend.inject_fault("unmap", 1, name="CUDA_ERROR_INVALID_VALUE")
+        # The batched undo unmap fails, and so do the per-page unmaps after it.
+        for nth in range(1, 5):
+            host._backend.inject_fault("unmap", nth, name="CUDA_ERROR_INVALID_VALUE")
         with pytest.raises(vmmpool.DriverError, match="set_access"):
             pool.malloc(3 * P)
         host._backend.clear_faults()
