@@ -148,7 +148,8 @@ def test_helpers_restore_the_previous_allocator(hostpool: vcupy.MemoryPool) -> N
 def test_default_pool_without_gpu_uses_host() -> None:
     if not vmmpool.default_device().is_host:
         pytest.skip("a GPU is present: the default pool follows CuPy's device")
-    pool = vcupy.MemoryPool()
+    with pytest.warns(UserWarning, match="CuPy sees no GPU.*CuPy kernel on this memory"):
+        pool = vcupy.MemoryPool()
     with vcupy.using_pool(pool):
         x = cupy.empty(10)
         assert pool.stats().allocated_bytes == 80
@@ -229,3 +230,29 @@ def test_gpu_two_streams_with_reuse(gpupool: vcupy.MemoryPool) -> None:
             s1.synchronize()
             s2.synchronize()
             assert float(ra[0]) == 2 * i and float(rb[-1]) == -3 * i
+
+
+def test_explicit_host_pool_does_not_warn() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool = vcupy.MemoryPool("host")
+    pool.close()
+
+
+def test_close_keeps_memory_of_live_cupy_arrays_mapped() -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = vcupy.MemoryPool(dev)
+    with vcupy.using_pool(pool):
+        x = cupy.empty(3 * MiB, dtype=cupy.uint8)
+        y = cupy.empty(100, dtype=cupy.uint8)
+    (pp,) = pool.page_pools().values()
+    dev.write(x.data.ptr, memoryview(b"\x07" * 16))  # still mapped
+    pool.close()
+    assert pp.closed
+    assert bytes(dev.read(x.data.ptr, 16)) == b"\x07" * 16  # not unmapped under x
+    assert dev.counters().live[0] >= 1
+    del x, y
+    gc.collect()
+    assert dev.counters().live == (0, 0, 0)

@@ -215,15 +215,29 @@ def test_oom_error_pickles() -> None:
 
 def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
     dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
-    with PagePool(dev, limit=32 * 2 * MiB) as pool:  # limit above what the device has
-        a = pool.malloc(8 * 2 * MiB)
+    other = [vmmpool.create(2 * MiB, dev) for _ in range(2)]  # another user holds 2 pages
+    with PagePool(dev) as pool:  # limit: the device's 8 pages
+        a = pool.malloc(6 * 2 * MiB)
         a.free()
         b = pool.malloc(3 * 2 * MiB, stream=1)  # device full: reclaims a's cached pages
         assert pool.stats().n_remaps == 1
         with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
-            pool.malloc(6 * 2 * MiB, stream=1)
+            pool.malloc(4 * 2 * MiB, stream=1)
         b.free()
         pool._check()
+    for p in other:
+        p.close()
+
+
+def test_limit_above_the_device_is_clamped() -> None:
+    """Issue 8 item 8: largest_allocatable never promises more than the device has."""
+    dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
+    with PagePool(dev, limit=32 * 2 * MiB) as pool:
+        assert pool.limit == 8 * 2 * MiB
+        assert pool.stats().largest_allocatable == 8 * 2 * MiB
+        pool.set_limit(1 << 40)
+        assert pool.limit == 8 * 2 * MiB
+        pool.malloc(8 * 2 * MiB).free()  # what it promises, it gives
 
 
 def test_set_limit(device: vmmpool.Device) -> None:
@@ -808,7 +822,9 @@ def test_failed_undo_quarantines_pages(host: vmmpool.Device) -> None:
     P = host.granularity
     with pool_of(host, pages=8) as pool:
         host._backend.inject_fault("set_access", 1, name="CUDA_ERROR_INVALID_VALUE")
-        host._backend.inject_fault("unmap", 1, name="CUDA_ERROR_INVALID_VALUE")
+        # The batched undo unmap fails, and so do the per-page unmaps after it.
+        for nth in range(1, 5):
+            host._backend.inject_fault("unmap", nth, name="CUDA_ERROR_INVALID_VALUE")
         with pytest.raises(vmmpool.DriverError, match="set_access"):
             pool.malloc(3 * P)
         host._backend.clear_faults()

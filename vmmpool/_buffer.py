@@ -59,7 +59,7 @@ from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import ClosedError, VmmError
+from ._errors import ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
 from ._resources import (
     AddressReservation,
@@ -306,6 +306,24 @@ class _State:
         self.size = 0
 
 
+def _growth_oom(
+    err: OutOfMemoryError, what: str, nbytes: int, have: int, target: int, page: int
+) -> OutOfMemoryError:
+    """The out-of-memory error of a growth, naming the user's request, not the failing page."""
+    detail = err.message or str(err)
+    return OutOfMemoryError(
+        nbytes,
+        err.in_use,
+        err.limit,
+        cached=err.cached,
+        message=(
+            f"{what} {nbytes} bytes: growing from {have * page} to {target * page} bytes needs "
+            f"{target - have} more page(s) of {page} bytes; {detail}"
+        ),
+        status=err.status,
+    )
+
+
 def _release(state: _State) -> None:
     """The buffer's finalizer: free `state`, never blocking on a pool's lock.
 
@@ -506,9 +524,15 @@ class GrowableBuffer(ClosesOnExit):
                         f"cannot move the buffer while {len(views)} view(s) or DLPack export(s) of it "
                         "are alive (their pointers would dangle); drop them first"
                     )
-                st.move(max(target * st.page, 2 * st.res.size), target)
+                try:
+                    st.move(max(target * st.page, 2 * st.res.size), target)
+                except OutOfMemoryError as err:
+                    raise _growth_oom(err, what, nbytes, have, target, st.page) from err
             else:
-                st.grow(target - have)
+                try:
+                    st.grow(target - have)
+                except OutOfMemoryError as err:
+                    raise _growth_oom(err, what, nbytes, have, target, st.page) from err
         elif target < have:
             end = max((v.end for v in self._views), default=0)
             if target * st.page < end:

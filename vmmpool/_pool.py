@@ -116,7 +116,14 @@ allocation that is garbage collected without ``free()`` is freed as a safety
 net (from a weak-reference callback that holds only the pool's internal state;
 nothing happens at interpreter shutdown or after close). The callback may run
 in any thread at any time, so it only queues the block; the queue is drained
-under the pool's lock at the next pool call.
+under the pool's lock at the next pool call. A garbage-collected
+:class:`~vmmpool.GrowableBuffer` that took pages from the pool queues its
+release with ``PagePool._defer``; the next public call runs it before taking
+the lock. Nothing a finalizer runs ever blocks on the pool's lock.
+
+``close()`` keeps mapped the arenas of allocations that views (arrays, DLPack
+capsules) or CuPy arrays still use, until the last of them dies; it is
+resumable after a failed release.
 
 Thread safety: one ``threading.Lock`` per pool guards all state; driver calls
 on the slow path are made under it.
@@ -517,6 +524,8 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
+            if core.held:
+                _release_held(core)
             return
         core.pending.append(ref)
         if core.lock.acquire(False):
@@ -560,8 +569,9 @@ class _Core:
         self.want_close = False
         # After close: arenas kept mapped for views that still use them.
         self.held: dict[_Arena, None] = {}
-        self.held_views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+        self.held_views: weakref.WeakSet[ArrayView | Allocation] = weakref.WeakSet()
         self.synced = False
+        self.held_refs: list[_Ref] = []
         self.index = itertools.count()
         # pages
         self.pages: dict[PhysicalAllocation, _Page] = {}
@@ -606,22 +616,47 @@ class _Core:
     def cached_range_pages(self) -> int:
         return sum(r.n for st in self.streams.values() for r in st.by_start.values())
 
+    def cached_bytes(self) -> int:
+        """Mapped but free bytes, as :meth:`PagePool.stats` reports them."""
+        small = sum(sz * len(b) for st in self.streams.values() for sz, b in st.sbins.items())
+        return self.cached_range_pages() * self.P + small
+
     def _oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+        # Built from the state the caller leaves behind (after any undo), so
+        # that it agrees with a stats() taken right after.
         self.n_ooms += 1
         P = self.P
         pinned = self.pinned()
         reclaimable = self.cached_range_pages() + len(self.empty_small)
+        cached = self.cached_bytes()
         msg = (
-            f"page pool on {self.device}: {n} page(s) of {P} bytes needed, {pinned} of "
+            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
+            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
             f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
             f"{len(self.free_pages)} free"
         )
         if why:
             msg = f"{msg}; {why}"
         logger.info("out of memory: %s", msg)
-        return OutOfMemoryError(
-            nbytes, pinned * P, self.max_pages * P, cached=reclaimable * P, message=msg
-        )
+        return OutOfMemoryError(nbytes, self.in_use, self.max_pages * P, cached=cached, message=msg)
+
+    def over_limit(self) -> bool:
+        return len(self.pages) > self.max_pages
+
+    def enforce_limit(self) -> None:
+        """Give pages above the limit back (after the limit was lowered); lock held.
+
+        Free pages first, then cached ones (device synchronized, unmapped).
+        Best effort: a failure is logged and retried by the next operation.
+        """
+        try:
+            excess = len(self.pages) - self.max_pages
+            if excess > 0:
+                excess -= self.release_free(excess)
+            if excess > 0 and self.reclaim(excess):
+                self.release_free(excess)
+        except Exception:
+            logger.warning("giving pages above the limit back failed; retried later", exc_info=True)
 
     def _note_peaks(self) -> None:
         if self.requested > self.peak_requested:
@@ -674,6 +709,8 @@ class _Core:
                 self.drain()
             if self.closed:
                 raise ClosedError("PagePool")
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
             st = self.streams.get(key)
             if st is None:
                 st = self._stream(key)
@@ -825,6 +862,8 @@ class _Core:
                 # another allocation by now): never touch it.
                 raise ValueError(f"allocation at {rec.addr:#x} was already freed")
             self.free_rec(rec)
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
 
     def _free_small(self, b: _Block) -> None:
         self.in_use -= b.size
@@ -879,6 +918,22 @@ class _Core:
         pages = self.gather(n, nbytes)
         try:
             return self._place(pages, st.key)
+        except OutOfMemoryError:
+            # The driver (or the OS under the emulator) ran out of what a
+            # mapping needs: give the cached mappings back and try once more.
+            if any(p.state is not _FREE for p in pages) or not (
+                self.empty_small or any(st0.by_start for st0 in self.streams.values())
+            ):
+                self._unfree(pages)
+                raise
+            try:
+                if not self.reclaim(None):
+                    raise
+                logger.info("map ran out of memory: reclaimed cached pages, retrying")
+                return self._place(pages, st.key)
+            except BaseException:
+                self._unfree(pages)
+                raise
         except BaseException:
             self._unfree(pages)
             raise
@@ -921,11 +976,12 @@ class _Core:
                         "remap: unmapped %d cached page(s) to map a range of %d page(s)",
                         reclaimed, n,
                     )
-            if len(got) < n:
-                raise self._oom(nbytes, n, why or "no free, creatable or cached page left")
         except BaseException:
             free.extend(got)
             raise
+        if len(got) < n:
+            free.extend(got)
+            raise self._oom(nbytes, n, why or "no free, creatable or cached page left")
         return got
 
     def _create_page(self) -> _Page:
@@ -958,13 +1014,24 @@ class _Core:
                 try:
                     res.unmap(off, done * P)
                 except Exception:  # the original error wins (re-raised below)
+                    # One unmap per page then (each page is its own mapping):
+                    # quarantine only the pages that really stay mapped.
                     undone = False
-                    logger.error("undo failed: %d page(s) quarantined", done, exc_info=True)
+                    stuck = 0
                     for i, p in enumerate(pages[:done]):
-                        p.state = _QUARANTINED
-                        p.addr = arena.base + off + i * P
-                        arena.slots[slot + i] = p
-                        self.quarantine[p] = None
+                        try:
+                            res.unmap(off + i * P, P)
+                        except Exception:  # noqa: BLE001 - quarantined below
+                            p.state = _QUARANTINED
+                            p.addr = arena.base + off + i * P
+                            arena.slots[slot + i] = p
+                            self.quarantine[p] = None
+                            stuck += 1
+                        else:
+                            arena.give(slot + i, 1)
+                    logger.error(
+                        "undo of a failed map: %d of %d page(s) quarantined", stuck, done, exc_info=True
+                    )
                     if done < n:
                         arena.give(slot + done, n - done)
             if undone:
@@ -1309,7 +1376,12 @@ class _Core:
         def note(rec: _Rec, arena: _Arena) -> None:
             ref = rec.ref
             a = ref() if ref is not None else None
-            if a is not None and a._views:
+            if a is not None and a._hold:
+                self.held[arena] = None
+                self.held_views.add(a)
+                assert ref is not None
+                self.held_refs.append(ref)  # keep it: its callback releases the arena
+            elif a is not None and a._views:
                 vs = list(a._views)
                 if vs:
                     self.held[arena] = None
@@ -1352,6 +1424,7 @@ class _Core:
             del self.held[arena]
             if arena in self.arenas:
                 self.arenas.remove(arena)
+        self.held_refs.clear()
 
 
 def _release_held(core: _Core) -> None:
@@ -1368,20 +1441,23 @@ def _release_held(core: _Core) -> None:
 
 
 def _collect_garbage(core: _Core) -> bool:
-    """After an out-of-memory: collect reference cycles (they may hold allocations or buffers).
+    """After an out-of-memory: collect reference cycles that may hold this pool's memory.
 
     Runs the cyclic garbage collector (never under the pool's lock), then the releases its
-    finalizers deferred. Returns True when it found garbage, so the caller retries once; the
-    failed attempt is then not counted in ``n_ooms``.
+    finalizers deferred. Returns True when that gave memory back to this pool (an allocation
+    or a buffer's pages in a cycle), so the caller retries once; the failed attempt is then not
+    counted in ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
     """
-    if not gc.collect():
-        return False
+    before = core.in_use
+    gc.collect()
     if core.tasks:
         core.run_tasks()
     with core.lock:
-        core.n_ooms -= 1
         if core.pending and not core.closed:
             core.drain()
+        if core.in_use >= before:
+            return False
+        core.n_ooms -= 1
     return True
 
 
@@ -1425,7 +1501,7 @@ class Allocation:
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "_hold", "__weakref__")
 
     ptr: int
     size: int
@@ -1434,6 +1510,9 @@ class Allocation:
     pool: PagePool
     _rec: _Rec | None
     _views: weakref.WeakSet[ArrayView] | None
+    #: True when something outside the pool uses the memory for as long as the
+    #: object lives (CuPy's ``UnownedMemory``): ``close()`` then keeps it mapped.
+    _hold: bool
 
     @property
     def address(self) -> int:
@@ -1534,7 +1613,8 @@ class PagePool(ClosesOnExit):
         Where the memory lives; :func:`~vmmpool.default_device` when omitted.
     limit : int, optional
         Most physical bytes the pool may hold, rounded down to `page_size`.
-        Default: the device's total memory.
+        Default, and most: the device's total memory (a larger limit is
+        clamped to it).
     page_size : int, optional
         Bytes per page; a multiple of the device's granularity (the default).
     preallocate : int
@@ -1617,9 +1697,12 @@ class PagePool(ClosesOnExit):
 
     @staticmethod
     def _max_pages(dev: Device, P: int, limit: object) -> int:
+        total = dev.total_memory
         if limit is None:
-            return dev.total_memory // P
-        return check_int("limit", limit) // P
+            return total // P
+        # Clamped: above what the device has, largest_allocatable would promise
+        # memory the device cannot give.
+        return min(check_int("limit", limit), total) // P
 
     # ------------------------------------------------------------ properties
     @property
@@ -1649,8 +1732,16 @@ class PagePool(ClosesOnExit):
         Notes
         -----
         Pages above the new limit are given back to the driver: free pages
-        first, then cached pages (their streams are synchronized and the pages
-        unmapped). Pages holding live data stay.
+        first, then cached pages (the device is synchronized and the pages
+        unmapped). Pages holding live data stay; when they are freed later,
+        those above the limit are given back at once (the cache never keeps
+        the pool above its limit once usage drops).
+
+        If a driver call fails, the error propagates and the old limit stays
+        in force: no allocation changed, pages already given back (free ones)
+        or unmapped (cached ones, now free pages) stay so, and calling
+        ``set_limit`` again resumes. A limit above the device's total memory
+        is clamped to it.
         """
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
@@ -1661,13 +1752,18 @@ class PagePool(ClosesOnExit):
                 core.drain()
             if core.closed:
                 raise ClosedError("PagePool")
+            old = core.max_pages
             core.max_pages = max_pages
-            excess = len(core.pages) - max_pages
-            if excess > 0:
-                excess -= core.release_free(excess)
-            if excess > 0:
-                core.reclaim(excess)
-                core.release_free(excess)
+            try:
+                excess = len(core.pages) - max_pages
+                if excess > 0:
+                    excess -= core.release_free(excess)
+                if excess > 0:
+                    core.reclaim(excess)
+                    core.release_free(excess)
+            except BaseException:
+                core.max_pages = old  # the old limit stays; a retry resumes
+                raise
             logger.info(
                 "limit set to %d bytes (%d pages); the pool holds %d pages",
                 max_pages * self.page_size, max_pages, len(core.pages),
@@ -1720,6 +1816,7 @@ class PagePool(ClosesOnExit):
         a.pool = self
         a._rec = rec
         a._views = None
+        a._hold = False
         ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
@@ -1922,6 +2019,8 @@ class PagePool(ClosesOnExit):
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
+            if not core.closed and len(core.pages) > core.max_pages:
+                core.enforce_limit()
             cached_range_pages = 0
             n_ranges = 0
             small_free_bytes = 0
