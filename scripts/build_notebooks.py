@@ -3,17 +3,23 @@
 Source format: cells separated by lines starting with ``# %%``; a cell whose
 marker line is ``# %% [markdown]`` holds Markdown in ``#``-prefixed lines.
 Each code cell runs in one shared namespace; its printed output becomes the
-cell's output, so the committed notebooks show what they print. Run with
-``python scripts/build_notebooks.py`` (no Jupyter needed).
+cell's output, and every matplotlib figure it leaves open is stored as a PNG
+image output (then closed), as Jupyter's inline backend would show it, so the
+committed notebooks show what they print and draw. Run with
+``python scripts/build_notebooks.py`` (no Jupyter needed; matplotlib for the
+figures: ``pip install -e ".[plot]"``).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "notebooks" / "src"
@@ -40,7 +46,32 @@ def cells_of(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def take_figures() -> list[dict[str, Any]]:
+    """Every open matplotlib figure as a notebook image output; closes them."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    outputs = []
+    for num in plt.get_fignums():
+        fig = plt.figure(num)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
+        outputs.append(
+            {
+                "data": {
+                    "image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                    "text/plain": [f"<Figure {num}>"],
+                },
+                "metadata": {},
+                "output_type": "display_data",
+            }
+        )
+    plt.close("all")
+    return outputs
+
+
 def build(src: Path) -> Path:
+    os.environ["MPLBACKEND"] = "Agg"
     namespace: dict[str, object] = {"__name__": "__main__"}
     nb_cells = []
     count = 0
@@ -55,9 +86,10 @@ def build(src: Path) -> Path:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             exec(compile(body, f"{src.name} cell {count}", "exec"), namespace)
-        outputs = []
+        outputs: list[dict[str, Any]] = []
         if buf.getvalue():
             outputs.append({"name": "stdout", "output_type": "stream", "text": buf.getvalue()})
+        outputs.extend(take_figures())
         nb_cells.append(
             {
                 "cell_type": "code",

@@ -210,8 +210,6 @@ class FakeDriver:
     CUdevice = real.CUdevice
     CUcontext = real.CUcontext
     CUstream = real.CUstream
-    CUevent = real.CUevent
-    CUevent_flags = real.CUevent_flags
     CUmemGenericAllocationHandle = real.CUmemGenericAllocationHandle
     CUmemAllocationProp = real.CUmemAllocationProp
     CUmemAccessDesc = real.CUmemAccessDesc
@@ -222,6 +220,8 @@ class FakeDriver:
     CUmemAccess_flags = real.CUmemAccess_flags
     CUmemAllocationGranularity_flags = real.CUmemAllocationGranularity_flags
     CUdevice_attribute = real.CUdevice_attribute
+    CUevent = real.CUevent
+    CUevent_flags = real.CUevent_flags
 
     def __init__(
         self,
@@ -274,6 +274,10 @@ class FakeDriver:
         self.syncs: list[tuple[Any, ...]] = []
         #: Stream handles (> 2) that exist; others fail with CUDA_ERROR_INVALID_HANDLE.
         self.streams: set[int] = set()
+        #: Live events: handle -> [stream recorded on, device, flags]; streams whose work is pending.
+        self.events: dict[int, list[Any]] = {}
+        self.busy_streams: set[int] = set()
+        self._next_event = 0xE0000
 
         # Handles: fake value <-> host handle (values differ from the host's).
         self._host_of: dict[int, int] = {}
@@ -501,6 +505,8 @@ class FakeDriver:
             return (int(self.vmm_supported),)
         if attrib == _ATTR.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED:
             return (int(self.posix_fd_supported),)
+        if attrib == _ATTR.CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED:
+            return (0,)
         raise FakeDriverError(R.CUDA_ERROR_NOT_SUPPORTED, f"attribute {attrib!r} is not modelled")
 
     @_api(1)
@@ -508,7 +514,8 @@ class FakeDriver:
         d = self._device(dev)
         text = self.name if d == 0 else f"Fake peer {d} (test double)"
         raw = text.encode()[: max(_size("length", length) - 1, 0)]
-        return (raw + b"\x00" * (length - len(raw)),)  # NUL-padded like the binding
+        # Like the real binding: the name, a NUL, then the buffer's spaces.
+        return (raw + b"\x00" + b" " * max(length - len(raw) - 1, 0),)
 
     @_api(1)
     def cuDeviceTotalMem(self, dev: Any) -> tuple[Any, ...]:
@@ -807,16 +814,12 @@ class FakeDriver:
     def cuEventCreate(self, flags: Any) -> tuple[Any, ...]:
         device = self._need_context()
         with self._lock:
-            if not hasattr(self, "events"):
-                self.events: dict[int, list[Any]] = {}
-                self.busy_streams: set[int] = set()
-                self._next_event = 0xE0000
             self._next_event += 0x10
             self.events[self._next_event] = [None, device, _size("Flags", flags)]
             return (real.CUevent(self._next_event),)
 
     def _live_event(self, ev: Any) -> list[Any]:
-        rec = getattr(self, "events", {}).get(_int(ev))
+        rec = self.events.get(_int(ev))
         if rec is None:
             raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"event {_int(ev):#x} does not exist")
         return rec

@@ -11,6 +11,7 @@ PUBLIC = {
     "Access",
     "AddressReservation",
     "Allocation",
+    "AllocationInfo",
     "ArrayView",
     "GrowableBuffer",
     "PageInfo",
@@ -60,3 +61,17 @@ def test_cli_rejects_unknown_command() -> None:
     )
     assert out.returncode == 2
     assert "invalid choice" in out.stderr
+
+
+def test_every_object_names_its_first_byte_address() -> None:
+    dev = vmmpool.Device.emulated(capacity=16 << 20)
+    with vmmpool.PagePool(dev, limit=8 << 20) as pool:
+        a = pool.malloc(1000)
+        v = a.view("uint8")
+        assert a.address == a.ptr and v.address == v.ptr == a.ptr
+        assert pool.snapshot()[0].allocations[0].address == a.address
+        del v
+        a.free()
+    buf = vmmpool.GrowableBuffer(max_size=8 << 20, device=dev, initial_size=2 << 20)
+    assert buf.address == buf.ptr
+    buf.close()

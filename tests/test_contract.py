@@ -3,6 +3,11 @@
 Each violation must be rejected with the error name the CUDA driver gives, so
 code that passes on the host emulator does not break on a GPU. These tests
 run on every backend: on a GPU they check the emulator's fidelity too.
+
+Where the Driver API documentation allows more than one answer (a non-zero
+map offset, the error for an absent device, hinted reservations), a test
+accepts each documented answer, checks what follows from it, and cleans up
+either way: whatever the driver created is tracked and released.
 """
 
 from __future__ import annotations
@@ -62,6 +67,16 @@ def rejects(name: str = INVALID) -> pytest.RaisesExc[DriverError]:
     return pytest.raises(DriverError, match=name)
 
 
+def try_reserve(t: Tracker, pages: int, hint: int) -> int | None:
+    """A hinted reservation, or ``None`` where the driver refuses hints outright (DALI #3128)."""
+    before = t.dev.counters().reservations
+    try:
+        return t.reserve(pages, hint=hint)
+    except DriverError:
+        assert t.dev.counters().reservations == before  # a refusal leaves nothing behind
+        return None
+
+
 # Rule 1: sizes and offsets are multiples of the minimum granularity.
 def test_rule1_create_size_must_be_granular(t: Tracker) -> None:
     with rejects():
@@ -92,10 +107,24 @@ def test_rule1_granularity_is_queried_not_assumed(device: Device) -> None:
 
 # Rule 2: a physical allocation is mapped whole, at offset 0.
 def test_rule2_map_offset_must_be_zero(t: Tracker) -> None:
+    # The docs say both "a multiple of the granularity" and "currently must be
+    # zero": the driver may refuse the map or accept it. Either way nothing
+    # may be left behind, and an accepted map must show the allocation's
+    # second page.
     addr = t.reserve(2)
     h = t.create(2)
-    with rejects():
+    try:
         t.b.map(addr, t.g, h, t.g)
+    except DriverError as err:
+        assert err.name == INVALID
+        return
+    t.maps.append((addr, t.g))  # accepted: tracked so that cleanup unmaps it
+    t.b.set_access(addr, t.g, Access.READWRITE, [t.dev.ordinal])
+    t.dev.write(addr, b"second page")
+    other = t.reserve(2)
+    t.map(other, h, pages=2)
+    t.b.set_access(other, 2 * t.g, Access.READWRITE, [t.dev.ordinal])
+    assert t.dev.read(other + t.g, 11) == b"second page"
 
 
 def test_rule2_partial_map_rejected_by_emulator(host: Device) -> None:
@@ -150,8 +179,10 @@ def test_rule3_set_access_covers_whole_adjacent_mappings_only(t: Tracker) -> Non
 def test_rule3_access_for_an_absent_device_rejected(t: Tracker) -> None:
     addr = t.reserve(1)
     t.map(addr, t.create())
-    with rejects("CUDA_ERROR_INVALID_DEVICE"):
+    # The docs allow either name for a location id that is no device.
+    with pytest.raises(DriverError) as err:
         t.b.set_access(addr, t.g, Access.READWRITE, [9999])
+    assert err.value.name in ("CUDA_ERROR_INVALID_DEVICE", INVALID)
 
 
 # Rule 4: unmap whole mappings (several adjacent ones at once), never a part.
@@ -190,7 +221,7 @@ def test_rule5_free_must_name_exactly_one_reservation(t: Tracker) -> None:
         t.b.free_address(a, t.g)  # part of it
     with rejects():
         t.b.free_address(a + t.g, t.g)  # not its start
-    b = t.reserve(1, hint=a + 2 * t.g)
+    b = try_reserve(t, 1, hint=a + 2 * t.g)
     if b == a + 2 * t.g:
         with rejects():
             t.b.free_address(a, 3 * t.g)  # two adjacent reservations in one call
@@ -201,7 +232,9 @@ def test_rule5_free_must_name_exactly_one_reservation(t: Tracker) -> None:
 # Rule 6: the address hint is only a hint.
 def test_rule6_hint_on_taken_range_returns_another_address(t: Tracker) -> None:
     a = t.reserve(1)
-    b = t.reserve(1, hint=a)
+    b = try_reserve(t, 1, hint=a)
+    if b is None:
+        return  # the driver refuses hinted reservations outright: also documented
     assert b != a
     assert b % t.g == 0
 

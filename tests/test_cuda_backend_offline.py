@@ -6,6 +6,12 @@ emulator). These tests cover ``cuda.py``'s own logic (probe, error
 translation, live counters, primary context handling, access descriptors) and
 the public API on a CUDA-kind :class:`vmmpool.Device`. They prove nothing about
 the real driver's behaviour: ``scripts/gpu_check.sh`` on a GPU does that.
+
+Binding behaviour (argument conversion, return unwrapping, error names, the
+loader) is covered through the real cuda.bindings on the stand-in driver
+(``test_standin_suite.py``); this double is kept for what a driver cannot be
+made to do on demand: handle values reused across threads, exceptions from
+the binding layer itself, and cuda.py's bookkeeping checked against a truth.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from cuda.pathfinder import DynamicLibNotFoundError
 from fake_cuda_driver import PEER_TOTAL_MEMORY, FakeDriver, R
 
 import vmmpool
@@ -88,6 +93,14 @@ def _pattern(n: int, seed: int) -> bytes:
     return (period * (n // 251 + 1))[:n]
 
 
+class DynamicLibNotFoundError(RuntimeError):
+    """Named as cuda-pathfinder's (raised by cuda-bindings 13.x without libcuda).
+
+    cuda-pathfinder is not a declared dependency, so the tests do not import
+    it; the backend recognises the class by name.
+    """
+
+
 def _missing_library() -> DynamicLibNotFoundError:
     return DynamicLibNotFoundError('"cuda" is an NVIDIA driver library (raised by a test double)')
 
@@ -142,6 +155,47 @@ def test_probe_missing_driver_library(use_fake: Callable[..., FakeDriver]) -> No
     # cuda-bindings 12.x raised a plain RuntimeError with this text.
     fake.raise_on("cuInit", RuntimeError("Failed to dlopen libcuda.so.1"))
     assert _cuda.probe(0) == "CUDA driver library not found"
+
+
+def test_probe_bindings_12_after_a_failed_dlopen(use_fake: Callable[..., FakeDriver]) -> None:
+    # cuda-bindings 12.8 and 12.9.0 without libcuda: the first call raises
+    # "Failed to dlopen", every later one 'Function "cuInit" not found'.
+    fake = use_fake()
+    fake.raise_on("cuInit", RuntimeError("Failed to dlopen libcuda.so.1"))
+    assert _cuda.probe(0) == "CUDA driver library not found"
+    fake.raise_on("cuInit", RuntimeError('Function "cuInit" not found'), times=3)
+    assert _cuda.probe(0) == "CUDA driver library not found"
+    assert _cuda.device_count() == 0
+    with pytest.raises(DeviceUnavailableError, match="CUDA driver library not found"):
+        CudaBackend(0)
+    # A driver lacking a later entry point is unavailable too, and says which.
+    fake.raise_on("cuDeviceGetAttribute", RuntimeError('Function "cuDeviceGetAttribute" not found'))
+    assert _cuda.probe(0) == "the CUDA driver lacks cuDeviceGetAttribute (too old for this cuda-bindings)"
+    # 13.x: cuda.bindings._internal.utils.FunctionNotFoundError (a RuntimeError).
+    fake.raise_on("cuDeviceGetAttribute", RuntimeError("function cuDeviceGetAttribute is not found"))
+    assert _cuda.probe(0) == "the CUDA driver lacks cuDeviceGetAttribute (too old for this cuda-bindings)"
+
+
+def test_unavailable_error_names_exist_in_the_bindings() -> None:
+    from cuda.bindings import driver
+
+    names = set(_cuda._UNAVAILABLE_ERRORS) | set(_cuda._REASONS) | set(_cuda._HANDLE_TYPE_REFUSED)
+    missing = sorted(n for n in names if not hasattr(driver.CUresult, n))
+    assert missing == [], f"CUresult names unknown to this cuda-bindings: {missing}"
+
+
+def test_driver_errors_are_named_by_the_backends_own_driver(
+    backend: CudaBackend, fake: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def other_module() -> object:
+        raise AssertionError("the module-level driver was asked for an error name")
+
+    monkeypatch.setattr(_cuda, "_driver", other_module)
+    fake.fail("cuMemAddressReserve", R.CUDA_ERROR_INVALID_VALUE)
+    with pytest.raises(DriverError) as err:
+        backend.reserve(G)
+    assert err.value.name == "CUDA_ERROR_INVALID_VALUE"
+    assert err.value.message == "invalid argument"
 
 
 def test_probe_reraises_other_errors(use_fake: Callable[..., FakeDriver]) -> None:
@@ -951,3 +1005,15 @@ def test_free_racing_a_create_that_reuses_the_handle_value(
             )
     finally:
         b.close()
+
+
+def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver) -> None:
+    ev = backend.event_record(0)
+    assert backend.live_events() == 1 and len(fake.events) == 1
+    assert backend.event_query(ev) is True
+    backend.event_wait(ev)
+    backend.event_destroy(ev)
+    assert backend.live_events() == 0 and fake.events == {}
+    with pytest.raises(vmmpool.DriverError) as info:
+        backend.event_query(ev)
+    assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"

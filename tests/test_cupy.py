@@ -45,15 +45,15 @@ def test_life_cycle_through_cupy_arrays(hostpool: vcupy.MemoryPool) -> None:
         a = cupy.empty((256, 1024), dtype=cupy.float32)  # 1 MiB
         stats = hostpool.stats()
         assert stats.n_malloc == 1
-        assert stats.requested_bytes == MiB
+        assert stats.allocated_bytes == MiB
         assert hostpool.used_bytes() >= MiB
         b = a[10:20]
         assert b.data.ptr == a.data.ptr + 10 * 1024 * 4
         ptr = a.data.ptr
         del a
-        assert hostpool.stats().requested_bytes == MiB  # the slice keeps it alive
+        assert hostpool.stats().allocated_bytes == MiB  # the slice keeps it alive
         del b
-        assert hostpool.stats().requested_bytes == 0
+        assert hostpool.stats().allocated_bytes == 0
         assert hostpool.used_bytes() == 0
         assert hostpool.n_free_blocks() >= 1 and hostpool.free_bytes() > 0
         c = cupy.empty((256, 1024), dtype=cupy.float32)
@@ -65,9 +65,9 @@ def test_life_cycle_through_cupy_arrays(hostpool: vcupy.MemoryPool) -> None:
 def test_one_line_switch(hostpool: vcupy.MemoryPool) -> None:
     cupy.cuda.set_allocator(hostpool.malloc)
     x = cupy.empty(1000, dtype=cupy.int64)
-    assert hostpool.stats().requested_bytes == 8000
+    assert hostpool.stats().allocated_bytes == 8000
     del x
-    assert hostpool.stats().requested_bytes == 0
+    assert hostpool.stats().allocated_bytes == 0
 
 
 def test_limit_is_honoured_and_oom_is_cupys_error(hostpool: vcupy.MemoryPool) -> None:
@@ -148,10 +148,11 @@ def test_helpers_restore_the_previous_allocator(hostpool: vcupy.MemoryPool) -> N
 def test_default_pool_without_gpu_uses_host() -> None:
     if not vmmpool.default_device().is_host:
         pytest.skip("a GPU is present: the default pool follows CuPy's device")
-    pool = vcupy.MemoryPool()
+    with pytest.warns(UserWarning, match="CuPy sees no GPU.*CuPy kernel on this memory"):
+        pool = vcupy.MemoryPool()
     with vcupy.using_pool(pool):
         x = cupy.empty(10)
-        assert pool.stats().requested_bytes == 80
+        assert pool.stats().allocated_bytes == 80
         del x
     assert list(d.kind for d in pool.page_pools()) == ["host"]
     pool.close()
@@ -229,3 +230,29 @@ def test_gpu_two_streams_with_reuse(gpupool: vcupy.MemoryPool) -> None:
             s1.synchronize()
             s2.synchronize()
             assert float(ra[0]) == 2 * i and float(rb[-1]) == -3 * i
+
+
+def test_explicit_host_pool_does_not_warn() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool = vcupy.MemoryPool("host")
+    pool.close()
+
+
+def test_close_keeps_memory_of_live_cupy_arrays_mapped() -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = vcupy.MemoryPool(dev)
+    with vcupy.using_pool(pool):
+        x = cupy.empty(3 * MiB, dtype=cupy.uint8)
+        y = cupy.empty(100, dtype=cupy.uint8)
+    (pp,) = pool.page_pools().values()
+    dev.write(x.data.ptr, memoryview(b"\x07" * 16))  # still mapped
+    pool.close()
+    assert pp.closed
+    assert bytes(dev.read(x.data.ptr, 16)) == b"\x07" * 16  # not unmapped under x
+    assert dev.counters().live[0] >= 1
+    del x, y
+    gc.collect()
+    assert dev.counters().live == (0, 0, 0)

@@ -55,7 +55,7 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         fill(small, 1)
         fill(large, 2)
         s = pool.stats()
-        assert s.requested_bytes == 1000 + P + 1
+        assert s.allocated_bytes == 1000 + P + 1
         assert s.in_use_bytes == 1024 + P + 512  # 512-byte rounding, no page rounding
         # 1024 + P + 512 bytes touch two pages; the first is shared by both blocks
         assert s.live_allocations == 2 and s.total_pages == 2 and s.small_pages == 1
@@ -64,7 +64,7 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         pool.free(large)
         assert small.freed and large.freed
         s = pool.stats()
-        assert (s.requested_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
+        assert (s.allocated_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
         assert s.cached_bytes == 2 * P and s.reclaimable_pages == 2
         assert (s.n_malloc, s.n_free) == (2, 2)
         pool._check()
@@ -217,15 +217,29 @@ def test_oom_error_pickles() -> None:
 
 def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
     dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
-    with PagePool(dev, limit=32 * 2 * MiB) as pool:  # limit above what the device has
-        a = pool.malloc(8 * 2 * MiB)
+    other = [vmmpool.create(2 * MiB, dev) for _ in range(2)]  # another user holds 2 pages
+    with PagePool(dev) as pool:  # limit: the device's 8 pages
+        a = pool.malloc(6 * 2 * MiB)
         a.free()
         b = pool.malloc(3 * 2 * MiB, stream=1)  # device full: reclaims a's cached pages
         assert pool.stats().n_remaps == 1
         with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
-            pool.malloc(6 * 2 * MiB, stream=1)
+            pool.malloc(4 * 2 * MiB, stream=1)
         b.free()
         pool._check()
+    for p in other:
+        p.close()
+
+
+def test_limit_above_the_device_is_clamped() -> None:
+    """Issue 8 item 8: largest_allocatable never promises more than the device has."""
+    dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
+    with PagePool(dev, limit=32 * 2 * MiB) as pool:
+        assert pool.limit == 8 * 2 * MiB
+        assert pool.stats().largest_allocatable == 8 * 2 * MiB
+        pool.set_limit(1 << 40)
+        assert pool.limit == 8 * 2 * MiB
+        pool.malloc(8 * 2 * MiB).free()  # what it promises, it gives
 
 
 def test_set_limit(device: vmmpool.Device) -> None:
@@ -327,7 +341,7 @@ def test_defragment_and_trim(device: vmmpool.Device) -> None:
         assert pool.trim() == 0
         keep.free()
         assert pool.trim() == P
-        assert pool.stats().reserved_bytes == 0  # empty arenas are given back too
+        assert pool.stats().address_space_bytes == 0  # empty arenas are given back too
         a = pool.malloc(3 * P)  # and the pool carries on
         a.free()
         pool._check()
@@ -650,16 +664,21 @@ def test_snapshot(device: vmmpool.Device) -> None:
             by_state.setdefault(p.state, []).append(p)
         mine = sorted((p for p in by_state["in_use"] if p.stream == 2), key=lambda p: p.address or 0)
         # 2 * P + 10 bytes: two pages covered wholly, the third holds the last 10 bytes
-        assert [p.owner for p in mine] == [big.ptr] * 3
+        big_info = vmmpool.AllocationInfo(big.ptr, 2 * P + ALIGNMENT, 2 * P + 10, 2)
+        assert [p.allocations for p in mine] == [(big_info,)] * 3
         assert [p.kind for p in mine] == ["large"] * 2 + ["small"]
         assert [p.used_bytes for p in mine] == [P, P, 10]
         assert [p.address for p in mine] == [big.ptr, big.ptr + P, big.ptr + 2 * P]
         (sp,) = [p for p in by_state["in_use"] if p.stream == 0]
-        assert sp.allocations == (small[0].ptr, small[1].ptr) and sp.used_bytes == 300
-        assert sp.owner == "shared (2 live)" and sp.kind == "small"
+        assert sp.allocations == (
+            vmmpool.AllocationInfo(small[0].ptr, ALIGNMENT, 100, 0),
+            vmmpool.AllocationInfo(small[1].ptr, ALIGNMENT, 200, 0),
+        )
+        assert sp.used_bytes == 300 and sp.kind == "small"
         # `gone` touched the shared page and the next one, which no live block touches now
-        assert [(p.owner, p.address, p.stream) for p in by_state["cached"]] == [("cache", sp.address + P, 0)]
-        assert [(p.owner, p.address) for p in by_state["acquired"]] == [("acquired", None)]
+        cached = [(p.allocations, p.address, p.stream) for p in by_state["cached"]]
+        assert cached == [((), (sp.address or 0) + P, 0)]
+        assert [(p.allocations, p.address) for p in by_state["acquired"]] == [((), None)]
         s = pool.stats()
         assert isinstance(s, PoolStats) and len(snap) == s.total_pages
         assert s.mapped_pages == len(by_state["in_use"]) + len(by_state["cached"])
@@ -676,12 +695,12 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         allocs[2].free()
         allocs[5].free()
         s = pool.stats()
-        assert s.requested_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
+        assert s.allocated_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
         assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P  # 512-byte rounding only
         assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
         assert s.largest_allocatable == (16 - s.pinned_pages) * P
-        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_total_bytes == s.total_bytes
+        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_reserved_bytes == s.reserved_bytes
         for i, a in enumerate(allocs):
             if i not in (2, 5):
                 a.free()
@@ -746,7 +765,7 @@ def test_failed_fresh_mapping_changes_nothing(op: str, nth: int) -> None:
         keep.free()
         if op == "reserve":
             hold.free()
-            assert pool.stats().reserved_bytes > 64 * P
+            assert pool.stats().address_space_bytes > 64 * P
         pool._check()
     assert host.counters().live == (0, 0, 0)
 
@@ -855,7 +874,9 @@ def test_failed_undo_quarantines_pages(host: vmmpool.Device) -> None:
     P = host.granularity
     with pool_of(host, pages=8) as pool:
         host._backend.inject_fault("set_access", 1, name="CUDA_ERROR_INVALID_VALUE")
-        host._backend.inject_fault("unmap", 1, name="CUDA_ERROR_INVALID_VALUE")
+        # The batched undo unmap fails, and so do the per-page unmaps after it.
+        for nth in range(1, 5):
+            host._backend.inject_fault("unmap", nth, name="CUDA_ERROR_INVALID_VALUE")
         with pytest.raises(vmmpool.DriverError, match="set_access"):
             pool.malloc(3 * P)
         host._backend.clear_faults()

@@ -23,7 +23,7 @@ from ._errors import (
     VmmError,
 )
 from ._options import Access, HandleType, stream_key
-from ._pool import Allocation, PageInfo, PagePool, PoolStats
+from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "Access",
     "AddressReservation",
     "Allocation",
+    "AllocationInfo",
     "ArrayView",
     "BackendCounters",
     "ClosedError",

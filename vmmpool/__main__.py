@@ -1,12 +1,12 @@
-"""Command line: ``python -m vmmpool info`` and ``python -m vmmpool demo``."""
+"""Command line: ``python -m vmmpool info``, ``demo`` and ``replay``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
+from typing import NoReturn, TextIO
 
-__all__ = ["main", "info"]
+__all__ = ["main", "info", "replay_main"]
 
 
 def _mib(n: int) -> str:
@@ -40,9 +40,124 @@ def info(out: TextIO | None = None) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+_SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units)."""
+    t = text.strip().lower().replace("_", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in _SUFFIXES or not num:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
+        )
+    try:
+        value = float(num) * _SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {text!r}")
+    return int(value)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--json PATH]``.
+
+    Replays each trace through a fresh :class:`~vmmpool.PagePool` and prints
+    a table (see :data:`vmmpool.replay.COLUMNS`); on a GPU the peer allocators
+    too. Returns 0, 1 when a replay ran out of memory, or 2 (one line on
+    stderr) for bad arguments or unreadable traces.
+    """
+    import json
+
+    from . import replay as R
+    from ._errors import VmmError
+
+    stream = sys.stdout if out is None else out
+    prog = "python -m vmmpool replay"
+    p = _OneLineParser(prog=prog, description="Replay allocation traces through a PagePool.")
+    p.add_argument("traces", nargs="+", metavar="TRACE",
+                   help="PyTorch memory snapshot pickles or RMM CSV logs")
+    p.add_argument("--device", default=None,
+                   help="host, cuda or cuda:N (default: a host-emulated device sized to the trace)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--limit", type=_bytes, default=None, help="pool limit in bytes (e.g. 20GiB)")
+    g.add_argument("--min-limit", action="store_true",
+                   help="also search the smallest limit (whole pages) that completes")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    try:
+        args = p.parse_args(argv)
+        device = None
+        if args.device is not None:
+            from ._device import Device
+
+            device = Device(args.device)
+        traces = [R.load(t) for t in args.traces]
+    except _UsageError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
+    except (R.TraceError, ValueError, TypeError, VmmError) as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
+    records = []
+    status = 0
+    for path, tr in zip(args.traces, traces, strict=True):
+        try:
+            res = R.replay(tr, device, args.limit)
+            mn = None
+            if res.completed and args.min_limit:
+                mn = R.min_limit(tr, device, default=res)
+        except (OSError, VmmError) as e:
+            # Not out of memory: the device itself failed (an OS limit of the
+            # host emulator, a driver error). Say so and go on.
+            sys.stderr.write(f"{prog}: {tr.name}: replay failed: {type(e).__name__}: {e}\n")
+            status = 1
+            continue
+        if not res.completed:
+            status = 1
+        peers = R.peer_replays(path, search=args.min_limit) if device is None or not device.is_host else []
+        records.append(R.record(tr, res, mn, peers))
+    stream.write(R.format_table(records) + "\n")
+    for r in records:
+        if not r["vmmpool"]["completed"]:
+            stream.write(f"{r['trace']}: {r['vmmpool']['error']}\n")
+    if args.json:
+        try:
+            with open(args.json, "w") as fh:
+                json.dump({"traces": records}, fh, indent=1)
+        except OSError as e:
+            sys.stderr.write(f"{prog}: error: cannot write {args.json}: {e.strerror or e}\n")
+            return 2
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vmmpool`` and the ``vmmpool`` script."""
-    parser = argparse.ArgumentParser(
+    """Entry point of ``python -m vmmpool`` and the ``vmmpool`` script.
+
+    Returns 2, after one line on stderr, for bad arguments or settings (such
+    as a malformed ``VMMPOOL_HOST_CAPACITY``).
+    """
+    parser = _Parser(
         prog="python -m vmmpool", description="CUDA virtual memory management from Python."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,11 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         help="fragmentation demo: vmmpool vs a contiguous allocator",
         add_help=False,
     )
+    sub.add_parser("replay", help="replay allocation traces through a PagePool", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "replay":
+        return replay_main(rest)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
+        try:
+            return info()
+        except ValueError as exc:  # a malformed setting, e.g. VMMPOOL_HOST_CAPACITY
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from ._demo import main as demo_main
 
     return demo_main(rest)

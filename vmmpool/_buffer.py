@@ -59,7 +59,7 @@ from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import ClosedError, VmmError
+from ._errors import ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
 from ._resources import (
     AddressReservation,
@@ -306,6 +306,39 @@ class _State:
         self.size = 0
 
 
+def _growth_oom(
+    err: OutOfMemoryError, what: str, nbytes: int, have: int, target: int, page: int
+) -> OutOfMemoryError:
+    """The out-of-memory error of a growth, naming the user's request, not the failing page."""
+    detail = err.message or str(err)
+    return OutOfMemoryError(
+        nbytes,
+        err.in_use,
+        err.limit,
+        cached=err.cached,
+        message=(
+            f"{what} {nbytes} bytes: growing from {have * page} to {target * page} bytes needs "
+            f"{target - have} more page(s) of {page} bytes; {detail}"
+        ),
+        status=err.status,
+    )
+
+
+def _release(state: _State) -> None:
+    """The buffer's finalizer: free `state`, never blocking on a pool's lock.
+
+    With a pool that can defer work (``PagePool._defer``), the release is
+    queued for the pool's next call: the garbage collector may run this inside
+    a locked section of that pool, or in the middle of a backend call. Without
+    one it is done here.
+    """
+    defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
+    if defer is not None:
+        defer(state.free)
+    else:
+        state.free()
+
+
 class GrowableBuffer(ClosesOnExit):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
@@ -372,6 +405,8 @@ class GrowableBuffer(ClosesOnExit):
         peers: Iterable[int] = (),
     ) -> None:
         if pool is not None:
+            if not callable(getattr(pool, "acquire_pages", None)):
+                raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
             dev = pool.device
             if device is not None and Device(device) is not dev:
                 raise ValueError(f"device {Device(device)} differs from the pool's device {dev}")
@@ -398,7 +433,7 @@ class GrowableBuffer(ClosesOnExit):
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
-        self._fin = safety_finalizer(self, self._state.free)
+        self._fin = safety_finalizer(self, _release, self._state)
         if initial:
             try:
                 self.resize(initial)
@@ -449,6 +484,11 @@ class GrowableBuffer(ClosesOnExit):
         return self._live().res.address
 
     @property
+    def address(self) -> int:
+        """The same as :attr:`ptr`: every vmmpool object names its first byte ``address``."""
+        return self._live().res.address
+
+    @property
     def size(self) -> int:
         """Bytes in use (what :meth:`resize` set)."""
         return self._live().size
@@ -484,9 +524,15 @@ class GrowableBuffer(ClosesOnExit):
                         f"cannot move the buffer while {len(views)} view(s) or DLPack export(s) of it "
                         "are alive (their pointers would dangle); drop them first"
                     )
-                st.move(max(target * st.page, 2 * st.res.size), target)
+                try:
+                    st.move(max(target * st.page, 2 * st.res.size), target)
+                except OutOfMemoryError as err:
+                    raise _growth_oom(err, what, nbytes, have, target, st.page) from err
             else:
-                st.grow(target - have)
+                try:
+                    st.grow(target - have)
+                except OutOfMemoryError as err:
+                    raise _growth_oom(err, what, nbytes, have, target, st.page) from err
         elif target < have:
             end = max((v.end for v in self._views), default=0)
             if target * st.page < end:
@@ -653,14 +699,25 @@ class GrowableBuffer(ClosesOnExit):
                     for v in views:
                         safety_finalizer(v, self._free_when_unused)
                 return
-            self._state.free()
-            self._fin.detach()
+            # Take over the release from the finalizer atomically (the last
+            # view's finalizer may race with us); re-arm it if a step fails.
+            if self._fin.detach() is None:
+                return
+            try:
+                self._state.free()
+            except BaseException:
+                self._fin = safety_finalizer(self, _release, self._state)
+                raise
 
     def _free_when_unused(self) -> None:
-        """After a deferred close: free once the last view is gone (runs as a finalizer)."""
-        with self._lock:
-            if self._fin.alive and not any(True for _ in self._views):
-                self._fin()  # state.free(), once, never raising
+        """After a deferred close: free once the last view is gone (runs as a finalizer).
+
+        It may run from the garbage collector inside a locked section of this
+        buffer or of its pool, in any thread: it takes no lock. Detaching the
+        finalizer is atomic, so exactly one of this and ``close()`` frees.
+        """
+        if not any(True for _ in self._views) and self._fin.detach() is not None:
+            _release(self._state)
 
     def __enter__(self) -> GrowableBuffer:
         self._live()

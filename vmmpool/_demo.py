@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ._device import Device, default_device
 from ._errors import DeviceUnavailableError
@@ -424,8 +424,15 @@ def run_scenario(
 
 
 # ------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m vmmpool demo",
         description=(
             "Fragment a memory limit with mixed-size allocations, keep a scattered few small "
@@ -456,13 +463,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         device = default_device() if args.device is None else Device(args.device)
+        free = device.free_memory
     except (ValueError, TypeError, DeviceUnavailableError) as exc:
+        # A bad --device, no usable GPU, or a malformed VMMPOOL_HOST_CAPACITY.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     limit = 512 * MiB if args.limit is None else args.limit
     limit -= limit % device.granularity
     if limit < 16 * device.granularity:
         print(f"error: --limit must be at least {format_size(16 * device.granularity)}", file=sys.stderr)
+        return 2
+    if limit > free:
+        print(
+            f"error: --limit {format_size(limit)}{' (the default)' if args.limit is None else ''} "
+            f"is more than the {format_size(free)} free on "
+            f"{device} ({format_size(device.total_memory)} total); pass a smaller --limit",
+            file=sys.stderr,
+        )
         return 2
     warmup = not args.no_warmup
     print(f"vmmpool demo: fragmentation on {device} ({device.name}), limit {format_size(limit)}, "

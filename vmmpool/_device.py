@@ -13,7 +13,7 @@ from typing import Union
 
 from ._backends.base import Backend, BackendCounters
 from ._backends.host import HostBackend
-from ._options import check_int
+from ._options import address_limit, check_int, stream_key
 
 __all__ = ["Device", "DeviceLike", "devices", "default_device", "KDL_CPU", "KDL_CUDA"]
 
@@ -40,11 +40,13 @@ def _parse(spec: object) -> tuple[str, int]:
             return ("host", 0)
         if s == "cuda":
             return ("cuda", 0)
-        if s.startswith("cuda:") and s[5:].isdigit():
-            return ("cuda", int(s[5:]))
-        if s.isdigit():
-            return ("cuda", int(s))
-        raise ValueError(f"device must be 'host', 'cuda' or 'cuda:N', got {spec!r}")
+        digits = s[5:] if s.startswith("cuda:") else s
+        # ASCII digits only: str.isdigit() is also true for "²" or "٣".
+        if digits and digits.isascii() and digits.isdigit():
+            return ("cuda", int(digits))
+        raise ValueError(
+            f"device must be 'host', 'cuda' or 'cuda:N' with N in ASCII digits, got {spec!r}"
+        )
     raise TypeError(
         f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {type(spec).__name__}"
     )
@@ -130,10 +132,29 @@ class Device:
         Device
             A device with its own memory, capacity and counters, unrelated to
             ``Device("host")``.
+
+        Raises
+        ------
+        TypeError
+            A size that is not an int (``bool`` and ``float`` included), or a
+            `name` that is not a ``str``.
+        ValueError
+            A granularity that is not a power of two, a recommended granularity
+            that is not a multiple of it, or a capacity that is not.
         """
-        if capacity is not None:
-            capacity = check_int("capacity", capacity, multiple=granularity)
         granularity = check_int("granularity", granularity, minimum=1)
+        if granularity & (granularity - 1):
+            raise ValueError(f"granularity must be a power of two, got {granularity}")
+        if recommended_granularity is not None:
+            recommended_granularity = check_int(
+                "recommended_granularity", recommended_granularity, minimum=1, multiple=granularity
+            )
+        if capacity is not None:
+            capacity = check_int(
+                "capacity", capacity, multiple=granularity, maximum=address_limit(HostBackend)
+            )
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__} ({name!r})")
         return cls._from_backend(
             HostBackend(capacity, granularity, recommended_granularity, name=name)
         )
@@ -184,19 +205,42 @@ class Device:
         """``(device_type, device_id)`` as DLPack spells it: (2, N) for CUDA, (1, 0) for host."""
         return (KDL_CPU, 0) if self.is_host else (KDL_CUDA, self.ordinal)
 
+    @property
+    def address_limit(self) -> int:
+        """The largest size, offset or address this device can take, in bytes.
+
+        Every public size, offset, alignment and limit is checked against it
+        before anything changes.
+        """
+        return address_limit(self._backend)
+
     def round_up(self, nbytes: int) -> int:
         """Round `nbytes` up to a multiple of :attr:`granularity`."""
-        n = check_int("nbytes", nbytes)
         g = self.granularity
+        limit = self.address_limit
+        n = check_int("nbytes", nbytes, maximum=limit - limit % g)
         return -(-n // g) * g
 
     def counters(self) -> BackendCounters:
         """Snapshot of the backend's live resources and calls per operation."""
         return self._backend.counters()
 
-    def synchronize(self, stream: int | None = None) -> None:
-        """Wait for `stream`, or for all work on this device with ``None``."""
-        self._backend.synchronize(stream)
+    def synchronize(self, stream: object = None) -> None:
+        """Wait for `stream`, or for all work on this device with ``None``.
+
+        Parameters
+        ----------
+        stream : None, int or stream object
+            ``None`` for the whole device; otherwise what :func:`stream_key`
+            accepts (a ``CUstream`` handle as an int >= 0, or an object with
+            ``__cuda_stream__()``, ``.ptr`` or ``.cuda_stream``).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Anything else (a string, a bool, a negative handle).
+        """
+        self._backend.synchronize(None if stream is None else stream_key(stream))
 
     def write(self, address: int, data: object) -> None:
         """Copy host bytes to device memory (synchronous; for tests, demos and debugging).
@@ -210,14 +254,32 @@ class Device:
         """
         mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         if mv.nbytes:
-            self._backend.write(check_int("address", address, minimum=1), mv)
+            addr = check_int("address", address, minimum=1, maximum=self.address_limit)
+            self._backend.check_transfer(addr, mv.nbytes, write=True)
+            self._backend.write(addr, mv)
 
     def read(self, address: int, nbytes: int) -> bytearray:
-        """Copy `nbytes` of device memory at `address` to a new ``bytearray`` (synchronous)."""
+        """Copy `nbytes` of device memory at `address` to a new ``bytearray`` (synchronous).
+
+        The range is checked against what the device can address (and, on the
+        host emulator, against its mappings) before the buffer is allocated.
+
+        Raises
+        ------
+        ValueError
+            If ``[address, address + nbytes)`` lies beyond the device's
+            addressable range.
+        DriverError
+            ``CUDA_ERROR_INVALID_VALUE`` if the host emulator finds the range
+            unmapped or without read access.
+        """
         n = check_int("nbytes", nbytes)
+        if not n:
+            return bytearray()
+        addr = check_int("address", address, minimum=1, maximum=self.address_limit)
+        self._backend.check_transfer(addr, n, write=False)
         out = bytearray(n)
-        if n:
-            self._backend.read(check_int("address", address, minimum=1), memoryview(out))
+        self._backend.read(addr, memoryview(out))
         return out
 
     def __repr__(self) -> str:

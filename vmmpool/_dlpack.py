@@ -372,10 +372,17 @@ def dlpack_dtype(dtype: DTypeLike) -> tuple[int, int, int]:
 
 
 def _parse_dtype(dtype: DTypeLike) -> np.dtype:
+    if dtype is None:
+        # NumPy reads None as float64; a view's element type is never guessed.
+        raise TypeError("dtype must be a NumPy dtype such as 'float32' or numpy.float32, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as err:
-        raise TypeError(f"dtype must be a NumPy dtype, a type or a string, got {dtype!r}") from err
+        raise TypeError(
+            "dtype must be a NumPy dtype such as 'float32' or numpy.float32 (a dtype, a scalar "
+            f"type or a dtype string NumPy knows), got {type(dtype).__name__} {dtype!r}, "
+            "which NumPy does not read as a dtype"
+        ) from err
     if dt.kind not in _CODES or dt.itemsize not in _SIZES[dt.kind] or dt.fields or dt.subdtype:
         raise ValueError(
             "dtype must be one of bool, int8..int64, uint8..uint64, float16/32/64, "
@@ -400,9 +407,11 @@ class ArrayView:
     device : Device
         Where the memory is.
     ptr : int
-        Address of the owner's first byte.
+        Address of the owner's first byte. 0 (NULL) only with `nbytes` 0: an
+        empty view exports a NULL data pointer, a non-empty one never does.
     nbytes : int
-        Bytes available from `ptr`.
+        Bytes available from `ptr`; ``ptr + nbytes`` must stay within
+        :attr:`Device.address_limit`.
     dtype : dtype-like
         Element type: bool, int8..int64, uint8..uint64, float16/32/64,
         complex64/128 (native byte order).
@@ -450,8 +459,18 @@ class ArrayView:
     ) -> None:
         if not isinstance(device, Device):
             raise TypeError(f"device must be a vmmpool.Device, got {type(device).__name__}")
-        base = check_int("ptr", ptr)
-        avail = check_int("nbytes", nbytes)
+        limit = device.address_limit
+        base = check_int("ptr", ptr, maximum=limit)
+        avail = check_int("nbytes", nbytes, maximum=limit)
+        if base == 0 and avail:
+            raise ValueError(
+                f"ptr must be a device address (not 0) when nbytes > 0, got ptr 0 with nbytes {avail}"
+            )
+        if base + avail - 1 > limit:
+            raise ValueError(
+                f"ptr + nbytes must be <= {limit} (the largest the device can address), "
+                f"got {base:#x} + {avail}"
+            )
         dt = _parse_dtype(dtype)
         off = check_int("offset", offset)
         item = dt.itemsize
@@ -490,6 +509,11 @@ class ArrayView:
         self._exports = 0
 
     # ------------------------------------------------------------------ facts
+    @property
+    def address(self) -> int:
+        """Device address of the view's first byte: the same as :attr:`ptr`."""
+        return self.ptr
+
     @property
     def ndim(self) -> int:
         """Number of dimensions."""
@@ -597,13 +621,18 @@ class ArrayView:
         _check_stream(stream, kind)
         versioned = False
         if max_version is not None:
-            try:
-                major = int(max_version[0])
-            except (TypeError, ValueError, IndexError):
+            if (
+                not isinstance(max_version, tuple)
+                or len(max_version) != 2
+                or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in max_version
+                )
+            ):
                 raise TypeError(
-                    f"max_version must be a (major, minor) tuple, got {max_version!r}"
-                ) from None
-            versioned = major >= 1
+                    "max_version must be a (major, minor) tuple of two ints >= 0 such as "
+                    f"(1, 0), or None, got {type(max_version).__name__} {max_version!r}"
+                )
+            versioned = max_version[0] >= 1
         item = self.dtype.itemsize
         return _new_capsule(
             self,

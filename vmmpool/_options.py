@@ -9,7 +9,11 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-__all__ = ["Access", "HandleType", "check_int", "stream_key"]
+__all__ = ["Access", "HandleType", "ADDRESS_LIMIT", "address_limit", "check_int", "stream_key"]
+
+#: The largest byte count or address any device can take (a 64-bit ``size_t``).
+#: A backend may know a tighter bound (:func:`address_limit`).
+ADDRESS_LIMIT = (1 << 64) - 1
 
 
 class Access(str, enum.Enum):
@@ -51,17 +55,67 @@ class HandleType(str, enum.Enum):
             raise ValueError(f"handle type must be 'none' or 'posix_fd', got {value!r}") from None
 
 
-def check_int(name: str, value: object, *, minimum: int | None = 0, multiple: int = 1) -> int:
+def address_limit(device: object) -> int:
+    """The largest size, offset or address `device` can take, in bytes (inclusive).
+
+    Parameters
+    ----------
+    device : Device or backend
+        A backend (its ``address_limit`` attribute is the exclusive bound
+        ``Backend.address_limit``: values must lie below it), or anything with
+        one under ``_backend`` (a :class:`~vmmpool.Device`).
+
+    Returns
+    -------
+    int
+        ``address_limit - 1``, capped at :data:`ADDRESS_LIMIT`; :data:`ADDRESS_LIMIT`
+        when the device does not say.
+    """
+    backend = getattr(device, "_backend", device)
+    lim = getattr(backend, "address_limit", None) if backend is not None else None
+    if callable(lim):
+        lim = lim()
+    if isinstance(lim, int) and not isinstance(lim, bool) and lim > 1:
+        return min(lim - 1, ADDRESS_LIMIT)
+    return ADDRESS_LIMIT
+
+
+def _bound(n: int) -> str:
+    """``140737488355327 (2**47 - 1)``: a bound with its power-of-two form when it has one."""
+    for k in range(1, 65):
+        if n == 1 << k:
+            return f"{n} (2**{k})"
+        if n == (1 << k) - 1:
+            return f"{n} (2**{k} - 1)"
+    return str(n)
+
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = 0,
+    maximum: int | None = ADDRESS_LIMIT,
+    multiple: int = 1,
+) -> int:
     """Validate an integer argument and return it as ``int``.
+
+    Every public size, offset, alignment, address and limit goes through here,
+    before anything changes.
 
     Parameters
     ----------
     name : str
         The argument's name, used in the error message.
     value : object
-        What the caller passed. ``bool`` is rejected; NumPy integers are accepted.
+        What the caller passed. ``bool`` and ``float`` (even ``2.0 * MiB``) are
+        rejected; Python and NumPy integers are accepted.
     minimum : int or None
         Smallest allowed value; ``None`` for no bound.
+    maximum : int or None
+        Largest allowed value; by default :data:`ADDRESS_LIMIT` (what a 64-bit
+        device can address; pass :func:`address_limit` of the device for its
+        own bound), ``None`` for no bound.
     multiple : int
         The value must be a multiple of this (for example the granularity).
 
@@ -70,19 +124,24 @@ def check_int(name: str, value: object, *, minimum: int | None = 0, multiple: in
     TypeError
         If `value` is not an integer.
     ValueError
-        If it is below `minimum` or not a multiple of `multiple`.
+        If it is below `minimum`, above `maximum` or not a multiple of `multiple`.
     """
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    n = value.__index__()
+        hint = " (floats are not accepted: pass an int)" if isinstance(value, float) else ""
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}){hint}")
+    n = int(value.__index__())
     if minimum is not None and n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    if maximum is not None and n > maximum:
+        raise ValueError(
+            f"{name} must be <= {_bound(maximum)}, the largest the device can address, got {n}"
+        )
     if multiple > 1 and n % multiple:
         raise ValueError(
             f"{name} must be a multiple of {multiple} bytes (the granularity), got {n} "
             f"(round up to {-(-n // multiple) * multiple})"
         )
-    return int(n)
+    return n
 
 
 def stream_key(stream: object) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
+import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +31,7 @@ from typing import Any
 from ._backends.base import Backend
 from ._device import Device, DeviceLike
 from ._errors import ClosedError
-from ._options import Access, HandleType, check_int
+from ._options import Access, HandleType, address_limit, check_int
 
 __all__ = [
     "AddressReservation",
@@ -171,10 +173,29 @@ class PhysicalAllocation(_Closable):
         -------
         PhysicalAllocation
             A new handle holding one reference.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Before anything is imported: `fd` is not an open descriptor, or it
+            names something no export hands out (a directory, a pipe, a
+            socket, or a file with a name on a file system); on the host
+            emulator also when `fd` is not a memfd or its size is not `size`.
+
+        Notes
+        -----
+        What is checked with ``fstat``: an exported handle is anonymous (no
+        link on any file system). The host emulator exports memfds, whose size
+        is the allocation's, so a wrong `size` is caught here. A CUDA handle's
+        descriptor does not carry the size: the driver checks it when the
+        memory is mapped.
         """
         dev = Device(device)
-        fd = check_int("fd", fd)
-        size = check_int("size", size, minimum=1, multiple=dev.granularity)
+        fd = check_int("fd", fd, maximum=(1 << 31) - 1)
+        size = check_int(
+            "size", size, minimum=1, maximum=address_limit(dev), multiple=dev.granularity
+        )
+        _check_shareable_fd(fd, size, dev)
         handle = dev._backend.import_fd(fd)
         return cls(dev, handle, size, exportable=True)
 
@@ -210,6 +231,40 @@ class PhysicalAllocation(_Closable):
         return f"<PhysicalAllocation {self.size} bytes on {self.device} {state}>"
 
 
+def _check_shareable_fd(fd: int, size: int, dev: Device) -> None:
+    """Raise ``ValueError`` unless `fd` could be an exported handle of `size` bytes on `dev`."""
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        raise ValueError(f"fd must be an open file descriptor, got {fd} ({err.strerror})") from None
+    mode = st.st_mode
+    kind = (
+        "a directory" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode) else None
+    )
+    if kind is None and stat.S_ISREG(mode) and st.st_nlink > 0:
+        kind = "a file with a name on a file system"
+    if kind is not None:
+        raise ValueError(
+            f"fd must be a handle exported by PhysicalAllocation.export(), got fd {fd}, {kind}"
+        )
+    if not dev.is_host:
+        return
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the size check below still applies
+        target = "/memfd:"
+    if not stat.S_ISREG(mode) or not target.startswith("/memfd:"):
+        raise ValueError(
+            f"fd must be a memfd exported by PhysicalAllocation.export() on the host emulator, "
+            f"got fd {fd} ({target})"
+        )
+    if st.st_size != size:
+        raise ValueError(
+            f"size must be the exported allocation's size, {st.st_size} bytes, got {size}"
+        )
+
+
 def create(
     nbytes: int, device: DeviceLike = None, *, handle_type: HandleType | str = "none"
 ) -> PhysicalAllocation:
@@ -237,7 +292,9 @@ def create(
         The device has no more memory.
     """
     dev = Device(device)
-    size = check_int("nbytes", nbytes, minimum=1, multiple=dev.granularity)
+    size = check_int(
+        "nbytes", nbytes, minimum=1, maximum=address_limit(dev), multiple=dev.granularity
+    )
     exportable = HandleType.parse(handle_type) is HandleType.POSIX_FD
     if exportable and not dev.supports_posix_fd:
         raise ValueError(f"{dev} does not support POSIX file descriptor handles")
@@ -539,11 +596,17 @@ def reserve(
     AddressReservation
     """
     dev = Device(device)
-    size = check_int("nbytes", nbytes, minimum=1, multiple=dev.granularity)
-    align = check_int("alignment", alignment)
+    limit = address_limit(dev)
+    size = check_int("nbytes", nbytes, minimum=1, maximum=limit, multiple=dev.granularity)
+    align = check_int("alignment", alignment, maximum=limit)
     if align & (align - 1):
         raise ValueError(f"alignment must be 0 or a power of two, got {align}")
-    hint = check_int("hint", hint)
+    hint = check_int("hint", hint, maximum=limit)
+    if hint and hint + size - 1 > limit:
+        raise ValueError(
+            f"hint + nbytes must be <= {limit} (the largest the device can address), "
+            f"got {hint} + {size}"
+        )
     address = dev._backend.reserve(size, align, hint)
     return AddressReservation(dev, address, size, align)
 
@@ -614,11 +677,38 @@ class Mapping(_Closable):
         self._rec.access = acc
 
     def get_access(self, device: DeviceLike | int | None = None) -> Access:
-        """Ask the driver what access `device` (default: the owner) has here."""
+        """Ask the driver what access `device` (default: the owner) has here.
+
+        Parameters
+        ----------
+        device : Device, str, int or None
+            A :class:`Device`, its spec (``"cuda:1"``) or a CUDA ordinal
+            (``>= 0``); ``None`` for the owning device.
+
+        Raises
+        ------
+        TypeError
+            `device` is none of these (``bool`` included).
+        ValueError
+            A negative ordinal, a device spec that does not parse, or (on the
+            host emulator) a device other than this one.
+        """
         self._check_open()
-        ordinal = self.device.ordinal if device is None else (
-            device if isinstance(device, int) else Device(device).ordinal
-        )
+        if device is None:
+            ordinal = self.device.ordinal
+        elif isinstance(device, int) and not isinstance(device, bool):
+            ordinal = check_int("device", device, maximum=(1 << 31) - 1)
+        elif isinstance(device, (str, Device)):
+            ordinal = Device(device).ordinal
+        else:
+            raise TypeError(
+                "device must be None, a Device, a device spec such as 'cuda:1' or an ordinal, "
+                f"got {type(device).__name__} ({device!r})"
+            )
+        if self.device.is_host and ordinal != self.device.ordinal:
+            raise ValueError(
+                f"the host emulator has one device (ordinal {self.device.ordinal}), got {ordinal}"
+            )
         return self.device._backend.get_access(self.address, ordinal)
 
     def retain_allocation(self) -> PhysicalAllocation:

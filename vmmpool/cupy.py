@@ -17,6 +17,7 @@ import contextlib
 import gc
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -78,7 +79,8 @@ class MemoryPool:
     device : Device-like, optional
         ``None`` (default) follows CuPy's current device at each ``malloc``,
         keeping one page pool per device; where CuPy has no GPU it means
-        ``"host"``. A GPU without VMM support raises
+        ``"host"`` and a ``UserWarning`` says that CuPy kernels will fail on
+        that memory (pass ``"host"`` to say it is intended: no warning). A GPU without VMM support raises
         :class:`~vmmpool.DeviceUnavailableError` here. ``"host"`` (or an emulated
         :class:`~vmmpool.Device`) pins the pool to the host emulator, for
         tests and teaching on machines without a GPU: arrays can be created,
@@ -108,6 +110,14 @@ class MemoryPool:
         if device is None:
             if not _cupy.cuda.is_available():
                 device = "host"  # no GPU for CuPy: there is no current device to follow
+                warnings.warn(
+                    "vmmpool.cupy.MemoryPool(): CuPy sees no GPU, so this pool uses the host "
+                    "emulator; arrays can be created, sliced and dropped, but every CuPy kernel "
+                    "on this memory (arithmetic, fill, repr, copies to NumPy) will fail. "
+                    "Pass device='host' to say the host emulator is intended.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             else:
                 # Fail now, not at the first malloc, if the device lacks VMM support
                 # (DeviceUnavailableError): never fall back to host memory that
@@ -193,6 +203,7 @@ class MemoryPool:
                 raise _cupy.cuda.memory.OutOfMemoryError(
                     nbytes, err.in_use, pool.limit
                 ) from err
+        alloc._hold = True  # CuPy arrays use it while it lives: close() keeps it mapped
         mem = _cupy.cuda.UnownedMemory(alloc.ptr, alloc.size, alloc, device_id)
         return _cupy.cuda.MemoryPointer(mem, 0)
 
@@ -272,7 +283,11 @@ class MemoryPool:
         return {p.device: p for p in self._pools.values()}
 
     def close(self) -> None:
-        """Close every page pool (arrays still alive must not be used afterwards)."""
+        """Close every page pool.
+
+        Memory that live CuPy arrays still use stays mapped until the last of
+        them is gone; everything else is released now.
+        """
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:

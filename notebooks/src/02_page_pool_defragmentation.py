@@ -6,13 +6,19 @@
 # cached range is big enough, unmaps scattered free pages and maps them side by side into a fresh
 # virtual range. The request fails only when live data plus the request really exceed the limit.
 #
+# The page maps below draw each physical page twice: on the lower row by creation order, on the
+# upper row where it is mapped in the pool's address space, with a line between the two. Pages of
+# one live allocation share a colour; cached pages (mapped, free, reusable at once) are blue, free
+# (unmapped) pages grey.
+#
 # Runs on the host emulator; `PagePool("cuda:0", ...)` on a GPU behaves the same.
 
 # %%
-import numpy as np
+import matplotlib.pyplot as plt
 
 import vmmpool
 from vmmpool import PagePool
+from vmmpool.plot import page_map as draw_page_map
 
 dev = vmmpool.Device.emulated(capacity=64 << 20)
 pool = PagePool(dev, limit=32 << 20)  # 16 pages of 2 MiB
@@ -42,11 +48,15 @@ for j, a in enumerate(pins):
     dev.write(a.ptr, bytes([j]) * 1024)  # each survivor gets its own pattern
 print("after fill:  ", page_map(pool))
 keep = pins[::2]
+fig, (top, bottom) = plt.subplots(2, figsize=(8, 5.5))
+draw_page_map(pool, ax=top, title="after the fill: 15 pages in use")
 for a in large + [a for a in pins if a not in keep]:
     a.free()
+draw_page_map(pool, ax=bottom, title="after the frees: 3 survivors pin scattered pages")
+fig.tight_layout()
 s = pool.stats()
 print("after frees: ", page_map(pool))
-print(f"live: {s.requested_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
+print(f"live: {s.allocated_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
       f"largest allocatable: {s.largest_allocatable // MiB} MiB")
 
 # %% [markdown]
@@ -56,9 +66,14 @@ print(f"live: {s.requested_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} Mi
 # side by side in a fresh virtual range.
 
 # %%
+before_map = pool.snapshot()
 before = dev.counters()
 big = pool.malloc(20 * MiB)
 calls = dev.counters() - before
+fig, (top, bottom) = plt.subplots(2, figsize=(8, 5.5))
+draw_page_map(before_map, ax=top, page_size=pool.page_size, title="before malloc(20 MiB)")
+draw_page_map(pool, ax=bottom, title="after: scattered pages remapped side by side")
+fig.tight_layout()
 print("allocated", big.size // MiB, "MiB at", hex(big.ptr))
 print("page map:    ", page_map(pool))
 print("remaps:", pool.stats().n_remaps, "expected 1;", "backend calls:", calls)

@@ -6,7 +6,8 @@
 # does not depend on how much the buffer already holds. Its views export DLPack, so NumPy (here),
 # CuPy, PyTorch or JAX (on a GPU) use the memory in place.
 #
-# It runs on the host emulator; on a GPU use `vmmpool.Device("cuda:0")` and `cupy.from_dlpack`.
+# It runs on the host emulator (where "device" memory is host memory, so the copy below is a host
+# copy); on a GPU use `vmmpool.Device("cuda:0")` and `cupy.from_dlpack`.
 
 # %%
 import time
@@ -15,6 +16,7 @@ import numpy as np
 
 import vmmpool
 from vmmpool import GrowableBuffer
+from vmmpool.plot import growth_cost
 
 dev = vmmpool.Device.emulated(capacity=512 << 20)
 buf = GrowableBuffer(max_size=256 << 20, device=dev)
@@ -22,22 +24,54 @@ print("ptr:", hex(buf.ptr), "size:", buf.size, "capacity:", buf.capacity, "max_s
 
 # %% [markdown]
 # ## Grow step by step: the pointer stays put, each step maps only new pages
-# Each 8 MiB step maps 4 new pages and sets access once over them. We time every step and count
-# the backend (driver) calls it makes.
+# Each 8 MiB step maps 4 new pages and sets access once over them. We count the backend (driver)
+# calls each step makes: the same at every size.
 
 # %%
 ptr0 = buf.ptr
-rows = []
+calls_per_step = []
 for step in range(1, 17):
     before = dev.counters()
-    t0 = time.perf_counter()
     buf.resize(step * (8 << 20))
-    dt = time.perf_counter() - t0
-    rows.append((buf.size >> 20, dt * 1e6, dev.counters() - before))
+    calls_per_step.append(dev.counters() - before)
     assert buf.ptr == ptr0
-for size_mib, us, calls in rows[:3] + rows[-2:]:
-    print(f"size {size_mib:4d} MiB  step {us:8.1f} us  calls {calls}")
-print("expected per step: {'create': 4, 'map': 4, 'set_access': 1}; pointer never moved:", buf.ptr == ptr0)
+print("first step:", calls_per_step[0], " last step:", calls_per_step[-1])
+assert all(c == calls_per_step[0] for c in calls_per_step)
+print("pointer never moved:", buf.ptr == ptr0)
+
+# %% [markdown]
+# ## Growth cost against size: flat for mapping, linear for copying
+# For each size we time one 2 MiB growth step many times (the median, so a noisy step does not
+# decide) and compare with what a copying allocator does: allocate the larger buffer and copy the
+# old contents over. Mapping cost is flat; copying grows with the size.
+
+# %%
+MiB = 1 << 20
+sizes = [2 * MiB, 8 * MiB, 32 * MiB, 128 * MiB]
+grow_s, copy_s = [], []
+for size in sizes:
+    times = []
+    for _ in range(15):
+        buf.resize(size)
+        t0 = time.perf_counter()
+        buf.resize(size + 2 * MiB)
+        times.append(time.perf_counter() - t0)
+    grow_s.append(float(np.median(times)))
+    old = np.ones(size, dtype=np.uint8)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        new = np.empty(size + 2 * MiB, dtype=np.uint8)
+        new[:size] = old
+        times.append(time.perf_counter() - t0)
+    copy_s.append(float(np.median(times)))
+    del old, new
+for size, g_s, c_s in zip(sizes, grow_s, copy_s):
+    print(f"{size // MiB:4d} MiB: map a page {g_s * 1e6:8.1f} us   copy {c_s * 1e6:10.1f} us   ratio {c_s / g_s:7.0f}x")
+assert grow_s[-1] < 4 * grow_s[0], "mapping a page should not cost more on a larger buffer"
+assert copy_s[-1] > 8 * copy_s[0], "copying 64x more bytes should cost more"
+growth_cost(sizes, {"GrowableBuffer (map a page)": grow_s, "copy into a larger buffer": copy_s},
+            title="one 2 MiB growth step (median)");
 
 # %% [markdown]
 # ## Share the memory with NumPy through DLPack

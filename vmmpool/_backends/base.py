@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from .._errors import DriverError, OutOfMemoryError
 from .._options import Access
 
-__all__ = ["Backend", "BackendCounters", "DeviceInfo", "OPERATIONS"]
+__all__ = ["Backend", "BackendCounters", "DeviceInfo", "OPERATIONS", "ADDRESS_LIMIT_64"]
+
+#: Exclusive bound of a 64-bit driver's sizes and addresses (``size_t``).
+ADDRESS_LIMIT_64 = 1 << 64
 
 #: The operations a backend provides, in the order of the interface.
 OPERATIONS: tuple[str, ...] = (
@@ -122,6 +125,13 @@ class Backend(abc.ABC):
 
     info: DeviceInfo
 
+    #: Exclusive upper bound of what the device can address: every size,
+    #: alignment, hint, address and ``address + size`` a caller passes must lie
+    #: below it. Higher layers check against it (:meth:`check_value`,
+    #: :meth:`check_range`, :meth:`check_transfer`) before anything changes, so
+    #: that no value is truncated on its way to the driver.
+    address_limit: int = ADDRESS_LIMIT_64
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._calls: collections.Counter[str] = collections.Counter()
@@ -201,6 +211,76 @@ class Backend(abc.ABC):
                 self._live_mappings,
                 self._physical_bytes,
                 dict(self._calls),
+            )
+
+    # ------------------------------------------------------------ 64-bit guards
+    def _limit_text(self) -> str:
+        lim = self.address_limit
+        bits = lim.bit_length() - 1
+        return f"2**{bits}" if lim == 1 << bits else str(lim)
+
+    def check_value(self, op: str, what: str, value: int) -> None:
+        """Reject a size, alignment, hint or address the device cannot address.
+
+        Parameters
+        ----------
+        op : str
+            The operation, for the message.
+        what : str
+            The argument's name, for the message.
+        value : int
+            Must satisfy ``0 <= value < address_limit``.
+
+        Raises
+        ------
+        DriverError
+            ``CUDA_ERROR_INVALID_VALUE``, naming the bound and the value.
+        """
+        if not 0 <= value < self.address_limit:
+            raise DriverError(
+                "CUDA_ERROR_INVALID_VALUE",
+                f"{what} must be in [0, {self._limit_text()}) (what {self.info.name} can "
+                f"address), got {value:#x}",
+                operation=op,
+            )
+
+    def check_range(self, op: str, address: int, size: int, what: str = "range") -> None:
+        """Reject ``[address, address + size)`` unless it lies below :attr:`address_limit`.
+
+        Raises
+        ------
+        DriverError
+            ``CUDA_ERROR_INVALID_VALUE``, naming the bound and the range.
+        """
+        if not (0 <= address and 0 <= size and address + size <= self.address_limit):
+            raise DriverError(
+                "CUDA_ERROR_INVALID_VALUE",
+                f"{what} [{address:#x}, {address + size:#x}) must lie below "
+                f"{self._limit_text()} (what {self.info.name} can address)",
+                operation=op,
+            )
+
+    def check_transfer(self, address: int, nbytes: int, write: bool = False) -> None:
+        """Check a host copy of `nbytes` at `address` before any buffer is allocated.
+
+        The base check is the addressable range; a backend that knows its
+        mappings (the host emulator) also checks that the range is mapped
+        with enough access.
+
+        Raises
+        ------
+        ValueError
+            If the range does not lie below :attr:`address_limit`.
+        DriverError
+            ``CUDA_ERROR_INVALID_VALUE`` where the backend knows the range is
+            not accessible.
+        """
+        if not (0 <= address and 0 <= nbytes and address + nbytes <= self.address_limit):
+            op = "write" if write else "read"
+            raise ValueError(
+                f"cannot {op} {nbytes} bytes at {address:#x}: [{address:#x}, "
+                f"{address + nbytes:#x}) must lie below {self._limit_text()} "
+                f"(what {self.info.name} can address)"
             )
 
     # ------------------------------------------------------------ the interface

@@ -25,7 +25,15 @@ Rules of the driver this module relies on (numbers refer to
 * Rule 8 (pytorch #196258): ``synchronize(None)`` synchronizes the device that
   owns the memory (its primary context pushed), not whatever context is current.
 * Rule 11: exportable memory requests ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``
-  at create time.
+  at create time. Where the driver refuses that handle type although the
+  device attribute says it is supported (``CUDA_ERROR_NOT_PERMITTED`` or
+  ``CUDA_ERROR_NOT_SUPPORTED``, as in some containers), ``create`` falls back
+  to memory without it: see :meth:`CudaBackend.create`.
+* GPUDirect RDMA: where ``CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED``
+  is 1, allocations request ``allocFlags.gpuDirectRDMACapable`` (as PyTorch
+  does) so NCCL and RDMA stacks can register them.
+* Copies (``write``/``read``) run with the owning device's primary context
+  pushed, so they work whatever context (another device's) is current.
 * ``CUdeviceptr`` and handle wrappers have no value equality in cuda-bindings
   13.5.0 (cuda-python #2388): every value is converted with ``int(...)``.
 """
@@ -33,6 +41,8 @@ Rules of the driver this module relies on (numbers refer to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -43,14 +53,13 @@ from .base import Backend, DeviceInfo
 
 __all__ = ["CudaBackend", "device_count", "probe"]
 
-#: ``CUresult`` names meaning "no usable CUDA here" rather than a bug. Names a
-#: given cuda-bindings release lacks are simply never matched.
+#: ``CUresult`` names meaning "no usable CUDA here" rather than a bug. Every
+#: name exists in cuda-bindings 12.8 and 13.x (a test checks it).
 _UNAVAILABLE_ERRORS: frozenset[str] = frozenset(
     {
         "CUDA_ERROR_NO_DEVICE",
         "CUDA_ERROR_NOT_INITIALIZED",
         "CUDA_ERROR_DEINITIALIZED",
-        "CUDA_ERROR_INSUFFICIENT_DRIVER",
         "CUDA_ERROR_INVALID_DEVICE",
         "CUDA_ERROR_NOT_SUPPORTED",
         "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
@@ -64,12 +73,14 @@ _UNAVAILABLE_ERRORS: frozenset[str] = frozenset(
 #: Short reasons for the commonest "not available" errors.
 _REASONS: dict[str, str] = {
     "CUDA_ERROR_NO_DEVICE": "no CUDA device",
-    "CUDA_ERROR_INSUFFICIENT_DRIVER": "the CUDA driver is too old for cuda-bindings",
     "CUDA_ERROR_STUB_LIBRARY": "CUDA driver library not found (only the stub libcuda)",
     "CUDA_ERROR_NOT_SUPPORTED": "VMM not supported",
 }
 
 _MISSING_LIBRARY = "CUDA driver library not found"
+
+#: What cuMemCreate answers where the POSIX fd handle type is refused.
+_HANDLE_TYPE_REFUSED: frozenset[str] = frozenset({"CUDA_ERROR_NOT_PERMITTED", "CUDA_ERROR_NOT_SUPPORTED"})
 
 _NAME_LENGTH = 256
 
@@ -82,33 +93,32 @@ def _driver() -> Any:
     return driver
 
 
-def _missing_library_types() -> tuple[type[BaseException], ...]:
-    """Return the exception classes meaning "no driver library is installed"."""
-    try:
-        from cuda.pathfinder import DynamicLibNotFoundError
-    except ImportError:
-        return ()
-    return (DynamicLibNotFoundError,)
+_NOT_FOUND = re.compile(r'^[Ff]unction "?(cu\w+)"? (?:is )?not found')
 
 
-def _is_missing_library(exc: BaseException) -> bool:
-    """Whether `exc` says that libcuda could not be loaded.
+def _missing_library_reason(exc: BaseException) -> str | None:
+    """Why `exc` says that libcuda (or an entry point of it) could not be loaded, or ``None``.
 
     cuda-bindings 13.x raises ``cuda.pathfinder.DynamicLibNotFoundError`` (a
-    ``RuntimeError``) on the first driver call; older 12.x releases raise a plain
-    ``RuntimeError("Failed to dlopen libcuda.so...")``.
+    ``RuntimeError``) on the first driver call. 12.8 and 12.9.0 raise
+    ``RuntimeError("Failed to dlopen libcuda.so.1")`` on the first call and
+    ``RuntimeError('Function "cuInit" not found')`` on every later one. A driver
+    lacking an entry point the bindings need gives ``Function "cuX" not found``
+    (12.x) or ``FunctionNotFoundError("function cuX is not found")`` (13.x).
     """
     if not isinstance(exc, RuntimeError):
-        return False
-    types = _missing_library_types()
-    if types and isinstance(exc, types):
-        return True
+        return None
     if any(cls.__name__ == "DynamicLibNotFoundError" for cls in type(exc).__mro__):
-        return True
+        return _MISSING_LIBRARY
     text = str(exc)
-    return type(exc) is RuntimeError and (
-        text.startswith("Failed to dlopen libcuda") or text.startswith("Failed to LoadLibraryEx")
-    )
+    if text.startswith(("Failed to dlopen libcuda", "Failed to LoadLibraryEx")):
+        return _MISSING_LIBRARY
+    found = _NOT_FOUND.match(text)
+    if found is None:
+        return None
+    if found.group(1) in ("cuInit", "cuGetProcAddress", "cuDriverGetVersion"):
+        return _MISSING_LIBRARY  # the library never loaded (12.x after a failed dlopen)
+    return f"the CUDA driver lacks {found.group(1)} (too old for this cuda-bindings)"
 
 
 def _unavailable_reason(exc: BaseException) -> str | None:
@@ -119,9 +129,7 @@ def _unavailable_reason(exc: BaseException) -> str | None:
         if exc.name not in _UNAVAILABLE_ERRORS:
             return None
         return _REASONS.get(exc.name, f"{exc.name}: {exc.message}")
-    if _is_missing_library(exc):
-        return _MISSING_LIBRARY
-    return None
+    return _missing_library_reason(exc)
 
 
 def _to_str(value: Any) -> str:
@@ -131,9 +139,16 @@ def _to_str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _raise_driver_error(err: Any, op: str, owner: CudaBackend | None, requested: int) -> None:
-    """Raise the vmmpool exception for the failed ``CUresult`` `err`."""
-    drv = _driver()
+def _raise_driver_error(
+    err: Any, op: str, owner: CudaBackend | None, requested: int, drv: Any = None
+) -> None:
+    """Raise the vmmpool exception for the failed ``CUresult`` `err`.
+
+    The error's name and text come from the driver module that made the call:
+    `drv`, else the `owner` backend's own, else the module-level one.
+    """
+    if drv is None:
+        drv = owner._drv if owner is not None else _driver()
     status = int(err)
     name_result = drv.cuGetErrorName(err)
     name = _to_str(name_result[1]) if not name_result[0] else ""
@@ -161,6 +176,7 @@ def _check(
     op: str,
     owner: CudaBackend | None = None,
     requested: int = 0,
+    drv: Any = None,
 ) -> Any:
     """Check the ``CUresult`` of a driver call and return the rest of its tuple.
 
@@ -175,6 +191,8 @@ def _check(
         capacity go into an :class:`~vmmpool.OutOfMemoryError`.
     requested : int
         Bytes the call asked for, if known (for out-of-memory errors).
+    drv : module, optional
+        The driver module that made the call (default: `owner`'s).
 
     Returns
     -------
@@ -191,7 +209,7 @@ def _check(
     """
     err = result[0]
     if err:  # CUresult is an int enum; CUDA_SUCCESS is 0
-        _raise_driver_error(err, op, owner, requested)
+        _raise_driver_error(err, op, owner, requested, drv)
     n = len(result)
     if n == 1:
         return None
@@ -205,14 +223,14 @@ def _device_attribute(drv: Any, dev: Any, *names: str) -> int:
     for name in names:
         attr = getattr(drv.CUdevice_attribute, name, None)
         if attr is not None:
-            return int(_check(drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
+            return int(_check(drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute", drv=drv))
     return 0
 
 
 class _Facts:
     """What :func:`_inspect` learned about one device."""
 
-    __slots__ = ("count", "dev", "reason", "supports_posix_fd", "supports_vmm")
+    __slots__ = ("count", "dev", "reason", "supports_posix_fd", "supports_rdma", "supports_vmm")
 
     def __init__(self) -> None:
         self.count = 0
@@ -220,13 +238,14 @@ class _Facts:
         self.reason: str | None = None
         self.supports_vmm = False
         self.supports_posix_fd = False
+        self.supports_rdma = False
 
 
 def _inspect(drv: Any, ordinal: int) -> _Facts:
     """Initialise the driver and inspect device `ordinal` (driver errors propagate)."""
     facts = _Facts()
-    _check(drv.cuInit(0), "cuInit")
-    facts.count = int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount"))
+    _check(drv.cuInit(0), "cuInit", drv=drv)
+    facts.count = int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount", drv=drv))
     if facts.count == 0:
         facts.reason = "no CUDA device"
         return facts
@@ -234,7 +253,7 @@ def _inspect(drv: Any, ordinal: int) -> _Facts:
         plural = "device" if facts.count == 1 else "devices"
         facts.reason = f"device ordinal {ordinal} out of range ({facts.count} {plural})"
         return facts
-    facts.dev = _check(drv.cuDeviceGet(ordinal), "cuDeviceGet")
+    facts.dev = _check(drv.cuDeviceGet(ordinal), "cuDeviceGet", drv=drv)
     facts.supports_vmm = bool(
         _device_attribute(
             drv,
@@ -249,6 +268,9 @@ def _inspect(drv: Any, ordinal: int) -> _Facts:
             facts.dev,
             "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED",
         )
+    )
+    facts.supports_rdma = bool(
+        _device_attribute(drv, facts.dev, "CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED")
     )
     if not facts.supports_vmm:
         facts.reason = "VMM not supported"
@@ -296,8 +318,8 @@ def device_count() -> int:
     """
     try:
         drv = _driver()
-        _check(drv.cuInit(0), "cuInit")
-        return int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount"))
+        _check(drv.cuInit(0), "cuInit", drv=drv)
+        return int(_check(drv.cuDeviceGetCount(), "cuDeviceGetCount", drv=drv))
     except (ImportError, RuntimeError) as exc:
         if _unavailable_reason(exc) is None:
             raise
@@ -370,7 +392,9 @@ class CudaBackend(Backend):
         self._drv: Any = drv
         self._dev: Any = facts.dev
         try:
-            self._pctx = _check(drv.cuDevicePrimaryCtxRetain(facts.dev), "cuDevicePrimaryCtxRetain")
+            self._pctx = _check(
+                drv.cuDevicePrimaryCtxRetain(facts.dev), "cuDevicePrimaryCtxRetain", drv=drv
+            )
         except DriverError as exc:
             reason = _unavailable_reason(exc)
             if reason is None:
@@ -397,7 +421,13 @@ class CudaBackend(Backend):
             prop.requestedHandleTypes = (
                 self._posix_fd if exportable else drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
             )
+            if facts.supports_rdma:
+                prop.allocFlags.gpuDirectRDMACapable = 1
             self._props[exportable] = prop
+        #: Whether cuMemCreate refused the POSIX fd handle type here (create()'s fallback).
+        self._posix_fd_refused = False
+        #: Handles created exportable=True that fell back to no handle type.
+        self._unexportable: set[int] = set()
         flags = drv.CUmemAccess_flags
         self._flags: dict[Access, Any] = {
             Access.READWRITE: flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
@@ -416,6 +446,7 @@ class CudaBackend(Backend):
             _check(
                 drv.cuMemGetAllocationGranularity(self._props[False], gran.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
                 "cuMemGetAllocationGranularity",
+                drv=drv,
             )
         )
         recommended = int(
@@ -424,10 +455,11 @@ class CudaBackend(Backend):
                     self._props[False], gran.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
                 ),
                 "cuMemGetAllocationGranularity",
+                drv=drv,
             )
         )
-        self._total_memory = int(_check(drv.cuDeviceTotalMem(facts.dev), "cuDeviceTotalMem"))
-        name = _to_str(_check(drv.cuDeviceGetName(_NAME_LENGTH, facts.dev), "cuDeviceGetName"))
+        self._total_memory = int(_check(drv.cuDeviceTotalMem(facts.dev), "cuDeviceTotalMem", drv=drv))
+        name = _to_str(_check(drv.cuDeviceGetName(_NAME_LENGTH, facts.dev), "cuDeviceGetName", drv=drv))
         self.info = DeviceInfo(
             kind="cuda",
             ordinal=ordinal,
@@ -447,16 +479,16 @@ class CudaBackend(Backend):
         if self._closed:
             raise ClosedError("CudaBackend")
         drv = self._drv
-        current = _check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        current = _check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent", self)
         if current is None or int(current) == 0:
-            _check(drv.cuCtxSetCurrent(self._pctx), "cuCtxSetCurrent")
+            _check(drv.cuCtxSetCurrent(self._pctx), "cuCtxSetCurrent", self)
         tls.ready = True
 
     def _push(self) -> None:
-        _check(self._drv.cuCtxPushCurrent(self._pctx), "cuCtxPushCurrent")
+        _check(self._drv.cuCtxPushCurrent(self._pctx), "cuCtxPushCurrent", self)
 
     def _pop(self) -> None:
-        _check(self._drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
+        _check(self._drv.cuCtxPopCurrent(), "cuCtxPopCurrent", self)
 
     def _release_context(self) -> None:
         if self._pctx is not None:
@@ -464,6 +496,7 @@ class CudaBackend(Backend):
             _check(
                 self._drv.cuDevicePrimaryCtxRelease(self._dev),
                 "cuDevicePrimaryCtxRelease",
+                drv=self._drv,
             )
 
     # ------------------------------------------------------------- bookkeeping
@@ -473,6 +506,7 @@ class CudaBackend(Backend):
             for key in rec.keys:
                 if self._allocs.get(key) is rec:
                     del self._allocs[key]
+                    self._unexportable.discard(key)
             self._live_allocations -= 1
             self._physical_bytes -= rec.size
 
@@ -554,12 +588,37 @@ class CudaBackend(Backend):
         ------
         OutOfMemoryError
             When the device has no memory left.
+
+        Notes
+        -----
+        Fallback: where the driver refuses the POSIX fd handle type
+        (``CUDA_ERROR_NOT_PERMITTED`` or ``CUDA_ERROR_NOT_SUPPORTED``, as in
+        some containers) although the device attribute reports it supported,
+        the memory is created without it, ``info.supports_posix_fd`` becomes
+        False (so later exportable requests are refused up front by
+        :func:`vmmpool.create`), and :meth:`export_fd` of that handle raises a
+        :class:`~vmmpool.DriverError` naming the refusal. The memory itself is
+        usable as any other.
         """
         self._enter("create")
         self._ctx()
-        prop = self._props[bool(exportable)]
-        handle = int(_check(self._drv.cuMemCreate(size, prop, 0), "create", self, size))
+        wanted = bool(exportable)
+        fd_type = wanted and not self._posix_fd_refused
+        try:
+            handle = int(_check(self._drv.cuMemCreate(size, self._props[fd_type], 0), "create", self, size))
+        except DriverError as exc:
+            if not fd_type or exc.name not in _HANDLE_TYPE_REFUSED:
+                raise
+            handle = int(_check(self._drv.cuMemCreate(size, self._props[False], 0), "create", self, size))
+            fd_type = False
         with self._lock:
+            if wanted and not fd_type:
+                if not self._posix_fd_refused:
+                    self._posix_fd_refused = True
+                    self.info = dataclasses.replace(self.info, supports_posix_fd=False)
+                self._unexportable.add(handle)
+            else:
+                self._unexportable.discard(handle)  # a reused handle value
             self._allocs[handle] = _Allocation(int(size), 1, [handle])
             self._live_allocations += 1
             self._physical_bytes += int(size)
@@ -709,6 +768,13 @@ class CudaBackend(Backend):
         """
         self._enter("export_fd")
         self._ctx()
+        if int(handle) in self._unexportable:
+            raise DriverError(
+                "CUDA_ERROR_NOT_PERMITTED",
+                "the driver refused the POSIX fd handle type, so this allocation was created "
+                "without it (see CudaBackend.create) and cannot be exported",
+                operation="export_fd",
+            )
         fd = _check(
             self._drv.cuMemExportToShareableHandle(handle, self._posix_fd, 0),
             "export_fd",
@@ -788,7 +854,8 @@ class CudaBackend(Backend):
         """Copy host bytes `data` to device memory at `address` (``cuMemcpyHtoD``).
 
         Synchronous: returns when the copy is done. The range must be mapped
-        with at least read-write access for this device.
+        with at least read-write access for this device. The copy runs with
+        this device's primary context pushed, whatever context is current.
 
         Parameters
         ----------
@@ -804,12 +871,17 @@ class CudaBackend(Backend):
             return
         if not data.contiguous:
             data = memoryview(data.tobytes())
-        _check(self._drv.cuMemcpyHtoD(address, data, n), "write", self)
+        self._push()
+        try:
+            _check(self._drv.cuMemcpyHtoD(address, data, n), "write", self)
+        finally:
+            self._pop()
 
     def read(self, address: int, out: memoryview) -> None:
         """Copy ``out.nbytes`` bytes at device `address` into `out` (``cuMemcpyDtoH``).
 
-        Synchronous: returns when the copy is done.
+        Synchronous: returns when the copy is done. The copy runs with this
+        device's primary context pushed, whatever context is current.
 
         Parameters
         ----------
@@ -833,7 +905,11 @@ class CudaBackend(Backend):
             raise ValueError("out must be a contiguous buffer")
         n = out.nbytes
         if n:
-            _check(self._drv.cuMemcpyDtoH(out, address, n), "read", self)
+            self._push()
+            try:
+                _check(self._drv.cuMemcpyDtoH(out, address, n), "read", self)
+            finally:
+                self._pop()
 
     def close(self) -> None:
         """Release the primary context retained at construction (idempotent).

@@ -4,13 +4,36 @@
 CUDA driver                   host emulator
 ============================  ==============================================
 ``cuMemAddressReserve``       anonymous ``PROT_NONE`` mapping, aligned
-``cuMemCreate``               ``memfd_create`` + ``ftruncate``
-``cuMemMap``                  ``mmap(MAP_FIXED | MAP_SHARED)`` of the memfd
+``cuMemCreate``               a slot of a shared 1 GiB memfd chunk (first
+                              fit); its own ``memfd_create`` when exportable
+``cuMemMap``                  ``mmap(MAP_SHARED)`` of the slot, moved over the
+                              reservation with ``mremap(MREMAP_FIXED)``
 ``cuMemSetAccess``            ``mprotect``
 ``cuMemUnmap``                ``mmap(MAP_FIXED)`` of ``PROT_NONE`` anonymous
+``cuMemRelease``              ``fallocate(PUNCH_HOLE)`` of the slot
 ``cuMemAddressFree``          ``munmap``
 ``cuMemExportToShareable...``  ``dup`` of the memfd (another process can map it)
 ============================  ==============================================
+
+Scale: physical allocations share a few large memfds (one file descriptor per
+1 GiB chunk), so an 80 GiB device of 40,960 live 2 MiB allocations needs about
+80 descriptors, well under the common soft limit of 1,024. Released slots are
+hole-punched, so their memory goes back to the OS at once. Adjacent mappings of
+adjacent slots coalesce into one kernel mapping. Only allocations created
+exportable, or imported, keep a memfd of their own, since an fd must be
+shareable on its own.
+
+OS exhaustion (descriptors, address space, ``vm.max_map_count``, memory)
+surfaces as :class:`~vmmpool.OutOfMemoryError` (``CUDA_ERROR_OUT_OF_MEMORY``)
+naming the OS cause, never as a raw ``OSError``, and a failed call changes
+nothing. Each operation is ordered so that its undo only releases: ``map``
+first maps the slot at an address of the kernel's choosing (the only step
+that needs a new resource) and then moves it into place with ``mremap``, which
+checks the mapping count before it changes anything; if the move fails, the
+undo is one ``munmap`` of a whole mapping. ``unmap`` replaces whole mappings
+in one call (the kernel checks its limits before it removes anything).
+``reserve`` never undoes a trim: slack it could not trim stays part of the
+kernel mapping and is freed with the reservation.
 
 The memory is real: bytes written through one mapping of a physical
 allocation are read back through every other mapping of it. The emulator
@@ -30,6 +53,7 @@ import bisect
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -38,9 +62,16 @@ from .._errors import DriverError, OutOfMemoryError
 from .._options import Access
 from .base import Backend, DeviceInfo
 
-__all__ = ["HostBackend", "DEFAULT_GRANULARITY", "default_capacity"]
+__all__ = ["HostBackend", "DEFAULT_GRANULARITY", "ADDRESS_LIMIT", "CHUNK_SIZE", "default_capacity"]
 
 DEFAULT_GRANULARITY = 2 << 20
+
+#: Exclusive bound of the emulator's addresses and sizes: Linux's user address
+#: space on x86-64 (47 bits; also within arm64's 48).
+ADDRESS_LIMIT = 1 << 47
+
+#: Bytes of one shared memfd chunk that non-exportable allocations are cut from.
+CHUNK_SIZE = 1 << 30
 
 _PROT_NONE = 0
 _PROT_READ = 1
@@ -71,6 +102,27 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _mprotect = _libc.mprotect
 _mprotect.restype = ctypes.c_int
 _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_mremap = _libc.mremap
+_mremap.restype = ctypes.c_void_p
+_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+_fallocate = _libc.fallocate
+_fallocate.restype = ctypes.c_int
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+#: errno values that mean "the OS ran out of something": reported as out of memory.
+_EXHAUSTION = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN, errno.EDQUOT, errno.EFBIG}
+)
+_HINTS = {
+    errno.EMFILE: "the process's open-file limit (ulimit -n) is reached",
+    errno.ENFILE: "the system's open-file limit is reached",
+    errno.ENOMEM: "out of address space (RLIMIT_AS), mappings (vm.max_map_count) or memory",
+    errno.ENOSPC: "no space left for the memory file",
+}
 
 
 def default_capacity() -> int:
@@ -90,7 +142,7 @@ def default_capacity() -> int:
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         mult = units.get(env[-1:].upper(), 1)
         digits = env[:-1] if mult > 1 else env
-        if not digits.isdigit() or int(digits) * mult < DEFAULT_GRANULARITY:
+        if not (digits.isascii() and digits.isdigit()) or int(digits) * mult < DEFAULT_GRANULARITY:
             raise ValueError(
                 f"VMMPOOL_HOST_CAPACITY must be a size of at least {DEFAULT_GRANULARITY} bytes "
                 f"like '512M' or '4G', got {env!r}"
@@ -105,20 +157,89 @@ def default_capacity() -> int:
     return max(cap - cap % DEFAULT_GRANULARITY, 64 * DEFAULT_GRANULARITY)
 
 
-def _os_error(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
+def _os_failure(op: str, what: str, err: int, requested: int, in_use: int, limit: int) -> Exception:
+    """The driver's error for an OS call that failed with `err`.
+
+    Exhaustion becomes :class:`OutOfMemoryError` naming the OS cause; anything
+    else ``CUDA_ERROR_OPERATING_SYSTEM``.
+    """
+    name = errno.errorcode.get(err, str(err))
+    cause = f"{what} failed with {name} ({os.strerror(err)})"
+    if err in _EXHAUSTION:
+        hint = _HINTS.get(err)
+        text = f"{op}: host emulator: {cause}" + (f": {hint}" if hint else "")
+        return OutOfMemoryError(requested, in_use, limit, message=text)
+    return DriverError("CUDA_ERROR_OPERATING_SYSTEM", cause, status=304, operation=op)
 
 
 def _invalid(op: str, message: str) -> DriverError:
     return DriverError("CUDA_ERROR_INVALID_VALUE", message, operation=op)
 
 
-class _Physical:
-    __slots__ = ("fd", "size", "refs", "mapped", "exportable", "charged")
+class _Chunk:
+    """A shared memfd that allocations are cut from, first fit, in granules."""
 
-    def __init__(self, fd: int, size: int, exportable: bool, charged: bool) -> None:
+    __slots__ = ("fd", "size", "free_starts", "free_ends", "free_bytes")
+
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
+        self.size = size
+        self.free_starts = [0]  # sorted, disjoint, non-adjacent free extents
+        self.free_ends = [size]
+        self.free_bytes = size
+
+    def take(self, size: int) -> int | None:
+        """Offset of a free extent of `size` bytes (first fit), or None."""
+        if size > self.free_bytes:
+            return None
+        for i, (s, e) in enumerate(zip(self.free_starts, self.free_ends, strict=True)):
+            if e - s >= size:
+                if e - s == size:
+                    del self.free_starts[i], self.free_ends[i]
+                else:
+                    self.free_starts[i] = s + size
+                self.free_bytes -= size
+                return s
+        return None
+
+    def give(self, offset: int, size: int) -> None:
+        """Return ``[offset, offset + size)`` to the free extents, merging neighbours."""
+        end = offset + size
+        i = bisect.bisect_left(self.free_starts, offset)
+        merge_prev = i > 0 and self.free_ends[i - 1] == offset
+        merge_next = i < len(self.free_starts) and self.free_starts[i] == end
+        if merge_prev and merge_next:
+            self.free_ends[i - 1] = self.free_ends[i]
+            del self.free_starts[i], self.free_ends[i]
+        elif merge_prev:
+            self.free_ends[i - 1] = end
+        elif merge_next:
+            self.free_starts[i] = offset
+        else:
+            self.free_starts.insert(i, offset)
+            self.free_ends.insert(i, end)
+        self.free_bytes += size
+
+    @property
+    def empty(self) -> bool:
+        return self.free_bytes == self.size
+
+
+class _Physical:
+    __slots__ = ("fd", "offset", "chunk", "size", "refs", "mapped", "exportable", "charged")
+
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        exportable: bool,
+        charged: bool,
+        chunk: _Chunk | None = None,
+        offset: int = 0,
+    ) -> None:
+        self.fd = fd  # the chunk's fd for a slot; an fd of its own otherwise
+        self.offset = offset
+        self.chunk = chunk
         self.size = size
         self.refs = 1
         self.mapped = 0
@@ -136,11 +257,14 @@ class _Mapped:
 
 
 class _Reservation:
-    __slots__ = ("address", "size", "starts", "maps")
+    __slots__ = ("address", "size", "starts", "maps", "pieces")
 
-    def __init__(self, address: int, size: int) -> None:
+    def __init__(self, address: int, size: int, pieces: list[tuple[int, int]]) -> None:
         self.address = address
         self.size = size
+        # Kernel ranges to munmap at free: the reservation, plus any alignment
+        # slack that could not be trimmed when it was made.
+        self.pieces = pieces
         self.starts: list[int] = []  # sorted mapping start addresses
         self.maps: dict[int, _Mapped] = {}
 
@@ -190,13 +314,20 @@ class HostBackend(Backend):
     capacity : int, optional
         Physical bytes this emulated device has; :func:`default_capacity` when
         omitted. ``create`` fails with ``CUDA_ERROR_OUT_OF_MEMORY`` beyond it.
+        At most :data:`ADDRESS_LIMIT`.
     granularity : int
         Minimum granularity (2 MiB, as on current NVIDIA GPUs).
     recommended_granularity : int, optional
         Recommended granularity; equal to `granularity` when omitted.
     name : str
         Device name shown by ``python -m vmmpool info``.
+    chunk_size : int
+        Bytes of each shared memfd that non-exportable allocations are cut
+        from (:data:`CHUNK_SIZE`); a multiple of `granularity`. An allocation
+        larger than a chunk gets a chunk of its own size.
     """
+
+    address_limit = ADDRESS_LIMIT
 
     def __init__(
         self,
@@ -204,6 +335,7 @@ class HostBackend(Backend):
         granularity: int = DEFAULT_GRANULARITY,
         recommended_granularity: int | None = None,
         name: str = "host emulator (Linux virtual memory)",
+        chunk_size: int = CHUNK_SIZE,
     ) -> None:
         super().__init__()
         page = os.sysconf("SC_PAGE_SIZE")
@@ -212,14 +344,24 @@ class HostBackend(Backend):
                 f"granularity must be a power of two multiple of the OS page size ({page}), "
                 f"got {granularity}"
             )
+        if granularity >= ADDRESS_LIMIT:
+            raise ValueError(f"granularity must be below 2**47, got {granularity}")
         rec = granularity if recommended_granularity is None else recommended_granularity
-        if rec < granularity or rec % granularity:
+        if rec < granularity or rec % granularity or rec >= ADDRESS_LIMIT:
             raise ValueError(
-                f"recommended_granularity must be a multiple of granularity ({granularity}), got {rec}"
+                f"recommended_granularity must be a multiple of granularity ({granularity}) "
+                f"below 2**47, got {rec}"
             )
         cap = default_capacity() if capacity is None else int(capacity)
-        if cap < 0:
-            raise ValueError(f"capacity must be >= 0, got {cap}")
+        if not 0 <= cap <= ADDRESS_LIMIT:
+            raise ValueError(
+                f"capacity must be in [0, 2**47] (what the emulator can address), got {cap}"
+            )
+        if chunk_size <= 0 or chunk_size % granularity or chunk_size >= ADDRESS_LIMIT:
+            raise ValueError(
+                f"chunk_size must be a positive multiple of granularity ({granularity}), "
+                f"got {chunk_size}"
+            )
         self.capacity = cap
         self.info = DeviceInfo(
             kind="host",
@@ -231,12 +373,25 @@ class HostBackend(Backend):
             supports_posix_fd=True,
         )
         self._gran = granularity
+        self._chunk_size = chunk_size
+        self._chunks: list[_Chunk] = []
         self._res_starts: list[int] = []
         self._reservations: dict[int, _Reservation] = {}
         self._physical: dict[int, _Physical] = {}
         self._next_handle = itertools.count(0x1000)
 
     # ------------------------------------------------------------- helpers
+    def _fail(self, op: str, what: str, requested: int = 0) -> Exception:
+        """The driver's error for the OS call `what` that just failed (errno)."""
+        return _os_failure(
+            op, what, ctypes.get_errno(), requested, self._physical_bytes, self.capacity
+        )
+
+    def _from_oserror(self, op: str, what: str, exc: OSError, requested: int = 0) -> Exception:
+        return _os_failure(
+            op, what, exc.errno or 0, requested, self._physical_bytes, self.capacity
+        )
+
     def _reservation_of(self, op: str, address: int, size: int) -> _Reservation:
         i = bisect.bisect_right(self._res_starts, address) - 1
         if i >= 0:
@@ -258,13 +413,54 @@ class HostBackend(Backend):
     def _maybe_free(self, handle: int, p: _Physical) -> None:
         if p.refs == 0 and p.mapped == 0:
             del self._physical[handle]
-            os.close(p.fd)
+            if p.chunk is None:
+                os.close(p.fd)
+            else:
+                self._give_slot(p.chunk, p.offset, p.size)
             self._live_allocations -= 1
             if p.charged:
                 self._physical_bytes -= p.size
 
+    def _give_slot(self, chunk: _Chunk, offset: int, size: int) -> None:
+        """Return a slot; its memory goes back to the OS (a hole is punched)."""
+        chunk.give(offset, size)
+        if chunk.empty and sum(c.empty for c in self._chunks) > 1:
+            # Keep one empty chunk for the next create; close the others.
+            self._chunks.remove(chunk)
+            os.close(chunk.fd)
+            return
+        # Releasing never fails: a hole that cannot be punched (it cannot on
+        # memfds) only keeps the memory until the slot is reused.
+        _fallocate(chunk.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size)
+
+    def _take_slot(self, size: int) -> tuple[_Chunk, int]:
+        """A free slot of `size` bytes, first fit over the chunks; a new chunk if none."""
+        for c in self._chunks:
+            off = c.take(size)
+            if off is not None:
+                return c, off
+        csize = max(self._chunk_size, size)
+        fd = self._new_memfd("create", csize, size)
+        c = _Chunk(fd, csize)
+        self._chunks.append(c)
+        off = c.take(size)
+        assert off == 0
+        return c, off
+
+    def _new_memfd(self, op: str, size: int, requested: int) -> int:
+        try:
+            fd = os.memfd_create("vmmpool", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise self._from_oserror(op, "memfd_create", exc, requested) from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            raise self._from_oserror(op, "ftruncate", exc, requested) from None
+        return fd
+
     @staticmethod
-    def _fixed_none(address: int, size: int) -> None:
+    def _fixed_none(address: int, size: int) -> bool:
         """Put an inaccessible, unbacked placeholder over the range (atomically)."""
         r = _mmap(
             address,
@@ -274,20 +470,25 @@ class HostBackend(Backend):
             -1,
             0,
         )
-        if r == _MAP_FAILED or r != address:
-            raise _os_error("mmap(PROT_NONE)")
+        return not (r == _MAP_FAILED or r != address)
 
     # ------------------------------------------------------------- interface
     def reserve(self, size: int, alignment: int = 0, hint: int = 0) -> int:
         self._enter("reserve")
+        self.check_value("reserve", "size", size)
+        self.check_value("reserve", "alignment", alignment)
+        self.check_value("reserve", "hint", hint)
         if size <= 0:
             raise _invalid("reserve", f"size must be > 0, got {size}")
         self._check_gran("reserve", "size", size)
-        if alignment < 0 or alignment & (alignment - 1):
+        if alignment & (alignment - 1):
             raise _invalid("reserve", f"alignment must be 0 or a power of two, got {alignment}")
         align = max(alignment, self._gran)
+        span = size + align
+        self.check_range("reserve", 0, span, what="size + alignment")
+        if hint and hint + span > self.address_limit:
+            hint = 0  # only a hint: one the emulator cannot honour is ignored
         with self._lock:
-            span = size + align
             raw = _mmap(
                 hint or None,
                 span,
@@ -297,19 +498,19 @@ class HostBackend(Backend):
                 0,
             )
             if raw == _MAP_FAILED or raw is None:
-                raise DriverError(
-                    "CUDA_ERROR_OUT_OF_MEMORY",
-                    f"cannot reserve {size} bytes of address space",
-                    operation="reserve",
-                )
+                raise self._fail("reserve", f"mmap of {span} bytes of address space", size)
             start = -(-raw // align) * align
-            if start > raw:
-                _munmap(raw, start - raw)
+            pieces = [(start, size)]
+            # Trimming the slack can need a split the kernel refuses at its
+            # mapping limit; then the slack stays, freed with the reservation.
+            # No step here needs undoing.
+            if start > raw and _munmap(raw, start - raw) != 0:
+                pieces.append((raw, start - raw))
             tail = raw + span - (start + size)
-            if tail:
-                _munmap(start + size, tail)
+            if tail and _munmap(start + size, tail) != 0:
+                pieces.append((start + size, tail))
             bisect.insort(self._res_starts, start)
-            self._reservations[start] = _Reservation(start, size)
+            self._reservations[start] = _Reservation(start, size, pieces)
             self._live_reservations += 1
             return start
 
@@ -328,14 +529,20 @@ class HostBackend(Backend):
                     "free_address",
                     f"reservation {address:#x} still has {len(r.maps)} mapping(s); unmap them first",
                 )
-            if _munmap(address, size) != 0:
-                raise _os_error("munmap")
+            while r.pieces:
+                a, n = r.pieces[-1]
+                if _munmap(a, n) != 0:
+                    # A split the kernel refused (its mapping limit): the
+                    # reservation stays as it was and can be freed later.
+                    raise self._fail("free_address", f"munmap of [{a:#x}, {a + n:#x})")
+                r.pieces.pop()
             del self._reservations[address]
             self._res_starts.remove(address)
             self._live_reservations -= 1
 
     def create(self, size: int, exportable: bool = False) -> int:
         self._enter("create")
+        self.check_value("create", "size", size)
         if size <= 0:
             raise _invalid("create", f"size must be > 0, got {size}")
         self._check_gran("create", "size", size)
@@ -347,14 +554,15 @@ class HostBackend(Backend):
                     self.capacity,
                     message="host emulator capacity exhausted",
                 )
-            fd = os.memfd_create("vmmpool", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-            except OSError:
-                os.close(fd)
-                raise
+            if exportable:
+                # An fd must be shareable on its own: an exportable allocation
+                # has a memfd of its own.
+                p = _Physical(self._new_memfd("create", size, size), size, True, charged=True)
+            else:
+                chunk, off = self._take_slot(size)
+                p = _Physical(chunk.fd, size, False, charged=True, chunk=chunk, offset=off)
             handle = next(self._next_handle)
-            self._physical[handle] = _Physical(fd, size, exportable, charged=True)
+            self._physical[handle] = p
             self._live_allocations += 1
             self._physical_bytes += size
             return handle
@@ -368,6 +576,7 @@ class HostBackend(Backend):
 
     def map(self, address: int, size: int, handle: int, offset: int = 0) -> None:
         self._enter("map")
+        self.check_range("map", address, size)
         self._check_gran("map", "address", address)
         self._check_gran("map", "size", size)
         if offset != 0:
@@ -383,9 +592,18 @@ class HostBackend(Backend):
                 raise _invalid(
                     "map", f"[{address:#x}, {address + size:#x}) overlaps an existing mapping"
                 )
-            got = _mmap(address, size, _PROT_NONE, _MAP_SHARED | _MAP_FIXED, p.fd, 0)
+            # Step 1, the only one that needs a new resource: map the memory
+            # wherever the kernel likes. Failing here changes nothing.
+            tmp = _mmap(None, size, _PROT_NONE, _MAP_SHARED, p.fd, p.offset)
+            if tmp == _MAP_FAILED or tmp is None:
+                raise self._fail("map", "mmap of the allocation", size)
+            # Step 2: move it over the placeholder. mremap checks the mapping
+            # count before it unmaps anything; its undo only releases.
+            got = _mremap(tmp, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
             if got == _MAP_FAILED or got != address:
-                raise _os_error("mmap(MAP_FIXED)")
+                exc = self._fail("map", "mremap into the reservation", size)
+                _munmap(tmp, size)  # a whole mapping: needs no split
+                raise exc
             bisect.insort(r.starts, address)
             r.maps[address] = _Mapped(size, handle)
             p.mapped += 1
@@ -393,10 +611,14 @@ class HostBackend(Backend):
 
     def unmap(self, address: int, size: int) -> None:
         self._enter("unmap")
+        self.check_range("unmap", address, size)
         with self._lock:
             r = self._reservation_of("unmap", address, size)
             run = r.whole_run("unmap", address, size)
-            self._fixed_none(address, size)
+            # One call: the kernel checks its limits (mapping count, address
+            # space) before it removes the old mappings.
+            if not self._fixed_none(address, size):
+                raise self._fail("unmap", "mmap(MAP_FIXED) of the PROT_NONE placeholder")
             for start in run:
                 m = r.maps.pop(start)
                 del r.starts[bisect.bisect_left(r.starts, start)]
@@ -407,6 +629,7 @@ class HostBackend(Backend):
 
     def set_access(self, address: int, size: int, access: Access, devices: Sequence[int]) -> None:
         self._enter("set_access")
+        self.check_range("set_access", address, size)
         if not devices:
             raise _invalid("set_access", "at least one device is required")
         for d in devices:
@@ -420,12 +643,27 @@ class HostBackend(Backend):
             r = self._reservation_of("set_access", address, size)
             run = r.whole_run("set_access", address, size)
             if _mprotect(address, size, _PROT[access]) != 0:
-                raise _os_error("mprotect")
+                exc = self._fail("set_access", "mprotect")
+                # mprotect may have changed a prefix of the range. Putting back
+                # each run's old protection only merges what it split: it needs
+                # no new kernel mapping.
+                i = 0
+                while i < len(run):
+                    old = r.maps[run[i]].access
+                    j = i
+                    end = run[i]
+                    while j < len(run) and r.maps[run[j]].access is old:
+                        end = run[j] + r.maps[run[j]].size
+                        j += 1
+                    _mprotect(run[i], end - run[i], _PROT[old])
+                    i = j
+                raise exc
             for start in run:
                 r.maps[start].access = access
 
     def get_access(self, address: int, device: int) -> Access:
         self._enter("get_access")
+        self.check_value("get_access", "address", address)
         if device != 0:
             raise DriverError(
                 "CUDA_ERROR_INVALID_DEVICE",
@@ -441,6 +679,7 @@ class HostBackend(Backend):
 
     def retain(self, address: int) -> int:
         self._enter("retain")
+        self.check_value("retain", "address", address)
         with self._lock:
             r = self._reservation_of("retain", address, 1)
             start = r.covering(address)
@@ -459,10 +698,15 @@ class HostBackend(Backend):
                     "export_fd",
                     "allocation was not created exportable (request the posix_fd handle type)",
                 )
-            return os.dup(p.fd)
+            try:
+                return os.dup(p.fd)
+            except OSError as exc:
+                raise self._from_oserror("export_fd", "dup", exc) from None
 
     def import_fd(self, fd: int) -> int:
         self._enter("import_fd")
+        if not 0 <= fd < 1 << 31:
+            raise _invalid("import_fd", f"{fd} is not an open file descriptor")
         try:
             size = os.fstat(fd).st_size
         except OSError as err:
@@ -472,9 +716,13 @@ class HostBackend(Backend):
                 "import_fd", f"fd {fd} is not a shareable handle (size {size} is not granular)"
             )
         with self._lock:
+            try:
+                own = os.dup(fd)
+            except OSError as exc:
+                raise self._from_oserror("import_fd", "dup", exc, size) from None
             handle = next(self._next_handle)
             # Imported memory belongs to the exporter: it is not charged against capacity.
-            self._physical[handle] = _Physical(os.dup(fd), size, exportable=True, charged=False)
+            self._physical[handle] = _Physical(own, size, exportable=True, charged=False)
             self._live_allocations += 1
             return handle
 
@@ -487,8 +735,16 @@ class HostBackend(Backend):
         # Host "work" is synchronous: there is nothing in flight to wait for.
         self._enter("synchronize")
 
+    def check_transfer(self, address: int, nbytes: int, write: bool = False) -> None:
+        """Check the addressable range, then that the range is mapped with enough access."""
+        super().check_transfer(address, nbytes, write)
+        if nbytes:
+            op = "write" if write else "read"
+            self._check_accessible(op, address, nbytes, write=write)
+
     def _check_accessible(self, op: str, address: int, size: int, write: bool) -> None:
         """Raise instead of faulting: the range must be mapped with enough access."""
+        self.check_range(op, address, size)
         with self._lock:
             r = self._reservation_of(op, address, size)
             cur, end = address, address + size
@@ -516,6 +772,13 @@ class HostBackend(Backend):
         self._enter("read")
         self._check_accessible("read", address, out.nbytes, write=False)
         ctypes.memmove((ctypes.c_char * out.nbytes).from_buffer(out), address, out.nbytes)
+
+    def close(self) -> None:
+        """Close the empty shared chunks (chunks with live allocations stay)."""
+        with self._lock:
+            for c in [c for c in self._chunks if c.empty]:
+                self._chunks.remove(c)
+                os.close(c.fd)
 
     # ---------------------------------------------------------------- events
     # Host work is synchronous, so by itself every event completes at once. A

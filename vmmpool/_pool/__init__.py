@@ -119,8 +119,9 @@ on the slow path are made under it.
 
 from __future__ import annotations
 
+from .._observe import AllocationInfo
 from ._blocks import ALIGNMENT
 from ._stats import PageInfo, PoolStats
 from .pool import Allocation, PagePool
 
-__all__ = ["ALIGNMENT", "Allocation", "PageInfo", "PagePool", "PoolStats"]
+__all__ = ["ALIGNMENT", "Allocation", "AllocationInfo", "PageInfo", "PagePool", "PoolStats"]

@@ -11,11 +11,14 @@ import collections
 import itertools
 import logging
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._device import Device
+from .._dlpack import ArrayView
 from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
@@ -59,6 +62,17 @@ class Core:
         self.peers = access_devices[1:]
         self.closed = False
         self.pending: collections.deque[Any] = collections.deque()
+        # Work that finalizers queued and that needs the backend or the lock
+        # (a garbage-collected GrowableBuffer's release): run by the next
+        # public call, before it takes the lock, never from a finalizer.
+        self.tasks: collections.deque[Callable[[], object]] = collections.deque()
+        # Set by the pool's finalizer when the lock was busy; the next drain closes.
+        self.want_close = False
+        # After close: arenas kept mapped for views that still use them.
+        self.held: dict[Arena, None] = {}
+        self.held_views: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.synced = False
+        self.held_refs: list[Any] = []
         self.index = itertools.count()
         # pages
         self.pages: dict[PhysicalAllocation, Page] = {}
@@ -86,6 +100,8 @@ class Core:
         self.n_reclaimed = 0
         self.n_syncs = 0
         self.ev = EventCounts()
+        # PagePool.record_history: None when off (one attribute test per malloc / free).
+        self.history: History | None = None
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
@@ -95,23 +111,56 @@ class Core:
     def pinned(self) -> int:
         return self.mapped - self.cached() + len(self.acquired) + len(self.quarantine)
 
+    def cached_bytes(self) -> int:
+        """Mapped but free bytes, as :meth:`PagePool.stats` reports them."""
+        return sum(sz * len(b) for st in self.streams.values() for sz, b in st.bins.items())
+
     def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+        # Built from the state the caller leaves behind (after any undo), so
+        # that it agrees with a stats() taken right after.
         self.n_ooms += 1
         P = self.P
         pinned = self.pinned()
         reclaimable = self.cached()
+        cached = self.cached_bytes()
         msg = (
-            f"page pool on {self.device}: {n} page(s) of {P} bytes needed for {nbytes} bytes, "
-            f"{pinned} of {self.max_pages} pages hold live data, {reclaimable} cached page(s) "
-            f"reclaimable, {len(self.free_pages)} free, {len(self.pages)} held; "
-            f"{self.requested} bytes requested by {self.n_live} live allocation(s)"
+            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
+            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
+            f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
+            f"{len(self.free_pages)} free"
         )
         if why:
             msg = f"{msg}; {why}"
         logger.info("out of memory: %s", msg)
-        return OutOfMemoryError(
-            nbytes, pinned * P, self.max_pages * P, cached=reclaimable * P, message=msg
-        )
+        return OutOfMemoryError(nbytes, self.in_use, self.max_pages * P, cached=cached, message=msg)
+
+    def enforce_limit(self) -> None:
+        """Give pages above the limit back (after the limit was lowered); lock held.
+
+        Free pages first, then cached ones whose work is done (never a wait).
+        Best effort: a failure is logged and retried by the next operation.
+        """
+        try:
+            excess = len(self.pages) - self.max_pages
+            if excess > 0:
+                excess -= self.release_free(excess)
+            if excess > 0 and self.reclaim(excess, None, wait=False):
+                self.release_free(excess)
+        except Exception:
+            logger.warning("giving pages above the limit back failed; retried later", exc_info=True)
+
+    def run_tasks(self) -> None:
+        """Run the work finalizers deferred (lock NOT held: a task may call the pool)."""
+        tasks = self.tasks
+        while tasks:
+            try:
+                fn = tasks.popleft()
+            except IndexError:  # pragma: no cover - emptied by another thread
+                break
+            try:
+                fn()
+            except Exception:
+                logger.error("deferred release failed", exc_info=True)
 
     def note_peaks(self) -> None:
         if self.requested > self.peak_requested:
@@ -149,11 +198,15 @@ class Core:
 
     # --------------------------------------------------------------- malloc
     def malloc(self, nbytes: int, key: int, obj: object) -> Block:
+        if self.tasks:
+            self.run_tasks()
         with self.lock:
             if self.pending:
                 self.drain()
             if self.closed:
                 raise ClosedError("PagePool")
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
             st = self.streams.get(key)
             if st is None:
                 st = self.stream(key)
@@ -187,6 +240,8 @@ class Core:
             self.requested += nbytes
             self.in_use += r
             self.note_peaks()
+            if self.history is not None:
+                self.history.record("alloc", b.addr, nbytes, key)
             return b
 
     def split(self, st: StreamState, b: Block, r: int) -> None:
@@ -316,7 +371,18 @@ class Core:
                 arena.give(m0, need)
                 raise
             try:
-                self.map_pages(arena, m0, pages, st.key)
+                try:
+                    self.map_pages(arena, m0, pages, st.key)
+                except OutOfMemoryError:
+                    # The driver (or the OS under the emulator) ran out of what a
+                    # mapping needs: give the cached mappings back, try once more.
+                    if any(p.state is not FREE for p in pages) or not self.reclaim(
+                        None, None, wait=True
+                    ):
+                        raise
+                    logger.info("map ran out of memory: reclaimed cached pages, retrying")
+                    arena.take_at(m0, need)  # the failed map gave the slots back
+                    self.map_pages(arena, m0, pages, st.key)
             except BaseException:
                 self.unfree(pages)
                 raise
@@ -346,9 +412,15 @@ class Core:
         st.n_live -= 1
         st.seq += 1
         b.seq = st.seq
+        if self.history is not None:
+            # Freed memory is reused in stream order at once: requested and completed together.
+            self.history.record("free_requested", b.addr, b.nbytes, st.key)
+            self.history.record("free_completed", b.addr, b.nbytes, st.key)
         st.insert(b)
 
     def free(self, b: Block, owner: object) -> None:
+        if self.tasks:
+            self.run_tasks()
         with self.lock:
             if self.pending:
                 self.drain()
@@ -371,7 +443,12 @@ class Core:
             st.n_live -= 1
             st.seq += 1
             b.seq = st.seq
+            if self.history is not None:
+                self.history.record("free_requested", b.addr, b.nbytes, st.key)
+                self.history.record("free_completed", b.addr, b.nbytes, st.key)
             st.insert(b)
+            if len(self.pages) > self.max_pages:
+                self.enforce_limit()
 
     # ------------------------------------------------------------ slow path
     def unfree(self, pages: list[Page]) -> None:
@@ -416,11 +493,12 @@ class Core:
             if len(got) < n:  # every cached page, after waiting for its work (queried above)
                 self.reclaim(n - len(got), st, wait=True, query_first=False)
                 self.take_free(got, n)
-            if len(got) < n:
-                raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
         except BaseException:
             self.free_pages.extend(got)
             raise
+        if len(got) < n:
+            self.free_pages.extend(got)
+            raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
         if self.n_reclaimed != reclaimed:
             self.n_remaps += 1
             logger.info(
@@ -478,13 +556,24 @@ class Core:
                 try:
                     res.unmap(off, done * P)
                 except Exception:  # the original error wins (re-raised below)
+                    # One unmap per page then (each page is its own mapping):
+                    # quarantine only the pages that really stay mapped.
                     undone = False
-                    logger.error("undo failed: %d page(s) quarantined", done, exc_info=True)
+                    stuck = 0
                     for i, p in enumerate(pages[:done]):
-                        p.state = QUARANTINED
-                        p.addr = arena.base + off + i * P
-                        arena.slots[slot + i] = p
-                        self.quarantine[p] = None
+                        try:
+                            res.unmap(off + i * P, P)
+                        except Exception:  # noqa: BLE001 - quarantined below
+                            p.state = QUARANTINED
+                            p.addr = arena.base + off + i * P
+                            arena.slots[slot + i] = p
+                            self.quarantine[p] = None
+                            stuck += 1
+                        else:
+                            arena.give(slot + i, 1)
+                    logger.error(
+                        "undo of a failed map: %d of %d page(s) quarantined", stuck, done, exc_info=True
+                    )
                     if done < n:
                         arena.give(slot + done, n - done)
             if undone:
@@ -813,46 +902,118 @@ class Core:
 
     # ---------------------------------------------------------------- close
     def close(self) -> None:
+        """Release every driver resource; resumable after a failure.
+
+        Live allocations are invalidated at once. An arena holding an
+        allocation that a view (an array, a DLPack capsule) still uses stays
+        mapped until the last such view is gone; its pages' handles are
+        released now (the memory lives while mapped, rule 7). If a release
+        fails, the error propagates and calling ``close()`` again resumes.
+        """
         with self.lock:
-            if self.closed:
+            if self.closed and not self.arenas and not self.pages:
                 return
-            self.closed = True
-            self.pending.clear()
             errors: list[BaseException] = []
-            if self.arenas:
-                try:  # rule 8: nothing is unmapped under running kernels
-                    self.sync()
+            if not self.closed:
+                self.closed = True
+                self.pending.clear()
+                for st in self.streams.values():
+                    try:
+                        st.drop_events(self.backend)
+                    except Exception as err:  # noqa: BLE001 - keep releasing
+                        errors.append(err)
+                self._invalidate()
+            if self.held:
+                try:
+                    self.release_held()
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
-            for st in self.streams.values():
-                try:
-                    st.drop_events(self.backend)
-                except Exception as err:  # noqa: BLE001
+            if not self.synced and self.arenas:
+                try:  # rule 8: nothing is unmapped under running kernels
+                    self.sync()
+                    self.synced = True
+                except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
-                st.obj = None
+            keep: list[Arena] = []
             for arena in self.arenas:
+                if arena in self.held:
+                    keep.append(arena)
+                    continue
                 try:
                     arena.res.close()
                 except Exception as err:  # noqa: BLE001
                     errors.append(err)
-            for page in self.pages.values():
+                    keep.append(arena)
+            self.arenas = keep
+            for phys in list(self.pages):
                 try:
-                    page.phys.close()
+                    phys.close()
                 except Exception as err:  # noqa: BLE001
                     errors.append(err)
-            for b in self.live:
-                b.live = False
-                b.ref = None
-            self.arenas.clear()
-            self.pages.clear()
-            self.free_pages.clear()
-            self.acquired.clear()
-            self.quarantine.clear()
-            self.streams.clear()
-            self.live.clear()
-            self.mapped = self.n_live = self.requested = self.in_use = 0
+                else:
+                    del self.pages[phys]
         if errors:
             raise errors[0]
+
+    def _invalidate(self) -> None:
+        """First close: mark every live block dead, note the arenas views still use."""
+        views: list[ArrayView] = []
+        for b in self.live:
+            ref = b.ref
+            a = ref() if ref is not None else None
+            if a is not None and a._hold:
+                self.held[b.arena] = None
+                self.held_views.add(a)
+                assert ref is not None
+                self.held_refs.append(ref)  # keep it: its callback releases the arena
+            elif a is not None and a._views:
+                vs = list(a._views)
+                if vs:
+                    self.held[b.arena] = None
+                    views.extend(vs)
+            b.live = False
+            b.ref = None
+        self.live.clear()
+        self.free_pages.clear()
+        self.acquired.clear()
+        self.quarantine.clear()
+        for st in self.streams.values():
+            st.obj = None
+        self.streams.clear()
+        self.mapped = self.n_live = self.requested = self.in_use = 0
+        if views:
+            logger.info(
+                "close: %d arena(s) stay mapped until %d view(s) are gone", len(self.held), len(views)
+            )
+            for v in views:
+                self.held_views.add(v)
+                fin = weakref.finalize(v, release_held_quietly, self)
+                fin.atexit = False
+
+    def release_held(self) -> None:
+        """After close: unmap and free the arenas views kept, once no view is left."""
+        if not self.held or any(True for _ in self.held_views):
+            return
+        self.sync()  # rule 8: the views' last kernels may still run
+        for arena in list(self.held):
+            arena.res.close()  # unmaps and frees; pages' handles were released
+            del self.held[arena]
+            if arena in self.arenas:
+                self.arenas.remove(arena)
+        self.held_refs.clear()
+
+
+def release_held_quietly(core: Core) -> None:
+    # A view's finalizer after close (any thread, possibly inside the GC):
+    # never block; a concurrent close() retry releases what is left.
+    try:
+        if core.lock.acquire(False):
+            try:
+                core.release_held()
+            finally:
+                core.lock.release()
+    except Exception:
+        logger.error("releasing an arena after close failed", exc_info=True)
 
 
 def _seq(b: Block) -> int:

@@ -4,20 +4,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._observe import AllocationInfo
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class PoolStats:
-    """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes).
+    """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes), in PyTorch's terms.
+
+    PyTorch equivalents (``torch.cuda.*``):
+
+    - ``memory_allocated()``: ``in_use_bytes`` (with rounding); its
+      ``memory_stats()["requested_bytes.all.current"]``: ``allocated_bytes``.
+    - ``memory_reserved()``: ``reserved_bytes``; ``max_memory_reserved()``:
+      ``peak_reserved_bytes``; ``max_memory_allocated()``: ``peak_in_use_bytes``.
+    - ``memory_reserved() - memory_allocated()``: ``cached_bytes +
+      free_pages * page_size``.
 
     Attributes
     ----------
-    requested_bytes : int
-        Sum of the sizes asked for by live allocations.
+    allocated_bytes : int
+        Sum of the sizes asked for by live allocations (what the program allocated).
     in_use_bytes : int
         Live blocks with their rounding (512 bytes), plus pages lent by
         :meth:`PagePool.acquire_pages`.
+    reserved_bytes : int
+        Physical memory the pool holds: ``total_pages * page_size`` (PyTorch's
+        "reserved"; the driver allocations the pool owns, mapped or not).
     cached_bytes : int
-        Mapped but free: the free ranges of every stream.
+        Reserved, mapped and free: the free ranges of every stream.
     cached_blocks : int
         Number of free ranges.
     free_pages : int
@@ -27,9 +41,9 @@ class PoolStats:
     page_size : int
         Bytes per page.
     limit : int
-        The pool's limit.
-    peak_requested_bytes, peak_in_use_bytes, peak_total_bytes : int
-        Highest values of requested, in-use and ``total_pages * page_size``.
+        The pool's limit on reserved memory.
+    peak_allocated_bytes, peak_in_use_bytes, peak_reserved_bytes : int
+        Highest values of allocated, in-use and reserved bytes.
     n_malloc, n_free : int
         Successful mallocs and frees (a garbage-collected allocation counts).
     n_page_creations : int
@@ -59,8 +73,9 @@ class PoolStats:
         Mapped pages shared by more than one live block.
     quarantined_pages : int
         Pages whose undo failed after a driver error; never reused.
-    reserved_bytes : int
-        Virtual address space reserved in arenas.
+    address_space_bytes : int
+        Virtual address space reserved (``cuMemAddressReserve``) for the pool's
+        arenas. Addresses, not memory.
     n_page_releases : int
         Pages given back to the driver.
     n_reclaimed_pages : int
@@ -75,7 +90,7 @@ class PoolStats:
         Event waits: the pool needed pages still used by pending work.
     """
 
-    requested_bytes: int
+    allocated_bytes: int
     in_use_bytes: int
     cached_bytes: int
     cached_blocks: int
@@ -83,9 +98,9 @@ class PoolStats:
     total_pages: int
     page_size: int
     limit: int
-    peak_requested_bytes: int
+    peak_allocated_bytes: int
     peak_in_use_bytes: int
-    peak_total_bytes: int
+    peak_reserved_bytes: int
     n_malloc: int
     n_free: int
     n_page_creations: int
@@ -99,7 +114,7 @@ class PoolStats:
     acquired_pages: int = 0
     small_pages: int = 0
     quarantined_pages: int = 0
-    reserved_bytes: int = 0
+    address_space_bytes: int = 0
     n_page_releases: int = 0
     n_reclaimed_pages: int = 0
     n_syncs: int = 0
@@ -108,38 +123,52 @@ class PoolStats:
     n_event_waits: int = 0
 
     @property
-    def total_bytes(self) -> int:
-        """``total_pages * page_size``: physical memory the pool holds."""
+    def reserved_bytes(self) -> int:
+        """``total_pages * page_size``: physical memory the pool holds (PyTorch's "reserved")."""
         return self.total_pages * self.page_size
+
+    def __repr__(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / (1 << 20):.1f} MiB"
+
+        return (
+            f"PoolStats(allocated {mib(self.allocated_bytes)}, in use {mib(self.in_use_bytes)}, "
+            f"reserved {mib(self.reserved_bytes)} ({self.total_pages} pages: {self.mapped_pages} mapped, "
+            f"{self.free_pages} free), cached {mib(self.cached_bytes)} in {self.cached_blocks} blocks, "
+            f"limit {mib(self.limit)}; peaks: allocated {mib(self.peak_allocated_bytes)}, "
+            f"in use {mib(self.peak_in_use_bytes)}, reserved {mib(self.peak_reserved_bytes)}; "
+            f"{self.live_allocations} live, {self.n_malloc} mallocs, {self.n_free} frees, "
+            f"{self.n_page_creations} pages created, {self.n_remaps} remaps, {self.n_syncs} syncs, "
+            f"{self.n_events} events ({self.n_event_waits} waited on), {self.n_ooms} OOMs)"
+        )
 
 
 @dataclass(frozen=True)
 class PageInfo:
-    """One page of a :meth:`PagePool.snapshot`.
+    """One physical page of a :meth:`PagePool.snapshot`.
 
     Attributes
     ----------
     index : int
-        The page's creation number (stable for its life).
+        The physical page: its creation number (stable for its life).
     state : str
         ``"free"`` (unmapped), ``"in_use"`` (touched by a live block),
         ``"cached"`` (mapped, touched by no live block, reusable at once by
         its stream), ``"acquired"`` (lent out by :meth:`PagePool.acquire_pages`)
         or ``"quarantined"``.
     address : int or None
-        Where it is mapped in the pool's arenas; ``None`` when unmapped.
-    owner : int, str or None
-        For an in-use page: the pointer of its only live block, or
-        ``"shared (N live)"``; ``"cache"`` for cached pages; ``"acquired"``;
-        ``None`` for free pages.
+        The virtual address where it is mapped in the pool's address space;
+        ``None`` when unmapped (free, acquired).
     stream : int or None
         Stream key of the arena (or the acquirer) that has the page.
     kind : str or None
         For an in-use page: ``"small"`` when it holds parts of several live
         blocks or one block smaller than a page, ``"large"`` when one block
         covers it wholly; ``None`` otherwise.
-    allocations : tuple of int
-        Pointers of the live allocations touching this page.
+    allocations : tuple of AllocationInfo
+        The live allocations touching this page, by address: address, size
+        (with rounding), requested size and stream. A block spanning pages is
+        listed on each of them.
     used_bytes : int
         Bytes of this page that live allocations asked for.
     """
@@ -147,8 +176,7 @@ class PageInfo:
     index: int
     state: str
     address: int | None
-    owner: int | str | None
     stream: int | None = None
     kind: str | None = None
-    allocations: tuple[int, ...] = ()
+    allocations: tuple[AllocationInfo, ...] = ()
     used_bytes: int = 0

@@ -7,28 +7,37 @@ net when it is garbage collected (see the package docstring, "Lifetime").
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import pickle
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ClosedError
+from .._errors import ClosedError, OutOfMemoryError
+from .._observe import AllocationInfo, History, format_summary, torch_snapshot
 from .._options import check_int, stream_key
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
-from ._core import Core
+from ._core import Core, release_held_quietly
 from ._pages import ACQUIRED, FREE, QUARANTINED, Page
 from ._stats import PageInfo, PoolStats
 
 __all__ = ["Allocation", "PagePool"]
 
 logger = logging.getLogger("vmmpool.pool")
+
+
+def _addr(b: Block) -> int:
+    return b.addr
 
 
 class _Ref(weakref.ref):
@@ -53,6 +62,8 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
+            if core.held:
+                release_held_quietly(core)
             return
         core.pending.append(ref)
         if core.lock.acquire(False):
@@ -60,13 +71,42 @@ def _collected(ref: _Ref) -> None:
                 core.drain()
             finally:
                 core.lock.release()
+            if core.want_close:
+                _close_quietly(core)
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
 
 
+def _collect_garbage(core: Core) -> bool:
+    """After an out-of-memory: collect reference cycles that may hold this pool's memory.
+
+    Runs the cyclic garbage collector (never under the pool's lock), then the releases its
+    finalizers deferred. Returns True when that gave memory back to this pool (an allocation
+    or a buffer's pages in a cycle), so the caller retries once; the failed attempt is then not
+    counted in ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
+    """
+    before = core.in_use
+    gc.collect()
+    if core.tasks:
+        core.run_tasks()
+    with core.lock:
+        if core.pending and not core.closed:
+            core.drain()
+        if core.in_use >= before:
+            return False
+        core.n_ooms -= 1
+    return True
+
+
 def _close_quietly(core: Core) -> None:
+    # The pool's finalizer: may run from the garbage collector inside a locked
+    # section of this very pool (a drain): never block on the lock.
     try:
-        core.close()
+        if core.lock.acquire(False):
+            core.lock.release()
+            core.close()
+        else:
+            core.want_close = True
     except Exception:  # noqa: BLE001 - finalizer: never raise
         pass
 
@@ -98,7 +138,7 @@ class Allocation:
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "_hold", "__weakref__")
 
     ptr: int
     size: int
@@ -107,6 +147,14 @@ class Allocation:
     pool: PagePool
     _rec: Block | None
     _views: weakref.WeakSet[ArrayView] | None
+    #: True when something outside the pool uses the memory for as long as the
+    #: object lives (CuPy's ``UnownedMemory``): ``close()`` then keeps it mapped.
+    _hold: bool
+
+    @property
+    def address(self) -> int:
+        """Device address of the first byte: the same as :attr:`ptr` (CuPy's spelling)."""
+        return self.ptr
 
     def free(self) -> None:
         """Give the memory back to the pool (its stream's cache).
@@ -153,6 +201,8 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
+        if self.pool._core.closed:
+            raise ClosedError("PagePool")
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
@@ -280,9 +330,14 @@ class PagePool(ClosesOnExit):
 
     @staticmethod
     def _max_pages(dev: Device, P: int, limit: object) -> int:
-        if limit is None:
-            return dev.total_memory // P
-        return check_int("limit", limit) // P
+        # Validated before the device is asked anything.
+        n = None if limit is None else check_int("limit", limit, maximum=dev.address_limit)
+        total = dev.total_memory
+        if n is None:
+            return total // P
+        # Clamped: above what the device has, largest_allocatable would promise
+        # memory the device cannot give.
+        return min(n, total) // P
 
     # ------------------------------------------------------------ properties
     @property
@@ -301,6 +356,7 @@ class PagePool(ClosesOnExit):
         return self._core.closed
 
     def _enter(self) -> Core:
+        """Lock held: drain the GC queue; raise if closed."""
         core = self._core
         if core.pending:
             core.drain()
@@ -322,22 +378,37 @@ class PagePool(ClosesOnExit):
         Pages above the new limit are given back to the driver: free pages
         first, then cached pages (once the events of their streams' work are
         complete; the pool waits on them if it must). Pages touched by live
-        blocks stay.
+        blocks stay; when they are freed later, those above the limit are
+        given back at once (the cache never keeps the pool above its limit
+        once usage drops).
+
+        If a driver call fails, the error propagates and the old limit stays
+        in force: no allocation changed, pages already given back (free ones)
+        or unmapped (cached ones, now free pages) stay so, and calling
+        ``set_limit`` again resumes. A limit above the device's total memory
+        is clamped to it.
         """
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             self._enter()
+            old = core.max_pages
             core.max_pages = max_pages
-            excess = len(core.pages) - max_pages
-            if excess > 0:
-                excess -= core.release_free(excess)
-            if excess > 0:
-                core.reclaim(excess, None, wait=False)
-                excess -= core.release_free(excess)
-            if excess > 0:
-                core.reclaim(excess, None, wait=True)
-                core.release_free(excess)
+            try:
+                excess = len(core.pages) - max_pages
+                if excess > 0:
+                    excess -= core.release_free(excess)
+                if excess > 0:
+                    core.reclaim(excess, None, wait=False)
+                    excess -= core.release_free(excess)
+                if excess > 0:
+                    core.reclaim(excess, None, wait=True)
+                    core.release_free(excess)
+            except BaseException:
+                core.max_pages = old  # the old limit stays; a retry resumes
+                raise
             logger.info(
                 "limit set to %d bytes (%d pages); the pool holds %d pages",
                 max_pages * self.page_size, max_pages, len(core.pages),
@@ -384,7 +455,12 @@ class PagePool(ClosesOnExit):
         else:
             key = stream_key(stream)
         core = self._core
-        rec = core.malloc(nbytes, key, stream)
+        try:
+            rec = core.malloc(nbytes, key, stream)
+        except OutOfMemoryError:
+            if not _collect_garbage(core):
+                raise
+            rec = core.malloc(nbytes, key, stream)  # garbage held memory: once more
         a = Allocation.__new__(Allocation)
         a.ptr = rec.addr
         a.size = nbytes
@@ -393,6 +469,7 @@ class PagePool(ClosesOnExit):
         a.pool = self
         a._rec = rec
         a._views = None
+        a._hold = False
         ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
@@ -418,6 +495,17 @@ class PagePool(ClosesOnExit):
             )
         allocation.free()
 
+    def _defer(self, fn: Callable[[], object]) -> None:
+        """Queue `fn` for the next pool call (safe from finalizers: never blocks).
+
+        A garbage-collected :class:`~vmmpool.GrowableBuffer` gives its pages
+        back this way: its finalizer may run inside a locked section of this
+        pool (the garbage collector runs wherever an object is allocated), so
+        it must not take the lock or call the backend there. The next public
+        call of this pool runs `fn` before taking its lock.
+        """
+        self._core.tasks.append(fn)
+
     def retire_stream(self, stream: object) -> None:
         """Call before destroying a stream given to :meth:`malloc` as a raw handle.
 
@@ -435,6 +523,8 @@ class PagePool(ClosesOnExit):
         """
         key = 0 if stream is None else stream_key(stream)
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             self._enter()
             st = core.streams.get(key)
@@ -475,7 +565,17 @@ class PagePool(ClosesOnExit):
         """
         n = check_int("count", count)
         key = 0 if stream is None else stream_key(stream)
+        try:
+            return self._acquire(n, key)
+        except OutOfMemoryError:
+            if not _collect_garbage(self._core):
+                raise
+            return self._acquire(n, key)
+
+    def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             self._enter()
             if not n:
@@ -507,6 +607,8 @@ class PagePool(ClosesOnExit):
         """
         items = list(pages)
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending:
                 core.drain()
@@ -545,6 +647,8 @@ class PagePool(ClosesOnExit):
         device synchronize). Pages touched by live blocks stay where they are.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             self._enter()
             got = core.reclaim(None, None, wait=True)
@@ -565,6 +669,8 @@ class PagePool(ClosesOnExit):
             Bytes of physical memory given back.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             self._enter()
             core.reclaim(None, None, wait=True)
@@ -584,9 +690,13 @@ class PagePool(ClosesOnExit):
         """
         core = self._core
         P = self.page_size
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
+            if not core.closed and len(core.pages) > core.max_pages:
+                core.enforce_limit()
             free_bytes = 0
             n_free_ranges = 0
             biggest = 0
@@ -602,7 +712,7 @@ class PagePool(ClosesOnExit):
                 largest = biggest
             ev = core.ev
             return PoolStats(
-                requested_bytes=core.requested,
+                allocated_bytes=core.requested,
                 in_use_bytes=core.in_use,
                 cached_bytes=free_bytes,
                 cached_blocks=n_free_ranges,
@@ -610,9 +720,9 @@ class PagePool(ClosesOnExit):
                 total_pages=len(core.pages),
                 page_size=P,
                 limit=core.max_pages * P,
-                peak_requested_bytes=core.peak_requested,
+                peak_allocated_bytes=core.peak_requested,
                 peak_in_use_bytes=core.peak_in_use,
-                peak_total_bytes=core.peak_total,
+                peak_reserved_bytes=core.peak_total,
                 n_malloc=core.n_malloc,
                 n_free=core.n_free,
                 n_page_creations=core.n_created,
@@ -626,7 +736,7 @@ class PagePool(ClosesOnExit):
                 acquired_pages=len(core.acquired),
                 small_pages=core.shared_pages(),
                 quarantined_pages=len(core.quarantine),
-                reserved_bytes=sum(a.res.size for a in core.arenas),
+                address_space_bytes=sum(a.res.size for a in core.arenas),
                 n_page_releases=core.n_released,
                 n_reclaimed_pages=core.n_reclaimed,
                 n_syncs=core.n_syncs,
@@ -643,6 +753,8 @@ class PagePool(ClosesOnExit):
         """
         core = self._core
         P = self.page_size
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
@@ -655,7 +767,7 @@ class PagePool(ClosesOnExit):
                         continue
                     blocks = touching.get((arena, s))
                     if not blocks:
-                        info[p] = PageInfo(p.index, "cached", p.addr, "cache", arena.stream.key)
+                        info[p] = PageInfo(p.index, "cached", p.addr, arena.stream.key)
                         continue
                     lo = arena.base + s * P
                     hi = lo + P
@@ -664,21 +776,81 @@ class PagePool(ClosesOnExit):
                     )
                     b0 = blocks[0]
                     whole = len(blocks) == 1 and b0.addr <= lo and hi <= b0.addr + b0.size
+                    key = arena.stream.key
+                    allocs = tuple(
+                        AllocationInfo(b.addr, b.size, b.nbytes, key)
+                        for b in sorted(blocks, key=_addr)
+                    )
                     info[p] = PageInfo(
-                        p.index, "in_use", p.addr,
-                        blocks[0].addr if len(blocks) == 1 else f"shared ({len(blocks)} live)",
-                        arena.stream.key, "large" if whole else "small",
-                        tuple(sorted(b.addr for b in blocks)), used,
+                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used
                     )
             for p in core.pages.values():
                 if p not in info:
                     if p.state is ACQUIRED:
-                        info[p] = PageInfo(p.index, "acquired", None, "acquired", p.stream)
+                        info[p] = PageInfo(p.index, "acquired", None, p.stream)
                     elif p.state is QUARANTINED:
-                        info[p] = PageInfo(p.index, "quarantined", p.addr, None)
+                        info[p] = PageInfo(p.index, "quarantined", p.addr)
                     else:
-                        info[p] = PageInfo(p.index, "free", None, None)
+                        info[p] = PageInfo(p.index, "free", None)
             return sorted(info.values(), key=lambda i: i.index)
+
+    def record_history(
+        self, enabled: bool = True, *, max_entries: int = 100_000, stacks: bool = False
+    ) -> None:
+        """Start (or stop) recording allocation events, like ``torch.cuda.memory._record_memory_history``.
+
+        Parameters
+        ----------
+        enabled : bool
+            True starts a new history (dropping the old one); False stops and drops it.
+        max_entries : int
+            Events kept; the oldest are dropped beyond this many.
+        stacks : bool
+            Record the Python stack of each event (for the memory viewer's "frames"); costs a
+            stack walk per malloc and free.
+
+        Notes
+        -----
+        Events are ``alloc``, ``free_requested`` and ``free_completed`` with address, size,
+        stream and time; :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as
+        ``device_traces``. Recording costs one tuple append per event.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        n = check_int("max_entries", max_entries, minimum=1)
+        core = self._core
+        with core.lock:
+            core.history = History(n, bool(stacks)) if enabled else None
+
+    def memory_summary(self) -> str:
+        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``."""
+        return format_summary(self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB")
+
+    def memory_snapshot(self) -> dict[str, Any]:
+        """The pool's memory in PyTorch's snapshot format (plain dicts), as ``torch.cuda.memory._snapshot()``.
+
+        ``segments`` are the runs of consecutively mapped pages, each with its blocks (live
+        allocations ``active_allocated``, the rest ``inactive``); ``device_traces`` holds the
+        events recorded since :meth:`record_history` (empty when recording is off). See
+        :mod:`vmmpool._observe` for the exact keys.
+        """
+        pages = self.snapshot()
+        core = self._core
+        with core.lock:
+            hist = core.history
+        ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
+        settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
+        return torch_snapshot(pages, self.page_size, hist, ordinal, settings)
+
+    def dump_snapshot(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`memory_snapshot` as a pickle, like ``torch.cuda.memory._dump_snapshot``.
+
+        The file holds only plain dicts, lists, tuples, ints and strings: it opens in PyTorch's
+        memory viewer (https://pytorch.org/memory_viz) and in ``python -m vmmpool replay``.
+        """
+        snap = self.memory_snapshot()
+        with open(path, "wb") as f:
+            pickle.dump(snap, f, protocol=4)
 
     def _check(self) -> None:
         """Verify the pool's internal invariants; raise AssertionError if one is broken.
@@ -686,6 +858,8 @@ class PagePool(ClosesOnExit):
         Walks every page and block (slow): for tests and debugging.
         """
         core = self._core
+        if core.tasks:
+            core.run_tasks()
         with core.lock:
             if core.pending and not core.closed:
                 core.drain()
@@ -693,18 +867,25 @@ class PagePool(ClosesOnExit):
 
     # -------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Release every driver resource (idempotent).
+        """Release every driver resource (idempotent, resumable).
 
         The device is synchronized once (live allocations may still be in
         use), every event destroyed, every arena unmapped and freed, every
         page released. Live allocations are invalidated: their pointers
-        dangle, ``free()`` does nothing. Pages lent by :meth:`acquire_pages`
-        lose the pool's reference; their memory lives until the caller unmaps
-        them (driver rule 7) and ``release_pages`` becomes a no-op.
+        dangle, ``free()`` does nothing, ``view()`` raises
+        :class:`~vmmpool.ClosedError`. An arena holding an allocation that a
+        view (or an array or DLPack capsule made from one) still uses stays
+        mapped until the last such view is gone, so those arrays stay valid.
+        Pages lent by :meth:`acquire_pages` lose the pool's reference; their
+        memory lives until the caller unmaps them (driver rule 7) and
+        ``release_pages`` becomes a no-op. If a driver call fails, the error
+        propagates and calling ``close()`` again releases what is left.
         """
-        try:
-            self._core.close()
-        finally:
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        core.close()  # raises on failure: the finalizer stays armed, close() resumes
+        if not core.arenas and not core.pages:
             self._fin.detach()
 
     def __enter__(self) -> PagePool:

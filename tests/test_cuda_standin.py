@@ -1,0 +1,165 @@
+"""The CUDA backend through the real ``cuda.bindings`` on the stand-in driver.
+
+Collected only in the stand-in run (``test_standin_suite.py`` starts it with
+``--device-kind=cuda-standin``); each test takes the ``standin`` fixture, the
+driver's control functions. Some run twice, under the stand-in's default
+answers and under its other documented ones (``STANDIN_CUDA_*``, read here to
+know which answer to expect).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+from conftest import StandinDriver
+
+import vmmpool
+from vmmpool import Access, DriverError, OutOfMemoryError
+from vmmpool._backends import cuda as _cuda
+
+RDMA = os.environ.get("STANDIN_CUDA_RDMA", "0") == "1"
+POSIX_FD_REFUSED = os.environ.get("STANDIN_CUDA_POSIX_FD", "yes") == "refuse"
+
+CUDA_ERROR_INVALID_VALUE = 1
+CUDA_ERROR_OUT_OF_MEMORY = 2
+CUDA_ERROR_UNKNOWN = 999
+
+
+def _in_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` on a fresh thread (no context current there) and re-raise its error."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_backend_is_the_real_bindings_on_the_standin(standin: StandinDriver) -> None:
+    dev = vmmpool.Device(0)
+    assert dev.kind == "cuda"
+    assert dev.name == "vmmpool stand-in GPU 0"  # the binding's "name, NUL, spaces" decoded
+    assert dev.granularity == 2 << 20
+    before = standin.calls("cuMemAddressReserve")
+    with vmmpool.reserve(dev.granularity, dev):
+        pass
+    assert standin.calls("cuMemAddressReserve") == before + 1
+
+
+def test_injected_driver_failures_are_translated(standin: StandinDriver, device: vmmpool.Device) -> None:
+    g = device.granularity
+    b = device._backend
+    standin.fail("cuMemCreate", CUDA_ERROR_OUT_OF_MEMORY)
+    with pytest.raises(OutOfMemoryError, match="out of memory"):
+        b.create(g)
+    standin.fail("cuMemAddressReserve", CUDA_ERROR_UNKNOWN, nth=2)
+    a = b.reserve(g)
+    with pytest.raises(DriverError) as err:
+        b.reserve(g)
+    assert (err.value.name, err.value.status, err.value.operation) == ("CUDA_ERROR_UNKNOWN", 999, "reserve")
+    h = b.create(g)
+    standin.fail("cuMemMap", CUDA_ERROR_INVALID_VALUE)
+    live = device.counters().live
+    with pytest.raises(DriverError, match="CUDA_ERROR_INVALID_VALUE"):
+        b.map(a, g, h)
+    assert device.counters().live == live  # a failed map changes nothing
+    b.release(h)
+    b.free_address(a, g)
+
+
+def test_a_failed_driver_call_inside_a_growth_leaves_the_buffer_as_it_was(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    g = device.granularity
+    with vmmpool.GrowableBuffer(max_size=8 * g, device=device, initial_size=g) as buf:
+        buf.write(b"kept")
+        size = buf.size
+        standin.fail("cuMemSetAccess", CUDA_ERROR_UNKNOWN)
+        with pytest.raises(DriverError, match="CUDA_ERROR_UNKNOWN"):
+            buf.resize(4 * g)
+        assert buf.size == size
+        assert buf.read(4) == b"kept"
+
+
+def test_write_and_read_use_the_owning_devices_context(standin: StandinDriver) -> None:
+    # Another device's context is current on the thread: the copy must still
+    # run as device 1, which alone has access (multi-GPU).
+    dev0, dev1 = vmmpool.Device(0), vmmpool.Device(1)
+    g = dev1.granularity
+
+    def body() -> None:
+        dev0._backend.mem_info()  # makes device 0's primary context current here
+        b = dev1._backend
+        a = b.reserve(g)
+        h = b.create(g)
+        try:
+            b.map(a, g, h)
+            try:
+                b.set_access(a, g, Access.READWRITE, [1])
+                dev1.write(a, b"device one")
+                assert dev1.read(a, 10) == b"device one"
+            finally:
+                b.unmap(a, g)
+        finally:
+            b.release(h)
+            b.free_address(a, g)
+        drv = _cuda._driver()
+        err, ctx = drv.cuCtxGetCurrent()
+        assert int(err) == 0
+        assert int(ctx) == int(dev0._backend._pctx)  # pushes and pops balanced
+
+    _in_thread(body)
+
+
+def test_gpudirect_rdma_is_requested_where_supported(standin: StandinDriver, device: vmmpool.Device) -> None:
+    drv = _cuda._driver()
+    with vmmpool.create(device.granularity, device) as a:
+        assert standin.handle_flags(a.handle) & 2 == (2 if RDMA else 0)
+        err, prop = drv.cuMemGetAllocationPropertiesFromHandle(a.handle)
+        assert int(err) == 0
+        assert int(prop.allocFlags.gpuDirectRDMACapable) == int(RDMA)
+
+
+def test_posix_fd_allocation_falls_back_when_the_handle_type_is_refused(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    g = device.granularity
+    if POSIX_FD_REFUSED and not device.supports_posix_fd:
+        # An earlier test here already met the refusal: refused up front now.
+        with pytest.raises(ValueError, match="does not support POSIX file descriptor"):
+            vmmpool.create(g, device, handle_type="posix_fd")
+        return
+    assert device.supports_posix_fd  # the attribute says 1 in both modes
+    with vmmpool.create(g, device, handle_type="posix_fd") as a:
+        if POSIX_FD_REFUSED:
+            assert standin.handle_flags(a.handle) & 1 == 0  # created without the handle type
+            with pytest.raises(DriverError, match="refused the POSIX fd handle type") as err:
+                a.export()
+            assert err.value.name == "CUDA_ERROR_NOT_PERMITTED"
+            assert not device.supports_posix_fd
+        else:
+            assert standin.handle_flags(a.handle) & 1
+            fd = a.export()
+            try:
+                with vmmpool.PhysicalAllocation.from_fd(fd, g, device) as b:
+                    assert b.handle != a.handle
+            finally:
+                os.close(fd)
+        with vmmpool.reserve(g, device) as res:
+            m = res.map(a)
+            m.set_access("rw")
+            device.write(m.address, b"usable either way")
+            assert device.read(m.address, 17) == b"usable either way"
+    if POSIX_FD_REFUSED:
+        with pytest.raises(ValueError, match="does not support POSIX file descriptor"):
+            vmmpool.create(g, device, handle_type="posix_fd")

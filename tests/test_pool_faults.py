@@ -1,0 +1,198 @@
+"""A fault at every backend call index of every multi-step pool operation.
+
+For each operation and each backend op, the 1st, 2nd, 3rd... call of that op
+during the operation fails (alternately out-of-memory and another driver
+error), until the operation completes without the fault firing. After every
+failure: live allocations keep their pointers and bytes, the pool's in-use
+accounting and limit are as before, its invariants hold, it serves a new
+request, and once closed the backend's live resources are back where they
+started. (Pages a failed reclaim already unmapped stay free pages, as the
+pool's design allows: they are not counted as a change.)
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool import PagePool
+
+OPS = ("create", "release", "map", "unmap", "set_access", "reserve", "free_address", "synchronize")
+P = 2 << 20
+
+#: Faults that fired, per scenario (read by test_sweep_counts).
+FIRED: dict[str, int] = {}
+
+
+@dataclass
+class World:
+    dev: vmmpool.Device
+    pool: PagePool
+    live: list[vmmpool.Allocation] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def keep(self, a: vmmpool.Allocation, seed: int) -> None:
+        n = min(a.size, 4096)
+        b = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+        self.dev.write(a.ptr, b)
+        self.live.append(a)
+        self.data.append(b)
+
+    def state(self) -> tuple[object, ...]:
+        s = self.pool.stats()
+        return (
+            [(a.ptr, a.freed) for a in self.live],
+            [bytes(self.dev.read(a.ptr, len(d))) for a, d in zip(self.live, self.data, strict=True)],
+            s.limit, s.allocated_bytes, s.in_use_bytes, s.live_allocations, s.acquired_pages,
+        )
+
+
+def sweep(name: str, setup: Callable[[World], None], action: Callable[[World], object]) -> int:
+    fired_total = 0
+    for op in OPS:
+        nth = 1
+        while True:
+            dev = vmmpool.Device.emulated(capacity=64 << 20)
+            base = dev.counters().live
+            w = World(dev, PagePool(dev, limit=12 * P))
+            setup(w)
+            before = w.state()
+            calls = dev.counters().calls.get(op, 0)
+            err_name = "CUDA_ERROR_OUT_OF_MEMORY" if nth % 2 else "CUDA_ERROR_INVALID_VALUE"
+            dev._backend.inject_fault(op, nth=nth, name=err_name)
+            try:
+                action(w)
+            except (vmmpool.OutOfMemoryError, vmmpool.DriverError) as err:
+                fired = dev.counters().calls.get(op, 0) - calls >= nth
+                assert fired, f"{name}: {op} #{nth} failed without the fault: {err!r}"
+                dev._backend.clear_faults()
+                if not w.pool.closed:
+                    assert w.state() == before, f"{name}: {op} #{nth} changed the pool"
+                    w.pool._check()
+                    w.pool.malloc(P).free()  # still usable
+                    w.pool.malloc(100).free()
+                fired_total += 1
+                nth += 1
+                done = False
+            else:
+                dev._backend.clear_faults()
+                done = True
+            for b in w.extra.get("buffers", []):  # type: ignore[attr-defined]
+                b.close()
+            if w.extra.get("pages"):
+                w.pool.release_pages(w.extra["pages"])  # type: ignore[arg-type]
+            w.pool.close()
+            if w.pool.closed and (w.pool._core.arenas or w.pool._core.pages):
+                w.pool.close()
+            del w
+            gc.collect()  # a pool the action dropped after a failed close: its finalizer resumes
+            assert dev.counters().live == base, f"{name}: {op} #{nth}: leak"
+            if done:
+                break
+    FIRED[name] = fired_total
+    return fired_total
+
+
+def _cached_on_other_streams(w: World) -> None:
+    w.keep(w.pool.malloc(2 * P), 1)
+    w.keep(w.pool.malloc(3000), 2)
+    for s in (1, 2, 3):
+        w.pool.malloc((s + 1) * P, stream=s).free()  # 9 cached pages on three streams
+    w.pool.malloc(5000, stream=4).free()  # an empty small page
+
+
+def _cache_hit(w: World) -> None:
+    w.keep(w.pool.malloc(P), 1)
+    w.pool.malloc(3 * P).free()
+
+
+def _free_pages(w: World) -> None:
+    _cached_on_other_streams(w)
+    w.pool.defragment()
+
+
+SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] = {
+    "malloc cache hit": (_cache_hit, lambda w: w.pool.malloc(3 * P)),
+    "malloc new pages": (lambda w: None, lambda w: w.pool.malloc(3 * P)),
+    "malloc new small page": (lambda w: None, lambda w: w.pool.malloc(1000)),
+    "malloc free pages": (_free_pages, lambda w: w.pool.malloc(4 * P, stream=5)),
+    "malloc remap from cached": (_cached_on_other_streams, lambda w: w.pool.malloc(6 * P, stream=5)),
+    "malloc small remap": (_cached_on_other_streams, lambda w: w.pool.malloc(100, stream=6)),
+    "defragment": (_cached_on_other_streams, lambda w: w.pool.defragment()),
+    "trim": (_cached_on_other_streams, lambda w: w.pool.trim()),
+    "set_limit": (_cached_on_other_streams, lambda w: w.pool.set_limit(4 * P)),
+    "acquire_pages": (_cached_on_other_streams, lambda w: w.extra.__setitem__(
+        "pages", w.pool.acquire_pages(7))),
+    "release_pages": (
+        lambda w: (_cached_on_other_streams(w), w.extra.__setitem__("pages", w.pool.acquire_pages(2))),
+        lambda w: (w.pool.release_pages(w.extra.pop("pages")),),  # type: ignore[arg-type]
+    ),
+    "close": (_cached_on_other_streams, lambda w: w.pool.close()),
+    "preallocate": (lambda w: None, lambda w: PagePool(w.dev, limit=8 * P, preallocate=5 * P).close()),
+    "buffer grow with a pool": (
+        lambda w: (_cached_on_other_streams(w), w.extra.__setitem__(
+            "buffers", [vmmpool.GrowableBuffer(max_size=8 * P, pool=w.pool, initial_size=P)])),
+        lambda w: w.extra["buffers"][0].resize(7 * P),  # type: ignore[index]
+    ),
+    "buffer shrink with a pool": (
+        lambda w: w.extra.__setitem__(
+            "buffers", [vmmpool.GrowableBuffer(max_size=8 * P, pool=w.pool, initial_size=6 * P)]),
+        lambda w: w.extra["buffers"][0].resize(P),  # type: ignore[index]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fault_at_every_call_index(name: str) -> None:
+    setup, action = SCENARIOS[name]
+    n = sweep(name, setup, action)
+    if name not in ("malloc cache hit", "release_pages"):  # no backend call: nothing to fail
+        assert n > 0, f"{name}: no backend call to fail?"
+
+
+def test_sweep_counts() -> None:
+    """The sweep really covers every operation (runs after the parametrized cases)."""
+    if len(FIRED) < len(SCENARIOS):
+        pytest.skip("run with the whole module to count")
+    total = sum(FIRED.values())
+    print(f"fault cases fired: {total} over {len(FIRED)} operations: {FIRED}")
+    assert total >= 100
+
+
+def test_map_out_of_memory_reclaims_cached_pages_and_retries() -> None:
+    """Issue 8 item 7: a mapping failing for lack of resources gives cached mappings back first."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with PagePool(dev, limit=12 * P) as pool:
+        keep = pool.malloc(P)
+        dev.write(keep.ptr, b"keep")
+        pool.malloc(3 * P, stream=1).free()
+        dev._backend.inject_fault("map", nth=1, name="CUDA_ERROR_OUT_OF_MEMORY")
+        a = pool.malloc(4 * P, stream=2)  # not an error: the cache is reclaimed, then mapped
+        s = pool.stats()
+        assert s.reclaimable_pages == 0 and s.quarantined_pages == 0
+        assert bytes(dev.read(keep.ptr, 4)) == b"keep"
+        pool._check()
+        a.free()
+        keep.free()
+
+
+def test_failed_undo_quarantines_only_what_stays_mapped() -> None:
+    """Issue 8 item 7: the batched undo unmap fails; the per-page unmaps restore every page."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with PagePool(dev, limit=12 * P) as pool:
+        dev._backend.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+        dev._backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.malloc(4 * P)
+        dev._backend.clear_faults()
+        s = pool.stats()
+        assert s.quarantined_pages == 0, s
+        assert s.free_pages == 4
+        pool._check()
+        pool.malloc(4 * P).free()

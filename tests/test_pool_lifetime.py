@@ -1,0 +1,136 @@
+"""PagePool lifetime and limits (issue 8 items 2, 4, 5, 6 and 8), through the public API."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool import PagePool
+
+
+def test_close_keeps_memory_used_by_a_dlpack_array(device: vmmpool.Device) -> None:
+    P = device.granularity
+    if not device.is_host:
+        pytest.skip("NumPy reads host memory only")
+    with PagePool(device, limit=16 * P) as pool:
+        arr = np.from_dlpack(pool.malloc(4096).view("float32"))
+        arr[:] = 2.0
+        big = pool.malloc(3 * P)
+        bigarr = np.from_dlpack(big.view("uint8"))
+        bigarr[-1] = 9
+        del big
+    assert float(arr.sum()) == 2048.0  # mapped still: no segfault, same bytes
+    assert bigarr[-1] == 9
+    assert device.counters().live[0] >= 1  # the arena stays for the arrays
+    del arr
+    gc.collect()
+    assert bigarr[-1] == 9  # one array left: its arena stays
+    del bigarr
+    gc.collect()  # the conftest fixture checks that every resource is gone
+
+
+def test_view_after_close_says_the_pool_was_closed(device: vmmpool.Device) -> None:
+    pool = PagePool(device, limit=4 * device.granularity)
+    a = pool.malloc(100)
+    pool.close()
+    with pytest.raises(vmmpool.ClosedError, match="PagePool has been closed"):
+        a.view("uint8")
+
+
+def test_lowered_limit_holds_once_usage_drops(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with PagePool(device, limit=16 * P) as pool:
+        a = pool.malloc(6 * P)
+        pool.set_limit(4 * P)
+        assert pool.stats().total_pages == 6  # live data stays
+        a.free()
+        s = pool.stats()
+        assert s.total_pages <= 4 and s.reserved_bytes <= s.limit, s
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(6 * P)  # the cache must not serve beyond the limit
+        pool.malloc(4 * P).free()
+        assert pool.stats().total_pages <= 4
+        pool._check()
+
+
+def test_lowered_limit_holds_after_a_collected_allocation(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with PagePool(device, limit=16 * P) as pool:
+        a = pool.malloc(6 * P)
+        pool.set_limit(3 * P)
+        del a
+        gc.collect()
+        s = pool.stats()
+        assert s.total_pages <= 3, s
+        pool._check()
+
+
+@pytest.mark.parametrize("op", ["release", "unmap", "event_query"])
+def test_set_limit_fault_keeps_the_old_limit(host: vmmpool.Device, op: str) -> None:
+    P = host.granularity
+    with PagePool(host, limit=16 * P) as pool:
+        live = pool.malloc(2 * P)
+        for stream in (1, 2):
+            pool.malloc(3 * P, stream=stream).free()  # 6 cached pages
+        host._backend.inject_fault(op, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.set_limit(P)
+        host._backend.clear_faults()
+        assert pool.limit == 16 * P
+        assert not live.freed
+        pool._check()
+        pool.set_limit(3 * P)  # a retry works
+        assert pool.limit == 3 * P and pool.stats().total_pages <= 3
+        live.free()
+
+
+@pytest.mark.parametrize("op", ["release", "free_address", "synchronize"])
+def test_failed_close_can_be_retried(host: vmmpool.Device, op: str) -> None:
+    P = host.granularity
+    before = host.counters().live
+    pool = PagePool(host, limit=8 * P)
+    keep = [pool.malloc(2 * P), pool.malloc(100)]
+    pool.malloc(3 * P, stream=1).free()
+    host._backend.inject_fault(op, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.close()
+    assert pool.closed
+    pool.close()  # resumes: releases what is left
+    assert host.counters().live == before
+    pool.close()  # and then is a no-op
+    del keep
+
+
+def test_oom_message_agrees_with_stats(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with PagePool(device, limit=8 * P) as pool:
+        small = [pool.malloc(3000) for _ in range(5)]
+        big = pool.malloc(4 * P)
+        pool.malloc(2 * P, stream=1).free()
+        with pytest.raises(vmmpool.OutOfMemoryError) as info:
+            pool.malloc(6 * P)
+        s = pool.stats()
+        err = info.value
+        assert err.in_use == s.in_use_bytes
+        assert err.cached == s.cached_bytes
+        assert f"in use {s.in_use_bytes} bytes" in str(err)
+        assert f"cached {s.cached_bytes} bytes" in str(err)
+        assert f"{6 * P} bytes requested" in str(err)
+        big.free()
+        del small
+
+
+def test_growth_oom_names_the_request(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with PagePool(device, limit=4 * P) as pool:
+        buf = vmmpool.GrowableBuffer(max_size=16 * P, pool=pool, initial_size=P)
+        want = 7 * P + 5
+        with pytest.raises(vmmpool.OutOfMemoryError) as info:
+            buf.resize(want)
+        assert str(want) in str(info.value), str(info.value)
+        assert info.value.requested == want
+        assert buf.size == P
+        buf.close()

@@ -1,0 +1,418 @@
+"""Trace replay: readers, replay against a model of live bytes, min-limit search, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vmmpool
+from vmmpool import replay as R
+from vmmpool.__main__ import main
+
+MiB = 1 << 20
+P = 2 * MiB
+BASE = 0x7F00_0000_0000
+
+
+# ----------------------------------------------------------- trace builders
+def ev(action: str, addr: int, size: int, stream: int = 0) -> dict[str, Any]:
+    return {"action": action, "addr": addr, "size": size, "stream": stream, "frames": []}
+
+
+def snapshot(events: list[dict[str, Any]], segments: list[dict[str, Any]] | None = None) -> dict:
+    return {"segments": segments or [], "device_traces": [events]}
+
+
+def segment(addr: int, total: int, blocks: list[tuple[int, int, int, str]], stream: int = 0) -> dict:
+    return {
+        "device": 0, "address": addr, "total_size": total, "stream": stream,
+        "segment_type": "large", "segment_pool_id": (0, 0), "frames": [],
+        "blocks": [
+            {"address": a, "size": s, "requested_size": r, "state": st, "frames": []}
+            for a, s, r, st in blocks
+        ],
+    }
+
+
+def write_pickle(tmp_path: Path, data: object, name: str = "t.pickle") -> Path:
+    p = tmp_path / name
+    p.write_bytes(pickle.dumps(data))
+    return p
+
+
+def small_snapshot() -> dict:
+    """A prelude block W (live throughout), a prelude block E freed in the trace,
+    and traced allocations on two streams; segments grow and shrink."""
+    seg0 = BASE
+    W, E = seg0, seg0 + 8 * MiB
+    seg1 = BASE + (1 << 30)
+    a, b, c = seg1, seg1 + 4 * MiB, seg1 + 8 * MiB
+    events = [
+        ev("segment_alloc", seg1, 20 * MiB, 5),
+        ev("alloc", a, 3 * MiB + 1, 5),
+        ev("alloc", b, 1000, 7),
+        ev("free_requested", E, 6 * MiB),       # E: live before recording started
+        ev("free_completed", E, 6 * MiB),
+        ev("alloc", c, 5 * MiB, 5),
+        ev("free_requested", a, 3 * MiB + 1, 5),
+        ev("free_completed", a, 3 * MiB + 1, 5),
+        ev("free_requested", c, 5 * MiB, 5),
+        ev("segment_free", seg1, 20 * MiB, 5),
+    ]
+    segs = [segment(seg0, 20 * MiB, [(W, 8 * MiB, 8 * MiB - 100, "active_allocated"),
+                                      (E, 12 * MiB, 12 * MiB, "inactive")])]
+    # b stays live: it is active at the end, but the trace allocated it.
+    segs.append(segment(BASE + (2 << 30), 2 * MiB,
+                        [(b, 1024, 1000, "active_allocated")], stream=7))
+    return snapshot(events, segs)
+
+
+# ------------------------------------------------------------------ readers
+def test_snapshot_round_trip(tmp_path: Path) -> None:
+    p = write_pickle(tmp_path, small_snapshot())
+    tr = R.load(p)
+    assert tr.name == "t.pickle" and tr.source == "pytorch-snapshot"
+    # Prelude: E (freed early, size from its free event) and W; b is the trace's.
+    assert tr.n_prelude == 2
+    assert tr.events[:2] == ((False, 0, 8 * MiB - 100, 0), (False, 1, 6 * MiB, 0))
+    kinds = [(f, n) for f, _s, n, _st in tr.events[2:]]
+    assert kinds == [
+        (False, 3 * MiB + 1), (False, 1000), (True, 6 * MiB), (False, 5 * MiB),
+        (True, 3 * MiB + 1), (True, 5 * MiB),
+    ]
+    assert len(tr.events) == 8 and tr.n_slots == 5
+    assert set(tr.streams) == {0, 5, 7}
+    prelude = 8 * MiB - 100 + 6 * MiB
+    assert tr.peak_live == prelude + 3 * MiB + 1 + 1000
+    assert tr.final_live == 8 * MiB - 100 + 1000
+    # Reserved: 22 MiB of final segments, +20 -20 in the trace -> started at 22.
+    assert tr.recorded_peak_reserved == 42 * MiB
+    # Allocated, 512-rounded, prelude at block size: 8 + 6 + (3 MiB + 512) + 1024.
+    assert tr.recorded_peak_allocated == 14 * MiB + 3 * MiB + 512 + 1024
+
+
+def test_free_of_unknown_address_names_file_and_event(tmp_path: Path) -> None:
+    data = snapshot([ev("alloc", BASE, 4096), ev("free_requested", BASE + 4096, 4096)])
+    p = write_pickle(tmp_path, data, "bad.pickle")
+    with pytest.raises(R.TraceError, match=r"bad\.pickle: event 1: free_requested of unknown"):
+        R.load(p)
+
+
+def test_double_alloc_is_an_error(tmp_path: Path) -> None:
+    data = snapshot([ev("alloc", BASE, 4096), ev("alloc", BASE, 4096)])
+    with pytest.raises(R.TraceError, match=r"event 1: alloc at 0x7f0000000000, which is already live"):
+        R.load(write_pickle(tmp_path, data))
+
+
+class Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, ("/tmp/vmmpool-replay-should-not-exist",))
+
+
+@pytest.mark.parametrize(
+    "obj, cls",
+    [
+        ({"segments": [], "device_traces": [[Evil()]]}, "posix.mkdir"),
+        ({"segments": [], "device_traces": [], "x": Evil}, "test_replay.Evil"),
+    ],
+)
+def test_pickle_referencing_a_class_is_refused(tmp_path: Path, obj: object, cls: str) -> None:
+    p = write_pickle(tmp_path, obj, "evil.pickle")
+    with pytest.raises(R.TraceError) as info:
+        R.load(p)
+    msg = str(info.value)
+    assert msg.startswith("evil.pickle: refused at byte ")
+    assert cls.split(".")[-1] in msg and "class" in msg
+    assert not Path("/tmp/vmmpool-replay-should-not-exist").exists()
+
+
+def test_truncated_pickle(tmp_path: Path) -> None:
+    raw = pickle.dumps(small_snapshot())
+    p = tmp_path / "cut.pickle"
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(R.TraceError, match=r"^cut\.pickle: truncated pickle, stopped near byte \d+ of "
+                       + str(len(raw) // 2)):
+        R.load(p)
+
+
+def test_corrupt_pickle_names_position(tmp_path: Path) -> None:
+    raw = bytearray(pickle.dumps(small_snapshot()))
+    raw[40:48] = b"\xff" * 8  # not an opcode
+    p = tmp_path / "junk.pickle"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(R.TraceError, match=r"^junk\.pickle: malformed pickle, stopped near byte \d+"):
+        R.load(p)
+
+
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        ([1, 2], r"not a PyTorch memory snapshot: expected a dict with keys"),
+        ({"segments": []}, r"not a PyTorch memory snapshot"),
+        (snapshot([ev("alloc", BASE, 4096), {"action": "alloc", "addr": BASE + 4096}]),
+         r"event 1: alloc event without 'size'"),
+        (snapshot([ev("alloc", BASE, 4096), ev("alloc", BASE + 8192, -5)]),
+         r"event 1: size must be an int >= 0, got -5"),
+        (snapshot([ev("alloc", BASE, 4096), "junk"]), r"event 1: expected a dict, got str"),
+        (snapshot([], [{"address": 1}]), r"segment 0: malformed segment"),
+    ],
+)
+def test_malformed_snapshot(tmp_path: Path, data: object, pattern: str) -> None:
+    p = write_pickle(tmp_path, data, "m.pickle")
+    with pytest.raises(R.TraceError, match=r"^m\.pickle: " + pattern):
+        R.load(p)
+
+
+CSV = """Thread,Time,Action,Pointer,Size,Stream
+1,00:00:01.0,allocate,0x7f0000000000,4194304,0x0
+1,00:00:01.1,allocate,0x7f0000400000,1000,0x55
+1,00:00:01.2,allocate failure,0x0,99999999999,0x0
+1,00:00:01.3,free,0x7f0000000000,4194304,0x0
+1,00:00:01.4,allocate,0x7f0000000000,3000000,0x55
+1,00:00:01.5,free,0x7f0000400000,1000,0x55
+"""
+
+
+def test_csv_round_trip(tmp_path: Path) -> None:
+    p = tmp_path / "log.csv"
+    p.write_text(CSV)
+    tr = R.load(p)
+    assert tr.source == "rmm-csv" and tr.n_prelude == 0 and tr.n_failed == 1
+    assert tr.events == (
+        (False, 0, 4194304, 0), (False, 1, 1000, 0x55), (True, 0, 4194304, 0),
+        (False, 2, 3000000, 0x55), (True, 1, 1000, 0x55),
+    )
+    assert tr.streams == (0, 0x55)
+    assert tr.peak_live == 4194304 + 1000
+    assert tr.recorded_peak_reserved is None
+    r = R.replay(tr, vmmpool.Device.emulated(64 * MiB))
+    assert r.completed and r.events == 5 and r.peak_live == tr.peak_live and r.streams == 2
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("Thread,Time,Size\n", r"line 1: expected the header Thread,Time,Action,Pointer,Size,Stream"),
+        ("", r"line 1: expected the header .* got an empty file"),
+        (CSV + "1,00:00:02,allocate,0x7f00", r"line 8: expected 6 fields, got 4 \(truncated\?\)"),
+        (CSV + "1,2,allocate,zz,12,0x0\n", r"line 8: expected a pointer, a size and a stream"),
+        (CSV + "1,2,free,0x1234,12,0x0\n", r"line 8: free of unknown address 0x1234"),
+        (CSV + "1,2,resize,0x1234,12,0x0\n", r"line 8: unknown action 'resize'"),
+    ],
+)
+def test_malformed_csv(tmp_path: Path, text: str, pattern: str) -> None:
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(R.TraceError, match=r"^bad\.csv: " + pattern):
+        R.load_csv(p)
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    p = tmp_path / "x.txt"
+    p.write_text("hello")
+    with pytest.raises(R.TraceError, match=r"x\.txt: unknown format"):
+        R.load(p)
+
+
+# ------------------------------------------------------------------- replay
+def multi_stream_events(seed: int, n: int = 600) -> tuple[list[dict[str, Any]], int]:
+    """Random allocs and frees on 3 streams; returns the events and peak live."""
+    rng = random.Random(seed)
+    live: dict[int, int] = {}
+    out: list[dict[str, Any]] = []
+    next_addr = BASE
+    peak = cur = 0
+    sizes = [512, 3000, 200_000, MiB, MiB + 1, 3 * MiB, 7 * MiB + 123]
+    for _ in range(n):
+        if live and (rng.random() < 0.45 or len(live) > 40):
+            addr = rng.choice(sorted(live))
+            size, stream = live.pop(addr), (addr >> 4) % 3 * 1000
+            out.append(ev("free_requested", addr, size, stream))
+            cur -= size
+        else:
+            size = rng.choice(sizes)
+            stream = (next_addr >> 4) % 3 * 1000
+            live[next_addr] = size
+            out.append(ev("alloc", next_addr, size, stream))
+            next_addr += 16
+            cur += size
+            peak = max(peak, cur)
+    return out, peak
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_replay_matches_model_of_live_bytes(tmp_path: Path, seed: int) -> None:
+    events, peak = multi_stream_events(seed)
+    p = write_pickle(tmp_path, snapshot(events))
+    dev = vmmpool.Device.emulated(256 * MiB)
+    r = R.replay(p, dev)
+    assert r.completed and r.error is None and r.failed_event is None
+    assert r.events == len(events)
+    assert r.peak_live == peak
+    assert r.streams == 3
+    assert peak <= r.peak_in_use <= r.peak_held
+    assert r.peak_held % P == 0
+    assert r.page_creations == r.peak_held // P  # pages are kept and reused, never recreated
+    assert r.backend_calls == sum(r.calls.values()) > 0
+    assert "write" not in r.calls and "read" not in r.calls  # the memory is never touched
+    assert dev.counters().live == (0, 0, 0)  # pool closed, nothing leaked
+    assert r.wall_s > 0 and r.us_per_event > 0
+    d = r.to_dict()
+    assert d["held_ratio"] == pytest.approx(r.peak_held / peak)
+    json.dumps(d)
+
+
+def test_replay_out_of_memory_reports_and_leaks_nothing(tmp_path: Path) -> None:
+    events = [ev("alloc", BASE + i * 16, 3 * MiB) for i in range(5)]
+    dev = vmmpool.Device.emulated(64 * MiB)
+    r = R.replay(R.snapshot_to_trace(snapshot(events)), dev, limit=12 * MiB)  # 4 x 3 MiB fit
+    assert not r.completed and r.failed_event == 4 and r.events == 4
+    assert "out of memory" in (r.error or "")
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_default_device_is_sized_to_the_trace() -> None:
+    tr = R.snapshot_to_trace(snapshot([ev("alloc", BASE, 3 << 30)]))
+    assert R.emulated_capacity(tr) == 7 << 30
+    r = R.replay(tr)
+    assert r.completed and r.limit == 7 << 30 and r.peak_held == 3 << 30
+    with pytest.raises(ValueError, match="capacity applies only"):
+        R.replay(tr, "host", capacity=1 << 30)
+
+
+def two_stream_small_trace() -> R.Trace:
+    # 0.6 MiB on each of two streams: 1.2 MiB live (1 page), but small pages
+    # belong to one stream, so 2 pages are needed; then 3 large on one stream.
+    events = [
+        ev("alloc", BASE, 600_000, 1), ev("alloc", BASE + 16, 600_000, 2),
+        ev("free_requested", BASE, 600_000, 1),
+        ev("alloc", BASE + 32, 5 * MiB, 1),
+        ev("free_requested", BASE + 32, 5 * MiB, 1),
+        ev("alloc", BASE + 48, 3 * MiB, 2),
+    ]
+    return R.snapshot_to_trace(snapshot(events), "two.pickle")
+
+
+def test_min_limit_is_minimal() -> None:
+    tr = two_stream_small_trace()
+    dev = vmmpool.Device.emulated(64 * MiB)
+    m = R.min_limit(tr, dev)
+    assert m.limit == m.pages * P
+    assert m.pages > -(-tr.peak_live // P)  # the lower bound alone does not complete
+    assert m.result.completed and m.result.limit == m.limit
+    assert R.replay(tr, dev, m.pages * P).completed
+    assert not R.replay(tr, dev, (m.pages - 1) * P).completed
+    assert all(ok == (n >= m.pages) for n, ok in m.probes)
+    assert m.ratio == pytest.approx(m.limit / tr.peak_live)
+    assert dev.counters().live == (0, 0, 0)
+
+
+# -------------------------------------------------------------------- peers
+def test_peer_command_and_env(tmp_path: Path) -> None:
+    argv, env = R.peer_command("torch-expandable", tmp_path / "t.pickle", 6 * MiB)
+    assert argv[1:] == ["-m", "vmmpool.replay", "--peer", "torch-expandable",
+                        str(tmp_path / "t.pickle"), "--limit", str(6 * MiB)]
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "garbage_collection_threshold:0.5"
+    try:
+        argv, env = R.peer_command("torch", "t.pickle")
+        assert "PYTORCH_CUDA_ALLOC_CONF" not in env and "--limit" not in argv
+    finally:
+        del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    with pytest.raises(ValueError, match="peer must be one of torch, torch-expandable, cupy"):
+        R.peer_command("rmm", "t.pickle")
+
+
+def test_parse_peer_output() -> None:
+    line = R._PEER_MARK + json.dumps({"completed": True, "peak_reserved": 10, "wall_s": 0.5})
+    out = R.parse_peer_output("cupy", f"warming up\n{line}\n")
+    assert out == {"completed": True, "peak_reserved": 10, "wall_s": 0.5}
+    with pytest.raises(RuntimeError, match=r"cupy: subprocess exited 1 without a result: \['boom'\]"):
+        R.parse_peer_output("cupy", "boom\n", 1)
+    with pytest.raises(RuntimeError, match="malformed result line"):
+        R.parse_peer_output("cupy", R._PEER_MARK + "[1]")
+
+
+def test_peer_replays_without_gpu_are_skipped_with_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(R, "gpu_unavailable_reason", lambda: "no driver here")
+    got = R.peer_replays(tmp_path / "t.pickle")
+    assert [p.peer for p in got] == list(R.PEERS)
+    assert all(p.skipped == "no CUDA GPU (no driver here)" and p.completed is None for p in got)
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events, peak = multi_stream_events(3, 200)
+    p = write_pickle(tmp_path, snapshot(events), "ms.pickle")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(p), "--min-limit", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split()[:3] == ["trace", "events", "streams"]
+    assert "ms.pickle" in text and f"{len(events):,}" in text
+    data = json.loads(out.read_text())
+    (rec,) = data["traces"]
+    assert rec["peak_live"] == peak and rec["vmmpool"]["completed"]
+    assert rec["min_limit"]["pages"] * P == rec["min_limit"]["bytes"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required: TRACE"),
+        (["{missing}"], "cannot read"),
+        (["{good}", "--limit", "lots"], "argument --limit: expected bytes"),
+        (["{good}", "--limit", "8MiB", "--min-limit"], "not allowed with argument"),
+        (["{good}", "--device", "gpu7"], "device must be"),
+        (["{bad}"], "bad.csv: line 1: expected the header"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    good = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 100)]), "good.pickle")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Thread,Nope\n")
+    names = {"good": str(good), "bad": str(bad), "missing": str(tmp_path / "missing.pickle")}
+    argv = ["replay"] + [a.format(**names) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_limit_too_small_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 5 * MiB)]), "five.pickle")
+    assert main(["replay", str(p), "--limit", "4MiB"]) == 1
+    out = capsys.readouterr().out
+    assert "0/1 (out of memory)" in out and "five.pickle: out of memory" in out
+    assert main(["replay", str(p), "--limit", "6MiB"]) == 0
+
+
+def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path: Path) -> None:
+    P = 2 << 20
+    events = [
+        {"action": "segment_alloc", "addr": 0x10000000, "size": 8 * P, "stream": 0},
+        {"action": "alloc", "addr": 0x10000000, "size": 3 * P, "stream": 0},
+        {"action": "alloc", "addr": 0x10600000, "size": P, "stream": 0},
+        {"action": "free_requested", "addr": 0x10000000, "size": 3 * P, "stream": 0},
+        {"action": "segment_free", "addr": 0x10000000, "size": 8 * P, "stream": 0},
+    ]
+    path = tmp_path / "t.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [events]}))
+    tl = vmmpool.replay.timeline(path, samples=10)
+    assert tl.completed and tl.events == [0, 1, 2]
+    assert tl.allocated == [3 * P, 4 * P, P]
+    assert tl.reserved[0] == 3 * P and tl.reserved[1] == 4 * P and tl.reserved[2] >= P
+    assert tl.recorded_reserved == [(0, 0), (0, 8 * P), (3, 0)]
+    series = tl.series()
+    assert set(series) == {
+        "allocated (live requested bytes)", "reserved: vmmpool pages held", "reserved: PyTorch, recorded run",
+    }

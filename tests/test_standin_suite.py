@@ -1,0 +1,99 @@
+"""The backend-parametrized suite through the real ``cuda.bindings`` on the stand-in driver.
+
+``tests/standin_driver/standin_cuda.c`` is compiled (once per session, with
+the system C compiler) into a ``libcuda.so.1``; a subprocess pytest with
+``LD_LIBRARY_PATH`` naming it runs every test taking the ``device`` fixture
+(resources, pool, buffer, buffer faults, contract) plus the stand-in's own
+tests (``test_cuda_standin.py``) with ``--device-kind=cuda-standin``: the
+real CUDA backend, argument conversion, return unwrapping and error names of
+the installed cuda-bindings, on host memory. A second run repeats the
+contract and stand-in tests with the driver's other documented answers (a
+non-zero map offset refused, hinted reservations refused, the POSIX fd
+handle type refused, GPUDirect RDMA supported).
+
+Without a C compiler the tests skip and say so; ``VMMPOOL_REQUIRE_STANDIN=1``
+(set by ``.ci/run``) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from standin_driver import build as standin_build
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+REQUIRE = os.environ.get("VMMPOOL_REQUIRE_STANDIN", "") == "1"
+
+SUITE = [
+    "test_resources.py",
+    "test_pool.py",
+    "test_buffer.py",
+    "test_buffer_faults.py",
+    "test_buffer_pool.py",
+    "test_dlpack.py",
+    "test_contract.py",
+    "test_cuda_standin.py",
+]
+
+#: The documented answers the default stand-in does not give.
+OTHER_ANSWERS = {
+    "STANDIN_CUDA_MAP_OFFSET": "reject",
+    "STANDIN_CUDA_HINT": "refuse",
+    "STANDIN_CUDA_POSIX_FD": "refuse",
+    "STANDIN_CUDA_RDMA": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def standin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reason = standin_build.unavailable_reason()
+    if reason is not None:
+        if REQUIRE:
+            pytest.fail(f"VMMPOOL_REQUIRE_STANDIN=1 but {reason}")
+        pytest.skip(reason)
+    return standin_build.build(tmp_path_factory.mktemp("standin-cuda"))
+
+
+def _run(lib: Path, files: list[str], extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("VMMPOOL_REQUIRE_CUDA", None)
+    for key in list(env):
+        if key.startswith("STANDIN_CUDA_"):
+            del env[key]
+    env["LD_LIBRARY_PATH"] = str(lib.parent) + (
+        os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else ""
+    )
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra_env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfEs",
+        "--device-kind=cuda-standin",
+        *(str(TESTS / f) for f in files),
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def _assert_passed(proc: subprocess.CompletedProcess[str]) -> None:
+    tail = (proc.stdout + proc.stderr)[-12000:]
+    assert proc.returncode == 0, f"stand-in run failed (rc {proc.returncode}):\n{tail}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+    assert " skipped" not in proc.stdout, f"nothing may skip on the stand-in:\n{tail}"
+
+
+def test_suite_on_the_standin_driver(standin_lib: Path) -> None:
+    _assert_passed(_run(standin_lib, SUITE, {}))
+
+
+def test_contract_on_the_standin_drivers_other_answers(standin_lib: Path) -> None:
+    _assert_passed(_run(standin_lib, ["test_contract.py", "test_cuda_standin.py"], OTHER_ANSWERS))

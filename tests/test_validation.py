@@ -1,0 +1,381 @@
+"""User-facing validation: bad input gets a clear error, raised before anything changes.
+
+Issue 8, items 8 (CLI and view messages) and 9 (smaller validation gaps), and
+the single bound every public size, offset, alignment and limit is checked
+against (``check_int`` with the device's address limit).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool import ArrayView, Device, GrowableBuffer, PagePool, PhysicalAllocation
+from vmmpool._options import ADDRESS_LIMIT, address_limit, check_int
+
+MiB = 1 << 20
+
+
+def _calls(dev: Device) -> dict[str, int]:
+    return dict(dev.counters().calls)
+
+
+# ------------------------------------------------------------------------ CLI
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "VMMPOOL_HOST_CAPACITY"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "vmmpool", *args],
+        capture_output=True, text=True, timeout=300, env=full_env,
+    )
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_demo_limit_above_the_device_is_one_line_exit_2() -> None:
+    out = _cli("demo", "--device", "host", "--limit", "100G", env={"VMMPOOL_HOST_CAPACITY": "256M"})
+    _one_line_error(out, "--limit 100.0 GiB", "free on host")
+
+
+def test_cli_demo_limit_garbage_is_one_line_exit_2() -> None:
+    out = _cli("demo", "--device", "host", "--limit", "lots")
+    _one_line_error(out, "--limit", "'lots'")
+
+
+@pytest.mark.parametrize("command", [["info"], ["demo", "--device", "host"], ["demo"]])
+@pytest.mark.parametrize("value", ["xyz", "1.5G", "²M", "-4G"])
+def test_cli_malformed_host_capacity_is_one_line_exit_2(command: list[str], value: str) -> None:
+    out = _cli(*command, env={"VMMPOOL_HOST_CAPACITY": value})
+    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", repr(value))
+
+
+def test_host_capacity_rejects_non_ascii_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmmpool._backends.host import default_capacity
+
+    monkeypatch.setenv("VMMPOOL_HOST_CAPACITY", "²G")
+    with pytest.raises(ValueError, match="VMMPOOL_HOST_CAPACITY must be a size"):
+        default_capacity()
+    monkeypatch.setenv("VMMPOOL_HOST_CAPACITY", "64M")
+    assert default_capacity() == 64 * MiB
+
+
+def test_cli_unknown_option_is_one_line_exit_2() -> None:
+    out = _cli("demo", "--frobnicate")
+    _one_line_error(out, "unrecognized arguments")
+
+
+# ---------------------------------------------------------------------- views
+@pytest.fixture
+def buf(host: Device) -> Iterator[GrowableBuffer]:
+    b = GrowableBuffer(max_size=4 * MiB, device=host, initial_size=2 * MiB)
+    yield b
+    b.close()
+
+
+def test_view_bad_dtype_says_what_was_expected_and_got(buf: GrowableBuffer) -> None:
+    with pytest.raises(TypeError) as info:
+        buf.view("foo")
+    msg = str(info.value)
+    assert "a NumPy dtype such as 'float32'" in msg
+    assert "got str 'foo'" in msg
+
+
+@pytest.mark.parametrize("where", ["buffer", "allocation"])
+def test_view_dtype_none_is_rejected(host: Device, where: str) -> None:
+    # NumPy would read None as float64: a view's element type is never guessed.
+    with PagePool(host, limit=8 * MiB) as pool:
+        owner: Any = (
+            GrowableBuffer(max_size=2 * MiB, pool=pool, initial_size=MiB)
+            if where == "buffer" else pool.malloc(MiB)
+        )
+        with pytest.raises(TypeError, match=r"dtype must be a NumPy dtype such as 'float32'.*None"):
+            owner.view(dtype=None)
+        with pytest.raises(TypeError, match="got None"):
+            vmmpool._dlpack.dlpack_dtype(None)
+        assert owner.view("float32").shape == (MiB // 4,)
+        if where == "buffer":
+            owner.close()
+        else:
+            owner.free()
+
+
+@pytest.mark.parametrize(
+    "bad", ["1.0", (1,), (1, 0, 0), [1, 0], (1.0, 0), (True, 0), (1, -1), ("1", "0"), 1]
+)
+def test_dlpack_max_version_must_be_a_tuple_of_two_ints(buf: GrowableBuffer, bad: Any) -> None:
+    view = buf.view("float32")
+    before = vmmpool._dlpack.export_stats()["exported"]
+    with pytest.raises(TypeError, match=r"max_version must be a \(major, minor\) tuple of two ints"):
+        view.__dlpack__(max_version=bad)
+    assert vmmpool._dlpack.export_stats()["exported"] == before  # nothing exported
+    assert "dltensor_versioned" in repr(view.__dlpack__(max_version=(1, 0)))
+    assert "dltensor_versioned" not in repr(view.__dlpack__(max_version=(0, 8)))
+
+
+def test_array_view_null_pointer_only_when_empty(host: Device) -> None:
+    with pytest.raises(ValueError, match=r"ptr must be a device address \(not 0\) when nbytes > 0"):
+        ArrayView(None, host, 0, 16)
+    empty = ArrayView(None, host, 0, 0, "float32")
+    assert empty.shape == (0,) and empty.ptr == 0
+    assert np.from_dlpack(empty).shape == (0,)
+
+
+def test_array_view_range_must_be_addressable(host: Device) -> None:
+    with pytest.raises(ValueError, match="ptr must be <= "):
+        ArrayView(None, host, 1 << 64, 0)
+    with pytest.raises(ValueError, match="ptr \\+ nbytes must be <= "):
+        ArrayView(None, host, host.address_limit - 4095, 8192)
+    with pytest.raises(ValueError, match="shape entry must be <= "):
+        ArrayView(None, host, 4096, 16, "uint8", shape=(1 << 64, 0))
+
+
+# ------------------------------------------------------------------ resources
+def test_get_access_bad_device_is_a_clear_error_not_a_driver_error(host: Device) -> None:
+    with vmmpool.reserve(2 * MiB, host) as res:
+        m = res.map(vmmpool.create(2 * MiB, host), access="rw")
+        before = _calls(host)
+        for bad in (True, 1.0, b"cuda:0", [0]):
+            with pytest.raises(TypeError, match="device must be None, a Device, a device spec"):
+                m.get_access(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="device must be >= 0, got -1"):
+            m.get_access(-1)
+        with pytest.raises(ValueError, match=r"host emulator has one device \(ordinal 0\), got 1"):
+            m.get_access(1)
+        assert _calls(host) == before  # rejected before any driver call
+        assert m.get_access() is vmmpool.Access.READWRITE
+        assert m.get_access(0) is vmmpool.Access.READWRITE
+        assert m.get_access(host) is vmmpool.Access.READWRITE
+        assert m.get_access("host") is vmmpool.Access.READWRITE
+
+
+def _float_and_bool_cases(dev: Device) -> list[tuple[str, Callable[[], Any]]]:
+    g = dev.granularity
+    return [
+        ("nbytes", lambda: vmmpool.reserve(2.0 * g, dev)),  # type: ignore[arg-type]
+        ("nbytes", lambda: vmmpool.reserve(True, dev)),  # type: ignore[arg-type]
+        ("alignment", lambda: vmmpool.reserve(g, dev, alignment=2.0 * g)),  # type: ignore[arg-type]
+        ("hint", lambda: vmmpool.reserve(g, dev, hint=float(1 << 40))),  # type: ignore[arg-type]
+        ("nbytes", lambda: vmmpool.create(2.0 * g, dev)),  # type: ignore[arg-type]
+        ("granularity", lambda: Device.emulated(granularity=2.0 * MiB)),  # type: ignore[arg-type]
+        ("granularity", lambda: Device.emulated(granularity=True)),  # type: ignore[arg-type]
+        (
+            "recommended_granularity",
+            lambda: Device.emulated(recommended_granularity=2.0 * MiB),  # type: ignore[arg-type]
+        ),
+        (
+            "recommended_granularity",
+            lambda: Device.emulated(recommended_granularity=True),  # type: ignore[arg-type]
+        ),
+        ("capacity", lambda: Device.emulated(64.0 * MiB)),  # type: ignore[arg-type]
+        ("max_size", lambda: GrowableBuffer(max_size=2.0 * g, device=dev)),  # type: ignore[arg-type]
+        ("limit", lambda: PagePool(dev, limit=8.0 * g)),  # type: ignore[arg-type]
+        ("nbytes", lambda: dev.round_up(1.5)),  # type: ignore[arg-type]
+        ("size", lambda: PhysicalAllocation.from_fd(0, 2.0 * g, dev)),  # type: ignore[arg-type]
+    ]
+
+
+def test_float_and_bool_sizes_are_type_errors(host: Device) -> None:
+    before = _calls(host)
+    for name, call in _float_and_bool_cases(host):
+        with pytest.raises(TypeError, match=f"^{name} must be an int, got (float|bool)"):
+            call()
+    assert _calls(host) == before
+
+
+def test_emulated_granularity_must_be_a_power_of_two_and_rec_a_multiple() -> None:
+    with pytest.raises(ValueError, match="granularity must be a power of two, got 3145728"):
+        Device.emulated(granularity=3 * MiB)
+    with pytest.raises(ValueError, match="recommended_granularity must be a multiple of 2097152"):
+        Device.emulated(recommended_granularity=3 * MiB)
+    dev = Device.emulated(8 * MiB, granularity=64 << 10, recommended_granularity=2 * MiB)
+    assert (dev.granularity, dev.recommended_granularity) == (64 << 10, 2 * MiB)
+
+
+@pytest.mark.parametrize("name", [123, None, b"gpu", ["x"]])
+def test_emulated_name_must_be_a_str(name: Any) -> None:
+    with pytest.raises(TypeError, match="name must be a str, got"):
+        Device.emulated(name=name)
+    assert Device.emulated(name="mine").name == "mine"
+
+
+@pytest.mark.parametrize("spec", ["cuda:²", "²", "cuda:٣", "٣", "cuda:", "cuda:-1", "cuda:0x1"])
+def test_device_spec_accepts_only_ascii_digits(spec: str) -> None:
+    with pytest.raises(ValueError, match="N in ASCII digits, got"):
+        Device(spec)
+
+
+def test_device_spec_parses_ascii_ordinals() -> None:
+    from vmmpool._device import _parse
+
+    assert _parse("cuda:12") == ("cuda", 12)
+    assert _parse(" CUDA:3 ") == ("cuda", 3)
+    assert _parse("7") == ("cuda", 7)
+    assert _parse("host") == ("host", 0)
+
+
+class _PtrStream:
+    ptr = 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [("x", TypeError), (True, TypeError), (1.5, TypeError), (-1, ValueError), (b"0", TypeError)],
+)
+def test_synchronize_rejects_what_is_not_a_stream(host: Device, bad: Any, error: type) -> None:
+    before = _calls(host)
+    with pytest.raises(error, match="stream"):
+        host.synchronize(bad)
+    assert _calls(host) == before  # rejected before the backend
+    host.synchronize()
+    host.synchronize(0)
+    host.synchronize(_PtrStream())
+    assert _calls(host)["synchronize"] == before.get("synchronize", 0) + 3
+
+
+def test_growable_buffer_pool_must_be_a_pool(host: Device) -> None:
+    before = host.counters()
+    for bad in ("notapool", 3, object()):
+        with pytest.raises(TypeError, match=r"pool must be a vmmpool\.PagePool, got"):
+            GrowableBuffer(max_size=4 * MiB, pool=bad)  # type: ignore[arg-type]
+    assert host.counters() == before
+
+
+# --------------------------------------------------------------------- from_fd
+def _assert_rejected_fd(dev: Device, fd: int, size: int, match: str) -> None:
+    before = dev.counters()
+    with pytest.raises(ValueError, match=match):
+        PhysicalAllocation.from_fd(fd, size, dev)
+    assert dev.counters() == before  # nothing imported, no driver call
+
+
+def test_from_fd_wrong_size_rejected_before_import(host: Device) -> None:
+    g = host.granularity
+    with vmmpool.create(g, host, handle_type="posix_fd") as a:
+        fd = a.export()
+        try:
+            _assert_rejected_fd(host, fd, 2 * g, f"size must be the exported allocation's size, {g}")
+            with PhysicalAllocation.from_fd(fd, g, host) as b:  # the right size works
+                assert b.size == g and b.exportable
+        finally:
+            os.close(fd)
+
+
+def test_from_fd_rejects_regular_files_dirs_pipes_and_closed_fds(host: Device) -> None:
+    g = host.granularity
+    with tempfile.NamedTemporaryFile() as named:
+        named.truncate(g)
+        named.flush()
+        _assert_rejected_fd(host, named.fileno(), g, "a file with a name on a file system")
+    with tempfile.TemporaryFile() as anon:  # unlinked, right size, but not a memfd
+        anon.truncate(g)
+        anon.flush()
+        _assert_rejected_fd(host, anon.fileno(), g, "fd must be a memfd exported by")
+    dfd = os.open(tempfile.gettempdir(), os.O_RDONLY)
+    try:
+        _assert_rejected_fd(host, dfd, g, "a directory")
+    finally:
+        os.close(dfd)
+    r, w = os.pipe()
+    try:
+        _assert_rejected_fd(host, r, g, "a pipe")
+    finally:
+        os.close(r)
+        os.close(w)
+    closed = os.open(os.devnull, os.O_RDONLY)
+    os.close(closed)
+    _assert_rejected_fd(host, closed, g, "fd must be an open file descriptor")
+    before = host.counters()
+    with pytest.raises(ValueError, match="fd must be >= 0"):
+        PhysicalAllocation.from_fd(-1, g, host)
+    with pytest.raises(TypeError, match="fd must be an int"):
+        PhysicalAllocation.from_fd(3.0, g, host)  # type: ignore[arg-type]
+    assert host.counters() == before
+
+
+def test_from_fd_memfd_of_another_size_rejected(host: Device) -> None:
+    g = host.granularity
+    fd = os.memfd_create("not-an-export")
+    try:
+        os.ftruncate(fd, 2 * g)
+        _assert_rejected_fd(host, fd, g, f"size must be the exported allocation's size, {2 * g}")
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------- address bound
+def test_sizes_beyond_64_bits_rejected_before_any_driver_call(host: Device) -> None:
+    g = host.granularity
+    before = host.counters()
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("nbytes", lambda: vmmpool.reserve(1 << 64, host)),
+        ("alignment", lambda: vmmpool.reserve(2 * g, host, alignment=1 << 64)),
+        ("hint", lambda: vmmpool.reserve(2 * g, host, hint=1 << 64)),
+        ("hint \\+ nbytes", lambda: vmmpool.reserve(4 * g, host, hint=host.address_limit + 1 - g)),
+        ("nbytes", lambda: vmmpool.create(1 << 64, host)),
+        ("max_size", lambda: GrowableBuffer(max_size=1 << 64, device=host)),
+        ("limit", lambda: PagePool(host, limit=1 << 64)),
+        ("nbytes", lambda: host.round_up(ADDRESS_LIMIT)),
+        ("size", lambda: PhysicalAllocation.from_fd(0, 1 << 64, host)),
+        ("capacity", lambda: Device.emulated(1 << 64)),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=f"^{name} must be <= "):
+            call()
+    assert host.counters() == before
+
+
+def test_device_address_limit_bounds_every_size(
+    host: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend that can address 48 bits (Backend.address_limit is exclusive): the Python
+    # layer uses its bound, inclusive.
+    limit = (1 << 48) - 1
+    monkeypatch.setattr(
+        type(host._backend), "address_limit", property(lambda self: 1 << 48), raising=False
+    )
+    assert host.address_limit == limit == address_limit(host)
+    g = host.granularity
+    before = host.counters()
+    for call in (
+        lambda: vmmpool.reserve(1 << 48, host),
+        lambda: vmmpool.create(1 << 48, host),
+        lambda: vmmpool.reserve(2 * g, host, alignment=1 << 48),
+        lambda: ArrayView(None, host, 1 << 48, 0),
+    ):
+        with pytest.raises(ValueError, match=f"must be <= {limit}"):
+            call()
+    assert host.counters() == before
+
+
+def test_address_limit_defaults_and_check_int_bounds() -> None:
+    class NoLimit:
+        pass
+
+    class MethodLimit:
+        def address_limit(self) -> int:
+            return 1 << 40
+
+    assert address_limit(NoLimit()) == ADDRESS_LIMIT == (1 << 64) - 1
+    assert address_limit(MethodLimit()) == (1 << 40) - 1  # the backend's bound is exclusive
+    assert check_int("n", ADDRESS_LIMIT) == ADDRESS_LIMIT
+    assert check_int("n", np.uint64(ADDRESS_LIMIT)) == ADDRESS_LIMIT
+    with pytest.raises(ValueError, match="n must be <= 10"):
+        check_int("n", 11, maximum=10)
+    assert check_int("n", 1 << 70, maximum=None) == 1 << 70
+    with pytest.raises(TypeError, match="floats are not accepted"):
+        check_int("n", 2.0)

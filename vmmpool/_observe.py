@@ -1,0 +1,207 @@
+"""Observability in PyTorch's terms: summaries, allocation history, memory-viewer snapshots.
+
+Nothing here touches the driver or the pool's locks: the pool hands over plain records
+(:class:`~vmmpool.PoolStats`, :class:`~vmmpool.PageInfo`) and this module turns them into text
+and into the plain-dict snapshot format that ``torch.cuda.memory._dump_snapshot`` writes, so a
+vmmpool pool opens in PyTorch's memory viewer (https://pytorch.org/memory_viz) beside torch's own.
+
+Snapshot format (as PyTorch writes it; only plain dicts, lists, ints and strings)::
+
+    {"segments": [{"device": 0, "address": int, "total_size": int, "stream": int,
+                   "segment_type": "large" | "small", "segment_pool_id": (0, 0),
+                   "is_expandable": True, "allocated_size": int, "active_size": int,
+                   "requested_size": int, "frames": [],
+                   "blocks": [{"address": int, "size": int, "requested_size": int,
+                               "state": "active_allocated" | "inactive", "frames": []}]}],
+     "device_traces": [[{"action": "alloc" | "free_requested" | "free_completed" | ...,
+                         "addr": int, "size": int, "stream": int, "time_us": int,
+                         "frames": [{"filename": str, "line": int, "name": str}]}]],
+     "allocator_settings": {...}}
+
+vmmpool's segments are the runs of consecutively mapped pages of its address space: each page
+is mapped on its own, like the pages of PyTorch's expandable segments.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._pool import PageInfo, PoolStats
+
+__all__ = ["AllocationInfo", "History", "format_summary", "torch_snapshot"]
+
+
+@dataclass(frozen=True)
+class AllocationInfo:
+    """A live allocation, as a :meth:`~vmmpool.PagePool.snapshot` page lists it.
+
+    Attributes
+    ----------
+    address : int
+        Its pointer.
+    size : int
+        Bytes the pool holds for it (the request with its rounding).
+    requested_size : int
+        Bytes asked for.
+    stream : int
+        Stream key it was allocated on.
+    """
+
+    address: int
+    size: int
+    requested_size: int
+    stream: int
+
+
+class History:
+    """A bounded record of allocation events (``PagePool.record_history``).
+
+    Appending is one ``deque.append`` of a tuple (plus a stack walk when `stacks` is on); the
+    oldest events are dropped past `max_entries`, as in PyTorch.
+    """
+
+    def __init__(self, max_entries: int, stacks: bool) -> None:
+        self.events: collections.deque[tuple[str, int, int, int, int, list[dict[str, Any]]]] = (
+            collections.deque(maxlen=max_entries)
+        )
+        self.stacks = stacks
+
+    def record(self, action: str, addr: int, size: int, stream: int) -> None:
+        frames: list[dict[str, Any]] = []
+        if self.stacks:
+            f = sys._getframe(2)
+            while f is not None and len(frames) < 32:
+                code = f.f_code
+                frames.append({"filename": code.co_filename, "line": f.f_lineno, "name": code.co_name})
+                f = f.f_back  # type: ignore[assignment]
+        self.events.append((action, addr, size, stream, time.time_ns() // 1000, frames))
+
+    def trace(self) -> list[dict[str, Any]]:
+        return [
+            {"action": a, "addr": addr, "size": size, "stream": stream, "time_us": t, "frames": frames}
+            for a, addr, size, stream, t, frames in self.events
+        ]
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_summary(stats: PoolStats, where: str) -> str:
+    """A text table like ``torch.cuda.memory_summary()`` for a pool's statistics."""
+    s = stats
+    w = 79
+    rows: list[tuple[str, str, str]] = [
+        ("Allocated memory (requested)", _size(s.allocated_bytes), _size(s.peak_allocated_bytes)),
+        ("In use (with rounding)", _size(s.in_use_bytes), _size(s.peak_in_use_bytes)),
+        ("Reserved memory (pages held)", _size(s.reserved_bytes), _size(s.peak_reserved_bytes)),
+        ("  cached (mapped, free)", _size(s.cached_bytes), ""),
+        ("  free pages (unmapped)", _size(s.free_pages * s.page_size), ""),
+        ("Address space", _size(s.address_space_bytes), ""),
+        ("Live allocations", f"{s.live_allocations}", ""),
+        ("Cached blocks", f"{s.cached_blocks}", ""),
+    ]
+    counts = [
+        ("mallocs", s.n_malloc), ("frees", s.n_free), ("out of memory", s.n_ooms),
+        ("pages created", s.n_page_creations), ("pages released", s.n_page_releases),
+        ("remaps", s.n_remaps), ("pages reclaimed", s.n_reclaimed_pages),
+        ("synchronizes", s.n_syncs),
+    ]
+    lines = [
+        "=" * w,
+        f"|{'vmmpool PagePool memory summary':^{w - 2}}|",
+        f"|{where:^{w - 2}}|",
+        "|" + "-" * (w - 2) + "|",
+        f"| {'Metric':<36}| {'Current':>17} | {'Peak':>17} |",
+        "|" + "-" * (w - 2) + "|",
+    ]
+    lines += [f"| {name:<36}| {cur:>17} | {peak:>17} |" for name, cur, peak in rows]
+    lines.append("|" + "-" * (w - 2) + "|")
+    ratio = s.peak_reserved_bytes / s.peak_allocated_bytes if s.peak_allocated_bytes else 0.0
+    pages = f"{s.total_pages} x {_size(s.page_size)}"
+    limit = f"limit {_size(s.limit)}"
+    lines.append(f"| {'Pages held, limit':<36}| {pages:>17} | {limit:>17} |")
+    lines.append(f"| {'Peak reserved / peak allocated':<36}| {ratio:>17.3f} | {'':>17} |")
+    lines.append("|" + "-" * (w - 2) + "|")
+    for i in range(0, len(counts), 2):
+        cells = [f"{name:<16}{value:>10}" for name, value in counts[i : i + 2]]
+        lines.append("| " + " | ".join(cells).ljust(w - 4) + " |")
+    lines.append("=" * w)
+    return "\n".join(lines)
+
+
+def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[dict[str, Any]]:
+    mapped = sorted((p for p in pages if p.address is not None), key=lambda p: p.address or 0)
+    runs: list[list[PageInfo]] = []
+    for p in mapped:
+        if runs and runs[-1][-1].address + page_size == p.address:  # type: ignore[operator]
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    segments = []
+    for run in runs:
+        start = run[0].address
+        assert start is not None
+        end = start + len(run) * page_size
+        allocs: dict[int, AllocationInfo] = {}
+        for p in run:
+            for a in p.allocations:
+                allocs[a.address] = a
+        blocks: list[dict[str, Any]] = []
+        at = start
+        for a in sorted(allocs.values(), key=lambda a: a.address):
+            lo, hi = max(a.address, start), min(a.address + a.size, end)
+            if hi <= lo:
+                continue
+            if lo > at:
+                blocks.append({"address": at, "size": lo - at, "requested_size": 0, "state": "inactive",
+                               "frames": []})
+            blocks.append({"address": lo, "size": hi - lo, "requested_size": min(a.requested_size, hi - lo),
+                           "state": "active_allocated", "frames": []})
+            at = hi
+        if at < end:
+            blocks.append({"address": at, "size": end - at, "requested_size": 0, "state": "inactive",
+                           "frames": []})
+        active = sum(b["size"] for b in blocks if b["state"] == "active_allocated")
+        streams = {p.stream for p in run if p.stream is not None}
+        small = all(p.kind == "small" for p in run)
+        segments.append({
+            "device": device,
+            "address": start,
+            "total_size": end - start,
+            "stream": min(streams) if streams else 0,
+            "segment_type": "small" if small else "large",
+            "segment_pool_id": (0, 0),
+            "is_expandable": True,
+            "allocated_size": active,
+            "active_size": active,
+            "requested_size": sum(b["requested_size"] for b in blocks),
+            "frames": [],
+            "blocks": blocks,
+        })
+    return segments
+
+
+def torch_snapshot(
+    pages: Iterable[PageInfo],
+    page_size: int,
+    history: History | None,
+    device: int = 0,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a PyTorch memory snapshot (plain dicts) from a pool's page records and history."""
+    pages = list(pages)
+    return {
+        "segments": _segments(pages, page_size, device),
+        "device_traces": [[] for _ in range(device)] + [history.trace() if history is not None else []],
+        "allocator_settings": dict(settings or {}),
+    }

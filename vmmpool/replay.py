@@ -1,0 +1,1262 @@
+"""Trace replay: run a recorded allocation trace through a :class:`PagePool`.
+
+Two trace formats are read:
+
+* PyTorch memory snapshots (``torch.cuda.memory._dump_snapshot`` pickles).
+  torch is not needed: a snapshot is a pickled plain ``dict``, and it is
+  loaded through an unpickler that refuses every class, so a file that
+  references one (which could run code) is refused with an error naming it.
+* RMM ``logging_resource_adaptor`` CSV logs
+  (``Thread,Time,Action,Pointer,Size,Stream``).
+
+How a snapshot becomes a list of events
+---------------------------------------
+``device_traces[d]`` holds the events recorded after recording started.
+``alloc`` events allocate their ``size`` (the requested bytes), frees happen
+at ``free_requested`` (``free_completed`` is ignored: it only says when the
+caching allocator could reuse the block). Blocks that were already live when
+recording started appear only in ``segments``: the *prelude* allocates them
+first, in address order, with their ``requested_size``. They are the
+``active_allocated`` blocks of the final state that no traced ``alloc``
+accounts for, plus the blocks the trace frees without having allocated them
+(their address must lie in a segment that existed when recording started;
+any other free of an unknown address is a :class:`TraceError`).
+
+The recorded run's own peak reserved bytes come from the segment events:
+the reserved bytes at the start are the final segments' ``total_size`` sum
+minus the net change of ``segment_alloc``/``segment_map`` (added) and
+``segment_free``/``segment_unmap`` (subtracted) events; the peak is the
+largest running sum over the trace. Its peak allocated bytes are the largest
+sum of live blocks with each request rounded up to 512 bytes (PyTorch's
+rounding), prelude blocks counted at their block size.
+
+Replay
+------
+:func:`replay` runs the events through a fresh :class:`PagePool` (by default
+on a fresh host-emulated device sized to the trace: memfd pages are not
+committed unless touched, and the replay never touches the memory) and
+returns a :class:`ReplayResult`. :func:`min_limit` searches, over whole
+pages, the smallest pool limit at which the replay completes.
+:func:`peer_replays` (a GPU only) replays the same trace through PyTorch's
+caching allocator and CuPy's ``MemoryPool``, each in its own subprocess.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._device import Device
+from ._errors import OutOfMemoryError
+from ._options import check_int
+
+__all__ = [
+    "COLUMNS",
+    "MinLimit",
+    "PEERS",
+    "PeerResult",
+    "ReplayResult",
+    "Timeline",
+    "Trace",
+    "TraceError",
+    "load",
+    "load_csv",
+    "load_snapshot",
+    "emulated_capacity",
+    "parse_peer_output",
+    "peer_command",
+    "snapshot_to_trace",
+    "min_limit",
+    "format_table",
+    "peer_replays",
+    "record",
+    "replay",
+    "timeline",
+]
+
+_GIB = 1 << 30
+#: PyTorch's rounding of every request (for the recorded peak allocated).
+_TORCH_ROUND = 512
+_CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
+_PEER_MARK = "VMMPOOL-PEER-RESULT "
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read: the message names file and position."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace, ready to replay.
+
+    Attributes
+    ----------
+    name : str
+        The file name (or a given name).
+    events : tuple of (bool, int, int, int)
+        ``(is_free, slot, nbytes, stream)`` in replay order, prelude first.
+        ``slot`` numbers the allocation (``0 .. n_slots - 1``); a free names
+        the slot of the allocation it frees (its ``nbytes`` is that size).
+    n_slots : int
+        Allocations in the trace (prelude included).
+    n_prelude : int
+        Allocations of blocks live before recording started.
+    streams : tuple of int
+        The distinct stream handles, in order of first use.
+    recorded_peak_reserved : int or None
+        The recorded run's peak reserved bytes (segment events), when known.
+    recorded_peak_allocated : int or None
+        The recorded run's peak allocated bytes (512-byte rounded), when known.
+    source : str
+        ``"pytorch-snapshot"`` or ``"rmm-csv"``.
+    n_failed : int
+        Allocations the recorded run reported as failed (skipped).
+    """
+
+    name: str
+    events: tuple[tuple[bool, int, int, int], ...]
+    n_slots: int
+    n_prelude: int
+    streams: tuple[int, ...]
+    recorded_peak_reserved: int | None = None
+    recorded_peak_allocated: int | None = None
+    source: str = "pytorch-snapshot"
+    n_failed: int = 0
+    #: The recorded run's reserved bytes over the replay: ``(event index, bytes)`` at the start
+    #: and after each segment event (PyTorch snapshots only; empty otherwise).
+    recorded_reserved: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def peak_live(self) -> int:
+        """Largest sum of live requested bytes over the trace."""
+        live = peak = 0
+        for is_free, _slot, n, _s in self.events:
+            if is_free:
+                live -= n
+            else:
+                live += n
+                if live > peak:
+                    peak = live
+        return peak
+
+    @property
+    def final_live(self) -> int:
+        """Requested bytes still live after the last event."""
+        return sum(-n if f else n for f, _sl, n, _s in self.events)
+
+
+# ------------------------------------------------------------------ readers
+class _Refused(pickle.UnpicklingError):
+    """A class reference met while loading (never resolved)."""
+
+
+class _NoClasses(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}")
+
+
+class _Builder:
+    """Turns alloc/free by address into slot events (shared by both readers)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list[tuple[bool, int, int, int]] = []
+        self.live: dict[int, tuple[int, int, int]] = {}  # addr -> (slot, size, stream)
+        self.n_slots = 0
+        self.streams: dict[int, None] = {}
+
+    def alloc(self, addr: int, size: int, stream: int, where: str) -> None:
+        if addr in self.live:
+            raise TraceError(f"{self.name}: {where}: allocation at {addr:#x}, which is already live")
+        slot = self.n_slots
+        self.n_slots += 1
+        self.live[addr] = (slot, size, stream)
+        self.streams.setdefault(stream, None)
+        self.events.append((False, slot, size, stream))
+
+    def free(self, addr: int, where: str) -> None:
+        got = self.live.pop(addr, None)
+        if got is None:
+            raise TraceError(f"{self.name}: {where}: free of unknown address {addr:#x}")
+        slot, size, stream = got
+        self.events.append((True, slot, size, stream))
+
+
+def _int(value: object, name: str, what: str, where: str) -> int:
+    if type(value) is not int or value < 0:
+        raise TraceError(f"{name}: {where}: {what} must be an int >= 0, got {value!r}")
+    return value
+
+
+def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Trace:
+    """Read a PyTorch memory snapshot pickle.
+
+    Parameters
+    ----------
+    path : path-like
+        A file written by ``torch.cuda.memory._dump_snapshot``.
+    device : int, optional
+        Which CUDA device's trace to read; default: the first with events.
+
+    Returns
+    -------
+    Trace
+
+    Raises
+    ------
+    TraceError
+        The file references a class (refused, never loaded), is truncated or
+        malformed; the message names the file and the event index.
+    """
+    p = Path(path)
+    name = p.name
+    try:
+        fh = open(p, "rb")  # closed by the with below; its position goes in the errors
+    except OSError as e:
+        raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            data = _NoClasses(fh).load()
+        except _Refused as e:
+            raise TraceError(
+                f"{name}: refused at byte {fh.tell()}: the pickle references the class {e}; "
+                f"only plain dicts, lists and scalars are loaded (a class could run code)"
+            ) from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, MemoryError) as e:
+            what = "truncated" if fh.tell() >= size else "malformed"
+            raise TraceError(
+                f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
+                f"({type(e).__name__}: {e})"
+            ) from None
+    return snapshot_to_trace(data, name, device)
+
+
+def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None = None) -> Trace:
+    """Build a :class:`Trace` from an already loaded snapshot ``dict``.
+
+    See :func:`load_snapshot`; `name` is used in error messages.
+    """
+    if not isinstance(data, dict) or "device_traces" not in data or "segments" not in data:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise TraceError(
+            f"{name}: not a PyTorch memory snapshot: expected a dict with keys "
+            f"'segments' and 'device_traces', got {got}"
+        )
+    traces = data["device_traces"]
+    segments = data["segments"]
+    if not isinstance(traces, list) or not isinstance(segments, list):
+        raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
+    if device is None:
+        device = next((i for i, t in enumerate(traces) if t), 0)
+    if not 0 <= device < max(len(traces), 1):
+        raise TraceError(f"{name}: device {device} not in the trace (0..{len(traces) - 1})")
+    events = traces[device] if traces else []
+    if not isinstance(events, list):
+        raise TraceError(f"{name}: device_traces[{device}] must be a list")
+
+    # Final segments and their blocks.
+    final_segs: dict[int, int] = {}
+    final_active: dict[int, tuple[int, int, int]] = {}  # addr -> (requested, size, stream)
+    for i, seg in enumerate(segments):
+        where = f"segment {i}"
+        if not isinstance(seg, dict):
+            raise TraceError(f"{name}: {where}: expected a dict, got {type(seg).__name__}")
+        if seg.get("device", device) != device:
+            continue
+        try:
+            addr = _int(seg["address"], name, "address", where)
+            final_segs[addr] = _int(seg["total_size"], name, "total_size", where)
+            sstream = _int(seg.get("stream", 0), name, "stream", where)
+            for j, b in enumerate(seg.get("blocks", ())):
+                if b.get("state") == "active_allocated":
+                    w = f"{where} block {j}"
+                    size = _int(b["size"], name, "size", w)
+                    req = _int(b.get("requested_size", size), name, "requested_size", w)
+                    final_active[_int(b["address"], name, "address", w)] = (req, size, sstream)
+        except (KeyError, AttributeError, TypeError) as e:
+            raise TraceError(f"{name}: {where}: malformed segment ({type(e).__name__}: {e})") from None
+
+    # Pass 1: parse the events; find segments that existed at the start.
+    parsed: list[tuple[int, int, int, int, int]] = []  # (kind, addr, size, stream, index)
+    seg_seen_alloc: set[int] = set()
+    start_segs: dict[int, int] = {}
+    net_seg = 0
+    kinds = {"alloc": 0, "free_requested": 1, "segment_alloc": 2, "segment_map": 2,
+             "segment_free": 3, "segment_unmap": 3}
+    for i, ev in enumerate(events):
+        where = f"event {i}"
+        if not isinstance(ev, dict):
+            raise TraceError(f"{name}: {where}: expected a dict, got {type(ev).__name__}")
+        action = ev.get("action")
+        if not isinstance(action, str):
+            raise TraceError(f"{name}: {where}: no 'action' string, got {action!r}")
+        kind = kinds.get(action)
+        if kind is None:
+            continue  # free_completed, oom, snapshot: nothing to replay
+        try:
+            addr = _int(ev["addr"], name, "addr", where)
+            size = _int(ev["size"], name, "size", where)
+            stream = _int(ev.get("stream", 0), name, "stream", where)
+        except KeyError as e:
+            raise TraceError(f"{name}: {where}: {action} event without {e}") from None
+        if kind == 2:
+            seg_seen_alloc.add(addr)
+            net_seg += size
+        elif kind == 3:
+            if addr not in seg_seen_alloc:
+                start_segs[addr] = size
+            net_seg -= size
+        parsed.append((kind, addr, size, stream, i))
+    for addr, size in final_segs.items():
+        if addr not in seg_seen_alloc:
+            start_segs.setdefault(addr, size)
+    seg_starts = sorted(start_segs)
+
+    def in_start_segment(addr: int) -> bool:
+        k = bisect.bisect_right(seg_starts, addr) - 1
+        return k >= 0 and addr < seg_starts[k] + start_segs[seg_starts[k]]
+
+    # Pass 2: which blocks were live at the start.
+    live: dict[int, int] = {}
+    early: list[tuple[int, int, int]] = []  # (addr, size, stream) freed before any alloc
+    early_addrs: set[int] = set()
+    for kind, addr, size, stream, i in parsed:
+        if kind == 0:
+            if addr in live:
+                raise TraceError(f"{name}: event {i}: alloc at {addr:#x}, which is already live")
+            live[addr] = size
+        elif kind == 1:
+            if addr in live:
+                del live[addr]
+            elif addr not in early_addrs and in_start_segment(addr):
+                early.append((addr, size, stream))
+                early_addrs.add(addr)
+            else:
+                raise TraceError(
+                    f"{name}: event {i}: free_requested of unknown address {addr:#x} "
+                    f"(neither allocated in the trace nor in a segment live at the start)"
+                )
+    prelude: dict[int, tuple[int, int, int]] = {a: (s, s, st) for a, s, st in early}
+    for addr, blk in final_active.items():
+        if addr not in live and addr not in prelude:
+            prelude[addr] = blk
+
+    # Build the events: prelude first, in address order.
+    b = _Builder(name)
+    for addr in sorted(prelude):
+        req, _size, st = prelude[addr]
+        b.alloc(addr, req, st, f"prelude block {addr:#x}")
+    n_prelude = b.n_slots
+    reserved = sum(final_segs.values()) - net_seg
+    peak_reserved = reserved
+    reserved_series = [(len(b.events), reserved)]
+    rounded = {a: s for a, (_r, s, _st) in prelude.items()}
+    allocated = sum(rounded.values())
+    peak_alloc = allocated
+    for kind, addr, size, stream, i in parsed:
+        where = f"event {i}"
+        if kind == 0:
+            b.alloc(addr, size, stream, where)
+            r = -(-size // _TORCH_ROUND) * _TORCH_ROUND
+            rounded[addr] = r
+            allocated += r
+            if allocated > peak_alloc:
+                peak_alloc = allocated
+        elif kind == 1:
+            b.free(addr, where)
+            allocated -= rounded.pop(addr)
+        elif kind == 2:
+            reserved += size
+            if reserved > peak_reserved:
+                peak_reserved = reserved
+            reserved_series.append((len(b.events), reserved))
+        else:
+            reserved -= size
+            reserved_series.append((len(b.events), reserved))
+    return Trace(
+        name=name,
+        events=tuple(b.events),
+        n_slots=b.n_slots,
+        n_prelude=n_prelude,
+        streams=tuple(b.streams),
+        recorded_peak_reserved=peak_reserved if (final_segs or parsed) else None,
+        recorded_peak_allocated=peak_alloc,
+        source="pytorch-snapshot",
+        recorded_reserved=tuple(reserved_series) if (final_segs or parsed) else (),
+    )
+
+
+def _parse_hex_or_int(text: str) -> int:
+    t = text.strip()
+    return int(t, 16) if t.lower().startswith("0x") else int(t)
+
+
+def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
+    """Read an RMM ``logging_resource_adaptor`` CSV log.
+
+    Parameters
+    ----------
+    path : path-like
+        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Actions are
+        ``allocate``, ``free`` and ``allocate failure`` (skipped, counted in
+        :attr:`Trace.n_failed`).
+    text : str, optional
+        The file's contents, when already read (`path` then only names it).
+
+    Returns
+    -------
+    Trace
+        No prelude and no recorded peaks (the log holds neither).
+
+    Raises
+    ------
+    TraceError
+        Bad header, a short or malformed line, a free of an unknown address;
+        the message names the file and the line.
+    """
+    p = Path(path)
+    name = p.name
+    if text is None:
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{name}: not a text file ({e})") from None
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, None)
+    if header is None or tuple(h.strip() for h in header[:6]) != _CSV_HEADER:
+        raise TraceError(
+            f"{name}: line 1: expected the header {','.join(_CSV_HEADER)}, got "
+            f"{','.join(header) if header else 'an empty file'}"
+        )
+    b = _Builder(name)
+    failed = 0
+    for row in rows:
+        line = rows.line_num
+        where = f"line {line}"
+        if not row:
+            continue
+        if len(row) < 6:
+            raise TraceError(f"{name}: {where}: expected 6 fields, got {len(row)} (truncated?)")
+        action = row[2].strip().lower()
+        try:
+            addr = _parse_hex_or_int(row[3])
+            size = int(row[4].strip())
+            stream = _parse_hex_or_int(row[5])
+        except ValueError:
+            raise TraceError(
+                f"{name}: {where}: expected a pointer, a size and a stream, got {row[3:6]}"
+            ) from None
+        if size < 0 or addr < 0 or stream < 0:
+            raise TraceError(f"{name}: {where}: negative pointer, size or stream in {row[3:6]}")
+        if action == "allocate":
+            b.alloc(addr, size, stream, where)
+        elif action == "free":
+            b.free(addr, where)
+        elif action == "allocate failure":
+            failed += 1
+        else:
+            raise TraceError(
+                f"{name}: {where}: unknown action {row[2]!r} (expected allocate, free or "
+                f"allocate failure)"
+            )
+    return Trace(
+        name=name,
+        events=tuple(b.events),
+        n_slots=b.n_slots,
+        n_prelude=0,
+        streams=tuple(b.streams),
+        source="rmm-csv",
+        n_failed=failed,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Trace:
+    """Read a trace, choosing the reader by content (CSV header or pickle).
+
+    Raises
+    ------
+    TraceError
+        Unreadable, unknown format, or malformed (see the readers).
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
+    if head.lstrip().startswith(b"Thread"):
+        return load_csv(p)
+    if head[:1] == b"\x80" or p.suffix in (".pickle", ".pkl"):
+        return load_snapshot(p)
+    raise TraceError(
+        f"{p.name}: unknown format: expected a PyTorch snapshot pickle or an RMM CSV log "
+        f"starting with {','.join(_CSV_HEADER)}"
+    )
+
+
+# ------------------------------------------------------------------- replay
+@dataclass
+class ReplayResult:
+    """What one replay through a :class:`PagePool` measured.
+
+    Attributes
+    ----------
+    trace : str
+        The trace's name.
+    completed : bool
+        Every event ran; False when the pool raised out-of-memory.
+    failed_event : int or None
+        Index of the event that failed (into :attr:`Trace.events`).
+    error : str or None
+        The out-of-memory message.
+    events : int
+        Events run (allocations and frees, prelude included).
+    n_prelude : int
+        Prelude allocations.
+    streams : int
+        Distinct streams (each its own pool stream key).
+    limit : int
+        The pool's limit in bytes.
+    page_size : int
+        Bytes per page.
+    peak_live : int
+        Largest sum of live requested bytes.
+    peak_in_use : int
+        Largest bytes in use with the pool's rounding (``peak_in_use_bytes``).
+    peak_held : int
+        Largest bytes of pages the pool held (``peak_reserved_bytes``).
+    page_creations, remaps, syncs, backend_calls : int
+        Pages created, cached pages unmapped for reuse, device-wide
+        synchronizes, and backend calls of every kind during the replay.
+    wall_s : float
+        Seconds the replay loop took.
+    recorded_peak_reserved, recorded_peak_allocated : int or None
+        The recorded run's figures (see :func:`load_snapshot`).
+    """
+
+    trace: str
+    completed: bool
+    failed_event: int | None
+    error: str | None
+    events: int
+    n_prelude: int
+    streams: int
+    limit: int
+    page_size: int
+    peak_live: int
+    peak_in_use: int
+    peak_held: int
+    page_creations: int
+    remaps: int
+    syncs: int
+    backend_calls: int
+    wall_s: float
+    recorded_peak_reserved: int | None = None
+    recorded_peak_allocated: int | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def in_use_ratio(self) -> float:
+        """``peak_in_use / peak_live``."""
+        return self.peak_in_use / self.peak_live if self.peak_live else float("nan")
+
+    @property
+    def held_ratio(self) -> float:
+        """``peak_held / peak_live``."""
+        return self.peak_held / self.peak_live if self.peak_live else float("nan")
+
+    @property
+    def us_per_event(self) -> float:
+        """Microseconds of wall time per event run."""
+        return 1e6 * self.wall_s / self.events if self.events else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (ratios and time per event included)."""
+        d = asdict(self)
+        d["in_use_ratio"] = self.in_use_ratio
+        d["held_ratio"] = self.held_ratio
+        d["us_per_event"] = self.us_per_event
+        return d
+
+
+def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:
+    return trace if isinstance(trace, Trace) else load(trace)
+
+
+def emulated_capacity(trace: Trace, page_size: int = 2 << 20) -> int:
+    """Capacity of the host-emulated device :func:`replay` makes for `trace`.
+
+    Twice the trace's peak live bytes plus 1 GiB, in whole GiB: room for any
+    reasonable pool overhead (memfd pages are committed only when touched).
+    """
+    want = 2 * trace.peak_live + _GIB
+    gib = -(-want // _GIB) * _GIB
+    return -(-gib // page_size) * page_size
+
+
+def replay(
+    trace: Trace | str | os.PathLike[str],
+    device: Device | str | int | None = None,
+    limit: int | None = None,
+    *,
+    page_size: int | None = None,
+    small_threshold: int | None = None,
+    capacity: int | None = None,
+) -> ReplayResult:
+    """Replay `trace` through a fresh :class:`PagePool`.
+
+    Parameters
+    ----------
+    trace : Trace or path-like
+        A trace, or a file for :func:`load`.
+    device : Device-like, optional
+        Where the pool lives. Default: a fresh host-emulated device of
+        `capacity` bytes (:func:`emulated_capacity` when omitted).
+    limit : int, optional
+        The pool's limit in bytes (default: the device's memory).
+    page_size, small_threshold : int, optional
+        Passed to :class:`PagePool`.
+    capacity : int, optional
+        Capacity of the emulated device (only when `device` is None).
+
+    Returns
+    -------
+    ReplayResult
+        ``completed`` is False when the pool ran out of memory; everything
+        allocated is freed and the pool closed either way. The memory is
+        never read or written.
+    """
+    from ._pool import PagePool
+
+    tr = _as_trace(trace)
+    if device is None:
+        dev = Device.emulated(emulated_capacity(tr) if capacity is None else capacity)
+    else:
+        if capacity is not None:
+            raise ValueError("capacity applies only to the default emulated device (device=None)")
+        dev = Device(device)
+    before = dev.counters()
+    pool = PagePool(dev, limit=limit, page_size=page_size, small_threshold=small_threshold)
+    handles: list[Any] = [None] * tr.n_slots
+    failed: int | None = None
+    error: str | None = None
+    malloc = pool.malloc
+    i = 0
+    t0 = time.perf_counter()
+    try:
+        for i, (is_free, slot, nbytes, stream) in enumerate(tr.events):  # noqa: B007
+            if is_free:
+                handles[slot].free()
+                handles[slot] = None
+            else:
+                handles[slot] = malloc(nbytes, stream)
+        i = len(tr.events)
+    except OutOfMemoryError as e:
+        failed = i
+        error = str(e)
+    except BaseException:
+        # Anything else (an OS resource of the emulator, an interrupt): give
+        # everything back, then let it through.
+        _close_quietly(pool, handles)
+        raise
+    wall = time.perf_counter() - t0
+    try:
+        for h in handles:
+            if h is not None:
+                h.free()
+        handles.clear()
+        st = pool.stats()
+    finally:
+        pool.close()
+    calls = dev.counters() - before
+    return ReplayResult(
+        trace=tr.name,
+        completed=failed is None,
+        failed_event=failed,
+        error=error,
+        events=i,
+        n_prelude=tr.n_prelude,
+        streams=len(tr.streams),
+        limit=st.limit,
+        page_size=st.page_size,
+        peak_live=st.peak_allocated_bytes,
+        peak_in_use=st.peak_in_use_bytes,
+        peak_held=st.peak_reserved_bytes,
+        page_creations=st.n_page_creations,
+        remaps=st.n_remaps,
+        syncs=st.n_syncs,
+        backend_calls=sum(calls.values()),
+        wall_s=wall,
+        recorded_peak_reserved=tr.recorded_peak_reserved,
+        recorded_peak_allocated=tr.recorded_peak_allocated,
+        calls=calls,
+    )
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Memory over a replay, sampled: what :func:`timeline` returns.
+
+    Attributes
+    ----------
+    trace : str
+    events : list of int
+        Event index of each sample.
+    allocated : list of int
+        Live requested bytes at each sample.
+    reserved : list of int
+        Bytes of pages the pool held at each sample.
+    recorded_reserved : list of (int, int)
+        The recorded run's reserved bytes, ``(event index, bytes)`` (PyTorch snapshots).
+    completed : bool
+        False when the pool ran out of memory (the series stop there).
+    """
+
+    trace: str
+    events: list[int]
+    allocated: list[int]
+    reserved: list[int]
+    recorded_reserved: list[tuple[int, int]]
+    completed: bool
+
+    def series(self) -> dict[str, tuple[list[int], list[int]]]:
+        """The series for :func:`vmmpool.plot.memory_timeline`."""
+        out = {
+            "allocated (live requested bytes)": (self.events, self.allocated),
+            "reserved: vmmpool pages held": (self.events, self.reserved),
+        }
+        if self.recorded_reserved:
+            xs = [x for x, _ in self.recorded_reserved] + [self.events[-1] if self.events else 0]
+            ys = [y for _, y in self.recorded_reserved] + [self.recorded_reserved[-1][1]]
+            out["reserved: PyTorch, recorded run"] = (xs, ys)
+        return out
+
+
+def timeline(
+    trace: Trace | str | os.PathLike[str],
+    device: Device | str | int | None = None,
+    limit: int | None = None,
+    *,
+    samples: int = 400,
+    **pool_options: Any,
+) -> Timeline:
+    """Replay `trace` like :func:`replay` and sample allocated and reserved bytes.
+
+    Parameters
+    ----------
+    trace, device, limit
+        As for :func:`replay`.
+    samples : int
+        About how many samples to take, at evenly spaced events (for plots: a peak between
+        two samples is not shown; the figures of :func:`replay` are exact).
+
+    Returns
+    -------
+    Timeline
+    **pool_options
+        ``page_size``, ``small_threshold`` for :class:`PagePool`.
+    """
+    from ._pool import PagePool
+
+    tr = _as_trace(trace)
+    n = check_int("samples", samples, minimum=1)
+    dev = Device.emulated(emulated_capacity(tr)) if device is None else Device(device)
+    pool = PagePool(dev, limit=limit, **pool_options)
+    handles: list[Any] = [None] * tr.n_slots
+    every = max(1, len(tr.events) // n)
+    xs: list[int] = []
+    live_s: list[int] = []
+    held_s: list[int] = []
+    live = 0
+    completed = True
+    try:
+        for i, (is_free, slot, nbytes, stream) in enumerate(tr.events):
+            if is_free:
+                handles[slot].free()
+                handles[slot] = None
+                live -= nbytes
+            else:
+                try:
+                    handles[slot] = pool.malloc(nbytes, stream)
+                except OutOfMemoryError:
+                    completed = False
+                    break
+                live += nbytes
+            if i % every == 0 or i == len(tr.events) - 1:
+                xs.append(i)
+                live_s.append(live)
+                held_s.append(pool.stats().reserved_bytes)
+    finally:
+        _close_quietly(pool, handles)
+    return Timeline(tr.name, xs, live_s, held_s, list(tr.recorded_reserved), completed)
+
+
+def _close_quietly(pool: Any, handles: list[Any]) -> None:
+    try:
+        for h in handles:
+            if h is not None:
+                h.free()
+    except Exception:  # noqa: BLE001 - close() below releases everything anyway
+        pass
+    handles.clear()
+    pool.close()
+
+
+@dataclass
+class MinLimit:
+    """Result of :func:`min_limit`.
+
+    Attributes
+    ----------
+    pages : int
+        Smallest page count at which the replay completes.
+    limit : int
+        ``pages * page_size`` bytes.
+    ratio : float
+        ``limit / peak_live``.
+    probes : list of (int, bool)
+        Page counts tried and whether each completed, in order.
+    result : ReplayResult
+        The completing replay at `pages`.
+    wall_s : float
+        Seconds the search took.
+    """
+
+    pages: int
+    limit: int
+    ratio: float
+    probes: list[tuple[int, bool]]
+    result: ReplayResult
+    wall_s: float
+
+
+def min_limit(
+    trace: Trace | str | os.PathLike[str],
+    device: Device | str | int | None = None,
+    *,
+    default: ReplayResult | None = None,
+    page_size: int | None = None,
+    small_threshold: int | None = None,
+    capacity: int | None = None,
+) -> MinLimit:
+    """Smallest pool limit, in whole pages, at which `trace` completes.
+
+    The search runs between a lower bound, the default run's peak in-use
+    bytes in pages (at least the peak live bytes in pages: the pool's
+    rounding of a request does not depend on the limit, and pages holding
+    live data cover every byte in use), and the default run's peak pages held
+    (`default`, replayed when not given): an exponential search upward from
+    the lower bound, then bisection, each probe a fresh pool (see
+    :func:`replay` for the other parameters). Completing is assumed to be
+    monotonic in the limit.
+
+    Returns
+    -------
+    MinLimit
+
+    Raises
+    ------
+    OutOfMemoryError
+        The trace does not complete even with the default limit.
+    """
+    tr = _as_trace(trace)
+    t0 = time.perf_counter()
+    kw: dict[str, Any] = dict(page_size=page_size, small_threshold=small_threshold)
+    if device is None:
+        kw["capacity"] = emulated_capacity(tr) if capacity is None else capacity
+    if default is None:
+        default = replay(tr, device, **kw)
+    if not default.completed:
+        raise OutOfMemoryError(
+            0, 0, default.limit,
+            message=f"{tr.name}: the replay does not complete even at the default limit "
+            f"({default.limit} bytes): {default.error}",
+        )
+    P = default.page_size
+    lo = max(1, -(-default.peak_live // P), -(-default.peak_in_use // P))
+    hi = max(lo, -(-default.peak_held // P))
+    probes: list[tuple[int, bool]] = []
+    results: dict[int, ReplayResult] = {}
+
+    def ok(n: int) -> bool:
+        r = replay(tr, device, n * P, **kw)
+        probes.append((n, r.completed))
+        if r.completed:
+            results[n] = r
+        return r.completed
+
+    # hi must complete (the default run never held more); check, grow if not.
+    if not ok(hi):
+        cap = default.limit // P
+        while not ok(hi):
+            if hi >= cap:
+                raise OutOfMemoryError(0, 0, hi * P, message=f"{tr.name}: no limit completes")
+            hi = min(cap, 2 * hi)
+    # Exponential search up from lo, then bisection: (bad, good].
+    bad = lo - 1
+    step = 1
+    n = lo
+    while n < hi:
+        if ok(n):
+            hi = n
+            break
+        bad = n
+        n = lo + step
+        step *= 2
+    while hi - bad > 1:
+        mid = (bad + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            bad = mid
+    res = results[hi]
+    return MinLimit(
+        pages=hi,
+        limit=hi * P,
+        ratio=hi * P / default.peak_live if default.peak_live else float("nan"),
+        probes=probes,
+        result=res,
+        wall_s=time.perf_counter() - t0,
+    )
+
+
+# -------------------------------------------------------------- reporting
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / _GIB:.2f}"
+
+
+def _ratio(n: int | None, d: int) -> str:
+    return "-" if n is None or not d else f"{n / d:.4f}"
+
+
+def record(
+    trace: Trace,
+    result: ReplayResult,
+    minimum: MinLimit | None = None,
+    peers: Sequence[PeerResult] = (),
+) -> dict[str, Any]:
+    """One trace's figures as a JSON-ready dict (what the CLI and benchmark write)."""
+    return {
+        "trace": trace.name,
+        "source": trace.source,
+        "events": len(trace.events),
+        "prelude": trace.n_prelude,
+        "streams": len(trace.streams),
+        "peak_live": trace.peak_live,
+        "recorded_peak_reserved": trace.recorded_peak_reserved,
+        "recorded_peak_allocated": trace.recorded_peak_allocated,
+        "vmmpool": result.to_dict(),
+        "min_limit": None if minimum is None else {
+            "pages": minimum.pages, "bytes": minimum.limit, "ratio": minimum.ratio,
+            "probes": minimum.probes, "wall_s": minimum.wall_s,
+        },
+        "peers": [asdict(p) for p in peers],
+    }
+
+
+#: Columns of :func:`format_table`, with what each means.
+COLUMNS = (
+    ("trace", "trace file"),
+    ("events", "allocations and frees replayed, prelude included"),
+    ("streams", "distinct streams (each its own pool stream key)"),
+    ("live GiB", "peak live: largest sum of requested bytes"),
+    ("in use/live", "peak in use (with the pool's rounding) / peak live"),
+    ("held/live", "peak pages held by the pool, default limit / peak live"),
+    ("min/live", "smallest limit (whole pages) that completes / peak live"),
+    ("pages+", "pages created"),
+    ("remaps", "cached pages unmapped and mapped elsewhere"),
+    ("syncs", "device-wide synchronizes"),
+    ("calls", "backend (driver) calls"),
+    ("wall s", "seconds of the default replay"),
+    ("us/ev", "microseconds per event"),
+    ("torch res/alloc", "recorded PyTorch run: peak reserved / peak allocated"),
+)
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`record` dicts (peer rows under each trace)."""
+    head = [c for c, _ in COLUMNS]
+    rows: list[list[str]] = []
+    skipped: dict[str, dict[str, None]] = {}
+    for r in records:
+        v = r["vmmpool"]
+        live = r["peak_live"]
+        mn = r["min_limit"]
+        done = v["completed"]
+        rows.append([
+            r["trace"],
+            f"{r['events']:,}" if done else f"{v['events']:,}/{r['events']:,} (out of memory)",
+            str(r["streams"]),
+            _gib(live),
+            _ratio(v["peak_in_use"], live),
+            _ratio(v["peak_held"], live),
+            "-" if mn is None else _ratio(mn["bytes"], live),
+            f"{v['page_creations']:,}",
+            f"{v['remaps']:,}",
+            f"{v['syncs']:,}",
+            f"{v['backend_calls']:,}",
+            f"{v['wall_s']:.2f}",
+            f"{v['us_per_event']:.1f}",
+            "-" if r["recorded_peak_reserved"] is None else
+            f"{_gib(r['recorded_peak_reserved'])}/{_gib(r['recorded_peak_allocated'])} GiB"
+            f" = {_ratio(r['recorded_peak_reserved'], r['recorded_peak_allocated'] or 0)}",
+        ])
+        for p in r["peers"]:
+            if p["skipped"]:
+                skipped.setdefault(p["skipped"], {})[p["peer"]] = None
+                continue
+            rows.append([
+                f"  {p['peer']}", "completed" if p["completed"] else "out of memory", "", "",
+                _ratio(p["peak_allocated"], live), _ratio(p["peak_reserved"], live),
+                _ratio(p["min_limit"], live), "", "", "", "",
+                "-" if p["wall_s"] is None else f"{p['wall_s']:.2f}", "", "",
+            ])
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for why, names in skipped.items():
+        lines.append(f"peer allocators ({', '.join(names)}) skipped: {why}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- peers
+#: The peer allocators :func:`peer_replays` runs, by name.
+PEERS = ("torch", "torch-expandable", "cupy")
+
+
+@dataclass
+class PeerResult:
+    """One peer allocator's replay (run on a GPU, in a subprocess).
+
+    Attributes
+    ----------
+    peer : str
+        ``torch``, ``torch-expandable`` or ``cupy``.
+    completed : bool or None
+        None when it could not run (see `skipped`).
+    peak_reserved, peak_allocated : int or None
+        The allocator's own peak reserved / allocated bytes.
+    min_limit : int or None
+        Smallest completing limit in bytes (2 MiB steps), when searched.
+    wall_s : float or None
+        Seconds of the default replay.
+    skipped : str or None
+        Why the peer did not run.
+    """
+
+    peer: str
+    completed: bool | None = None
+    peak_reserved: int | None = None
+    peak_allocated: int | None = None
+    min_limit: int | None = None
+    wall_s: float | None = None
+    skipped: str | None = None
+
+
+def peer_command(
+    peer: str, trace_path: str | os.PathLike[str], limit: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The subprocess command line and environment that replay through `peer`.
+
+    Returns
+    -------
+    (argv, env)
+        ``env`` is the current environment with ``PYTORCH_CUDA_ALLOC_CONF``
+        set (``expandable_segments:True`` for ``torch-expandable``, removed
+        otherwise).
+    """
+    if peer not in PEERS:
+        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {peer!r}")
+    argv = [sys.executable, "-m", "vmmpool.replay", "--peer", peer, os.fspath(trace_path)]
+    if limit is not None:
+        argv += ["--limit", str(int(limit))]
+    env = dict(os.environ)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if peer == "torch-expandable":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return argv, env
+
+
+def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, Any]:
+    """Read the result line a peer subprocess printed.
+
+    Raises
+    ------
+    RuntimeError
+        No result line (the subprocess crashed): the message quotes its tail.
+    """
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(_PEER_MARK):
+            out = json.loads(line[len(_PEER_MARK):])
+            if not isinstance(out, dict) or "completed" not in out:
+                raise RuntimeError(f"{peer}: malformed result line {line!r}")
+            return out
+    tail = stdout.strip().splitlines()[-3:]
+    raise RuntimeError(f"{peer}: subprocess exited {returncode} without a result: {tail}")
+
+
+def _peer_run(peer: str, path: str, limit: int | None, timeout: float) -> dict[str, Any]:
+    argv, env = peer_command(peer, path, limit)
+    proc = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return parse_peer_output(peer, proc.stdout + proc.stderr, proc.returncode)
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why the peer replays cannot run here (None when a CUDA GPU is usable)."""
+    from ._backends import cuda as _cuda
+
+    return _cuda.probe(0)
+
+
+def peer_replays(
+    trace_path: str | os.PathLike[str],
+    peers: Sequence[str] = PEERS,
+    *,
+    search: bool = True,
+    timeout: float = 600.0,
+) -> list[PeerResult]:
+    """Replay a trace file through PyTorch's caching allocator and CuPy's pool.
+
+    Each replay runs in its own subprocess (so each starts with an empty
+    allocator and, for PyTorch, its own ``PYTORCH_CUDA_ALLOC_CONF``); a limit
+    is set with ``torch.cuda.set_per_process_memory_fraction`` or
+    ``cupy.cuda.MemoryPool.set_limit``. With `search`, the smallest limit at
+    which each completes is searched by bisection in 2 MiB steps between the
+    peak live bytes and the peer's own peak reserved.
+
+    Returns
+    -------
+    list of PeerResult
+        One per peer; without a GPU (or the peer's package) each is skipped
+        with the reason.
+
+    Notes
+    -----
+    Needs a CUDA GPU; not verified on one in this project's CI.
+    """
+    reason = gpu_unavailable_reason()
+    out = []
+    path = os.fspath(trace_path)
+    peak_live = load(path).peak_live if search and reason is None else 0
+    for peer in peers:
+        if reason is not None:
+            out.append(PeerResult(peer, skipped=f"no CUDA GPU ({reason})"))
+            continue
+        mod = "cupy" if peer == "cupy" else "torch"
+        try:
+            __import__(mod)
+        except ImportError:
+            out.append(PeerResult(peer, skipped=f"{mod} is not installed"))
+            continue
+        try:
+            r = _peer_run(peer, path, None, timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            out.append(PeerResult(peer, skipped=str(e)))
+            continue
+        res = PeerResult(
+            peer, completed=bool(r["completed"]), peak_reserved=r.get("peak_reserved"),
+            peak_allocated=r.get("peak_allocated"), wall_s=r.get("wall_s"),
+        )
+        if search and res.completed and res.peak_reserved:
+            step = 2 << 20
+            bad = max(0, peak_live // step - 1)
+            good = -(-int(res.peak_reserved) // step)
+            while good - bad > 1:
+                mid = (bad + good) // 2
+                try:
+                    done = bool(_peer_run(peer, path, mid * step, timeout)["completed"])
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    done = False
+                if done:
+                    good = mid
+                else:
+                    bad = mid
+            res.min_limit = good * step
+        out.append(res)
+    return out
+
+
+def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no cover - GPU only
+    """Inside the subprocess: replay through one peer, print one result line."""
+    tr = load(path)
+    handles: list[Any] = [None] * tr.n_slots
+    completed = True
+    if peer == "cupy":
+        import cupy
+
+        pool = cupy.cuda.MemoryPool()
+        if limit is not None:
+            pool.set_limit(size=limit)
+        streams = {s: (cupy.cuda.Stream.null if s == 0 else cupy.cuda.Stream()) for s in tr.streams}
+        peak_res = peak_used = 0
+        t0 = time.perf_counter()
+        try:
+            for is_free, slot, nbytes, s in tr.events:
+                if is_free:
+                    handles[slot] = None
+                else:
+                    with streams[s]:
+                        handles[slot] = pool.malloc(nbytes)
+                    peak_res = max(peak_res, pool.total_bytes())
+                    peak_used = max(peak_used, pool.used_bytes())
+        except cupy.cuda.memory.OutOfMemoryError:
+            completed = False
+        wall = time.perf_counter() - t0
+    else:
+        import torch
+
+        torch.cuda.init()
+        if limit is not None:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), 0)
+        tstreams = {
+            s: (torch.cuda.default_stream() if s == 0 else torch.cuda.Stream()) for s in tr.streams
+        }
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            for is_free, slot, nbytes, s in tr.events:
+                if is_free:
+                    handles[slot] = None
+                else:
+                    with torch.cuda.stream(tstreams[s]):
+                        handles[slot] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        except torch.cuda.OutOfMemoryError:
+            completed = False
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        peak_res = torch.cuda.max_memory_reserved()
+        peak_used = torch.cuda.max_memory_allocated()
+    handles.clear()
+    print(_PEER_MARK + json.dumps({
+        "completed": completed, "peak_reserved": peak_res, "peak_allocated": peak_used,
+        "wall_s": wall, "limit": limit,
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the peer subprocess
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vmmpool.replay")
+    ap.add_argument("--peer", required=True, choices=PEERS)
+    ap.add_argument("trace")
+    ap.add_argument("--limit", type=int, default=None)
+    a = ap.parse_args()
+    sys.exit(_peer_main(a.peer, a.trace, a.limit))
