@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = """
-import gc, sys, threading
+import gc, sys, threading, time
 import vmmpool
 dev = vmmpool.Device.emulated(capacity=256 << 20)
 P = dev.granularity
@@ -77,15 +77,19 @@ def test_buffer_in_cycle_four_threads() -> None:
             try:
                 for i in range(150):
                     r = Req(); del r
-                    try:
-                        a = pool.malloc(2 * P, stream=t)
-                        b = pool.malloc(4096, stream=t)
-                    except vmmpool.OutOfMemoryError:
-                        # Garbage cycles hold buffers until the GC runs: as CuPy's
-                        # pool does, collect and retry (the releases run at the call).
-                        gc.collect()
-                        a = pool.malloc(2 * P, stream=t)
-                        b = pool.malloc(4096, stream=t)
+                    for attempt in range(50):
+                        try:
+                            a = pool.malloc(2 * P, stream=t)
+                            b = pool.malloc(4096, stream=t)
+                            break
+                        except vmmpool.OutOfMemoryError:
+                            # Garbage cycles hold buffers until the GC runs: as CuPy's
+                            # pool does, collect and retry (the deferred releases run at
+                            # the next call, possibly in another thread: retry a while).
+                            if attempt == 49:
+                                raise
+                            gc.collect()
+                            time.sleep(0.01)
                     a.free(); del b
                     if i % 3 == 0:
                         pool.defragment()

@@ -89,7 +89,8 @@ Invariants (checked by ``tests/test_pool_stateful.py``)
    :meth:`~PagePool.acquire_pages`) or quarantined; ``free + mapped + acquired
    + quarantined == total``.
 2. ``total_pages * page_size`` never exceeds the limit, except after the limit
-   was lowered below what is in use.
+   was lowered below what is in use (pages freed above it are given back at
+   the next free, malloc or stats).
 3. Live allocations never overlap; a live allocation's pages stay mapped at
    the same addresses, with the same bytes, until it is freed.
 4. Every mapped page has read-write access for the owning device and the
@@ -1778,9 +1779,14 @@ class PagePool(ClosesOnExit):
         back this way: its finalizer may run inside a locked section of this
         pool (the garbage collector runs wherever an object is allocated), so
         it must not take the lock or call the backend there. The next public
-        call of this pool runs `fn` before taking its lock.
+        call of this pool runs `fn` before taking its lock. After close no
+        call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
-        self._core.tasks.append(fn)
+        core = self._core
+        if core.closed:
+            fn()
+        else:
+            core.tasks.append(fn)
 
     # ------------------------------------------------------------ page level
     def acquire_pages(self, count: int, stream: object = None) -> list[PhysicalAllocation]:
