@@ -89,7 +89,8 @@ Invariants (checked by ``tests/test_pool_stateful.py``)
    :meth:`~PagePool.acquire_pages`) or quarantined; ``free + mapped + acquired
    + quarantined == total``.
 2. ``total_pages * page_size`` never exceeds the limit, except after the limit
-   was lowered below what is in use.
+   was lowered below what is in use (pages freed above it are given back at
+   the next free, malloc or stats).
 3. Live allocations never overlap; a live allocation's pages stay mapped at
    the same addresses, with the same bytes, until it is freed.
 4. Every mapped page has read-write access for the owning device and the
@@ -600,6 +601,8 @@ class _Core:
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
+        # Allocations and buffers that garbage collection gave back (see _collect_garbage).
+        self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
 
@@ -686,6 +689,7 @@ class _Core:
             rec = ref.rec
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
+                self.n_garbage += 1
 
     def run_tasks(self) -> None:
         """Run the work finalizers deferred (lock NOT held: a task may call the pool)."""
@@ -697,6 +701,7 @@ class _Core:
                 break
             try:
                 fn()
+                self.n_garbage += 1
             except Exception:
                 logger.error("deferred release failed", exc_info=True)
 
@@ -1444,18 +1449,19 @@ def _collect_garbage(core: _Core) -> bool:
     """After an out-of-memory: collect reference cycles that may hold this pool's memory.
 
     Runs the cyclic garbage collector (never under the pool's lock), then the releases its
-    finalizers deferred. Returns True when that gave memory back to this pool (an allocation
-    or a buffer's pages in a cycle), so the caller retries once; the failed attempt is then not
-    counted in ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
+    finalizers deferred. Returns True when garbage gave memory back to this pool since the
+    failure (an allocation or a buffer's pages in a cycle, released by this thread or by
+    another), so the caller retries once; the failed attempt is then not counted in
+    ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
     """
-    before = core.in_use
+    before = core.n_garbage
     gc.collect()
     if core.tasks:
         core.run_tasks()
     with core.lock:
         if core.pending and not core.closed:
             core.drain()
-        if core.in_use >= before:
+        if core.n_garbage == before:
             return False
         core.n_ooms -= 1
     return True
@@ -1697,12 +1703,14 @@ class PagePool(ClosesOnExit):
 
     @staticmethod
     def _max_pages(dev: Device, P: int, limit: object) -> int:
+        # Validated before the device is asked anything.
+        n = None if limit is None else check_int("limit", limit, maximum=dev.address_limit)
         total = dev.total_memory
-        if limit is None:
+        if n is None:
             return total // P
         # Clamped: above what the device has, largest_allocatable would promise
         # memory the device cannot give.
-        return min(check_int("limit", limit), total) // P
+        return min(n, total) // P
 
     # ------------------------------------------------------------ properties
     @property
@@ -1849,9 +1857,14 @@ class PagePool(ClosesOnExit):
         back this way: its finalizer may run inside a locked section of this
         pool (the garbage collector runs wherever an object is allocated), so
         it must not take the lock or call the backend there. The next public
-        call of this pool runs `fn` before taking its lock.
+        call of this pool runs `fn` before taking its lock. After close no
+        call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
-        self._core.tasks.append(fn)
+        core = self._core
+        if core.closed:
+            fn()
+        else:
+            core.tasks.append(fn)
 
     # ------------------------------------------------------------ page level
     def acquire_pages(self, count: int, stream: object = None) -> list[PhysicalAllocation]:
