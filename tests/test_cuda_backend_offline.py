@@ -1017,3 +1017,27 @@ def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver)
     with pytest.raises(vmmpool.DriverError) as info:
         backend.event_query(ev)
     assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"
+
+
+def test_fake_accepts_what_the_real_binding_accepts(backend: CudaBackend, fake: FakeDriver) -> None:
+    # Checked against cuda-bindings 13.5.0 on the stand-in driver: ints for
+    # enums, "List is too small" past the list, a shorter count, aliased descs.
+    assert fake.cuGetErrorName(1) == (R.CUDA_SUCCESS, b"CUDA_ERROR_INVALID_VALUE")
+    err, g = fake.cuGetErrorString(1)
+    assert err == R.CUDA_SUCCESS and g
+    err, gran = fake.cuMemGetAllocationGranularity(backend._props[False], 0)
+    assert (err, int(gran)) == (R.CUDA_SUCCESS, G)
+    err, name = fake.cuDeviceGetName(32, 0)
+    assert name.split(b"\0", 1)[1] == b" " * (31 - len(name.split(b"\0", 1)[0]))
+    addr = backend.reserve(G)
+    h = backend.create(G)
+    backend.map(addr, G, h)
+    desc = backend._descs_for(Access.READWRITE, [0])[0]
+    with pytest.raises(RuntimeError, match="List is too small: 1 < 2"):
+        fake.cuMemSetAccess(addr, G, [desc], 2)
+    assert fake.cuMemSetAccess(addr, G, [desc] * 2, 1) == (R.CUDA_SUCCESS,)
+    assert fake.violations  # cuda.py never does this: the fake records it
+    fake.violations.clear()
+    backend.release(h)
+    backend.unmap(addr, G)
+    backend.free_address(addr, G)

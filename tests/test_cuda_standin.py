@@ -163,3 +163,29 @@ def test_posix_fd_allocation_falls_back_when_the_handle_type_is_refused(
     if POSIX_FD_REFUSED:
         with pytest.raises(ValueError, match="does not support POSIX file descriptor"):
             vmmpool.create(g, device, handle_type="posix_fd")
+
+
+def test_streams_and_events_through_the_bindings(standin: StandinDriver, device: vmmpool.Device) -> None:
+    # The pool's event-ordered reuse needs these; the stand-in completes work at once.
+    drv = _cuda._driver()
+    b = device._backend
+    b.mem_info()  # a context is current on this thread from here on
+    err, stream = drv.cuStreamCreate(0)
+    assert int(err) == 0
+    try:
+        b.synchronize(int(stream))
+        b.synchronize(None)
+        err, event = drv.cuEventCreate(0)
+        assert int(err) == 0
+        try:
+            assert drv.cuEventRecord(event, stream) == (drv.CUresult.CUDA_SUCCESS,)
+            assert drv.cuEventQuery(event) == (drv.CUresult.CUDA_SUCCESS,)
+            assert drv.cuEventSynchronize(event) == (drv.CUresult.CUDA_SUCCESS,)
+        finally:
+            assert drv.cuEventDestroy(event) == (drv.CUresult.CUDA_SUCCESS,)
+        standin.fail("cuStreamSynchronize", CUDA_ERROR_UNKNOWN)
+        with pytest.raises(DriverError, match="CUDA_ERROR_UNKNOWN"):
+            b.synchronize(int(stream))
+    finally:
+        assert drv.cuStreamDestroy(stream) == (drv.CUresult.CUDA_SUCCESS,)
+    assert standin.calls("cuEventDestroy") >= 1

@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = """
-import gc, sys, threading
+import gc, sys, threading, time
 import vmmpool
 dev = vmmpool.Device.emulated(capacity=256 << 20)
 P = dev.granularity

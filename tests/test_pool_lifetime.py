@@ -134,3 +134,23 @@ def test_growth_oom_names_the_request(device: vmmpool.Device) -> None:
         assert info.value.requested == want
         assert buf.size == P
         buf.close()
+
+
+def test_buffer_collected_after_its_pool_closed_releases_its_range(device: vmmpool.Device) -> None:
+    P = device.granularity
+    pool = PagePool(device, limit=8 * P)
+    buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=2 * P)
+    pool.close()
+    del buf
+    gc.collect()  # the fixture checks that the buffer's reservation is gone
+
+
+def test_collected_pooled_buffer_gives_its_pages_back_at_the_next_call(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with PagePool(device, limit=8 * P) as pool:
+        buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=3 * P)
+        assert pool.stats().acquired_pages == 3
+        del buf
+        gc.collect()
+        assert pool.stats().acquired_pages == 0  # the deferred release ran
+        pool.malloc(8 * P).free()

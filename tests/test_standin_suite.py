@@ -9,7 +9,8 @@ real CUDA backend, argument conversion, return unwrapping and error names of
 the installed cuda-bindings, on host memory. A second run repeats the
 contract and stand-in tests with the driver's other documented answers (a
 non-zero map offset refused, hinted reservations refused, the POSIX fd
-handle type refused, GPUDirect RDMA supported).
+handle type refused, GPUDirect RDMA supported, CUDA_ERROR_INVALID_VALUE for
+an absent device).
 
 Without a C compiler the tests skip and say so; ``VMMPOOL_REQUIRE_STANDIN=1``
 (set by ``.ci/run``) makes that a failure.
@@ -46,6 +47,7 @@ OTHER_ANSWERS = {
     "STANDIN_CUDA_HINT": "refuse",
     "STANDIN_CUDA_POSIX_FD": "refuse",
     "STANDIN_CUDA_RDMA": "1",
+    "STANDIN_CUDA_ABSENT_DEVICE": "invalid_value",
 }
 
 

@@ -30,6 +30,10 @@
  *                                 CUDA_ERROR_NOT_PERMITTED (as in some
  *                                 containers); no: attribute 0 and
  *                                 CUDA_ERROR_NOT_SUPPORTED
+ *   STANDIN_CUDA_ABSENT_DEVICE=invalid_device|invalid_value
+ *                                 what cuMemSetAccess answers for a location id
+ *                                 that is no device (the docs allow both);
+ *                                 default CUDA_ERROR_INVALID_DEVICE
  *   STANDIN_CUDA_RDMA=0|1         CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_
  *                                 CUDA_VMM_SUPPORTED (default 0)
  *   STANDIN_CUDA_FAIL=fn:k:code[,fn:k:code...]
@@ -121,6 +125,7 @@ static int map_offset_accept = 1;
 static int hint_refuse;
 static int posix_fd_mode = 1; /* 1 yes, 2 refuse, 0 no */
 static int rdma_supported;
+static int absent_device_error = 101; /* CUDA_ERROR_INVALID_DEVICE */
 
 typedef struct Ctx {
     unsigned magic;
@@ -301,6 +306,8 @@ static void parse_env(void) {
     if ((s = getenv("STANDIN_CUDA_POSIX_FD")))
         posix_fd_mode = strcmp(s, "no") == 0 ? 0 : strcmp(s, "refuse") == 0 ? 2 : 1;
     if ((s = getenv("STANDIN_CUDA_RDMA"))) rdma_supported = atoi(s) != 0;
+    if ((s = getenv("STANDIN_CUDA_ABSENT_DEVICE")))
+        absent_device_error = strcmp(s, "invalid_value") == 0 ? E_INVALID_VALUE : E_INVALID_DEVICE;
     if ((s = getenv("STANDIN_CUDA_FAIL"))) {
         char *copy = strdup(s), *save = NULL;
         for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
@@ -846,7 +853,7 @@ EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDe
     if (!desc || count == 0) RETURN(E_INVALID_VALUE);
     for (size_t i = 0; i < count; i++) {
         if (desc[i].location.type != 1) RETURN(E_INVALID_VALUE);
-        if (desc[i].location.id < 0 || desc[i].location.id >= n_devices) RETURN(E_INVALID_DEVICE);
+        if (desc[i].location.id < 0 || desc[i].location.id >= n_devices) RETURN(absent_device_error);
         if (desc[i].flags != 0 && desc[i].flags != 1 && desc[i].flags != 3) RETURN(E_INVALID_VALUE);
     }
     if (!whole_mappings(ptr, size)) RETURN(E_INVALID_VALUE);

@@ -85,7 +85,8 @@ Invariants (checked by ``PagePool._check``, after every step of
 1. Every page is in exactly one state: free (unmapped), mapped in one slot,
    acquired or quarantined.
 2. ``total_pages * page_size`` never exceeds the limit, except after the limit
-   was lowered below what is in use.
+   was lowered below what is in use (pages freed above it are given back at
+   the next free, malloc or stats).
 3. Live blocks never overlap; every byte of a mapped slot is in exactly one
    live block or free range; free ranges are coalesced and lie only in mapped
    slots of their stream's arenas.

@@ -100,6 +100,8 @@ class Core:
         self.n_reclaimed = 0
         self.n_syncs = 0
         self.ev = EventCounts()
+        # Allocations and buffers that garbage collection gave back (see _collect_garbage).
+        self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
 
@@ -159,6 +161,7 @@ class Core:
                 break
             try:
                 fn()
+                self.n_garbage += 1
             except Exception:
                 logger.error("deferred release failed", exc_info=True)
 
@@ -190,6 +193,7 @@ class Core:
             rec = ref.rec
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
+                self.n_garbage += 1
 
     def round(self, nbytes: int) -> int:
         if nbytes > self.page_round >= 0:

@@ -81,18 +81,19 @@ def _collect_garbage(core: Core) -> bool:
     """After an out-of-memory: collect reference cycles that may hold this pool's memory.
 
     Runs the cyclic garbage collector (never under the pool's lock), then the releases its
-    finalizers deferred. Returns True when that gave memory back to this pool (an allocation
-    or a buffer's pages in a cycle), so the caller retries once; the failed attempt is then not
-    counted in ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
+    finalizers deferred. Returns True when garbage gave memory back to this pool since the
+    failure (an allocation or a buffer's pages in a cycle, released by this thread or by
+    another), so the caller retries once; the failed attempt is then not counted in
+    ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
     """
-    before = core.in_use
+    before = core.n_garbage
     gc.collect()
     if core.tasks:
         core.run_tasks()
     with core.lock:
         if core.pending and not core.closed:
             core.drain()
-        if core.in_use >= before:
+        if core.n_garbage == before:
             return False
         core.n_ooms -= 1
     return True
@@ -502,9 +503,14 @@ class PagePool(ClosesOnExit):
         back this way: its finalizer may run inside a locked section of this
         pool (the garbage collector runs wherever an object is allocated), so
         it must not take the lock or call the backend there. The next public
-        call of this pool runs `fn` before taking its lock.
+        call of this pool runs `fn` before taking its lock. After close no
+        call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
-        self._core.tasks.append(fn)
+        core = self._core
+        if core.closed:
+            fn()
+        else:
+            core.tasks.append(fn)
 
     def retire_stream(self, stream: object) -> None:
         """Call before destroying a stream given to :meth:`malloc` as a raw handle.
