@@ -92,9 +92,12 @@ class FreeBlocks:
                 n += n_whole(b)
         return n
 
-    def best_fit(self, r: int) -> Block | None:
-        """Take the smallest free range of at least `r` bytes out of the index."""
-        bin_ = self.bins.get(r)
+    def best_fit(self, r: int, exact: bool = True) -> Block | None:
+        """Take the smallest free range of at least `r` bytes out of the index.
+
+        With `exact` False the caller already found no range of exactly `r`.
+        """
+        bin_ = self.bins.get(r) if exact else None
         if not bin_:
             sizes = self.sizes
             bins = self.bins

@@ -224,13 +224,33 @@ class Core:
                 del st.by_start[b.addr]
                 del st.by_end[b.addr + r]
             else:
-                fit = st.best_fit(r)
+                fit = st.best_fit(r, False)
                 if fit is None:
                     b = self.place(st, r, nbytes)
                 else:
                     b = fit
-                    if b.size > r:  # split
-                        self.split(st, b, r)
+                    if b.size > r:  # split (inlined: see split())
+                        rest_size = b.size - r
+                        P = self.P
+                        at_end = False
+                        if rest_size >= P:
+                            lo = b.addr - b.arena.base
+                            hi = lo + b.size
+                            at_end = (hi - r) // P - (lo + P - 1) // P > hi // P - (lo + r + P - 1) // P
+                        if at_end:
+                            rest = Block(b.arena, b.addr, rest_size, b.seq)
+                            b.addr += rest_size
+                        else:
+                            rest = Block(b.arena, b.addr + r, rest_size, b.seq)
+                        b.size = r
+                        st.by_start[rest.addr] = rest
+                        st.by_end[rest.addr + rest_size] = rest
+                        bins = st.bins
+                        rbin = bins.get(rest_size)
+                        if rbin is None:
+                            bins[rest_size] = rbin = {}
+                            bisect.insort(st.sizes, rest_size)
+                        rbin[rest] = None
             b.live = True
             b.nbytes = nbytes
             self.live[b] = None
@@ -243,7 +263,10 @@ class Core:
             self.n_malloc += 1
             self.requested += nbytes
             self.in_use += r
-            self.note_peaks()
+            if self.requested > self.peak_requested:
+                self.peak_requested = self.requested
+            if self.in_use > self.peak_in_use:
+                self.peak_in_use = self.in_use
             if self.history is not None:
                 self.history.record("alloc", b.addr, nbytes, key)
             return b
