@@ -51,7 +51,7 @@ class EventCounts:
 class StreamState(FreeBlocks):
     """The arenas, free ranges and events of one stream."""
 
-    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired", "n_live")
+    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired")
 
     def __init__(self, key: int) -> None:
         super().__init__()
@@ -62,7 +62,6 @@ class StreamState(FreeBlocks):
         self.events: list[tuple[int, int]] = []  # (seq, event handle), oldest first
         self.done_seq = 0  # every free up to this is known complete
         self.retired = False
-        self.n_live = 0
 
     # ------------------------------------------------------------ events
     def is_done(self, seq: int, backend: Backend, counts: EventCounts, record: bool = True) -> bool:
