@@ -60,13 +60,15 @@ def n_whole(b: Block) -> int:
 class FreeBlocks:
     """One stream's free ranges: size bins for best fit, address indexes for coalescing."""
 
-    __slots__ = ("bins", "sizes", "by_start", "by_end")
+    __slots__ = ("bins", "sizes", "by_start", "by_end", "spare")
 
     def __init__(self) -> None:
         self.bins: dict[int, dict[Block, None]] = {}  # size -> free ranges
         self.sizes: list[int] = []  # sorted keys of bins (bins may be empty)
         self.by_start: dict[int, Block] = {}
         self.by_end: dict[int, Block] = {}
+        #: Block objects of free ranges merged away, reused by splits (no allocation).
+        self.spare: list[Block] = []
 
     def add(self, b: Block) -> None:
         bin_ = self.bins.get(b.size)
@@ -131,6 +133,8 @@ class FreeBlocks:
             b.size += prv.size
             if prv.seq > b.seq:
                 b.seq = prv.seq
+            if len(self.spare) < 64:
+                self.spare.append(prv)
         end = addr + b.size
         nxt = by_start.get(end)
         if nxt is not None and nxt.arena is b.arena:
@@ -141,6 +145,8 @@ class FreeBlocks:
             b.size += nxt.size
             if nxt.seq > b.seq:
                 b.seq = nxt.seq
+            if len(self.spare) < 64:
+                self.spare.append(nxt)
         bin_ = bins.get(b.size)
         if bin_ is None:
             bins[b.size] = bin_ = {}

@@ -237,11 +237,19 @@ class Core:
                             lo = b.addr - b.arena.base
                             hi = lo + b.size
                             at_end = (hi - r) // P - (lo + P - 1) // P > hi // P - (lo + r + P - 1) // P
+                        spare = st.spare
+                        if spare:
+                            rest = spare.pop()
+                            rest.arena = b.arena
+                            rest.size = rest_size
+                            rest.seq = b.seq
+                        else:
+                            rest = Block(b.arena, 0, rest_size, b.seq)
                         if at_end:
-                            rest = Block(b.arena, b.addr, rest_size, b.seq)
+                            rest.addr = b.addr
                             b.addr += rest_size
                         else:
-                            rest = Block(b.arena, b.addr + r, rest_size, b.seq)
+                            rest.addr = b.addr + r
                         b.size = r
                         st.by_start[rest.addr] = rest
                         st.by_end[rest.addr + rest_size] = rest
