@@ -187,3 +187,53 @@ def test_gc_forced_inside_every_backend_call() -> None:
     assert "live (0, 0, 0)" in out
     n = int(out.split()[1])
     assert n > 500, out  # the GC really ran inside the backend calls
+
+
+def test_resource_finalizer_inside_a_backend_call_is_deferred_not_reentrant() -> None:
+    """A reservation/allocation collected in the middle of a backend call of the same thread.
+
+    The backend's lock is re-entrant: running the release there would change the backend's
+    state under the interrupted call. It is queued and run by the backend's next call.
+    """
+    import gc as _gc
+
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    b = dev._backend
+    g = dev.granularity
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+            self.res = vmmpool.reserve(g, dev)
+            self.phys = vmmpool.create(g, dev)
+            self.m = self.res.map(self.phys, 0, access="rw")
+
+    seen: list[tuple[int, int, int, int]] = []
+    orig = type(b).get_access
+
+    def get_access_with_gc(self: object, address: int, device: int) -> object:
+        with b._lock:  # as the backend holds it during its own work
+            Cycle()  # garbage at once (a cycle)
+            _gc.collect()
+            seen.append((b._live_reservations, b._live_allocations, b._live_mappings, len(b._deferred)))
+        return orig(self, address, device)  # type: ignore[arg-type]
+
+    keep = vmmpool.reserve(g, dev)
+    phys = vmmpool.create(g, dev)
+    m = keep.map(phys, 0, access="rw")
+    type(b).get_access = get_access_with_gc  # type: ignore[method-assign]
+    try:
+        m.get_access()
+    finally:
+        type(b).get_access = orig  # type: ignore[method-assign]
+    # Inside the call nothing of the collected cycle was released: it was queued...
+    (inside,) = seen
+    assert inside[:3] == (2, 2, 2) and inside[3] >= 1
+    # ...and the next call (the interrupted get_access itself, once out of the lock) released it.
+    assert not b._deferred
+    assert dev.counters().live == (1, 1, 1)
+    phys.close()
+    keep.close()
+    assert dev.counters().live == (0, 0, 0)

@@ -433,7 +433,7 @@ class GrowableBuffer(ClosesOnExit):
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
-        self._fin = safety_finalizer(self, _release, self._state)
+        self._fin = safety_finalizer(self, _release, self._state, backend=dev._backend)
         if initial:
             try:
                 self.resize(initial)
@@ -706,7 +706,7 @@ class GrowableBuffer(ClosesOnExit):
             try:
                 self._state.free()
             except BaseException:
-                self._fin = safety_finalizer(self, _release, self._state)
+                self._fin = safety_finalizer(self, _release, self._state, backend=self._state.device._backend)
                 raise
 
     def _free_when_unused(self) -> None:

@@ -53,12 +53,30 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
         pass
 
 
-def safety_finalizer(obj: object, fn: Callable[..., Any], *args: Any) -> weakref.finalize:
+def _quietly_on(backend: Backend, fn: Callable[..., Any], *args: Any) -> None:
+    """A finalizer step that calls `backend`: deferred if it interrupted a call of `backend`."""
+    try:
+        backend.run_or_defer(_quietly, fn, *args)
+    except Exception:  # noqa: BLE001 - safety net only
+        pass
+
+
+def safety_finalizer(
+    obj: object, fn: Callable[..., Any], *args: Any, backend: Backend | None = None
+) -> weakref.finalize:
     """Call ``fn(*args)`` when `obj` dies: never raising, and not at interpreter shutdown.
 
-    `fn` and `args` must not reference `obj`, or it would never die.
+    `fn` and `args` must not reference `obj`, or it would never die. With `backend`, a
+    finalizer that the garbage collector runs in the middle of a call of that backend (the
+    same thread) is queued and run by the backend's next call instead
+    (:meth:`Backend.run_or_defer`): the backend's lock is re-entrant, so running it there
+    would change the backend's state under the interrupted call.
     """
-    fin = weakref.finalize(obj, _quietly, fn, *args)
+    fin: weakref.finalize
+    if backend is not None:
+        fin = weakref.finalize(obj, _quietly_on, backend, fn, *args)
+    else:
+        fin = weakref.finalize(obj, _quietly, fn, *args)
     fin.atexit = False  # do nothing at interpreter shutdown
     return fin
 
@@ -154,7 +172,7 @@ class PhysicalAllocation(_Closable):
         self.size = size
         self.handle = handle
         self.exportable = exportable
-        self._fin = safety_finalizer(self, _release, device._backend, handle)
+        self._fin = safety_finalizer(self, _release, device._backend, handle, backend=device._backend)
 
     @classmethod
     def from_fd(cls, fd: int, size: int, device: DeviceLike = None) -> PhysicalAllocation:
@@ -416,7 +434,7 @@ class AddressReservation(_Closable):
         # finalizer holds the state, and a mapping holds the reservation.)
         self._mappings: dict[int, Mapping] = {}
         self._state.on_unmap = functools.partial(_forget_mapping, weakref.ref(self))
-        self._fin = safety_finalizer(self, self._state.free)
+        self._fin = safety_finalizer(self, self._state.free, backend=device._backend)
 
     @property
     def end(self) -> int:

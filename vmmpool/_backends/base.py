@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import collections
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .._errors import DriverError, OutOfMemoryError
@@ -140,9 +140,50 @@ class Backend(abc.ABC):
         self._live_allocations = 0
         self._live_mappings = 0
         self._physical_bytes = 0
+        # Releases a finalizer asked for while this thread was inside a backend
+        # call (the garbage collector runs wherever Python allocates): run by
+        # the next call that starts outside the lock, never re-entrantly.
+        self._deferred: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = (
+            collections.deque()
+        )
+
+    # ---------------------------------------------------------- finalizer work
+    def in_call(self) -> bool:
+        """True when the current thread is inside a call of this backend (holds its lock)."""
+        is_owned = getattr(self._lock, "_is_owned", None)
+        return bool(is_owned()) if is_owned is not None else False
+
+    def run_or_defer(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` now, or, inside a call of this backend, after it (finalizers).
+
+        A finalizer that releases a driver resource may be run by the garbage
+        collector in the middle of a backend call of the same thread; the lock
+        is re-entrant, so running it there would change the backend's state
+        under the interrupted call. It is queued instead and run by the next
+        backend call (or :meth:`counters`) that starts outside the lock.
+        """
+        if self.in_call():
+            self._deferred.append((fn, args))
+        else:
+            fn(*args)
+
+    def run_deferred(self) -> None:
+        """Run the releases finalizers deferred (outside the lock); errors are swallowed."""
+        q = self._deferred
+        while q and not self.in_call():
+            try:
+                fn, args = q.popleft()
+            except IndexError:  # pragma: no cover - emptied by another thread
+                break
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a finalizer's work never raises
+                pass
 
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:
+        if self._deferred:
+            self.run_deferred()
         # Under the lock: an unlocked Counter increment can lose counts when
         # threads race, and tests rely on exact call counts.
         with self._lock:
@@ -204,6 +245,8 @@ class Backend(abc.ABC):
 
     def counters(self) -> BackendCounters:
         """Snapshot of live resources and call counts."""
+        if self._deferred:
+            self.run_deferred()
         with self._lock:
             return BackendCounters(
                 self._live_reservations,
