@@ -149,7 +149,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.n_acquired -= len(pages)
 
     @precondition(lambda self: self.live)
-    @rule(op=st.sampled_from(["create", "map", "set_access", "unmap"]), nth=st.integers(1, 3),
+    @rule(op=st.sampled_from(["create", "map", "set_access", "unmap", "event_record", "event_query",
+                              "event_wait", "event_destroy"]), nth=st.integers(1, 3),
           nbytes=st.integers(P // 2 + 1, 6 * P), stream=streams)
     def malloc_with_fault(self, op: str, nth: int, nbytes: int, stream: int) -> None:
         """A driver call fails in the middle: nothing may change but the free set."""

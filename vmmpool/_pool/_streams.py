@@ -25,6 +25,7 @@ its last event at once, and the pool never records on it again.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ._blocks import FreeBlocks
@@ -32,6 +33,8 @@ from ._blocks import FreeBlocks
 if TYPE_CHECKING:
     from .._backends.base import Backend
     from ._arena import Arena
+
+logger = logging.getLogger("vmmpool.pool")
 
 #: Most events kept per stream; older ones are destroyed (legal while pending).
 MAX_EVENTS = 8
@@ -51,7 +54,7 @@ class EventCounts:
 class StreamState(FreeBlocks):
     """The arenas, free ranges and events of one stream."""
 
-    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired")
+    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired", "stale")
 
     def __init__(self, key: int) -> None:
         super().__init__()
@@ -62,6 +65,7 @@ class StreamState(FreeBlocks):
         self.events: list[tuple[int, int]] = []  # (seq, event handle), oldest first
         self.done_seq = 0  # every free up to this is known complete
         self.retired = False
+        self.stale: list[int] = []  # events whose destroy failed: retried by drop_events
 
     # ------------------------------------------------------------ events
     def is_done(self, seq: int, backend: Backend, counts: EventCounts, record: bool = True) -> bool:
@@ -103,7 +107,11 @@ class StreamState(FreeBlocks):
             self.events.append((self.seq, h))
             while len(self.events) > MAX_EVENTS:
                 _s, old = self.events.pop(0)
-                backend.event_destroy(old)
+                try:
+                    backend.event_destroy(old)
+                except Exception:  # retried at close
+                    logger.warning("destroying an old event failed", exc_info=True)
+                    self.stale.append(old)
 
     def _covering(
         self, seq: int, backend: Backend, counts: EventCounts, record: bool
@@ -123,11 +131,17 @@ class StreamState(FreeBlocks):
         del self.events[: i + 1]
         self.done_seq = max(self.done_seq, done[-1][0])
         for _s, h in done:
-            backend.event_destroy(h)
+            try:
+                backend.event_destroy(h)
+            except Exception:  # the work is known done: retried at close
+                logger.warning("destroying a completed event failed", exc_info=True)
+                self.stale.append(h)
 
     def drop_events(self, backend: Backend) -> None:
         """Destroy every event (at close); errors propagate after all are tried."""
         evs, self.events = self.events, []
+        evs += [(0, h) for h in self.stale]
+        self.stale = []
         err: BaseException | None = None
         for _s, h in evs:
             try:
