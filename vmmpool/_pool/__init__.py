@@ -37,14 +37,21 @@ no page rounding (unless ``small_threshold`` asks for it).
 malloc(n, stream)
 -----------------
 1. Best fit among the stream's free ranges (exact-size bins, then ``bisect``
-   over the sorted sizes); split. Zero driver calls: the steady state.
-2. Otherwise the block goes where it needs the fewest new pages: after a free
-   range that ends at unmapped slots, before one that starts after them,
-   across unmapped slots between two free ranges, or at fresh address space
-   (a new arena only when no arena of the stream has room). The missing pages
-   come, in order, from: the free (unmapped) pages; cached pages whose work is
-   done, the stream's own first (unmapped and remapped: reuse before
-   creation); new pages while under the limit; cached pages after waiting on
+   over the sorted sizes); split at the end that leaves the most whole pages
+   free. Zero driver calls: the steady state.
+2. Otherwise the block goes where it *pins* the fewest pages (pages it touches
+   that no live block touched: the scarce resource at the limit), then where
+   it needs the fewest new ones: after a free range that ends at unmapped
+   slots, before one that starts after them, across unmapped slots between
+   two free ranges, or on fresh slots (a new arena only when no arena of the
+   stream has room). The missing pages come, in order, from: the free
+   (unmapped) pages; new pages while the pool holds less than its *growth
+   budget* (``GROWTH`` = 1.02 x its peak in-use bytes + ``GROWTH_PAGES`` = 4
+   pages per stream: without this slack, streams whose recurring requests do
+   not fit would remap cached pages back and forth forever instead of reaching
+   a steady state); other streams' cached pages whose work is done; the
+   stream's own cached pages whose work is done (unmapped and remapped: reuse
+   before creation); new pages up to the limit; cached pages after waiting on
    the events of their work. A request therefore fails only when the pages
    touched by live blocks plus the pages it needs exceed the limit (or the
    driver has no memory left): :class:`~vmmpool.OutOfMemoryError`, and the
