@@ -699,8 +699,13 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P  # 512-byte rounding only
         assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
-        assert s.largest_allocatable == (16 - s.pinned_pages) * P
+        # the free pages, plus the free tail of the last partly used page a block can start in:
+        # the blocks end 5 * ALIGNMENT bytes into their sixth page
+        assert s.largest_allocatable == (16 - s.pinned_pages) * P + (P - 5 * ALIGNMENT)
         assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_reserved_bytes == s.reserved_bytes
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(s.largest_allocatable + ALIGNMENT)
+        pool.malloc(s.largest_allocatable).free()
         for i, a in enumerate(allocs):
             if i not in (2, 5):
                 a.free()

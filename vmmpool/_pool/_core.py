@@ -762,6 +762,42 @@ class Core:
         self.arenas = keep
 
     # ------------------------------------------------------------- queries
+    def largest_block(self) -> int:
+        """The largest single request that can succeed now (lock held; walks the free ranges).
+
+        With F = limit pages - pinned pages: a block on F fresh pages, one that
+        starts in a free range ending at unmapped slots (or ends in one
+        starting after them) and maps at most F pages counting the whole pages
+        it takes from those ranges, one joining two such ranges across a run,
+        or the largest free range as it is.
+        """
+        P = self.P
+        F = self.max_pages - self.pinned()
+        best = 0
+        for st in self.streams.values():
+            if st.sizes:
+                best = max(best, max((sz for sz, b in st.bins.items() if b), default=0))
+        if F <= 0:
+            return best
+        best = max(best, F * P)
+        for st in self.streams.values():
+            for arena in st.arenas:
+                base = arena.base
+                for s, k in arena.runs():
+                    a0 = base + s * P
+                    a1 = a0 + k * P
+                    L1 = st.by_end.get(a0)
+                    L2 = st.by_start.get(a1)
+                    w1 = n_whole(L1) if L1 is not None and L1.arena is arena else -1
+                    w2 = n_whole(L2) if L2 is not None and L2.arena is arena else -1
+                    if w1 >= 0 and L1 is not None and F > w1:
+                        best = max(best, L1.size + min(k, F - w1) * P)
+                    if w2 >= 0 and L2 is not None and F > w2:
+                        best = max(best, L2.size + min(k, F - w2) * P)
+                    if w1 >= 0 and w2 >= 0 and L1 is not None and L2 is not None and w1 + k + w2 <= F:
+                        best = max(best, L1.size + k * P + L2.size)
+        return best
+
     def touching(self) -> dict[tuple[Arena, int], list[Block]]:
         """Live blocks per ``(arena, slot)`` they touch (walks every live block)."""
         P = self.P

@@ -56,8 +56,9 @@ class PoolStats:
     largest_allocatable : int
         The largest single ``malloc`` that can succeed now without exceeding
         the limit: ``(limit // page_size - pinned_pages) * page_size`` (free,
-        reclaimable and still creatable pages), or the largest free range
-        when no page is left. The driver may have less (other processes).
+        reclaimable and still creatable pages), plus the free bytes of
+        partly used pages a block can start or end in, or the largest free
+        range. The driver may have less (other processes).
     live_allocations : int
         Allocations not yet freed.
     mapped_pages : int

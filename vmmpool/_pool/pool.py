@@ -713,9 +713,7 @@ class PagePool(ClosesOnExit):
                         free_bytes += sz * len(bin_)
                         biggest = max(biggest, sz)
             pinned = core.pinned()
-            largest = 0 if core.closed else max(0, core.max_pages - pinned) * P
-            if not largest:
-                largest = biggest
+            largest = biggest if core.closed else core.largest_block()
             ev = core.ev
             return PoolStats(
                 allocated_bytes=core.requested,
