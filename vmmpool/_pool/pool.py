@@ -77,16 +77,18 @@ def _collected(ref: _Ref) -> None:
         pass
 
 
-def _collect_garbage(core: Core) -> bool:
+def _collect_garbage(core: Core, mark: int) -> bool:
     """After an out-of-memory: collect reference cycles that may hold this pool's memory.
 
     Runs the cyclic garbage collector (never under the pool's lock), then the releases its
     finalizers deferred. Returns True when garbage gave memory back to this pool since the
     failure (an allocation or a buffer's pages in a cycle, released by this thread or by
     another), so the caller retries once; the failed attempt is then not counted in
-    ``n_ooms``. Garbage that held none of this pool's memory changes nothing.
+    ``n_ooms``. Garbage that held none of this pool's memory changes nothing. `mark` is
+    ``core.n_garbage`` read before the failed attempt: garbage another thread collected
+    between that attempt and this call counts too.
     """
-    before = core.n_garbage
+    before = mark
     gc.collect()
     if core.tasks:
         core.run_tasks()
@@ -456,10 +458,11 @@ class PagePool(ClosesOnExit):
         else:
             key = stream_key(stream)
         core = self._core
+        mark = core.n_garbage
         try:
             rec = core.malloc(nbytes, key, stream)
         except OutOfMemoryError:
-            if not _collect_garbage(core):
+            if not _collect_garbage(core, mark):
                 raise
             rec = core.malloc(nbytes, key, stream)  # garbage held memory: once more
         a = Allocation.__new__(Allocation)
@@ -571,10 +574,11 @@ class PagePool(ClosesOnExit):
         """
         n = check_int("count", count)
         key = 0 if stream is None else stream_key(stream)
+        mark = self._core.n_garbage
         try:
             return self._acquire(n, key)
         except OutOfMemoryError:
-            if not _collect_garbage(self._core):
+            if not _collect_garbage(self._core, mark):
                 raise
             return self._acquire(n, key)
 
