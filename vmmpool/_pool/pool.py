@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -34,6 +35,9 @@ from ._stats import PageInfo, PoolStats
 __all__ = ["Allocation", "PagePool"]
 
 logger = logging.getLogger("vmmpool.pool")
+
+#: After an out-of-memory, retries while garbage collection keeps giving memory back.
+_GC_RETRIES = 3
 
 
 def _addr(b: Block) -> int:
@@ -89,16 +93,21 @@ def _collect_garbage(core: Core, mark: int) -> bool:
     between that attempt and this call counts too.
     """
     before = mark
-    gc.collect()
-    if core.tasks:
-        core.run_tasks()
-    with core.lock:
-        if core.pending and not core.closed:
-            core.drain()
-        if core.n_garbage == before:
-            return False
-        core.n_ooms -= 1
-    return True
+    for pause in (0.0, 0.002):
+        # gc.collect() returns at once while another thread is collecting: if
+        # nothing came back, give that collection a moment and look again.
+        if pause:
+            time.sleep(pause)
+        gc.collect()
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending and not core.closed:
+                core.drain()
+            if core.n_garbage != before:
+                core.n_ooms -= 1
+                return True
+    return False
 
 
 def _close_quietly(core: Core) -> None:
@@ -458,13 +467,15 @@ class PagePool(ClosesOnExit):
         else:
             key = stream_key(stream)
         core = self._core
-        mark = core.n_garbage
-        try:
-            rec = core.malloc(nbytes, key, stream)
-        except OutOfMemoryError:
-            if not _collect_garbage(core, mark):
-                raise
-            rec = core.malloc(nbytes, key, stream)  # garbage held memory: once more
+        for attempt in range(_GC_RETRIES + 1):
+            mark = core.n_garbage
+            try:
+                rec = core.malloc(nbytes, key, stream)
+                break
+            except OutOfMemoryError:
+                # garbage held memory (other threads may take it first): again
+                if attempt == _GC_RETRIES or not _collect_garbage(core, mark):
+                    raise
         a = Allocation.__new__(Allocation)
         a.ptr = rec.addr
         a.size = nbytes
@@ -574,13 +585,14 @@ class PagePool(ClosesOnExit):
         """
         n = check_int("count", count)
         key = 0 if stream is None else stream_key(stream)
-        mark = self._core.n_garbage
-        try:
-            return self._acquire(n, key)
-        except OutOfMemoryError:
-            if not _collect_garbage(self._core, mark):
-                raise
-            return self._acquire(n, key)
+        for attempt in range(_GC_RETRIES + 1):
+            mark = self._core.n_garbage
+            try:
+                return self._acquire(n, key)
+            except OutOfMemoryError:
+                if attempt == _GC_RETRIES or not _collect_garbage(self._core, mark):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
