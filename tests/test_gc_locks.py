@@ -244,6 +244,7 @@ def test_many_releases_deferred_inside_backend_calls_are_all_run() -> None:
     calls; they are all run (in one loop, not by recursion) and nothing leaks."""
     out = run_script("""
         from vmmpool import reserve, create
+        dev = vmmpool.Device.emulated(capacity=2 << 30)  # room for garbage the GC has not reached
         gc.set_threshold(1, 1, 1)
         for i in range(300):
             r = reserve(4 << 20, dev); ph = create(2 << 20, dev); m = r.map(ph); del r, ph, m
