@@ -109,7 +109,7 @@ def test_free_of_a_block_allocated_before_recording_is_a_prelude_block(tmp_path:
 def test_a_second_free_names_file_and_event(tmp_path: Path) -> None:
     data = snapshot([ev("free_requested", BASE + 8192, 1000), ev("free_requested", BASE + 8192, 1000)])
     p = write_pickle(tmp_path, data, "bad.pickle")
-    with pytest.raises(R.TraceError, match=r"bad\.pickle: event 1: free_requested of 0x7f0000002000, which is not"):
+    with pytest.raises(R.TraceError, match=r"bad\.pickle: event 1: free_requested of 0x7f0000002000, which"):
         R.load(p)
 
 
@@ -451,7 +451,8 @@ def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path
     "name, content, match",
     [
         ("overflow.pickle", b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little") + b"x.", "malformed pickle"),
-        ("field.csv", ("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate," + "1" * 200_000 + ",1,0\n").encode(),
+        ("field.csv",
+         ("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate," + "1" * 200_000 + ",1,0\n").encode(),
          "malformed CSV"),
         ("huge.csv", b"Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,17592186044416,0\n",
          "more than the host emulator replays"),
@@ -479,5 +480,5 @@ def test_csv_with_a_byte_order_mark_and_json_without_nan(tmp_path: Path) -> None
 
 
 def test_missing_csv_is_a_trace_error(tmp_path: Path) -> None:
-    with pytest.raises(R.TraceError, match="missing.csv: cannot read"):
+    with pytest.raises(R.TraceError, match=r"missing\.csv: cannot read"):
         R.load_csv(tmp_path / "missing.csv")
