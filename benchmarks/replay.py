@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "traces": records,
         "failed": failures,
     }
-    out = _common.write_json("replay", shown, payload, args.json)
+    out = _common.write_json("replay", shown, R.json_safe(payload), args.json)
     print(f"wrote {out}")
     return 1 if failures else 0
 

@@ -97,11 +97,40 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     assert tr.recorded_peak_allocated == 14 * MiB + 3 * MiB + 512 + 1024
 
 
-def test_free_of_unknown_address_names_file_and_event(tmp_path: Path) -> None:
-    data = snapshot([ev("alloc", BASE, 4096), ev("free_requested", BASE + 4096, 4096)])
+def test_free_of_a_block_allocated_before_recording_is_a_prelude_block(tmp_path: Path) -> None:
+    # Its alloc was not recorded (recording started later, or max_entries dropped it): the
+    # free's size says what was live at the start.
+    data = snapshot([ev("alloc", BASE, 4096), ev("free_requested", BASE + 8192, 1000)])
+    tr = R.load(write_pickle(tmp_path, data))
+    assert tr.n_prelude == 1 and tr.peak_live == 5096
+    assert R.replay(tr).completed
+
+
+def test_a_second_free_names_file_and_event(tmp_path: Path) -> None:
+    data = snapshot([ev("free_requested", BASE + 8192, 1000), ev("free_requested", BASE + 8192, 1000)])
     p = write_pickle(tmp_path, data, "bad.pickle")
-    with pytest.raises(R.TraceError, match=r"bad\.pickle: event 1: free_requested of unknown"):
+    with pytest.raises(R.TraceError, match=r"bad\.pickle: event 1: free_requested of 0x7f0000002000, which"):
         R.load(p)
+
+
+def test_a_pools_own_dump_snapshot_replays(tmp_path: Path) -> None:
+    dev = vmmpool.Device.emulated(capacity=1 << 30)
+    with vmmpool.PagePool(dev) as pool:
+        a = pool.malloc(3 << 20)
+        keep = pool.malloc(1000)
+        pool.record_history(True)
+        a.free()
+        b = pool.malloc(5 << 20)
+        pool.trim()
+        path = tmp_path / "pool.pickle"
+        pool.dump_snapshot(path)
+        tr = R.load(path)
+        # a (allocated before recording) is a prelude block; b and keep are live at the end
+        assert tr.n_prelude == 2 and tr.n_slots == 3
+        assert tr.final_live == (5 << 20) + 1000
+        assert R.replay(tr).completed
+        b.free()
+        keep.free()
 
 
 def test_double_alloc_is_an_error(tmp_path: Path) -> None:
@@ -416,3 +445,40 @@ def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path
     assert set(series) == {
         "allocated (live requested bytes)", "reserved: vmmpool pages held", "reserved: PyTorch, recorded run",
     }
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("overflow.pickle", b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little") + b"x.", "malformed pickle"),
+        ("field.csv",
+         ("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate," + "1" * 200_000 + ",1,0\n").encode(),
+         "malformed CSV"),
+        ("huge.csv", b"Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,17592186044416,0\n",
+         "more than the host emulator replays"),
+        ("mixed.pickle", pickle.dumps({1: 2, "a": 3}), "not a PyTorch memory snapshot"),
+    ],
+)
+def test_cli_hostile_traces_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, match: str
+) -> None:
+    p = tmp_path / name
+    p.write_bytes(content)
+    assert main(["replay", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err and name in err
+
+
+def test_csv_with_a_byte_order_mark_and_json_without_nan(tmp_path: Path) -> None:
+    p = tmp_path / "bom.log"
+    p.write_text("\ufeffThread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,0,0\n1,1,free,0x10,0,0\n")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(p), "--min-limit", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text
+    json.loads(text)  # strict JSON
+
+
+def test_missing_csv_is_a_trace_error(tmp_path: Path) -> None:
+    with pytest.raises(R.TraceError, match=r"missing\.csv: cannot read"):
+        R.load_csv(tmp_path / "missing.csv")

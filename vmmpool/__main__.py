@@ -127,6 +127,11 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             mn = None
             if res.completed and args.min_limit:
                 mn = R.min_limit(tr, device, default=res)
+        except (R.TraceError, ValueError, TypeError) as e:
+            # Not a replay failure: the trace or the arguments cannot be replayed as given
+            # (a trace larger than the emulator replays, a limit no device can address).
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            return 2
         except (OSError, VmmError) as e:
             # Not out of memory: the device itself failed (an OS limit of the
             # host emulator, a driver error). Say so and go on.
@@ -144,7 +149,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     if args.json:
         try:
             with open(args.json, "w") as fh:
-                json.dump({"traces": records}, fh, indent=1)
+                json.dump(R.json_safe({"traces": records}), fh, indent=1, allow_nan=False)
         except OSError as e:
             sys.stderr.write(f"{prog}: error: cannot write {args.json}: {e.strerror or e}\n")
             return 2

@@ -43,7 +43,6 @@ caching allocator and CuPy's ``MemoryPool``, each in its own subprocess.
 
 from __future__ import annotations
 
-import bisect
 import csv
 import io
 import json
@@ -79,6 +78,7 @@ __all__ = [
     "snapshot_to_trace",
     "min_limit",
     "format_table",
+    "json_safe",
     "peer_replays",
     "record",
     "replay",
@@ -86,6 +86,9 @@ __all__ = [
 ]
 
 _GIB = 1 << 30
+#: Largest emulated device replay makes (1 TiB: far beyond any GPU, far below what the
+#: emulator's bookkeeping can map in seconds).
+_EMULATOR_MAX = 1 << 40
 #: PyTorch's rounding of every request (for the recorded peak allocated).
 _TORCH_ROUND = 512
 _CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
@@ -235,7 +238,7 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
                 f"only plain dicts, lists and scalars are loaded (a class could run code)"
             ) from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                AttributeError, MemoryError) as e:
+                AttributeError, MemoryError, OverflowError, RecursionError) as e:
             what = "truncated" if fh.tell() >= size else "malformed"
             raise TraceError(
                 f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
@@ -250,7 +253,7 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
     See :func:`load_snapshot`; `name` is used in error messages.
     """
     if not isinstance(data, dict) or "device_traces" not in data or "segments" not in data:
-        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        got = sorted(map(repr, data)) if isinstance(data, dict) else type(data).__name__
         raise TraceError(
             f"{name}: not a PyTorch memory snapshot: expected a dict with keys "
             f"'segments' and 'device_traces', got {got}"
@@ -261,6 +264,8 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
         raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
     if device is None:
         device = next((i for i, t in enumerate(traces) if t), 0)
+    elif isinstance(device, bool) or not isinstance(device, int):
+        raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
     if not 0 <= device < max(len(traces), 1):
         raise TraceError(f"{name}: device {device} not in the trace (0..{len(traces) - 1})")
     events = traces[device] if traces else []
@@ -323,11 +328,6 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
     for addr, size in final_segs.items():
         if addr not in seg_seen_alloc:
             start_segs.setdefault(addr, size)
-    seg_starts = sorted(start_segs)
-
-    def in_start_segment(addr: int) -> bool:
-        k = bisect.bisect_right(seg_starts, addr) - 1
-        return k >= 0 and addr < seg_starts[k] + start_segs[seg_starts[k]]
 
     # Pass 2: which blocks were live at the start.
     live: dict[int, int] = {}
@@ -341,13 +341,15 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
         elif kind == 1:
             if addr in live:
                 del live[addr]
-            elif addr not in early_addrs and in_start_segment(addr):
+            elif addr not in early_addrs:
+                # Allocated before recording started (in a segment live at the start, or one
+                # whose events were not recorded, e.g. dropped past max_entries): a prelude block.
                 early.append((addr, size, stream))
                 early_addrs.add(addr)
             else:
                 raise TraceError(
-                    f"{name}: event {i}: free_requested of unknown address {addr:#x} "
-                    f"(neither allocated in the trace nor in a segment live at the start)"
+                    f"{name}: event {i}: free_requested of {addr:#x}, which is not live "
+                    f"(freed twice, never allocated again)"
                 )
     prelude: dict[int, tuple[int, int, int]] = {a: (s, s, st) for a, s, st in early}
     for addr, blk in final_active.items():
@@ -431,10 +433,19 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
     name = p.name
     if text is None:
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise TraceError(f"{name}: not a text file ({e})") from None
-    rows = csv.reader(io.StringIO(text))
+        except OSError as e:
+            raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
+    rows = csv.reader(io.StringIO(text.removeprefix("\ufeff")), strict=True)
+    try:
+        return _csv_rows(name, rows)
+    except csv.Error as e:
+        raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({e})") from None
+
+
+def _csv_rows(name: str, rows: Any) -> Trace:
     header = next(rows, None)
     if header is None or tuple(h.strip() for h in header[:6]) != _CSV_HEADER:
         raise TraceError(
@@ -497,7 +508,7 @@ def load(path: str | os.PathLike[str]) -> Trace:
             head = fh.read(64)
     except OSError as e:
         raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
-    if head.lstrip().startswith(b"Thread"):
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
         return load_csv(p)
     if head[:1] == b"\x80" or p.suffix in (".pickle", ".pkl"):
         return load_snapshot(p)
@@ -596,6 +607,18 @@ def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:
     return trace if isinstance(trace, Trace) else load(trace)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by ``None`` (valid JSON: a ratio to a
+    peak of 0 bytes has no value)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def emulated_capacity(trace: Trace, page_size: int = 2 << 20) -> int:
     """Capacity of the host-emulated device :func:`replay` makes for `trace`.
 
@@ -604,7 +627,14 @@ def emulated_capacity(trace: Trace, page_size: int = 2 << 20) -> int:
     """
     want = 2 * trace.peak_live + _GIB
     gib = -(-want // _GIB) * _GIB
-    return -(-gib // page_size) * page_size
+    cap = -(-gib // page_size) * page_size
+    if cap > _EMULATOR_MAX:
+        raise TraceError(
+            f"{trace.name}: peak live {trace.peak_live} bytes needs an emulated device of {cap} bytes, "
+            f"more than the host emulator replays ({_EMULATOR_MAX} bytes, 1 TiB); replay it on a GPU "
+            f"(--device cuda) or check the trace"
+        )
+    return cap
 
 
 def replay(

@@ -146,6 +146,7 @@ class Backend(abc.ABC):
         self._deferred: collections.deque[tuple[Callable[..., object], tuple[object, ...]]] = (
             collections.deque()
         )
+        self._draining = threading.local()
 
     # ---------------------------------------------------------- finalizer work
     def in_call(self) -> bool:
@@ -168,17 +169,28 @@ class Backend(abc.ABC):
             fn(*args)
 
     def run_deferred(self) -> None:
-        """Run the releases finalizers deferred (outside the lock); errors are swallowed."""
-        q = self._deferred
-        while q and not self.in_call():
-            try:
-                fn, args = q.popleft()
-            except IndexError:  # pragma: no cover - emptied by another thread
-                break
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - a finalizer's work never raises
-                pass
+        """Run the releases finalizers deferred (outside the lock); errors are swallowed.
+
+        One loop per thread: the backend calls a release makes do not start another
+        (a queue of thousands of releases never recurses).
+        """
+        tls = self._draining
+        if getattr(tls, "active", False) or self.in_call():
+            return
+        tls.active = True
+        try:
+            q = self._deferred
+            while q:
+                try:
+                    fn, args = q.popleft()
+                except IndexError:  # pragma: no cover - emptied by another thread
+                    break
+                try:
+                    fn(*args)
+                except Exception:  # noqa: BLE001 - a finalizer's work never raises
+                    pass
+        finally:
+            tls.active = False
 
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:

@@ -375,6 +375,10 @@ class HostBackend(Backend):
         self._gran = granularity
         self._chunk_size = chunk_size
         self._chunks: list[_Chunk] = []
+        # Chunks with a free slot, and empty chunks (insertion-ordered sets): a create or a
+        # release costs O(1) in the number of chunks, not a scan of all of them.
+        self._nonfull: dict[_Chunk, None] = {}
+        self._empties: dict[_Chunk, None] = {}
         self._res_starts: list[int] = []
         self._reservations: dict[int, _Reservation] = {}
         self._physical: dict[int, _Physical] = {}
@@ -424,20 +428,31 @@ class HostBackend(Backend):
     def _give_slot(self, chunk: _Chunk, offset: int, size: int) -> None:
         """Return a slot; its memory goes back to the OS (a hole is punched)."""
         chunk.give(offset, size)
-        if chunk.empty and sum(c.empty for c in self._chunks) > 1:
-            # Keep one empty chunk for the next create; close the others.
-            self._chunks.remove(chunk)
-            os.close(chunk.fd)
-            return
+        self._nonfull[chunk] = None
+        if chunk.empty:
+            self._empties[chunk] = None
+            if len(self._empties) > 1:
+                # Keep one empty chunk for the next create; close the others.
+                self._forget_chunk(chunk)
+                return
         # Releasing never fails: a hole that cannot be punched (it cannot on
         # memfds) only keeps the memory until the slot is reused.
         _fallocate(chunk.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size)
 
+    def _forget_chunk(self, chunk: _Chunk) -> None:
+        self._chunks.remove(chunk)
+        self._nonfull.pop(chunk, None)
+        self._empties.pop(chunk, None)
+        os.close(chunk.fd)
+
     def _take_slot(self, size: int) -> tuple[_Chunk, int]:
-        """A free slot of `size` bytes, first fit over the chunks; a new chunk if none."""
-        for c in self._chunks:
+        """A free slot of `size` bytes, first fit over the chunks with room; a new chunk if none."""
+        for c in self._nonfull:
             off = c.take(size)
             if off is not None:
+                self._empties.pop(c, None)
+                if c.free_bytes == 0:
+                    del self._nonfull[c]
                 return c, off
         csize = max(self._chunk_size, size)
         fd = self._new_memfd("create", csize, size)
@@ -445,6 +460,8 @@ class HostBackend(Backend):
         self._chunks.append(c)
         off = c.take(size)
         assert off == 0
+        if c.free_bytes:
+            self._nonfull[c] = None
         return c, off
 
     def _new_memfd(self, op: str, size: int, requested: int) -> int:
@@ -619,9 +636,11 @@ class HostBackend(Backend):
             # space) before it removes the old mappings.
             if not self._fixed_none(address, size):
                 raise self._fail("unmap", "mmap(MAP_FIXED) of the PROT_NONE placeholder")
+            if run:  # consecutive in the sorted starts: one slice, not one deletion per page
+                i0 = bisect.bisect_left(r.starts, run[0])
+                del r.starts[i0 : i0 + len(run)]
             for start in run:
                 m = r.maps.pop(start)
-                del r.starts[bisect.bisect_left(r.starts, start)]
                 p = self._physical[m.handle]
                 p.mapped -= 1
                 self._live_mappings -= 1
@@ -776,9 +795,8 @@ class HostBackend(Backend):
     def close(self) -> None:
         """Close the empty shared chunks (chunks with live allocations stay)."""
         with self._lock:
-            for c in [c for c in self._chunks if c.empty]:
-                self._chunks.remove(c)
-                os.close(c.fd)
+            for c in list(self._empties):
+                self._forget_chunk(c)
 
     # ---------------------------------------------------------------- events
     # Host work is synchronous, so by itself every event completes at once. A
