@@ -467,15 +467,11 @@ class PagePool(ClosesOnExit):
         else:
             key = stream_key(stream)
         core = self._core
-        for attempt in range(_GC_RETRIES + 1):
-            mark = core.n_garbage
-            try:
-                rec = core.malloc(nbytes, key, stream)
-                break
-            except OutOfMemoryError:
-                # garbage held memory (other threads may take it first): again
-                if attempt == _GC_RETRIES or not _collect_garbage(core, mark):
-                    raise
+        mark = core.n_garbage
+        try:
+            rec = core.malloc(nbytes, key, stream)
+        except OutOfMemoryError as err:
+            rec = self._malloc_after_gc(nbytes, key, stream, mark, err)
         a = Allocation.__new__(Allocation)
         a.ptr = rec.addr
         a.size = nbytes
@@ -490,6 +486,21 @@ class PagePool(ClosesOnExit):
         ref.core = core
         rec.ref = ref
         return a
+
+    def _malloc_after_gc(
+        self, nbytes: int, key: int, stream: object, mark: int, err: OutOfMemoryError
+    ) -> Block:
+        """After an out-of-memory: retry while garbage collection gives memory back."""
+        core = self._core
+        for _ in range(_GC_RETRIES):
+            if not _collect_garbage(core, mark):
+                break
+            mark = core.n_garbage
+            try:
+                return core.malloc(nbytes, key, stream)
+            except OutOfMemoryError as e:  # other threads may have taken it first: again
+                err = e
+        raise err
 
     def free(self, allocation: Allocation) -> None:
         """Free `allocation` (same as ``allocation.free()``).
