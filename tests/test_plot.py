@@ -105,3 +105,16 @@ def test_bad_plot_input_names_what_was_expected() -> None:
     with pytest.raises(ValueError, match="2 costs for 3 sizes"):
         plot.growth_cost([1, 2, 3], {"copy": [1, 2]})
     assert plt.get_fignums() == open_before, "a rejected call must not leave a figure behind"
+
+
+def test_a_huge_reservation_draws_fast_and_page_size_is_checked() -> None:
+    import time
+
+    dev = vmmpool.Device.emulated(capacity=16 * MiB)
+    with vmmpool.reserve(64 << 30, dev) as va:
+        t0 = time.perf_counter()
+        ax = plot.mapping_diagram([va])
+        assert time.perf_counter() - t0 < 5 and len(ax.patches) == 1
+        plt.close(ax.figure)
+    with pytest.raises(ValueError, match="page_size must be a positive int"):
+        plot.page_map([], page_size=0)

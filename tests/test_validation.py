@@ -379,3 +379,11 @@ def test_address_limit_defaults_and_check_int_bounds() -> None:
     assert check_int("n", 1 << 70, maximum=None) == 1 << 70
     with pytest.raises(TypeError, match="floats are not accepted"):
         check_int("n", 2.0)
+
+
+def test_stream_handles_beyond_64_bits_are_rejected() -> None:
+    with pytest.raises(ValueError, match="fit 64 bits"):
+        vmmpool.stream_key(1 << 64)
+    with pytest.raises(ValueError, match="fit 64 bits"):
+        vmmpool.stream_key(type("S", (), {"ptr": 1 << 200})())
+    assert vmmpool.stream_key((1 << 64) - 1) == (1 << 64) - 1

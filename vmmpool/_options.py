@@ -170,8 +170,8 @@ def stream_key(stream: object) -> int:
     if stream is None:
         return 0
     if type(stream) is int:
-        if stream < 0:
-            raise ValueError(f"stream handle must be >= 0, got {stream}")
+        if not 0 <= stream <= ADDRESS_LIMIT:
+            raise ValueError(f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {stream}")
         return stream
     if isinstance(stream, bool):
         raise TypeError("stream must be None, an int handle or a stream object, got bool")
@@ -201,6 +201,6 @@ def stream_key(stream: object) -> int:
         raise TypeError(
             f"stream handle must be an int, got {type(value).__name__} from {type(stream).__name__}"
         ) from None
-    if key < 0:
-        raise ValueError(f"stream handle must be >= 0, got {key}")
+    if not 0 <= key <= ADDRESS_LIMIT:
+        raise ValueError(f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {key}")
     return key

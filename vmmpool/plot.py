@@ -133,8 +133,11 @@ def mapping_diagram(
         y = n_res - k
         slots = r.size // gran
         width = max(width, slots)
-        for s in range(slots):
-            ax.add_patch(Rectangle((s, y - 0.3), 1, 0.6, facecolor="white", edgecolor="#999999"))
+        if slots <= 256:  # one box per slot; a huge reservation is one box (drawing stays fast)
+            for s in range(slots):
+                ax.add_patch(Rectangle((s, y - 0.3), 1, 0.6, facecolor="white", edgecolor="#999999"))
+        else:
+            ax.add_patch(Rectangle((0, y - 0.3), slots, 0.6, facecolor="white", edgecolor="#999999"))
     for r, m in maps:
         y = n_res - reservations.index(r)
         x0 = m.offset / gran
@@ -208,6 +211,8 @@ def page_map(
     """
     if page_size is None:
         page_size = getattr(source, "page_size", None)
+    elif isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+        raise ValueError(f"page_size must be a positive int (bytes), got {page_size!r}")
     recs = _records(source)
     mapped = sorted({r.address for r in recs if r.address is not None})
     if page_size is None:
