@@ -217,7 +217,7 @@ def test_bad_constructor_arguments(host: vmmpool.Device) -> None:
         GrowableBuffer(max_size=2 * MiB, device=host, initial_size=-1)
     with pytest.raises(ValueError, match="host device has no peers"):
         GrowableBuffer(max_size=2 * MiB, device=host, peers=[1])
-    with pytest.raises(ValueError, match="stream handle must be >= 0, got -3"):
+    with pytest.raises(ValueError, match=r"stream handle must be >= 0.*, got -3"):
         GrowableBuffer(max_size=2 * MiB, device=host, stream=-3)
     assert host.counters() - before == {}
 
