@@ -45,13 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="JSON file (default: benchmarks/results/replay-<device kind>.json)")
     p.add_argument("--no-peers", action="store_true", help="skip the GPU peer allocators")
+    p.add_argument("--scale", type=float, action="append", default=None, metavar="F",
+                   help="also replay each trace with every size times F (repeatable; e.g. 0.1 turns "
+                        "10-160 MiB tensors into 1-16 MiB); the recorded figures do not apply there")
     args = p.parse_args(argv)
     device = None if args.device is None else vmmpool.Device(args.device)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    jobs = []
     for path in args.traces:
-        tr = R.load(path)
+        base = R.load(path)
+        jobs.append((path, base, False))
+        for f in args.scale or ():
+            jobs.append((path, R.scaled(base, f), True))
+    for path, tr, is_scaled in jobs:
         t0 = time.perf_counter()
         try:
             res = R.replay(tr, device)
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(f"{tr.name}: replay failed: {type(e).__name__}: {e}", flush=True)
             continue
-        peers = [] if args.no_peers or (device is not None and device.is_host) else (
+        peers = [] if args.no_peers or is_scaled or (device is not None and device.is_host) else (
             R.peer_replays(path)
         )
         rec = R.record(tr, res, mn, peers)

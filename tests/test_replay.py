@@ -482,3 +482,14 @@ def test_csv_with_a_byte_order_mark_and_json_without_nan(tmp_path: Path) -> None
 def test_missing_csv_is_a_trace_error(tmp_path: Path) -> None:
     with pytest.raises(R.TraceError, match=r"missing\.csv: cannot read"):
         R.load_csv(tmp_path / "missing.csv")
+
+
+def test_scaled_trace_multiplies_every_size() -> None:
+    tr = R.Trace("t", ((False, 0, 100 << 20, 0), (False, 1, 10, 0), (True, 0, 100 << 20, 0)), 2, 0, (0,),
+                 recorded_peak_reserved=1 << 30)
+    s = R.scaled(tr, 0.1)
+    assert [e[2] for e in s.events] == [10 << 20, 1, 10 << 20]
+    assert s.peak_live == (10 << 20) + 1 and s.recorded_peak_reserved is None
+    assert R.replay(s).completed
+    with pytest.raises(ValueError, match="factor must be a number"):
+        R.scaled(tr, 0)

@@ -387,3 +387,16 @@ def test_stream_handles_beyond_64_bits_are_rejected() -> None:
     with pytest.raises(ValueError, match="fit 64 bits"):
         vmmpool.stream_key(type("S", (), {"ptr": 1 << 200})())
     assert vmmpool.stream_key((1 << 64) - 1) == (1 << 64) - 1
+
+
+def test_a_limit_below_one_page_is_rejected(host: Device) -> None:
+    P = host.granularity
+    for limit in (1, P - 1):
+        with pytest.raises(ValueError, match="limit must be at least one page"):
+            PagePool(host, limit=limit)
+    with PagePool(host, limit=P) as pool:
+        with pytest.raises(ValueError, match="limit must be at least one page"):
+            pool.set_limit(3)
+        assert pool.limit == P
+    with pytest.raises(ValueError, match="larger than the device's memory"):
+        PagePool(Device.emulated(capacity=4 * P), page_size=8 * P)

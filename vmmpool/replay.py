@@ -44,6 +44,7 @@ caching allocator and CuPy's ``MemoryPool``, each in its own subprocess.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -79,6 +80,7 @@ __all__ = [
     "min_limit",
     "format_table",
     "json_safe",
+    "scaled",
     "peer_replays",
     "record",
     "replay",
@@ -605,6 +607,26 @@ class ReplayResult:
 
 def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:
     return trace if isinstance(trace, Trace) else load(trace)
+
+
+def scaled(trace: Trace, factor: float) -> Trace:
+    """`trace` with every size multiplied by `factor` (at least 1 byte): the same program
+    with smaller (or larger) tensors, e.g. ``0.1`` turns 10-160 MiB activations into 1-16 MiB.
+
+    The recorded run's figures do not apply to the scaled trace and are dropped.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e6:
+        raise ValueError(f"factor must be a number in (0, 1e6), got {factor!r}")
+    sizes: dict[int, int] = {}
+    events = []
+    for is_free, slot, nbytes, stream in trace.events:
+        if not is_free:
+            sizes[slot] = max(1, int(nbytes * factor))
+        events.append((is_free, slot, sizes[slot], stream))
+    return dataclasses.replace(
+        trace, name=f"{trace.name} x{factor:g}", events=tuple(events),
+        recorded_peak_reserved=None, recorded_peak_allocated=None, recorded_reserved=(),
+    )
 
 
 def json_safe(obj: Any) -> Any:

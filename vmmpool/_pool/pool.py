@@ -344,7 +344,14 @@ class PagePool(ClosesOnExit):
     def _max_pages(dev: Device, P: int, limit: object) -> int:
         # Validated before the device is asked anything.
         n = None if limit is None else check_int("limit", limit, maximum=dev.address_limit)
+        if n is not None and n < P:
+            raise ValueError(
+                f"limit must be at least one page ({P} bytes), got {n}: a pool below one page "
+                "could serve nothing"
+            )
         total = dev.total_memory
+        if total < P:
+            raise ValueError(f"page_size {P} is larger than the device's memory ({total} bytes)")
         if n is None:
             return total // P
         # Clamped: above what the device has, largest_allocatable would promise
