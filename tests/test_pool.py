@@ -46,27 +46,32 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         assert pool.page_size == P and pool.limit == 16 * P and pool.device is device
         assert pool.small_threshold is None  # no page rounding
         small = pool.malloc(1000)
+        half = pool.malloc(P // 2)
         large = pool.malloc(P + 1)
         assert small.ptr % ALIGNMENT == 0 and small.ptr != 0 and ALIGNMENT == 512
-        assert large.ptr == small.ptr + 1024  # carved right after it, across pages
-        assert (small.size, large.size) == (1000, P + 1)
+        assert half.ptr == small.ptr + 1024  # carved right after it, in the same page
+        # Blocks over a page come from another heap (arena) than blocks of a page or less.
+        assert not small.ptr - 64 * P < large.ptr < small.ptr + 64 * P
+        assert (small.size, half.size, large.size) == (1000, P // 2, P + 1)
         assert small.device is device and small.stream == 0 and small.pool is pool
         assert int(large) == large.ptr
         fill(small, 1)
+        fill(half, 3)
         fill(large, 2)
         s = pool.stats()
-        assert s.allocated_bytes == 1000 + P + 1
-        assert s.in_use_bytes == 1024 + P + 512  # 512-byte rounding, no page rounding
-        # 1024 + P + 512 bytes touch two pages; the first is shared by both blocks
-        assert s.live_allocations == 2 and s.total_pages == 2 and s.small_pages == 1
-        assert intact(small, 1) and intact(large, 2)
+        assert s.allocated_bytes == 1000 + P // 2 + P + 1
+        assert s.in_use_bytes == 1024 + P // 2 + P + 512  # 512-byte rounding, no page rounding
+        # small and half share a page; large spans two pages of its own
+        assert s.live_allocations == 3 and s.total_pages == 3 and s.small_pages == 1
+        assert intact(small, 1) and intact(half, 3) and intact(large, 2)
         small.free()
+        half.free()
         pool.free(large)
         assert small.freed and large.freed
         s = pool.stats()
         assert (s.allocated_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
-        assert s.cached_bytes == 2 * P and s.reclaimable_pages == 2
-        assert (s.n_malloc, s.n_free) == (2, 2)
+        assert s.cached_bytes == 3 * P and s.reclaimable_pages == 3
+        assert (s.n_malloc, s.n_free) == (3, 3)
         pool._check()
 
 
@@ -691,17 +696,21 @@ def test_snapshot(device: vmmpool.Device) -> None:
 def test_stats_add_up(device: vmmpool.Device) -> None:
     P = device.granularity
     with pool_of(device, pages=16) as pool:
-        allocs = [pool.malloc(n) for n in (0, 1, 255, 257, P // 2, P // 2 + 1, P, 3 * P - 1)]
+        big = 3 * P - 5 * ALIGNMENT - 1
+        allocs = [pool.malloc(n) for n in (0, 1, 255, 257, P // 2, P // 2 + 1, P, big)]
         allocs[2].free()
         allocs[5].free()
         s = pool.stats()
         assert s.allocated_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
-        assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P  # 512-byte rounding only
+        # 512-byte rounding only
+        assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P - 5 * ALIGNMENT
         assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
-        # the free pages, plus the free tail of the last partly used page a block can start in:
-        # the blocks end 5 * ALIGNMENT bytes into their sixth page
-        assert s.largest_allocatable == (16 - s.pinned_pages) * P + (P - 5 * ALIGNMENT)
+        # the free pages, plus the free tail of the last partly used page a large block can
+        # start in: `big` (the only block over a page) ends 5 * ALIGNMENT bytes before its
+        # third page does; the smaller blocks share three pages of their own
+        assert s.pinned_pages == 6
+        assert s.largest_allocatable == (16 - s.pinned_pages) * P + 5 * ALIGNMENT
         assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_reserved_bytes == s.reserved_bytes
         with pytest.raises(vmmpool.OutOfMemoryError):
             pool.malloc(s.largest_allocatable + ALIGNMENT)
@@ -736,7 +745,7 @@ def test_failed_fresh_mapping_changes_nothing(op: str, nth: int) -> None:
     host = vmmpool.Device.emulated(capacity=128 * 2 * MiB)
     P = host.granularity
     with pool_of(host, pages=16) as pool:
-        keep = pool.malloc(P)
+        keep = pool.malloc(P + ALIGNMENT)  # over a page: in the large-block heap, as `want`
         fill(keep, 5)
         want = 6 * P
         if op == "reserve":  # leave the first arena (64 pages) too little room

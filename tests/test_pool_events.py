@@ -76,22 +76,28 @@ def test_at_the_limit_the_pool_waits_on_the_event_not_the_device(dev: vmmpool.De
 
 
 def test_one_event_per_stream_per_reclaim_and_none_on_the_hot_path(dev: vmmpool.Device) -> None:
-    with PagePool(dev, limit=12 * 2 * MiB) as pool:
+    with PagePool(dev, limit=13 * 2 * MiB) as pool:
         P = pool.page_size
         for _ in range(3):
             pool.malloc(3 * P, stream=1).free()  # steady state: no driver call at all
+            pool.malloc(1000, stream=1).free()  # (a page of the small-block heap)
         before = dev.counters()
         for _ in range(100):
             pool.malloc(3 * P, stream=1).free()
             pool.malloc(1000, stream=1).free()
         assert dev.counters() - before == {}
-        xs = [pool.malloc(3 * P, stream=s) for s in (2, 3, 4)]  # 12 pages: at the limit
+        before = dev.counters()
+        # past the growth budget, stream 2 reuses stream 1's large cached range (one event)
+        xs = [pool.malloc(3 * P, stream=s) for s in (2, 3, 4)]
+        delta = dev.counters() - before
+        assert delta["event_record"] == 1 and delta["event_query"] == 1 and delta["unmap"] == 2
         for x in xs:
             x.free()
         before = dev.counters()
-        big = pool.malloc(12 * P, stream=5)  # everything of streams 1-4
+        big = pool.malloc(13 * P, stream=5)  # every page: the limit
         delta = dev.counters() - before
-        assert delta["event_record"] == 4 and delta["event_query"] == 4 and delta["unmap"] == 4
+        # one event each for streams 2-4; stream 1's last page needs none (its work is known done)
+        assert delta["event_record"] == 3 and delta["event_query"] == 3 and delta["unmap"] == 4
         big.free()
         pool._check()
 
@@ -224,12 +230,13 @@ def replay(ops: list[tuple[str, int, int, int]], limit: int | None) -> tuple[boo
         return True, peak, s.peak_reserved_bytes
 
 
-@pytest.mark.parametrize(("streams", "default", "at_limit"), [(1, 1.05, 1.04), (3, 1.15, 1.06)])
+@pytest.mark.parametrize(("streams", "default", "at_limit"), [(1, 1.09, 1.03), (3, 1.15, 1.06)])
 def test_the_pool_holds_what_the_work_needs(streams: int, default: float, at_limit: float) -> None:
-    # Measured on 2026-12-02: one stream 1.048 (default) and 1.039 (smallest
-    # limit); three streams 1.131 and 1.057 (each stream's arena keeps its own
-    # sub-page holes between live blocks, and the growth budget allows four
-    # pages per stream: 8 MiB on this 214 MiB trace). Page rounding alone
+    # Measured on 2026-12-02 (small and large heaps, adaptive growth slack):
+    # one stream 1.085 (default) and <= 1.03 (smallest limit); three streams
+    # 1.112 and <= 1.06. On this 107-page trace the budget's fixed part (2
+    # pages) and its slack (up to 8 pages, grown by remaps below the limit)
+    # are large; on the shared traces they are under 1%. Page rounding alone
     # would cost 1.13 here. The bounds guard against regressions.
     ops = synthetic_step(7, streams)
     ok, peak, total = replay(ops, None)

@@ -36,20 +36,21 @@ print("limit:", pool.limit // MiB, "MiB;", "page size:", pool.page_size // MiB, 
 
 # %% [markdown]
 # ## Fill the pool, then keep a few blocks scattered through it
-# Five rounds of a 4 MiB block and a 2 MiB block fill 15 of the 16 pages. Then we free everything
-# except three of the 2 MiB blocks, which now sit between the free ranges and pin their pages.
+# Five rounds of a 4 MiB block and a block just over 2 MiB fill the 16 pages (blocks of a page or
+# less would come from the small-block heap, apart from these). Then we free everything
+# except three of the just-over-2 MiB blocks, which now sit between the free ranges and pin their pages.
 
 # %%
 large, pins = [], []
 for i in range(5):
     large.append(pool.malloc(4 * MiB))
-    pins.append(pool.malloc(2 * MiB))
+    pins.append(pool.malloc(2 * MiB + 1))  # over a page: in the large-block heap
 for j, a in enumerate(pins):
     dev.write(a.ptr, bytes([j]) * 1024)  # each survivor gets its own pattern
 print("after fill:  ", page_map(pool))
 keep = pins[::2]
 fig, (top, bottom) = plt.subplots(2, figsize=(8, 5.5))
-draw_page_map(pool, ax=top, title="after the fill: 15 pages in use")
+draw_page_map(pool, ax=top, title="after the fill: 16 pages in use")
 for a in large + [a for a in pins if a not in keep]:
     a.free()
 draw_page_map(pool, ax=bottom, title="after the frees: 3 survivors pin scattered pages")
@@ -100,8 +101,11 @@ again.free()
 # %% [markdown]
 # ## The fast path makes no driver calls
 # Freed memory stays mapped in the stream's cache; recurring sizes reuse it without the driver.
+# (Blocks of at most a page come from the stream's small-block heap: the first 1000-byte request
+# maps a page there, every later one reuses it.)
 
 # %%
+pool.malloc(1000).free()  # warm-up: a page for the small-block heap
 before = dev.counters()
 for _ in range(1000):
     a = pool.malloc(4 * MiB)

@@ -1,4 +1,4 @@
-"""Arenas: virtual address space, one reservation per arena, owned by one stream.
+"""Arenas: virtual address space, one reservation per arena, owned by one stream's heap.
 
 An arena is cut into page *slots*. A slot is either mapped (it holds a page)
 or unmapped; unmapped slots are always wholly free (a slot touched by a live
@@ -17,25 +17,30 @@ from .._resources import AddressReservation
 from ._pages import Page
 
 if TYPE_CHECKING:
-    from ._streams import StreamState
+    from ._streams import Heap, StreamState
 
 
 class Arena:
-    """One address reservation of a stream, carved into page slots."""
+    """One address reservation of a stream's heap, carved into page slots."""
 
-    __slots__ = ("res", "base", "P", "nslots", "slots", "stream", "fstarts", "flen", "fend", "mapped")
+    __slots__ = ("res", "base", "P", "nslots", "slots", "heap", "fstarts", "flen", "fend", "mapped")
 
-    def __init__(self, res: AddressReservation, page_size: int, stream: StreamState) -> None:
+    def __init__(self, res: AddressReservation, page_size: int, heap: Heap) -> None:
         self.res = res
         self.base = res.address
         self.P = page_size
         self.nslots = res.size // page_size
         self.slots: list[Page | None] = [None] * self.nslots
-        self.stream = stream
+        self.heap = heap
         self.fstarts = [0]  # sorted starts of unmapped extents
         self.flen = {0: self.nslots}  # start -> length
         self.fend = {self.nslots: 0}  # end -> start
         self.mapped = 0  # slots holding a page (quarantined ones included)
+
+    @property
+    def stream(self) -> StreamState:
+        """The stream whose heap this arena belongs to."""
+        return self.heap.stream
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """The unmapped extents as ``(first slot, count)``, by address."""

@@ -23,7 +23,7 @@ from .._resources import PhysicalAllocation, create, reserve
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
 from ._pages import ACQUIRED, FREE, MAPPED, QUARANTINED, Page
-from ._streams import EventCounts, StreamState
+from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")
 
@@ -32,10 +32,17 @@ ARENA_FACTOR = 2
 #: ... and at least this many pages.
 ARENA_MIN_PAGES = 64
 #: The growth budget: the pool creates pages freely while it holds at most
-#: GROWTH x its peak in-use bytes + GROWTH_PAGES pages per stream; beyond, it
-#: reuses cached pages (other streams' and then the stream's own) first.
+#: GROWTH x its peak in-use bytes + GROWTH_PAGES pages + its slack; beyond, it
+#: reuses cached pages (other streams' and then the stream's own) first. The
+#: slack starts at 0 and grows by a page with each remap made below the limit,
+#: up to GROWTH_MAX_PAGES pages per stream but no more than GROWTH_MAX_SHARE of
+#: the peak in-use bytes (or 2 x GROWTH_MAX_PAGES pages, if more): a workload
+#: whose recurring requests do not fit the cache settles instead of remapping
+#: forever, and one that does not need the slack holds no more.
 GROWTH = 1.02
-GROWTH_PAGES = 4
+GROWTH_PAGES = 2
+GROWTH_MAX_PAGES = 4
+GROWTH_MAX_SHARE = 0.02
 
 _SHIFT = ALIGNMENT.bit_length() - 1
 
@@ -56,6 +63,8 @@ class Core:
         self.backend = device._backend
         self.P = page_size
         self.max_pages = max_pages
+        #: Pages preallocated (mapped in stream 0's large heap) when the pool was made.
+        self.prealloc = 0
         self.round_above = round_above
         # Requests above this are rounded up to whole pages.
         self.page_round = -1 if round_above is None else round_above
@@ -96,6 +105,7 @@ class Core:
         self.n_created = 0
         self.n_released = 0
         self.n_remaps = 0
+        self.slack = 0  # extra growth budget, pages (see GROWTH_MAX_PAGES)
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
@@ -115,7 +125,9 @@ class Core:
 
     def cached_bytes(self) -> int:
         """Mapped but free bytes, as :meth:`PagePool.stats` reports them."""
-        return sum(sz * len(b) for st in self.streams.values() for sz, b in st.bins.items())
+        return sum(
+            sz * len(b) for st in self.streams.values() for h in st.heaps for sz, b in h.bins.items()
+        )
 
     def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
         # Built from the state the caller leaves behind (after any undo), so
@@ -218,47 +230,52 @@ class Core:
                 r = -(-nbytes // self.P) * self.P
             else:
                 r = ((nbytes + ALIGNMENT - 1) >> _SHIFT) << _SHIFT or ALIGNMENT
-            bin_ = st.bins.get(r)
+            h = st.small if r <= self.P else st.large
+            bin_ = h.bins.get(r)
             if bin_:  # the steady state: an exact fit
                 b = bin_.popitem()[0]
-                del st.by_start[b.addr]
-                del st.by_end[b.addr + r]
+                del h.by_start[b.addr]
+                del h.by_end[b.addr + r]
             else:
-                fit = st.best_fit(r, False)
+                fit = h.best_fit(r, False)
                 if fit is None:
-                    b = self.place(st, r, nbytes)
+                    b = self.place(h, r, nbytes)
+                    h = b.arena.heap  # the other heap when only its free ranges had room
                 else:
                     b = fit
-                    if b.size > r:  # split (inlined: see split())
-                        rest_size = b.size - r
-                        P = self.P
-                        at_end = False
-                        if rest_size >= P:
-                            lo = b.addr - b.arena.base
-                            hi = lo + b.size
-                            at_end = (hi - r) // P - (lo + P - 1) // P > hi // P - (lo + r + P - 1) // P
-                        spare = st.spare
-                        if spare:
-                            rest = spare.pop()
-                            rest.arena = b.arena
-                            rest.size = rest_size
-                            rest.seq = b.seq
-                        else:
-                            rest = Block(b.arena, 0, rest_size, b.seq)
-                        if at_end:
-                            rest.addr = b.addr
-                            b.addr += rest_size
-                        else:
-                            rest.addr = b.addr + r
-                        b.size = r
-                        st.by_start[rest.addr] = rest
-                        st.by_end[rest.addr + rest_size] = rest
-                        bins = st.bins
-                        rbin = bins.get(rest_size)
-                        if rbin is None:
-                            bins[rest_size] = rbin = {}
-                            bisect.insort(st.sizes, rest_size)
-                        rbin[rest] = None
+                if b.size > r:
+                    # Split: the block goes at the end of `b` that leaves the
+                    # most whole pages in the rest (those stay reclaimable).
+                    rest_size = b.size - r
+                    P = self.P
+                    at_end = False
+                    if rest_size >= P:
+                        lo = b.addr - b.arena.base
+                        hi = lo + b.size
+                        # whole pages of the rest with the block at the end > at the start
+                        at_end = (hi - r) // P - (lo + P - 1) // P > hi // P - (lo + r + P - 1) // P
+                    spare = h.spare
+                    if spare:
+                        rest = spare.pop()
+                        rest.arena = b.arena
+                        rest.size = rest_size
+                        rest.seq = b.seq
+                    else:
+                        rest = Block(b.arena, 0, rest_size, b.seq)
+                    if at_end:
+                        rest.addr = b.addr
+                        b.addr += rest_size
+                    else:
+                        rest.addr = b.addr + r
+                    b.size = r
+                    h.by_start[rest.addr] = rest
+                    h.by_end[rest.addr + rest_size] = rest
+                    bins = h.bins
+                    rbin = bins.get(rest_size)
+                    if rbin is None:
+                        bins[rest_size] = rbin = {}
+                        bisect.insort(h.sizes, rest_size)
+                    rbin[rest] = None
             b.live = True
             b.nbytes = nbytes
             self.live[b] = None
@@ -278,40 +295,35 @@ class Core:
                 self.history.record("alloc", b.addr, nbytes, key)
             return b
 
-    def split(self, st: StreamState, b: Block, r: int) -> None:
-        """Cut `r` bytes off free range `b` (out of the index) for a block; file the rest.
+    def place(self, h: Heap, r: int, nbytes: int) -> Block:
+        """Slow path: put an `r`-byte block in heap `h`, mapping pages as needed.
 
-        The block goes at the end of `b` that leaves the most whole pages in
-        the rest (those stay reclaimable: the block pins the fewest pages).
+        When `h` has no room within the limit (or the device), the best fit
+        among the free ranges of the stream's other heap is returned instead
+        (out of the index, to be split by the caller): a request fails only
+        when neither heap can hold it.
         """
-        P = self.P
-        rest_size = b.size - r
-        at_end = False
-        if rest_size >= P:
-            base = b.arena.base
-            lo = b.addr - base
-            hi = lo + b.size
-            # whole pages of the rest with the block at the start, and at the end
-            w_start = hi // P - (lo + r + P - 1) // P
-            w_end = (hi - r) // P - (lo + P - 1) // P
-            at_end = w_end > w_start
-        if at_end:
-            rest = Block(b.arena, b.addr, rest_size, b.seq)
-            b.addr += rest_size
-        else:
-            rest = Block(b.arena, b.addr + r, rest_size, b.seq)
-        b.size = r
-        st.by_start[rest.addr] = rest
-        st.by_end[rest.addr + rest_size] = rest
-        bins = st.bins
-        rbin = bins.get(rest_size)
-        if rbin is None:
-            bins[rest_size] = rbin = {}
-            bisect.insort(st.sizes, rest_size)
-        rbin[rest] = None
+        st = h.stream
+        other = st.large if h is st.small else st.small
+        try:
+            return self.place_in(h, r, nbytes, other)
+        except OutOfMemoryError:
+            b = other.best_fit(r)
+            if b is None:
+                raise
+            self.n_ooms -= 1  # not an out-of-memory after all
+            return b
 
-    def place(self, st: StreamState, r: int, nbytes: int) -> Block:
-        """Slow path: put an `r`-byte block where it pins the fewest pages.
+    def ready_pages(self) -> int:
+        """Pages a mapping can take without unmapping cached ones: free, or creatable in the budget."""
+        return len(self.free_pages) + max(0, min(self.budget(), self.max_pages) - len(self.pages))
+
+    def place_in(self, h: Heap, r: int, nbytes: int, other: Heap) -> Block:
+        """Put an `r`-byte block in heap `h` where it pins the fewest pages.
+
+        In a pool holding only its preallocated pages, when that needs more
+        pages than are free or creatable within the growth budget, a free range
+        of `other` that fits is taken instead (out of the index).
 
         Candidates, for every unmapped run of the stream's arenas: after the
         free range ending at the run (its bytes are used first), before the
@@ -324,8 +336,9 @@ class Core:
         P = self.P
         best: tuple[int, int, int] | None = None
         choice: tuple[Arena, int, int, int, Block | None, Block | None] | None = None
-        by_end = st.by_end
-        by_start = st.by_start
+        by_end = h.by_end
+        by_start = h.by_start
+        st = h.stream
 
         def pins(
             arena: Arena, start: int, m0: int, need: int, L1: Block | None, L2: Block | None
@@ -343,7 +356,7 @@ class Core:
                         n -= w
             return n
 
-        for arena in st.arenas:
+        for arena in h.arenas:
             base = arena.base
             for s, k in arena.runs():
                 a0 = base + s * P
@@ -374,19 +387,26 @@ class Core:
                     if best is None or cost < best:
                         best, choice = cost, (arena, start, m0, nd, u1, u2)
         fresh = -(-r // P)
-        if choice is None or (
+        fresh_arena = choice is None or (
             best is not None
             and best[0] > fresh
-            and not any(k >= fresh for a in st.arenas for _s, k in a.runs())
-        ):
-            if self.pinned() + fresh > self.max_pages:
-                raise self.oom(nbytes, fresh, "the limit is reached")
-            arena = self.new_arena(st, fresh)
+            and not any(k >= fresh for a in h.arenas for _s, k in a.runs())
+        )
+        pin, to_map = (fresh, fresh) if fresh_arena or best is None else best[:2]
+        if self.pinned() + pin > self.max_pages:
+            raise self.oom(nbytes, to_map, "the limit is reached")
+        if len(self.pages) <= self.prealloc and to_map > self.ready_pages():
+            # A pool that holds only its preallocated pages (all in the large
+            # heap) serves from them rather than remap one: no driver call.
+            # (Elsewhere the heaps stay apart until the limit: mixing small
+            # blocks into large holes costs more memory than a remap.)
+            b = other.best_fit(r)
+            if b is not None:
+                return b
+        if fresh_arena:
+            arena = self.new_arena(h, fresh)
             choice = (arena, arena.base, 0, fresh, None, None)
-        else:
-            assert best is not None
-            if self.pinned() + best[0] > self.max_pages:
-                raise self.oom(nbytes, best[1], "the limit is reached")
+        assert choice is not None
         arena, start, m0, need, L1, L2 = choice
         end = start + r
         lo = L1.addr if L1 is not None else arena.base + m0 * P
@@ -394,9 +414,9 @@ class Core:
         seq = max(L1.seq if L1 is not None else 0, L2.seq if L2 is not None else 0)
         rest = [Block(arena, a, e - a, seq) for a, e in ((lo, start), (end, hi)) if e > a]
         if L1 is not None:
-            st.remove(L1)
+            h.remove(L1)
         if L2 is not None:
-            st.remove(L2)
+            h.remove(L2)
         arena.take_at(m0, need)
         try:
             try:
@@ -422,12 +442,12 @@ class Core:
                 raise
         except BaseException:
             if L1 is not None:
-                st.add(L1)
+                h.add(L1)
             if L2 is not None:
-                st.add(L2)
+                h.add(L2)
             raise
         for b in rest:
-            st.insert(b)
+            h.insert(b)
         return Block(arena, start, r)
 
     # ----------------------------------------------------------------- free
@@ -442,14 +462,15 @@ class Core:
         self.n_free += 1
         self.requested -= b.nbytes
         self.in_use -= b.size
-        st = b.arena.stream
+        h = b.arena.heap
+        st = h.stream
         st.seq += 1
         b.seq = st.seq
         if self.history is not None:
             # Freed memory is reused in stream order at once: requested and completed together.
             self.history.record("free_requested", b.addr, b.nbytes, st.key)
             self.history.record("free_completed", b.addr, b.nbytes, st.key)
-        st.insert(b)
+        h.insert(b)
 
     def free(self, b: Block, owner: object) -> None:
         if self.tasks:
@@ -472,13 +493,14 @@ class Core:
             self.n_free += 1
             self.requested -= b.nbytes
             self.in_use -= b.size
-            st = b.arena.stream
+            h = b.arena.heap
+            st = h.stream
             st.seq += 1
             b.seq = st.seq
             if self.history is not None:
                 self.history.record("free_requested", b.addr, b.nbytes, st.key)
                 self.history.record("free_completed", b.addr, b.nbytes, st.key)
-            st.insert(b)
+            h.insert(b)
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
 
@@ -519,6 +541,13 @@ class Core:
             if len(got) < n and st is not None:  # the stream's own cached pages whose work is done
                 self.reclaim(n - len(got), st, wait=False, which="own")
                 self.take_free(got, n)
+            if self.n_reclaimed != reclaimed and len(self.pages) < self.max_pages:
+                # A remap the limit did not force: recurring requests that do
+                # not fit would remap like this every time. Widen the budget
+                # (one page per such remap, up to GROWTH_MAX_PAGES per stream)
+                # until they settle.
+                if self.slack < self.max_slack():
+                    self.slack += 1
             missing = min(n - len(got), self.max_pages - len(self.pages))
             if missing > 0 and not why:
                 why = self.create_pages(got, missing)
@@ -541,7 +570,12 @@ class Core:
     def budget(self) -> int:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
         P = self.P
-        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES * len(self.streams)
+        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES + self.slack
+
+    def max_slack(self) -> int:
+        """The most the budget's slack grows to (pages): see ``GROWTH_MAX_PAGES``."""
+        share = -(-int(self.peak_in_use * GROWTH_MAX_SHARE) // self.P)
+        return min(GROWTH_MAX_PAGES * len(self.streams), max(2 * GROWTH_MAX_PAGES, share))
 
     def create_pages(self, got: list[Page], k: int) -> str:
         """Create up to `k` pages into `got`; a driver out-of-memory stops it (returns why)."""
@@ -620,7 +654,7 @@ class Core:
         arena.mapped += n
         self.mapped += n
 
-    def new_arena(self, st: StreamState, n: int) -> Arena:
+    def new_arena(self, h: Heap, n: int) -> Arena:
         want = max(ARENA_FACTOR * self.max_pages, ARENA_MIN_PAGES, n)
         P = self.P
         align = P if P & (P - 1) == 0 else 0  # pages aligned to their size when possible
@@ -630,10 +664,13 @@ class Core:
             if want == n:
                 raise
             res = reserve(n * P, self.device, align)  # VA is finite: take what is needed
-        arena = Arena(res, P, st)
+        arena = Arena(res, P, h)
         self.arenas.append(arena)
-        st.arenas.append(arena)
-        logger.debug("stream %d: reserved an arena of %d bytes at %#x", st.key, res.size, res.address)
+        h.arenas.append(arena)
+        logger.debug(
+            "stream %d: reserved a %s-block arena of %d bytes at %#x",
+            h.stream.key, "small" if h.small else "large", res.size, res.address,
+        )
         return arena
 
     def _order(self, first: StreamState | None) -> Iterator[StreamState]:
@@ -667,7 +704,7 @@ class Core:
                 break
             if (which == "others" and st is first) or (which == "own" and st is not first):
                 continue
-            cands = sorted((b for b in st.by_start.values() if n_whole(b)), key=_seq)
+            cands = sorted((b for b in st.free_ranges() if n_whole(b)), key=_seq)
             chosen: list[tuple[Block, int]] = []
             total = 0
             for b in cands:
@@ -705,15 +742,16 @@ class Core:
         u0 = s1 - k
         assert s0 <= u0 < s1
         a.res.unmap(u0 * P, k * P)
-        st.remove(b)
+        h = a.heap
+        h.remove(b)
         cut = a.base + u0 * P
         tail = a.base + s1 * P
         end = b.addr + b.size
         if end > tail:
-            st.add(Block(a, tail, end - tail, b.seq))
+            h.add(Block(a, tail, end - tail, b.seq))
         if cut > b.addr:
             b.size = cut - b.addr
-            st.add(b)
+            h.add(b)
         free = self.free_pages
         slots = a.slots
         for i in range(u0, s1):
@@ -756,7 +794,7 @@ class Core:
                 except BaseException:
                     self.arenas = keep + self.arenas[i:]
                     raise
-                arena.stream.arenas.remove(arena)
+                arena.heap.arenas.remove(arena)
             else:
                 keep.append(arena)
         self.arenas = keep
@@ -768,26 +806,30 @@ class Core:
         With F = limit pages - pinned pages: a block on F fresh pages, one that
         starts in a free range ending at unmapped slots (or ends in one
         starting after them) and maps at most F pages counting the whole pages
-        it takes from those ranges, one joining two such ranges across a run,
-        or the largest free range as it is.
+        it takes from those ranges, one joining two such ranges across a run
+        (large heaps only: requests of a page or less go to the small heaps,
+        and a fresh page holds them), or the largest free range of either heap
+        as it is.
         """
         P = self.P
         F = self.max_pages - self.pinned()
         best = 0
         for st in self.streams.values():
-            if st.sizes:
-                best = max(best, max((sz for sz, b in st.bins.items() if b), default=0))
+            for h in st.heaps:
+                if h.sizes:
+                    best = max(best, max((sz for sz, b in h.bins.items() if b), default=0))
         if F <= 0:
             return best
         best = max(best, F * P)
         for st in self.streams.values():
-            for arena in st.arenas:
+            large = st.large
+            for arena in large.arenas:
                 base = arena.base
                 for s, k in arena.runs():
                     a0 = base + s * P
                     a1 = a0 + k * P
-                    L1 = st.by_end.get(a0)
-                    L2 = st.by_start.get(a1)
+                    L1 = large.by_end.get(a0)
+                    L2 = large.by_start.get(a1)
                     w1 = n_whole(L1) if L1 is not None and L1.arena is arena else -1
                     w2 = n_whole(L2) if L2 is not None and L2.arena is arena else -1
                     if w1 >= 0 and L1 is not None and F > w1:
@@ -864,92 +906,98 @@ class Core:
         for key, st in self.streams.items():
             if st.key != key:
                 fail(f"stream {key} is filed as {st.key}")
-            if set(st.sizes) != set(st.bins) or st.sizes != sorted(st.sizes):
-                fail(f"stream {key}: size index out of date")
-            binned = {b: None for sz, bn in st.bins.items() for b in bn if b.size == sz}
-            if len(binned) != sum(len(bn) for bn in st.bins.values()):
-                fail(f"stream {key}: a free range is filed under the wrong size")
-            if set(binned) != set(st.by_start.values()) or set(binned) != set(st.by_end.values()):
-                fail(f"stream {key}: size bins disagree with the address indexes")
-            for addr, b in st.by_start.items():
-                if b.addr != addr or st.by_end.get(b.addr + b.size) is not b or b.live:
-                    fail(f"stream {key}: free range {addr:#x} misfiled")
-                if b.arena.stream is not st or b.size <= 0 or b.size % ALIGNMENT or b.addr % ALIGNMENT:
-                    fail(f"stream {key}: free range {addr:#x} malformed or in another stream's arena")
-                if b.seq > st.seq:
-                    fail(f"stream {key}: free range {addr:#x} from the future")
-            cached += sum(n_whole(b) for b in binned)
-            if st.cached_pages(P) != sum(n_whole(b) for b in binned):
-                fail(f"stream {key}: cached page count is wrong")
             if [s for s, _h in st.events] != sorted(s for s, _h in st.events):
                 fail(f"stream {key}: events out of order")
-            for arena in st.arenas:
-                if arena.stream is not st:
-                    fail(f"stream {key}: arena {arena.base:#x} names another stream")
-                # every byte of a mapped slot: exactly one live block or free range
-                items = sorted(
-                    [(b.addr, b.size, True, b) for b in self.live if b.arena is arena]
-                    + [(b.addr, b.size, False, b) for b in binned if b.arena is arena],
-                    key=lambda t: t[0],
-                )
-                cur = None
-                prev_free = False
-                cover: dict[int, int] = {}
-                for addr, size, live, _b in items:
-                    if cur is not None and addr < cur:
-                        fail(f"arena {arena.base:#x}: blocks overlap at {addr:#x}")
-                    if not live and prev_free and cur == addr:
-                        fail(f"arena {arena.base:#x}: free ranges at {addr:#x} not coalesced")
-                    if addr < arena.base or addr + size > arena.base + arena.nslots * P:
-                        fail(f"block {addr:#x} lies outside its arena")
-                    off = addr - arena.base
-                    for s in range(off // P, (off + size - 1) // P + 1):
-                        lo = max(off, s * P)
-                        hi = min(off + size, (s + 1) * P)
-                        cover[s] = cover.get(s, 0) + hi - lo
-                    prev_free = not live
-                    cur = addr + size
-                n_mapped = 0
-                for s in range(arena.nslots):
-                    q = arena.slots[s]
-                    unm = arena.is_unmapped(s)
-                    if q is None:
-                        if not unm:
-                            fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
-                        if s in cover:
-                            fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
-                        continue
-                    p = q
-                    if unm:
-                        fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
-                    if p.state is QUARANTINED:
-                        claim_q = seen.get(p)
-                        if claim_q != "quarantined":
-                            fail(f"page {p.index} in slot {s} is quarantined but not listed")
-                        if s in cover:
-                            fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
-                        continue
-                    claim(p, f"arena {arena.base:#x} slot {s}")
-                    n_mapped += 1
-                    if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
-                        fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
-                    if cover.get(s, 0) != P:
-                        fail(f"arena {arena.base:#x} slot {s}: blocks cover {cover.get(s, 0)} of {P} bytes")
-                    # a page is cached exactly when no live block touches it
-                    is_cached = (arena, s) not in touching
-                    in_free = any(
-                        b.addr <= arena.base + s * P and arena.base + (s + 1) * P <= b.addr + b.size
-                        for b in binned if b.arena is arena
-                    ) if is_cached else False
-                    if is_cached != in_free:
-                        fail(f"arena {arena.base:#x} slot {s}: cached {is_cached}, in a free range {in_free}")
-                if n_mapped != arena.mapped:
-                    fail(f"arena {arena.base:#x}: {arena.mapped} mapped slots counted, {n_mapped} found")
-                mapped += n_mapped
-                if sum(arena.flen.values()) != len(
-                    {s for s0, ln in arena.flen.items() for s in range(s0, s0 + ln)}
-                ) or arena.fstarts != sorted(arena.flen) or len(arena.fend) != len(arena.flen):
-                    fail(f"arena {arena.base:#x}: extent index broken")
+            for h in st.heaps:
+                if set(h.sizes) != set(h.bins) or h.sizes != sorted(h.sizes):
+                    fail(f"stream {key}: size index out of date")
+                binned = {b: None for sz, bn in h.bins.items() for b in bn if b.size == sz}
+                if len(binned) != sum(len(bn) for bn in h.bins.values()):
+                    fail(f"stream {key}: a free range is filed under the wrong size")
+                if set(binned) != set(h.by_start.values()) or set(binned) != set(h.by_end.values()):
+                    fail(f"stream {key}: size bins disagree with the address indexes")
+                for addr, b in h.by_start.items():
+                    if b.addr != addr or h.by_end.get(b.addr + b.size) is not b or b.live:
+                        fail(f"stream {key}: free range {addr:#x} misfiled")
+                    if b.arena.heap is not h or b.size <= 0 or b.size % ALIGNMENT or b.addr % ALIGNMENT:
+                        fail(f"stream {key}: free range {addr:#x} malformed or in another heap's arena")
+                    if b.seq > st.seq:
+                        fail(f"stream {key}: free range {addr:#x} from the future")
+                cached += sum(n_whole(b) for b in binned)
+                if h.cached_pages(P) != sum(n_whole(b) for b in binned):
+                    fail(f"stream {key}: cached page count is wrong")
+                for arena in h.arenas:
+                    if arena.heap is not h:
+                        fail(f"stream {key}: arena {arena.base:#x} names another heap")
+                    # every byte of a mapped slot: exactly one live block or free range
+                    items = sorted(
+                        [(b.addr, b.size, True, b) for b in self.live if b.arena is arena]
+                        + [(b.addr, b.size, False, b) for b in binned if b.arena is arena],
+                        key=lambda t: t[0],
+                    )
+                    cur = None
+                    prev_free = False
+                    cover: dict[int, int] = {}
+                    for addr, size, live, _b in items:
+                        if cur is not None and addr < cur:
+                            fail(f"arena {arena.base:#x}: blocks overlap at {addr:#x}")
+                        if not live and prev_free and cur == addr:
+                            fail(f"arena {arena.base:#x}: free ranges at {addr:#x} not coalesced")
+                        if addr < arena.base or addr + size > arena.base + arena.nslots * P:
+                            fail(f"block {addr:#x} lies outside its arena")
+                        off = addr - arena.base
+                        for s in range(off // P, (off + size - 1) // P + 1):
+                            lo = max(off, s * P)
+                            hi = min(off + size, (s + 1) * P)
+                            cover[s] = cover.get(s, 0) + hi - lo
+                        prev_free = not live
+                        cur = addr + size
+                    n_mapped = 0
+                    for s in range(arena.nslots):
+                        q = arena.slots[s]
+                        unm = arena.is_unmapped(s)
+                        if q is None:
+                            if not unm:
+                                fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
+                            if s in cover:
+                                fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
+                            continue
+                        p = q
+                        if unm:
+                            fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
+                        if p.state is QUARANTINED:
+                            claim_q = seen.get(p)
+                            if claim_q != "quarantined":
+                                fail(f"page {p.index} in slot {s} is quarantined but not listed")
+                            if s in cover:
+                                fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
+                            continue
+                        claim(p, f"arena {arena.base:#x} slot {s}")
+                        n_mapped += 1
+                        if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
+                            fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
+                        if cover.get(s, 0) != P:
+                            fail(
+                                f"arena {arena.base:#x} slot {s}: blocks cover {cover.get(s, 0)} of {P} bytes"
+                            )
+                        # a page is cached exactly when no live block touches it
+                        is_cached = (arena, s) not in touching
+                        in_free = any(
+                            b.addr <= arena.base + s * P and arena.base + (s + 1) * P <= b.addr + b.size
+                            for b in binned if b.arena is arena
+                        ) if is_cached else False
+                        if is_cached != in_free:
+                            fail(
+                                f"arena {arena.base:#x} slot {s}: cached {is_cached}, "
+                                f"in a free range {in_free}"
+                            )
+                    if n_mapped != arena.mapped:
+                        fail(f"arena {arena.base:#x}: {arena.mapped} mapped slots counted, {n_mapped} found")
+                    mapped += n_mapped
+                    if sum(arena.flen.values()) != len(
+                        {s for s0, ln in arena.flen.items() for s in range(s0, s0 + ln)}
+                    ) or arena.fstarts != sorted(arena.flen) or len(arena.fend) != len(arena.flen):
+                        fail(f"arena {arena.base:#x}: extent index broken")
         if set(seen) != set(self.pages.values()):
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:

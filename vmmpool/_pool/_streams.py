@@ -1,7 +1,14 @@
 """Stream caches and the events that order reuse across streams.
 
-Each stream the pool has served has a :class:`StreamState`: its arenas, its
-free ranges (a :class:`~._blocks.FreeBlocks`) and its events. Memory freed on
+Each stream the pool has served has a :class:`StreamState`: two heaps and its
+events. A :class:`Heap` is a set of arenas and their free ranges (a
+:class:`~._blocks.FreeBlocks`); blocks of at most one page come from the
+stream's *small* heap, larger ones from its *large* heap (PyTorch keeps small
+blocks apart in the same way). Kept apart, small blocks pack densely into their
+own pages instead of leaving sub-page holes between large blocks, and the holes
+large blocks leave hold whole pages, which are reclaimable. When a request
+finds no room in its own heap at the limit, the other heap's free ranges are
+tried before the request fails. Memory freed on
 a stream is reused by that stream at once, with no driver call (stream order
 makes it safe). Before pages of a stream's free ranges leave it (unmapped for
 another range or stream, lent out, or given back), the work that used them
@@ -26,9 +33,10 @@ its last event at once, and the pool never records on it again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ._blocks import FreeBlocks
+from ._blocks import Block, FreeBlocks
 
 if TYPE_CHECKING:
     from .._backends.base import Backend
@@ -51,21 +59,55 @@ class EventCounts:
         self.n_event_waits = 0
 
 
-class StreamState(FreeBlocks):
-    """The arenas, free ranges and events of one stream."""
+class Heap(FreeBlocks):
+    """The arenas of one stream for one size class, and their free ranges."""
 
-    __slots__ = ("key", "obj", "arenas", "seq", "events", "done_seq", "retired", "stale")
+    __slots__ = ("stream", "arenas", "small")
+
+    def __init__(self, stream: StreamState, small: bool) -> None:
+        super().__init__()
+        self.stream = stream
+        self.arenas: list[Arena] = []
+        self.small = small
+
+
+class StreamState:
+    """The heaps (small and large blocks) and events of one stream."""
+
+    __slots__ = (
+        "key", "obj", "small", "large", "heaps", "seq", "events", "done_seq", "retired", "stale",
+    )
 
     def __init__(self, key: int) -> None:
-        super().__init__()
         self.key = key
         self.obj: object = None  # the stream object, kept alive while memory is here
-        self.arenas: list[Arena] = []
+        self.small = Heap(self, True)  # blocks of at most one page
+        self.large = Heap(self, False)
+        self.heaps = (self.small, self.large)
         self.seq = 0  # frees so far
         self.events: list[tuple[int, int]] = []  # (seq, event handle), oldest first
         self.done_seq = 0  # every free up to this is known complete
         self.retired = False
         self.stale: list[int] = []  # events whose destroy failed: retried by drop_events
+
+    @property
+    def arenas(self) -> list[Arena]:
+        """Both heaps' arenas."""
+        return self.small.arenas + self.large.arenas
+
+    def cached_pages(self, page_size: int) -> int:
+        """Pages lying wholly inside free ranges of either heap."""
+        return self.small.cached_pages(page_size) + self.large.cached_pages(page_size)
+
+    def prune(self) -> None:
+        """Drop empty size bins of both heaps."""
+        self.small.prune()
+        self.large.prune()
+
+    def free_ranges(self) -> Iterator[Block]:
+        """Every free range of both heaps."""
+        yield from self.small.by_start.values()
+        yield from self.large.by_start.values()
 
     # ------------------------------------------------------------ events
     def is_done(self, seq: int, backend: Backend, counts: EventCounts, record: bool = True) -> bool:

@@ -332,10 +332,12 @@ class PagePool(ClosesOnExit):
                 with core.lock:
                     st = core.stream(0)
                     pages = core.gather(pre_pages, pre, st)
-                    arena = core.new_arena(st, pre_pages)
+                    # In the large heap; small requests take from it instead of remapping.
+                    arena = core.new_arena(st.large, pre_pages)
                     arena.take_at(0, pre_pages)
                     core.map_pages(arena, 0, pages, 0)
-                    st.add(Block(arena, arena.base, pre_pages * P))
+                    st.large.add(Block(arena, arena.base, pre_pages * P))
+                    core.prealloc = pre_pages
             except BaseException:
                 self.close()
                 raise
@@ -741,11 +743,12 @@ class PagePool(ClosesOnExit):
             n_free_ranges = 0
             biggest = 0
             for st in core.streams.values():
-                for sz, bin_ in st.bins.items():
-                    if bin_:
-                        n_free_ranges += len(bin_)
-                        free_bytes += sz * len(bin_)
-                        biggest = max(biggest, sz)
+                for h in st.heaps:
+                    for sz, bin_ in h.bins.items():
+                        if bin_:
+                            n_free_ranges += len(bin_)
+                            free_bytes += sz * len(bin_)
+                            biggest = max(biggest, sz)
             pinned = core.pinned()
             largest = biggest if core.closed else core.largest_block()
             ev = core.ev
