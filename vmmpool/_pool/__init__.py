@@ -28,8 +28,9 @@ apart from large ones (as PyTorch keeps a small pool): they pack into pages of
 their own instead of leaving sub-page holes between large blocks, so the holes
 large blocks leave are mostly whole pages, which are reclaimable. Measured on
 the shared traces scaled to 1-16 MiB tensors, this took the smallest
-completing limit from up to 1.019 to at most 1.010 x peak live. Every byte of a mapped
-slot belongs to one live block or one free range; free ranges are coalesced.
+completing limit from up to 1.019 to at most 1.010 x peak live. Every byte of
+a mapped slot belongs to one live block or one free range; free ranges are
+coalesced.
 Slots are mapped lazily, when a block needs them. A slot touched by no live
 block (wholly inside a free range) holds a *cached* page: still mapped,
 reusable by its stream at zero cost, and reclaimable. So a page returns to the
@@ -53,9 +54,10 @@ malloc(n, stream)
    heap has room). The missing pages come, in order, from: the free
    (unmapped) pages; new pages while the pool holds less than its *growth
    budget* (``GROWTH`` = 1.02 x its peak in-use bytes + ``GROWTH_PAGES`` = 2
-   pages per stream: without this slack, streams whose recurring requests do
-   not fit would remap cached pages back and forth forever instead of reaching
-   a steady state); other streams' cached pages whose work is done; the
+   pages + a slack that grows by a page with each remap below the limit, up to
+   ``GROWTH_MAX_PAGES`` = 4 per stream and at most 2% of the peak or 8 pages:
+   without it, streams whose recurring requests do not fit would remap cached
+   pages back and forth forever instead of reaching a steady state); other streams' cached pages whose work is done; the
    stream's own cached pages whose work is done (unmapped and remapped: reuse
    before creation); new pages up to the limit; cached pages after waiting on
    the events of their work. If that fails, the best fit among the free ranges

@@ -903,6 +903,78 @@ class Core:
             in_use += b.size
             requested += b.nbytes
             n_live += 1
+        def check_arena(arena: Arena, key: int, binned: dict[Block, None]) -> int:
+            """Check one arena's slots and blocks; returns its mapped pages."""
+            # every byte of a mapped slot: exactly one live block or free range
+            items = sorted(
+                [(b.addr, b.size, True, b) for b in self.live if b.arena is arena]
+                + [(b.addr, b.size, False, b) for b in binned if b.arena is arena],
+                key=lambda t: t[0],
+            )
+            cur = None
+            prev_free = False
+            cover: dict[int, int] = {}
+            for addr, size, live, _b in items:
+                if cur is not None and addr < cur:
+                    fail(f"arena {arena.base:#x}: blocks overlap at {addr:#x}")
+                if not live and prev_free and cur == addr:
+                    fail(f"arena {arena.base:#x}: free ranges at {addr:#x} not coalesced")
+                if addr < arena.base or addr + size > arena.base + arena.nslots * P:
+                    fail(f"block {addr:#x} lies outside its arena")
+                off = addr - arena.base
+                for s in range(off // P, (off + size - 1) // P + 1):
+                    lo = max(off, s * P)
+                    hi = min(off + size, (s + 1) * P)
+                    cover[s] = cover.get(s, 0) + hi - lo
+                prev_free = not live
+                cur = addr + size
+            n_mapped = 0
+            for s in range(arena.nslots):
+                q = arena.slots[s]
+                unm = arena.is_unmapped(s)
+                if q is None:
+                    if not unm:
+                        fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
+                    if s in cover:
+                        fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
+                    continue
+                p = q
+                if unm:
+                    fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
+                if p.state is QUARANTINED:
+                    claim_q = seen.get(p)
+                    if claim_q != "quarantined":
+                        fail(f"page {p.index} in slot {s} is quarantined but not listed")
+                    if s in cover:
+                        fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
+                    continue
+                claim(p, f"arena {arena.base:#x} slot {s}")
+                n_mapped += 1
+                if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
+                    fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
+                if cover.get(s, 0) != P:
+                    fail(
+                        f"arena {arena.base:#x} slot {s}: blocks cover {cover.get(s, 0)} of {P} bytes"
+                    )
+                # a page is cached exactly when no live block touches it
+                is_cached = (arena, s) not in touching
+                in_free = any(
+                    b.addr <= arena.base + s * P and arena.base + (s + 1) * P <= b.addr + b.size
+                    for b in binned if b.arena is arena
+                ) if is_cached else False
+                if is_cached != in_free:
+                    fail(
+                        f"arena {arena.base:#x} slot {s}: cached {is_cached}, "
+                        f"in a free range {in_free}"
+                    )
+            if n_mapped != arena.mapped:
+                fail(f"arena {arena.base:#x}: {arena.mapped} mapped slots counted, {n_mapped} found")
+            if sum(arena.flen.values()) != len(
+                {s for s0, ln in arena.flen.items() for s in range(s0, s0 + ln)}
+            ) or arena.fstarts != sorted(arena.flen) or len(arena.fend) != len(arena.flen):
+                fail(f"arena {arena.base:#x}: extent index broken")
+            return n_mapped
+
         for key, st in self.streams.items():
             if st.key != key:
                 fail(f"stream {key} is filed as {st.key}")
@@ -929,75 +1001,7 @@ class Core:
                 for arena in h.arenas:
                     if arena.heap is not h:
                         fail(f"stream {key}: arena {arena.base:#x} names another heap")
-                    # every byte of a mapped slot: exactly one live block or free range
-                    items = sorted(
-                        [(b.addr, b.size, True, b) for b in self.live if b.arena is arena]
-                        + [(b.addr, b.size, False, b) for b in binned if b.arena is arena],
-                        key=lambda t: t[0],
-                    )
-                    cur = None
-                    prev_free = False
-                    cover: dict[int, int] = {}
-                    for addr, size, live, _b in items:
-                        if cur is not None and addr < cur:
-                            fail(f"arena {arena.base:#x}: blocks overlap at {addr:#x}")
-                        if not live and prev_free and cur == addr:
-                            fail(f"arena {arena.base:#x}: free ranges at {addr:#x} not coalesced")
-                        if addr < arena.base or addr + size > arena.base + arena.nslots * P:
-                            fail(f"block {addr:#x} lies outside its arena")
-                        off = addr - arena.base
-                        for s in range(off // P, (off + size - 1) // P + 1):
-                            lo = max(off, s * P)
-                            hi = min(off + size, (s + 1) * P)
-                            cover[s] = cover.get(s, 0) + hi - lo
-                        prev_free = not live
-                        cur = addr + size
-                    n_mapped = 0
-                    for s in range(arena.nslots):
-                        q = arena.slots[s]
-                        unm = arena.is_unmapped(s)
-                        if q is None:
-                            if not unm:
-                                fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
-                            if s in cover:
-                                fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
-                            continue
-                        p = q
-                        if unm:
-                            fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
-                        if p.state is QUARANTINED:
-                            claim_q = seen.get(p)
-                            if claim_q != "quarantined":
-                                fail(f"page {p.index} in slot {s} is quarantined but not listed")
-                            if s in cover:
-                                fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
-                            continue
-                        claim(p, f"arena {arena.base:#x} slot {s}")
-                        n_mapped += 1
-                        if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
-                            fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
-                        if cover.get(s, 0) != P:
-                            fail(
-                                f"arena {arena.base:#x} slot {s}: blocks cover {cover.get(s, 0)} of {P} bytes"
-                            )
-                        # a page is cached exactly when no live block touches it
-                        is_cached = (arena, s) not in touching
-                        in_free = any(
-                            b.addr <= arena.base + s * P and arena.base + (s + 1) * P <= b.addr + b.size
-                            for b in binned if b.arena is arena
-                        ) if is_cached else False
-                        if is_cached != in_free:
-                            fail(
-                                f"arena {arena.base:#x} slot {s}: cached {is_cached}, "
-                                f"in a free range {in_free}"
-                            )
-                    if n_mapped != arena.mapped:
-                        fail(f"arena {arena.base:#x}: {arena.mapped} mapped slots counted, {n_mapped} found")
-                    mapped += n_mapped
-                    if sum(arena.flen.values()) != len(
-                        {s for s0, ln in arena.flen.items() for s in range(s0, s0 + ln)}
-                    ) or arena.fstarts != sorted(arena.flen) or len(arena.fend) != len(arena.flen):
-                        fail(f"arena {arena.base:#x}: extent index broken")
+                    mapped += check_arena(arena, key, binned)
         if set(seen) != set(self.pages.values()):
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:
