@@ -47,26 +47,27 @@ malloc(n, stream)
    bins, then ``bisect`` over the sorted sizes); split at the end that leaves
    the most whole pages free. Zero driver calls: the steady state.
 2. Otherwise the block goes where it *pins* the fewest pages (pages it touches
-   that no live block touched: the scarce resource at the limit), then where
-   it needs the fewest new ones: after a free range that ends at unmapped
-   slots, before one that starts after them, across unmapped slots between
-   two free ranges, or on fresh slots (a new arena only when no arena of the
-   heap has room). The missing pages come, in order, from: the free
-   (unmapped) pages; new pages while the pool holds less than its *growth
-   budget* (``GROWTH`` = 1.02 x its peak in-use bytes + ``GROWTH_PAGES`` = 2
-   pages + a slack that grows by a page with each remap below the limit, up to
-   ``GROWTH_MAX_PAGES`` = 4 per stream and at most 2% of the peak or 8 pages:
-   without it, streams whose recurring requests do not fit would remap cached
-   pages back and forth forever instead of reaching a steady state); other streams' cached pages whose work is done; the
-   stream's own cached pages whose work is done (unmapped and remapped: reuse
-   before creation); new pages up to the limit; cached pages after waiting on
-   the events of their work. If that fails, the best fit among the free ranges
-   of the stream's other heap is taken (a pool that holds only its
-   preallocated pages takes it before any remap). A request therefore
-   fails only when the pages touched by live blocks plus the pages it needs
-   exceed the limit (or the driver has no memory left) and no free range of
-   either heap fits: :class:`~vmmpool.OutOfMemoryError`, and the pool stays
-   as it was.
+   that no live block touched: the scarce resource at the limit), then
+   where it needs the fewest new ones: after a free range that ends at
+   unmapped slots, before one that starts after them, across unmapped slots
+   between two free ranges, or on fresh slots (a new arena only when no
+   arena of the heap has room). The missing pages come, in order, from: the
+   free (unmapped) pages; new pages while the pool holds less than its
+   *growth budget* (``GROWTH`` = 1.02 x its peak in-use bytes +
+   ``GROWTH_PAGES`` = 2 pages + a slack that grows by a page with each
+   remap below the limit, up to ``GROWTH_MAX_PAGES`` = 4 per stream and at
+   most 2% of the peak or 8 pages: without it, streams whose recurring
+   requests do not fit would remap cached pages back and forth forever
+   instead of reaching a steady state); other streams' cached pages whose
+   work is done; the stream's own cached pages whose work is done (unmapped
+   and remapped: reuse before creation); new pages up to the limit; cached
+   pages after waiting on the events of their work. If that fails, the best
+   fit among the free ranges of the stream's other heap is taken (a pool
+   that holds only its preallocated pages takes it before any remap). A
+   request therefore fails only when the pages touched by live blocks plus
+   the pages it needs exceed the limit (or the driver has no memory left)
+   and no free range of either heap fits:
+   :class:`~vmmpool.OutOfMemoryError`, and the pool stays as it was.
 
 free() makes no driver call: the block joins the free ranges of its heap.
 
