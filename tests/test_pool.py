@@ -874,11 +874,11 @@ def test_racing_double_free_never_frees_a_reused_block(device: vmmpool.Device) -
     with pool_of(device) as pool:
         for n in (100, 3 * P):
             a = pool.malloc(n)
-            rec = a._rec
+            ref = a._ref
             a.free()
             b = pool.malloc(n)  # reuses the same block or range
             assert b.ptr == a.ptr
-            a._rec = rec  # what a second thread still sees after a racing free()
+            a._ref = ref  # what a second thread still sees after a racing free()
             with pytest.raises(ValueError, match="already freed"):
                 a.free()
             assert not b.freed and pool.stats().live_allocations == 1

@@ -179,6 +179,22 @@ class StreamState:
                 logger.warning("destroying a completed event failed", exc_info=True)
                 self.stale.append(h)
 
+    def release_events(self, backend: Backend) -> bool:
+        """Destroy every event (before the stream is forgotten); True when all are gone.
+
+        Those whose destroy fails are kept in ``stale`` (retried by the next
+        call, destroyed by ``drop_events`` at close).
+        """
+        evs, self.events = self.events, []
+        failed: list[int] = []
+        for h in [h for _s, h in evs] + self.stale:
+            try:
+                backend.event_destroy(h)
+            except Exception:  # noqa: BLE001 - kept for close
+                failed.append(h)
+        self.stale = failed
+        return not failed
+
     def drop_events(self, backend: Backend) -> None:
         """Destroy every event (at close); errors propagate after all are tried."""
         evs, self.events = self.events, []

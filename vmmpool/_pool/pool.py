@@ -28,7 +28,7 @@ from .._options import check_int, stream_key
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
-from ._core import Core, release_held_quietly
+from ._core import CLOSE, Core, release_held_quietly
 from ._pages import ACQUIRED, FREE, QUARANTINED, Page
 from ._stats import PageInfo, PoolStats
 
@@ -60,7 +60,8 @@ class _Ref(weakref.ref):
 
 def _collected(ref: _Ref) -> None:
     # Runs in whatever thread dropped the last reference, possibly while that
-    # thread holds the pool's lock: queue, and drain only if the lock is free.
+    # thread holds the pool's lock: queue; settle() frees it now if the lock is
+    # free, else the lock's holder does when it lets go.
     try:
         if sys.is_finalizing():
             return
@@ -70,13 +71,7 @@ def _collected(ref: _Ref) -> None:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
-        if core.lock.acquire(False):
-            try:
-                core.drain()
-            finally:
-                core.lock.release()
-            if core.want_close:
-                _close_quietly(core)
+        core.settle()
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
 
@@ -101,8 +96,8 @@ def _collect_garbage(core: Core, mark: int) -> bool:
         gc.collect()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             if core.n_garbage != before:
                 core.n_ooms -= 1
@@ -112,13 +107,11 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock.
+    # section of this very pool (a drain): never block on the lock. Queued, the
+    # close is done now if the lock is free, else by its holder on the way out.
     try:
-        if core.lock.acquire(False):
-            core.lock.release()
-            core.close()
-        else:
-            core.want_close = True
+        core.pending.append(CLOSE)
+        core.settle()
     except Exception:  # noqa: BLE001 - finalizer: never raise
         pass
 
@@ -150,14 +143,16 @@ class Allocation:
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "_hold", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_ref", "_views", "_hold", "__weakref__")
 
     ptr: int
     size: int
     device: Device
     stream: int
     pool: PagePool
-    _rec: Block | None
+    #: The weak reference the pool's safety net holds (its ``rec`` is the block);
+    #: None once freed. The block is still this allocation's while ``rec.ref is _ref``.
+    _ref: _Ref | None
     _views: weakref.WeakSet[ArrayView] | None
     #: True when something outside the pool uses the memory for as long as the
     #: object lives (CuPy's ``UnownedMemory``): ``close()`` then keeps it mapped.
@@ -178,9 +173,18 @@ class Allocation:
         BufferError
             If a view (or an array or DLPack capsule made from one) still uses
             the memory: drop it first. The allocation stays valid.
+
+        Notes
+        -----
+        Safe from a finalizer: a ``__del__`` of an object in a reference cycle
+        may free its allocation even when the cycle is collected while this
+        thread is inside the pool (the free is then queued and done when the
+        pool's lock is let go), and even after the pool's own safety net
+        already freed the allocation (collected in the same cycle): nothing
+        happens then.
         """
-        rec = self._rec
-        if rec is None:
+        ref = self._ref
+        if ref is None:
             raise ValueError(
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
@@ -189,8 +193,8 @@ class Allocation:
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
-        self._rec = None
-        self.pool._core.free(rec, self)
+        self._ref = None
+        self.pool._core.free(ref, self)
 
     def view(
         self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
@@ -226,8 +230,8 @@ class Allocation:
     @property
     def freed(self) -> bool:
         """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
-        rec = self._rec
-        return rec is None or not rec.live or self.pool._core.closed
+        ref = self._ref
+        return ref is None or ref.rec.ref is not ref or self.pool._core.closed
 
     def __int__(self) -> int:
         return self.ptr
@@ -241,7 +245,7 @@ class Allocation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._rec is not None:
+        if self._ref is not None:
             self.free()
 
     def __repr__(self) -> str:
@@ -329,7 +333,7 @@ class PagePool(ClosesOnExit):
         self._fin.atexit = False
         if pre_pages:
             try:
-                with core.lock:
+                with core.section:
                     st = core.stream(0)
                     pages = core.gather(pre_pages, pre, st)
                     # In the large heap; small requests take from it instead of remapping.
@@ -413,7 +417,7 @@ class PagePool(ClosesOnExit):
         max_pages = self._max_pages(self.device, self.page_size, limit)
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             old = core.max_pages
             core.max_pages = max_pages
@@ -487,13 +491,11 @@ class PagePool(ClosesOnExit):
         a.device = self.device
         a.stream = key
         a.pool = self
-        a._rec = rec
         a._views = None
         a._hold = False
-        ref = _Ref(a, _collected)
+        a._ref = rec.ref = ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
-        rec.ref = ref
         return a
 
     def _malloc_after_gc(
@@ -556,6 +558,11 @@ class PagePool(ClosesOnExit):
         must leave it. A stream *object* passed to ``malloc`` needs no call:
         the pool keeps it alive while the stream has memory here.
 
+        A retired stream costs nothing once it holds nothing: the pool forgets
+        it (its events and its address space) at once if it holds no block
+        and no cached page, else when its last cached page leaves it (or at
+        :meth:`trim`). Using the stream again later is allowed.
+
         Parameters
         ----------
         stream : None, int or stream object
@@ -565,11 +572,11 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             st = core.streams.get(key)
-            if st is None:
-                return
+            if st is None or core.drop_stream(st):
+                return  # nothing of it here (any more): forgotten, its address space freed
             st.record(core.backend, core.ev)
             st.retired = True
             st.obj = None
@@ -618,7 +625,7 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             if not n:
                 return []
@@ -651,7 +658,7 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             if core.pending:
                 core.drain()
             if core.closed:
@@ -691,7 +698,7 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             got = core.reclaim(None, None, wait=True)
             for st in core.streams.values():
@@ -703,7 +710,8 @@ class PagePool(ClosesOnExit):
         """Give every page not touched by live data back to the driver.
 
         Does :meth:`defragment`, then releases the free pages and the arenas
-        that no longer map anything.
+        that no longer map anything, and forgets the streams left with nothing
+        (their events too).
 
         Returns
         -------
@@ -713,13 +721,15 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             core.reclaim(None, None, wait=True)
             for st in core.streams.values():
                 st.prune()
             n = core.release_free(len(core.free_pages))
             core.release_empty_arenas()
+            for st in list(core.streams.values()):
+                core.drop_stream(st)  # streams left with nothing: forgotten
             if n:
                 logger.info("trim: gave %d page(s) back to the driver", n)
             return n * self.page_size
@@ -734,8 +744,8 @@ class PagePool(ClosesOnExit):
         P = self.page_size
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             if not core.closed and len(core.pages) > core.max_pages:
                 core.enforce_limit()
@@ -796,8 +806,8 @@ class PagePool(ClosesOnExit):
         P = self.page_size
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             info: dict[Page, PageInfo] = {}
             touching = core.touching()
@@ -860,7 +870,7 @@ class PagePool(ClosesOnExit):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
         n = check_int("max_entries", max_entries, minimum=1)
         core = self._core
-        with core.lock:
+        with core.section:
             core.history = History(n, bool(stacks)) if enabled else None
 
     def memory_summary(self) -> str:
@@ -877,7 +887,7 @@ class PagePool(ClosesOnExit):
         """
         pages = self.snapshot()
         core = self._core
-        with core.lock:
+        with core.section:
             hist = core.history
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
         settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
@@ -901,8 +911,8 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             core.check()
 
