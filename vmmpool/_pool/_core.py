@@ -317,7 +317,7 @@ class Core:
                     self.drain()
                 finally:
                     lock.release()
-        except Exception:  # noqa: BLE001 - runs from finalizers: never raise
+        except Exception:  # runs from finalizers: never raise
             logger.error("deferred pool work failed", exc_info=True)
 
     def check_reentry(self) -> None:
@@ -982,7 +982,7 @@ class Core:
                     a.res.close()  # nothing mapped: frees the address range
                     arenas.pop()
                     self.arenas.remove(a)
-        except Exception:  # noqa: BLE001 - kept; retried by trim/retire_stream/close
+        except Exception:  # kept; retried by trim, retire_stream, close
             logger.warning("forgetting stream %d failed; kept", st.key, exc_info=True)
             return False
         del self.streams[st.key]
