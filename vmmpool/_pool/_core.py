@@ -949,10 +949,12 @@ class Core:
             self.emptied.append(st)
 
     def drop_emptied(self, keep: StreamState | None) -> None:
-        """Forget the streams :meth:`unmap_cached` emptied, except `keep` (being served)."""
+        """Forget the streams :meth:`unmap_cached` emptied; `keep` (being served) stays listed."""
         emptied, self.emptied = self.emptied, []
         for st in emptied:
-            if st is not keep:
+            if st is keep:
+                self.emptied.append(st)  # next time, unless the request put a block there
+            else:
                 self.drop_stream(st)
 
     def drop_stream(self, st: StreamState) -> bool:
@@ -1322,6 +1324,7 @@ class Core:
         for st in self.streams.values():
             st.obj = None
         self.streams.clear()
+        self.emptied.clear()
         self.mapped = self.n_live = self.requested = self.in_use = 0
         if views:
             logger.info(

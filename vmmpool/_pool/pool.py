@@ -633,6 +633,8 @@ class PagePool(ClosesOnExit):
             if core.pinned() + n > core.max_pages:
                 raise core.oom(n * P, n, "the limit is reached")
             pages = core.gather(n, n * P, core.streams.get(key))
+            if core.emptied:  # the stream itself may have given its last page
+                core.drop_emptied(None)
             for p in pages:
                 p.state = ACQUIRED
                 p.stream = key
