@@ -869,6 +869,15 @@ class Core:
         `first`). With `query_first` a wait is made only after a query says
         the work is still running. Returns the pages reclaimed.
         """
+        try:
+            return self._reclaim(need, first, wait, which, query_first)
+        finally:
+            if self.emptied:  # even after a failure: what was emptied holds nothing
+                self.drop_emptied(first)
+
+    def _reclaim(
+        self, need: int | None, first: StreamState | None, wait: bool, which: str, query_first: bool
+    ) -> int:
         got = 0
         for st in self._order(first):
             if need is not None and got >= need:
@@ -903,8 +912,6 @@ class Core:
             for b, k in chosen:
                 self.unmap_cached(st, b, k)
                 got += k
-        if self.emptied:
-            self.drop_emptied(first)
         return got
 
     def unmap_cached(self, st: StreamState, b: Block, k: int) -> None:
