@@ -32,9 +32,9 @@ PyTorch keeps the raw addresses and may call them long after the
 them are gone (cached segments are freed by a later ``empty_cache()``). So:
 
 * the ``ctypes`` function objects of a pool's pair live for the rest of the
-  process (a module-level registry; one pair per pool, about a kilobyte). A C
-  function pointer cannot be revoked, and Python cannot observe when PyTorch
-  drops its copy, so freeing one is never provably safe;
+  process (a module-level registry; one pair per pool: two small ctypes thunks).
+  A C function pointer cannot be revoked, and Python cannot observe when
+  PyTorch drops its copy, so freeing one is never provably safe;
 * the memory handed out is held by the pair (``ptr -> Allocation``, each
   allocation holding its pool): the pool lives while any of it is out, and the
   pair holds the pool only weakly otherwise, so a pool that nothing uses is
@@ -118,9 +118,6 @@ class _Pair:
         )
         self.pid = os.getpid()
         self.live: dict[int, Allocation] = {}
-        self.n_alloc = 0
-        self.n_free = 0
-        self.n_null = 0
         #: The torch allocator object made from this pair (MemPool), once made.
         self.torch_allocator: Any = None
         self.mem_pool: Any = None  # weakref to the last MemPool use_pool made
@@ -137,18 +134,15 @@ class _Pair:
             if size == 0:
                 return None  # documented: no memory for zero bytes, nothing to free
             if os.getpid() != self.pid:
-                self.n_null += 1
                 _quiet(logging.WARNING, "vmmpool.torch alloc in a forked child: NULL (the pool "
                        "belongs to the parent process)")
                 return None
             pool = self._pool()
             if pool is None:
-                self.n_null += 1
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is gone "
                        "(garbage collected); returning NULL", size, self.device)
                 return None
             if self.ordinal is not None and device != self.ordinal:
-                self.n_null += 1
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes for cuda:%d, but the pool "
                        "is on %s; returning NULL", size, device, self.device)
                 return None
@@ -157,23 +151,19 @@ class _Pair:
             try:
                 a = pool.malloc(size, stream or 0)
             except OutOfMemoryError as err:
-                self.n_null += 1
                 _quiet(logging.INFO, "vmmpool.torch alloc of %d bytes on stream %#x: %s; returning "
                        "NULL (PyTorch frees its cached segments and retries, or raises its "
                        "OutOfMemoryError)", size, stream or 0, err)
                 return None
             except ClosedError:
-                self.n_null += 1
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
                        "closed; returning NULL", size, self.device)
                 return None
             a._hold = True  # PyTorch uses it until it calls free: close() keeps it mapped
             ptr = a.ptr
             self.live[ptr] = a
-            self.n_alloc += 1
             return ptr
         except BaseException:  # noqa: BLE001 - nothing may cross into C
-            self.n_null += 1
             _quiet(logging.ERROR, "vmmpool.torch alloc of %s bytes failed; returning NULL",
                    size, exc_info=True)
             return None
@@ -189,7 +179,6 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch free of %#x (%d bytes): not allocated by this "
                        "allocator, or freed twice; ignored", ptr, size)
                 return
-            self.n_free += 1
             if self._enter is not None and not a.pool.closed:
                 self._enter()
             # Dropping the last reference hands the block to the pool's finalizer
