@@ -279,6 +279,30 @@ def test_free_while_this_thread_holds_the_pool_lock_is_queued() -> None:
     assert "outstanding 0" in out and "after 0 1" in out, out
 
 
+def test_callbacks_make_the_primary_context_current_on_a_new_thread(
+    standin: Any, device: vmmpool.Device
+) -> None:
+    """On CUDA (the stand-in driver here) a callback on a thread with no current context makes the
+    device's primary context current, even when the pool itself makes no driver call."""
+    pool = vmmpool.PagePool(device, limit=8 * device.granularity)
+    alloc, free = c_functions(pool)
+    free(alloc(MiB, device.ordinal, None), MiB, device.ordinal, None)  # warm: cached now
+    seen: list[int] = []
+
+    def worker() -> None:
+        before = standin.calls("cuCtxSetCurrent")
+        p = alloc(MiB, device.ordinal, None)  # from the cache: the pool calls no driver function
+        seen.append(standin.calls("cuCtxSetCurrent") - before)
+        free(p, MiB, device.ordinal, None)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert pool.stats().live_allocations == 0
+    pool.close()
+
+
 def test_thousand_pairs_leak_nothing_and_call_no_driver(
     pool: vmmpool.PagePool, device: vmmpool.Device
 ) -> None:

@@ -99,6 +99,17 @@ def _quiet(level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         pass
 
 
+def _enter(pool: PagePool) -> None:
+    """On CUDA: make the device's primary context current on a thread that has none.
+
+    The backend's own rule (once per thread, a thread-local check afterwards): a
+    callback may run on a thread that never touched CUDA (a free from a finalizer).
+    """
+    ctx = getattr(pool.device._backend, "_ctx", None)
+    if ctx is not None:
+        ctx()
+
+
 class _Pair:
     """The two C callbacks of one pool, and the memory they handed out.
 
@@ -112,10 +123,6 @@ class _Pair:
         self.device = str(dev)
         #: The CUDA ordinal PyTorch must name; None on the host emulator (any).
         self.ordinal: int | None = None if dev.is_host else dev.ordinal
-        # The CUDA backend makes the primary context current (once per thread).
-        self._enter: Callable[[], None] | None = (
-            None if dev.is_host else getattr(dev._backend, "_ctx", None)
-        )
         self.pid = os.getpid()
         self.live: dict[int, Allocation] = {}
         #: The torch allocator object made from this pair (MemPool), once made.
@@ -146,8 +153,8 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes for cuda:%d, but the pool "
                        "is on %s; returning NULL", size, device, self.device)
                 return None
-            if self._enter is not None:
-                self._enter()
+            if self.ordinal is not None:
+                _enter(pool)
             try:
                 a = pool.malloc(size, stream or 0)
             except OutOfMemoryError as err:
@@ -179,8 +186,8 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch free of %#x (%d bytes): not allocated by this "
                        "allocator, or freed twice; ignored", ptr, size)
                 return
-            if self._enter is not None and not a.pool.closed:
-                self._enter()
+            if self.ordinal is not None and not a.pool.closed:
+                _enter(a.pool)
             # Dropping the last reference hands the block to the pool's finalizer
             # path, which never blocks: freed now if the pool's lock is free, else
             # queued for the pool's next call (this may run inside a garbage
