@@ -196,12 +196,12 @@ def test_double_free_is_logged_and_ignored(
 def test_device_argument_must_name_the_pools_device(
     pool: vmmpool.PagePool, device: vmmpool.Device, caplog: pytest.LogCaptureFixture
 ) -> None:
-    alloc, _ = c_functions(pool)
+    alloc, free = c_functions(pool)
     if device.is_host:
         p = alloc(4096, 7, None)  # the host emulator serves any ordinal
         assert p
-        vt.callbacks(pool)
-        FREE(vt.callbacks(pool)[1])(p, 4096, 7, None)
+        free(p, 4096, 7, None)
+        assert pool.stats().live_allocations == 0
         return
     with caplog.at_level(logging.WARNING, logger="vmmpool.torch"):
         assert alloc(4096, device.ordinal + 1, None) is None
@@ -649,6 +649,7 @@ def test_torch_trains_on_the_pool(cuda: vmmpool.Device) -> None:
     for prm in model.parameters():
         for t in (prm, prm.grad):
             assert any(lo <= t.data_ptr() < hi for lo, hi in ranges), hex(t.data_ptr())
+    del prm, t
     # PyTorch's accounting and the pool's agree: each segment PyTorch reserved since
     # `before` is one live allocation of the pool, of the same size.
     after = torch.cuda.memory_stats()
