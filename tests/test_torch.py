@@ -562,8 +562,13 @@ def test_mempool_and_use_pool_wiring(device: vmmpool.Device, monkeypatch: pytest
             with vt.use_pool(pool) as again:
                 assert again is used  # still referenced: reused
         assert fake.used == []
-        with vt.use_pool(pool, device=3):
-            assert fake.used[0][1] == 3
+        where = types.SimpleNamespace(index=device.ordinal)  # a torch.device
+        with vt.use_pool(pool, device=where):
+            assert fake.used[0][1] is where
+        with pytest.raises(ValueError, match=rf"must be the pool's device \(cuda:{device.ordinal}\), got 3"):
+            with vt.use_pool(pool, device=3):
+                pass
+        assert fake.used == []
         # PyTorch's allocator object outlives the pool object and every MemPool wrapper.
         p = allocator.alloc(MiB, device.ordinal, None)
         alive = weakref.ref(pool)

@@ -334,7 +334,7 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
         An open pool on a CUDA device.
     device : torch.device, int or None
         Passed to ``torch.cuda.use_mem_pool``; ``None`` (default) means the
-        pool's device.
+        pool's device. Another device is refused (``ValueError``).
 
     Yields
     ------
@@ -350,6 +350,14 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
     """
     torch = _torch()
     pair = _pair(pool)
+    ordinal = pool.device.ordinal
+    index = getattr(device, "index", device)  # a torch.device, an int or None
+    other = isinstance(index, int) and not isinstance(index, bool) and index != ordinal
+    if other and not pool.device.is_host:
+        raise ValueError(
+            f"device must be the pool's device (cuda:{ordinal}), got {device!r}: the pool's "
+            "callbacks answer NULL for any other device"
+        )
     ref = pair.mem_pool
     mp = ref() if ref is not None else None
     if mp is None:
@@ -359,7 +367,7 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
         except TypeError:  # a MemPool type without weak references: no reuse
             pair.mem_pool = None
     if device is None:
-        device = pool.device.ordinal
+        device = ordinal
     use = getattr(torch.cuda, "use_mem_pool", None) or torch.cuda.memory.use_mem_pool
     with use(mp, device):
         yield mp
