@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _share_worker import fd_count, receive_and_exit, serve
+from conftest import StandinDriver
 from fake_cuda_driver import FakeDriver, R
 
 import vmmpool
@@ -198,7 +199,7 @@ def test_handle_of_another_granularity_is_refused(host: vmmpool.Device) -> None:
     small = vmmpool.Device.emulated(capacity=8 * MiB, granularity=64 << 10)
     with GrowableBuffer(max_size=MiB, device=small, initial_size=64 << 10, shareable=True) as buf:
         with buf.share() as h:
-            with pytest.raises(ValueError, match="not a multiple of .* granularity"):
+            with pytest.raises(ValueError, match=r"not a multiple of .* granularity"):
                 h.open(host)
 
 
@@ -240,8 +241,6 @@ def test_dropped_while_shared_is_kept_until_the_receiver_is_done(host: vmmpool.D
         host.write(b.ptr, b"kept")
         m = b.share().open(host)  # the handle is garbage at once: the mapping holds the lease
         del b
-        import gc
-
         gc.collect()
         assert pool.stats().live_allocations == 1
         c = pool.malloc(3 * MiB)
@@ -581,3 +580,65 @@ def test_owner_exits_first(method: str) -> None:
             owner.proc.kill()
     assert host.counters().live == before
     assert _settle(our_base, fd_count) == our_base
+
+
+def test_cuda_share_across_processes_on_the_standin(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    # The receiver loads the same stand-in libcuda.so.1 (LD_LIBRARY_PATH is inherited):
+    # cuMemImportFromShareableHandle, reserve, map and set access in another process.
+    g = device.granularity
+    w = Worker("spawn", "pipe")
+    try:
+        with GrowableBuffer(max_size=8 * g, device=device, initial_size=g + 10, shareable=True) as buf:
+            buf.write(_pattern(g + 10, 6))
+            imports = standin.calls("cuMemImportFromShareableHandle")
+            with buf.share() as h:
+                assert w.call("open", "c", h) == (g + 10, g + 10)
+            assert standin.calls("cuMemImportFromShareableHandle") == imports  # in the other process
+            assert w.call("read", "c", None, 0) == _pattern(g + 10, 6)
+            w.call("write", "c", b"from the other process", g - 12)
+            assert buf.read(22, g - 12) == b"from the other process"
+            assert w.call("state", "cuda:0")[1] == (1, 2, 2)
+            w.call("close", "c")
+            w.call("close_handle", "c")
+            assert w.call("state", "cuda:0")[1] == (0, 0, 0)
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("op", ["import_fd", "reserve", "map", "set_access"])
+def test_open_failing_at_any_driver_call_leaves_nothing(host: vmmpool.Device, op: str) -> None:
+    with PagePool(host, shareable=True) as pool:
+        a = pool.malloc(3 * MiB)
+        h = a.share()
+        nth = 2 if op in ("import_fd", "map") else 1  # the second page's call, where there is one
+        fds = fd_count()
+        live = host.counters().live
+        host._backend.inject_fault(op, nth=nth, name="CUDA_ERROR_UNKNOWN")
+        with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_UNKNOWN"):
+            h.open(host)
+        assert host.counters().live == live and fd_count() == fds
+        with h.open(host) as m:  # the handle is intact
+            m.write(b"ok")
+        h.close()
+        a.free()
+        assert pool.stats().live_allocations == 0
+
+
+def test_share_failing_at_an_export_leaves_nothing(host: vmmpool.Device) -> None:
+    with PagePool(host, shareable=True) as pool:
+        a = pool.malloc(5 * MiB)  # three pages: three exports
+        fds = fd_count()
+        host._backend.inject_fault("export_fd", nth=3, name="CUDA_ERROR_UNKNOWN")
+        with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_UNKNOWN"):
+            a.share()
+        assert fd_count() == fds and not pool._shares
+        a.free()
+        assert pool.stats().live_allocations == 0  # not leased: freed at once
+    with GrowableBuffer(max_size=8 * MiB, device=host, initial_size=3 * MiB, shareable=True) as buf:
+        fds = fd_count()
+        host._backend.inject_fault("export_fd", nth=2, name="CUDA_ERROR_UNKNOWN")
+        with pytest.raises(vmmpool.DriverError):
+            buf.share()
+        assert fd_count() == fds and not buf._state.exported
