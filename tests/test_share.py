@@ -642,3 +642,21 @@ def test_share_failing_at_an_export_leaves_nothing(host: vmmpool.Device) -> None
         with pytest.raises(vmmpool.DriverError):
             buf.share()
         assert fd_count() == fds and not buf._state.exported
+
+
+def test_readme_two_process_example_runs(tmp_path: Any) -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (script,) = re.findall(r"```py\n(# share_demo\.py\n.*?)```", (root / "README.md").read_text(), re.S)
+    path = tmp_path / "share_demo.py"
+    path.write_text(script)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["b'HELLO world'", "b'HELLO'"]

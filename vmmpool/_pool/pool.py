@@ -193,7 +193,7 @@ class Allocation:
             )
         self._rec = None
         shares = self.pool._shares
-        if shares and shares.mark_freed(rec):
+        if shares.entries and shares.mark_freed(rec):  # a dict test: the hot path stays cheap
             # Shared: receivers may still map these bytes; the pool frees the
             # block once every receiver is done (see _shares.py).
             self.pool._reap_shares()
@@ -475,7 +475,7 @@ class PagePool(ClosesOnExit):
     def _reap_shares(self) -> None:
         """Free the shared allocations whose receivers are all done (lock NOT held)."""
         shares = self._shares
-        if not shares:
+        if not shares.entries:
             return
         for rec, alloc in shares.done():
             try:
