@@ -523,13 +523,24 @@ def test_pool_allocation_is_kept_until_the_receiver_closes(worker: Worker, host:
     assert _settle(our_base, fd_count) == our_base
 
 
+def _warm_up(method: str) -> None:
+    """Start what multiprocessing keeps for the process's lifetime (their fds stay open)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    if method == "forkserver":
+        forkserver.ensure_running()
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_receiver_exits_first(method: str, host: vmmpool.Device) -> None:
     ctx = mp.get_context(method)
+    _warm_up(method)
+    our_base = fd_count()
+    conn, other = ctx.Pipe()
     with PagePool(host, shareable=True) as pool:
         a = pool.malloc(3 * MiB)
         h = a.share()
-        conn, other = ctx.Pipe()
         p = ctx.Process(target=receive_and_exit, args=(h, other), daemon=True)
         p.start()  # the handle travels as a process argument
         assert conn.poll(TIMEOUT)
@@ -541,7 +552,6 @@ def test_receiver_exits_first(method: str, host: vmmpool.Device) -> None:
         conn.send("exit")
         p.join(TIMEOUT)
         assert p.exitcode == 0
-        other.close()
 
         def live() -> int:
             return pool.stats().live_allocations
@@ -551,12 +561,17 @@ def test_receiver_exits_first(method: str, host: vmmpool.Device) -> None:
         host.write(b.ptr, b"reused")
         b.free()
     assert host.counters().live == (0, 0, 0)
+    p.close()  # its sentinel
+    other.close()
+    conn.close()
+    assert _settle(our_base, fd_count) == our_base
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_owner_exits_first(method: str) -> None:
     host = vmmpool.Device("host")  # what open() picks by default for host memory
     before = host.counters().live
+    _warm_up(method)
     owner = Worker(method, "pipe")
     try:
         data = _pattern(4 * MiB + 7, 5)

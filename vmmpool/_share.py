@@ -370,7 +370,11 @@ class SharedMemoryHandle(ClosesOnExit):
         )
 
 
-def _unmap(res: Any, lease: list[int]) -> None:
+def _unmap(res: Any, lease: list[int], pid: int) -> None:
+    """A mapping's finalizer: unmap and free its range, close its lease copy."""
+    if os.getpid() != pid:  # a forked child never releases its parent's memory
+        _close_fds(lease)  # its own copy of the descriptor
+        return
     try:
         res.close()
     finally:
@@ -407,7 +411,9 @@ class SharedMapping(ClosesOnExit):
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._fin = safety_finalizer(self, _unmap, res, self._lease, backend=device._backend)
+        self._fin = safety_finalizer(
+            self, _unmap, res, self._lease, self._pid, backend=device._backend
+        )
 
     @property
     def closed(self) -> bool:
@@ -499,7 +505,7 @@ class SharedMapping(ClosesOnExit):
                 self._res.close()  # resumable: a failed close can be retried
             except BaseException:
                 self._fin = safety_finalizer(
-                    self, _unmap, self._res, self._lease, backend=self.device._backend
+                    self, _unmap, self._res, self._lease, self._pid, backend=self.device._backend
                 )
                 raise
             _close_fds(self._lease)
