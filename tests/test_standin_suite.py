@@ -40,6 +40,7 @@ SUITE = [
     "test_contract.py",
     "test_cuda_standin.py",
     "test_torch.py",
+    "test_share.py",
 ]
 
 #: The documented answers the default stand-in does not give.
