@@ -21,6 +21,7 @@ from ._errors import (
     DriverError,
     OutOfMemoryError,
     VmmError,
+    VmmWarning,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
@@ -50,6 +51,7 @@ __all__ = [
     "PhysicalAllocation",
     "PoolStats",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

@@ -57,7 +57,7 @@ draw_page_map(pool, ax=bottom, title="after the frees: 3 survivors pin scattered
 fig.tight_layout()
 s = pool.stats()
 print("after frees: ", page_map(pool))
-print(f"live: {s.allocated_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
+print(f"live: {s.requested_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
       f"largest allocatable: {s.largest_allocatable // MiB} MiB")
 
 # %% [markdown]

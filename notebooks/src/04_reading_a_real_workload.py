@@ -127,5 +127,5 @@ for is_free, slot, nbytes, stream in trace.events[: peak_at + 1]:
         handles[slot] = pool.malloc(nbytes, stream)
 print(pool.memory_summary())
 s = pool.stats()
-assert s.allocated_bytes == best
+assert s.requested_bytes == best
 pool.close()
