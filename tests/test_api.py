@@ -28,6 +28,7 @@ PUBLIC = {
     "OutOfMemoryError",
     "PhysicalAllocation",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",
