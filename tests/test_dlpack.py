@@ -395,7 +395,7 @@ def test_numpy_takes_the_buffer_itself_as_bytes(buf: GrowableBuffer) -> None:
     assert copied.ctypes.data != buf.ptr and np.array_equal(copied, a)
     as_f32 = np.asarray(buf, dtype="float32")  # a cast: a copy of the values
     assert as_f32.dtype == np.float32 and as_f32.shape == (buf.size,) and as_f32[0] == 7
-    with pytest.raises(ValueError, match="a cast copies; use buf.view"):
+    with pytest.raises(ValueError, match=r"a cast copies; use buf\.view"):
         np.asarray(buf, dtype="float32", copy=False)
     del a
     buf.resize(0)
@@ -413,5 +413,5 @@ def test_numpy_refuses_a_buffer_on_a_cuda_device_clearly(device: vmmpool.Device)
         if device.is_host:
             assert np.asarray(b).nbytes == MiB
         else:
-            with pytest.raises(TypeError, match=r"needs host memory, but this buffer is on .*cupy\.from_dlpack"):
+            with pytest.raises(TypeError, match=r"needs host memory, but this buffer is on .*from_dlpack"):
                 np.asarray(b)

@@ -109,7 +109,7 @@ def test_history_is_bounded_and_validated(device: vmmpool.Device) -> None:
             pool.malloc(100).free()
         trace = pool.memory_snapshot()["device_traces"][-1]
         assert [e["action"] for e in trace] == ["alloc", "free_requested", "free_completed"]
-        with pytest.raises(ValueError, match="enabled must be 'all' .* or None .*, got 'yes'"):
+        with pytest.raises(ValueError, match=r"enabled must be 'all' .* or None .*, got 'yes'"):
             pool.record_history("yes")
         with pytest.raises(ValueError, match="no per-block stacks"):
             pool.record_history("state")
@@ -151,7 +151,8 @@ def test_memory_stats_uses_pytorchs_keys_and_numbers(device: vmmpool.Device) -> 
         assert m["requested_bytes.all.peak"] == 4 * P + 1
         assert m["reserved_bytes.all.current"] == pool.stats().reserved_bytes == m["segment.all.current"] * P
         assert m["reserved_bytes.all.peak"] >= m["reserved_bytes.all.current"]
-        assert (m["allocation.all.current"], m["allocation.all.allocated"], m["allocation.all.freed"]) == (1, 2, 1)
+        counts = (m["allocation.all.current"], m["allocation.all.allocated"], m["allocation.all.freed"])
+        assert counts == (1, 2, 1)
         assert m["num_ooms"] == 0 and m["num_alloc_retries"] == 0 and m["num_sync_all_streams"] == 0
         assert all(isinstance(v, int) for v in m.values())
         with pytest.raises(vmmpool.OutOfMemoryError):
@@ -205,7 +206,9 @@ def test_memory_summary_abbreviated(device: vmmpool.Device) -> None:
         a.free()
 
 
-def test_dump_snapshot_records_page_mappings_as_segment_events(device: vmmpool.Device, tmp_path: Path) -> None:
+def test_dump_snapshot_records_page_mappings_as_segment_events(
+    device: vmmpool.Device, tmp_path: Path
+) -> None:
     P = device.granularity
     with pool_of(device, 6) as pool:
         pool.record_history("all", context=None)

@@ -239,7 +239,8 @@ def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
 def test_limit_above_the_device_is_clamped() -> None:
     """Issue 8 item 8: largest_allocatable never promises more than the device has."""
     dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
-    with pytest.warns(vmmpool.VmmWarning, match=r"limit 67108864 bytes is more than .* clamped to 16777216") as w:
+    clamped = r"limit 67108864 bytes is more than .* clamped to 16777216"
+    with pytest.warns(vmmpool.VmmWarning, match=clamped) as w:
         pool = PagePool(dev, limit=32 * 2 * MiB)
     assert len(w) == 1 and w[0].filename == __file__  # once, pointing at the caller
     with pool:
