@@ -151,19 +151,19 @@ class Core:
         cached = self.cached_bytes()
         if pin is not None:
             head = (
-                f"{nbytes} bytes requested would pin {pin} more page(s) of {P} bytes ({n} to map"
+                f"the block would pin {pin} more page(s) of {P} bytes ({n} to map"
                 + (f", {pin - n} cached it covers" if pin > n else "")
-                + f"), and {pinned} of the limit's {self.max_pages} pages hold live data: "
+                + f") and {pinned} of the limit's {self.max_pages} pages hold live data: "
                 f"{pinned} + {pin} > {self.max_pages}"
             )
         else:
-            head = f"{nbytes} bytes requested need {n} unmapped page(s) of {P} bytes"
+            head = f"the block needs {n} unmapped page(s) of {P} bytes"
             if found is not None:
                 head += f", only {found} could be gathered (free, creatable under the limit or reclaimable)"
+        # The bytes (requested, in use = allocated_bytes, cached, limit) head the error's text.
         msg = (
-            f"page pool on {self.device}: {head}; allocated {self.in_use} bytes, cached {cached} bytes "
-            f"({reclaimable} whole page(s) reclaimable), {len(self.free_pages)} free page(s), "
-            f"{len(self.pages)} page(s) held"
+            f"page pool on {self.device}: {head}; {reclaimable} cached page(s) reclaimable, "
+            f"{len(self.free_pages)} free, {len(self.pages)} held"
         )
         if why:
             msg = f"{msg}; {why}"
