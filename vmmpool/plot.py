@@ -18,11 +18,15 @@ memory_timeline
     Allocated versus reserved bytes over time, for one or more runs side by side.
 growth_cost
     Seconds (or bytes copied) to grow a buffer against its size, one line per method.
+owner_colors
+    The allocation colours: distinct, and never near a page state's colour. Every allocation in
+    a figure gets its own, the same in each of the figure's axes.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +104,7 @@ def color_distance(a: Any, b: Any) -> float:
 
 
 _ORDER: list[str] = []
+_ORDER_LOCK = threading.Lock()  # figures drawn from several threads extend one order
 
 
 def _candidates(fine: bool) -> list[str]:
@@ -153,14 +158,15 @@ def owner_colors(n: int) -> list[str]:
         More colours asked for than distinct candidates exist.
     """
     n = int(n)
-    if n > len(_ORDER):
-        if not _ORDER:
-            _extend(_ORDER, _candidates(False), 10**9)  # the whole coarse order (cheap)
+    with _ORDER_LOCK:
         if n > len(_ORDER):
-            _extend(_ORDER, _candidates(True), n)
-        if n > len(_ORDER):
-            raise ValueError(f"at most {len(_ORDER)} distinct allocation colours exist, {n} asked for")
-    return _ORDER[:n]
+            if not _ORDER:
+                _extend(_ORDER, _candidates(False), 10**9)  # the whole coarse order (cheap)
+            if n > len(_ORDER):
+                _extend(_ORDER, _candidates(True), n)
+            if n > len(_ORDER):
+                raise ValueError(f"at most {len(_ORDER)} distinct allocation colours exist, {n} asked for")
+        return _ORDER[:n]
 
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
