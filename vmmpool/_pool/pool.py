@@ -862,8 +862,6 @@ class PagePool(ClosesOnExit):
               ``cuMemCreate``) held, created, released.
             - ``"allocation.all.{current,allocated,freed}"`` and ``"active.all.current"``:
               live allocations, mallocs, frees.
-            - ``"inactive_split.all.current"`` / ``"inactive_split_bytes.all.current"``:
-              cached free ranges and their bytes.
             - ``"num_alloc_retries"``: requests served by unmapping cached pages and
               remapping them (PyTorch: a failed ``cudaMalloc`` retried after freeing its
               cache); ``"num_ooms"``; ``"num_sync_all_streams"``: device synchronizes.
@@ -871,7 +869,10 @@ class PagePool(ClosesOnExit):
         Notes
         -----
         Peaks count since the pool was made or since :meth:`reset_peak_memory_stats`.
-        :meth:`stats` gives the same figures, and more, as a :class:`PoolStats`.
+        :meth:`stats` gives the same figures, and more, as a :class:`PoolStats`. Keys whose
+        PyTorch meaning has no vmmpool counterpart are left out rather than approximated
+        (``inactive_split*``: vmmpool's cached ranges can be reclaimed page by page;
+        ``num_device_alloc``/``num_device_free``: see ``Device.counters()`` for driver calls).
         """
         s = self.stats()
         P = s.page_size
@@ -884,8 +885,6 @@ class PagePool(ClosesOnExit):
             "allocation.all.allocated": s.n_malloc,
             "allocation.all.current": s.live_allocations,
             "allocation.all.freed": s.n_free,
-            "inactive_split.all.current": s.cached_blocks,
-            "inactive_split_bytes.all.current": s.cached_bytes,
             "num_alloc_retries": s.n_remaps,
             "num_ooms": s.n_ooms,
             "num_sync_all_streams": s.n_syncs,
