@@ -26,6 +26,7 @@ from ._errors import (
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+from ._share import SharedMapping, SharedMemoryHandle
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,8 @@ __all__ = [
     "PagePool",
     "PhysicalAllocation",
     "PoolStats",
+    "SharedMapping",
+    "SharedMemoryHandle",
     "VmmError",
     "VmmWarning",
     "__version__",
