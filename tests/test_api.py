@@ -23,6 +23,7 @@ PUBLIC = {
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "HandleType",
     "Mapping",
     "OutOfMemoryError",
