@@ -102,7 +102,10 @@ def test_first_views_from_two_threads_are_both_tracked(monkeypatch: pytest.Monke
         views: list[object] = [None, None]
         errors: list[BaseException] = []
 
-        def take(i: int, a: Allocation = a, views: list[object] = views) -> None:
+        def take(
+            i: int, a: Allocation = a, views: list[object] = views,
+            errors: list[BaseException] = errors,
+        ) -> None:
             try:
                 views[i] = a.view()
             except BaseException as err:  # noqa: BLE001 - reported below
