@@ -59,8 +59,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _refuse(obj: object, how: str) -> NoReturn:
     name = type(obj).__name__
     raise TypeError(
-        f"a {name} cannot be {how}: it owns device memory or tracks its lifetime, and a copy "
-        f"would escape that tracking; pass the {name} itself (or copy its bytes)"
+        f"{name} objects cannot be {how}: they own device memory or track its lifetime, and a "
+        f"copy would escape that tracking; pass the {name} itself (or copy its bytes)"
     )
 
 
