@@ -252,7 +252,11 @@ class Allocation(NoCopy):
 
     @property
     def freed(self) -> bool:
-        """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
+        """True once freed (explicitly, or implicitly by the pool's ``close()``).
+
+        Also True in a forked child, where the allocation is unusable (the
+        parent's allocation stays live).
+        """
         rec = self._rec
         return rec is None or not rec.live or self.pool._core.closed
 
@@ -400,7 +404,7 @@ class PagePool(ClosesOnExit, NoCopy):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran."""
+        """True once :meth:`close` ran (and in a forked child, where the pool is unusable)."""
         return self._core.closed
 
     def _enter(self) -> Core:
