@@ -96,17 +96,20 @@ def test_alloc_shows_in_stats_and_free_releases(pool: vmmpool.PagePool, device: 
     p = alloc(3 * MiB + 100, d, None)
     assert p and p % 512 == 0
     s = pool.stats()
-    assert (s.live_allocations, s.allocated_bytes, s.n_malloc) == (1, 3 * MiB + 100, 1)
+    # requested: what was asked; allocated: with the pool's 512-byte rounding
+    assert (s.live_allocations, s.requested_bytes, s.allocated_bytes, s.n_malloc) == (
+        1, 3 * MiB + 100, 3 * MiB + 512, 1
+    )
     assert vt.outstanding(pool) == 1
     q = alloc(4096, d, None)
     assert q and not (p <= q < p + 3 * MiB + 100)
     assert pool.stats().live_allocations == 2
     free(p, 3 * MiB + 100, d, None)
     s = pool.stats()
-    assert (s.live_allocations, s.allocated_bytes, s.n_free) == (1, 4096, 1)
+    assert (s.live_allocations, s.requested_bytes, s.allocated_bytes, s.n_free) == (1, 4096, 4096, 1)
     free(q, 4096, d, None)
     s = pool.stats()
-    assert (s.live_allocations, s.allocated_bytes, s.in_use_bytes) == (0, 0, 0)
+    assert (s.live_allocations, s.requested_bytes, s.allocated_bytes) == (0, 0, 0)
     assert vt.outstanding(pool) == 0
     pool._check()
 
@@ -325,7 +328,7 @@ def test_thousand_pairs_leak_nothing_and_call_no_driver(
 
     rounds(1000)
     s = pool.stats()
-    assert (s.live_allocations, s.allocated_bytes, s.in_use_bytes) == (0, 0, 0)
+    assert (s.live_allocations, s.requested_bytes, s.allocated_bytes) == (0, 0, 0)
     assert (s.n_malloc, s.n_free) == (1000, 1000)
     assert vt.outstanding(pool) == 0
     calls = dict(device.counters().calls)
@@ -664,7 +667,7 @@ def test_torch_trains_on_the_pool(cuda: vmmpool.Device) -> None:
     segments = after["segment.all.current"] - before.get("segment.all.current", 0)
     reserved = after["reserved_bytes.all.current"] - before.get("reserved_bytes.all.current", 0)
     assert segments > 0 and reserved > 0
-    assert (s.live_allocations, s.allocated_bytes) == (segments, reserved), (s, segments, reserved)
+    assert (s.live_allocations, s.requested_bytes) == (segments, reserved), (s, segments, reserved)
     assert vt.outstanding(pool) == segments
     assert after["allocated_bytes.all.current"] - before.get("allocated_bytes.all.current", 0) <= reserved
     del model, opt, x, y, loss, mp

@@ -19,8 +19,10 @@ from ._errors import (
     ClosedError,
     DeviceUnavailableError,
     DriverError,
+    ForkedError,
     OutOfMemoryError,
     VmmError,
+    VmmWarning,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
@@ -42,6 +44,7 @@ __all__ = [
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "GrowableBuffer",
     "HandleType",
     "Mapping",
@@ -53,6 +56,7 @@ __all__ = [
     "SharedMapping",
     "SharedMemoryHandle",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

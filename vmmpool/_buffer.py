@@ -61,6 +61,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
+from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
@@ -356,6 +357,8 @@ def _release(state: _State) -> None:
     a locked section of that pool, or in the middle of a backend call. Without
     one it is done here.
     """
+    if state.device._backend.forked:
+        return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
         defer(state.free)
@@ -363,7 +366,7 @@ def _release(state: _State) -> None:
         state.free()
 
 
-class GrowableBuffer(ClosesOnExit):
+class GrowableBuffer(ClosesOnExit, NoCopy):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
     Parameters
@@ -491,7 +494,12 @@ class GrowableBuffer(ClosesOnExit):
                 raise
 
     # ----------------------------------------------------------------- facts
+    def _owned(self) -> None:
+        """Raise ForkedError in a forked child (before any lock: a parent thread may hold it)."""
+        self._state.device._backend.check_process("GrowableBuffer")
+
     def _live(self) -> _State:
+        self._owned()
         if self._closed:
             raise ClosedError("GrowableBuffer")
         return self._state
@@ -616,6 +624,7 @@ class GrowableBuffer(ClosesOnExit):
         ClosedError
             The buffer was closed.
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -643,6 +652,7 @@ class GrowableBuffer(ClosesOnExit):
         int
             The buffer's pointer (new if it moved).
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -661,6 +671,7 @@ class GrowableBuffer(ClosesOnExit):
         BufferError
             A live view uses bytes in the pages that would go.
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             self._apply(st, self._pages_for(st.size), st.size, False, "size")
@@ -692,11 +703,62 @@ class GrowableBuffer(ClosesOnExit):
         --------
         >>> a = numpy.from_dlpack(buf.view("float32"))   # host: shares the memory
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             v = ArrayView(self, st.device, st.res.address, st.size, dtype, shape, offset)
             self._views.add(v)
             return v
+
+    # DLPack and NumPy on the buffer itself: a uint8 view of the current size.
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`."""
+        return self._live().device.dlpack_device
+
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """Export the buffer's bytes (``uint8``, its current :attr:`size`) as DLPack.
+
+        ``numpy.from_dlpack(buf)`` (host), ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)`` (GPU) is ``from_dlpack(buf.view())``: zero-copy,
+        and the array keeps the memory alive and mapped like any view's. Arguments
+        as :meth:`ArrayView.__dlpack__`; for another dtype or shape use :meth:`view`.
+        """
+        return self.view().__dlpack__(
+            stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
+        )
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> Any:
+        """``numpy.asarray(buf)``: a ``uint8`` array over the buffer's bytes (host emulator only).
+
+        Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
+        the array keeps the memory mapped like any view. Memory on a CUDA device raises
+        ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)``.
+        """
+        import numpy as np
+
+        st = self._live()
+        if not st.device.is_host:
+            raise TypeError(
+                f"numpy.asarray(GrowableBuffer) needs host memory, but this buffer is on {st.device}: "
+                "use cupy.from_dlpack(buf) or torch.from_dlpack(buf), or buf.read() for a host copy"
+            )
+        arr = np.from_dlpack(self.view())
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
+                    "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
+                )
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
 
     def _range(self, offset: object, nbytes: int, size: int) -> int:
         off = check_int("offset", offset)
@@ -706,6 +768,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
             st = self._usable()
@@ -714,6 +777,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
         """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
+        self._owned()
         with self._lock:
             st = self._usable()
             off = self._range(offset, 0, st.size)
@@ -786,6 +850,8 @@ class GrowableBuffer(ClosesOnExit):
         drops it). If a step fails, the
         error propagates and calling ``close()`` again resumes where it stopped.
         """
+        if self._fin.alive:
+            self._owned()  # a forked child releases nothing
         with self._lock:
             self._closed = True
             if not self._fin.alive:

@@ -12,7 +12,9 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -22,9 +24,10 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ClosedError, OutOfMemoryError
+from .._errors import ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, format_summary, torch_snapshot
 from .._options import check_int, stream_key
+from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from ._arena import Arena
@@ -40,6 +43,9 @@ logger = logging.getLogger("vmmpool.pool")
 
 #: After an out-of-memory, retries while garbage collection keeps giving memory back.
 _GC_RETRIES = 3
+
+#: Guards the first store of an allocation's view set (Allocation.view).
+_VIEWS_LOCK = threading.Lock()
 
 
 def _addr(b: Block) -> int:
@@ -68,7 +74,7 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
-            if core.held:
+            if core.held and not core.forked:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
@@ -114,7 +120,10 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock.
+    # section of this very pool (a drain): never block on the lock. Nothing in a
+    # forked child: the pool's memory is the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             core.lock.release()
@@ -126,7 +135,7 @@ def _close_quietly(core: Core) -> None:
 
 
 # ------------------------------------------------------------------ Allocation
-class Allocation:
+class Allocation(NoCopy):
     """Memory from :meth:`PagePool.malloc`.
 
     Attributes
@@ -187,18 +196,30 @@ class Allocation:
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
         if self._views:
+            core = self.pool._core
+            if core.forked:
+                raise core.closed_error()
             raise BufferError(
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
         shares = self.pool._shares
-        if shares.entries and shares.mark_freed(rec):  # a dict test: the hot path stays cheap
-            # Shared: receivers may still map these bytes; the pool frees the
-            # block once every receiver is done (see _shares.py).
-            self.pool._reap_shares()
-            return
-        self.pool._core.free(rec, self)
+        if shares.entries:  # a dict test: the hot path stays cheap
+            core = self.pool._core
+            if core.forked:
+                self._rec = rec  # refused in a forked child: nothing changed
+                raise core.closed_error()
+            if shares.mark_freed(rec):
+                # Shared: receivers may still map these bytes; the pool frees the
+                # block once every receiver is done (see _shares.py).
+                self.pool._reap_shares()
+                return
+        try:
+            self.pool._core.free(rec, self)
+        except ForkedError:
+            self._rec = rec  # refused in a forked child: nothing changed
+            raise
 
     def view(
         self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
@@ -221,14 +242,26 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
-        if self.pool._core.closed:
-            raise ClosedError("PagePool")
+        core = self.pool._core
+        if core.closed:
+            raise core.closed_error()
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
-        if self._views is None:
-            self._views = weakref.WeakSet()
-        self._views.add(v)
+        views = self._views
+        if views is None:
+            # Made lazily (a set per malloc would cost the hot path), but never
+            # lost (issue 17 item 3): two threads taking first views both saw None
+            # and each stored its own set, so one view went untracked and free()
+            # was then accepted under a live array. Built outside the lock (it
+            # allocates, so the garbage collector may run there); the check and
+            # the store under it allocate nothing.
+            new: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+            with _VIEWS_LOCK:
+                views = self._views
+                if views is None:
+                    self._views = views = new
+        views.add(v)
         return v
 
     def share(self) -> SharedMemoryHandle:
@@ -302,7 +335,11 @@ class Allocation:
 
     @property
     def freed(self) -> bool:
-        """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
+        """True once freed (explicitly, or implicitly by the pool's ``close()``).
+
+        Also True in a forked child, where the allocation is unusable (the
+        parent's allocation stays live).
+        """
         rec = self._rec
         return rec is None or not rec.live or self.pool._core.closed
 
@@ -330,7 +367,7 @@ class Allocation:
 
 
 # -------------------------------------------------------------------- PagePool
-class PagePool(ClosesOnExit):
+class PagePool(ClosesOnExit, NoCopy):
     """A memory pool of physical pages that defragments by remapping.
 
     Parameters
@@ -447,8 +484,15 @@ class PagePool(ClosesOnExit):
             raise ValueError(f"page_size {P} is larger than the device's memory ({total} bytes)")
         if n is None:
             return total // P
-        # Clamped: above what the device has, largest_allocatable would promise
-        # memory the device cannot give.
+        if n > total:
+            # Clamped: above what the device has, largest_allocatable would promise
+            # memory the device cannot give. Said once, where the limit was given.
+            warnings.warn(
+                f"PagePool limit {n} bytes is more than {dev}'s memory ({total} bytes): "
+                f"clamped to {total // P * P} bytes ({total // P} pages of {P} bytes)",
+                VmmWarning,
+                stacklevel=3,
+            )
         return min(n, total) // P
 
     # ------------------------------------------------------------ properties
@@ -464,7 +508,7 @@ class PagePool(ClosesOnExit):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran."""
+        """True once :meth:`close` ran (and in a forked child, where the pool is unusable)."""
         return self._core.closed
 
     @property
@@ -489,8 +533,14 @@ class PagePool(ClosesOnExit):
         if core.pending:
             core.drain()
         if core.closed:
-            raise ClosedError("PagePool")
+            raise core.closed_error()
         return core
+
+    def _check_process(self) -> None:
+        """Raise ForkedError in a forked child (for calls that work on a closed pool)."""
+        core = self._core
+        if core.forked:
+            raise core.closed_error()
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit (``None``: the device's total memory).
@@ -657,6 +707,8 @@ class PagePool(ClosesOnExit):
         call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
         core = self._core
+        if core.forked:
+            return  # the buffer's memory is the parent's: a child releases nothing
         if core.closed:
             fn()
         else:
@@ -742,7 +794,7 @@ class PagePool(ClosesOnExit):
                 return []
             P = self.page_size
             if core.pinned() + n > core.max_pages:
-                raise core.oom(n * P, n, "the limit is reached")
+                raise core.oom(n * P, n, "the limit is reached", pin=n)
             pages = core.gather(n, n * P, core.streams.get(key))
             for p in pages:
                 p.state = ACQUIRED
@@ -765,6 +817,7 @@ class PagePool(ClosesOnExit):
         ValueError
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
+        self._check_process()
         items = list(pages)
         core = self._core
         if core.tasks:
@@ -891,6 +944,7 @@ class PagePool(ClosesOnExit):
 
         Walks the free ranges and the live blocks (for ``small_pages``).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         self._reap_shares()
@@ -915,16 +969,16 @@ class PagePool(ClosesOnExit):
             largest = biggest if core.closed else core.largest_block()
             ev = core.ev
             return PoolStats(
-                allocated_bytes=core.requested,
-                in_use_bytes=core.in_use,
+                allocated_bytes=core.in_use,
+                requested_bytes=core.requested,
                 cached_bytes=free_bytes,
                 cached_blocks=n_free_ranges,
                 free_pages=len(core.free_pages),
                 total_pages=len(core.pages),
                 page_size=P,
                 limit=core.max_pages * P,
-                peak_allocated_bytes=core.peak_requested,
-                peak_in_use_bytes=core.peak_in_use,
+                peak_allocated_bytes=core.peak_in_use,
+                peak_requested_bytes=core.peak_requested,
                 peak_reserved_bytes=core.peak_total,
                 n_malloc=core.n_malloc,
                 n_free=core.n_free,
@@ -954,6 +1008,7 @@ class PagePool(ClosesOnExit):
         Meant for plots and debugging (it walks every page and block: not for
         hot paths).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         if core.tasks:
@@ -997,37 +1052,163 @@ class PagePool(ClosesOnExit):
                         info[p] = PageInfo(p.index, "free", None)
             return sorted(info.values(), key=lambda i: i.index)
 
-    def record_history(
-        self, enabled: bool = True, *, max_entries: int = 100_000, stacks: bool = False
-    ) -> None:
-        """Start (or stop) recording allocation events, like ``torch.cuda.memory._record_memory_history``.
+    def memory_stats(self) -> dict[str, int]:
+        """The pool's statistics as PyTorch's flat dictionary (``torch.cuda.memory_stats()``).
 
-        Parameters
-        ----------
-        enabled : bool
-            True starts a new history (dropping the old one); False stops and drops it.
-        max_entries : int
-            Events kept; the oldest are dropped beyond this many.
-        stacks : bool
-            Record the Python stack of each event (for the memory viewer's "frames"); costs a
-            stack walk per malloc and free.
+        Returns
+        -------
+        dict of str to int
+            Keys as PyTorch spells them, for the pool type ``all`` (vmmpool's small- and
+            large-block heaps are not counted apart):
+
+            - ``"allocated_bytes.all.{current,peak}"``: live allocations with their rounding
+              (``memory_allocated()``); ``"requested_bytes.all.{current,peak}"``: the sizes
+              asked for; ``"active_bytes.all.{current,peak}"``: as allocated (freed memory is
+              reusable in stream order at once).
+            - ``"reserved_bytes.all.{current,peak,allocated,freed}"``: physical pages held
+              (``memory_reserved()``), and the bytes of pages created and released so far.
+            - ``"segment.all.{current,allocated,freed}"``: physical pages (each one
+              ``cuMemCreate``) held, created, released.
+            - ``"allocation.all.{current,allocated,freed}"`` and ``"active.all.current"``:
+              live allocations, mallocs, frees.
+            - ``"num_alloc_retries"``: requests served by unmapping cached pages and
+              remapping them (PyTorch: a failed ``cudaMalloc`` retried after freeing its
+              cache); ``"num_ooms"``; ``"num_sync_all_streams"``: device synchronizes.
 
         Notes
         -----
-        Events are ``alloc``, ``free_requested`` and ``free_completed`` with address, size,
-        stream and time; :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as
-        ``device_traces``. Recording costs one tuple append per event.
+        Peaks count since the pool was made or since :meth:`reset_peak_memory_stats`.
+        :meth:`stats` gives the same figures, and more, as a :class:`PoolStats`. Keys whose
+        PyTorch meaning has no vmmpool counterpart are left out rather than approximated
+        (``inactive_split*``: vmmpool's cached ranges can be reclaimed page by page;
+        ``num_device_alloc``/``num_device_free``: see ``Device.counters()`` for driver calls).
         """
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        s = self.stats()
+        P = s.page_size
+        return {
+            "active.all.current": s.live_allocations,
+            "active_bytes.all.current": s.allocated_bytes,
+            "active_bytes.all.peak": s.peak_allocated_bytes,
+            "allocated_bytes.all.current": s.allocated_bytes,
+            "allocated_bytes.all.peak": s.peak_allocated_bytes,
+            "allocation.all.allocated": s.n_malloc,
+            "allocation.all.current": s.live_allocations,
+            "allocation.all.freed": s.n_free,
+            "num_alloc_retries": s.n_remaps,
+            "num_ooms": s.n_ooms,
+            "num_sync_all_streams": s.n_syncs,
+            "requested_bytes.all.current": s.requested_bytes,
+            "requested_bytes.all.peak": s.peak_requested_bytes,
+            "reserved_bytes.all.allocated": s.n_page_creations * P,
+            "reserved_bytes.all.current": s.reserved_bytes,
+            "reserved_bytes.all.freed": s.n_page_releases * P,
+            "reserved_bytes.all.peak": s.peak_reserved_bytes,
+            "segment.all.allocated": s.n_page_creations,
+            "segment.all.current": s.total_pages,
+            "segment.all.freed": s.n_page_releases,
+        }
+
+    def reset_peak_memory_stats(self) -> None:
+        """Start every peak again from its current value (``torch.cuda.reset_peak_memory_stats()``).
+
+        Affects ``peak_allocated_bytes``, ``peak_requested_bytes`` and
+        ``peak_reserved_bytes`` (and the ``.peak`` keys of :meth:`memory_stats`), not the
+        pool's behaviour: its growth budget still remembers the highest use it has seen.
+        """
+        self._check_process()
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending and not core.closed:
+                core.drain()
+            core.reset_peaks()
+
+    def empty_cache(self) -> int:
+        """PyTorch's name for :meth:`trim` (``torch.cuda.empty_cache()``).
+
+        Returns
+        -------
+        int
+            Bytes of physical memory given back to the driver.
+        """
+        return self.trim()
+
+    def record_history(
+        self,
+        enabled: str | bool | None = "all",
+        context: str | None = "all",
+        stacks: str | bool = "python",
+        max_entries: int = 100_000,
+    ) -> None:
+        """Start or stop recording events, as ``torch.cuda.memory._record_memory_history``.
+
+        Parameters
+        ----------
+        enabled : {"all", None}
+            ``"all"`` starts a new history (dropping the old one); ``None`` stops and drops
+            it. ``True`` and ``False`` (the older form) mean the same. PyTorch's ``"state"``
+            (stacks of live blocks, no history) is not supported: vmmpool keeps no per-block
+            stacks.
+        context : {"all", "alloc", None}
+            Which events carry the Python stack (the memory viewer's "frames"): ``"all"``,
+            only allocations (``"alloc"``), or none (``None``: no stack walk, cheapest).
+        stacks : {"python", "all"} or bool
+            Which frames: Python frames in both cases (vmmpool runs no C++ between you and
+            the driver worth showing). A bool (the older form) overrides `context`:
+            ``True`` is ``"all"``, ``False`` is ``None``.
+        max_entries : int
+            Events kept; the oldest are dropped beyond this many.
+
+        Notes
+        -----
+        Events are ``alloc``, ``free_requested`` and ``free_completed`` (address, size
+        asked for, stream, time) and, for the pool's pages, ``segment_map`` (pages mapped
+        into the pool's address space: new pages and remapped ones) and ``segment_unmap``
+        (cached pages unmapped: for a remap, a limit, :meth:`defragment` or :meth:`trim`),
+        the actions PyTorch's memory viewer draws as segments growing and shrinking.
+        :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as ``device_traces``.
+        Recording costs one tuple append per event, plus a stack walk where `context` asks.
+        """
+        if enabled is True or enabled == "all":
+            on = True
+        elif enabled is None or enabled is False:
+            on = False
+        elif isinstance(enabled, str):
+            raise ValueError(
+                f"enabled must be 'all' (record events) or None (stop), got {enabled!r}"
+                + (": vmmpool keeps no per-block stacks, so 'state' has nothing to record"
+                   if enabled == "state" else "")
+            )
+        else:
+            raise TypeError(f"enabled must be 'all', None or a bool, got {type(enabled).__name__}")
+        if isinstance(stacks, bool):
+            context = "all" if stacks else None
+        elif stacks not in ("python", "all"):
+            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {stacks!r}")
+        if context not in ("all", "alloc", None):
+            raise ValueError(
+                f"context must be 'all', 'alloc' or None, got {context!r}"
+                + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
+            )
         n = check_int("max_entries", max_entries, minimum=1)
+        self._check_process()
         core = self._core
         with core.lock:
-            core.history = History(n, bool(stacks)) if enabled else None
+            core.history = History(n, context) if on else None
 
-    def memory_summary(self) -> str:
-        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``."""
-        return format_summary(self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB")
+    def memory_summary(self, abbreviated: bool = False) -> str:
+        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``.
+
+        Parameters
+        ----------
+        abbreviated : bool
+            Only the memory rows (allocated, requested, reserved, in their current and peak
+            values), as PyTorch's abbreviated summary; without the breakdown and the counts.
+        """
+        return format_summary(
+            self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB", abbreviated
+        )
 
     def memory_snapshot(self) -> dict[str, Any]:
         """The pool's memory in PyTorch's snapshot format (plain dicts), as ``torch.cuda.memory._snapshot()``.
@@ -1060,6 +1241,7 @@ class PagePool(ClosesOnExit):
 
         Walks every page and block (slow): for tests and debugging.
         """
+        self._check_process()
         core = self._core
         if core.tasks:
             core.run_tasks()
@@ -1083,6 +1265,10 @@ class PagePool(ClosesOnExit):
         memory lives until the caller unmaps them (driver rule 7) and
         ``release_pages`` becomes a no-op. If a driver call fails, the error
         propagates and calling ``close()`` again releases what is left.
+
+        In a child forked from the pool's process it raises
+        :class:`~vmmpool.ForkedError` and releases nothing (the memory is the
+        parent's), unless the pool holds nothing.
         """
         core = self._core
         if core.tasks:
@@ -1094,7 +1280,7 @@ class PagePool(ClosesOnExit):
 
     def __enter__(self) -> PagePool:
         if self._core.closed:
-            raise ClosedError("PagePool")
+            raise self._core.closed_error()
         return self
 
     def __repr__(self) -> str:
