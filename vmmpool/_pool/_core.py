@@ -10,15 +10,17 @@ import bisect
 import collections
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from .. import _process
 from .._device import Device
 from .._dlpack import ArrayView
-from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._errors import ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
 from ._arena import Arena
@@ -133,7 +135,12 @@ class Core:
         # Requests above this are rounded up to whole pages.
         self.page_round = -1 if round_above is None else round_above
         self.peers = access_devices[1:]
+        #: Pages are created exportable (PagePool(shareable=True)).
+        self.shareable = False
         self.closed = False
+        # True in a child forked from the owner (then `closed` is True too, so
+        # that malloc / free refuse at no cost on their hot paths; see _forked).
+        self.forked = False
         # Collected allocations (their _Ref), frees made re-entrantly, RELEASE_HELD and
         # CLOSE markers: appended by finalizers without the lock, drained under it by the
         # next call, or at once by whoever holds the lock when it lets go (settle()).
@@ -167,6 +174,9 @@ class Core:
         self.peak_requested = 0
         self.peak_in_use = 0
         self.peak_total = 0
+        # The highest in-use bytes ever, for the growth budget: reset_peak_memory_stats()
+        # lowers the reported peaks, never the budget (only budget() reads it).
+        self.budget_peak = 0
         self.n_malloc = 0
         self.n_free = 0
         self.n_created = 0
@@ -181,6 +191,29 @@ class Core:
         self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
+        _process.track(self)
+
+    # ----------------------------------------------------------------- fork
+    def _forked(self) -> None:
+        """In a forked child (the fork hook, one thread): refuse everything, release nothing.
+
+        ``closed`` turns True, which malloc and free already test (their hot
+        paths stay as they were); ``forked`` makes every refusal a
+        :class:`~vmmpool.ForkedError` and keeps close() and the finalizers from
+        releasing the parent's memory. The lock is replaced: a parent thread may
+        have held it at the fork. Queued work belongs to the parent.
+        """
+        self.forked = True
+        self.closed = True
+        self.lock = threading.Lock()
+        self.tasks.clear()
+        self.pending.clear()
+
+    def closed_error(self) -> ClosedError:
+        """The error for a use of a closed pool: ForkedError in a forked child."""
+        if self.forked:
+            return ForkedError("PagePool", self.backend.owner_pid, os.getpid())
+        return ClosedError("PagePool")
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
@@ -196,7 +229,16 @@ class Core:
             sz * len(b) for st in self.streams.values() for h in st.heaps for sz, b in h.bins.items()
         )
 
-    def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+    def oom(
+        self, nbytes: int, n: int, why: str = "", *, pin: int | None = None, found: int | None = None
+    ) -> OutOfMemoryError:
+        """The error for a request the pool refuses, stating the figures the refusal used.
+
+        `n` is the pages the request would map. With `pin` (the pages it would newly pin:
+        those it maps plus cached ones it covers), the refusal was ``pinned + pin > limit``
+        and the message shows that sum; with `found`, the pool gathered only `found` of the
+        `n` unmapped pages it needed (free, creatable, reclaimable).
+        """
         # Built from the state the caller leaves behind (after any undo), so
         # that it agrees with a stats() taken right after.
         self.n_ooms += 1
@@ -204,11 +246,21 @@ class Core:
         pinned = self.pinned()
         reclaimable = self.cached()
         cached = self.cached_bytes()
+        if pin is not None:
+            head = (
+                f"the block would pin {pin} more page(s) of {P} bytes ({n} to map"
+                + (f", {pin - n} cached it covers" if pin > n else "")
+                + f") and {pinned} of the limit's {self.max_pages} pages hold live data: "
+                f"{pinned} + {pin} > {self.max_pages}"
+            )
+        else:
+            head = f"the block needs {n} unmapped page(s) of {P} bytes"
+            if found is not None:
+                head += f", only {found} could be gathered (free, creatable under the limit or reclaimable)"
+        # The bytes (requested, in use = allocated_bytes, cached, limit) head the error's text.
         msg = (
-            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
-            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
-            f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
-            f"{len(self.free_pages)} free"
+            f"page pool on {self.device}: {head}; {reclaimable} cached page(s) reclaimable, "
+            f"{len(self.free_pages)} free, {len(self.pages)} held"
         )
         if why:
             msg = f"{msg}; {why}"
@@ -255,6 +307,13 @@ class Core:
             self.peak_requested = self.requested
         if self.in_use > self.peak_in_use:
             self.peak_in_use = self.in_use
+
+    def reset_peaks(self) -> None:
+        """Peaks start again from the current values (PyTorch's ``reset_peak_memory_stats``)."""
+        self.budget_peak = max(self.budget_peak, self.peak_in_use)
+        self.peak_requested = self.requested
+        self.peak_in_use = self.in_use
+        self.peak_total = len(self.pages) * self.P
 
     def sync(self) -> None:
         """Wait for all work on the device that owns the memory (close only)."""
@@ -347,7 +406,7 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
-                raise ClosedError("PagePool")
+                raise self.closed_error()
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
             st = self.streams.get(key)
@@ -525,7 +584,7 @@ class Core:
         )
         pin, to_map = (fresh, fresh) if fresh_arena or best is None else best[:2]
         if self.pinned() + pin > self.max_pages:
-            raise self.oom(nbytes, to_map, "the limit is reached")
+            raise self.oom(nbytes, to_map, "the limit is reached", pin=pin)
         if len(self.pages) <= self.prealloc and to_map > self.ready_pages():
             # A pool that holds only its preallocated pages (all in the large
             # heap) serves from them rather than remap one: no driver call.
@@ -624,6 +683,8 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
+                if self.forked:
+                    raise self.closed_error()
                 return
             b = ref.rec
             if b.ref is not ref:
@@ -729,8 +790,9 @@ class Core:
             self.free_pages.extend(got)
             raise
         if len(got) < n:
+            found = len(got)
             self.free_pages.extend(got)
-            raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
+            raise self.oom(nbytes, n, why or "no free, creatable or cached page left", found=found)
         if self.n_reclaimed != reclaimed:
             self.n_remaps += 1
             logger.info(
@@ -741,11 +803,12 @@ class Core:
     def budget(self) -> int:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
         P = self.P
-        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES + self.slack
+        peak = max(self.peak_in_use, self.budget_peak)
+        return -(-int(peak * GROWTH) // P) + GROWTH_PAGES + self.slack
 
     def max_slack(self) -> int:
         """The most the budget's slack grows to (pages): see ``GROWTH_MAX_PAGES``."""
-        share = -(-int(self.peak_in_use * GROWTH_MAX_SHARE) // self.P)
+        share = -(-int(max(self.peak_in_use, self.budget_peak) * GROWTH_MAX_SHARE) // self.P)
         return min(GROWTH_MAX_PAGES * len(self.streams), max(2 * GROWTH_MAX_PAGES, share))
 
     def create_pages(self, got: list[Page], k: int) -> str:
@@ -766,7 +829,7 @@ class Core:
         return why
 
     def create_page(self) -> Page:
-        phys = create(self.P, self.device)
+        phys = create(self.P, self.device, handle_type="posix_fd" if self.shareable else "none")
         page = Page(phys, next(self.index))
         self.pages[phys] = page
         self.n_created += 1
@@ -824,6 +887,8 @@ class Core:
             arena.slots[slot + i] = p
         arena.mapped += n
         self.mapped += n
+        if self.history is not None:
+            self.history.record("segment_map", base, n * P, key)
 
     def new_arena(self, h: Heap, n: int) -> Arena:
         want = max(ARENA_FACTOR * self.max_pages, ARENA_MIN_PAGES, n)
@@ -922,6 +987,8 @@ class Core:
         u0 = s1 - k
         assert s0 <= u0 < s1
         a.res.unmap(u0 * P, k * P)
+        if self.history is not None:
+            self.history.record("segment_unmap", a.base + u0 * P, k * P, st.key)
         h = a.heap
         h.remove(b)
         cut = a.base + u0 * P
@@ -1262,6 +1329,12 @@ class Core:
 
     def close_locked(self) -> None:
         """:meth:`close` with the lock held."""
+        if self.forked:
+            # The arenas and pages are the parent's: releasing them here
+            # would punch holes in the parent's memory (issue 17).
+            if self.arenas or self.pages or self.held:
+                raise self.closed_error()
+            return
         if self.closed and not self.arenas and not self.pages:
             return
         errors: list[BaseException] = []
@@ -1361,7 +1434,10 @@ def release_held_quietly(core: Core) -> None:
     Never blocks: the release is queued and done now if the lock is free, else
     by whichever thread holds the lock when it lets go (``Core.settle``), so it
     is never lost (issue 17 item 7: it used to be dropped when the lock was busy).
+    Nothing in a forked child: the arenas are the parent's.
     """
+    if core.forked:
+        return
     core.pending.append(RELEASE_HELD)
     core.settle()
 
