@@ -723,6 +723,8 @@ class Core:
         the pool): the free is validated and queued, never waited for.
         """
         if self.owner == _ident() and self.lock.locked():
+            if self.forked:
+                raise self.closed_error()
             b = ref.rec
             if not self.closed and b.ref is not ref and ref() is not None:
                 raise ValueError(f"allocation at {b.addr:#x} was already freed")
