@@ -853,6 +853,7 @@ def test_a_retired_stream_freeing_later_is_covered_by_one_device_synchronize(
         b = pool.malloc(4 * P, stream=1)
         s = pool.stats()
         assert s.n_syncs == 1 and s.n_reclaimed_pages == 4
+        assert 777 not in pool._core.streams  # its last block freed, its pages gone: forgotten
         b.free()
         pool._check()
 
