@@ -532,6 +532,8 @@ class Core:
             # a tail and a head of two pages: the smallest pair that completes it
             two: tuple[int, Src, Src] | None = None
             for T in tails:
+                if T[0] >= need:
+                    break  # the tail alone holds it (a free range does)
                 j = bisect.bisect_left(hsizes, need - T[0])
                 while j < len(heads) and (heads[j][2] is T[2] or heads[j][1] is T[1]):
                     j += 1
