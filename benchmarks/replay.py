@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/replay.py TRACE... [--device D] [--json PATH]
+    python benchmarks/replay.py [TRACE...] [--synthetic] [--device D] [--json PATH]
 
 For each trace (a PyTorch memory snapshot pickle or an RMM CSV log): one
 replay with default settings and a search of the smallest limit, in whole
@@ -16,6 +16,11 @@ Writes ``benchmarks/results/replay-<device kind>.json`` (``replay-host.json``
 on the host emulator) with the date, the machine and every figure. A trace
 whose replay fails for a reason other than out of memory (an OS limit of the
 emulator, say) is recorded with its error and the run goes on.
+
+``--synthetic`` adds generated transformer inference traces of 1-5 MiB tensors
+(``vmmpool._workloads.gpt_inference``: 220-600 MiB live, one stream): the
+kind of trace where the free bytes of partly used pages decide the smallest
+limit.
 """
 
 from __future__ import annotations
@@ -33,11 +38,17 @@ import _common
 
 import vmmpool
 from vmmpool import replay as R
+from vmmpool._workloads import gpt_inference
+
+#: The generated traces ``--synthetic`` adds: (seed, layers, decode steps).
+SYNTHETIC = ((0, 24, 48), (1, 24, 48), (2, 12, 64), (3, 8, 24))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("traces", nargs="+", metavar="TRACE")
+    p.add_argument("traces", nargs="*", metavar="TRACE")
+    p.add_argument("--synthetic", action="store_true",
+                   help="also replay the generated transformer inference traces (1-5 MiB tensors)")
     p.add_argument(
         "--device", default=None,
         help="host, cuda or cuda:N (default: a fresh host-emulated device sized to each trace)",
@@ -49,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also replay each trace with every size times F (repeatable; e.g. 0.1 turns "
                         "10-160 MiB tensors into 1-16 MiB); the recorded figures do not apply there")
     args = p.parse_args(argv)
+    if not args.traces and not args.synthetic:
+        p.error("give at least one TRACE or --synthetic")
     device = None if args.device is None else vmmpool.Device(args.device)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
@@ -59,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((path, base, False))
         for f in args.scale or ():
             jobs.append((path, R.scaled(base, f), True))
+    if args.synthetic:
+        for seed, layers, steps in SYNTHETIC:
+            jobs.append(("", gpt_inference(seed, layers, steps), True))
     for path, tr, is_scaled in jobs:
         t0 = time.perf_counter()
         try:
