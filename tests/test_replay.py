@@ -541,3 +541,10 @@ def test_cli_replays_every_device_of_a_snapshot(
     one = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 100)]), "one.pickle")
     assert main(["replay", str(one)]) == 0
     assert "one.pickle " in capsys.readouterr().out
+
+
+def test_an_rmm_log_has_no_device_to_choose(tmp_path: Path) -> None:
+    p = tmp_path / "log.csv"
+    p.write_text("Thread,Time,Action,Pointer,Size,Stream\n")
+    with pytest.raises(R.TraceError, match=r"log\.csv: an RMM log has no devices to choose \(device=1\)"):
+        R.load(p, 1)
