@@ -17,10 +17,10 @@ on the host emulator) with the date, the machine and every figure. A trace
 whose replay fails for a reason other than out of memory (an OS limit of the
 emulator, say) is recorded with its error and the run goes on.
 
-``--synthetic`` adds generated transformer inference traces of 1-5 MiB tensors
-(``vmmpool._workloads.gpt_inference``: 220-600 MiB live, one stream): the
-kind of trace where the free bytes of partly used pages decide the smallest
-limit.
+``--synthetic`` adds generated transformer inference traces of 1-8 MiB tensors
+(``vmmpool._workloads``: GPT-2-shaped models of 110-780 MiB live, and a
+stress test whose layers all differ; one stream): the kind of trace where
+the free bytes of partly used pages decide the smallest limit.
 """
 
 from __future__ import annotations
@@ -38,9 +38,17 @@ import _common
 
 import vmmpool
 from vmmpool import replay as R
-from vmmpool._workloads import gpt_inference
+from vmmpool._workloads import gpt2_inference, gpt_inference
 
-#: The generated traces ``--synthetic`` adds: (seed, layers, decode steps).
+#: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
+#: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
+#: every layer's sizes different, as (seed, layers, decode steps).
+SYNTHETIC_GPT2: tuple[dict[str, int], ...] = (
+    {},
+    {"batch": 8, "prompt": 64, "new_tokens": 64},
+    {"layers": 12, "d_model": 768, "heads": 12},
+    {"layers": 8, "d_model": 512, "heads": 8, "batch": 2, "prompt": 256, "new_tokens": 16},
+)
 SYNTHETIC = ((0, 24, 48), (1, 24, 48), (2, 12, 64), (3, 8, 24))
 
 
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in args.scale or ():
             jobs.append((path, R.scaled(base, f), True))
     if args.synthetic:
+        for kw in SYNTHETIC_GPT2:
+            jobs.append(("", gpt2_inference(**kw), True))
         for seed, layers, steps in SYNTHETIC:
             jobs.append(("", gpt_inference(seed, layers, steps), True))
     for path, tr, is_scaled in jobs:

@@ -17,7 +17,7 @@ import pytest
 import vmmpool
 from vmmpool import replay as R
 from vmmpool._pool import PagePool
-from vmmpool._workloads import gpt_inference
+from vmmpool._workloads import gpt2_inference
 
 P = 64 << 10
 
@@ -122,11 +122,12 @@ def test_random_work_at_the_limit_keeps_every_live_byte(seed: int) -> None:
     assert dev.counters().live == (0, 0, 0)
 
 
-def test_gpt_inference_smallest_limit_improves() -> None:
-    # A small variant of the benchmark's synthetic transformer inference (1-5
-    # MiB tensors, KV caches growing by concatenation): measured 2026-12-06,
-    # the smallest limit was 1.0294 x peak live before aliases.
-    tr = gpt_inference(seed=3, layers=8, decode_steps=24)
+def test_gpt2_shaped_inference_smallest_limit() -> None:
+    # A small GPT-2-shaped inference (8 layers, d_model 512, bf16, batch 2, 256 + 16 tokens,
+    # 112 MiB live): KV caches grow by concatenation, so every new cache is a few KiB
+    # larger than the hole the last one left. Measured 2026-12-06: 1.0340 x peak live
+    # without aliases (58 pages), 1.0162 with them (57).
+    tr = gpt2_inference(layers=8, d_model=512, heads=8, batch=2, prompt=256, new_tokens=16)
     mn = R.min_limit(tr)
     assert mn.result.syncs == 0
-    assert mn.ratio <= 1.03
+    assert mn.ratio <= 1.02, f"{mn.ratio:.4f} x peak live"
