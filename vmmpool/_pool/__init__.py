@@ -44,8 +44,11 @@ no page rounding (unless ``small_threshold`` asks for it).
 malloc(n, stream)
 -----------------
 1. Best fit among the free ranges of the stream's heap for the size (exact-size
-   bins, then ``bisect`` over the sorted sizes); split at the end that leaves
-   the most whole pages free. Zero driver calls: the steady state.
+   bins, then ``bisect`` over the sorted sizes); a block larger than a page
+   is split off at the end that leaves the most whole pages free, a smaller
+   one at the range's start (the rest stays next to what its neighbours
+   free: a tensor grown by concatenation fits there). Zero driver calls: the
+   steady state.
 2. Otherwise the block goes where it *pins* the fewest pages (pages it touches
    that no live block touched: the scarce resource at the limit), then
    where it needs the fewest new ones: after a free range that ends at
@@ -87,10 +90,11 @@ the lent bytes free again in the page's own slot) at the next reclaim of its
 stream (a remap, :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`)
 once every byte it owns is free and the work that used them is done (the
 same events as any reclaim). Measured on the host emulator (2026-12-06):
-synthetic transformer inference of 1-5 MiB tensors completes at 1.029-1.047
-x peak live (was 1.029-1.058), the shared traces scaled to 0.1x at
-1.0060-1.0098 (was 1.0064-1.0098); a trace that completes without aliases
-runs exactly as before (they are made only where a request would fail).
+the shared traces scaled to 0.1x complete at 1.0060-1.0098 x peak live (was
+1.0064-1.0098), generated GPT-2-shaped inference (1-8 MiB tensors, KV caches
+grown by concatenation) at 1.009-1.020 (was 1.020-1.034, with the split rule
+of step 1); a trace that completes without aliases runs as before (they are
+made only where a request would fail).
 
 free() makes no driver call: the block joins the free ranges of its heap.
 
