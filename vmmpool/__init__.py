@@ -19,12 +19,15 @@ from ._errors import (
     ClosedError,
     DeviceUnavailableError,
     DriverError,
+    ForkedError,
     OutOfMemoryError,
     VmmError,
+    VmmWarning,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+from ._share import SharedMapping, SharedMemoryHandle
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ __all__ = [
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "GrowableBuffer",
     "HandleType",
     "Mapping",
@@ -49,7 +53,10 @@ __all__ = [
     "PagePool",
     "PhysicalAllocation",
     "PoolStats",
+    "SharedMapping",
+    "SharedMemoryHandle",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

@@ -61,6 +61,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
+from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
@@ -70,6 +71,7 @@ from ._resources import (
     reserve,
     safety_finalizer,
 )
+from ._share import SharedMemoryHandle, check_shareable, not_shareable
 
 __all__ = ["GrowableBuffer", "PageSource"]
 
@@ -132,6 +134,8 @@ class _State:
         "unusable",
         "debris_res",
         "debris_pages",
+        "shareable",
+        "exported",
     )
 
     def __init__(
@@ -155,6 +159,10 @@ class _State:
         self.unusable: str | None = None
         self.debris_res: list[AddressReservation] = []
         self.debris_pages: list[PhysicalAllocation] = []
+        #: Pages are created exportable (shareable=True).
+        self.shareable = False
+        #: Pages handed to another process by share(): a pool never reuses them.
+        self.exported: set[PhysicalAllocation] = set()
 
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
@@ -170,18 +178,35 @@ class _State:
             return pages
         pages = undo.pages = []  # filled as created: undo releases exactly those
         undo.push(self.give_back, pages)
+        kind = "posix_fd" if self.shareable else "none"
         for _ in range(count):
-            pages.append(create(self.page, self.device))
+            pages.append(create(self.page, self.device, handle_type=kind))
         return pages
 
     def give_back(self, pages: Sequence[PhysicalAllocation]) -> None:
-        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op)."""
+        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op).
+
+        Pages shared with another process go back to a pool as discarded (the
+        pool releases them and never reuses them: the receiver keeps them).
+        """
         if self.pool is not None:
             if pages:
-                self.pool.release_pages(list(pages))
+                exported = self.exported
+                if exported:
+                    shared = [p for p in pages if p in exported]
+                    kept = [p for p in pages if p not in exported]
+                    if kept:
+                        self.pool.release_pages(kept)
+                    if shared:
+                        self.pool._discard_pages(shared)  # type: ignore[attr-defined]
+                        exported.difference_update(shared)
+                else:
+                    self.pool.release_pages(list(pages))
         else:
             for p in pages:
                 p.close()
+            if self.exported:
+                self.exported.difference_update(pages)
 
     def map_pages(
         self, undo: _Undo, res: AddressReservation, first: int, pages: Sequence[PhysicalAllocation]
@@ -216,7 +241,7 @@ class _State:
         while indices:
             i = first + indices[-1]
             handle = backend.retain(self.res.address + i * self.page)
-            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, exportable=False)
+            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
             indices.pop()
 
     # ------------------------------------------------------------ operations
@@ -250,7 +275,7 @@ class _State:
             else:
                 self.res.unmap(keep * g, len(tail) * g)
                 undo.push(self.remap, self.res, keep, tail)
-                self.pool.release_pages(tail)
+                self.give_back(tail)
         except BaseException as err:
             undo.run(self, err)
             raise
@@ -332,6 +357,8 @@ def _release(state: _State) -> None:
     a locked section of that pool, or in the middle of a backend call. Without
     one it is done here.
     """
+    if state.device._backend.forked:
+        return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
         defer(state.free)
@@ -339,7 +366,7 @@ def _release(state: _State) -> None:
         state.free()
 
 
-class GrowableBuffer(ClosesOnExit):
+class GrowableBuffer(ClosesOnExit, NoCopy):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
     Parameters
@@ -365,6 +392,12 @@ class GrowableBuffer(ClosesOnExit):
         owning device is synchronized when omitted. It must outlive the buffer.
     peers : iterable of int
         Other device ordinals to grant read-write access (CUDA only).
+    shareable : bool
+        Create pages exportable as POSIX file descriptors so that
+        :meth:`share` works (on CUDA ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``;
+        on the host emulator a memfd per page). With `pool`, the pool must be
+        shareable; a buffer on a shareable pool is shareable. A device without
+        POSIX fd handles raises ``ValueError`` here, before anything is created.
 
     Raises
     ------
@@ -403,7 +436,10 @@ class GrowableBuffer(ClosesOnExit):
         *,
         stream: object = None,
         peers: Iterable[int] = (),
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         if pool is not None:
             if not callable(getattr(pool, "acquire_pages", None)):
                 raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
@@ -427,8 +463,19 @@ class GrowableBuffer(ClosesOnExit):
             limit = -(-limit // page) * page
         if initial > limit:
             raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
+        if pool is not None:
+            pool_shareable = bool(getattr(pool, "shareable", False))
+            if shareable and not pool_shareable:
+                raise ValueError(
+                    "shareable=True needs a shareable pool: create it with "
+                    "PagePool(..., shareable=True)"
+                )
+            shareable = pool_shareable
+        elif shareable:
+            check_shareable(dev)
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
+        self._state.shareable = shareable
         self._lock = threading.RLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
@@ -447,7 +494,12 @@ class GrowableBuffer(ClosesOnExit):
                 raise
 
     # ----------------------------------------------------------------- facts
+    def _owned(self) -> None:
+        """Raise ForkedError in a forked child (before any lock: a parent thread may hold it)."""
+        self._state.device._backend.check_process("GrowableBuffer")
+
     def _live(self) -> _State:
+        self._owned()
         if self._closed:
             raise ClosedError("GrowableBuffer")
         return self._state
@@ -572,6 +624,7 @@ class GrowableBuffer(ClosesOnExit):
         ClosedError
             The buffer was closed.
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -599,6 +652,7 @@ class GrowableBuffer(ClosesOnExit):
         int
             The buffer's pointer (new if it moved).
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -617,6 +671,7 @@ class GrowableBuffer(ClosesOnExit):
         BufferError
             A live view uses bytes in the pages that would go.
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             self._apply(st, self._pages_for(st.size), st.size, False, "size")
@@ -648,11 +703,62 @@ class GrowableBuffer(ClosesOnExit):
         --------
         >>> a = numpy.from_dlpack(buf.view("float32"))   # host: shares the memory
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             v = ArrayView(self, st.device, st.res.address, st.size, dtype, shape, offset)
             self._views.add(v)
             return v
+
+    # DLPack and NumPy on the buffer itself: a uint8 view of the current size.
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`."""
+        return self._live().device.dlpack_device
+
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """Export the buffer's bytes (``uint8``, its current :attr:`size`) as DLPack.
+
+        ``numpy.from_dlpack(buf)`` (host), ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)`` (GPU) is ``from_dlpack(buf.view())``: zero-copy,
+        and the array keeps the memory alive and mapped like any view's. Arguments
+        as :meth:`ArrayView.__dlpack__`; for another dtype or shape use :meth:`view`.
+        """
+        return self.view().__dlpack__(
+            stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
+        )
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> Any:
+        """``numpy.asarray(buf)``: a ``uint8`` array over the buffer's bytes (host emulator only).
+
+        Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
+        the array keeps the memory mapped like any view. Memory on a CUDA device raises
+        ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)``.
+        """
+        import numpy as np
+
+        st = self._live()
+        if not st.device.is_host:
+            raise TypeError(
+                f"numpy.asarray(GrowableBuffer) needs host memory, but this buffer is on {st.device}: "
+                "use cupy.from_dlpack(buf) or torch.from_dlpack(buf), or buf.read() for a host copy"
+            )
+        arr = np.from_dlpack(self.view())
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
+                    "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
+                )
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
 
     def _range(self, offset: object, nbytes: int, size: int) -> int:
         off = check_int("offset", offset)
@@ -662,6 +768,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
             st = self._usable()
@@ -670,12 +777,67 @@ class GrowableBuffer(ClosesOnExit):
 
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
         """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
+        self._owned()
         with self._lock:
             st = self._usable()
             off = self._range(offset, 0, st.size)
             n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
             self._range(off, n, st.size)
             return st.device.read(st.res.address + off, n)
+
+    # ---------------------------------------------------------------- sharing
+    @property
+    def shareable(self) -> bool:
+        """Whether :meth:`share` works (``shareable=True``, or a shareable pool)."""
+        return self._state.shareable
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this buffer's bytes in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the same pages read-write at an address of that process
+        (:class:`~vmmpool.SharedMapping`). Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Covers the :attr:`size` bytes the buffer has now
+            (``handle.nbytes``), one POSIX file descriptor per page.
+
+        Raises
+        ------
+        ValueError
+            The buffer was not created shareable, or its size is 0.
+        ClosedError
+            The buffer was closed.
+
+        Notes
+        -----
+        Growth after sharing is not seen by that handle's receivers: they see
+        ``handle.nbytes`` bytes; share again for the new size. A move
+        (``allow_move=True``) keeps the same pages, so the memory stays shared.
+        The receiver keeps every page it maps for as long as it maps it: when
+        the owner shrinks, closes or exits, those pages are no longer the
+        owner's (writes stop being visible both ways for them) but their bytes
+        stay with the receiver; a pool takes such pages back as discarded and
+        never reuses them, so no receiver sees another buffer's data.
+        Nothing orders the two processes' work: synchronize before reading
+        what the other side wrote.
+        """
+        with self._lock:
+            st = self._usable()
+            if not st.shareable:
+                raise not_shareable("this GrowableBuffer")
+            if st.size == 0:
+                raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
+            pages = st.pages[: self._pages_for(st.size)]
+            handle, lease = SharedMemoryHandle._make(
+                st.device, "GrowableBuffer", pages, st.size, 0, st.page
+            )
+            lease.close()  # a buffer needs no lease: it never reuses exported pages
+            st.exported.update(pages)
+            return handle
 
     # ---------------------------------------------------------------- closing
     def close(self) -> None:
@@ -688,6 +850,8 @@ class GrowableBuffer(ClosesOnExit):
         drops it). If a step fails, the
         error propagates and calling ``close()`` again resumes where it stopped.
         """
+        if self._fin.alive:
+            self._owned()  # a forked child releases nothing
         with self._lock:
             self._closed = True
             if not self._fin.alive:

@@ -6,7 +6,8 @@ Where things are
 slots), ``_blocks.py`` (sub-page blocks and free ranges, best fit),
 ``_streams.py`` (per-stream caches and events), ``_stats.py`` (the public
 records), ``_core.py`` (the state and algorithms), ``pool.py`` (``PagePool``
-and ``Allocation``).
+and ``Allocation``), ``_shares.py`` (allocations shared with other processes:
+kept out of reuse while a receiver maps them).
 
 Design
 ======
@@ -147,8 +148,8 @@ Invariants (checked by ``PagePool._check``, after every step of
    allocation; pages it created or unmapped stay free pages; nothing leaks, no
    range is half mapped. (If even the undo fails, the pages concerned are
    *quarantined*: never reused, released by ``close()``.)
-6. ``in_use_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
-   are counted in ``in_use_bytes`` besides).
+6. ``allocated_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
+   are counted in ``allocated_bytes`` besides).
 7. Cached memory leaves its stream only after an event recorded after its last
    free completed (or, for a retired stream, a device synchronize).
 

@@ -10,14 +10,16 @@ import bisect
 import collections
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+from .. import _process
 from .._device import Device
 from .._dlpack import ArrayView
-from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._errors import ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
 from ._arena import Arena
@@ -72,7 +74,12 @@ class Core:
         # Requests above this are rounded up to whole pages.
         self.page_round = -1 if round_above is None else round_above
         self.peers = access_devices[1:]
+        #: Pages are created exportable (PagePool(shareable=True)).
+        self.shareable = False
         self.closed = False
+        # True in a child forked from the owner (then `closed` is True too, so
+        # that malloc / free refuse at no cost on their hot paths; see _forked).
+        self.forked = False
         self.pending: collections.deque[Any] = collections.deque()
         # Work that finalizers queued and that needs the backend or the lock
         # (a garbage-collected GrowableBuffer's release): run by the next
@@ -106,6 +113,9 @@ class Core:
         self.peak_requested = 0
         self.peak_in_use = 0
         self.peak_total = 0
+        # The highest in-use bytes ever, for the growth budget: reset_peak_memory_stats()
+        # lowers the reported peaks, never the budget (only budget() reads it).
+        self.budget_peak = 0
         self.n_malloc = 0
         self.n_free = 0
         self.n_created = 0
@@ -120,6 +130,30 @@ class Core:
         self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
+        _process.track(self)
+
+    # ----------------------------------------------------------------- fork
+    def _forked(self) -> None:
+        """In a forked child (the fork hook, one thread): refuse everything, release nothing.
+
+        ``closed`` turns True, which malloc and free already test (their hot
+        paths stay as they were); ``forked`` makes every refusal a
+        :class:`~vmmpool.ForkedError` and keeps close() and the finalizers from
+        releasing the parent's memory. The lock is replaced: a parent thread may
+        have held it at the fork. Queued work belongs to the parent.
+        """
+        self.forked = True
+        self.closed = True
+        self.want_close = False
+        self.lock = threading.Lock()
+        self.tasks.clear()
+        self.pending.clear()
+
+    def closed_error(self) -> ClosedError:
+        """The error for a use of a closed pool: ForkedError in a forked child."""
+        if self.forked:
+            return ForkedError("PagePool", self.backend.owner_pid, os.getpid())
+        return ClosedError("PagePool")
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
@@ -135,7 +169,16 @@ class Core:
             sz * len(b) for st in self.streams.values() for h in st.heaps for sz, b in h.bins.items()
         )
 
-    def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+    def oom(
+        self, nbytes: int, n: int, why: str = "", *, pin: int | None = None, found: int | None = None
+    ) -> OutOfMemoryError:
+        """The error for a request the pool refuses, stating the figures the refusal used.
+
+        `n` is the pages the request would map. With `pin` (the pages it would newly pin:
+        those it maps plus cached ones it covers), the refusal was ``pinned + pin > limit``
+        and the message shows that sum; with `found`, the pool gathered only `found` of the
+        `n` unmapped pages it needed (free, creatable, reclaimable).
+        """
         # Built from the state the caller leaves behind (after any undo), so
         # that it agrees with a stats() taken right after.
         self.n_ooms += 1
@@ -143,11 +186,21 @@ class Core:
         pinned = self.pinned()
         reclaimable = self.cached()
         cached = self.cached_bytes()
+        if pin is not None:
+            head = (
+                f"the block would pin {pin} more page(s) of {P} bytes ({n} to map"
+                + (f", {pin - n} cached it covers" if pin > n else "")
+                + f") and {pinned} of the limit's {self.max_pages} pages hold live data: "
+                f"{pinned} + {pin} > {self.max_pages}"
+            )
+        else:
+            head = f"the block needs {n} unmapped page(s) of {P} bytes"
+            if found is not None:
+                head += f", only {found} could be gathered (free, creatable under the limit or reclaimable)"
+        # The bytes (requested, in use = allocated_bytes, cached, limit) head the error's text.
         msg = (
-            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
-            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
-            f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
-            f"{len(self.free_pages)} free"
+            f"page pool on {self.device}: {head}; {reclaimable} cached page(s) reclaimable, "
+            f"{len(self.free_pages)} free, {len(self.pages)} held"
         )
         if why:
             msg = f"{msg}; {why}"
@@ -189,6 +242,13 @@ class Core:
         if self.in_use > self.peak_in_use:
             self.peak_in_use = self.in_use
 
+    def reset_peaks(self) -> None:
+        """Peaks start again from the current values (PyTorch's ``reset_peak_memory_stats``)."""
+        self.budget_peak = max(self.budget_peak, self.peak_in_use)
+        self.peak_requested = self.requested
+        self.peak_in_use = self.in_use
+        self.peak_total = len(self.pages) * self.P
+
     def sync(self) -> None:
         """Wait for all work on the device that owns the memory (close only)."""
         self.n_syncs += 1
@@ -226,7 +286,7 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
-                raise ClosedError("PagePool")
+                raise self.closed_error()
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
             st = self.streams.get(key)
@@ -407,7 +467,7 @@ class Core:
         )
         pin, to_map = (fresh, fresh) if fresh_arena or best is None else best[:2]
         if self.pinned() + pin > self.max_pages:
-            raise self.oom(nbytes, to_map, "the limit is reached")
+            raise self.oom(nbytes, to_map, "the limit is reached", pin=pin)
         if len(self.pages) <= self.prealloc and to_map > self.ready_pages():
             # A pool that holds only its preallocated pages (all in the large
             # heap) serves from them rather than remap one: no driver call.
@@ -677,6 +737,8 @@ class Core:
                 elif not st.is_done(seq, self.backend, self.ev):
                     continue
             a.res.unmap(al.slot * P, P)
+            if self.history is not None:
+                self.history.record("segment_unmap", sa, P, st.key)
             if g is not None:
                 h.remove(g)
                 gend = g.addr + g.size
@@ -725,6 +787,8 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
+                if self.forked:
+                    raise self.closed_error()
                 return
             ref = b.ref
             if ref is None or ref() is not owner:
@@ -804,8 +868,9 @@ class Core:
             self.free_pages.extend(got)
             raise
         if len(got) < n:
+            found = len(got)
             self.free_pages.extend(got)
-            raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
+            raise self.oom(nbytes, n, why or "no free, creatable or cached page left", found=found)
         if self.n_reclaimed != reclaimed:
             self.n_remaps += 1
             logger.info(
@@ -816,11 +881,12 @@ class Core:
     def budget(self) -> int:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
         P = self.P
-        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES + self.slack
+        peak = max(self.peak_in_use, self.budget_peak)
+        return -(-int(peak * GROWTH) // P) + GROWTH_PAGES + self.slack
 
     def max_slack(self) -> int:
         """The most the budget's slack grows to (pages): see ``GROWTH_MAX_PAGES``."""
-        share = -(-int(self.peak_in_use * GROWTH_MAX_SHARE) // self.P)
+        share = -(-int(max(self.peak_in_use, self.budget_peak) * GROWTH_MAX_SHARE) // self.P)
         return min(GROWTH_MAX_PAGES * len(self.streams), max(2 * GROWTH_MAX_PAGES, share))
 
     def create_pages(self, got: list[Page], k: int) -> str:
@@ -841,7 +907,7 @@ class Core:
         return why
 
     def create_page(self) -> Page:
-        phys = create(self.P, self.device)
+        phys = create(self.P, self.device, handle_type="posix_fd" if self.shareable else "none")
         page = Page(phys, next(self.index))
         self.pages[phys] = page
         self.n_created += 1
@@ -917,6 +983,8 @@ class Core:
             p.stream = key
         arena.mapped += n
         self.mapped += n - (len(keep) if keep else 0)
+        if self.history is not None:
+            self.history.record("segment_map", base, n * P, key)
 
     def new_arena(self, h: Heap, n: int) -> Arena:
         want = max(ARENA_FACTOR * self.max_pages, ARENA_MIN_PAGES, n)
@@ -1008,6 +1076,8 @@ class Core:
         u0 = s1 - k
         assert s0 <= u0 < s1
         a.res.unmap(u0 * P, k * P)
+        if self.history is not None:
+            self.history.record("segment_unmap", a.base + u0 * P, k * P, st.key)
         h = a.heap
         h.remove(b)
         cut = a.base + u0 * P
@@ -1351,6 +1421,12 @@ class Core:
         fails, the error propagates and calling ``close()`` again resumes.
         """
         with self.lock:
+            if self.forked:
+                # The arenas and pages are the parent's: releasing them here
+                # would punch holes in the parent's memory (issue 17).
+                if self.arenas or self.pages or self.held:
+                    raise self.closed_error()
+                return
             if self.closed and not self.arenas and not self.pages:
                 return
             errors: list[BaseException] = []
@@ -1448,7 +1524,10 @@ class Core:
 
 def release_held_quietly(core: Core) -> None:
     # A view's finalizer after close (any thread, possibly inside the GC):
-    # never block; a concurrent close() retry releases what is left.
+    # never block; a concurrent close() retry releases what is left. Nothing
+    # in a forked child: the arenas are the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             try:

@@ -12,7 +12,9 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -22,14 +24,17 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ClosedError, OutOfMemoryError
+from .._errors import ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, format_summary, torch_snapshot
 from .._options import check_int, stream_key
+from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
+from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
 from ._core import Core, release_held_quietly
 from ._pages import ACQUIRED, FREE, QUARANTINED, Page
+from ._shares import Shares
 from ._stats import PageInfo, PoolStats
 
 __all__ = ["Allocation", "PagePool"]
@@ -38,6 +43,9 @@ logger = logging.getLogger("vmmpool.pool")
 
 #: After an out-of-memory, retries while garbage collection keeps giving memory back.
 _GC_RETRIES = 3
+
+#: Guards the first store of an allocation's view set (Allocation.view).
+_VIEWS_LOCK = threading.Lock()
 
 
 def _addr(b: Block) -> int:
@@ -66,7 +74,7 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
-            if core.held:
+            if core.held and not core.forked:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
@@ -112,7 +120,10 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock.
+    # section of this very pool (a drain): never block on the lock. Nothing in a
+    # forked child: the pool's memory is the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             core.lock.release()
@@ -124,7 +135,7 @@ def _close_quietly(core: Core) -> None:
 
 
 # ------------------------------------------------------------------ Allocation
-class Allocation:
+class Allocation(NoCopy):
     """Memory from :meth:`PagePool.malloc`.
 
     Attributes
@@ -185,12 +196,30 @@ class Allocation:
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
         if self._views:
+            core = self.pool._core
+            if core.forked:
+                raise core.closed_error()
             raise BufferError(
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
-        self.pool._core.free(rec, self)
+        shares = self.pool._shares
+        if shares.entries:  # a dict test: the hot path stays cheap
+            core = self.pool._core
+            if core.forked:
+                self._rec = rec  # refused in a forked child: nothing changed
+                raise core.closed_error()
+            if shares.mark_freed(rec):
+                # Shared: receivers may still map these bytes; the pool frees the
+                # block once every receiver is done (see _shares.py).
+                self.pool._reap_shares()
+                return
+        try:
+            self.pool._core.free(rec, self)
+        except ForkedError:
+            self._rec = rec  # refused in a forked child: nothing changed
+            raise
 
     def view(
         self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
@@ -213,19 +242,104 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
-        if self.pool._core.closed:
-            raise ClosedError("PagePool")
+        core = self.pool._core
+        if core.closed:
+            raise core.closed_error()
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
-        if self._views is None:
-            self._views = weakref.WeakSet()
-        self._views.add(v)
+        views = self._views
+        if views is None:
+            # Made lazily (a set per malloc would cost the hot path), but never
+            # lost (issue 17 item 3): two threads taking first views both saw None
+            # and each stored its own set, so one view went untracked and free()
+            # was then accepted under a live array. Built outside the lock (it
+            # allocates, so the garbage collector may run there); the check and
+            # the store under it allocate nothing.
+            new: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+            with _VIEWS_LOCK:
+                views = self._views
+                if views is None:
+                    self._views = views = new
+        views.add(v)
         return v
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this allocation in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the allocation's pages read-write and shows the :attr:`size` bytes at
+        the allocation's offset in its first page (:class:`~vmmpool.SharedMapping`).
+        Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Holds one POSIX file descriptor per page the allocation touches.
+
+        Raises
+        ------
+        ValueError
+            The pool was not created with ``shareable=True``, or the allocation
+            was freed.
+        ClosedError
+            The pool was closed.
+
+        Notes
+        -----
+        The receiver maps whole pages, which may also hold neighbouring
+        allocations; ``read``, ``write`` and ``view`` of the mapping reach only
+        this allocation's bytes. Until every copy of the handle and every
+        mapping made from it is closed, in every process (a process that exits
+        closes its own), the allocation's bytes are not reused:
+
+        * if the owner frees the allocation (or drops it), it is freed for the
+          owner at once (``freed`` is True; its pointer must not be used) but
+          the pool keeps its bytes in use, so the receiver never sees another
+          allocation's data; they are given back at the first ``stats()``,
+          ``trim()``, ``defragment()`` or out-of-memory retry after the last
+          receiver is done;
+        * if the pool closes, or the owner's process exits, the receiver keeps
+          the pages it maps (they are freed with its last mapping, driver rule 7).
+
+        Like CUDA IPC, nothing orders the two processes' work: synchronize
+        (events, queues) before reading what the other side wrote.
+        """
+        pool = self.pool
+        core = pool._core
+        if not core.shareable:
+            raise not_shareable(f"the PagePool of this allocation ({pool!r})")
+        pool._reap_shares()
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            pool._enter()
+            rec = self._rec
+            if rec is None or not rec.live:
+                raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
+            arena = rec.arena
+            P = core.P
+            first = (rec.addr - arena.base) // P
+            last = (rec.addr + max(self.size, 1) - 1 - arena.base) // P
+            pages = []
+            for s in range(first, last + 1):
+                page = arena.slots[s]
+                assert page is not None, "a live block lies on an unmapped slot"
+                pages.append(page.phys)
+            handle, lease = SharedMemoryHandle._make(
+                self.device, "Allocation", pages, self.size, rec.addr - arena.base - first * P, P
+            )
+            pool._shares.add(rec, self, lease)
+        return handle
 
     @property
     def freed(self) -> bool:
-        """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
+        """True once freed (explicitly, or implicitly by the pool's ``close()``).
+
+        Also True in a forked child, where the allocation is unusable (the
+        parent's allocation stays live).
+        """
         rec = self._rec
         return rec is None or not rec.live or self.pool._core.closed
 
@@ -253,7 +367,7 @@ class Allocation:
 
 
 # -------------------------------------------------------------------- PagePool
-class PagePool(ClosesOnExit):
+class PagePool(ClosesOnExit, NoCopy):
     """A memory pool of physical pages that defragments by remapping.
 
     Parameters
@@ -276,6 +390,13 @@ class PagePool(ClosesOnExit):
         (their size; they are placed like any block). ``None`` (the default):
         never; every request is rounded up to 512 bytes only. A multiple of
         512; 0 rounds every request to whole pages.
+    shareable : bool
+        Create every page exportable as a POSIX file descriptor (on CUDA,
+        ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``; on the host emulator, a
+        memfd per page) so that :meth:`Allocation.share` and the
+        :meth:`~vmmpool.GrowableBuffer.share` of buffers on this pool work.
+        Checked up front: a device without POSIX fd handles raises
+        ``ValueError``.
 
     Raises
     ------
@@ -303,7 +424,10 @@ class PagePool(ClosesOnExit):
         peers: Iterable[int] = (),
         *,
         small_threshold: int | None = None,
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         dev = Device(device)
         gran = dev.granularity
         P = gran if page_size is None else check_int(
@@ -321,10 +445,14 @@ class PagePool(ClosesOnExit):
                 f"preallocate ({pre} bytes = {pre_pages} pages) must not exceed the limit "
                 f"({max_pages * P} bytes = {max_pages} pages)"
             )
+        if shareable:
+            check_shareable(dev)
         self.device = dev
         self.page_size = P
         self.peers = devs[1:]
         self._core = core = Core(dev, P, max_pages, T, devs)
+        core.shareable = shareable
+        self._shares = Shares()
         self._fin = weakref.finalize(self, _close_quietly, core)
         self._fin.atexit = False
         if pre_pages:
@@ -356,8 +484,15 @@ class PagePool(ClosesOnExit):
             raise ValueError(f"page_size {P} is larger than the device's memory ({total} bytes)")
         if n is None:
             return total // P
-        # Clamped: above what the device has, largest_allocatable would promise
-        # memory the device cannot give.
+        if n > total:
+            # Clamped: above what the device has, largest_allocatable would promise
+            # memory the device cannot give. Said once, where the limit was given.
+            warnings.warn(
+                f"PagePool limit {n} bytes is more than {dev}'s memory ({total} bytes): "
+                f"clamped to {total // P * P} bytes ({total // P} pages of {P} bytes)",
+                VmmWarning,
+                stacklevel=3,
+            )
         return min(n, total) // P
 
     # ------------------------------------------------------------ properties
@@ -373,8 +508,24 @@ class PagePool(ClosesOnExit):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran."""
+        """True once :meth:`close` ran (and in a forked child, where the pool is unusable)."""
         return self._core.closed
+
+    @property
+    def shareable(self) -> bool:
+        """Whether pages are exportable (``shareable=True``): see :meth:`Allocation.share`."""
+        return self._core.shareable
+
+    def _reap_shares(self) -> None:
+        """Free the shared allocations whose receivers are all done (lock NOT held)."""
+        shares = self._shares
+        if not shares.entries:
+            return
+        for rec, alloc in shares.done():
+            try:
+                self._core.free(rec, alloc)
+            except ValueError:  # pragma: no cover - the pool closed meanwhile
+                pass
 
     def _enter(self) -> Core:
         """Lock held: drain the GC queue; raise if closed."""
@@ -382,8 +533,14 @@ class PagePool(ClosesOnExit):
         if core.pending:
             core.drain()
         if core.closed:
-            raise ClosedError("PagePool")
+            raise core.closed_error()
         return core
+
+    def _check_process(self) -> None:
+        """Raise ForkedError in a forked child (for calls that work on a closed pool)."""
+        core = self._core
+        if core.forked:
+            raise core.closed_error()
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit (``None``: the device's total memory).
@@ -501,6 +658,15 @@ class PagePool(ClosesOnExit):
     ) -> Block:
         """After an out-of-memory: retry while garbage collection gives memory back."""
         core = self._core
+        if self._shares:
+            # Shared allocations freed by their owner whose receivers are done.
+            before = core.n_live
+            self._reap_shares()
+            if core.n_live != before:
+                try:
+                    return core.malloc(nbytes, key, stream)
+                except OutOfMemoryError as e:
+                    err = e
         for _ in range(_GC_RETRIES):
             if not _collect_garbage(core, mark):
                 break
@@ -541,6 +707,8 @@ class PagePool(ClosesOnExit):
         call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
         core = self._core
+        if core.forked:
+            return  # the buffer's memory is the parent's: a child releases nothing
         if core.closed:
             fn()
         else:
@@ -610,6 +778,8 @@ class PagePool(ClosesOnExit):
             try:
                 return self._acquire(n, key)
             except OutOfMemoryError:
+                if self._shares and attempt == 0:
+                    self._reap_shares()
                 if attempt == _GC_RETRIES or not _collect_garbage(self._core, mark):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -624,7 +794,7 @@ class PagePool(ClosesOnExit):
                 return []
             P = self.page_size
             if core.pinned() + n > core.max_pages:
-                raise core.oom(n * P, n, "the limit is reached")
+                raise core.oom(n * P, n, "the limit is reached", pin=n)
             pages = core.gather(n, n * P, core.streams.get(key))
             for p in pages:
                 p.state = ACQUIRED
@@ -647,6 +817,7 @@ class PagePool(ClosesOnExit):
         ValueError
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
+        self._check_process()
         items = list(pages)
         core = self._core
         if core.tasks:
@@ -681,6 +852,47 @@ class PagePool(ClosesOnExit):
                 core.free_pages.append(p)
             core.in_use -= len(recs) * self.page_size
 
+    def _discard_pages(self, pages: Sequence[PhysicalAllocation]) -> None:
+        """Take back acquired pages that were shared: release them, never reuse them.
+
+        A growable buffer on this pool gives back pages it exported this way:
+        a receiver may still map them, and a reused page would show it another
+        buffer's data. The pool drops its handle (the receiver's import keeps
+        the memory, driver rule 7) and creates new pages when it needs them.
+        The caller must have unmapped them. Validated first; a page whose
+        release fails is quarantined (never reused, released by ``close()``).
+        A no-op after :meth:`close`.
+        """
+        items = list(pages)
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending:
+                core.drain()
+            if core.closed:
+                return
+            recs: dict[Page, None] = {}
+            for ph in items:
+                p = core.pages.get(ph) if isinstance(ph, PhysicalAllocation) else None
+                if p is None or p.state is not ACQUIRED or p in recs:
+                    raise ValueError(f"{ph!r} is not a page acquired from this pool (once)")
+                recs[p] = None
+            for p in recs:
+                del core.acquired[p]
+                core.in_use -= self.page_size
+                try:
+                    p.phys.close()
+                except Exception:  # kept out of reuse; close() retries
+                    logger.error("releasing a shared page failed; quarantined", exc_info=True)
+                    p.state = QUARANTINED
+                    core.quarantine[p] = None
+                    continue
+                p.state = FREE
+                p.stream = None
+                del core.pages[p.phys]
+                core.n_released += 1
+
     # ---------------------------------------------------------- maintenance
     def defragment(self) -> None:
         """Unmap every cached page (touched by no live block) into the free pages.
@@ -689,6 +901,7 @@ class PagePool(ClosesOnExit):
         device synchronize). Pages touched by live blocks stay where they are.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -711,6 +924,7 @@ class PagePool(ClosesOnExit):
             Bytes of physical memory given back.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -730,8 +944,10 @@ class PagePool(ClosesOnExit):
 
         Walks the free ranges and the live blocks (for ``small_pages``).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -753,16 +969,16 @@ class PagePool(ClosesOnExit):
             largest = biggest if core.closed else core.largest_block()
             ev = core.ev
             return PoolStats(
-                allocated_bytes=core.requested,
-                in_use_bytes=core.in_use,
+                allocated_bytes=core.in_use,
+                requested_bytes=core.requested,
                 cached_bytes=free_bytes,
                 cached_blocks=n_free_ranges,
                 free_pages=len(core.free_pages),
                 total_pages=len(core.pages),
                 page_size=P,
                 limit=core.max_pages * P,
-                peak_allocated_bytes=core.peak_requested,
-                peak_in_use_bytes=core.peak_in_use,
+                peak_allocated_bytes=core.peak_in_use,
+                peak_requested_bytes=core.peak_requested,
                 peak_reserved_bytes=core.peak_total,
                 n_malloc=core.n_malloc,
                 n_free=core.n_free,
@@ -792,6 +1008,7 @@ class PagePool(ClosesOnExit):
         Meant for plots and debugging (it walks every page and block: not for
         hot paths).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         if core.tasks:
@@ -845,37 +1062,163 @@ class PagePool(ClosesOnExit):
                         info[p] = PageInfo(p.index, "free", None)
             return sorted(info.values(), key=lambda i: i.index)
 
-    def record_history(
-        self, enabled: bool = True, *, max_entries: int = 100_000, stacks: bool = False
-    ) -> None:
-        """Start (or stop) recording allocation events, like ``torch.cuda.memory._record_memory_history``.
+    def memory_stats(self) -> dict[str, int]:
+        """The pool's statistics as PyTorch's flat dictionary (``torch.cuda.memory_stats()``).
 
-        Parameters
-        ----------
-        enabled : bool
-            True starts a new history (dropping the old one); False stops and drops it.
-        max_entries : int
-            Events kept; the oldest are dropped beyond this many.
-        stacks : bool
-            Record the Python stack of each event (for the memory viewer's "frames"); costs a
-            stack walk per malloc and free.
+        Returns
+        -------
+        dict of str to int
+            Keys as PyTorch spells them, for the pool type ``all`` (vmmpool's small- and
+            large-block heaps are not counted apart):
+
+            - ``"allocated_bytes.all.{current,peak}"``: live allocations with their rounding
+              (``memory_allocated()``); ``"requested_bytes.all.{current,peak}"``: the sizes
+              asked for; ``"active_bytes.all.{current,peak}"``: as allocated (freed memory is
+              reusable in stream order at once).
+            - ``"reserved_bytes.all.{current,peak,allocated,freed}"``: physical pages held
+              (``memory_reserved()``), and the bytes of pages created and released so far.
+            - ``"segment.all.{current,allocated,freed}"``: physical pages (each one
+              ``cuMemCreate``) held, created, released.
+            - ``"allocation.all.{current,allocated,freed}"`` and ``"active.all.current"``:
+              live allocations, mallocs, frees.
+            - ``"num_alloc_retries"``: requests served by unmapping cached pages and
+              remapping them (PyTorch: a failed ``cudaMalloc`` retried after freeing its
+              cache); ``"num_ooms"``; ``"num_sync_all_streams"``: device synchronizes.
 
         Notes
         -----
-        Events are ``alloc``, ``free_requested`` and ``free_completed`` with address, size,
-        stream and time; :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as
-        ``device_traces``. Recording costs one tuple append per event.
+        Peaks count since the pool was made or since :meth:`reset_peak_memory_stats`.
+        :meth:`stats` gives the same figures, and more, as a :class:`PoolStats`. Keys whose
+        PyTorch meaning has no vmmpool counterpart are left out rather than approximated
+        (``inactive_split*``: vmmpool's cached ranges can be reclaimed page by page;
+        ``num_device_alloc``/``num_device_free``: see ``Device.counters()`` for driver calls).
         """
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        s = self.stats()
+        P = s.page_size
+        return {
+            "active.all.current": s.live_allocations,
+            "active_bytes.all.current": s.allocated_bytes,
+            "active_bytes.all.peak": s.peak_allocated_bytes,
+            "allocated_bytes.all.current": s.allocated_bytes,
+            "allocated_bytes.all.peak": s.peak_allocated_bytes,
+            "allocation.all.allocated": s.n_malloc,
+            "allocation.all.current": s.live_allocations,
+            "allocation.all.freed": s.n_free,
+            "num_alloc_retries": s.n_remaps,
+            "num_ooms": s.n_ooms,
+            "num_sync_all_streams": s.n_syncs,
+            "requested_bytes.all.current": s.requested_bytes,
+            "requested_bytes.all.peak": s.peak_requested_bytes,
+            "reserved_bytes.all.allocated": s.n_page_creations * P,
+            "reserved_bytes.all.current": s.reserved_bytes,
+            "reserved_bytes.all.freed": s.n_page_releases * P,
+            "reserved_bytes.all.peak": s.peak_reserved_bytes,
+            "segment.all.allocated": s.n_page_creations,
+            "segment.all.current": s.total_pages,
+            "segment.all.freed": s.n_page_releases,
+        }
+
+    def reset_peak_memory_stats(self) -> None:
+        """Start every peak again from its current value (``torch.cuda.reset_peak_memory_stats()``).
+
+        Affects ``peak_allocated_bytes``, ``peak_requested_bytes`` and
+        ``peak_reserved_bytes`` (and the ``.peak`` keys of :meth:`memory_stats`), not the
+        pool's behaviour: its growth budget still remembers the highest use it has seen.
+        """
+        self._check_process()
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending and not core.closed:
+                core.drain()
+            core.reset_peaks()
+
+    def empty_cache(self) -> int:
+        """PyTorch's name for :meth:`trim` (``torch.cuda.empty_cache()``).
+
+        Returns
+        -------
+        int
+            Bytes of physical memory given back to the driver.
+        """
+        return self.trim()
+
+    def record_history(
+        self,
+        enabled: str | bool | None = "all",
+        context: str | None = "all",
+        stacks: str | bool = "python",
+        max_entries: int = 100_000,
+    ) -> None:
+        """Start or stop recording events, as ``torch.cuda.memory._record_memory_history``.
+
+        Parameters
+        ----------
+        enabled : {"all", None}
+            ``"all"`` starts a new history (dropping the old one); ``None`` stops and drops
+            it. ``True`` and ``False`` (the older form) mean the same. PyTorch's ``"state"``
+            (stacks of live blocks, no history) is not supported: vmmpool keeps no per-block
+            stacks.
+        context : {"all", "alloc", None}
+            Which events carry the Python stack (the memory viewer's "frames"): ``"all"``,
+            only allocations (``"alloc"``), or none (``None``: no stack walk, cheapest).
+        stacks : {"python", "all"} or bool
+            Which frames: Python frames in both cases (vmmpool runs no C++ between you and
+            the driver worth showing). A bool (the older form) overrides `context`:
+            ``True`` is ``"all"``, ``False`` is ``None``.
+        max_entries : int
+            Events kept; the oldest are dropped beyond this many.
+
+        Notes
+        -----
+        Events are ``alloc``, ``free_requested`` and ``free_completed`` (address, size
+        asked for, stream, time) and, for the pool's pages, ``segment_map`` (pages mapped
+        into the pool's address space: new pages and remapped ones) and ``segment_unmap``
+        (cached pages unmapped: for a remap, a limit, :meth:`defragment` or :meth:`trim`),
+        the actions PyTorch's memory viewer draws as segments growing and shrinking.
+        :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as ``device_traces``.
+        Recording costs one tuple append per event, plus a stack walk where `context` asks.
+        """
+        if enabled is True or enabled == "all":
+            on = True
+        elif enabled is None or enabled is False:
+            on = False
+        elif isinstance(enabled, str):
+            raise ValueError(
+                f"enabled must be 'all' (record events) or None (stop), got {enabled!r}"
+                + (": vmmpool keeps no per-block stacks, so 'state' has nothing to record"
+                   if enabled == "state" else "")
+            )
+        else:
+            raise TypeError(f"enabled must be 'all', None or a bool, got {type(enabled).__name__}")
+        if isinstance(stacks, bool):
+            context = "all" if stacks else None
+        elif stacks not in ("python", "all"):
+            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {stacks!r}")
+        if context not in ("all", "alloc", None):
+            raise ValueError(
+                f"context must be 'all', 'alloc' or None, got {context!r}"
+                + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
+            )
         n = check_int("max_entries", max_entries, minimum=1)
+        self._check_process()
         core = self._core
         with core.lock:
-            core.history = History(n, bool(stacks)) if enabled else None
+            core.history = History(n, context) if on else None
 
-    def memory_summary(self) -> str:
-        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``."""
-        return format_summary(self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB")
+    def memory_summary(self, abbreviated: bool = False) -> str:
+        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``.
+
+        Parameters
+        ----------
+        abbreviated : bool
+            Only the memory rows (allocated, requested, reserved, in their current and peak
+            values), as PyTorch's abbreviated summary; without the breakdown and the counts.
+        """
+        return format_summary(
+            self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB", abbreviated
+        )
 
     def memory_snapshot(self) -> dict[str, Any]:
         """The pool's memory in PyTorch's snapshot format (plain dicts), as ``torch.cuda.memory._snapshot()``.
@@ -908,6 +1251,7 @@ class PagePool(ClosesOnExit):
 
         Walks every page and block (slow): for tests and debugging.
         """
+        self._check_process()
         core = self._core
         if core.tasks:
             core.run_tasks()
@@ -931,17 +1275,22 @@ class PagePool(ClosesOnExit):
         memory lives until the caller unmaps them (driver rule 7) and
         ``release_pages`` becomes a no-op. If a driver call fails, the error
         propagates and calling ``close()`` again releases what is left.
+
+        In a child forked from the pool's process it raises
+        :class:`~vmmpool.ForkedError` and releases nothing (the memory is the
+        parent's), unless the pool holds nothing.
         """
         core = self._core
         if core.tasks:
             core.run_tasks()
         core.close()  # raises on failure: the finalizer stays armed, close() resumes
+        self._shares.clear()  # receivers keep the pages they map (rule 7)
         if not core.arenas and not core.pages:
             self._fin.detach()
 
     def __enter__(self) -> PagePool:
         if self._core.closed:
-            raise ClosedError("PagePool")
+            raise self._core.closed_error()
         return self
 
     def __repr__(self) -> str:
