@@ -131,3 +131,13 @@ def test_gpt2_shaped_inference_smallest_limit() -> None:
     mn = R.min_limit(tr)
     assert mn.result.syncs == 0
     assert mn.ratio <= 1.02, f"{mn.ratio:.4f} x peak live"
+
+
+def test_gpt2_medium_shaped_inference_within_one_percent() -> None:
+    # GPT-2-medium shape (24 layers, d_model 1024, bf16, batch 4, 128 + 32 tokens, 739 MiB
+    # live): measured 2026-12-06, 1.0199 x peak live before aliases, 1.0172 with them, 1.0091
+    # once a block of at most a page is split off at the start of a larger free range.
+    tr = gpt2_inference()
+    mn = R.min_limit(tr)
+    assert mn.result.syncs == 0
+    assert mn.ratio <= 1.01, f"{mn.ratio:.4f} x peak live"
