@@ -17,12 +17,14 @@ from typing import Any
 
 from .._device import Device
 from .._dlpack import ArrayView
-from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._errors import AsleepError, ClosedError, DriverError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
+from .._staging import Staging
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
-from ._pages import ACQUIRED, FREE, MAPPED, QUARANTINED, Page
+from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Page
+from ._sleep import PoolSleep, SleepCounts
 from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")
@@ -114,6 +116,12 @@ class Core:
         self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
+        # Sleep / wake (issue 18, see _sleep.py): the backup while asleep, the
+        # pages in state ASLEEP, the reusable pinned staging buffer, the numbers.
+        self.asleep: PoolSleep | None = None
+        self.n_asleep = 0
+        self.staging: Staging | None = None
+        self.sleeps = SleepCounts()
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
@@ -221,6 +229,8 @@ class Core:
                 self.drain()
             if self.closed:
                 raise ClosedError("PagePool")
+            if self.asleep is not None:
+                raise AsleepError("PagePool", f"malloc({nbytes})")
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
             st = self.streams.get(key)
@@ -873,6 +883,7 @@ class Core:
 
         P = self.P
         seen: dict[Page, str] = {}
+        asleep_seen: list[Page] = []
 
         def claim(p: Page, where: str) -> None:
             if p in seen:
@@ -950,7 +961,14 @@ class Core:
                     continue
                 claim(p, f"arena {arena.base:#x} slot {s}")
                 n_mapped += 1
-                if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
+                if p.state is ASLEEP:
+                    if self.asleep is None:
+                        fail(f"page {p.index} in slot {s} is asleep in a pool that is awake")
+                    asleep_seen.append(p)
+                    state_ok = True
+                else:
+                    state_ok = p.state is MAPPED
+                if not state_ok or p.addr != arena.base + s * P or p.stream != key:
                     fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
                 if cover.get(s, 0) != P:
                     fail(
@@ -1002,7 +1020,12 @@ class Core:
                     if arena.heap is not h:
                         fail(f"stream {key}: arena {arena.base:#x} names another heap")
                     mapped += check_arena(arena, key, binned)
-        if set(seen) != set(self.pages.values()):
+        released = {p for p in asleep_seen if p.phys.closed}
+        if released & set(self.pages.values()):
+            fail("a page whose handle was released by sleep is still listed as owned")
+        if len(asleep_seen) != self.n_asleep:
+            fail(f"{self.n_asleep} pages counted asleep, {len(asleep_seen)} found")
+        if set(seen) != set(self.pages.values()) | released:
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:
             fail(f"{self.mapped} mapped pages counted, {mapped} found")
@@ -1052,6 +1075,12 @@ class Core:
                     self.synced = True
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
+            self.asleep = None  # the backup goes; released pages stay out of self.pages
+            if self.staging is not None:
+                try:
+                    self.staging.close()
+                except Exception as err:  # noqa: BLE001 - keep releasing
+                    errors.append(err)
             keep: list[Arena] = []
             for arena in self.arenas:
                 if arena in self.held:
@@ -1099,6 +1128,7 @@ class Core:
             st.obj = None
         self.streams.clear()
         self.mapped = self.n_live = self.requested = self.in_use = 0
+        self.n_asleep = 0
         if views:
             logger.info(
                 "close: %d arena(s) stay mapped until %d view(s) are gone", len(self.held), len(views)
