@@ -16,6 +16,7 @@ from ._buffer import GrowableBuffer
 from ._device import Device, default_device, devices
 from ._dlpack import ArrayView
 from ._errors import (
+    AsleepError,
     ClosedError,
     DeviceUnavailableError,
     DriverError,
@@ -25,6 +26,7 @@ from ._errors import (
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+from ._staging import SleepStats
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = [
     "Allocation",
     "AllocationInfo",
     "ArrayView",
+    "AsleepError",
     "BackendCounters",
     "ClosedError",
     "Device",
@@ -49,6 +52,7 @@ __all__ = [
     "PagePool",
     "PhysicalAllocation",
     "PoolStats",
+    "SleepStats",
     "VmmError",
     "__version__",
     "create",

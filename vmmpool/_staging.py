@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from ._backends.base import Backend
 
-__all__ = ["Staging", "STAGING_CHUNK", "Sleep"]
+__all__ = ["Staging", "STAGING_CHUNK", "SleepCounts", "SleepStats"]
 
 _log = logging.getLogger("vmmpool")
 
@@ -33,16 +34,62 @@ _log = logging.getLogger("vmmpool")
 STAGING_CHUNK = 32 << 20
 
 
-class Sleep:
-    """What a sleeping pool or buffer keeps: the backup and the sleep's numbers."""
+class SleepCounts:
+    """Sleep and wake numbers kept by a pool or a buffer."""
 
-    __slots__ = ("backup", "nbytes")
+    __slots__ = ("n_sleeps", "n_wakes", "sleep_bytes", "wake_bytes", "sleep_seconds", "wake_seconds")
 
-    def __init__(self, backup: np.ndarray | None, nbytes: int) -> None:
-        #: The live bytes, run after run (``None`` with ``backup=False``).
-        self.backup = backup
-        #: Bytes the runs cover (what wake maps back).
-        self.nbytes = nbytes
+    def __init__(self) -> None:
+        self.n_sleeps = 0
+        self.n_wakes = 0
+        self.sleep_bytes = 0
+        self.wake_bytes = 0
+        self.sleep_seconds = 0.0
+        self.wake_seconds = 0.0
+
+
+@dataclass(frozen=True)
+class SleepStats:
+    """Sleep and wake numbers of a :class:`~vmmpool.GrowableBuffer` (``sleep_stats()``).
+
+    :class:`~vmmpool.PoolStats` carries the same fields for a pool.
+
+    Attributes
+    ----------
+    asleep : bool
+        True between ``sleep()`` and ``wake()``.
+    backup_bytes : int
+        Bytes of host memory holding the sleeping contents (0 when awake, or
+        asleep with ``backup=False``).
+    staging_bytes : int
+        Page-locked host bytes held for the copies (kept for the next sleep).
+    n_sleeps, n_wakes : int
+        Completed sleeps and wakes.
+    sleep_bytes, wake_bytes : int
+        Bytes copied to host memory by all sleeps, and back by all wakes.
+    sleep_seconds, wake_seconds : float
+        Time spent in all sleeps and all wakes.
+    """
+
+    asleep: bool
+    backup_bytes: int
+    staging_bytes: int
+    n_sleeps: int
+    n_wakes: int
+    sleep_bytes: int
+    wake_bytes: int
+    sleep_seconds: float
+    wake_seconds: float
+
+    @classmethod
+    def of(
+        cls, counts: SleepCounts, asleep: bool, backup_bytes: int, staging_bytes: int
+    ) -> SleepStats:
+        c = counts
+        return cls(
+            asleep, backup_bytes, staging_bytes, c.n_sleeps, c.n_wakes, c.sleep_bytes,
+            c.wake_bytes, c.sleep_seconds, c.wake_seconds,
+        )
 
 
 class Staging:
@@ -68,7 +115,7 @@ class Staging:
     # ----------------------------------------------------------------- memory
     def _ensure(self, nbytes: int) -> tuple[int, int]:
         """The buffer's address and half size, (re)allocated to hold a copy of `nbytes`."""
-        want = min(self.chunk, max(nbytes, 1))
+        want = min(self.chunk, max(-(-nbytes // 2), 1))  # two halves: the copy pipelines
         want = -(-want // 4096) * 4096
         if self.address is not None and self.half >= want:
             return self.address, self.half

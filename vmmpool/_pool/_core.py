@@ -20,11 +20,11 @@ from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
-from .._staging import Staging
+from .._staging import SleepCounts, Staging
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
 from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Page
-from ._sleep import PoolSleep, SleepCounts
+from ._sleep import PoolSleep
 from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")

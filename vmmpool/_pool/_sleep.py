@@ -68,20 +68,6 @@ class PoolSleep:
         self.nbytes = nbytes
 
 
-class SleepCounts:
-    """Sleep and wake numbers kept in a core (reported by ``stats``)."""
-
-    __slots__ = ("n_sleeps", "n_wakes", "sleep_bytes", "wake_bytes", "sleep_seconds", "wake_seconds")
-
-    def __init__(self) -> None:
-        self.n_sleeps = 0
-        self.n_wakes = 0
-        self.sleep_bytes = 0
-        self.wake_bytes = 0
-        self.sleep_seconds = 0.0
-        self.wake_seconds = 0.0
-
-
 def runs_of(core: Core, state: str) -> list[Run]:
     """Runs of adjacent slots whose pages are in `state`, arena by arena, by address."""
     out: list[Run] = []
@@ -121,7 +107,7 @@ def quiesce(core: Core) -> None:
         finally:
             try:
                 backend.event_destroy(h)
-            except Exception:  # noqa: BLE001 - the work is known done: retried at close
+            except Exception:
                 logger.warning("destroying a sleep event failed", exc_info=True)
                 st.stale.append(h)
         # Every event already recorded is older: complete too.
@@ -204,7 +190,7 @@ def sleep(core: Core, backup: bool) -> None:
         core.n_asleep = sum(len(r[2]) for r in unmapped)
         try:
             wake_runs(core, unmapped, asleep)
-        except Exception as undo_err:  # noqa: BLE001 - the original error is raised
+        except Exception as undo_err:
             logger.error(
                 "sleep failed (%r) and mapping back failed too (%r): the pool stays asleep with "
                 "its backup; wake() retries",
@@ -311,12 +297,12 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
         for arena, s0, k in reversed(mapped):
             try:
                 arena.res.unmap(s0 * P, k * P)
-            except Exception:  # noqa: BLE001 - the original error is raised
+            except Exception:
                 logger.error("undo of a failed wake: unmap failed", exc_info=True)
         for p, old in reversed(made):
             try:
                 p.phys.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.error("undo of a failed wake: release failed", exc_info=True)
             p.phys = old  # type: ignore[assignment]
         raise

@@ -26,9 +26,9 @@ from .._errors import AsleepError, ClosedError, OutOfMemoryError
 from .._observe import AllocationInfo, History, format_summary, torch_snapshot
 from .._options import check_int, stream_key
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
+from . import _sleep
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
-from . import _sleep
 from ._core import Core, release_held_quietly
 from ._pages import ACQUIRED, ASLEEP, FREE, QUARANTINED, Page
 from ._stats import PageInfo, PoolStats
