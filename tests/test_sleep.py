@@ -46,7 +46,7 @@ def test_pool_sleep_gives_every_page_back_and_wake_restores_bytes_at_the_same_ad
 ) -> None:
     pool, live = _pool_world(device)
     views = [a.view("uint8") for a, _d in live]
-    ptrs = [(a.address, v.__array_interface__["data"][0]) for (a, _d), v in zip(live, views, strict=True)]
+    ptrs = [(a.address, v.ptr) for (a, _d), v in zip(live, views, strict=True)]
     reservations = device.counters().reservations
     free0 = device.free_memory
     held = pool.stats().reserved_bytes
@@ -64,7 +64,7 @@ def test_pool_sleep_gives_every_page_back_and_wake_restores_bytes_at_the_same_ad
     pool.wake()
     assert not pool.asleep
     assert _bytes_ok(device, live)
-    assert [(a.address, v.__array_interface__["data"][0]) for (a, _d), v in zip(live, views, strict=True)] == ptrs
+    assert [(a.address, v.ptr) for (a, _d), v in zip(live, views, strict=True)] == ptrs
     s = pool.stats()
     assert s.n_wakes == 1 and s.wake_bytes == s.sleep_bytes and s.backup_bytes == 0
     assert s.reclaimable_pages == 0  # cached pages are not brought back
@@ -200,7 +200,7 @@ def test_close_while_asleep_releases_everything(host: vmmpool.Device) -> None:
 
 
 def test_stats_and_snapshot_while_asleep(host: vmmpool.Device) -> None:
-    pool, live = _pool_world(host)
+    pool, _live = _pool_world(host)
     n = pool.stats().pinned_pages
     pool.sleep()
     states = {i.state for i in pool.snapshot()}
@@ -236,7 +236,7 @@ def test_buffer_sleep_and_wake(device: vmmpool.Device, pooled: bool) -> None:
     if pool is not None:
         pool.wake()
     buf.wake()
-    assert bytes(buf.read()) == data and v.__array_interface__["data"][0] == ptr
+    assert bytes(buf.read()) == data and v.ptr == ptr
     s = buf.sleep_stats()
     assert not s.asleep and s.n_wakes == 1 and s.wake_bytes == cap and s.backup_bytes == 0
     buf.resize(6 * P)  # grows in place as before
