@@ -72,7 +72,7 @@ from ._resources import (
     reserve,
     safety_finalizer,
 )
-from ._staging import SleepCounts, SleepStats, Staging
+from ._staging import SleepCounts, SleepStats, Staging, host_array
 
 __all__ = ["GrowableBuffer", "PageSource"]
 
@@ -319,7 +319,7 @@ class _State:
         self.quiesce()
         data: np.ndarray | None = None
         if backup and n:
-            data = np.empty(n * g, dtype=np.uint8)
+            data = host_array(n * g)
             self._staging().save([(self.res.address, n * g, 0)], data, self.stream or 0)
         undo = _Undo()
         try:

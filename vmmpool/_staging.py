@@ -20,18 +20,39 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._backends.base import Backend
 
-__all__ = ["Staging", "STAGING_CHUNK", "SleepCounts", "SleepStats"]
+__all__ = ["Staging", "STAGING_CHUNK", "SleepCounts", "SleepStats", "host_array"]
 
 _log = logging.getLogger("vmmpool")
 
 #: Bytes of each half of the staging buffer, at most (the buffer is 2x this).
 STAGING_CHUNK = 32 << 20
+
+
+def host_array(nbytes: int) -> np.ndarray:
+    """A fresh ``uint8`` array of `nbytes` of host memory for a backup.
+
+    Anonymous memory of its own, with transparent huge pages asked for where
+    the OS offers them (``MADV_HUGEPAGE``): filling a multi-GiB backup then
+    takes a page fault per 2 MiB instead of per 4 KiB. The memory goes back to
+    the OS when the array is dropped.
+    """
+    if nbytes <= 0:
+        return np.empty(0, dtype=np.uint8)
+    mm = mmap.mmap(-1, nbytes)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mm.madvise(advice)
+        except OSError:  # pragma: no cover - kernels without THP
+            pass
+    return np.frombuffer(mm, dtype=np.uint8)
 
 
 class SleepCounts:

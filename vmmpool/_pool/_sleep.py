@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._resources import create
-from .._staging import Staging
+from .._staging import Staging, host_array
 from ._blocks import Block, whole_slots
 from ._pages import ASLEEP, FREE, MAPPED, Page
 
@@ -168,7 +168,7 @@ def sleep(core: Core, backup: bool) -> None:
     nbytes = off
     data: np.ndarray | None = None
     if backup and nbytes:
-        data = np.empty(nbytes, dtype=np.uint8)
+        data = host_array(nbytes)
         staging(core).save(_device_runs(core, runs, offsets), data, COPY_STREAM)
     asleep = PoolSleep(data, offsets, nbytes)
     unmapped: list[Run] = []
