@@ -31,6 +31,7 @@ It prints a table and writes ``benchmarks/results/sleep-<device kind>.json``.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from typing import Any
 
@@ -42,8 +43,8 @@ import vmmpool
 MiB = 1 << 20
 GiB = 1 << 30
 BLOCK = 64 * MiB
-#: Bytes of RAM kept free beyond what a size needs.
-MARGIN = 2 * GiB
+#: Bytes of RAM kept free beyond what a size needs (the machine may be shared).
+MARGIN = 4 * GiB
 
 
 def available_ram() -> int:
@@ -216,6 +217,8 @@ def main() -> None:
             "pool": pools,
             "baseline": bases,
             "skipped": skipped,
+            "load_average_after": os.getloadavg(),
+            "available_ram_after": available_ram(),
             "notes": (
                 "sleep = wait for streams + copy live pages to a host array through the pinned staging "
                 "buffer + unmap + release; wake = create + map at the same addresses + copy back. "

@@ -401,3 +401,23 @@ def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(pooled: bool)
     n = _sweep(_make_buffer(False, pooled), lambda b: b.sleep(), awake_after_failure=True)  # type: ignore[attr-defined]
     m = _sweep(_make_buffer(True, pooled), lambda b: b.wake(), awake_after_failure=False)  # type: ignore[attr-defined]
     assert n >= 5 and m >= 5
+
+
+def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(host: vmmpool.Device) -> None:
+    """A release fails mid-sleep, then mapping back fails too: asleep, nothing lost, wake retries."""
+    pool, live = _pool_world(host)
+    n = pool.stats().pinned_pages
+    host._backend.inject_fault("release", nth=n - 1, name="CUDA_ERROR_INVALID_VALUE")  # late in sleep
+    host._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo's first page
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    host._backend.clear_faults()
+    assert pool.asleep and pool.stats().backup_bytes > 0
+    pool._check()
+    with pytest.raises(AsleepError):
+        pool.malloc(1)
+    pool.wake()
+    assert _bytes_ok(host, live)
+    pool._check()
+    pool.close()
+    assert host._backend.live_host_allocations() == 0

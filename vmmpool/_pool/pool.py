@@ -1049,7 +1049,8 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.closed:
             return f"<PagePool on {self.device} closed>"
+        asleep = ", asleep" if core.asleep is not None else ""
         return (
             f"<PagePool on {self.device}: {len(core.pages)} page(s) of {self.page_size} bytes, "
-            f"{core.n_live} live allocation(s), limit {core.max_pages * self.page_size}>"
+            f"{core.n_live} live allocation(s), limit {core.max_pages * self.page_size}{asleep}>"
         )
