@@ -171,7 +171,8 @@ def main() -> None:
         sizes = sizes[:2]
     top = max(sizes)
     capacity = top + 128 * MiB  # set explicitly: the emulator's default is a quarter of RAM, at most 8 GiB
-    dev = vmmpool.Device.emulated(capacity=capacity) if args.device in (None, "host") else vmmpool.Device(args.device)
+    host = args.device in (None, "host")
+    dev = vmmpool.Device.emulated(capacity=capacity) if host else vmmpool.Device(args.device)
     rows, pools, bases, skipped = [], [], [], []
     for n in sizes:
         need = 2 * n + 256 * MiB

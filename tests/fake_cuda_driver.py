@@ -840,7 +840,9 @@ class FakeDriver:
         return ()
 
     @_api(0)
-    def cuMemcpyDtoHAsync(self, dstHost: Any, srcDevice: Any, ByteCount: Any, hStream: Any) -> tuple[Any, ...]:
+    def cuMemcpyDtoHAsync(
+        self, dstHost: Any, srcDevice: Any, ByteCount: Any, hStream: Any
+    ) -> tuple[Any, ...]:
         self._need_context()
         n = _size("ByteCount", ByteCount)
         self._check_stream(hStream)
@@ -850,7 +852,9 @@ class FakeDriver:
         return ()
 
     @_api(0)
-    def cuMemcpyHtoDAsync(self, dstDevice: Any, srcHost: Any, ByteCount: Any, hStream: Any) -> tuple[Any, ...]:
+    def cuMemcpyHtoDAsync(
+        self, dstDevice: Any, srcHost: Any, ByteCount: Any, hStream: Any
+    ) -> tuple[Any, ...]:
         self._need_context()
         n = _size("ByteCount", ByteCount)
         self._check_stream(hStream)

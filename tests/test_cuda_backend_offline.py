@@ -1044,7 +1044,9 @@ def test_fake_accepts_what_the_real_binding_accepts(backend: CudaBackend, fake: 
 
 
 # ============================================================ sleep / wake staging
-def test_staging_calls_follow_the_bindings(backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device) -> None:
+def test_staging_calls_follow_the_bindings(
+    backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device
+) -> None:
     """Issue 18: portable pinned memory, async copies on the stream, errors translated."""
     fake.streams.add(0x9100)
     with vmmpool.GrowableBuffer(max_size=4 * G, device=fdev, initial_size=2 * G, stream=0x9100) as buf:
