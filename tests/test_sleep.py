@@ -421,3 +421,32 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(host
     pool._check()
     pool.close()
     assert host._backend.live_host_allocations() == 0
+
+
+def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device) -> None:
+    """Receivers hold shared pages: sleeping would free nothing and end the sharing; refused."""
+    pool = PagePool(host, limit=8 * P, shareable=True)
+    a = pool.malloc(P)
+    host.write(a.ptr, b"shared")
+    handle = a.share()
+    with pytest.raises(ValueError, match="shared with other processes"):
+        pool.sleep()
+    assert not pool.asleep and host.counters().allocations == 1
+    del handle  # never sent: the lease ends
+    gc.collect()
+    pool.sleep()
+    pool.wake()
+    assert bytes(host.read(a.ptr, 6)) == b"shared"
+    again = a.share()  # pages made by wake are exportable too
+    assert again.nbytes == P
+    del again
+    gc.collect()
+    a.free()
+    pool.close()
+    buf = GrowableBuffer(max_size=4 * P, device=host, initial_size=P, shareable=True)
+    h = buf.share()
+    with pytest.raises(ValueError, match="shared with another process"):
+        buf.sleep()
+    assert not buf.asleep
+    del h
+    buf.close()

@@ -20,12 +20,14 @@ from ._errors import (
     ClosedError,
     DeviceUnavailableError,
     DriverError,
+    ForkedError,
     OutOfMemoryError,
     VmmError,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+from ._share import SharedMapping, SharedMemoryHandle
 from ._staging import SleepStats
 
 __version__ = "0.1.0"
@@ -44,6 +46,7 @@ __all__ = [
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "GrowableBuffer",
     "HandleType",
     "Mapping",
@@ -52,6 +55,8 @@ __all__ = [
     "PagePool",
     "PhysicalAllocation",
     "PoolStats",
+    "SharedMapping",
+    "SharedMemoryHandle",
     "SleepStats",
     "VmmError",
     "__version__",

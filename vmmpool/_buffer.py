@@ -63,6 +63,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
+from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
@@ -72,6 +73,7 @@ from ._resources import (
     reserve,
     safety_finalizer,
 )
+from ._share import SharedMemoryHandle, check_shareable, not_shareable
 from ._staging import SleepCounts, SleepStats, Staging, host_array
 
 __all__ = ["GrowableBuffer", "PageSource"]
@@ -139,6 +141,8 @@ class _State:
         "backup",
         "staging",
         "sleeps",
+        "shareable",
+        "exported",
     )
 
     def __init__(
@@ -168,6 +172,10 @@ class _State:
         self.backup: np.ndarray | None = None
         self.staging: Staging | None = None
         self.sleeps = SleepCounts()
+        #: Pages are created exportable (shareable=True).
+        self.shareable = False
+        #: Pages handed to another process by share(): a pool never reuses them.
+        self.exported: set[PhysicalAllocation] = set()
 
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
@@ -183,18 +191,35 @@ class _State:
             return pages
         pages = undo.pages = []  # filled as created: undo releases exactly those
         undo.push(self.give_back, pages)
+        kind = "posix_fd" if self.shareable else "none"
         for _ in range(count):
-            pages.append(create(self.page, self.device))
+            pages.append(create(self.page, self.device, handle_type=kind))
         return pages
 
     def give_back(self, pages: Sequence[PhysicalAllocation]) -> None:
-        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op)."""
+        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op).
+
+        Pages shared with another process go back to a pool as discarded (the
+        pool releases them and never reuses them: the receiver keeps them).
+        """
         if self.pool is not None:
             if pages:
-                self.pool.release_pages(list(pages))
+                exported = self.exported
+                if exported:
+                    shared = [p for p in pages if p in exported]
+                    kept = [p for p in pages if p not in exported]
+                    if kept:
+                        self.pool.release_pages(kept)
+                    if shared:
+                        self.pool._discard_pages(shared)  # type: ignore[attr-defined]
+                        exported.difference_update(shared)
+                else:
+                    self.pool.release_pages(list(pages))
         else:
             for p in pages:
                 p.close()
+            if self.exported:
+                self.exported.difference_update(pages)
 
     def map_pages(
         self, undo: _Undo, res: AddressReservation, first: int, pages: Sequence[PhysicalAllocation]
@@ -229,7 +254,7 @@ class _State:
         while indices:
             i = first + indices[-1]
             handle = backend.retain(self.res.address + i * self.page)
-            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, exportable=False)
+            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
             indices.pop()
 
     # ------------------------------------------------------------ operations
@@ -263,7 +288,7 @@ class _State:
             else:
                 self.res.unmap(keep * g, len(tail) * g)
                 undo.push(self.remap, self.res, keep, tail)
-                self.pool.release_pages(tail)
+                self.give_back(tail)
         except BaseException as err:
             undo.run(self, err)
             raise
@@ -429,6 +454,8 @@ def _release(state: _State) -> None:
     a locked section of that pool, or in the middle of a backend call. Without
     one it is done here.
     """
+    if state.device._backend.forked:
+        return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
         defer(state.free)
@@ -436,7 +463,7 @@ def _release(state: _State) -> None:
         state.free()
 
 
-class GrowableBuffer(ClosesOnExit):
+class GrowableBuffer(ClosesOnExit, NoCopy):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
     Parameters
@@ -462,6 +489,12 @@ class GrowableBuffer(ClosesOnExit):
         owning device is synchronized when omitted. It must outlive the buffer.
     peers : iterable of int
         Other device ordinals to grant read-write access (CUDA only).
+    shareable : bool
+        Create pages exportable as POSIX file descriptors so that
+        :meth:`share` works (on CUDA ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``;
+        on the host emulator a memfd per page). With `pool`, the pool must be
+        shareable; a buffer on a shareable pool is shareable. A device without
+        POSIX fd handles raises ``ValueError`` here, before anything is created.
 
     Raises
     ------
@@ -500,7 +533,10 @@ class GrowableBuffer(ClosesOnExit):
         *,
         stream: object = None,
         peers: Iterable[int] = (),
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         if pool is not None:
             if not callable(getattr(pool, "acquire_pages", None)):
                 raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
@@ -524,8 +560,19 @@ class GrowableBuffer(ClosesOnExit):
             limit = -(-limit // page) * page
         if initial > limit:
             raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
+        if pool is not None:
+            pool_shareable = bool(getattr(pool, "shareable", False))
+            if shareable and not pool_shareable:
+                raise ValueError(
+                    "shareable=True needs a shareable pool: create it with "
+                    "PagePool(..., shareable=True)"
+                )
+            shareable = pool_shareable
+        elif shareable:
+            check_shareable(dev)
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
+        self._state.shareable = shareable
         self._lock = threading.RLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
@@ -544,7 +591,12 @@ class GrowableBuffer(ClosesOnExit):
                 raise
 
     # ----------------------------------------------------------------- facts
+    def _owned(self) -> None:
+        """Raise ForkedError in a forked child (before any lock: a parent thread may hold it)."""
+        self._state.device._backend.check_process("GrowableBuffer")
+
     def _live(self) -> _State:
+        self._owned()
         if self._closed:
             raise ClosedError("GrowableBuffer")
         return self._state
@@ -678,6 +730,7 @@ class GrowableBuffer(ClosesOnExit):
         ClosedError
             The buffer was closed.
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -705,6 +758,7 @@ class GrowableBuffer(ClosesOnExit):
         int
             The buffer's pointer (new if it moved).
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -723,6 +777,7 @@ class GrowableBuffer(ClosesOnExit):
         BufferError
             A live view uses bytes in the pages that would go.
         """
+        self._owned()
         with self._lock:
             st = self._awake("shrink_to_fit()")
             self._apply(st, self._pages_for(st.size), st.size, False, "size")
@@ -754,6 +809,7 @@ class GrowableBuffer(ClosesOnExit):
         --------
         >>> a = numpy.from_dlpack(buf.view("float32"))   # host: shares the memory
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             v = ArrayView(self, st.device, st.res.address, st.size, dtype, shape, offset)
@@ -768,6 +824,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
             st = self._awake("write")
@@ -776,12 +833,67 @@ class GrowableBuffer(ClosesOnExit):
 
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
         """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
+        self._owned()
         with self._lock:
             st = self._awake("read")
             off = self._range(offset, 0, st.size)
             n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
             self._range(off, n, st.size)
             return st.device.read(st.res.address + off, n)
+
+    # ---------------------------------------------------------------- sharing
+    @property
+    def shareable(self) -> bool:
+        """Whether :meth:`share` works (``shareable=True``, or a shareable pool)."""
+        return self._state.shareable
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this buffer's bytes in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the same pages read-write at an address of that process
+        (:class:`~vmmpool.SharedMapping`). Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Covers the :attr:`size` bytes the buffer has now
+            (``handle.nbytes``), one POSIX file descriptor per page.
+
+        Raises
+        ------
+        ValueError
+            The buffer was not created shareable, or its size is 0.
+        ClosedError
+            The buffer was closed.
+
+        Notes
+        -----
+        Growth after sharing is not seen by that handle's receivers: they see
+        ``handle.nbytes`` bytes; share again for the new size. A move
+        (``allow_move=True``) keeps the same pages, so the memory stays shared.
+        The receiver keeps every page it maps for as long as it maps it: when
+        the owner shrinks, closes or exits, those pages are no longer the
+        owner's (writes stop being visible both ways for them) but their bytes
+        stay with the receiver; a pool takes such pages back as discarded and
+        never reuses them, so no receiver sees another buffer's data.
+        Nothing orders the two processes' work: synchronize before reading
+        what the other side wrote.
+        """
+        with self._lock:
+            st = self._usable()
+            if not st.shareable:
+                raise not_shareable("this GrowableBuffer")
+            if st.size == 0:
+                raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
+            pages = st.pages[: self._pages_for(st.size)]
+            handle, lease = SharedMemoryHandle._make(
+                st.device, "GrowableBuffer", pages, st.size, 0, st.page
+            )
+            lease.close()  # a buffer needs no lease: it never reuses exported pages
+            st.exported.update(pages)
+            return handle
 
     # ----------------------------------------------------------- sleep / wake
     @property
@@ -800,6 +912,8 @@ class GrowableBuffer(ClosesOnExit):
 
         Raises
         ------
+        ValueError
+            Pages of the buffer were shared with another process (:meth:`share`).
         OutOfMemoryError, DriverError
             A driver call failed; the buffer is as it was (awake, bytes intact).
         ClosedError
@@ -823,8 +937,16 @@ class GrowableBuffer(ClosesOnExit):
             raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
         with self._lock:
             st = self._usable()
-            if st.asleep is None:
-                st.sleep(backup)
+            if st.asleep is not None:
+                return
+            shared = sum(1 for p in st.pages if p in st.exported) if st.exported else 0
+            if shared:
+                raise ValueError(
+                    f"cannot sleep: {shared} page(s) of this buffer were shared with another process "
+                    "(share()); the receivers keep them mapped, so sleeping would free nothing and "
+                    "end the sharing"
+                )
+            st.sleep(backup)
 
     def wake(self) -> None:
         """Map pages at the same addresses again and copy the backup back (a no-op when awake).
@@ -864,6 +986,8 @@ class GrowableBuffer(ClosesOnExit):
         drops it). If a step fails, the
         error propagates and calling ``close()`` again resumes where it stopped.
         """
+        if self._fin.alive:
+            self._owned()  # a forked child releases nothing
         with self._lock:
             self._closed = True
             if not self._fin.alive:

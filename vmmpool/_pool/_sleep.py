@@ -278,7 +278,7 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
         for arena, s0, pages in runs:
             for p in pages:
                 if p.phys.closed:
-                    new = create(P, core.device)
+                    new = create(P, core.device, handle_type="posix_fd" if core.shareable else "none")
                     made.append((p, p.phys))
                     p.phys = new
             k = 0

@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -22,15 +23,18 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import AsleepError, ClosedError, OutOfMemoryError
+from .._errors import AsleepError, ForkedError, OutOfMemoryError
 from .._observe import AllocationInfo, History, format_summary, torch_snapshot
 from .._options import check_int, stream_key
+from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
+from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from . import _sleep
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
 from ._core import Core, release_held_quietly
 from ._pages import ACQUIRED, ASLEEP, FREE, QUARANTINED, Page
+from ._shares import Shares
 from ._stats import PageInfo, PoolStats
 
 __all__ = ["Allocation", "PagePool"]
@@ -39,6 +43,9 @@ logger = logging.getLogger("vmmpool.pool")
 
 #: After an out-of-memory, retries while garbage collection keeps giving memory back.
 _GC_RETRIES = 3
+
+#: Guards the first store of an allocation's view set (Allocation.view).
+_VIEWS_LOCK = threading.Lock()
 
 
 def _addr(b: Block) -> int:
@@ -67,7 +74,7 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
-            if core.held:
+            if core.held and not core.forked:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
@@ -113,7 +120,10 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock.
+    # section of this very pool (a drain): never block on the lock. Nothing in a
+    # forked child: the pool's memory is the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             core.lock.release()
@@ -125,7 +135,7 @@ def _close_quietly(core: Core) -> None:
 
 
 # ------------------------------------------------------------------ Allocation
-class Allocation:
+class Allocation(NoCopy):
     """Memory from :meth:`PagePool.malloc`.
 
     Attributes
@@ -186,12 +196,30 @@ class Allocation:
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
         if self._views:
+            core = self.pool._core
+            if core.forked:
+                raise core.closed_error()
             raise BufferError(
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
-        self.pool._core.free(rec, self)
+        shares = self.pool._shares
+        if shares.entries:  # a dict test: the hot path stays cheap
+            core = self.pool._core
+            if core.forked:
+                self._rec = rec  # refused in a forked child: nothing changed
+                raise core.closed_error()
+            if shares.mark_freed(rec):
+                # Shared: receivers may still map these bytes; the pool frees the
+                # block once every receiver is done (see _shares.py).
+                self.pool._reap_shares()
+                return
+        try:
+            self.pool._core.free(rec, self)
+        except ForkedError:
+            self._rec = rec  # refused in a forked child: nothing changed
+            raise
 
     def view(
         self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
@@ -214,19 +242,104 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
-        if self.pool._core.closed:
-            raise ClosedError("PagePool")
+        core = self.pool._core
+        if core.closed:
+            raise core.closed_error()
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
-        if self._views is None:
-            self._views = weakref.WeakSet()
-        self._views.add(v)
+        views = self._views
+        if views is None:
+            # Made lazily (a set per malloc would cost the hot path), but never
+            # lost (issue 17 item 3): two threads taking first views both saw None
+            # and each stored its own set, so one view went untracked and free()
+            # was then accepted under a live array. Built outside the lock (it
+            # allocates, so the garbage collector may run there); the check and
+            # the store under it allocate nothing.
+            new: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+            with _VIEWS_LOCK:
+                views = self._views
+                if views is None:
+                    self._views = views = new
+        views.add(v)
         return v
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this allocation in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the allocation's pages read-write and shows the :attr:`size` bytes at
+        the allocation's offset in its first page (:class:`~vmmpool.SharedMapping`).
+        Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Holds one POSIX file descriptor per page the allocation touches.
+
+        Raises
+        ------
+        ValueError
+            The pool was not created with ``shareable=True``, or the allocation
+            was freed.
+        ClosedError
+            The pool was closed.
+
+        Notes
+        -----
+        The receiver maps whole pages, which may also hold neighbouring
+        allocations; ``read``, ``write`` and ``view`` of the mapping reach only
+        this allocation's bytes. Until every copy of the handle and every
+        mapping made from it is closed, in every process (a process that exits
+        closes its own), the allocation's bytes are not reused:
+
+        * if the owner frees the allocation (or drops it), it is freed for the
+          owner at once (``freed`` is True; its pointer must not be used) but
+          the pool keeps its bytes in use, so the receiver never sees another
+          allocation's data; they are given back at the first ``stats()``,
+          ``trim()``, ``defragment()`` or out-of-memory retry after the last
+          receiver is done;
+        * if the pool closes, or the owner's process exits, the receiver keeps
+          the pages it maps (they are freed with its last mapping, driver rule 7).
+
+        Like CUDA IPC, nothing orders the two processes' work: synchronize
+        (events, queues) before reading what the other side wrote.
+        """
+        pool = self.pool
+        core = pool._core
+        if not core.shareable:
+            raise not_shareable(f"the PagePool of this allocation ({pool!r})")
+        pool._reap_shares()
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            pool._enter()
+            rec = self._rec
+            if rec is None or not rec.live:
+                raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
+            arena = rec.arena
+            P = core.P
+            first = (rec.addr - arena.base) // P
+            last = (rec.addr + max(self.size, 1) - 1 - arena.base) // P
+            pages = []
+            for s in range(first, last + 1):
+                page = arena.slots[s]
+                assert page is not None, "a live block lies on an unmapped slot"
+                pages.append(page.phys)
+            handle, lease = SharedMemoryHandle._make(
+                self.device, "Allocation", pages, self.size, rec.addr - arena.base - first * P, P
+            )
+            pool._shares.add(rec, self, lease)
+        return handle
 
     @property
     def freed(self) -> bool:
-        """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
+        """True once freed (explicitly, or implicitly by the pool's ``close()``).
+
+        Also True in a forked child, where the allocation is unusable (the
+        parent's allocation stays live).
+        """
         rec = self._rec
         return rec is None or not rec.live or self.pool._core.closed
 
@@ -254,7 +367,7 @@ class Allocation:
 
 
 # -------------------------------------------------------------------- PagePool
-class PagePool(ClosesOnExit):
+class PagePool(ClosesOnExit, NoCopy):
     """A memory pool of physical pages that defragments by remapping.
 
     Parameters
@@ -277,6 +390,13 @@ class PagePool(ClosesOnExit):
         (their size; they are placed like any block). ``None`` (the default):
         never; every request is rounded up to 512 bytes only. A multiple of
         512; 0 rounds every request to whole pages.
+    shareable : bool
+        Create every page exportable as a POSIX file descriptor (on CUDA,
+        ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``; on the host emulator, a
+        memfd per page) so that :meth:`Allocation.share` and the
+        :meth:`~vmmpool.GrowableBuffer.share` of buffers on this pool work.
+        Checked up front: a device without POSIX fd handles raises
+        ``ValueError``.
 
     Raises
     ------
@@ -304,7 +424,10 @@ class PagePool(ClosesOnExit):
         peers: Iterable[int] = (),
         *,
         small_threshold: int | None = None,
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         dev = Device(device)
         gran = dev.granularity
         P = gran if page_size is None else check_int(
@@ -322,10 +445,14 @@ class PagePool(ClosesOnExit):
                 f"preallocate ({pre} bytes = {pre_pages} pages) must not exceed the limit "
                 f"({max_pages * P} bytes = {max_pages} pages)"
             )
+        if shareable:
+            check_shareable(dev)
         self.device = dev
         self.page_size = P
         self.peers = devs[1:]
         self._core = core = Core(dev, P, max_pages, T, devs)
+        core.shareable = shareable
+        self._shares = Shares()
         self._fin = weakref.finalize(self, _close_quietly, core)
         self._fin.atexit = False
         if pre_pages:
@@ -374,8 +501,24 @@ class PagePool(ClosesOnExit):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran."""
+        """True once :meth:`close` ran (and in a forked child, where the pool is unusable)."""
         return self._core.closed
+
+    @property
+    def shareable(self) -> bool:
+        """Whether pages are exportable (``shareable=True``): see :meth:`Allocation.share`."""
+        return self._core.shareable
+
+    def _reap_shares(self) -> None:
+        """Free the shared allocations whose receivers are all done (lock NOT held)."""
+        shares = self._shares
+        if not shares.entries:
+            return
+        for rec, alloc in shares.done():
+            try:
+                self._core.free(rec, alloc)
+            except ValueError:  # pragma: no cover - the pool closed meanwhile
+                pass
 
     def _enter(self) -> Core:
         """Lock held: drain the GC queue; raise if closed."""
@@ -383,8 +526,14 @@ class PagePool(ClosesOnExit):
         if core.pending:
             core.drain()
         if core.closed:
-            raise ClosedError("PagePool")
+            raise core.closed_error()
         return core
+
+    def _check_process(self) -> None:
+        """Raise ForkedError in a forked child (for calls that work on a closed pool)."""
+        core = self._core
+        if core.forked:
+            raise core.closed_error()
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit (``None``: the device's total memory).
@@ -504,6 +653,15 @@ class PagePool(ClosesOnExit):
     ) -> Block:
         """After an out-of-memory: retry while garbage collection gives memory back."""
         core = self._core
+        if self._shares:
+            # Shared allocations freed by their owner whose receivers are done.
+            before = core.n_live
+            self._reap_shares()
+            if core.n_live != before:
+                try:
+                    return core.malloc(nbytes, key, stream)
+                except OutOfMemoryError as e:
+                    err = e
         for _ in range(_GC_RETRIES):
             if not _collect_garbage(core, mark):
                 break
@@ -544,6 +702,8 @@ class PagePool(ClosesOnExit):
         call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
         core = self._core
+        if core.forked:
+            return  # the buffer's memory is the parent's: a child releases nothing
         if core.closed:
             fn()
         else:
@@ -613,6 +773,8 @@ class PagePool(ClosesOnExit):
             try:
                 return self._acquire(n, key)
             except OutOfMemoryError:
+                if self._shares and attempt == 0:
+                    self._reap_shares()
                 if attempt == _GC_RETRIES or not _collect_garbage(self._core, mark):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -652,6 +814,7 @@ class PagePool(ClosesOnExit):
         ValueError
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
+        self._check_process()
         items = list(pages)
         core = self._core
         if core.tasks:
@@ -686,6 +849,47 @@ class PagePool(ClosesOnExit):
                 core.free_pages.append(p)
             core.in_use -= len(recs) * self.page_size
 
+    def _discard_pages(self, pages: Sequence[PhysicalAllocation]) -> None:
+        """Take back acquired pages that were shared: release them, never reuse them.
+
+        A growable buffer on this pool gives back pages it exported this way:
+        a receiver may still map them, and a reused page would show it another
+        buffer's data. The pool drops its handle (the receiver's import keeps
+        the memory, driver rule 7) and creates new pages when it needs them.
+        The caller must have unmapped them. Validated first; a page whose
+        release fails is quarantined (never reused, released by ``close()``).
+        A no-op after :meth:`close`.
+        """
+        items = list(pages)
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending:
+                core.drain()
+            if core.closed:
+                return
+            recs: dict[Page, None] = {}
+            for ph in items:
+                p = core.pages.get(ph) if isinstance(ph, PhysicalAllocation) else None
+                if p is None or p.state is not ACQUIRED or p in recs:
+                    raise ValueError(f"{ph!r} is not a page acquired from this pool (once)")
+                recs[p] = None
+            for p in recs:
+                del core.acquired[p]
+                core.in_use -= self.page_size
+                try:
+                    p.phys.close()
+                except Exception:  # kept out of reuse; close() retries
+                    logger.error("releasing a shared page failed; quarantined", exc_info=True)
+                    p.state = QUARANTINED
+                    core.quarantine[p] = None
+                    continue
+                p.state = FREE
+                p.stream = None
+                del core.pages[p.phys]
+                core.n_released += 1
+
     # ---------------------------------------------------------- maintenance
     def defragment(self) -> None:
         """Unmap every cached page (touched by no live block) into the free pages.
@@ -694,6 +898,7 @@ class PagePool(ClosesOnExit):
         device synchronize). Pages touched by live blocks stay where they are.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -718,6 +923,7 @@ class PagePool(ClosesOnExit):
             Bytes of physical memory given back.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -753,7 +959,9 @@ class PagePool(ClosesOnExit):
         ------
         ValueError
             Pages are lent by :meth:`acquire_pages` (to growable buffers):
-            sleep those buffers first. Nothing changed.
+            sleep those buffers first; or allocations are shared with other
+            processes (:meth:`Allocation.share`) and still mapped there.
+            Nothing changed.
         OutOfMemoryError, DriverError
             A driver call failed. The pool is awake, its allocations keep their
             addresses and bytes (pages that hold no live data may have been
@@ -786,10 +994,18 @@ class PagePool(ClosesOnExit):
         core = self._core
         if core.tasks:
             core.run_tasks()
+        self._reap_shares()
         with core.lock:
             self._enter()
             if core.asleep is not None:
                 return
+            if self._shares:
+                raise ValueError(
+                    f"cannot sleep: {len(self._shares.entries)} allocation(s) are shared with other "
+                    "processes (Allocation.share()) and may still be mapped there; their pages cannot "
+                    "be given back (the receivers hold them) and the sharing would end: close the "
+                    "receivers' mappings first"
+                )
             _sleep.sleep(core, backup)
 
     def wake(self) -> None:
@@ -822,8 +1038,10 @@ class PagePool(ClosesOnExit):
 
         Walks the free ranges and the live blocks (for ``small_pages``).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -900,6 +1118,7 @@ class PagePool(ClosesOnExit):
         Meant for plots and debugging (it walks every page and block: not for
         hot paths).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         if core.tasks:
@@ -970,6 +1189,7 @@ class PagePool(ClosesOnExit):
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
         n = check_int("max_entries", max_entries, minimum=1)
+        self._check_process()
         core = self._core
         with core.lock:
             core.history = History(n, bool(stacks)) if enabled else None
@@ -1009,6 +1229,7 @@ class PagePool(ClosesOnExit):
 
         Walks every page and block (slow): for tests and debugging.
         """
+        self._check_process()
         core = self._core
         if core.tasks:
             core.run_tasks()
@@ -1032,17 +1253,22 @@ class PagePool(ClosesOnExit):
         memory lives until the caller unmaps them (driver rule 7) and
         ``release_pages`` becomes a no-op. If a driver call fails, the error
         propagates and calling ``close()`` again releases what is left.
+
+        In a child forked from the pool's process it raises
+        :class:`~vmmpool.ForkedError` and releases nothing (the memory is the
+        parent's), unless the pool holds nothing.
         """
         core = self._core
         if core.tasks:
             core.run_tasks()
         core.close()  # raises on failure: the finalizer stays armed, close() resumes
+        self._shares.clear()  # receivers keep the pages they map (rule 7)
         if not core.arenas and not core.pages:
             self._fin.detach()
 
     def __enter__(self) -> PagePool:
         if self._core.closed:
-            raise ClosedError("PagePool")
+            raise self._core.closed_error()
         return self
 
     def __repr__(self) -> str:
