@@ -163,10 +163,11 @@ def run_baseline(dev: vmmpool.Device, nbytes: int) -> dict[str, Any]:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--max-gib", type=float, default=8.0, help="largest live size (default 8)")
+    p.add_argument("--min-gib", type=float, default=0.0, help="smallest live size (default: all)")
     p.add_argument("--repeats", type=int, default=2, help="runs per size; the best is kept (default 2)")
     args = p.parse_args()
     sizes = [256 * MiB, 512 * MiB, GiB, 2 * GiB, 4 * GiB, 8 * GiB]
-    sizes = [s for s in sizes if s <= args.max_gib * GiB]
+    sizes = [s for s in sizes if args.min_gib * GiB <= s <= args.max_gib * GiB]
     if args.quick:
         sizes = sizes[:2]
     top = max(sizes)
