@@ -25,6 +25,14 @@ def _fill(dev: vmmpool.Device, ptr: int, n: int, seed: int) -> bytes:
     return data
 
 
+def _freed(dev: vmmpool.Device, free0: int, nbytes: int) -> None:
+    """Free device memory rose by `nbytes` (on a GPU, other processes may move it a little)."""
+    if dev.is_host:
+        assert dev.free_memory == free0 + nbytes
+    else:
+        assert dev.free_memory >= free0 + nbytes - (32 << 20)
+
+
 def _pool_world(dev: vmmpool.Device) -> tuple[PagePool, list[tuple[vmmpool.Allocation, bytes]]]:
     """Live blocks on three streams (large, small, spanning pages) plus cached memory."""
     pool = PagePool(dev, limit=16 * P)
@@ -54,7 +62,7 @@ def test_pool_sleep_gives_every_page_back_and_wake_restores_bytes_at_the_same_ad
     assert pool.asleep
     c = device.counters()
     assert (c.allocations, c.mappings, c.reservations) == (0, 0, reservations)  # every page given back
-    assert device.free_memory == free0 + held
+    _freed(device, free0, held)
     s = pool.stats()
     assert s.asleep and s.total_pages == 0 and s.mapped_pages == 0 and s.reserved_bytes == 0
     assert s.live_allocations == len(live) and s.n_sleeps == 1
@@ -223,7 +231,8 @@ def test_buffer_sleep_and_wake(device: vmmpool.Device, pooled: bool) -> None:
     buf.sleep()
     assert buf.asleep and (buf.ptr, buf.size, buf.capacity) == (ptr, size, cap)
     if pool is None:
-        assert device.free_memory == free0 + cap and device.counters().allocations == 0
+        _freed(device, free0, cap)
+        assert device.counters().allocations == 0
     else:
         pool.sleep()
         assert device.counters().allocations == 0
