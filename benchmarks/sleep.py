@@ -230,6 +230,8 @@ def main() -> None:
             ),
         },
         args.output,
+        quick=args.quick,
+        save=args.save,
     )
     print(f"\nwrote {path}")
 

@@ -33,6 +33,7 @@ PUBLIC = {
     "OutOfMemoryError",
     "PhysicalAllocation",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

@@ -23,6 +23,7 @@ from ._errors import (
     ForkedError,
     OutOfMemoryError,
     VmmError,
+    VmmWarning,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
@@ -59,6 +60,7 @@ __all__ = [
     "SharedMemoryHandle",
     "SleepStats",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

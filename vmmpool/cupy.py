@@ -222,7 +222,7 @@ class MemoryPool:
 
     def used_bytes(self) -> int:
         """Bytes held by live allocations (with rounding), over all devices."""
-        return sum(p.stats().in_use_bytes for p in self._pools.values())
+        return sum(p.stats().allocated_bytes for p in self._pools.values())
 
     def free_bytes(self) -> int:
         """Bytes the pools hold but no allocation uses (cached ranges and free pages)."""
