@@ -459,3 +459,39 @@ def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device)
     assert not buf.asleep
     del h
     buf.close()
+
+
+@pytest.mark.parametrize("free_while_asleep", [False, True])
+def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(free_while_asleep: bool) -> None:
+    """Issue 20's aliases: a page mapped in two slots is copied and released once, mapped back twice."""
+    Q = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=16 * Q, granularity=Q)
+    pool = PagePool(dev, limit=4 * Q)
+    xs = [pool.malloc(Q // 2) for _ in range(8)]  # four pages of half-page blocks
+    base = min(x.ptr for x in xs)
+    by_off = {(x.ptr - base) // (Q // 2): x for x in xs}
+    by_off.pop(1).free()  # a free tail on page 0 ...
+    by_off.pop(4).free()  # ... and a free head on page 2
+    c = pool.malloc(3 * Q // 4)  # at the limit: across the tail and the head, two aliases
+    assert len(pool._core.aliases) == 2
+    live = [(x, _fill(dev, x.ptr, x.size, i)) for i, x in by_off.items()]
+    live.append((c, _fill(dev, c.ptr, c.size, 99)))
+    pool.sleep()
+    assert dev.counters().allocations == 0 and dev.counters().mappings == 0
+    s = pool.stats()
+    assert s.backup_bytes == 4 * Q  # four physical pages, each copied once
+    pool._check()
+    if free_while_asleep:
+        x, _d = live.pop(0)
+        x.free()
+        pool._check()
+    pool.wake()
+    pool._check()
+    assert dev.counters().allocations == 4 and len(pool._core.aliases) == 2
+    assert _bytes_ok(dev, live)
+    dev.write(c.ptr, bytes(c.size))  # both mappings show one page again: the neighbours keep theirs
+    assert _bytes_ok(dev, live[:-1])
+    for x, _d in live:
+        x.free()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)

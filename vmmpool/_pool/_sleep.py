@@ -129,12 +129,17 @@ def staging(core: Core) -> Staging:
 
 
 def _device_runs(core: Core, runs: list[Run], offsets: dict[Page, int]) -> list[tuple[int, int, int]]:
-    """(device address, bytes, backup offset) pieces: each run cut where the backup is not contiguous."""
+    """(device address, bytes, backup offset) pieces: each run cut where the backup is not contiguous.
+
+    A page mapped twice (an alias, ``_pages.py``) is copied once, through its own slot.
+    """
     P = core.P
     out: list[tuple[int, int, int]] = []
     for arena, s0, pages in runs:
         for i, p in enumerate(pages):
             addr = arena.base + (s0 + i) * P
+            if addr != p.addr or p not in offsets:
+                continue  # an alias slot: the same memory as the page's own slot
             off = offsets[p]
             if out and out[-1][0] + out[-1][1] == addr and out[-1][2] + out[-1][1] == off:
                 a, n, o = out[-1]
@@ -163,8 +168,9 @@ def sleep(core: Core, backup: bool) -> None:
     off = 0
     for _arena, _s0, pages in runs:
         for p in pages:
-            offsets[p] = off
-            off += P
+            if p not in offsets:  # an aliased page appears in two runs
+                offsets[p] = off
+                off += P
     nbytes = off
     data: np.ndarray | None = None
     if backup and nbytes:
@@ -182,12 +188,14 @@ def sleep(core: Core, backup: bool) -> None:
         for _arena, _s0, pages in runs:
             for p in pages:
                 phys = p.phys
+                if phys.closed:
+                    continue  # an aliased page, released at its other slot
                 phys.close()  # unmapped: the memory goes back to the driver
                 del core.pages[phys]
                 core.n_released += 1
     except BaseException as err:
         core.asleep = asleep
-        core.n_asleep = sum(len(r[2]) for r in unmapped)
+        core.n_asleep = len({p for r in unmapped for p in r[2]})
         try:
             wake_runs(core, unmapped, asleep)
         except Exception as undo_err:
@@ -324,7 +332,7 @@ def wake(core: Core) -> None:
     t0 = time.perf_counter()
     forget_freed(core)
     runs = runs_of(core, ASLEEP)
-    need = sum(1 for _a, _s, pages in runs for p in pages if p.phys.closed)
+    need = len({p for _a, _s, pages in runs for p in pages if p.phys.closed})
     if len(core.pages) + need > core.max_pages:
         raise core.oom(
             need * core.P, need,
@@ -332,7 +340,7 @@ def wake(core: Core) -> None:
             f"{core.max_pages - len(core.pages)} more (raise it with set_limit)",
         )
     wake_runs(core, runs, sl)
-    n = sum(len(r[2]) for r in runs)
+    n = len({p for r in runs for p in r[2]})
     core.asleep = None
     core.n_asleep = 0
     c = core.sleeps
