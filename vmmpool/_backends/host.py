@@ -890,3 +890,72 @@ class HostBackend(Backend):
             if event in pending.get(s, ()):
                 pending[s].remove(event)
             self._live_events -= 1
+
+    # ---------------------------------------------------------------- staging
+    # "Page-locked" host memory is plain anonymous memory here, and the copies
+    # are synchronous memmoves (host work is synchronous): an event recorded
+    # after them completes as any other. The emulator still checks what the
+    # driver requires: the host side lies inside one host_alloc block, the
+    # device side is mapped with enough access.
+    _host_blocks: dict[int, int]
+    _live_host: int
+
+    def _host_state(self) -> dict[int, int]:
+        blocks = getattr(self, "_host_blocks", None)
+        if blocks is None:
+            blocks = self._host_blocks = {}
+        return blocks
+
+    def host_alloc(self, size: int) -> int:
+        self._enter("host_alloc")
+        self.check_value("host_alloc", "size", size)
+        if size <= 0:
+            raise _invalid("host_alloc", f"size must be > 0, got {size}")
+        with self._lock:
+            addr = _mmap(None, size, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+            if addr == _MAP_FAILED or addr is None:
+                raise self._fail("host_alloc", "mmap of host staging memory", size)
+            self._host_state()[addr] = size
+            self._live_host = getattr(self, "_live_host", 0) + 1
+            return int(addr)
+
+    def host_free(self, address: int) -> None:
+        self._enter("host_free")
+        with self._lock:
+            blocks = self._host_state()
+            size = blocks.get(address)
+            if size is None:
+                raise _invalid("host_free", f"{address:#x} is not host memory from host_alloc")
+            if _munmap(address, size) != 0:
+                raise self._fail("host_free", "munmap of host staging memory")
+            del blocks[address]
+            self._live_host -= 1
+
+    def _check_host(self, op: str, address: int, size: int) -> None:
+        with self._lock:
+            for start, n in self._host_state().items():
+                if start <= address and address + size <= start + n:
+                    return
+        raise _invalid(
+            op, f"host range [{address:#x}, {address + size:#x}) is not inside memory from host_alloc"
+        )
+
+    def _check_stream(self, op: str, stream: int) -> None:
+        if not 0 <= int(stream) < 1 << 64:
+            raise _invalid(op, f"stream must be a CUstream value >= 0, got {stream}")
+
+    def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        self._enter("copy_dtoh_async")
+        self._check_stream("copy_dtoh_async", stream)
+        if size:
+            self._check_host("copy_dtoh_async", dst, size)
+            self._check_accessible("copy_dtoh_async", src, size, write=False)
+            ctypes.memmove(dst, src, size)
+
+    def copy_htod_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        self._enter("copy_htod_async")
+        self._check_stream("copy_htod_async", stream)
+        if size:
+            self._check_host("copy_htod_async", src, size)
+            self._check_accessible("copy_htod_async", dst, size, write=True)
+            ctypes.memmove(dst, src, size)
