@@ -389,6 +389,76 @@ def test_stream_handles_beyond_64_bits_are_rejected() -> None:
     assert vmmpool.stream_key((1 << 64) - 1) == (1 << 64) - 1
 
 
+class _Ptr:
+    def __init__(self, ptr: object) -> None:
+        self.ptr = ptr
+
+
+class _Torch:
+    def __init__(self, handle: object) -> None:
+        self.cuda_stream = handle
+
+
+class _Proto:
+    def __init__(self, handle: object) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, object]:
+        return (0, self.handle)
+
+
+@pytest.mark.parametrize("handle", [3.9, True, "12", b"7", np.float64(2.0)])
+@pytest.mark.parametrize("wrap", [lambda h: h, _Ptr, _Torch, _Proto], ids=["bare", "ptr", "torch", "proto"])
+def test_stream_handles_follow_one_rule_integers_only(handle: object, wrap: Callable[[object], object]) -> None:
+    # Issue 17: a stream object's handle went through int() (3.9 -> 3, True -> 1, '12' -> 12)
+    # while a bare float was refused.
+    with pytest.raises(TypeError) as info:
+        vmmpool.stream_key(wrap(handle))
+    msg = str(info.value)
+    assert "int" in msg and type(handle).__name__ in msg
+
+
+@pytest.mark.parametrize("wrap", [lambda h: h, _Ptr, _Torch, _Proto], ids=["bare", "ptr", "torch", "proto"])
+def test_stream_handles_accept_every_integer(wrap: Callable[[object], object]) -> None:
+    for handle in (0, 7, np.uint64(9), np.int32(3), (1 << 64) - 1):
+        assert vmmpool.stream_key(wrap(handle)) == int(handle)
+
+
+def test_a_stream_objects_handle_none_is_refused() -> None:
+    # None is the default stream only when passed bare (int(None) raised TypeError before too,
+    # but named no attribute).
+    with pytest.raises(TypeError, match=r"handle must be an int .*got NoneType .*from _Ptr\.ptr"):
+        vmmpool.stream_key(_Ptr(None))
+
+
+def test_error_messages_never_quote_a_huge_value_whole() -> None:
+    # Issue 17: a 300k-key dict went whole into a message (2.9 million characters), and a
+    # 5,000-digit int made the message itself fail ("Exceeds the limit (4300 digits)").
+    huge = {i: i for i in range(300_000)}
+    for bad in (huge, list(range(300_000)), "x" * 300_000):
+        with pytest.raises(TypeError) as info:
+            check_int("size", bad)
+        assert len(str(info.value)) < 200, str(info.value)[:300]
+        with pytest.raises(TypeError) as info:
+            vmmpool.stream_key(_Ptr(bad))
+        assert len(str(info.value)) < 200
+    with pytest.raises(ValueError, match=r"size must be <= .* got an int of 16610 bits") as exc:
+        check_int("size", 10**5000)
+    assert len(str(exc.value)) < 200
+    with pytest.raises(ValueError, match="got an int of 16610 bits"):
+        vmmpool.stream_key(10**5000)
+
+
+def test_record_history_max_entries_is_bounded(host: Device) -> None:
+    with PagePool(host, limit=8 * MiB) as pool:
+        pool.record_history(max_entries=sys.maxsize)  # PyTorch's default: accepted
+        for bad in (2**63, 10**5000):
+            with pytest.raises(ValueError, match=r"max_entries must be <= 9223372036854775807"):
+                pool.record_history(max_entries=bad)
+        pool.malloc(10).free()
+        assert len(pool.memory_snapshot()["device_traces"][0]) >= 2  # the old history stays
+
+
 def test_a_limit_below_one_page_is_rejected(host: Device) -> None:
     P = host.granularity
     for limit in (1, P - 1):

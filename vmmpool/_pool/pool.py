@@ -23,7 +23,7 @@ from numpy.typing import DTypeLike
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
 from .._errors import ClosedError, OutOfMemoryError
-from .._observe import AllocationInfo, History, format_summary, torch_snapshot
+from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
 from .._options import check_int, stream_key
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from ._arena import Arena
@@ -858,7 +858,7 @@ class PagePool(ClosesOnExit):
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        n = check_int("max_entries", max_entries, minimum=1)
+        n = check_max_entries(max_entries)
         core = self._core
         with core.lock:
             core.history = History(n, bool(stacks)) if enabled else None
