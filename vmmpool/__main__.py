@@ -52,22 +52,25 @@ _SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib
 
 
 def _bytes(text: str) -> int:
-    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units)."""
+    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units), in (0, 2**64)."""
+    from ._options import brief
+
+    expected = f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {brief(text)}"
     t = text.strip().lower().replace("_", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
-    if unit not in _SUFFIXES or not num:
-        raise argparse.ArgumentTypeError(
-            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
-        )
+    if unit not in _SUFFIXES or not num or len(num) > 32:
+        raise argparse.ArgumentTypeError(expected)
     try:
         value = float(num) * _SUFFIXES[unit]
     except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if not value > 0:  # NaN included
+        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {brief(text)}")
+    if not value < 2.0**64:  # inf included (1e400)
         raise argparse.ArgumentTypeError(
-            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {text!r}")
+            f"the limit must be below 2**64 bytes (16 EiB), got {brief(text)}"
+        )
     return int(value)
 
 

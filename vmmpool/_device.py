@@ -159,6 +159,41 @@ class Device:
             HostBackend(capacity, granularity, recommended_granularity, name=name)
         )
 
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close an emulated device: give back its memory files (idempotent).
+
+        An emulated device keeps memory files (memfds) open for its memory; a
+        device dropped without ``close()`` closes them when it is garbage
+        collected. After ``close()``, new reservations and allocations on it
+        raise :class:`~vmmpool.ClosedError`; memory still allocated stays
+        usable, and its file is closed as soon as it is released.
+
+        Raises
+        ------
+        ValueError
+            On ``Device("host")`` or a CUDA device: those are shared by the
+            whole process and live as long as it does.
+        """
+        if not self.is_host or self is _host:
+            raise ValueError(
+                f"only a device made by Device.emulated() can be closed, not {self!r} "
+                "(shared by the whole process)"
+            )
+        self._backend.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (an emulated device only)."""
+        return bool(getattr(self._backend, "closed", False))
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.is_host and self is not _host:
+            self.close()
+
     # --------------------------------------------------------------- facts
     @property
     def is_host(self) -> bool:
