@@ -57,11 +57,45 @@ def test_cli_demo_limit_garbage_is_one_line_exit_2() -> None:
     _one_line_error(out, "--limit", "'lots'")
 
 
+#: Hide every GPU from a subprocess, so that its default device is the host emulator as on a
+#: machine without one: CUDA_VISIBLE_DEVICES for the real driver, STANDIN_CUDA_DEVICES for the
+#: stand-in driver (tests/standin_driver). Issue 17: `demo` without --device picked the GPU
+#: wherever one was present, and a test of the host's setting then failed there.
+_HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "STANDIN_CUDA_DEVICES": "0"}
+
+
 @pytest.mark.parametrize("command", [["info"], ["demo", "--device", "host"], ["demo"]])
-@pytest.mark.parametrize("value", ["xyz", "1.5G", "²M", "-4G"])
+@pytest.mark.parametrize("value", ["xyz", "1.5G", "²M", "-4G", "9" * 5000])
 def test_cli_malformed_host_capacity_is_one_line_exit_2(command: list[str], value: str) -> None:
-    out = _cli(*command, env={"VMMPOOL_HOST_CAPACITY": value})
-    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", repr(value))
+    out = _cli(*command, env={"VMMPOOL_HOST_CAPACITY": value, **_HIDE_GPUS})
+    shown = repr(value) if len(value) <= 40 else "(5000 characters)"
+    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", shown)
+    assert len(out.stderr) < 300
+
+
+def test_the_host_capacity_test_holds_where_a_gpu_is_visible(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The stand-in driver plays a visible GPU: there the default device is the GPU, and
+    # _HIDE_GPUS makes it the host emulator again, so the test above tests the host's path.
+    from standin_driver import build as standin_build
+
+    reason = standin_build.unavailable_reason()
+    if reason is not None:
+        if os.environ.get("VMMPOOL_REQUIRE_STANDIN", "") == "1":
+            pytest.fail(f"VMMPOOL_REQUIRE_STANDIN=1 but {reason}")
+        pytest.skip(reason)
+    lib = standin_build.build(tmp_path_factory.mktemp("standin-cuda"))
+    gpu = {"LD_LIBRARY_PATH": str(lib.parent)}
+    code = "import vmmpool; print(vmmpool.default_device())"
+    for env, expected in ((gpu, "cuda:0"), ({**gpu, **_HIDE_GPUS}, "host")):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("STANDIN_CUDA_")}
+        full.update(env)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, env=full, check=False)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
+    out = _cli("demo", env={"VMMPOOL_HOST_CAPACITY": "xyz", **gpu, **_HIDE_GPUS})
+    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", "'xyz'")
 
 
 def test_host_capacity_rejects_non_ascii_digits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -409,7 +443,9 @@ class _Proto:
 
 @pytest.mark.parametrize("handle", [3.9, True, "12", b"7", np.float64(2.0)])
 @pytest.mark.parametrize("wrap", [lambda h: h, _Ptr, _Torch, _Proto], ids=["bare", "ptr", "torch", "proto"])
-def test_stream_handles_follow_one_rule_integers_only(handle: object, wrap: Callable[[object], object]) -> None:
+def test_stream_handles_follow_one_rule_integers_only(
+    handle: object, wrap: Callable[[object], object]
+) -> None:
     # Issue 17: a stream object's handle went through int() (3.9 -> 3, True -> 1, '12' -> 12)
     # while a bare float was refused.
     with pytest.raises(TypeError) as info:

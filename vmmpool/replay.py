@@ -287,17 +287,14 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
-    kids: list[list[int]] = []  # container node -> its container children
-    leaves: list[int] = []  # container node -> how many scalar children it has
+    kids: list[list[Any]] = []  # container node -> its items (stack items, as above)
     root: Any = None
     bio = io.BytesIO(data)
     pos = 0
     n_ops = 0
 
     def node(items: list[Any]) -> int:
-        ch = [i for i in items if type(i) is int]
-        kids.append(ch)
-        leaves.append(len(items) - len(ch))
+        kids.append(items)
         return len(kids) - 1
 
     def to_mark() -> list[Any]:
@@ -310,14 +307,12 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
         top = stack[-1]
         if type(top) is not int:
             raise TraceError(f"{name}: malformed pickle: {op} at byte {pos} adds to a non-container")
-        for i in items:
-            if type(i) is int:
-                kids[top].append(i)
-            else:
-                leaves[top] += 1
+        kids[top] += items
 
     try:
-        for op, arg, pos in pickletools.genops(bio):
+        for op, raw_arg, at in pickletools.genops(bio):
+            arg: Any = raw_arg
+            pos = at or 0
             n_ops += 1
             o = op.name
             if o in _SCALAR_OPS:
@@ -415,12 +410,10 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
             f"{name}: {what} pickle, stopped near byte {bio.tell()} of {size} ({_cut(text)})"
         ) from None
     if type(root) is int:
-        _check_shape(root, kids, leaves, max_weight, name, size)
+        _check_shape(root, kids, max_weight, name, size)
 
 
-def _check_shape(
-    root: int, kids: list[list[int]], leaves: list[int], max_weight: int, name: str, size: int
-) -> None:
+def _check_shape(root: int, kids: list[list[Any]], max_weight: int, name: str, size: int) -> None:
     """Refuse deep, self-containing or exponentially shared containers (iterative walk)."""
     n = len(kids)
     state = bytearray(n)  # 0 unseen, 1 on the walk's path, 2 done
@@ -437,6 +430,8 @@ def _check_shape(
         cur = path[-1]
         i = nexts[-1]
         ch = kids[cur]
+        while i < len(ch) and type(ch[i]) is not int:  # scalars: nothing below them
+            i += 1
         if i < len(ch):
             nexts[-1] = i + 1
             c = ch[i]
@@ -449,12 +444,15 @@ def _check_shape(
                 path.append(c)
                 nexts.append(0)
             continue
-        w = 1 + leaves[cur]
+        w = 1
         d = 0
         for c in ch:
-            w += weight[c]
-            if depth[c] > d:
-                d = depth[c]
+            if type(c) is int:
+                w += weight[c]
+                if depth[c] > d:
+                    d = depth[c]
+            else:
+                w += 1
         if d >= MAX_PICKLE_DEPTH:  # reached on a short path, deep below: still too deep
             raise TraceError(deep)
         if w > max_weight:
