@@ -667,3 +667,31 @@ print("done")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
+
+
+def test_repeated_segments_and_blocks_are_bounded_by_the_file_size(tmp_path: Path) -> None:
+    # Shared moderately: the scan's bound on expansion (linear in the size) lets it through,
+    # but the reader would walk 400,000 blocks from 5 KB; it refuses before walking any.
+    block = {"address": BASE, "size": 512, "requested_size": 512, "state": "active_allocated"}
+    seg = {"device": 0, "address": BASE, "total_size": 512, "stream": 0, "blocks": [block] * 2000}
+    raw = pickle.dumps({"segments": [seg] * 200, "device_traces": [[]]})
+    assert len(raw) < 10_000
+    R.scan_pickle(raw, "moderate")  # within the scan's bounds
+    p = tmp_path / "moderate.pickle"
+    p.write_bytes(raw)
+    with pytest.raises(R.TraceError, match=r"moderate\.pickle: refused: the snapshot lists more "
+                       r"than [\d,]+ segments, blocks and events"):
+        R.load(p)
+
+
+def test_hashing_shared_tuples_is_bounded() -> None:
+    # One 2**17-object tuple key (a few hundred bytes: each level holds the one below twice)
+    # keying 64 dicts: 8 million objects to walk while loading, from under 1 KB.
+    key: Any = (0,)
+    for _ in range(16):
+        key = (key, key)
+    raw = pickle.dumps([{key: i} for i in range(64)])
+    assert len(raw) < 1000
+    with pytest.raises(R.TraceError, match="hashing the dict keys would walk more than"):
+        R.scan_pickle(raw, "keys")
+    R.scan_pickle(pickle.dumps([{key: 0}]), "one")  # once is cheap: accepted

@@ -102,14 +102,21 @@ _CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
 _PEER_MARK = "VMMPOOL-PEER-RESULT "
 
 # Bounds on an untrusted snapshot pickle, checked on its opcodes before it is loaded
-# (issue 17). Real snapshots nest 7 deep and expand to 2-4 objects per byte (frames
-# are shared through the pickle's memo); the bounds leave a wide margin.
+# (issue 17). Real snapshots nest 7 deep and expand to 2-4 objects per byte: stacks are
+# shared through the pickle's memo (one frames list of 111 frames by up to 579 events in
+# the llama trace), and deeper stacks expand further; the bounds leave a wide margin.
 #: Deepest nesting of containers accepted.
 MAX_PICKLE_DEPTH = 64
 #: Objects the loaded data may hold when expanded as a tree (memo references counted each
 #: time they are used): at most this many per byte of the file, plus :data:`PICKLE_WEIGHT_FLOOR`.
-PICKLE_WEIGHT_PER_BYTE = 32
+#: Any walk over the loaded data then takes time linear in the file's size.
+PICKLE_WEIGHT_PER_BYTE = 1024
 PICKLE_WEIGHT_FLOOR = 1 << 20
+#: Work of hashing the dict keys and set items while loading (a tuple's hash walks it, and is
+#: not cached): at most this many objects per byte, plus :data:`PICKLE_HASH_FLOOR`. Real
+#: snapshots' keys are strings, under one per 2 bytes.
+PICKLE_HASH_PER_BYTE = 4
+PICKLE_HASH_FLOOR = 1 << 20
 #: Largest integer in a pickle, in bits (snapshot values fit 64; a bigger one is refused
 #: by the reader with its field's name).
 MAX_PICKLE_INT_BITS = 1 << 16
@@ -121,6 +128,12 @@ _CODE_OPS = frozenset({
 })
 _STR_OPS = frozenset({"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
 _INT_OPS = frozenset({"INT", "LONG", "LONG1", "LONG4"})
+#: Kinds of container (what the unpickler hashes: dict keys, set items).
+_LIST, _DICT, _SET, _TUPLE = 0, 1, 2, 3
+_BUILDS = {"LIST": _LIST, "DICT": _DICT, "FROZENSET": _SET, "TUPLE": _TUPLE}
+_EMPTIES = {"EMPTY_LIST": _LIST, "EMPTY_DICT": _DICT, "EMPTY_SET": _SET}
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 #: Opcodes that push one scalar.
 _SCALAR_OPS = frozenset({
     "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
@@ -254,18 +267,21 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     * containers nested deeper than :data:`MAX_PICKLE_DEPTH` (a deep tuple
       crashes the interpreter when hashed; deep values overflow the stack of
       every recursive function), and containers that contain themselves;
-    * data that, expanded as a tree, holds more than
+    * a container that, expanded as a tree, holds more than
       :data:`PICKLE_WEIGHT_PER_BYTE` objects per byte of the file (plus
       :data:`PICKLE_WEIGHT_FLOOR`): the memo lets a few hundred bytes refer to
       one list from many places, so that a walk over the loaded data takes
-      exponentially long; within the bound, reading takes time proportional
-      to the file's size;
+      exponentially long; within the bound, a walk is linear in the file's size;
+    * dict keys and set items whose hashing, while loading, would walk more
+      than :data:`PICKLE_HASH_PER_BYTE` objects per byte (plus
+      :data:`PICKLE_HASH_FLOOR`): tuples built of shared tuples;
     * integers beyond :data:`MAX_PICKLE_INT_BITS` bits, memo indices beyond
       the number of opcodes read (the unpickler sizes its memo by the largest
       index), frames that run past the end of the file, and anything
       malformed or truncated.
 
-    The scan's own work is linear in the file's size.
+    Every container built is checked, kept or not. The scan's own work is
+    linear in the file's size.
 
     Parameters
     ----------
@@ -281,21 +297,16 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
         value is never quoted whole.
     """
     size = len(data)
-    max_weight = PICKLE_WEIGHT_PER_BYTE * size + PICKLE_WEIGHT_FLOOR
     # Stack items: a container node (int >= 0), a short string (kept to name the class
     # a STACK_GLOBAL refers to) or None (any other scalar).
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
     kids: list[list[Any]] = []  # container node -> its items (stack items, as above)
-    root: Any = None
+    kinds = bytearray()  # container node -> _LIST, _DICT, _SET or _TUPLE
     bio = io.BytesIO(data)
     pos = 0
     n_ops = 0
-
-    def node(items: list[Any]) -> int:
-        kids.append(items)
-        return len(kids) - 1
 
     def to_mark() -> list[Any]:
         m = marks.pop()
@@ -315,21 +326,22 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
             pos = at or 0
             n_ops += 1
             o = op.name
-            if o in _SCALAR_OPS:
-                if o in _INT_OPS and arg.bit_length() > MAX_PICKLE_INT_BITS:
-                    raise TraceError(
-                        f"{name}: refused at byte {pos}: an integer of {arg.bit_length()} bits "
-                        f"(at most {MAX_PICKLE_INT_BITS}; snapshot values fit 64)"
-                    )
-                stack.append(arg if o in _STR_OPS and len(arg) <= 100 else None)
-            elif o in ("GET", "BINGET", "LONG_BINGET"):
+            # Most frequent first: memo reads are 70% of a snapshot's opcodes.
+            if o in _GET_OPS:
                 if arg not in memo:
                     raise TraceError(
                         f"{name}: malformed pickle: memo index {brief(arg)} read at byte {pos} "
                         "was never written"
                     )
                 stack.append(memo[arg])
-            elif o in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            elif o in _SCALAR_OPS:
+                if o in _INT_OPS and arg.bit_length() > MAX_PICKLE_INT_BITS:
+                    raise TraceError(
+                        f"{name}: refused at byte {pos}: an integer of {arg.bit_length()} bits "
+                        f"(at most {MAX_PICKLE_INT_BITS}; snapshot values fit 64)"
+                    )
+                stack.append(arg if o in _STR_OPS and len(arg) <= 100 else None)
+            elif o in _PUT_OPS:
                 idx = len(memo) if o == "MEMOIZE" else arg
                 if idx > n_ops:
                     raise TraceError(
@@ -339,8 +351,10 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
                 memo[idx] = stack[-1]
             elif o == "MARK":
                 marks.append(len(stack))
-            elif o in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-                stack.append(node([]))
+            elif o in _EMPTIES:
+                kids.append([])
+                kinds.append(_EMPTIES[o])
+                stack.append(len(kids) - 1)
             elif o in ("APPENDS", "SETITEMS", "ADDITEMS"):
                 add(to_mark(), o)
             elif o == "APPEND":
@@ -348,15 +362,18 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
             elif o == "SETITEM":
                 v = stack.pop()
                 add([stack.pop(), v], o)
-            elif o in ("LIST", "TUPLE", "DICT", "FROZENSET"):
-                stack.append(node(to_mark()))
-            elif o in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                k = int(o[-1])
-                if len(stack) < k:
-                    raise IndexError(o)
-                items = stack[-k:]
-                del stack[-k:]
-                stack.append(node(items))
+            elif o in _BUILDS or o in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                if o in _BUILDS:
+                    items = to_mark()
+                else:
+                    k = int(o[-1])
+                    if len(stack) < k:
+                        raise IndexError(o)
+                    items = stack[-k:]
+                    del stack[-k:]
+                kids.append(items)
+                kinds.append(_BUILDS.get(o, _TUPLE))
+                stack.append(len(kids) - 1)
             elif o == "POP":
                 if marks and marks[-1] == len(stack):
                     marks.pop()
@@ -378,7 +395,6 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
                         f"{name}: malformed pickle: the stack at STOP (byte {pos}) holds "
                         f"{len(stack)} items, not 1"
                     )
-                root = stack[0]
             elif o in _CODE_OPS:
                 if o in ("GLOBAL", "INST"):
                     what = "the class " + _cut(str(arg).replace(" ", "."), 100)
@@ -409,64 +425,84 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
         raise TraceError(
             f"{name}: {what} pickle, stopped near byte {bio.tell()} of {size} ({_cut(text)})"
         ) from None
-    if type(root) is int:
-        _check_shape(root, kids, max_weight, name, size)
+    _check_shape(kids, kinds, name, size)
 
 
-def _check_shape(root: int, kids: list[list[Any]], max_weight: int, name: str, size: int) -> None:
-    """Refuse deep, self-containing or exponentially shared containers (iterative walk)."""
+def _check_shape(kids: list[list[Any]], kinds: bytearray, name: str, size: int) -> None:
+    """Refuse deep, self-containing or exponentially shared containers, and costly hashing.
+
+    One iterative depth-first walk over every container the unpickler would build,
+    each visited once: linear in the number of containers and items.
+    """
+    max_weight = PICKLE_WEIGHT_PER_BYTE * size + PICKLE_WEIGHT_FLOOR
+    max_hash = PICKLE_HASH_PER_BYTE * size + PICKLE_HASH_FLOOR
     n = len(kids)
     state = bytearray(n)  # 0 unseen, 1 on the walk's path, 2 done
     weight = [0] * n  # objects in the node's subtree, expanded as a tree
     depth = bytearray(n)  # containers on the longest path down from the node
+    hashed = 0  # objects walked to hash dict keys and set items
     deep = (
         f"{name}: refused: containers nested more than {MAX_PICKLE_DEPTH} deep "
         "(a snapshot nests about 7)"
     )
-    path = [root]
-    nexts = [0]
-    state[root] = 1
-    while path:
-        cur = path[-1]
-        i = nexts[-1]
-        ch = kids[cur]
-        while i < len(ch) and type(ch[i]) is not int:  # scalars: nothing below them
-            i += 1
-        if i < len(ch):
-            nexts[-1] = i + 1
-            c = ch[i]
-            if state[c] == 1:
-                raise TraceError(f"{name}: refused: a container in the pickle contains itself")
-            if state[c] == 0:
-                if len(path) >= MAX_PICKLE_DEPTH:
-                    raise TraceError(deep)
-                state[c] = 1
-                path.append(c)
-                nexts.append(0)
+    for start in range(n):
+        if state[start]:
             continue
-        w = 1
-        d = 0
-        for c in ch:
-            if type(c) is int:
-                w += weight[c]
-                if depth[c] > d:
-                    d = depth[c]
-            else:
-                w += 1
-        if d >= MAX_PICKLE_DEPTH:  # reached on a short path, deep below: still too deep
-            raise TraceError(deep)
-        if w > max_weight:
-            raise TraceError(
-                f"{name}: refused: the pickle refers to the same lists and dicts so often that "
-                f"it expands to more than {max_weight:,} objects ({PICKLE_WEIGHT_PER_BYTE} per "
-                f"byte of its {size:,} bytes plus {PICKLE_WEIGHT_FLOOR:,}; a snapshot expands "
-                "to about 4 per byte)"
-            )
-        weight[cur] = w
-        depth[cur] = d + 1
-        state[cur] = 2
-        path.pop()
-        nexts.pop()
+        path = [start]
+        nexts = [0]
+        state[start] = 1
+        while path:
+            cur = path[-1]
+            i = nexts[-1]
+            ch = kids[cur]
+            while i < len(ch) and type(ch[i]) is not int:  # scalars: nothing below them
+                i += 1
+            if i < len(ch):
+                nexts[-1] = i + 1
+                c = ch[i]
+                if state[c] == 1:
+                    raise TraceError(f"{name}: refused: a container in the pickle contains itself")
+                if state[c] == 0:
+                    if len(path) >= MAX_PICKLE_DEPTH:
+                        raise TraceError(deep)
+                    state[c] = 1
+                    path.append(c)
+                    nexts.append(0)
+                continue
+            w = 1
+            d = 0
+            for c in ch:
+                if type(c) is int:
+                    w += weight[c]
+                    if depth[c] > d:
+                        d = depth[c]
+                else:
+                    w += 1
+            if d >= MAX_PICKLE_DEPTH:  # reached on a short path, deep below: still too deep
+                raise TraceError(deep)
+            if w > max_weight:
+                raise TraceError(
+                    f"{name}: refused: the pickle refers to the same lists and dicts so often "
+                    f"that it expands to more than {max_weight:,} objects "
+                    f"({PICKLE_WEIGHT_PER_BYTE} per byte of its {size:,} bytes plus "
+                    f"{PICKLE_WEIGHT_FLOOR:,}; a snapshot expands to about 4 per byte)"
+                )
+            kind = kinds[cur]
+            if kind == _DICT or kind == _SET:
+                keys = ch[::2] if kind == _DICT else ch
+                hashed += sum(weight[k] if type(k) is int else 1 for k in keys)
+                if hashed > max_hash:
+                    raise TraceError(
+                        f"{name}: refused: hashing the dict keys would walk more than "
+                        f"{max_hash:,} objects (tuples built of shared tuples; "
+                        f"{PICKLE_HASH_PER_BYTE} per byte of its {size:,} bytes plus "
+                        f"{PICKLE_HASH_FLOOR:,})"
+                    )
+            weight[cur] = w
+            depth[cur] = d + 1
+            state[cur] = 2
+            path.pop()
+            nexts.pop()
 
 
 def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Trace:
@@ -514,13 +550,23 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
             f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
             f"({type(e).__name__}: {_cut(str(e))})"
         ) from None
-    return snapshot_to_trace(data, name, device)
+    return snapshot_to_trace(data, name, device, max_items=size)
 
 
-def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None = None) -> Trace:
+def snapshot_to_trace(
+    data: object, name: str = "snapshot", device: int | None = None, *, max_items: int | None = None
+) -> Trace:
     """Build a :class:`Trace` from an already loaded snapshot ``dict``.
 
     See :func:`load_snapshot`; `name` is used in error messages.
+
+    Parameters
+    ----------
+    max_items : int, optional
+        Most segments, blocks and events to read (checked before any is read).
+        :func:`load_snapshot` passes the file's size in bytes: a snapshot never
+        shares one of them through the pickle's memo, so each takes at least
+        a byte; a file that lists more shares them, to make the reading long.
     """
     if not isinstance(data, dict) or "device_traces" not in data or "segments" not in data:
         if isinstance(data, dict):
@@ -546,6 +592,20 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
     events = traces[device] if traces else []
     if not isinstance(events, list):
         raise TraceError(f"{name}: device_traces[{device}] must be a list")
+    if max_items is not None:
+        n_items = len(segments) + len(events)
+        for seg in segments:
+            if n_items > max_items:
+                break
+            blocks = seg.get("blocks") if isinstance(seg, dict) else None
+            if isinstance(blocks, (list, tuple)):
+                n_items += len(blocks)
+        if n_items > max_items:
+            raise TraceError(
+                f"{name}: refused: the snapshot lists more than {max_items:,} segments, blocks "
+                f"and events, more than a file of {max_items:,} bytes holds unless it repeats "
+                "them through the pickle's memo (a snapshot never does)"
+            )
 
     # Final segments and their blocks.
     final_segs: dict[int, int] = {}
