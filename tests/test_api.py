@@ -17,6 +17,8 @@ PUBLIC = {
     "PageInfo",
     "PagePool",
     "PoolStats",
+    "SharedMapping",
+    "SharedMemoryHandle",
     "stream_key",
     "BackendCounters",
     "ClosedError",

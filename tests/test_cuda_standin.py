@@ -165,6 +165,27 @@ def test_posix_fd_allocation_falls_back_when_the_handle_type_is_refused(
             vmmpool.create(g, device, handle_type="posix_fd")
 
 
+def test_shareable_pools_and_buffers_check_the_handle_type_up_front(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    g = device.granularity
+    if POSIX_FD_REFUSED:
+        # The attribute says 1 but cuMemCreate refuses: the probe (a real
+        # cuMemCreate) finds out at construction, not at share().
+        with pytest.raises(ValueError, match="POSIX file descriptor"):
+            vmmpool.PagePool(device, shareable=True)
+        with pytest.raises(ValueError, match="POSIX file descriptor"):
+            vmmpool.GrowableBuffer(max_size=4 * g, device=device, shareable=True)
+        return
+    with vmmpool.PagePool(device, shareable=True) as pool:
+        a = pool.malloc(g + 4096)
+        with a.share() as h:
+            assert h.n_pages == 2
+            for phys in pool._core.pages:
+                assert standin.handle_flags(phys.handle) & 1  # requested POSIX_FILE_DESCRIPTOR
+        a.free()
+
+
 def test_streams_and_events_through_the_bindings(standin: StandinDriver, device: vmmpool.Device) -> None:
     # The pool's event-ordered reuse needs these; the stand-in completes work at once.
     drv = _cuda._driver()

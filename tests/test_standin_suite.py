@@ -39,6 +39,7 @@ SUITE = [
     "test_dlpack.py",
     "test_contract.py",
     "test_cuda_standin.py",
+    "test_share.py",
 ]
 
 #: The documented answers the default stand-in does not give.

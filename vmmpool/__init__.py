@@ -25,6 +25,7 @@ from ._errors import (
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
+from ._share import SharedMapping, SharedMemoryHandle
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,8 @@ __all__ = [
     "PagePool",
     "PhysicalAllocation",
     "PoolStats",
+    "SharedMapping",
+    "SharedMemoryHandle",
     "VmmError",
     "__version__",
     "create",

@@ -70,6 +70,7 @@ from ._resources import (
     reserve,
     safety_finalizer,
 )
+from ._share import SharedMemoryHandle, check_shareable, not_shareable
 
 __all__ = ["GrowableBuffer", "PageSource"]
 
@@ -132,6 +133,8 @@ class _State:
         "unusable",
         "debris_res",
         "debris_pages",
+        "shareable",
+        "exported",
     )
 
     def __init__(
@@ -155,6 +158,10 @@ class _State:
         self.unusable: str | None = None
         self.debris_res: list[AddressReservation] = []
         self.debris_pages: list[PhysicalAllocation] = []
+        #: Pages are created exportable (shareable=True).
+        self.shareable = False
+        #: Pages handed to another process by share(): a pool never reuses them.
+        self.exported: set[PhysicalAllocation] = set()
 
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
@@ -170,18 +177,35 @@ class _State:
             return pages
         pages = undo.pages = []  # filled as created: undo releases exactly those
         undo.push(self.give_back, pages)
+        kind = "posix_fd" if self.shareable else "none"
         for _ in range(count):
-            pages.append(create(self.page, self.device))
+            pages.append(create(self.page, self.device, handle_type=kind))
         return pages
 
     def give_back(self, pages: Sequence[PhysicalAllocation]) -> None:
-        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op)."""
+        """Return unmapped pages (without a pool, drop the handles; closing twice is a no-op).
+
+        Pages shared with another process go back to a pool as discarded (the
+        pool releases them and never reuses them: the receiver keeps them).
+        """
         if self.pool is not None:
             if pages:
-                self.pool.release_pages(list(pages))
+                exported = self.exported
+                if exported:
+                    shared = [p for p in pages if p in exported]
+                    kept = [p for p in pages if p not in exported]
+                    if kept:
+                        self.pool.release_pages(kept)
+                    if shared:
+                        self.pool._discard_pages(shared)  # type: ignore[attr-defined]
+                        exported.difference_update(shared)
+                else:
+                    self.pool.release_pages(list(pages))
         else:
             for p in pages:
                 p.close()
+            if self.exported:
+                self.exported.difference_update(pages)
 
     def map_pages(
         self, undo: _Undo, res: AddressReservation, first: int, pages: Sequence[PhysicalAllocation]
@@ -216,7 +240,7 @@ class _State:
         while indices:
             i = first + indices[-1]
             handle = backend.retain(self.res.address + i * self.page)
-            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, exportable=False)
+            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
             indices.pop()
 
     # ------------------------------------------------------------ operations
@@ -250,7 +274,7 @@ class _State:
             else:
                 self.res.unmap(keep * g, len(tail) * g)
                 undo.push(self.remap, self.res, keep, tail)
-                self.pool.release_pages(tail)
+                self.give_back(tail)
         except BaseException as err:
             undo.run(self, err)
             raise
@@ -365,6 +389,12 @@ class GrowableBuffer(ClosesOnExit):
         owning device is synchronized when omitted. It must outlive the buffer.
     peers : iterable of int
         Other device ordinals to grant read-write access (CUDA only).
+    shareable : bool
+        Create pages exportable as POSIX file descriptors so that
+        :meth:`share` works (on CUDA ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``;
+        on the host emulator a memfd per page). With `pool`, the pool must be
+        shareable; a buffer on a shareable pool is shareable. A device without
+        POSIX fd handles raises ``ValueError`` here, before anything is created.
 
     Raises
     ------
@@ -403,7 +433,10 @@ class GrowableBuffer(ClosesOnExit):
         *,
         stream: object = None,
         peers: Iterable[int] = (),
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         if pool is not None:
             if not callable(getattr(pool, "acquire_pages", None)):
                 raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
@@ -427,8 +460,19 @@ class GrowableBuffer(ClosesOnExit):
             limit = -(-limit // page) * page
         if initial > limit:
             raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
+        if pool is not None:
+            pool_shareable = bool(getattr(pool, "shareable", False))
+            if shareable and not pool_shareable:
+                raise ValueError(
+                    "shareable=True needs a shareable pool: create it with "
+                    "PagePool(..., shareable=True)"
+                )
+            shareable = pool_shareable
+        elif shareable:
+            check_shareable(dev)
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
+        self._state.shareable = shareable
         self._lock = threading.RLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
@@ -676,6 +720,60 @@ class GrowableBuffer(ClosesOnExit):
             n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
             self._range(off, n, st.size)
             return st.device.read(st.res.address + off, n)
+
+    # ---------------------------------------------------------------- sharing
+    @property
+    def shareable(self) -> bool:
+        """Whether :meth:`share` works (``shareable=True``, or a shareable pool)."""
+        return self._state.shareable
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this buffer's bytes in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the same pages read-write at an address of that process
+        (:class:`~vmmpool.SharedMapping`). Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Covers the :attr:`size` bytes the buffer has now
+            (``handle.nbytes``), one POSIX file descriptor per page.
+
+        Raises
+        ------
+        ValueError
+            The buffer was not created shareable, or its size is 0.
+        ClosedError
+            The buffer was closed.
+
+        Notes
+        -----
+        Growth after sharing is not seen by that handle's receivers: they see
+        ``handle.nbytes`` bytes; share again for the new size. A move
+        (``allow_move=True``) keeps the same pages, so the memory stays shared.
+        The receiver keeps every page it maps for as long as it maps it: when
+        the owner shrinks, closes or exits, those pages are no longer the
+        owner's (writes stop being visible both ways for them) but their bytes
+        stay with the receiver; a pool takes such pages back as discarded and
+        never reuses them, so no receiver sees another buffer's data.
+        Nothing orders the two processes' work: synchronize before reading
+        what the other side wrote.
+        """
+        with self._lock:
+            st = self._usable()
+            if not st.shareable:
+                raise not_shareable("this GrowableBuffer")
+            if st.size == 0:
+                raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
+            pages = st.pages[: self._pages_for(st.size)]
+            handle, lease = SharedMemoryHandle._make(
+                st.device, "GrowableBuffer", pages, st.size, 0, st.page
+            )
+            lease.close()  # a buffer needs no lease: it never reuses exported pages
+            st.exported.update(pages)
+            return handle
 
     # ---------------------------------------------------------------- closing
     def close(self) -> None:

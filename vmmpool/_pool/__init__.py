@@ -6,7 +6,8 @@ Where things are
 slots), ``_blocks.py`` (sub-page blocks and free ranges, best fit),
 ``_streams.py`` (per-stream caches and events), ``_stats.py`` (the public
 records), ``_core.py`` (the state and algorithms), ``pool.py`` (``PagePool``
-and ``Allocation``).
+and ``Allocation``), ``_shares.py`` (allocations shared with other processes:
+kept out of reuse while a receiver maps them).
 
 Design
 ======

@@ -69,6 +69,8 @@ class Core:
         # Requests above this are rounded up to whole pages.
         self.page_round = -1 if round_above is None else round_above
         self.peers = access_devices[1:]
+        #: Pages are created exportable (PagePool(shareable=True)).
+        self.shareable = False
         self.closed = False
         self.pending: collections.deque[Any] = collections.deque()
         # Work that finalizers queued and that needs the backend or the lock
@@ -595,7 +597,7 @@ class Core:
         return why
 
     def create_page(self) -> Page:
-        phys = create(self.P, self.device)
+        phys = create(self.P, self.device, handle_type="posix_fd" if self.shareable else "none")
         page = Page(phys, next(self.index))
         self.pages[phys] = page
         self.n_created += 1

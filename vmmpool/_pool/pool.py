@@ -26,10 +26,12 @@ from .._errors import ClosedError, OutOfMemoryError
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
 from .._options import check_int, stream_key
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
+from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
 from ._core import Core, release_held_quietly
 from ._pages import ACQUIRED, FREE, QUARANTINED, Page
+from ._shares import Shares
 from ._stats import PageInfo, PoolStats
 
 __all__ = ["Allocation", "PagePool"]
@@ -190,6 +192,12 @@ class Allocation:
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
+        shares = self.pool._shares
+        if shares.entries and shares.mark_freed(rec):  # a dict test: the hot path stays cheap
+            # Shared: receivers may still map these bytes; the pool frees the
+            # block once every receiver is done (see _shares.py).
+            self.pool._reap_shares()
+            return
         self.pool._core.free(rec, self)
 
     def view(
@@ -222,6 +230,75 @@ class Allocation:
             self._views = weakref.WeakSet()
         self._views.add(v)
         return v
+
+    def share(self) -> SharedMemoryHandle:
+        """A picklable handle that maps this allocation in another process.
+
+        Send it through :mod:`multiprocessing` (spawn or forkserver context,
+        ``Queue``, ``Pipe`` or process arguments); ``handle.open()`` there maps
+        the allocation's pages read-write and shows the :attr:`size` bytes at
+        the allocation's offset in its first page (:class:`~vmmpool.SharedMapping`).
+        Writes are visible both ways.
+
+        Returns
+        -------
+        SharedMemoryHandle
+            Holds one POSIX file descriptor per page the allocation touches.
+
+        Raises
+        ------
+        ValueError
+            The pool was not created with ``shareable=True``, or the allocation
+            was freed.
+        ClosedError
+            The pool was closed.
+
+        Notes
+        -----
+        The receiver maps whole pages, which may also hold neighbouring
+        allocations; ``read``, ``write`` and ``view`` of the mapping reach only
+        this allocation's bytes. Until every copy of the handle and every
+        mapping made from it is closed, in every process (a process that exits
+        closes its own), the allocation's bytes are not reused:
+
+        * if the owner frees the allocation (or drops it), it is freed for the
+          owner at once (``freed`` is True; its pointer must not be used) but
+          the pool keeps its bytes in use, so the receiver never sees another
+          allocation's data; they are given back at the first ``stats()``,
+          ``trim()``, ``defragment()`` or out-of-memory retry after the last
+          receiver is done;
+        * if the pool closes, or the owner's process exits, the receiver keeps
+          the pages it maps (they are freed with its last mapping, driver rule 7).
+
+        Like CUDA IPC, nothing orders the two processes' work: synchronize
+        (events, queues) before reading what the other side wrote.
+        """
+        pool = self.pool
+        core = pool._core
+        if not core.shareable:
+            raise not_shareable(f"the PagePool of this allocation ({pool!r})")
+        pool._reap_shares()
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            pool._enter()
+            rec = self._rec
+            if rec is None or not rec.live:
+                raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
+            arena = rec.arena
+            P = core.P
+            first = (rec.addr - arena.base) // P
+            last = (rec.addr + max(self.size, 1) - 1 - arena.base) // P
+            pages = []
+            for s in range(first, last + 1):
+                page = arena.slots[s]
+                assert page is not None, "a live block lies on an unmapped slot"
+                pages.append(page.phys)
+            handle, lease = SharedMemoryHandle._make(
+                self.device, "Allocation", pages, self.size, rec.addr - arena.base - first * P, P
+            )
+            pool._shares.add(rec, self, lease)
+        return handle
 
     @property
     def freed(self) -> bool:
@@ -276,6 +353,13 @@ class PagePool(ClosesOnExit):
         (their size; they are placed like any block). ``None`` (the default):
         never; every request is rounded up to 512 bytes only. A multiple of
         512; 0 rounds every request to whole pages.
+    shareable : bool
+        Create every page exportable as a POSIX file descriptor (on CUDA,
+        ``CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR``; on the host emulator, a
+        memfd per page) so that :meth:`Allocation.share` and the
+        :meth:`~vmmpool.GrowableBuffer.share` of buffers on this pool work.
+        Checked up front: a device without POSIX fd handles raises
+        ``ValueError``.
 
     Raises
     ------
@@ -303,7 +387,10 @@ class PagePool(ClosesOnExit):
         peers: Iterable[int] = (),
         *,
         small_threshold: int | None = None,
+        shareable: bool = False,
     ) -> None:
+        if not isinstance(shareable, bool):
+            raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
         dev = Device(device)
         gran = dev.granularity
         P = gran if page_size is None else check_int(
@@ -321,10 +408,14 @@ class PagePool(ClosesOnExit):
                 f"preallocate ({pre} bytes = {pre_pages} pages) must not exceed the limit "
                 f"({max_pages * P} bytes = {max_pages} pages)"
             )
+        if shareable:
+            check_shareable(dev)
         self.device = dev
         self.page_size = P
         self.peers = devs[1:]
         self._core = core = Core(dev, P, max_pages, T, devs)
+        core.shareable = shareable
+        self._shares = Shares()
         self._fin = weakref.finalize(self, _close_quietly, core)
         self._fin.atexit = False
         if pre_pages:
@@ -375,6 +466,22 @@ class PagePool(ClosesOnExit):
     def closed(self) -> bool:
         """True once :meth:`close` ran."""
         return self._core.closed
+
+    @property
+    def shareable(self) -> bool:
+        """Whether pages are exportable (``shareable=True``): see :meth:`Allocation.share`."""
+        return self._core.shareable
+
+    def _reap_shares(self) -> None:
+        """Free the shared allocations whose receivers are all done (lock NOT held)."""
+        shares = self._shares
+        if not shares.entries:
+            return
+        for rec, alloc in shares.done():
+            try:
+                self._core.free(rec, alloc)
+            except ValueError:  # pragma: no cover - the pool closed meanwhile
+                pass
 
     def _enter(self) -> Core:
         """Lock held: drain the GC queue; raise if closed."""
@@ -501,6 +608,15 @@ class PagePool(ClosesOnExit):
     ) -> Block:
         """After an out-of-memory: retry while garbage collection gives memory back."""
         core = self._core
+        if self._shares:
+            # Shared allocations freed by their owner whose receivers are done.
+            before = core.n_live
+            self._reap_shares()
+            if core.n_live != before:
+                try:
+                    return core.malloc(nbytes, key, stream)
+                except OutOfMemoryError as e:
+                    err = e
         for _ in range(_GC_RETRIES):
             if not _collect_garbage(core, mark):
                 break
@@ -610,6 +726,8 @@ class PagePool(ClosesOnExit):
             try:
                 return self._acquire(n, key)
             except OutOfMemoryError:
+                if self._shares and attempt == 0:
+                    self._reap_shares()
                 if attempt == _GC_RETRIES or not _collect_garbage(self._core, mark):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -681,6 +799,47 @@ class PagePool(ClosesOnExit):
                 core.free_pages.append(p)
             core.in_use -= len(recs) * self.page_size
 
+    def _discard_pages(self, pages: Sequence[PhysicalAllocation]) -> None:
+        """Take back acquired pages that were shared: release them, never reuse them.
+
+        A growable buffer on this pool gives back pages it exported this way:
+        a receiver may still map them, and a reused page would show it another
+        buffer's data. The pool drops its handle (the receiver's import keeps
+        the memory, driver rule 7) and creates new pages when it needs them.
+        The caller must have unmapped them. Validated first; a page whose
+        release fails is quarantined (never reused, released by ``close()``).
+        A no-op after :meth:`close`.
+        """
+        items = list(pages)
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending:
+                core.drain()
+            if core.closed:
+                return
+            recs: dict[Page, None] = {}
+            for ph in items:
+                p = core.pages.get(ph) if isinstance(ph, PhysicalAllocation) else None
+                if p is None or p.state is not ACQUIRED or p in recs:
+                    raise ValueError(f"{ph!r} is not a page acquired from this pool (once)")
+                recs[p] = None
+            for p in recs:
+                del core.acquired[p]
+                core.in_use -= self.page_size
+                try:
+                    p.phys.close()
+                except Exception:  # kept out of reuse; close() retries
+                    logger.error("releasing a shared page failed; quarantined", exc_info=True)
+                    p.state = QUARANTINED
+                    core.quarantine[p] = None
+                    continue
+                p.state = FREE
+                p.stream = None
+                del core.pages[p.phys]
+                core.n_released += 1
+
     # ---------------------------------------------------------- maintenance
     def defragment(self) -> None:
         """Unmap every cached page (touched by no live block) into the free pages.
@@ -689,6 +848,7 @@ class PagePool(ClosesOnExit):
         device synchronize). Pages touched by live blocks stay where they are.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -711,6 +871,7 @@ class PagePool(ClosesOnExit):
             Bytes of physical memory given back.
         """
         core = self._core
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -732,6 +893,7 @@ class PagePool(ClosesOnExit):
         """
         core = self._core
         P = self.page_size
+        self._reap_shares()
         if core.tasks:
             core.run_tasks()
         with core.lock:
@@ -926,6 +1088,7 @@ class PagePool(ClosesOnExit):
         if core.tasks:
             core.run_tasks()
         core.close()  # raises on failure: the finalizer stays armed, close() resumes
+        self._shares.clear()  # receivers keep the pages they map (rule 7)
         if not core.arenas and not core.pages:
             self._fin.detach()
 
