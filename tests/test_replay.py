@@ -700,3 +700,17 @@ def test_hashing_shared_tuples_is_bounded() -> None:
     with pytest.raises(R.TraceError, match="hashing the dict keys would walk more than"):
         R.scan_pickle(raw, "keys")
     R.scan_pickle(pickle.dumps([{key: 0}]), "one")  # once is cheap: accepted
+
+
+def test_scan_sees_depth_added_after_a_container_was_nested() -> None:
+    # 100 lists, each appended to the one before it while still empty, then given its own
+    # child: no list is deep when it is nested, the chain is 100 deep at the end.
+    n = 100
+    raw = b"\x80\x04(" + b"]\x94" * n + b"1"  # MARK, n x (EMPTY_LIST, MEMOIZE), POP_MARK
+    for i in range(n - 1):
+        raw += b"h" + bytes([i]) + b"h" + bytes([i + 1]) + b"a0"  # BINGET i, i+1, APPEND, POP
+    raw += b"h\x00."
+    deep: Any = pickle.loads(raw)
+    assert len(deep) == 1 and len(deep[0]) == 1  # what the unpickler builds: a chain
+    with pytest.raises(R.TraceError, match="nested more than 64 deep"):
+        R.scan_pickle(raw, "late")

@@ -304,6 +304,9 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     memo: dict[int, Any] = {}
     kids: list[list[Any]] = []  # container node -> its items (stack items, as above)
     kinds = bytearray()  # container node -> _LIST, _DICT, _SET or _TUPLE
+    # Container node -> a lower bound of its depth, kept as items arrive: a deep file is
+    # refused as soon as it gets too deep (the exact walk after the scan decides the rest).
+    low = bytearray()
     bio = io.BytesIO(data)
     pos = 0
     n_ops = 0
@@ -314,11 +317,27 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
         del stack[m:]
         return items
 
+    def above(items: list[Any]) -> int:
+        """1 + the deepest of `items` (a lower bound)."""
+        d = 0
+        for i in items:
+            if type(i) is int and low[i] > d:
+                d = low[i]
+        if d >= MAX_PICKLE_DEPTH:
+            raise TraceError(
+                f"{name}: refused at byte {pos}: containers nested more than "
+                f"{MAX_PICKLE_DEPTH} deep (a snapshot nests about 7)"
+            )
+        return d + 1
+
     def add(items: list[Any], op: str) -> None:
         top = stack[-1]
         if type(top) is not int:
             raise TraceError(f"{name}: malformed pickle: {op} at byte {pos} adds to a non-container")
         kids[top] += items
+        d = above(items)
+        if d > low[top]:
+            low[top] = d
 
     try:
         for op, raw_arg, at in pickletools.genops(bio):
@@ -354,6 +373,7 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
             elif o in _EMPTIES:
                 kids.append([])
                 kinds.append(_EMPTIES[o])
+                low.append(1)
                 stack.append(len(kids) - 1)
             elif o in ("APPENDS", "SETITEMS", "ADDITEMS"):
                 add(to_mark(), o)
@@ -371,6 +391,7 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
                         raise IndexError(o)
                     items = stack[-k:]
                     del stack[-k:]
+                low.append(above(items))
                 kids.append(items)
                 kinds.append(_BUILDS.get(o, _TUPLE))
                 stack.append(len(kids) - 1)
