@@ -483,6 +483,28 @@ def test_error_messages_never_quote_a_huge_value_whole() -> None:
     assert len(str(exc.value)) < 200
     with pytest.raises(ValueError, match="got an int of 16610 bits"):
         vmmpool.stream_key(10**5000)
+    # The other validators that quote what they were given.
+    long = "cuda:" + "x" * 300_000
+    checks: list[tuple[type[Exception], Callable[[], object]]] = [
+        (ValueError, lambda: Device(long)),
+        (TypeError, lambda: Device(huge)),  # type: ignore[arg-type]
+        (TypeError, lambda: Device.emulated(name=huge)),  # type: ignore[arg-type]
+        (ValueError, lambda: vmmpool.Access.parse(long)),
+        (ValueError, lambda: vmmpool.HandleType.parse(long)),
+        (TypeError, lambda: ArrayView(None, Device("host"), 0, 0, "uint8", shape=huge)),  # type: ignore[arg-type]
+        (TypeError, lambda: ArrayView(None, Device("host"), 0, 0, huge)),  # type: ignore[arg-type]
+    ]
+    for err, call in checks:
+        with pytest.raises(err) as info:
+            call()
+        assert len(str(info.value)) < 400, str(info.value)[:500]
+
+
+@pytest.mark.parametrize("limit", ["1e400", "nan", "9" * 5000])
+def test_cli_demo_limit_huge_or_not_a_number_is_one_line_exit_2(limit: str) -> None:
+    out = _cli("demo", "--device", "host", "--limit", limit)
+    _one_line_error(out, "--limit")
+    assert len(out.stderr) < 300
 
 
 def test_record_history_max_entries_is_bounded(host: Device) -> None:

@@ -13,7 +13,7 @@ from typing import Union
 
 from ._backends.base import Backend, BackendCounters
 from ._backends.host import HostBackend
-from ._options import address_limit, check_int, stream_key
+from ._options import address_limit, brief, check_int, stream_key
 
 __all__ = ["Device", "DeviceLike", "devices", "default_device", "KDL_CPU", "KDL_CUDA"]
 
@@ -29,7 +29,7 @@ _host: Device | None = None
 
 def _parse(spec: object) -> tuple[str, int]:
     if isinstance(spec, bool):
-        raise TypeError(f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {spec!r}")
+        raise TypeError(f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {brief(spec)}")
     if isinstance(spec, int):
         if spec < 0:
             raise ValueError(f"device ordinal must be >= 0, got {spec}")
@@ -45,7 +45,7 @@ def _parse(spec: object) -> tuple[str, int]:
         if digits and digits.isascii() and digits.isdigit():
             return ("cuda", int(digits))
         raise ValueError(
-            f"device must be 'host', 'cuda' or 'cuda:N' with N in ASCII digits, got {spec!r}"
+            f"device must be 'host', 'cuda' or 'cuda:N' with N in ASCII digits, got {brief(spec)}"
         )
     raise TypeError(
         f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {type(spec).__name__}"
@@ -154,7 +154,7 @@ class Device:
                 "capacity", capacity, multiple=granularity, maximum=address_limit(HostBackend)
             )
         if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__} ({name!r})")
+            raise TypeError(f"name must be a str, got {type(name).__name__} ({brief(name)})")
         return cls._from_backend(
             HostBackend(capacity, granularity, recommended_granularity, name=name)
         )

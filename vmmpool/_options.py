@@ -37,7 +37,7 @@ class Access(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"access must be 'rw', 'r' or 'none', got {value!r}") from None
+            raise ValueError(f"access must be 'rw', 'r' or 'none', got {brief(value)}") from None
 
 
 class HandleType(str, enum.Enum):
@@ -56,7 +56,7 @@ class HandleType(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"handle type must be 'none' or 'posix_fd', got {value!r}") from None
+            raise ValueError(f"handle type must be 'none' or 'posix_fd', got {brief(value)}") from None
 
 
 def address_limit(device: object) -> int:

@@ -980,7 +980,7 @@ def scaled(trace: Trace, factor: float) -> Trace:
     The recorded run's figures do not apply to the scaled trace and are dropped.
     """
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e6:
-        raise ValueError(f"factor must be a number in (0, 1e6), got {factor!r}")
+        raise ValueError(f"factor must be a number in (0, 1e6), got {brief(factor)}")
     sizes: dict[int, int] = {}
     events = []
     for is_free, slot, nbytes, stream in trace.events:
@@ -1510,7 +1510,7 @@ def peer_command(
         otherwise).
     """
     if peer not in PEERS:
-        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {peer!r}")
+        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {brief(peer)}")
     argv = [sys.executable, "-m", "vmmpool.replay", "--peer", peer, os.fspath(trace_path)]
     if limit is not None:
         argv += ["--limit", str(int(limit))]
@@ -1533,7 +1533,7 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
         if line.startswith(_PEER_MARK):
             out = json.loads(line[len(_PEER_MARK):])
             if not isinstance(out, dict) or "completed" not in out:
-                raise RuntimeError(f"{peer}: malformed result line {line!r}")
+                raise RuntimeError(f"{peer}: malformed result line {_cut(line)!r}")
             return out
     tail = stdout.strip().splitlines()[-3:]
     raise RuntimeError(f"{peer}: subprocess exited {returncode} without a result: {tail}")
