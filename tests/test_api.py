@@ -25,6 +25,7 @@ PUBLIC = {
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "HandleType",
     "Mapping",
     "OutOfMemoryError",

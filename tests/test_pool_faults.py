@@ -8,11 +8,18 @@ accounting and limit are as before, its invariants hold, it serves a new
 request, and once closed the backend's live resources are back where they
 started. (Pages a failed reclaim already unmapped stay free pages, as the
 pool's design allows: they are not counted as a change.)
+
+Fork and threads (issue 17): some scenarios first fork a child that tries to
+malloc, free and close, then drops everything it inherited (its refusals must
+leave the parent's bytes and accounting as they were), or run the operation
+while another thread reads and views the live allocations.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,6 +135,73 @@ def _free_pages(w: World) -> None:
     w.pool.defragment()
 
 
+def _forked_child(w: World) -> None:
+    """A child tries malloc / free / close and drops everything; the parent sees no change."""
+    before = w.state()
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        report = b"ok"
+        try:
+            os.close(r)
+            tries = [lambda: w.pool.malloc(100), lambda: w.pool.malloc(3 * P), w.pool.close]
+            tries += [a.free for a in w.live]
+            tries += [b.close for b in w.extra.get("buffers", [])]  # type: ignore[attr-defined]
+            for fn in tries:
+                try:
+                    fn()
+                except vmmpool.ForkedError:
+                    pass
+                else:
+                    report = b"a forked child's call was accepted"
+            tries.clear()
+            w.live.clear()
+            w.extra.clear()
+            w.pool = None  # type: ignore[assignment]
+            gc.collect()
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            report = repr(err).encode()
+        os.write(wfd, report)
+        os._exit(0)
+    os.close(wfd)
+    got = os.read(r, 4096)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and got == b"ok", (status, got)
+    assert w.state() == before, "a forked child changed the parent's pool"
+
+
+def _with_readers(action: Callable[[World], object]) -> Callable[[World], object]:
+    """Run `action` in a thread while this one views and reads every live allocation."""
+
+    def run(w: World) -> object:
+        done = threading.Event()
+        result: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                result["value"] = action(w)
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                result["error"] = err
+            finally:
+                done.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        while not done.is_set():
+            for a, d in zip(w.live, w.data, strict=True):
+                v = a.view()
+                assert bytes(w.dev.read(a.ptr, len(d))) == d, "a live allocation changed"
+                del v
+        t.join()
+        err = result.get("error")
+        if isinstance(err, BaseException):
+            raise err
+        return result.get("value")
+
+    return run
+
+
 SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] = {
     "malloc cache hit": (_cache_hit, lambda w: w.pool.malloc(3 * P)),
     "malloc new pages": (lambda w: None, lambda w: w.pool.malloc(3 * P)),
@@ -147,6 +221,19 @@ SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] 
     ),
     "close": (_cached_on_other_streams, lambda w: w.pool.close()),
     "preallocate": (lambda w: None, lambda w: PagePool(w.dev, limit=8 * P, preallocate=5 * P).close()),
+    "malloc remap after a forked child": (
+        lambda w: (_cached_at_the_limit(w), _forked_child(w)),
+        lambda w: w.pool.malloc(3 * P, stream=6),
+    ),
+    "close after a forked child": (
+        lambda w: (_cached_on_other_streams(w), w.extra.__setitem__(
+            "buffers", [vmmpool.GrowableBuffer(max_size=4 * P, pool=w.pool, initial_size=P)]),
+            _forked_child(w)),
+        lambda w: w.pool.close(),
+    ),
+    "malloc remap with reader threads": (
+        _cached_at_the_limit, _with_readers(lambda w: w.pool.malloc(3 * P, stream=6)),
+    ),
     "buffer grow with a pool": (
         lambda w: (_cached_on_other_streams(w), w.extra.__setitem__(
             "buffers", [vmmpool.GrowableBuffer(max_size=8 * P, pool=w.pool, initial_size=P)])),
@@ -176,7 +263,8 @@ def test_sweep_counts() -> None:
     print(f"fault cases fired: {total} over {len(FIRED)} operations: {FIRED}")
     # 99 cases over 17 operations on 2026-12-02 (fewer driver calls per operation since the
     # growth budget lets fresh pages come before remaps less often); each operation fires (above).
-    assert total >= 90
+    # 126 over 19 on 2026-12-06, with the fork and reader-thread scenarios of issue 17.
+    assert total >= 110
 
 
 def test_map_out_of_memory_reclaims_cached_pages_and_retries() -> None:

@@ -1,7 +1,8 @@
 """Stateful property test of PagePool on the host emulator.
 
 Random malloc / free / garbage collection / defragment / trim / set_limit /
-acquire / release / injected driver faults on a pool of 64 KiB pages with a
+acquire / release / injected driver faults / forked children / refused copies /
+first views taken by two threads at once on a pool of 64 KiB pages with a
 limit of a few dozen pages (so that remapping and out-of-memory happen all
 the time), with streams held pending (their events stay incomplete). After
 every step: the internal invariants hold, live allocations never overlap,
@@ -13,10 +14,14 @@ if the limit forced it.
 
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
+import os
+import threading
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
@@ -167,6 +172,82 @@ class PoolMachine(RuleBasedStateMachine):
         finally:
             self.device._backend.clear_faults()
         assert before == {k: (a.ptr, a.size) for k, (a, _) in self.live.items()}
+
+    @rule(token=allocs, drop=st.booleans())
+    def fork(self, token: int | None, drop: bool) -> None:
+        """A forked child tries to malloc, free and close, or drops everything, then exits.
+
+        The child shares the pool's memory: whatever it did, the invariants after
+        this step must find the parent's bytes and bookkeeping untouched.
+        """
+        a = self.live[token][0] if token in self.live else None
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            report = b"ok"
+            try:
+                os.close(r)
+                pool = self.pool
+                tries = [lambda: pool.malloc(100), lambda: pool.malloc(3 * P), pool.close]
+                if a is not None:
+                    tries.append(a.free)
+                for fn in tries:
+                    try:
+                        fn()
+                    except vmmpool.ForkedError:
+                        pass
+                    else:
+                        report = b"a forked child's call was accepted"
+                if drop:
+                    del pool, a, tries
+                    self.live.clear()
+                    self.pool = None  # type: ignore[assignment]
+                    gc.collect()
+            except BaseException as err:  # noqa: BLE001 - reported to the parent
+                report = repr(err).encode()
+            os.write(w, report)
+            os._exit(0)
+        os.close(w)
+        got = os.read(r, 4096)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0 and got == b"ok", (status, got)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def copy_refused(self, data: st.DataObject) -> None:
+        """Copies of an allocation, its view or the pool are refused (they would escape tracking)."""
+        token = data.draw(st.sampled_from(sorted(self.live)))
+        a = self.live[token][0]
+        for obj in (a, a.view(), self.pool):
+            for fn in (copy.copy, copy.deepcopy):
+                with pytest.raises(TypeError, match="cannot be"):
+                    fn(obj)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def two_threads_view(self, data: st.DataObject) -> None:
+        """Two threads take views of one allocation at once: both are tracked."""
+        token = data.draw(st.sampled_from(sorted(self.live)))
+        a = self.live[token][0]
+        views: list[object] = [None, None]
+        start = threading.Barrier(2, timeout=10)
+
+        def take(i: int) -> None:
+            start.wait()
+            views[i] = a.view()
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert a._views is not None and set(views) <= set(a._views)
+        keep = views[1]
+        views.clear()
+        with pytest.raises(BufferError):
+            a.free()
+        del keep
 
     @invariant()
     def consistent(self) -> None:

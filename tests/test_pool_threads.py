@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
 import threading
+import weakref
 
 import numpy as np
+import pytest
 
 import vmmpool
 from vmmpool._pool import Allocation, PagePool
 
 MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_threads_malloc_free_write_verify() -> None:
@@ -70,3 +76,119 @@ def test_threads_malloc_free_write_verify() -> None:
     pool._check()
     pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_first_views_from_two_threads_are_both_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 item 3: two threads taking an allocation's first views lost one of them.
+
+    The window is widened deterministically: the view set's constructor waits until
+    both threads are inside it (so both saw "no set yet"). Each view alone must then
+    keep free() refused.
+    """
+    dev = vmmpool.Device.emulated(capacity=16 * MiB)
+    pool = PagePool(dev)
+    racers: set[threading.Thread] = set()
+    meet = threading.Barrier(2, timeout=10)
+
+    class MeetingWeakSet(weakref.WeakSet):  # type: ignore[type-arg]
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            if threading.current_thread() in racers:
+                meet.wait()
+
+    monkeypatch.setattr(weakref, "WeakSet", MeetingWeakSet)
+    for survivor in (0, 1):
+        a = pool.malloc(4096)
+        views: list[object] = [None, None]
+        errors: list[BaseException] = []
+
+        def take(
+            i: int, a: Allocation = a, views: list[object] = views,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                views[i] = a.view()
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        racers.update(threads)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        racers.clear()
+        meet.reset()
+        assert not errors, errors
+        assert a._views is not None and set(a._views) == set(views), "a first view was lost"
+        keep = views[survivor]
+        views.clear()
+        gc.collect()
+        with pytest.raises(BufferError, match="1 live view"):
+            a.free()  # the survivor alone still holds it
+        del keep
+        a.free()
+    pool.close()
+
+
+HOOKED_COPY = """
+import sys, threading
+import vmmpool
+from vmmpool._backends.host import HostBackend
+
+dev = vmmpool.Device.emulated(capacity=64 << 20)
+P = dev.granularity
+original = HostBackend._check_accessible
+state = {"calls": 0, "fire": 0, "closer": None}
+
+def hooked(self, op, address, size, write):
+    # Widen the window between the range check and the copy: at the chosen
+    # check, close the pool from another thread and give it time to finish.
+    original(self, op, address, size, write)
+    state["calls"] += 1
+    if state["calls"] == state["fire"]:
+        state["closer"].start()
+        state["closer"].join(0.5)
+
+HostBackend._check_accessible = hooked
+
+def race(op, fire):
+    pool = vmmpool.PagePool(dev)
+    a = pool.malloc(4 * P)
+    state["calls"], state["fire"] = 0, fire
+    state["closer"] = threading.Thread(target=pool.close)
+    if op == "write":
+        dev.write(a.ptr, b"x" * (4 * P))  # succeeds: the close waits for the copy
+    else:
+        assert len(dev.read(a.ptr, 4 * P)) == 4 * P
+    state["closer"].join()
+    assert pool.closed
+    try:  # after the close: an error, never a fault
+        dev.write(a.ptr, b"y") if op == "write" else dev.read(a.ptr, 1)
+    except vmmpool.DriverError as err:
+        assert err.name == "CUDA_ERROR_INVALID_VALUE", err
+    else:
+        raise AssertionError(f"{op} after close succeeded")
+
+# Device.write / read check the range (check_transfer), then the backend checks
+# again and copies: the second check is the one that must not be separated from
+# the copy. A direct backend call has only that check.
+race("write", 2)
+race("read", 2)
+print("OK")
+"""
+
+
+def test_device_copy_racing_pool_close_raises_instead_of_faulting() -> None:
+    """Issue 17 item 5: Device.write/read checked under the lock but copied outside it.
+
+    A close() in another thread between the check and the copy unmapped the range,
+    and the copy segfaulted. Run in a subprocess: a segfault must fail this test,
+    not kill pytest.
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, "-c", HOOKED_COPY], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, f"rc={out.returncode} (-11: segfault)\n{out.stdout}\n{out.stderr}"
+    assert out.stdout.strip() == "OK"

@@ -389,6 +389,7 @@ def test_out_of_memory_is_a_memory_error(host: Device) -> None:
         vmmpool.OutOfMemoryError(10, 20, 30, cached=4, message="m"),
         vmmpool.DeviceUnavailableError("cuda:0", "no CUDA device"),
         ClosedError("Mapping"),
+        vmmpool.ForkedError("PagePool", 100, 101),
     ],
 )
 def test_errors_pickle_round_trip(err: Exception) -> None:

@@ -19,6 +19,7 @@ from ._errors import (
     ClosedError,
     DeviceUnavailableError,
     DriverError,
+    ForkedError,
     OutOfMemoryError,
     VmmError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ForkedError",
     "GrowableBuffer",
     "HandleType",
     "Mapping",

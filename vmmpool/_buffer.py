@@ -61,6 +61,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
+from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
@@ -356,6 +357,8 @@ def _release(state: _State) -> None:
     a locked section of that pool, or in the middle of a backend call. Without
     one it is done here.
     """
+    if state.device._backend.forked:
+        return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
         defer(state.free)
@@ -363,7 +366,7 @@ def _release(state: _State) -> None:
         state.free()
 
 
-class GrowableBuffer(ClosesOnExit):
+class GrowableBuffer(ClosesOnExit, NoCopy):
     """Device memory that grows in place: one address range, pages mapped on demand.
 
     Parameters
@@ -491,7 +494,12 @@ class GrowableBuffer(ClosesOnExit):
                 raise
 
     # ----------------------------------------------------------------- facts
+    def _owned(self) -> None:
+        """Raise ForkedError in a forked child (before any lock: a parent thread may hold it)."""
+        self._state.device._backend.check_process("GrowableBuffer")
+
     def _live(self) -> _State:
+        self._owned()
         if self._closed:
             raise ClosedError("GrowableBuffer")
         return self._state
@@ -616,6 +624,7 @@ class GrowableBuffer(ClosesOnExit):
         ClosedError
             The buffer was closed.
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -643,6 +652,7 @@ class GrowableBuffer(ClosesOnExit):
         int
             The buffer's pointer (new if it moved).
         """
+        self._owned()
         n = check_int("nbytes", nbytes)
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
@@ -661,6 +671,7 @@ class GrowableBuffer(ClosesOnExit):
         BufferError
             A live view uses bytes in the pages that would go.
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             self._apply(st, self._pages_for(st.size), st.size, False, "size")
@@ -692,6 +703,7 @@ class GrowableBuffer(ClosesOnExit):
         --------
         >>> a = numpy.from_dlpack(buf.view("float32"))   # host: shares the memory
         """
+        self._owned()
         with self._lock:
             st = self._usable()
             v = ArrayView(self, st.device, st.res.address, st.size, dtype, shape, offset)
@@ -706,6 +718,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
             st = self._usable()
@@ -714,6 +727,7 @@ class GrowableBuffer(ClosesOnExit):
 
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
         """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
+        self._owned()
         with self._lock:
             st = self._usable()
             off = self._range(offset, 0, st.size)
@@ -786,6 +800,8 @@ class GrowableBuffer(ClosesOnExit):
         drops it). If a step fails, the
         error propagates and calling ``close()`` again resumes where it stopped.
         """
+        if self._fin.alive:
+            self._owned()  # a forked child releases nothing
         with self._lock:
             self._closed = True
             if not self._fin.alive:

@@ -8,6 +8,7 @@ capacity and counters), which is what tests and notebooks use.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Union
 
@@ -287,6 +288,7 @@ class Device:
         data : bytes-like
             Anything exposing the buffer protocol (bytes, bytearray, a NumPy array).
         """
+        self._backend.check_process("Device")
         mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         if mv.nbytes:
             addr = check_int("address", address, minimum=1, maximum=self.address_limit)
@@ -308,6 +310,7 @@ class Device:
             ``CUDA_ERROR_INVALID_VALUE`` if the host emulator finds the range
             unmapped or without read access.
         """
+        self._backend.check_process("Device")
         n = check_int("nbytes", nbytes)
         if not n:
             return bytearray()
@@ -325,6 +328,12 @@ class Device:
 
     def __str__(self) -> str:
         return "host" if self.is_host else f"cuda:{self.ordinal}"
+
+    def __copy__(self) -> Device:
+        return self  # a device is an identity: its copy is itself
+
+    def __deepcopy__(self, memo: object) -> Device:
+        return self
 
     def __reduce__(self) -> tuple[object, ...]:
         if self.is_host and self is not _host:
@@ -370,3 +379,20 @@ def default_device() -> Device:
 
         _default = Device(0) if _cuda.probe(0) is None else _host_device()
     return _default
+
+
+def _forget_devices_in_child() -> None:
+    """After ``os.fork()``, in the child: the process-wide devices are the parent's.
+
+    Their backends refuse use in the child (``ForkedError``); forgetting them here
+    lets ``Device("host")``, ``Device(0)`` and :func:`default_device` make the
+    child's own. The module lock is replaced: a parent thread may have held it.
+    """
+    global _host, _default, _lock
+    _lock = threading.Lock()
+    _host = None
+    _default = None
+    _cuda_devices.clear()
+
+
+os.register_at_fork(after_in_child=_forget_devices_in_child)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ from numpy.typing import DTypeLike
 
 from ._device import KDL_CPU, KDL_CUDA, Device
 from ._options import brief, check_int
+from ._process import NoCopy
 
 __all__ = ["ArrayView", "DLPACK_VERSION", "dlpack_dtype", "export_stats"]
 
@@ -224,6 +226,16 @@ _exports: dict[int, _Export] = {}  # struct address -> export
 _capsules: dict[int, _CapsuleRecord] = {}  # id(capsule) -> record
 _stats = {"exported": 0, "released": 0, "deleter_calls": 0}
 _spare = _ErrorSlot()  # for a callback on an address we do not know (a consumer bug)
+
+
+def _new_lock_in_child() -> None:
+    # After os.fork(), in the child: a parent thread may have held the lock at the
+    # fork, and a deleter run in the child (an inherited array dropped) takes it.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def export_stats() -> dict[str, int]:
@@ -394,7 +406,7 @@ def _parse_dtype(dtype: DTypeLike) -> np.dtype:
 
 
 # ------------------------------------------------------------------------- view
-class ArrayView:
+class ArrayView(NoCopy):
     """A typed, C-contiguous view of device memory that exports DLPack and array interfaces.
 
     Parameters
@@ -548,6 +560,7 @@ class ArrayView:
         return self._exports
 
     def _check_owner(self) -> None:
+        self.device._backend.check_process("ArrayView")
         owner = self.owner
         if getattr(owner, "closed", False) or getattr(owner, "freed", False):
             raise BufferError(f"{type(owner).__name__} has been closed; it exports nothing more")

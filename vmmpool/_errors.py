@@ -3,7 +3,7 @@
 Every error vmmpool raises on purpose derives from :class:`VmmError`, and each
 also derives from the built-in exception a Python user would expect
 (``MemoryError`` for out-of-memory, ``RuntimeError`` for driver failures,
-``ValueError`` for use after close). All of them pickle and unpickle with their
+``ValueError`` for use after close, and for use in a forked child). All of them pickle and unpickle with their
 attributes intact, so they cross process boundaries (multiprocessing, Ray).
 """
 
@@ -17,6 +17,7 @@ __all__ = [
     "OutOfMemoryError",
     "DeviceUnavailableError",
     "ClosedError",
+    "ForkedError",
     "ERROR_CODES",
 ]
 
@@ -165,3 +166,43 @@ class ClosedError(VmmError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.what,))
+
+
+class ForkedError(ClosedError):
+    """An object was used in a child process forked from the process that owns it.
+
+    After ``os.fork()`` the child shares the parent's device memory (the host
+    emulator's memory files are shared; a CUDA context cannot be used across
+    a fork at all) but not its bookkeeping, so every vmmpool object refuses
+    use in the child, and never releases memory there: not on ``close()``,
+    not from a finalizer, not at exit. The parent's objects are unaffected.
+    Create new objects (``Device.emulated()``, ``Device("host")``) in the child.
+
+    Parameters
+    ----------
+    what : str
+        The kind of object, for example ``"PagePool"``.
+    owner_pid : int
+        The process that owns it.
+    pid : int
+        The process that tried to use it (a child of `owner_pid`, or further down).
+
+    Attributes
+    ----------
+    what, owner_pid, pid
+        As given.
+    """
+
+    def __init__(self, what: str, owner_pid: int, pid: int) -> None:
+        self.what = what
+        self.owner_pid = int(owner_pid)
+        self.pid = int(pid)
+        Exception.__init__(
+            self,
+            f"{what} belongs to process {self.owner_pid}; this is process {self.pid}, forked "
+            "from it: a forked child never uses or releases its parent's memory (create new "
+            "objects in the child)",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.owner_pid, self.pid))

@@ -32,6 +32,7 @@ from ._backends.base import Backend
 from ._device import Device, DeviceLike
 from ._errors import ClosedError
 from ._options import Access, HandleType, address_limit, brief, check_int
+from ._process import NoCopy
 
 __all__ = [
     "AddressReservation",
@@ -54,7 +55,12 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
 
 
 def _quietly_on(backend: Backend, fn: Callable[..., Any], *args: Any) -> None:
-    """A finalizer step that calls `backend`: deferred if it interrupted a call of `backend`."""
+    """A finalizer step that calls `backend`: deferred if it interrupted a call of `backend`.
+
+    Nothing at all in a forked child: the memory is the parent's (issue 17).
+    """
+    if backend.forked:
+        return
     try:
         backend.run_or_defer(_quietly, fn, *args)
     except Exception:  # noqa: BLE001 - safety net only
@@ -118,8 +124,13 @@ class ClosesOnExit:
                 pass
 
 
-class _Closable(ClosesOnExit):
-    """Shared close / context-manager behaviour of the resource objects."""
+class _Closable(ClosesOnExit, NoCopy):
+    """Shared close / context-manager behaviour of the resource objects.
+
+    Not copyable or picklable (``TypeError``); in a forked child every use and
+    every ``close()`` that would release something raises
+    :class:`~vmmpool.ForkedError`.
+    """
 
     _fin: weakref.finalize
 
@@ -129,6 +140,7 @@ class _Closable(ClosesOnExit):
         return not self._fin.alive
 
     def _check_open(self) -> None:
+        self.device._backend.check_process(type(self).__name__)  # type: ignore[attr-defined]
         if not self._fin.alive:
             raise ClosedError(type(self).__name__)
 
@@ -241,6 +253,7 @@ class PhysicalAllocation(_Closable):
     def close(self) -> None:
         """Release this handle's reference (idempotent). Mapped memory lives on."""
         if self._fin.alive:
+            self.device._backend.check_process("PhysicalAllocation")
             self.device._backend.release(self.handle)
             self._fin.detach()
 
@@ -443,6 +456,7 @@ class AddressReservation(_Closable):
 
     def mappings(self) -> list[Mapping]:
         """The live mappings, in address order."""
+        self.device._backend.check_process("AddressReservation")
         with self._state.lock:
             return [self._mappings[off] for off in sorted(self._mappings)]
 
@@ -583,6 +597,7 @@ class AddressReservation(_Closable):
     def close(self) -> None:
         """Unmap what is still mapped, then free the range (idempotent)."""
         if self._fin.alive:
+            self.device._backend.check_process("AddressReservation")
             self._state.free()
             self._fin.detach()
 
@@ -661,6 +676,7 @@ class Mapping(_Closable):
         return not self._rec.live
 
     def _check_open(self) -> None:
+        self.device._backend.check_process("Mapping")
         if self.closed:
             raise ClosedError("Mapping")
 
@@ -742,6 +758,7 @@ class Mapping(_Closable):
     def close(self) -> None:
         """Unmap this range (idempotent)."""
         if self._rec.live:
+            self.device._backend.check_process("Mapping")
             self.reservation._unmap_records(self.offset, self.size, (self._rec,))
 
     def __repr__(self) -> str:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import abc
 import collections
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .._errors import DriverError, OutOfMemoryError
+from .. import _process
+from .._errors import DriverError, ForkedError, OutOfMemoryError
 from .._options import Access
 
 __all__ = ["Backend", "BackendCounters", "DeviceInfo", "OPERATIONS", "ADDRESS_LIMIT_64"]
@@ -147,6 +149,35 @@ class Backend(abc.ABC):
             collections.deque()
         )
         self._draining = threading.local()
+        #: The process that made this backend: it owns every object on it.
+        self.owner_pid = os.getpid()
+        #: True in a child forked from the owner (set once by a fork hook):
+        #: every call then raises ForkedError before it touches anything.
+        self.forked = False
+        _process.track(self)
+
+    # ------------------------------------------------------------------ fork
+    def _forked(self) -> None:
+        """In a forked child (the fork hook): refuse everything, release nothing.
+
+        The lock is replaced (a parent thread may have held it at the fork) and
+        the releases finalizers queued are dropped: they belong to the parent.
+        """
+        self.forked = True
+        self._lock = threading.RLock()
+        self._deferred = collections.deque()
+        self._draining = threading.local()
+
+    def check_process(self, what: str) -> None:
+        """Raise :class:`~vmmpool.ForkedError` naming `what` in a forked child.
+
+        Parameters
+        ----------
+        what : str
+            The object used, for the message (``"PagePool"``, ``"Mapping"``...).
+        """
+        if self.forked:
+            raise ForkedError(what, self.owner_pid, os.getpid())
 
     # ---------------------------------------------------------- finalizer work
     def in_call(self) -> bool:
@@ -194,6 +225,8 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:
+        if self.forked:
+            raise ForkedError(f"Device {self.info.name!r} ({op})", self.owner_pid, os.getpid())
         if self._deferred:
             self.run_deferred()
         # Under the lock: an unlocked Counter increment can lose counts when

@@ -915,8 +915,10 @@ class CudaBackend(Backend):
         """Release the primary context retained at construction (idempotent).
 
         Free every reservation and allocation first. Afterwards, operations
-        raise :class:`~vmmpool.ClosedError`.
+        raise :class:`~vmmpool.ClosedError`. In a forked child it raises
+        :class:`~vmmpool.ForkedError` and releases nothing (the context is the parent's).
         """
+        self.check_process("CudaBackend")
         with self._lock:
             if self._closed:
                 return

@@ -809,19 +809,26 @@ class HostBackend(Backend):
                     )
                 cur = start + m.size
 
+    # write / read hold the lock from the check through the copy (issue 17 item 5):
+    # checked under the lock but copied outside it, a racing unmap (a pool's
+    # close() in another thread) could pull the mapping out between the two, and
+    # the copy then faulted (a segfault) instead of raising DriverError.
     def write(self, address: int, data: memoryview) -> None:
         self._enter("write")
         n = data.nbytes
-        self._check_accessible("write", address, n, write=True)
         src = (ctypes.c_char * n).from_buffer_copy(data) if data.readonly else (
             (ctypes.c_char * n).from_buffer(data)
         )
-        ctypes.memmove(address, src, n)
+        with self._lock:
+            self._check_accessible("write", address, n, write=True)
+            ctypes.memmove(address, src, n)
 
     def read(self, address: int, out: memoryview) -> None:
         self._enter("read")
-        self._check_accessible("read", address, out.nbytes, write=False)
-        ctypes.memmove((ctypes.c_char * out.nbytes).from_buffer(out), address, out.nbytes)
+        dst = (ctypes.c_char * out.nbytes).from_buffer(out)
+        with self._lock:
+            self._check_accessible("read", address, out.nbytes, write=False)
+            ctypes.memmove(dst, address, out.nbytes)
 
     def close(self) -> None:
         """Close the device's memory files; refuse new memory (idempotent).
@@ -831,6 +838,7 @@ class HostBackend(Backend):
         ``reserve``, ``create`` and ``import_fd`` raise
         :class:`~vmmpool.ClosedError` afterwards.
         """
+        self.check_process("HostBackend")
         with self._lock:
             self._closed = True
             for c in list(self._empties):

@@ -10,14 +10,16 @@ import bisect
 import collections
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .. import _process
 from .._device import Device
 from .._dlpack import ArrayView
-from .._errors import ClosedError, DriverError, OutOfMemoryError
+from .._errors import ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
 from ._arena import Arena
@@ -72,6 +74,9 @@ class Core:
         #: Pages are created exportable (PagePool(shareable=True)).
         self.shareable = False
         self.closed = False
+        # True in a child forked from the owner (then `closed` is True too, so
+        # that malloc / free refuse at no cost on their hot paths; see _forked).
+        self.forked = False
         self.pending: collections.deque[Any] = collections.deque()
         # Work that finalizers queued and that needs the backend or the lock
         # (a garbage-collected GrowableBuffer's release): run by the next
@@ -116,6 +121,30 @@ class Core:
         self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
+        _process.track(self)
+
+    # ----------------------------------------------------------------- fork
+    def _forked(self) -> None:
+        """In a forked child (the fork hook, one thread): refuse everything, release nothing.
+
+        ``closed`` turns True, which malloc and free already test (their hot
+        paths stay as they were); ``forked`` makes every refusal a
+        :class:`~vmmpool.ForkedError` and keeps close() and the finalizers from
+        releasing the parent's memory. The lock is replaced: a parent thread may
+        have held it at the fork. Queued work belongs to the parent.
+        """
+        self.forked = True
+        self.closed = True
+        self.want_close = False
+        self.lock = threading.Lock()
+        self.tasks.clear()
+        self.pending.clear()
+
+    def closed_error(self) -> ClosedError:
+        """The error for a use of a closed pool: ForkedError in a forked child."""
+        if self.forked:
+            return ForkedError("PagePool", self.backend.owner_pid, os.getpid())
+        return ClosedError("PagePool")
 
     # ----------------------------------------------------------- accounting
     def cached(self) -> int:
@@ -222,7 +251,7 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
-                raise ClosedError("PagePool")
+                raise self.closed_error()
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
             st = self.streams.get(key)
@@ -481,6 +510,8 @@ class Core:
             if self.pending:
                 self.drain()
             if self.closed:
+                if self.forked:
+                    raise self.closed_error()
                 return
             ref = b.ref
             if ref is None or ref() is not owner:
@@ -1031,6 +1062,12 @@ class Core:
         fails, the error propagates and calling ``close()`` again resumes.
         """
         with self.lock:
+            if self.forked:
+                # The arenas and pages are the parent's: releasing them here
+                # would punch holes in the parent's memory (issue 17).
+                if self.arenas or self.pages or self.held:
+                    raise self.closed_error()
+                return
             if self.closed and not self.arenas and not self.pages:
                 return
             errors: list[BaseException] = []
@@ -1125,7 +1162,10 @@ class Core:
 
 def release_held_quietly(core: Core) -> None:
     # A view's finalizer after close (any thread, possibly inside the GC):
-    # never block; a concurrent close() retry releases what is left.
+    # never block; a concurrent close() retry releases what is left. Nothing
+    # in a forked child: the arenas are the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             try:

@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -22,9 +23,10 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ClosedError, OutOfMemoryError
+from .._errors import ForkedError, OutOfMemoryError
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
 from .._options import check_int, stream_key
+from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from ._arena import Arena
@@ -40,6 +42,9 @@ logger = logging.getLogger("vmmpool.pool")
 
 #: After an out-of-memory, retries while garbage collection keeps giving memory back.
 _GC_RETRIES = 3
+
+#: Guards the first store of an allocation's view set (Allocation.view).
+_VIEWS_LOCK = threading.Lock()
 
 
 def _addr(b: Block) -> int:
@@ -68,7 +73,7 @@ def _collected(ref: _Ref) -> None:
             return
         core = ref.core
         if core.closed:
-            if core.held:
+            if core.held and not core.forked:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
@@ -114,7 +119,10 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock.
+    # section of this very pool (a drain): never block on the lock. Nothing in a
+    # forked child: the pool's memory is the parent's.
+    if core.forked:
+        return
     try:
         if core.lock.acquire(False):
             core.lock.release()
@@ -126,7 +134,7 @@ def _close_quietly(core: Core) -> None:
 
 
 # ------------------------------------------------------------------ Allocation
-class Allocation:
+class Allocation(NoCopy):
     """Memory from :meth:`PagePool.malloc`.
 
     Attributes
@@ -187,18 +195,30 @@ class Allocation:
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
         if self._views:
+            core = self.pool._core
+            if core.forked:
+                raise core.closed_error()
             raise BufferError(
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
         shares = self.pool._shares
-        if shares.entries and shares.mark_freed(rec):  # a dict test: the hot path stays cheap
-            # Shared: receivers may still map these bytes; the pool frees the
-            # block once every receiver is done (see _shares.py).
-            self.pool._reap_shares()
-            return
-        self.pool._core.free(rec, self)
+        if shares.entries:  # a dict test: the hot path stays cheap
+            core = self.pool._core
+            if core.forked:
+                self._rec = rec  # refused in a forked child: nothing changed
+                raise core.closed_error()
+            if shares.mark_freed(rec):
+                # Shared: receivers may still map these bytes; the pool frees the
+                # block once every receiver is done (see _shares.py).
+                self.pool._reap_shares()
+                return
+        try:
+            self.pool._core.free(rec, self)
+        except ForkedError:
+            self._rec = rec  # refused in a forked child: nothing changed
+            raise
 
     def view(
         self, dtype: DTypeLike = "uint8", shape: int | Sequence[int] | None = None, offset: int = 0
@@ -221,14 +241,26 @@ class Allocation:
             from it) exists, :meth:`free` raises ``BufferError``; the memory
             returns to the pool when the last of them and the allocation are gone.
         """
-        if self.pool._core.closed:
-            raise ClosedError("PagePool")
+        core = self.pool._core
+        if core.closed:
+            raise core.closed_error()
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
         v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
-        if self._views is None:
-            self._views = weakref.WeakSet()
-        self._views.add(v)
+        views = self._views
+        if views is None:
+            # Made lazily (a set per malloc would cost the hot path), but never
+            # lost (issue 17 item 3): two threads taking first views both saw None
+            # and each stored its own set, so one view went untracked and free()
+            # was then accepted under a live array. Built outside the lock (it
+            # allocates, so the garbage collector may run there); the check and
+            # the store under it allocate nothing.
+            new: weakref.WeakSet[ArrayView] = weakref.WeakSet()
+            with _VIEWS_LOCK:
+                views = self._views
+                if views is None:
+                    self._views = views = new
+        views.add(v)
         return v
 
     def share(self) -> SharedMemoryHandle:
@@ -302,7 +334,11 @@ class Allocation:
 
     @property
     def freed(self) -> bool:
-        """True once freed (explicitly, or implicitly by the pool's ``close()``)."""
+        """True once freed (explicitly, or implicitly by the pool's ``close()``).
+
+        Also True in a forked child, where the allocation is unusable (the
+        parent's allocation stays live).
+        """
         rec = self._rec
         return rec is None or not rec.live or self.pool._core.closed
 
@@ -330,7 +366,7 @@ class Allocation:
 
 
 # -------------------------------------------------------------------- PagePool
-class PagePool(ClosesOnExit):
+class PagePool(ClosesOnExit, NoCopy):
     """A memory pool of physical pages that defragments by remapping.
 
     Parameters
@@ -464,7 +500,7 @@ class PagePool(ClosesOnExit):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran."""
+        """True once :meth:`close` ran (and in a forked child, where the pool is unusable)."""
         return self._core.closed
 
     @property
@@ -489,8 +525,14 @@ class PagePool(ClosesOnExit):
         if core.pending:
             core.drain()
         if core.closed:
-            raise ClosedError("PagePool")
+            raise core.closed_error()
         return core
+
+    def _check_process(self) -> None:
+        """Raise ForkedError in a forked child (for calls that work on a closed pool)."""
+        core = self._core
+        if core.forked:
+            raise core.closed_error()
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit (``None``: the device's total memory).
@@ -657,6 +699,8 @@ class PagePool(ClosesOnExit):
         call will come: `fn` runs at once (it no longer needs the pool's lock).
         """
         core = self._core
+        if core.forked:
+            return  # the buffer's memory is the parent's: a child releases nothing
         if core.closed:
             fn()
         else:
@@ -765,6 +809,7 @@ class PagePool(ClosesOnExit):
         ValueError
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
+        self._check_process()
         items = list(pages)
         core = self._core
         if core.tasks:
@@ -891,6 +936,7 @@ class PagePool(ClosesOnExit):
 
         Walks the free ranges and the live blocks (for ``small_pages``).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         self._reap_shares()
@@ -954,6 +1000,7 @@ class PagePool(ClosesOnExit):
         Meant for plots and debugging (it walks every page and block: not for
         hot paths).
         """
+        self._check_process()
         core = self._core
         P = self.page_size
         if core.tasks:
@@ -1021,6 +1068,7 @@ class PagePool(ClosesOnExit):
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
         n = check_max_entries(max_entries)
+        self._check_process()
         core = self._core
         with core.lock:
             core.history = History(n, bool(stacks)) if enabled else None
@@ -1060,6 +1108,7 @@ class PagePool(ClosesOnExit):
 
         Walks every page and block (slow): for tests and debugging.
         """
+        self._check_process()
         core = self._core
         if core.tasks:
             core.run_tasks()
@@ -1083,6 +1132,10 @@ class PagePool(ClosesOnExit):
         memory lives until the caller unmaps them (driver rule 7) and
         ``release_pages`` becomes a no-op. If a driver call fails, the error
         propagates and calling ``close()`` again releases what is left.
+
+        In a child forked from the pool's process it raises
+        :class:`~vmmpool.ForkedError` and releases nothing (the memory is the
+        parent's), unless the pool holds nothing.
         """
         core = self._core
         if core.tasks:
@@ -1094,7 +1147,7 @@ class PagePool(ClosesOnExit):
 
     def __enter__(self) -> PagePool:
         if self._core.closed:
-            raise ClosedError("PagePool")
+            raise self._core.closed_error()
         return self
 
     def __repr__(self) -> str:
