@@ -2,7 +2,9 @@
 
 Each benchmark prints a table and writes ``benchmarks/results/<name>-<kind>.json``
 (``kind`` is the device kind: ``host`` or ``cuda``) with the date, the machine
-(platform, Python, CPU count) and the device.
+(platform, Python, CPU count) and the device. A ``--quick`` run (a smoke test) writes
+to a temporary directory instead, so it never replaces the committed figures, unless
+``--save`` (or ``--output PATH``) says where it goes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,10 +34,18 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--device", default=None,
         help="host or cuda:N (default: vmmpool.default_device(): cuda:0 if usable, else host)",
     )
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    p.add_argument(
+        "--quick", action="store_true",
+        help="a smaller, faster run (smoke test); its JSON goes to a temporary directory unless --save",
+    )
+    p.add_argument(
+        "--save", action="store_true",
+        help="with --quick: write the JSON to benchmarks/results/ all the same",
+    )
     p.add_argument(
         "--output", default=None,
-        help="JSON file to write (default: benchmarks/results/<name>-<device kind>.json)",
+        help="JSON file to write (default: benchmarks/results/<name>-<device kind>.json; "
+        "with --quick and no --save: <temporary directory>/vmmpool-benchmarks/<name>-<kind>-quick.json)",
     )
     return p
 
@@ -80,15 +91,38 @@ def peer_versions() -> dict[str, str]:
     return out
 
 
-def write_json(name: str, device: vmmpool.Device, payload: dict[str, Any], output: str | None = None) -> Path:
-    """Write ``payload`` with machine and device facts; return the path."""
-    path = Path(output) if output else RESULTS / f"{name}-{device.kind}.json"
+def result_path(name: str, device: vmmpool.Device, output: str | None = None, quick: bool = False,
+                save: bool = False) -> Path:
+    """Where a run's JSON goes: `output`; else the committed results, except for a quick run.
+
+    A ``--quick`` run without ``--save`` goes to ``<tempdir>/vmmpool-benchmarks/``: its
+    smaller figures must never replace the committed ones in ``benchmarks/results/``.
+    """
+    if output:
+        return Path(output)
+    if quick and not save:
+        return Path(tempfile.gettempdir()) / "vmmpool-benchmarks" / f"{name}-{device.kind}-quick.json"
+    return RESULTS / f"{name}-{device.kind}.json"
+
+
+def write_json(
+    name: str,
+    device: vmmpool.Device,
+    payload: dict[str, Any],
+    output: str | None = None,
+    *,
+    quick: bool = False,
+    save: bool = False,
+) -> Path:
+    """Write ``payload`` with machine and device facts (see :func:`result_path`); return the path."""
+    path = result_path(name, device, output, quick, save)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
         "machine": machine_info(),
         "device": device_info(device),
         "peers": peer_versions(),
+        "quick": quick,
         **payload,
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
          "cupy_error": cupy_error if not device.is_host else "n/a on host",
          "pool_stats": stats.__dict__},
         args.output,
+        quick=args.quick,
+        save=args.save,
     )
     print(f"wrote {path}")
     zero = all(r["backend_calls_per_pair"] == 0 for k, r in results.items() if k.startswith("vmmpool"))

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             "pool_stats": dataclasses.asdict(stats),
         },
         args.output,
+        quick=args.quick,
+        save=args.save,
     )
     print(f"wrote {out}")
     return 0

@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         {"limit": limit, "fractions": fractions, "seeds": seeds, "modes": MODES, "peers": peers,
          "summary": summary, "runs": runs},
         args.output,
+        quick=args.quick,
+        save=args.save,
     )
     print(f"wrote {path}")
     ok = all(s["vmmpool_min_fraction_of_target"] >= 0.99 for s in summary)

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "schedules": results,
     }
-    out = write_json("growth", device, payload, args.output)
+    out = write_json("growth", device, payload, args.output, quick=args.quick, save=args.save)
     print(f"\nwrote {out}")
     return 0
 

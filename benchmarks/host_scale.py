@@ -127,6 +127,8 @@ def main() -> None:
             "note": "fds/VMAs: held by the process beyond those before the run, with every page mapped",
         },
         args.output,
+        quick=args.quick,
+        save=args.save,
     )
     print(f"wrote {path}")
 

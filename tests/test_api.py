@@ -31,6 +31,7 @@ PUBLIC = {
     "OutOfMemoryError",
     "PhysicalAllocation",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

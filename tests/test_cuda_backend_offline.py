@@ -896,7 +896,7 @@ def test_growable_buffer_with_pool_and_stream(
             buf.resize(12 * MiB, allow_move=True)
             assert buf.read(G) == _pattern(G, 1)
         stats = pool.stats()
-        assert stats.in_use_bytes == 0 and stats.acquired_pages == 0
+        assert stats.allocated_bytes == 0 and stats.acquired_pages == 0
 
 
 def test_default_device_and_devices_use_the_driver(

@@ -210,3 +210,35 @@ def test_streams_and_events_through_the_bindings(standin: StandinDriver, device:
     finally:
         assert drv.cuStreamDestroy(stream) == (drv.CUresult.CUDA_SUCCESS,)
     assert standin.calls("cuEventDestroy") >= 1
+
+
+def test_notebook_01s_raw_cuda_bindings_cell_runs(standin: StandinDriver, device: vmmpool.Device) -> None:
+    """Notebook 01's "the same in raw cuda.bindings" cell, run as the notebook runs it on a GPU."""
+    import contextlib
+    import io
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from build_notebooks import cells_of
+    finally:
+        sys.path.pop(0)
+    src = (root / "notebooks" / "src" / "01_vmm_basics.py").read_text()
+    (cell,) = [body for kind, body in cells_of(src) if kind == "code" and "def raw_vmm_round_trip" in body]
+    names = ["cuMemGetAllocationGranularity", "cuMemAddressReserve", "cuMemCreate", "cuMemMap",
+             "cuMemSetAccess", "cuMemUnmap", "cuMemRelease", "cuMemAddressFree"]
+    calls = {n: standin.calls(n) for n in names}
+    live = standin.live()[:4]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(cell, "01_vmm_basics raw cell", "exec"), {"vmmpool": vmmpool, "__name__": "__main__"})
+    assert out.getvalue() == (
+        f"granularity: {device.granularity} bytes; read back at the new address: b'moved, not copied'\n"
+    )
+    made = {n: standin.calls(n) - calls[n] for n in names}
+    assert made == {"cuMemGetAllocationGranularity": 1, "cuMemAddressReserve": 1, "cuMemCreate": 1,
+                    "cuMemMap": 2, "cuMemSetAccess": 2, "cuMemUnmap": 2, "cuMemRelease": 1,
+                    "cuMemAddressFree": 1}
+    assert standin.live()[:4] == live  # nothing left behind

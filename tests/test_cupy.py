@@ -45,15 +45,15 @@ def test_life_cycle_through_cupy_arrays(hostpool: vcupy.MemoryPool) -> None:
         a = cupy.empty((256, 1024), dtype=cupy.float32)  # 1 MiB
         stats = hostpool.stats()
         assert stats.n_malloc == 1
-        assert stats.allocated_bytes == MiB
+        assert stats.requested_bytes == MiB
         assert hostpool.used_bytes() >= MiB
         b = a[10:20]
         assert b.data.ptr == a.data.ptr + 10 * 1024 * 4
         ptr = a.data.ptr
         del a
-        assert hostpool.stats().allocated_bytes == MiB  # the slice keeps it alive
+        assert hostpool.stats().requested_bytes == MiB  # the slice keeps it alive
         del b
-        assert hostpool.stats().allocated_bytes == 0
+        assert hostpool.stats().requested_bytes == 0
         assert hostpool.used_bytes() == 0
         assert hostpool.n_free_blocks() >= 1 and hostpool.free_bytes() > 0
         c = cupy.empty((256, 1024), dtype=cupy.float32)
@@ -65,9 +65,9 @@ def test_life_cycle_through_cupy_arrays(hostpool: vcupy.MemoryPool) -> None:
 def test_one_line_switch(hostpool: vcupy.MemoryPool) -> None:
     cupy.cuda.set_allocator(hostpool.malloc)
     x = cupy.empty(1000, dtype=cupy.int64)
-    assert hostpool.stats().allocated_bytes == 8000
+    assert hostpool.stats().requested_bytes == 8000
     del x
-    assert hostpool.stats().allocated_bytes == 0
+    assert hostpool.stats().requested_bytes == 0
 
 
 def test_limit_is_honoured_and_oom_is_cupys_error(hostpool: vcupy.MemoryPool) -> None:
@@ -225,7 +225,7 @@ def test_default_pool_without_gpu_uses_host() -> None:
         pool = vcupy.MemoryPool()
     with vcupy.using_pool(pool):
         x = cupy.empty(10)
-        assert pool.stats().allocated_bytes == 80
+        assert pool.stats().requested_bytes == 80
         del x
     assert list(d.kind for d in pool.page_pools()) == ["host"]
     pool.close()

@@ -376,3 +376,42 @@ def test_torch_and_cupy_share_the_buffer() -> None:
         legacy = torch.utils.dlpack.from_dlpack(buf.view("int32").__dlpack__())  # legacy capsule
         assert int(legacy[0]) == 42
         del t, c, legacy
+
+
+# ------------------------------------------------------- the buffer itself (issue 21)
+def test_numpy_takes_the_buffer_itself_as_bytes(buf: GrowableBuffer) -> None:
+    """np.from_dlpack(buf) and np.asarray(buf): a zero-copy uint8 view of the current size."""
+    buf.write(b"abc", offset=5)
+    for a in (np.from_dlpack(buf), np.asarray(buf)):
+        assert (a.dtype, a.shape) == (np.uint8, (buf.size,))  # not a 0-d object array
+        assert a.ctypes.data == buf.ptr
+        assert bytes(a[5:8]) == b"abc"
+        a[0] = 7
+        assert bytes(buf.read(1)) == b"\x07"  # shared, not copied
+    a = np.asarray(buf)
+    with pytest.raises(BufferError, match="live view"):
+        buf.resize(0)  # the array keeps its bytes mapped, as any view's does
+    copied = np.asarray(buf, copy=True)
+    assert copied.ctypes.data != buf.ptr and np.array_equal(copied, a)
+    as_f32 = np.asarray(buf, dtype="float32")  # a cast: a copy of the values
+    assert as_f32.dtype == np.float32 and as_f32.shape == (buf.size,) and as_f32[0] == 7
+    with pytest.raises(ValueError, match=r"a cast copies; use buf\.view"):
+        np.asarray(buf, dtype="float32", copy=False)
+    del a
+    buf.resize(0)
+    assert np.asarray(buf).shape == (0,)
+    buf.close()
+    with pytest.raises(vmmpool.ClosedError):
+        np.asarray(buf)
+    with pytest.raises(vmmpool.ClosedError):
+        np.from_dlpack(buf)
+
+
+def test_numpy_refuses_a_buffer_on_a_cuda_device_clearly(device: vmmpool.Device) -> None:
+    with GrowableBuffer(max_size=8 * MiB, device=device, initial_size=MiB) as b:
+        assert b.__dlpack_device__() == device.dlpack_device
+        if device.is_host:
+            assert np.asarray(b).nbytes == MiB
+        else:
+            with pytest.raises(TypeError, match=r"needs host memory, but this buffer is on .*from_dlpack"):
+                np.asarray(b)

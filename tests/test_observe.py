@@ -20,19 +20,19 @@ def test_stats_speak_pytorch(device: vmmpool.Device) -> None:
         a = pool.malloc(P + 1)  # P + 512 bytes over two pages
         b = pool.malloc(100)  # 512 bytes on a page of the small-block heap
         s = pool.stats()
-        assert s.allocated_bytes == P + 101  # what was asked for
-        assert s.in_use_bytes == P + 1024  # with rounding (512 bytes)
+        assert s.requested_bytes == P + 101  # what was asked for
+        assert s.allocated_bytes == P + 1024  # with rounding (512 bytes)
         assert s.reserved_bytes == s.total_pages * P == 3 * P  # physical pages held
         assert s.address_space_bytes >= s.reserved_bytes  # addresses, not memory
-        assert s.peak_reserved_bytes == 3 * P and s.peak_allocated_bytes == P + 101
+        assert s.peak_reserved_bytes == 3 * P and s.peak_requested_bytes == P + 101
         text = repr(s)
-        for words in ("allocated", "in use", "reserved", "cached", "limit 16.0 MiB", "peaks"):
+        for words in ("allocated", "requested", "reserved", "cached", "limit 16.0 MiB", "peaks"):
             assert words in text
         assert len(text) < 600 and "\n" not in text
         a.free()
         b.free()
         s = pool.stats()
-        assert s.allocated_bytes == 0 and s.reserved_bytes == 3 * P and s.cached_bytes == 3 * P
+        assert s.requested_bytes == 0 and s.reserved_bytes == 3 * P and s.cached_bytes == 3 * P
 
 
 def test_memory_summary_is_a_table_of_the_stats(device: vmmpool.Device) -> None:
@@ -64,7 +64,9 @@ def test_history_and_dump_snapshot_round_trip(device: vmmpool.Device, tmp_path: 
         (trace,) = snap["device_traces"][-1:]
         actions = [(e["action"], e["addr"], e["size"], e["stream"]) for e in trace]
         assert actions == [
+            ("segment_map", a.ptr, 3 * P, 3),  # stream 3's first pages
             ("alloc", a.ptr, 2 * P + 5, 3),
+            ("segment_map", b.ptr, P, 0),  # a page for the small-block heap
             ("alloc", b.ptr, 1000, 0),
             ("free_requested", b.ptr, 1000, 0),
             ("free_completed", b.ptr, 1000, 0),
@@ -107,7 +109,130 @@ def test_history_is_bounded_and_validated(device: vmmpool.Device) -> None:
             pool.malloc(100).free()
         trace = pool.memory_snapshot()["device_traces"][-1]
         assert [e["action"] for e in trace] == ["alloc", "free_requested", "free_completed"]
-        with pytest.raises(TypeError, match="enabled must be a bool"):
-            pool.record_history("yes")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"enabled must be 'all' .* or None .*, got 'yes'"):
+            pool.record_history("yes")
+        with pytest.raises(ValueError, match="no per-block stacks"):
+            pool.record_history("state")
+        with pytest.raises(TypeError, match="enabled must be 'all', None or a bool, got int"):
+            pool.record_history(1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="context must be 'all', 'alloc' or None, got 'x'"):
+            pool.record_history("all", context="x")
+        with pytest.raises(ValueError, match="stacks must be 'python', 'all' or a bool"):
+            pool.record_history("all", stacks="cpp")
         with pytest.raises(ValueError, match="max_entries"):
             pool.record_history(True, max_entries=0)
+
+
+def test_record_history_as_pytorch_spells_it(device: vmmpool.Device) -> None:
+    with pool_of(device, 4) as pool:
+        pool.record_history(enabled="all", context=None, max_entries=10)
+        pool.malloc(100).free()
+        trace = pool.memory_snapshot()["device_traces"][-1]
+        assert [e["action"] for e in trace] == ["segment_map", "alloc", "free_requested", "free_completed"]
+        assert all(e["frames"] == [] for e in trace)  # context=None: no stack walk
+        pool.record_history("all", context="alloc", stacks="python")
+        pool.malloc(100).free()
+        trace = pool.memory_snapshot()["device_traces"][-1]
+        assert [bool(e["frames"]) for e in trace] == [True, False, False]  # only the alloc
+        pool.record_history(enabled=None)
+        assert pool.memory_snapshot()["device_traces"][-1] == []
+
+
+def test_memory_stats_uses_pytorchs_keys_and_numbers(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, 8) as pool:
+        a = pool.malloc(P + 1)  # P + 512 bytes with rounding
+        b = pool.malloc(3 * P)
+        b.free()
+        m = pool.memory_stats()
+        assert m["allocated_bytes.all.current"] == P + 512  # PyTorch's memory_allocated(): rounded
+        assert m["requested_bytes.all.current"] == P + 1
+        assert m["allocated_bytes.all.peak"] == 4 * P + 512
+        assert m["requested_bytes.all.peak"] == 4 * P + 1
+        assert m["reserved_bytes.all.current"] == pool.stats().reserved_bytes == m["segment.all.current"] * P
+        assert m["reserved_bytes.all.peak"] >= m["reserved_bytes.all.current"]
+        counts = (m["allocation.all.current"], m["allocation.all.allocated"], m["allocation.all.freed"])
+        assert counts == (1, 2, 1)
+        assert m["num_ooms"] == 0 and m["num_alloc_retries"] == 0 and m["num_sync_all_streams"] == 0
+        assert all(isinstance(v, int) for v in m.values())
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(64 * P)
+        assert pool.memory_stats()["num_ooms"] == 1
+        # reset_peak_memory_stats: peaks start again from the current values
+        pool.reset_peak_memory_stats()
+        s = pool.stats()
+        assert (s.peak_allocated_bytes, s.peak_requested_bytes) == (P + 512, P + 1)
+        assert s.peak_reserved_bytes == s.reserved_bytes
+        c = pool.malloc(P)
+        assert pool.stats().peak_allocated_bytes == 2 * P + 512
+        c.free()
+        a.free()
+        # empty_cache is trim: every page without live data goes back to the driver
+        held = pool.stats().reserved_bytes
+        assert pool.empty_cache() == held
+        assert pool.memory_stats()["reserved_bytes.all.current"] == 0
+        assert pool.memory_stats()["segment.all.freed"] == held // P
+
+
+def test_reset_peaks_keeps_the_growth_budget(device: vmmpool.Device) -> None:
+    """Resetting the reported peaks must not change what the pool does next."""
+    P = device.granularity
+
+    def run(reset: bool) -> tuple[int, int]:
+        with pool_of(device, 24) as pool:
+            big = pool.malloc(12 * P)
+            big.free()
+            if reset:
+                pool.reset_peak_memory_stats()
+            xs = [pool.malloc(3 * P, stream=1) for _ in range(5)]
+            s = pool.stats()
+            for x in xs:
+                x.free()
+            return s.n_page_creations, s.n_remaps
+
+    assert run(True) == run(False)
+
+
+def test_memory_summary_abbreviated(device: vmmpool.Device) -> None:
+    with pool_of(device, 4) as pool:
+        a = pool.malloc(1000)
+        full = pool.memory_summary()
+        short = pool.memory_summary(abbreviated=True)
+        assert "mallocs" in full and "mallocs" not in short
+        for row in ("Allocated memory", "Requested memory", "Reserved memory"):
+            assert row in short
+        assert len(short.splitlines()) < len(full.splitlines())
+        assert len({len(line) for line in short.splitlines()}) == 1
+        a.free()
+
+
+def test_dump_snapshot_records_page_mappings_as_segment_events(
+    device: vmmpool.Device, tmp_path: Path
+) -> None:
+    P = device.granularity
+    with pool_of(device, 6) as pool:
+        pool.record_history("all", context=None)
+        keep = pool.malloc(P)  # a page mapped for it
+        x = pool.malloc(3 * P)  # three more
+        x.free()  # cached: still mapped
+        big = pool.malloc(4 * P, stream=1)  # one new page and x's three cached ones, remapped
+        assert pool.stats().n_remaps == 1
+        big.free()
+        pool.empty_cache()  # unmaps every cached page
+        path = tmp_path / "segments.pickle"
+        pool.dump_snapshot(path)
+        with open(path, "rb") as f:
+            trace = pickle.load(f)["device_traces"][-1]
+        seg = [(e["action"], e["addr"], e["size"]) for e in trace if e["action"].startswith("segment_")]
+        mapped = sum(size for a, _, size in seg if a == "segment_map")
+        unmapped = sum(size for a, _, size in seg if a == "segment_unmap")
+        assert [a for a, _, _ in seg][:2] == ["segment_map", "segment_map"]
+        assert "segment_unmap" in [a for a, _, _ in seg[2:]]
+        assert mapped - unmapped == pool.stats().mapped_pages * P == P  # only keep's page is left
+        assert all(size % P == 0 and addr % P == 0 for _, addr, size in seg)
+        # the block the remap served lies inside pages the trace mapped before it
+        i_big = next(i for i, e in enumerate(trace) if e["action"] == "alloc" and e["addr"] == big.ptr)
+        assert trace[i_big - 1]["action"] == "segment_map"
+        m = trace[i_big - 1]
+        assert m["addr"] <= big.ptr and big.ptr + 4 * P <= m["addr"] + m["size"]
+        keep.free()

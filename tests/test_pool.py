@@ -59,8 +59,8 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         fill(half, 3)
         fill(large, 2)
         s = pool.stats()
-        assert s.allocated_bytes == 1000 + P // 2 + P + 1
-        assert s.in_use_bytes == 1024 + P // 2 + P + 512  # 512-byte rounding, no page rounding
+        assert s.requested_bytes == 1000 + P // 2 + P + 1
+        assert s.allocated_bytes == 1024 + P // 2 + P + 512  # 512-byte rounding, no page rounding
         # small and half share a page; large spans two pages of its own
         assert s.live_allocations == 3 and s.total_pages == 3 and s.small_pages == 1
         assert intact(small, 1) and intact(half, 3) and intact(large, 2)
@@ -69,7 +69,7 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         pool.free(large)
         assert small.freed and large.freed
         s = pool.stats()
-        assert (s.allocated_bytes, s.in_use_bytes, s.live_allocations) == (0, 0, 0)
+        assert (s.requested_bytes, s.allocated_bytes, s.live_allocations) == (0, 0, 0)
         assert s.cached_bytes == 3 * P and s.reclaimable_pages == 3
         assert (s.n_malloc, s.n_free) == (3, 3)
         pool._check()
@@ -81,7 +81,7 @@ def test_zero_size_allocations_are_valid_unique_and_non_null(device: vmmpool.Dev
         ptrs = {z.ptr for z in zs}
         assert len(ptrs) == 10 and 0 not in ptrs
         assert all(z.size == 0 for z in zs)
-        assert pool.stats().in_use_bytes == 10 * ALIGNMENT
+        assert pool.stats().allocated_bytes == 10 * ALIGNMENT
         for z in zs:
             z.free()
         pool._check()
@@ -239,12 +239,19 @@ def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
 def test_limit_above_the_device_is_clamped() -> None:
     """Issue 8 item 8: largest_allocatable never promises more than the device has."""
     dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
-    with PagePool(dev, limit=32 * 2 * MiB) as pool:
+    clamped = r"limit 67108864 bytes is more than .* clamped to 16777216"
+    with pytest.warns(vmmpool.VmmWarning, match=clamped) as w:
+        pool = PagePool(dev, limit=32 * 2 * MiB)
+    assert len(w) == 1 and w[0].filename == __file__  # once, pointing at the caller
+    with pool:
         assert pool.limit == 8 * 2 * MiB
         assert pool.stats().largest_allocatable == 8 * 2 * MiB
-        pool.set_limit(1 << 40)
+        with pytest.warns(vmmpool.VmmWarning, match="clamped") as w:
+            pool.set_limit(1 << 40)
+        assert len(w) == 1 and w[0].filename == __file__
         assert pool.limit == 8 * 2 * MiB
         pool.malloc(8 * 2 * MiB).free()  # what it promises, it gives
+        pool.set_limit(8 * 2 * MiB)  # exactly the device: no warning (warnings are errors here)
 
 
 def test_set_limit(device: vmmpool.Device) -> None:
@@ -592,7 +599,7 @@ def test_acquire_and_release_pages(device: vmmpool.Device) -> None:
         pages = pool.acquire_pages(3)
         assert len(pages) == 3 and all(isinstance(p, vmmpool.PhysicalAllocation) for p in pages)
         s = pool.stats()
-        assert s.acquired_pages == 3 and s.in_use_bytes == 3 * P and s.pinned_pages == 3
+        assert s.acquired_pages == 3 and s.allocated_bytes == 3 * P and s.pinned_pages == 3
         with vmmpool.reserve(3 * P, device) as res:
             for i, p in enumerate(pages):
                 res.map(p, i * P)
@@ -602,7 +609,7 @@ def test_acquire_and_release_pages(device: vmmpool.Device) -> None:
             res.unmap(0, 3 * P)
         pool.release_pages(pages)
         s = pool.stats()
-        assert s.acquired_pages == 0 and s.in_use_bytes == 0 and s.free_pages == 3
+        assert s.acquired_pages == 0 and s.allocated_bytes == 0 and s.free_pages == 3
         assert pool.acquire_pages(0) == []
         pool._check()
 
@@ -701,17 +708,17 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         allocs[2].free()
         allocs[5].free()
         s = pool.stats()
-        assert s.allocated_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
+        assert s.requested_bytes == sum(a.size for a in allocs) - 255 - (P // 2 + 1)
         # 512-byte rounding only
-        assert s.in_use_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P - 5 * ALIGNMENT
-        assert s.in_use_bytes + s.cached_bytes == s.mapped_pages * P
+        assert s.allocated_bytes == 3 * ALIGNMENT + P // 2 + P + 3 * P - 5 * ALIGNMENT
+        assert s.allocated_bytes + s.cached_bytes == s.mapped_pages * P
         assert s.free_pages + s.mapped_pages + s.acquired_pages == s.total_pages
         # the free pages, plus the free tail of the last partly used page a large block can
         # start in: `big` (the only block over a page) ends 5 * ALIGNMENT bytes before its
         # third page does; the smaller blocks share three pages of their own
         assert s.pinned_pages == 6
         assert s.largest_allocatable == (16 - s.pinned_pages) * P + 5 * ALIGNMENT
-        assert s.peak_in_use_bytes >= s.in_use_bytes and s.peak_reserved_bytes == s.reserved_bytes
+        assert s.peak_allocated_bytes >= s.allocated_bytes and s.peak_reserved_bytes == s.reserved_bytes
         with pytest.raises(vmmpool.OutOfMemoryError):
             pool.malloc(s.largest_allocatable + ALIGNMENT)
         pool.malloc(s.largest_allocatable).free()
@@ -767,8 +774,8 @@ def test_failed_fresh_mapping_changes_nothing(op: str, nth: int) -> None:
         created = after.n_page_creations - before.n_page_creations
         # Pages created before the failure are kept as free pages; nothing else moved.
         assert after.free_pages == before.free_pages + created
-        assert (after.live_allocations, after.in_use_bytes, after.mapped_pages) == (
-            before.live_allocations, before.in_use_bytes, before.mapped_pages,
+        assert (after.live_allocations, after.allocated_bytes, after.mapped_pages) == (
+            before.live_allocations, before.allocated_bytes, before.mapped_pages,
         )
         live_after = host.counters().live
         assert live_after[2] == live_before[2]  # no mapping left behind

@@ -168,8 +168,8 @@ def test_waste_per_request_size_class(dev: vmmpool.Device) -> None:
         for nbytes in (1, 511, 513, 100_000, MiB + 1, 2 * MiB + MiB // 10, 5 * MiB + 3):
             xs = [pool.malloc(nbytes) for _ in range(8)]
             s = pool.stats()
-            assert s.in_use_bytes - s.allocated_bytes < 8 * ALIGNMENT
-            assert s.pinned_pages <= -(-8 * s.in_use_bytes // 8 // pool.page_size) + 1
+            assert s.allocated_bytes - s.requested_bytes < 8 * ALIGNMENT
+            assert s.pinned_pages <= -(-8 * s.allocated_bytes // 8 // pool.page_size) + 1
             for x in xs:
                 x.free()
         pool._check()

@@ -56,7 +56,7 @@ class World:
         return (
             [(a.ptr, a.freed) for a in self.live],
             [bytes(self.dev.read(a.ptr, len(d))) for a, d in zip(self.live, self.data, strict=True)],
-            s.limit, s.allocated_bytes, s.in_use_bytes, s.live_allocations, s.acquired_pages,
+            s.limit, s.requested_bytes, s.allocated_bytes, s.live_allocations, s.acquired_pages,
         )
 
 

@@ -114,13 +114,32 @@ def test_oom_message_agrees_with_stats(device: vmmpool.Device) -> None:
             pool.malloc(6 * P)
         s = pool.stats()
         err = info.value
-        assert err.in_use == s.in_use_bytes
+        assert err.in_use == s.allocated_bytes
         assert err.cached == s.cached_bytes
-        assert f"in use {s.in_use_bytes} bytes" in str(err)
-        assert f"cached {s.cached_bytes} bytes" in str(err)
-        assert f"{6 * P} bytes requested" in str(err)
+        assert f"requested {6 * P} bytes, {s.allocated_bytes} in use, {s.cached_bytes} cached" in str(err)
+        assert f"{s.reclaimable_pages} cached page(s) reclaimable, {s.free_pages} free" in str(err)
         big.free()
         del small
+
+
+def test_oom_message_states_the_sum_that_refused(device: vmmpool.Device) -> None:
+    """Issue 21: the message gives the pages the block would pin, not only those it maps."""
+    P = device.granularity
+    with PagePool(device, limit=8 * P) as pool:
+        a = pool.malloc(2 * P)
+        b = pool.malloc(2 * P)
+        b.free()  # two cached pages right after a: a block there maps fewer pages than it pins
+        with pytest.raises(vmmpool.OutOfMemoryError) as info:
+            pool.malloc(7 * P)
+        text = str(info.value)
+        s = pool.stats()
+        assert s.pinned_pages == 2 and s.reclaimable_pages == 2
+        # 5 pages to map after the 2 cached ones: 7 newly pinned, and 2 + 7 > 8
+        assert "would pin 7 more page(s)" in text and "(5 to map, 2 cached it covers)" in text
+        assert "2 of the limit's 8 pages hold live data: 2 + 7 > 8" in text
+        assert "2 cached page(s) reclaimable" in text and f"{s.allocated_bytes} in use" in text
+        pool.malloc(6 * P).free()  # 2 + 6 <= 8: fits
+        a.free()
 
 
 def test_growth_oom_names_the_request(device: vmmpool.Device) -> None:

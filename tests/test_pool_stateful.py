@@ -265,10 +265,10 @@ class PoolMachine(RuleBasedStateMachine):
             return max(ALIGNMENT, -(-a.size // ALIGNMENT) * ALIGNMENT)
 
         assert s.live_allocations == len(self.live)
-        assert s.allocated_bytes == sum(a.size for a in allocs)
-        assert s.in_use_bytes == sum(rounded(a) for a in allocs) + self.n_acquired * P
+        assert s.requested_bytes == sum(a.size for a in allocs)
+        assert s.allocated_bytes == sum(rounded(a) for a in allocs) + self.n_acquired * P
         assert s.acquired_pages == self.n_acquired
-        assert s.in_use_bytes - s.acquired_pages * P + s.cached_bytes == s.mapped_pages * P
+        assert s.allocated_bytes - s.acquired_pages * P + s.cached_bytes == s.mapped_pages * P
         assert (
             s.free_pages + s.mapped_pages + s.acquired_pages + s.quarantined_pages == s.total_pages
         )

@@ -71,7 +71,7 @@ def test_threads_malloc_free_write_verify() -> None:
     gc.collect()
     assert not errors, errors
     s = pool.stats()
-    assert s.live_allocations == 0 and s.allocated_bytes == 0 and s.in_use_bytes == 0
+    assert s.live_allocations == 0 and s.requested_bytes == 0 and s.allocated_bytes == 0
     assert s.n_malloc == s.n_free and s.n_ooms == n_ooms[0]
     pool._check()
     pool.close()

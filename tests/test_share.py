@@ -220,7 +220,7 @@ def test_freed_while_shared_is_never_reused(host: vmmpool.Device) -> None:
         with pytest.raises(ValueError, match="already freed"):
             b.free()
         st = pool.stats()
-        assert (st.live_allocations, st.allocated_bytes) == (3, 7000), "b's bytes stay in use"
+        assert (st.live_allocations, st.requested_bytes) == (3, 7000), "b's bytes stay in use"
         lo, hi = b.ptr, b.ptr + 5000
         news = [pool.malloc(5000) for _ in range(8)]
         assert all(n.ptr + 5000 <= lo or n.ptr >= hi for n in news)
@@ -232,7 +232,7 @@ def test_freed_while_shared_is_never_reused(host: vmmpool.Device) -> None:
         pool._check()
         m.close()
         st = pool.stats()  # the lease is done: b is given back here
-        assert (st.live_allocations, st.allocated_bytes) == (10, 2000 + 8 * 5000)
+        assert (st.live_allocations, st.requested_bytes) == (10, 2000 + 8 * 5000)
         pool._check()
 
 

@@ -22,6 +22,7 @@ from ._errors import (
     ForkedError,
     OutOfMemoryError,
     VmmError,
+    VmmWarning,
 )
 from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
@@ -55,6 +56,7 @@ __all__ = [
     "SharedMapping",
     "SharedMemoryHandle",
     "VmmError",
+    "VmmWarning",
     "__version__",
     "create",
     "default_device",

@@ -710,6 +710,56 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             self._views.add(v)
             return v
 
+    # DLPack and NumPy on the buffer itself: a uint8 view of the current size.
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`."""
+        return self._live().device.dlpack_device
+
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """Export the buffer's bytes (``uint8``, its current :attr:`size`) as DLPack.
+
+        ``numpy.from_dlpack(buf)`` (host), ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)`` (GPU) is ``from_dlpack(buf.view())``: zero-copy,
+        and the array keeps the memory alive and mapped like any view's. Arguments
+        as :meth:`ArrayView.__dlpack__`; for another dtype or shape use :meth:`view`.
+        """
+        return self.view().__dlpack__(
+            stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
+        )
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> Any:
+        """``numpy.asarray(buf)``: a ``uint8`` array over the buffer's bytes (host emulator only).
+
+        Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
+        the array keeps the memory mapped like any view. Memory on a CUDA device raises
+        ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
+        ``torch.from_dlpack(buf)``.
+        """
+        import numpy as np
+
+        st = self._live()
+        if not st.device.is_host:
+            raise TypeError(
+                f"numpy.asarray(GrowableBuffer) needs host memory, but this buffer is on {st.device}: "
+                "use cupy.from_dlpack(buf) or torch.from_dlpack(buf), or buf.read() for a host copy"
+            )
+        arr = np.from_dlpack(self.view())
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
+                    "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
+                )
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
     def _range(self, offset: object, nbytes: int, size: int) -> int:
         off = check_int("offset", offset)
         if off + nbytes > size:

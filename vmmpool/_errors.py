@@ -132,6 +132,14 @@ class OutOfMemoryError(VmmError, MemoryError):
         )
 
 
+class VmmWarning(UserWarning):
+    """Base class of every warning vmmpool issues: something was adjusted, not refused.
+
+    For example, a :class:`~vmmpool.PagePool` limit above the device's memory is clamped
+    to it, with this warning.
+    """
+
+
 class DeviceUnavailableError(VmmError, RuntimeError):
     """The requested device cannot be used here (no driver, no GPU, no VMM).
 

@@ -13,7 +13,8 @@ Snapshot format (as PyTorch writes it; only plain dicts, lists, ints and strings
                    "requested_size": int, "frames": [],
                    "blocks": [{"address": int, "size": int, "requested_size": int,
                                "state": "active_allocated" | "inactive", "frames": []}]}],
-     "device_traces": [[{"action": "alloc" | "free_requested" | "free_completed" | ...,
+     "device_traces": [[{"action": "alloc" | "free_requested" | "free_completed"
+                                   | "segment_map" | "segment_unmap",
                          "addr": int, "size": int, "stream": int, "time_us": int,
                          "frames": [{"filename": str, "line": int, "name": str}]}]],
      "allocator_settings": {...}}
@@ -89,22 +90,24 @@ def check_max_entries(value: object) -> int:
 
 
 class History:
-    """A bounded record of allocation events (``PagePool.record_history``).
+    """A bounded record of allocation and segment events (``PagePool.record_history``).
 
-    Appending is one ``deque.append`` of a tuple (plus a stack walk when `stacks` is on); the
-    oldest events are dropped past `max_entries`, as in PyTorch.
+    Appending is one ``deque.append`` of a tuple (plus a stack walk for the events `context`
+    names); the oldest events are dropped past `max_entries`, as in PyTorch.
     """
 
-    def __init__(self, max_entries: int, stacks: bool) -> None:
+    def __init__(self, max_entries: int, context: str | None) -> None:
         n = check_max_entries(max_entries)
         self.events: collections.deque[tuple[str, int, int, int, int, list[dict[str, Any]]]] = (
             collections.deque(maxlen=n)
         )
-        self.stacks = stacks
+        #: Which events carry a stack: "all", "alloc" or None (as PyTorch's ``context``).
+        self.context = context
 
     def record(self, action: str, addr: int, size: int, stream: int) -> None:
         frames: list[dict[str, Any]] = []
-        if self.stacks:
+        context = self.context
+        if context == "all" or (context == "alloc" and action == "alloc"):
             f = sys._getframe(2)
             while f is not None and len(frames) < 32:
                 code = f.f_code
@@ -126,20 +129,27 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_summary(stats: PoolStats, where: str) -> str:
-    """A text table like ``torch.cuda.memory_summary()`` for a pool's statistics."""
+def format_summary(stats: PoolStats, where: str, abbreviated: bool = False) -> str:
+    """A text table like ``torch.cuda.memory_summary()`` for a pool's statistics.
+
+    With `abbreviated`, only the memory rows (allocated, requested, reserved), as PyTorch's
+    abbreviated summary.
+    """
     s = stats
     w = 79
     rows: list[tuple[str, str, str]] = [
-        ("Allocated memory (requested)", _size(s.allocated_bytes), _size(s.peak_allocated_bytes)),
-        ("In use (with rounding)", _size(s.in_use_bytes), _size(s.peak_in_use_bytes)),
+        ("Allocated memory (with rounding)", _size(s.allocated_bytes), _size(s.peak_allocated_bytes)),
+        ("Requested memory", _size(s.requested_bytes), _size(s.peak_requested_bytes)),
         ("Reserved memory (pages held)", _size(s.reserved_bytes), _size(s.peak_reserved_bytes)),
-        ("  cached (mapped, free)", _size(s.cached_bytes), ""),
-        ("  free pages (unmapped)", _size(s.free_pages * s.page_size), ""),
-        ("Address space", _size(s.address_space_bytes), ""),
-        ("Live allocations", f"{s.live_allocations}", ""),
-        ("Cached blocks", f"{s.cached_blocks}", ""),
     ]
+    if not abbreviated:
+        rows += [
+            ("  cached (mapped, free)", _size(s.cached_bytes), ""),
+            ("  free pages (unmapped)", _size(s.free_pages * s.page_size), ""),
+            ("Address space", _size(s.address_space_bytes), ""),
+            ("Live allocations", f"{s.live_allocations}", ""),
+            ("Cached blocks", f"{s.cached_blocks}", ""),
+        ]
     counts = [
         ("mallocs", s.n_malloc), ("frees", s.n_free), ("out of memory", s.n_ooms),
         ("pages created", s.n_page_creations), ("pages released", s.n_page_releases),
@@ -155,6 +165,9 @@ def format_summary(stats: PoolStats, where: str) -> str:
         "|" + "-" * (w - 2) + "|",
     ]
     lines += [f"| {name:<36}| {cur:>17} | {peak:>17} |" for name, cur, peak in rows]
+    if abbreviated:
+        lines.append("=" * w)
+        return "\n".join(lines)
     lines.append("|" + "-" * (w - 2) + "|")
     ratio = s.peak_reserved_bytes / s.peak_allocated_bytes if s.peak_allocated_bytes else 0.0
     pages = f"{s.total_pages} x {_size(s.page_size)}"

@@ -218,7 +218,7 @@ class MemoryPool:
             if tiny is not None:
                 # As CuPy: a limit no allocation fits refuses every allocation.
                 raise _cupy.cuda.memory.OutOfMemoryError(
-                    nbytes, pool.stats().in_use_bytes, tiny
+                    nbytes, pool.stats().allocated_bytes, tiny
                 )
         try:
             alloc = pool.malloc(nbytes, stream)
@@ -250,7 +250,7 @@ class MemoryPool:
 
     def used_bytes(self) -> int:
         """Bytes held by live allocations (with rounding), over all devices."""
-        return sum(p.stats().in_use_bytes for p in self._pools.values())
+        return sum(p.stats().allocated_bytes for p in self._pools.values())
 
     def free_bytes(self) -> int:
         """Bytes the pools hold but no allocation uses (cached ranges and free pages)."""

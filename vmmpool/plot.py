@@ -18,16 +18,23 @@ memory_timeline
     Allocated versus reserved bytes over time, for one or more runs side by side.
 growth_cost
     Seconds (or bytes copied) to grow a buffer against its size, one line per method.
+owner_colors
+    The allocation colours: distinct, and never near a page state's colour. Every allocation in
+    a figure gets its own, the same in each of the figure's axes.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 try:
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex, to_rgb
     from matplotlib.patches import Rectangle
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -40,9 +47,19 @@ if TYPE_CHECKING:
     from ._pool import PagePool
     from ._resources import AddressReservation, PhysicalAllocation
 
-__all__ = ["OWNER_COLORS", "STATE_COLORS", "growth_cost", "mapping_diagram", "memory_timeline", "page_map"]
+__all__ = [
+    "MIN_STATE_DISTANCE",
+    "STATE_COLORS",
+    "color_distance",
+    "growth_cost",
+    "mapping_diagram",
+    "memory_timeline",
+    "owner_colors",
+    "page_map",
+]
 
-#: Colours of page states (as in :meth:`PagePool.snapshot`).
+#: Colours of page states (as in :meth:`PagePool.snapshot`). In-use pages are drawn in their
+#: allocation's colour instead; allocation colours keep away from all five.
 STATE_COLORS: dict[str, str] = {
     "free": "#e0e0e0",
     "cached": "#9ecae1",
@@ -51,11 +68,105 @@ STATE_COLORS: dict[str, str] = {
     "quarantined": "#de2d26",
 }
 
-#: Colours of allocations (warm hues and purples: never confused with a state's colour).
-OWNER_COLORS: tuple[str, ...] = (
-    "#fd8d3c", "#756bb1", "#e6550d", "#bcbddc", "#fdae6b", "#54278f", "#a63603", "#dadaeb",
-    "#f768a1", "#8c6d31", "#e7ba52", "#ce6dbd",
-)
+#: Smallest CIE76 colour difference (Delta E) between an allocation's colour and any state
+#: colour, so that the two never read as one another (2.3 is a just-noticeable difference).
+MIN_STATE_DISTANCE = 25.0
+
+
+def _lab(rgb: Any) -> Any:
+    """sRGB in [0, 1] (shape (..., 3)) to CIELAB (D65)."""
+    c = np.asarray(rgb, dtype=float)
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _rgb_of_lab(lab: Any) -> Any:
+    """CIELAB (D65) to sRGB in [0, 1]; NaN rows where out of gamut."""
+    lab = np.asarray(lab, dtype=float)
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
+    minv = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    lin = xyz @ minv.T
+    rgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.abs(lin) ** (1 / 2.4) - 0.055)
+    bad = ((rgb < -1e-9) | (rgb > 1 + 1e-9)).any(-1)
+    rgb = np.clip(rgb, 0, 1)
+    rgb[bad] = np.nan
+    return rgb
+
+
+def color_distance(a: Any, b: Any) -> float:
+    """CIE76 colour difference (Delta E in CIELAB) between two matplotlib colours."""
+    return float(np.linalg.norm(_lab(to_rgb(a)) - _lab(to_rgb(b))))
+
+
+_ORDER: list[str] = []
+_ORDER_LOCK = threading.Lock()  # figures drawn from several threads extend one order
+
+
+def _candidates(fine: bool) -> list[str]:
+    """Saturated colours over the hue circle, none near a state colour (unique ``#rrggbb``)."""
+    lights: tuple[int, ...]
+    chromas: tuple[int, ...]
+    if fine:
+        step, lights, chromas = 1.0, tuple(range(30, 81, 5)), (35, 45, 55, 65, 75, 85, 95)
+    else:
+        step, lights, chromas = 5.0, (35, 45, 55, 65, 75), (45, 65, 85)
+    hues = np.deg2rad(np.arange(0, 360, step))
+    grid = np.array([(L, C * np.cos(h), C * np.sin(h)) for L in lights for C in chromas for h in hues])
+    rgb = _rgb_of_lab(grid)
+    hexes = list(dict.fromkeys(to_hex(c) for c in rgb[~np.isnan(rgb).any(-1)]))
+    lab = _lab([to_rgb(h) for h in hexes])
+    states = _lab([to_rgb(c) for c in STATE_COLORS.values()])
+    far = np.linalg.norm(lab[:, None, :] - states[None, :, :], axis=-1).min(axis=1) >= MIN_STATE_DISTANCE
+    return [h for h, keep in zip(hexes, far, strict=True) if keep]
+
+
+def _extend(order: list[str], pool: list[str], n: int) -> None:
+    """Append to `order` up to `n` colours of `pool`, each the farthest from all chosen so far."""
+    cands = [h for h in pool if h not in set(order)]
+    if not cands:
+        return
+    lab = _lab([to_rgb(h) for h in cands])
+    if not order and n > 0:  # a mid violet first
+        first = int(np.argmin(np.linalg.norm(lab - _lab(to_rgb("#6a51a3")), axis=-1)))
+        order.append(cands[first])
+    dist = np.linalg.norm(lab[:, None, :] - _lab([to_rgb(h) for h in order])[None], axis=-1).min(axis=1)
+    while len(order) < n and dist.max() > 0:
+        pick = int(np.argmax(dist))
+        order.append(cands[pick])
+        dist = np.minimum(dist, np.linalg.norm(lab - lab[pick], axis=-1))
+        dist[pick] = -1.0
+
+
+def owner_colors(n: int) -> list[str]:
+    """`n` distinct allocation colours, none near a state colour.
+
+    Each is at least :data:`MIN_STATE_DISTANCE` (CIE76) from every colour of
+    :data:`STATE_COLORS`. The list is deterministic and grows by appending: the first ``k``
+    of ``owner_colors(n)`` are ``owner_colors(k)``. Each next colour is the candidate
+    farthest from those before it, so the first few are the most distinct. Candidates are
+    saturated colours over the hue circle at several lightnesses: a few hundred, then over
+    ten thousand finer ones when more are asked for.
+
+    Raises
+    ------
+    ValueError
+        More colours asked for than distinct candidates exist.
+    """
+    n = int(n)
+    with _ORDER_LOCK:
+        if n > len(_ORDER):
+            if not _ORDER:
+                _extend(_ORDER, _candidates(False), 10**9)  # the whole coarse order (cheap)
+            if n > len(_ORDER):
+                _extend(_ORDER, _candidates(True), n)
+            if n > len(_ORDER):
+                raise ValueError(f"at most {len(_ORDER)} distinct allocation colours exist, {n} asked for")
+        return _ORDER[:n]
 
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
@@ -65,11 +176,23 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
     return new
 
 
-def _owner_color(key: object, palette: dict[object, Any]) -> Any:
-    # A colour per owner that stays the same from one picture to the next (before / after).
+def _palette(ax: Axes) -> dict[object, str]:
+    """The figure's allocation colours, shared by every axes of the figure.
+
+    Two pictures in one figure (before / after) give an allocation the same colour; two
+    allocations in one figure never share one.
+    """
+    fig = ax.figure
+    pal: dict[object, str] | None = getattr(fig, "_vmmpool_owner_colors", None)
+    if pal is None:
+        pal = {}
+        fig._vmmpool_owner_colors = pal  # type: ignore[union-attr]
+    return pal
+
+
+def _owner_color(key: object, palette: dict[object, str]) -> str:
     if key not in palette:
-        h = hash(key) if not isinstance(key, int) else (key >> 8) * 0x9E3779B1
-        palette[key] = OWNER_COLORS[(h >> 7) % len(OWNER_COLORS)]
+        palette[key] = owner_colors(len(palette) + 1)[-1]
     return palette[key]
 
 
@@ -82,14 +205,18 @@ def mapping_diagram(
 ) -> Axes:
     """Draw reservations above, physical allocations below, and one line per mapping.
 
-    Each reservation is a row of granularity-sized slots: a mapped slot takes the colour of the
-    allocation that backs it, hatched when the mapping grants no access yet. Each allocation is
-    a box on the physical row (dashed once its handle is released; mapped memory lives on).
+    Reservations stand side by side on the upper row, each a row of granularity-sized slots
+    labelled with its number and address; a mapped slot takes the colour of the allocation
+    that backs it, hatched when the mapping grants no access yet. Each allocation is a box
+    on the lower row (dashed once its handle is released; mapped memory lives on). A
+    mapping's line runs from the slot straight down to its allocation, so it never crosses
+    another reservation. Every allocation of a figure has its own colour
+    (:func:`owner_colors`).
 
     Parameters
     ----------
     reservations : sequence of AddressReservation
-        Open reservations to draw, top to bottom in the order given.
+        Open reservations to draw, left to right in the order given.
     allocations : sequence of PhysicalAllocation, optional
         Physical allocations to draw; allocations mapped in `reservations` but not listed are
         added after them.
@@ -100,62 +227,74 @@ def mapping_diagram(
     Returns
     -------
     matplotlib.axes.Axes
+        Slot boxes have the gid ``"slot"``, mapping boxes ``"mapping"``, allocation boxes
+        ``"allocation"``; mapping lines ``"mapping-line"``.
     """
-    ax = _axes(ax, (8, 1.2 + 0.9 * (len(reservations) + 1)))
+    gran = min([r.device.granularity for r in reservations] or [1])
+    # x of each reservation's first slot: side by side, one slot apart.
+    x_of_res: list[float] = []
+    x = 0.0
+    for r in reservations:
+        x_of_res.append(x)
+        slots = r.size // gran
+        x += (slots if slots <= 256 else 8) + 1  # a huge reservation is drawn as 8 slots wide
+    res_width = max(x - 1, 0)
+    ax = _axes(ax, (min(14.0, max(8.0, 1.5 + 0.55 * res_width)), 3.2))
     allocs: list[PhysicalAllocation] = list(allocations)
     maps = []
-    for r in reservations:
+    for k, r in enumerate(reservations):
         for m in r.mappings():
-            maps.append((r, m))
+            maps.append((k, m))
             if not any(m.allocation is a for a in allocs):
                 allocs.append(m.allocation)
-    gran = min([r.device.granularity for r in reservations] or [1])
-    palette: dict[object, Any] = {}
+    palette = _palette(ax)
     for a in allocs:
         _owner_color(id(a), palette)
-    n_res = len(reservations)
-    # Rows: reservation k at y = n_res - k (top), physical row at y = 0.
+    # Rows: reservations at y = 1, physical allocations at y = 0.
     x_of_alloc: dict[int, float] = {}
     x = 0.0
-    for a in allocs:
+    for i, a in enumerate(allocs):
         w = a.size / gran
         x_of_alloc[id(a)] = x
         ax.add_patch(
             Rectangle(
-                (x, -0.35), w, 0.7, facecolor=palette[id(a)], edgecolor="black",
-                linestyle="--" if a.closed else "-", linewidth=1,
+                (x, -0.3), w, 0.6, facecolor=palette[id(a)], edgecolor="black",
+                linestyle="--" if a.closed else "-", linewidth=1, gid="allocation",
             )
         )
-        ax.text(x + w / 2, 0, f"alloc {allocs.index(a)}", ha="center", va="center", fontsize=8)
+        ax.text(x + w / 2, 0, f"alloc {i}", ha="center", va="center", fontsize=8)
         x += w + 0.5
-    width = x
+    width = max(x - 0.5, res_width)
+    scale: list[float] = []
     for k, r in enumerate(reservations):
-        y = n_res - k
         slots = r.size // gran
-        width = max(width, slots)
+        x0 = x_of_res[k]
         if slots <= 256:  # one box per slot; a huge reservation is one box (drawing stays fast)
+            scale.append(1.0)
             for s in range(slots):
-                ax.add_patch(Rectangle((s, y - 0.3), 1, 0.6, facecolor="white", edgecolor="#999999"))
+                ax.add_patch(
+                    Rectangle((x0 + s, 0.7), 1, 0.6, facecolor="white", edgecolor="#999999", gid="slot")
+                )
         else:
-            ax.add_patch(Rectangle((0, y - 0.3), slots, 0.6, facecolor="white", edgecolor="#999999"))
-    for r, m in maps:
-        y = n_res - reservations.index(r)
-        x0 = m.offset / gran
-        w = m.size / gran
+            scale.append(8 / slots)
+            ax.add_patch(Rectangle((x0, 0.7), 8, 0.6, facecolor="white", edgecolor="#999999", gid="slot"))
+        wide = 8 if slots > 256 else slots
+        ax.text(x0 + wide / 2, 1.38, f"reservation {k}\n{r.address:#x}", ha="center", va="bottom", fontsize=8)
+    for k, m in maps:
+        f = scale[k]
+        x0 = x_of_res[k] + m.offset / gran * f
+        w = m.size / gran * f
         hatch = "//" if m.access.value == "none" else None
+        color = palette[id(m.allocation)]
         ax.add_patch(
-            Rectangle(
-                (x0, y - 0.3), w, 0.6, facecolor=palette[id(m.allocation)], edgecolor="black",
-                hatch=hatch,
-            )
+            Rectangle((x0, 0.7), w, 0.6, facecolor=color, edgecolor="black", hatch=hatch, gid="mapping")
         )
-        ax.text(x0 + w / 2, y, m.access.value, ha="center", va="center", fontsize=8)
+        ax.text(x0 + w / 2, 1.0, m.access.value, ha="center", va="center", fontsize=8)
         xa = x_of_alloc[id(m.allocation)] + m.allocation.size / gran / 2
-        ax.plot([x0 + w / 2, xa], [y - 0.3, 0.35], color=palette[id(m.allocation)], linewidth=1.5)
+        ax.plot([x0 + w / 2, xa], [0.7, 0.3], color=color, linewidth=1.5, gid="mapping-line")
     ax.set_xlim(-0.2, max(width, 1) + 0.2)
-    ax.set_ylim(-0.7, n_res + 0.7)
-    labels = [f"reservation {k}\n{r.address:#x}" for k, r in enumerate(reservations)]
-    ax.set_yticks(list(range(n_res + 1)), ["physical\nallocations", *labels[::-1]], fontsize=8)
+    ax.set_ylim(-0.5, 1.9)
+    ax.set_yticks([0, 1], ["physical\nallocations", "reservations\n(addresses)"], fontsize=8)
     ax.set_xticks([])
     ax.set_xlabel(f"slots of {gran >> 20} MiB (the granularity)" if gran >= 1 << 20 else "slots")
     for side in ("top", "right", "bottom"):
@@ -171,14 +310,15 @@ def _records(source: PagePool | Iterable[Any]) -> list[Any]:
 
 
 def _alloc_key(rec: Any) -> object:
+    """The allocation a page is coloured by: its first (lowest) live allocation, by (address, size)."""
     allocs = getattr(rec, "allocations", ()) or ()
     if not allocs:
         return getattr(rec, "owner", None)
     first = allocs[0]
-    for name in ("address", "ptr"):
-        if hasattr(first, name):
-            return getattr(first, name)
-    return first
+    addr = getattr(first, "address", getattr(first, "ptr", None))
+    if addr is None:
+        return first
+    return (addr, getattr(first, "size", None))
 
 
 def page_map(
@@ -193,8 +333,11 @@ def page_map(
     The lower row holds every physical page the pool owns, by creation index; the upper row
     the pool's address space, in pages, with each mapped page drawn where it is mapped (large
     gaps between address-space arenas are shortened). Free pages are grey, cached blue,
-    acquired green, quarantined red; pages in use take one colour per allocation, so the
-    pages of one allocation, scattered physically but contiguous virtually, are easy to see.
+    acquired green, quarantined red; pages in use take the colour of the (lowest-addressed)
+    allocation on them, one colour per allocation in the whole figure (:func:`owner_colors`:
+    never near a state colour; the same allocation keeps its colour in every axes of the
+    figure), so the pages of one allocation, scattered physically but contiguous virtually,
+    are easy to see.
 
     Parameters
     ----------
@@ -208,6 +351,7 @@ def page_map(
     Returns
     -------
     matplotlib.axes.Axes
+        The box of the `i`-th record has the gid ``"page i"``, its mapped box ``"mapped page i"``.
     """
     if page_size is None:
         page_size = getattr(source, "page_size", None)
@@ -231,16 +375,21 @@ def page_map(
     n = len(recs)
     width = max([n, *(v + 1 for v in vx.values())] or [1])
     ax = _axes(ax, (min(16, 2 + 0.25 * width), 2.6))
-    palette: dict[object, Any] = {}
+    palette = _palette(ax)
     for i, r in enumerate(recs):
         if r.state == "in_use":
             color = _owner_color(_alloc_key(r), palette)
         else:
             color = STATE_COLORS.get(r.state, "white")
-        ax.add_patch(Rectangle((i, -0.35), 1, 0.7, facecolor=color, edgecolor="black", linewidth=0.5))
+        ax.add_patch(
+            Rectangle((i, -0.35), 1, 0.7, facecolor=color, edgecolor="black", linewidth=0.5, gid=f"page {i}")
+        )
         if r.address is not None:
             xv = vx[r.address]
-            ax.add_patch(Rectangle((xv, 1.65), 1, 0.7, facecolor=color, edgecolor="black", linewidth=0.5))
+            ax.add_patch(
+                Rectangle((xv, 1.65), 1, 0.7, facecolor=color, edgecolor="black", linewidth=0.5,
+                          gid=f"mapped page {i}")
+            )
             ax.plot([i + 0.5, xv + 0.5], [0.35, 1.65], color=color, linewidth=0.8, alpha=0.8)
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(-0.6, 2.6)
@@ -249,7 +398,12 @@ def page_map(
     ax.set_xlabel(f"{n} pages of {page_size >> 20} MiB" if page_size >= 1 << 20 else f"{n} pages")
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    handles = [Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black") for c in STATE_COLORS.values()]
+    # In-use pages take their allocation's colour: the legend shows the first one's.
+    first = next(iter(palette.values()), owner_colors(1)[0])
+    handles = [
+        Rectangle((0, 0), 1, 1, facecolor=first if s == "in_use" else c, edgecolor="black")
+        for s, c in STATE_COLORS.items()
+    ]
     labels = [
         s.replace("_", " ") + (" (one colour per allocation)" if s == "in_use" else "") for s in STATE_COLORS
     ]

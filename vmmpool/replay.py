@@ -912,7 +912,7 @@ class ReplayResult:
     peak_live : int
         Largest sum of live requested bytes.
     peak_in_use : int
-        Largest bytes in use with the pool's rounding (``peak_in_use_bytes``).
+        Largest bytes in use with the pool's rounding (``PoolStats.peak_allocated_bytes``).
     peak_held : int
         Largest bytes of pages the pool held (``peak_reserved_bytes``).
     page_creations, remaps, syncs, backend_calls : int
@@ -1114,8 +1114,8 @@ def _replay_on(
         streams=len(tr.streams),
         limit=st.limit,
         page_size=st.page_size,
-        peak_live=st.peak_allocated_bytes,
-        peak_in_use=st.peak_in_use_bytes,
+        peak_live=st.peak_requested_bytes,
+        peak_in_use=st.peak_allocated_bytes,
         peak_held=st.peak_reserved_bytes,
         page_creations=st.n_page_creations,
         remaps=st.n_remaps,

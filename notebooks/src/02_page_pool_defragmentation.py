@@ -7,9 +7,10 @@
 # virtual range. The request fails only when live data plus the request really exceed the limit.
 #
 # The page maps below draw each physical page twice: on the lower row by creation order, on the
-# upper row where it is mapped in the pool's address space, with a line between the two. Pages of
-# one live allocation share a colour; cached pages (mapped, free, reusable at once) are blue, free
-# (unmapped) pages grey.
+# upper row where it is mapped in the pool's address space, with a line between the two. Each live
+# allocation has its own colour, the same in both pictures of a figure and never one of the state
+# colours (a page two allocations share takes the colour of the lower one; colours are picked per
+# figure); cached pages (mapped, free, reusable at once) are light blue, free (unmapped) pages grey.
 #
 # Runs on the host emulator; `PagePool("cuda:0", ...)` on a GPU behaves the same.
 
@@ -57,7 +58,8 @@ draw_page_map(pool, ax=bottom, title="after the frees: 3 survivors pin scattered
 fig.tight_layout()
 s = pool.stats()
 print("after frees: ", page_map(pool))
-print(f"live: {s.allocated_bytes // MiB} MiB, cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
+print(f"live: {s.requested_bytes / MiB:.1f} MiB requested ({s.allocated_bytes / MiB:.1f} MiB allocated),",
+      f"cached: {s.cached_bytes // MiB} MiB in {s.cached_blocks} blocks,",
       f"largest allocatable: {s.largest_allocatable // MiB} MiB")
 
 # %% [markdown]
@@ -86,7 +88,8 @@ print("survivors' bytes intact: yes")
 # %% [markdown]
 # ## Out of memory means out of memory
 # With the big block live, what is left is below another 20 MiB. The error says what was asked, in
-# use, cached and the limit, and the pool stays usable.
+# use, cached and the limit, then the sum the pool refused: the pages the block would newly pin plus
+# the pages holding live data, against the limit's pages. The pool stays usable.
 
 # %%
 try:
@@ -117,12 +120,13 @@ assert dev.counters() - before == {}
 
 # %% [markdown]
 # ## Clean up
-# `trim()` gives unused pages back to the driver; `close()` releases everything.
+# `empty_cache()` (PyTorch's name; `trim()` is the same call) gives every page without live data
+# back to the driver; `close()` releases everything.
 
 # %%
 for a in keep:
     a.free()
-print("pages before trim:", pool.stats().total_pages, "bytes given back:", pool.trim() // MiB, "MiB")
+print("pages before empty_cache:", pool.stats().total_pages, "bytes given back:", pool.empty_cache() // MiB, "MiB")
 pool.close()
 print("live after close:", dev.counters().live, "expected (0, 0, 0)")
 assert dev.counters().live == (0, 0, 0)

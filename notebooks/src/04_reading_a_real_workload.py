@@ -15,11 +15,13 @@
 # torch.cuda.memory._dump_snapshot("my_run.pickle")
 # ```
 #
-# Give the path in `VMMPOOL_TRACE` (`VMMPOOL_TRACE=my_run.pickle jupyter notebook`). Without it,
-# this notebook builds a small synthetic snapshot itself. The stored outputs below were made with
-# `select_n_bertlarge_inference.pickle`: BERT-large inference, two batches of 32 x 512 tokens, from
-# the public repository Maphsge4/select_n at commit 1f2f548046cdbb1962c54843a8149a88b930a5f1
-# (`snapshot.pickle`).
+# Give the path in `VMMPOOL_TRACE` (`VMMPOOL_TRACE=my_run.pickle jupyter lab`). Without it, this
+# notebook builds a small synthetic snapshot itself (a training-like run: four 48 MiB weights live
+# before recording, then six steps of twelve 1-16 MiB activations), and **the stored outputs below
+# come from that synthetic snapshot**: recorded traces are not shipped with vmmpool. README's
+# "Trace replay" table gives the figures for four public snapshots (BERT-large inference, LLaMA-7B,
+# two cs336 runs) and where to fetch them; with one of them in `VMMPOOL_TRACE` every cell below runs
+# unchanged on it.
 
 # %%
 import os
@@ -106,10 +108,12 @@ print(f"smallest completing limit: {m.pages:,} pages = {m.limit / GiB:.3f} GiB "
 
 # %% [markdown]
 # ## Reading a pool's summary
-# `pool.memory_summary()` is the table a PyTorch user knows from `torch.cuda.memory_summary()`:
-# *allocated* is what the program asked for, *in use* adds the pool's rounding, *reserved* is the
-# physical memory held (pages), *address space* is virtual only. Here the trace runs up to its
-# peak of live bytes and stops there.
+# `pool.memory_summary()` is the table a PyTorch user knows from `torch.cuda.memory_summary()`,
+# with PyTorch's words: *allocated* is live blocks with the pool's rounding (`memory_allocated()`),
+# *requested* what the program asked for, *reserved* the physical memory held in pages
+# (`memory_reserved()`); *address space* is virtual only. `pool.memory_stats()` gives the same
+# figures under `torch.cuda.memory_stats()`'s keys. Here the trace runs up to its peak of live
+# bytes and stops there.
 
 # %%
 peak_at, live, best = 0, 0, 0
@@ -126,6 +130,11 @@ for is_free, slot, nbytes, stream in trace.events[: peak_at + 1]:
     else:
         handles[slot] = pool.malloc(nbytes, stream)
 print(pool.memory_summary())
+m = pool.memory_stats()
+for key in ("allocated_bytes.all.current", "requested_bytes.all.current", "reserved_bytes.all.current",
+            "reserved_bytes.all.peak", "num_alloc_retries", "num_ooms"):
+    print(f"memory_stats()[{key!r}] = {m[key]:,}")
 s = pool.stats()
-assert s.allocated_bytes == best
+assert s.requested_bytes == best == m["requested_bytes.all.current"]
+assert s.allocated_bytes == m["allocated_bytes.all.current"] >= s.requested_bytes  # rounding only adds
 pool.close()

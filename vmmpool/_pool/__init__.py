@@ -117,8 +117,8 @@ Invariants (checked by ``PagePool._check``, after every step of
    allocation; pages it created or unmapped stay free pages; nothing leaks, no
    range is half mapped. (If even the undo fails, the pages concerned are
    *quarantined*: never reused, released by ``close()``.)
-6. ``in_use_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
-   are counted in ``in_use_bytes`` besides).
+6. ``allocated_bytes + cached_bytes == mapped_pages * page_size`` (acquired pages
+   are counted in ``allocated_bytes`` besides).
 7. Cached memory leaves its stream only after an event recorded after its last
    free completed (or, for a retired stream, a device synchronize).
 

@@ -107,6 +107,9 @@ class Core:
         self.peak_requested = 0
         self.peak_in_use = 0
         self.peak_total = 0
+        # The highest in-use bytes ever, for the growth budget: reset_peak_memory_stats()
+        # lowers the reported peaks, never the budget (only budget() reads it).
+        self.budget_peak = 0
         self.n_malloc = 0
         self.n_free = 0
         self.n_created = 0
@@ -160,7 +163,16 @@ class Core:
             sz * len(b) for st in self.streams.values() for h in st.heaps for sz, b in h.bins.items()
         )
 
-    def oom(self, nbytes: int, n: int, why: str = "") -> OutOfMemoryError:
+    def oom(
+        self, nbytes: int, n: int, why: str = "", *, pin: int | None = None, found: int | None = None
+    ) -> OutOfMemoryError:
+        """The error for a request the pool refuses, stating the figures the refusal used.
+
+        `n` is the pages the request would map. With `pin` (the pages it would newly pin:
+        those it maps plus cached ones it covers), the refusal was ``pinned + pin > limit``
+        and the message shows that sum; with `found`, the pool gathered only `found` of the
+        `n` unmapped pages it needed (free, creatable, reclaimable).
+        """
         # Built from the state the caller leaves behind (after any undo), so
         # that it agrees with a stats() taken right after.
         self.n_ooms += 1
@@ -168,11 +180,21 @@ class Core:
         pinned = self.pinned()
         reclaimable = self.cached()
         cached = self.cached_bytes()
+        if pin is not None:
+            head = (
+                f"the block would pin {pin} more page(s) of {P} bytes ({n} to map"
+                + (f", {pin - n} cached it covers" if pin > n else "")
+                + f") and {pinned} of the limit's {self.max_pages} pages hold live data: "
+                f"{pinned} + {pin} > {self.max_pages}"
+            )
+        else:
+            head = f"the block needs {n} unmapped page(s) of {P} bytes"
+            if found is not None:
+                head += f", only {found} could be gathered (free, creatable under the limit or reclaimable)"
+        # The bytes (requested, in use = allocated_bytes, cached, limit) head the error's text.
         msg = (
-            f"page pool on {self.device}: {nbytes} bytes requested ({n} page(s) of {P} bytes); "
-            f"in use {self.in_use} bytes, cached {cached} bytes, {pinned} of "
-            f"{self.max_pages} pages hold live data, {reclaimable} cached page(s) reclaimable, "
-            f"{len(self.free_pages)} free"
+            f"page pool on {self.device}: {head}; {reclaimable} cached page(s) reclaimable, "
+            f"{len(self.free_pages)} free, {len(self.pages)} held"
         )
         if why:
             msg = f"{msg}; {why}"
@@ -213,6 +235,13 @@ class Core:
             self.peak_requested = self.requested
         if self.in_use > self.peak_in_use:
             self.peak_in_use = self.in_use
+
+    def reset_peaks(self) -> None:
+        """Peaks start again from the current values (PyTorch's ``reset_peak_memory_stats``)."""
+        self.budget_peak = max(self.budget_peak, self.peak_in_use)
+        self.peak_requested = self.requested
+        self.peak_in_use = self.in_use
+        self.peak_total = len(self.pages) * self.P
 
     def sync(self) -> None:
         """Wait for all work on the device that owns the memory (close only)."""
@@ -425,7 +454,7 @@ class Core:
         )
         pin, to_map = (fresh, fresh) if fresh_arena or best is None else best[:2]
         if self.pinned() + pin > self.max_pages:
-            raise self.oom(nbytes, to_map, "the limit is reached")
+            raise self.oom(nbytes, to_map, "the limit is reached", pin=pin)
         if len(self.pages) <= self.prealloc and to_map > self.ready_pages():
             # A pool that holds only its preallocated pages (all in the large
             # heap) serves from them rather than remap one: no driver call.
@@ -591,8 +620,9 @@ class Core:
             self.free_pages.extend(got)
             raise
         if len(got) < n:
+            found = len(got)
             self.free_pages.extend(got)
-            raise self.oom(nbytes, n, why or "no free, creatable or cached page left")
+            raise self.oom(nbytes, n, why or "no free, creatable or cached page left", found=found)
         if self.n_reclaimed != reclaimed:
             self.n_remaps += 1
             logger.info(
@@ -603,11 +633,12 @@ class Core:
     def budget(self) -> int:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
         P = self.P
-        return -(-int(self.peak_in_use * GROWTH) // P) + GROWTH_PAGES + self.slack
+        peak = max(self.peak_in_use, self.budget_peak)
+        return -(-int(peak * GROWTH) // P) + GROWTH_PAGES + self.slack
 
     def max_slack(self) -> int:
         """The most the budget's slack grows to (pages): see ``GROWTH_MAX_PAGES``."""
-        share = -(-int(self.peak_in_use * GROWTH_MAX_SHARE) // self.P)
+        share = -(-int(max(self.peak_in_use, self.budget_peak) * GROWTH_MAX_SHARE) // self.P)
         return min(GROWTH_MAX_PAGES * len(self.streams), max(2 * GROWTH_MAX_PAGES, share))
 
     def create_pages(self, got: list[Page], k: int) -> str:
@@ -686,6 +717,8 @@ class Core:
             arena.slots[slot + i] = p
         arena.mapped += n
         self.mapped += n
+        if self.history is not None:
+            self.history.record("segment_map", base, n * P, key)
 
     def new_arena(self, h: Heap, n: int) -> Arena:
         want = max(ARENA_FACTOR * self.max_pages, ARENA_MIN_PAGES, n)
@@ -775,6 +808,8 @@ class Core:
         u0 = s1 - k
         assert s0 <= u0 < s1
         a.res.unmap(u0 * P, k * P)
+        if self.history is not None:
+            self.history.record("segment_unmap", a.base + u0 * P, k * P, st.key)
         h = a.heap
         h.remove(b)
         cut = a.base + u0 * P

@@ -11,22 +11,27 @@ from .._observe import AllocationInfo
 class PoolStats:
     """A snapshot of a :class:`PagePool`'s accounting (all sizes in bytes), in PyTorch's terms.
 
-    PyTorch equivalents (``torch.cuda.*``):
+    The names mean what they mean in ``torch.cuda.memory_stats()``:
 
-    - ``memory_allocated()``: ``in_use_bytes`` (with rounding); its
-      ``memory_stats()["requested_bytes.all.current"]``: ``allocated_bytes``.
-    - ``memory_reserved()``: ``reserved_bytes``; ``max_memory_reserved()``:
-      ``peak_reserved_bytes``; ``max_memory_allocated()``: ``peak_in_use_bytes``.
-    - ``memory_reserved() - memory_allocated()``: ``cached_bytes +
-      free_pages * page_size``.
+    - ``allocated_bytes``: live allocations with the pool's rounding (512 bytes), as
+      ``memory_allocated()`` / ``"allocated_bytes.all.current"``; ``peak_allocated_bytes`` is
+      ``max_memory_allocated()``.
+    - ``requested_bytes``: the sizes the program asked for, as
+      ``"requested_bytes.all.current"``; ``peak_requested_bytes`` its peak.
+    - ``reserved_bytes``: physical memory held, as ``memory_reserved()``;
+      ``peak_reserved_bytes`` is ``max_memory_reserved()``.
+    - ``memory_reserved() - memory_allocated()``: ``cached_bytes + free_pages * page_size``.
+
+    :meth:`PagePool.memory_stats` gives the same figures as PyTorch's flat dictionary.
 
     Attributes
     ----------
     allocated_bytes : int
-        Sum of the sizes asked for by live allocations (what the program allocated).
-    in_use_bytes : int
-        Live blocks with their rounding (512 bytes), plus pages lent by
-        :meth:`PagePool.acquire_pages`.
+        Live allocations with their rounding (512 bytes; whole pages above
+        ``small_threshold``), plus pages lent by :meth:`PagePool.acquire_pages`
+        (PyTorch's "allocated").
+    requested_bytes : int
+        Sum of the sizes asked for by live allocations (PyTorch's "requested").
     reserved_bytes : int
         Physical memory the pool holds: ``total_pages * page_size`` (PyTorch's
         "reserved"; the driver allocations the pool owns, mapped or not).
@@ -42,8 +47,9 @@ class PoolStats:
         Bytes per page.
     limit : int
         The pool's limit on reserved memory.
-    peak_allocated_bytes, peak_in_use_bytes, peak_reserved_bytes : int
-        Highest values of allocated, in-use and reserved bytes.
+    peak_allocated_bytes, peak_requested_bytes, peak_reserved_bytes : int
+        Highest values of allocated, requested and reserved bytes (since the pool was made
+        or since :meth:`PagePool.reset_peak_memory_stats`).
     n_malloc, n_free : int
         Successful mallocs and frees (a garbage-collected allocation counts).
     n_page_creations : int
@@ -92,7 +98,7 @@ class PoolStats:
     """
 
     allocated_bytes: int
-    in_use_bytes: int
+    requested_bytes: int
     cached_bytes: int
     cached_blocks: int
     free_pages: int
@@ -100,7 +106,7 @@ class PoolStats:
     page_size: int
     limit: int
     peak_allocated_bytes: int
-    peak_in_use_bytes: int
+    peak_requested_bytes: int
     peak_reserved_bytes: int
     n_malloc: int
     n_free: int
@@ -133,11 +139,11 @@ class PoolStats:
             return f"{n / (1 << 20):.1f} MiB"
 
         return (
-            f"PoolStats(allocated {mib(self.allocated_bytes)}, in use {mib(self.in_use_bytes)}, "
+            f"PoolStats(allocated {mib(self.allocated_bytes)}, requested {mib(self.requested_bytes)}, "
             f"reserved {mib(self.reserved_bytes)} ({self.total_pages} pages: {self.mapped_pages} mapped, "
             f"{self.free_pages} free), cached {mib(self.cached_bytes)} in {self.cached_blocks} blocks, "
             f"limit {mib(self.limit)}; peaks: allocated {mib(self.peak_allocated_bytes)}, "
-            f"in use {mib(self.peak_in_use_bytes)}, reserved {mib(self.peak_reserved_bytes)}; "
+            f"requested {mib(self.peak_requested_bytes)}, reserved {mib(self.peak_reserved_bytes)}; "
             f"{self.live_allocations} live, {self.n_malloc} mallocs, {self.n_free} frees, "
             f"{self.n_page_creations} pages created, {self.n_remaps} remaps, {self.n_syncs} syncs, "
             f"{self.n_events} events ({self.n_event_waits} waited on), {self.n_ooms} OOMs)"

@@ -14,6 +14,7 @@ import pickle
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -23,9 +24,9 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ForkedError, OutOfMemoryError
+from .._errors import ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
-from .._options import check_int, stream_key
+from .._options import brief, check_int, stream_key
 from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
@@ -483,8 +484,15 @@ class PagePool(ClosesOnExit, NoCopy):
             raise ValueError(f"page_size {P} is larger than the device's memory ({total} bytes)")
         if n is None:
             return total // P
-        # Clamped: above what the device has, largest_allocatable would promise
-        # memory the device cannot give.
+        if n > total:
+            # Clamped: above what the device has, largest_allocatable would promise
+            # memory the device cannot give. Said once, where the limit was given.
+            warnings.warn(
+                f"PagePool limit {n} bytes is more than {dev}'s memory ({total} bytes): "
+                f"clamped to {total // P * P} bytes ({total // P} pages of {P} bytes)",
+                VmmWarning,
+                stacklevel=3,
+            )
         return min(n, total) // P
 
     # ------------------------------------------------------------ properties
@@ -786,7 +794,7 @@ class PagePool(ClosesOnExit, NoCopy):
                 return []
             P = self.page_size
             if core.pinned() + n > core.max_pages:
-                raise core.oom(n * P, n, "the limit is reached")
+                raise core.oom(n * P, n, "the limit is reached", pin=n)
             pages = core.gather(n, n * P, core.streams.get(key))
             for p in pages:
                 p.state = ACQUIRED
@@ -961,16 +969,16 @@ class PagePool(ClosesOnExit, NoCopy):
             largest = biggest if core.closed else core.largest_block()
             ev = core.ev
             return PoolStats(
-                allocated_bytes=core.requested,
-                in_use_bytes=core.in_use,
+                allocated_bytes=core.in_use,
+                requested_bytes=core.requested,
                 cached_bytes=free_bytes,
                 cached_blocks=n_free_ranges,
                 free_pages=len(core.free_pages),
                 total_pages=len(core.pages),
                 page_size=P,
                 limit=core.max_pages * P,
-                peak_allocated_bytes=core.peak_requested,
-                peak_in_use_bytes=core.peak_in_use,
+                peak_allocated_bytes=core.peak_in_use,
+                peak_requested_bytes=core.peak_requested,
                 peak_reserved_bytes=core.peak_total,
                 n_malloc=core.n_malloc,
                 n_free=core.n_free,
@@ -1044,38 +1052,163 @@ class PagePool(ClosesOnExit, NoCopy):
                         info[p] = PageInfo(p.index, "free", None)
             return sorted(info.values(), key=lambda i: i.index)
 
-    def record_history(
-        self, enabled: bool = True, *, max_entries: int = 100_000, stacks: bool = False
-    ) -> None:
-        """Start (or stop) recording allocation events, like ``torch.cuda.memory._record_memory_history``.
+    def memory_stats(self) -> dict[str, int]:
+        """The pool's statistics as PyTorch's flat dictionary (``torch.cuda.memory_stats()``).
 
-        Parameters
-        ----------
-        enabled : bool
-            True starts a new history (dropping the old one); False stops and drops it.
-        max_entries : int
-            Events kept; the oldest are dropped beyond this many.
-        stacks : bool
-            Record the Python stack of each event (for the memory viewer's "frames"); costs a
-            stack walk per malloc and free.
+        Returns
+        -------
+        dict of str to int
+            Keys as PyTorch spells them, for the pool type ``all`` (vmmpool's small- and
+            large-block heaps are not counted apart):
+
+            - ``"allocated_bytes.all.{current,peak}"``: live allocations with their rounding
+              (``memory_allocated()``); ``"requested_bytes.all.{current,peak}"``: the sizes
+              asked for; ``"active_bytes.all.{current,peak}"``: as allocated (freed memory is
+              reusable in stream order at once).
+            - ``"reserved_bytes.all.{current,peak,allocated,freed}"``: physical pages held
+              (``memory_reserved()``), and the bytes of pages created and released so far.
+            - ``"segment.all.{current,allocated,freed}"``: physical pages (each one
+              ``cuMemCreate``) held, created, released.
+            - ``"allocation.all.{current,allocated,freed}"`` and ``"active.all.current"``:
+              live allocations, mallocs, frees.
+            - ``"num_alloc_retries"``: requests served by unmapping cached pages and
+              remapping them (PyTorch: a failed ``cudaMalloc`` retried after freeing its
+              cache); ``"num_ooms"``; ``"num_sync_all_streams"``: device synchronizes.
 
         Notes
         -----
-        Events are ``alloc``, ``free_requested`` and ``free_completed`` with address, size,
-        stream and time; :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as
-        ``device_traces``. Recording costs one tuple append per event.
+        Peaks count since the pool was made or since :meth:`reset_peak_memory_stats`.
+        :meth:`stats` gives the same figures, and more, as a :class:`PoolStats`. Keys whose
+        PyTorch meaning has no vmmpool counterpart are left out rather than approximated
+        (``inactive_split*``: vmmpool's cached ranges can be reclaimed page by page;
+        ``num_device_alloc``/``num_device_free``: see ``Device.counters()`` for driver calls).
         """
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        s = self.stats()
+        P = s.page_size
+        return {
+            "active.all.current": s.live_allocations,
+            "active_bytes.all.current": s.allocated_bytes,
+            "active_bytes.all.peak": s.peak_allocated_bytes,
+            "allocated_bytes.all.current": s.allocated_bytes,
+            "allocated_bytes.all.peak": s.peak_allocated_bytes,
+            "allocation.all.allocated": s.n_malloc,
+            "allocation.all.current": s.live_allocations,
+            "allocation.all.freed": s.n_free,
+            "num_alloc_retries": s.n_remaps,
+            "num_ooms": s.n_ooms,
+            "num_sync_all_streams": s.n_syncs,
+            "requested_bytes.all.current": s.requested_bytes,
+            "requested_bytes.all.peak": s.peak_requested_bytes,
+            "reserved_bytes.all.allocated": s.n_page_creations * P,
+            "reserved_bytes.all.current": s.reserved_bytes,
+            "reserved_bytes.all.freed": s.n_page_releases * P,
+            "reserved_bytes.all.peak": s.peak_reserved_bytes,
+            "segment.all.allocated": s.n_page_creations,
+            "segment.all.current": s.total_pages,
+            "segment.all.freed": s.n_page_releases,
+        }
+
+    def reset_peak_memory_stats(self) -> None:
+        """Start every peak again from its current value (``torch.cuda.reset_peak_memory_stats()``).
+
+        Affects ``peak_allocated_bytes``, ``peak_requested_bytes`` and
+        ``peak_reserved_bytes`` (and the ``.peak`` keys of :meth:`memory_stats`), not the
+        pool's behaviour: its growth budget still remembers the highest use it has seen.
+        """
+        self._check_process()
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            if core.pending and not core.closed:
+                core.drain()
+            core.reset_peaks()
+
+    def empty_cache(self) -> int:
+        """PyTorch's name for :meth:`trim` (``torch.cuda.empty_cache()``).
+
+        Returns
+        -------
+        int
+            Bytes of physical memory given back to the driver.
+        """
+        return self.trim()
+
+    def record_history(
+        self,
+        enabled: str | bool | None = "all",
+        context: str | None = "all",
+        stacks: str | bool = "python",
+        max_entries: int = 100_000,
+    ) -> None:
+        """Start or stop recording events, as ``torch.cuda.memory._record_memory_history``.
+
+        Parameters
+        ----------
+        enabled : {"all", None}
+            ``"all"`` starts a new history (dropping the old one); ``None`` stops and drops
+            it. ``True`` and ``False`` (the older form) mean the same. PyTorch's ``"state"``
+            (stacks of live blocks, no history) is not supported: vmmpool keeps no per-block
+            stacks.
+        context : {"all", "alloc", None}
+            Which events carry the Python stack (the memory viewer's "frames"): ``"all"``,
+            only allocations (``"alloc"``), or none (``None``: no stack walk, cheapest).
+        stacks : {"python", "all"} or bool
+            Which frames: Python frames in both cases (vmmpool runs no C++ between you and
+            the driver worth showing). A bool (the older form) overrides `context`:
+            ``True`` is ``"all"``, ``False`` is ``None``.
+        max_entries : int
+            Events kept; the oldest are dropped beyond this many.
+
+        Notes
+        -----
+        Events are ``alloc``, ``free_requested`` and ``free_completed`` (address, size
+        asked for, stream, time) and, for the pool's pages, ``segment_map`` (pages mapped
+        into the pool's address space: new pages and remapped ones) and ``segment_unmap``
+        (cached pages unmapped: for a remap, a limit, :meth:`defragment` or :meth:`trim`),
+        the actions PyTorch's memory viewer draws as segments growing and shrinking.
+        :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as ``device_traces``.
+        Recording costs one tuple append per event, plus a stack walk where `context` asks.
+        """
+        if enabled is True or enabled == "all":
+            on = True
+        elif enabled is None or enabled is False:
+            on = False
+        elif isinstance(enabled, str):
+            raise ValueError(
+                f"enabled must be 'all' (record events) or None (stop), got {brief(enabled)}"
+                + (": vmmpool keeps no per-block stacks, so 'state' has nothing to record"
+                   if enabled == "state" else "")
+            )
+        else:
+            raise TypeError(f"enabled must be 'all', None or a bool, got {type(enabled).__name__}")
+        if isinstance(stacks, bool):
+            context = "all" if stacks else None
+        elif stacks not in ("python", "all"):
+            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {brief(stacks)}")
+        if context not in ("all", "alloc", None):
+            raise ValueError(
+                f"context must be 'all', 'alloc' or None, got {brief(context)}"
+                + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
+            )
         n = check_max_entries(max_entries)
         self._check_process()
         core = self._core
         with core.lock:
-            core.history = History(n, bool(stacks)) if enabled else None
+            core.history = History(n, context) if on else None
 
-    def memory_summary(self) -> str:
-        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``."""
-        return format_summary(self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB")
+    def memory_summary(self, abbreviated: bool = False) -> str:
+        """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``.
+
+        Parameters
+        ----------
+        abbreviated : bool
+            Only the memory rows (allocated, requested, reserved, in their current and peak
+            values), as PyTorch's abbreviated summary; without the breakdown and the counts.
+        """
+        return format_summary(
+            self.stats(), f"{self.device}, page size {self.page_size >> 10} KiB", abbreviated
+        )
 
     def memory_snapshot(self) -> dict[str, Any]:
         """The pool's memory in PyTorch's snapshot format (plain dicts), as ``torch.cuda.memory._snapshot()``.
