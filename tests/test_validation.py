@@ -513,6 +513,10 @@ def test_record_history_max_entries_is_bounded(host: Device) -> None:
         for bad in (2**63, 10**5000):
             with pytest.raises(ValueError, match=r"max_entries must be <= 9223372036854775807"):
                 pool.record_history(max_entries=bad)
+        for kw in ({"enabled": "x" * 100_000}, {"context": "x" * 100_000}, {"stacks": "x" * 100_000}):
+            with pytest.raises(ValueError) as info:
+                pool.record_history(**kw)  # type: ignore[arg-type]
+            assert len(str(info.value)) < 300
         pool.malloc(10).free()
         assert len(pool.memory_snapshot()["device_traces"][0]) >= 2  # the old history stays
 
