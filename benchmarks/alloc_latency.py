@@ -9,7 +9,10 @@ Two patterns, after a warm-up:
 Reports microseconds per malloc+free pair (best of several repeats) and, for
 vmmpool, backend calls per pair (``device.counters()`` deltas: the target is
 zero in the steady state). On a GPU, ``cupy.cuda.MemoryPool`` runs the same
-patterns in the same process and the ratio is reported.
+patterns in the same process and the ratio is reported. The same patterns also
+run through ``vmmpool.torch.callbacks`` called as C function pointers (what
+PyTorch's pluggable allocator pays per segment on top of the pool: the ctypes
+round trip into Python).
 
 Usage: ``python benchmarks/alloc_latency.py [--device host|cuda:0] [--quick]``.
 """
@@ -87,6 +90,31 @@ def cupy_pool(device: vmmpool.Device, limit: int) -> tuple[Any, Callable[[int], 
     return pool, pool.malloc, free
 
 
+def torch_callbacks(pool: PagePool, device: vmmpool.Device, n: int, repeats: int) -> dict[str, Any]:
+    """The patterns through ``vmmpool.torch.callbacks``, called through ctypes as PyTorch calls them."""
+    import ctypes
+
+    import vmmpool.torch as vt
+
+    alloc_address, free_address = vt.callbacks(pool)
+    c_alloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)(alloc_address)
+    c_free = ctypes.CFUNCTYPE(
+        None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
+    )(free_address)
+    d = 0 if device.is_host else device.ordinal
+
+    def malloc(nbytes: int) -> tuple[int, int]:
+        return (c_alloc(nbytes, d, None), nbytes)
+
+    def free(h: tuple[int, int]) -> None:
+        c_free(h[0], h[1], d, None)
+
+    return {
+        f"vmmpool.torch.callbacks/{pat}": measure(malloc, free, pat, n, repeats, device.counters)
+        for pat in PATTERNS
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=None, help="pairs per repeat (default 50000; 5000 --quick)")
@@ -104,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 pool.malloc, PagePool.free.__get__(pool), pat, n, repeats, device.counters,
             )
         stats = pool.stats()
+    with PagePool(device, limit=limit) as tpool:
+        results.update(torch_callbacks(tpool, device, n, repeats))
     cupy_error = None
     if not device.is_host:
         try:
@@ -127,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(["pattern", "vmmpool us/pair", "backend calls/pair", "cupy us/pair",
                  "vmmpool / cupy"], rows))
+    for pat in PATTERNS:
+        t = results[f"vmmpool.torch.callbacks/{pat}"]
+        print(f"{pat}: through vmmpool.torch.callbacks (ctypes, as PyTorch calls them): "
+              f"{t['us_per_pair']:.2f} us/pair, {t['backend_calls_per_pair']:.4f} backend calls/pair")
     if device.is_host:
         print("cupy: n/a on the host emulator (CuPy's pool needs a GPU)")
     elif cupy_error:

@@ -8,8 +8,9 @@ For each trace (a PyTorch memory snapshot pickle or an RMM CSV log): one
 replay with default settings and a search of the smallest limit, in whole
 pages, at which the replay completes (``vmmpool.replay.min_limit``), printed
 beside the recorded PyTorch run's peak reserved and peak allocated. On a GPU
-the same trace is replayed through PyTorch's caching allocator (default and
-``expandable_segments:True``) and ``cupy.cuda.MemoryPool``, each in its own
+the same trace is replayed through PyTorch's caching allocator (default,
+``expandable_segments:True``, and in a ``vmmpool.torch.MemPool``: "torch on
+vmmpool") and ``cupy.cuda.MemoryPool``, each in its own
 subprocess; without one they are listed as skipped, with the reason.
 
 Writes ``benchmarks/results/replay-<device kind>.json`` (``replay-host.json``

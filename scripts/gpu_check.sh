@@ -13,7 +13,7 @@
 # is rerun with --quick, and the summary says which mode produced it.
 #
 # Output under $OUT (default: ./gpu-check-out): env.txt, pytest.log,
-# junit.xml, demo.log, bench-<name>.log, <name>-cuda.json, and summary.json:
+# junit.xml, torch.log (vmmpool.torch: PyTorch on the pool, verbose), demo.log, bench-<name>.log, <name>-cuda.json, and summary.json:
 # device, driver, versions, pass/fail/skip/error counts, every benchmark's
 # figures, per-step status and seconds. Benchmark JSON is also written to
 # benchmarks/results/ (files named *-cuda.json).
@@ -23,6 +23,8 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export VMMPOOL_REQUIRE_CUDA=1
+# tests/test_torch.py's training test fails (not skips) without torch here.
+export VMMPOOL_REQUIRE_TORCH=1
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 START=$(date +%s)
 status=0
@@ -67,6 +69,14 @@ t0=$(date +%s)
 timeout "$(cap 300)" "$PY" -m pytest -ra -p no:cacheprovider --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
 step tests full $(( $(date +%s) - t0 )) "$rc"
+[ "$rc" -eq 0 ] || status=1
+
+echo "== PyTorch on the pool (vmmpool.torch, verbose) =="
+t0=$(date +%s)
+timeout "$(cap 120)" "$PY" -m pytest -v -ra -p no:cacheprovider tests/test_torch.py \
+  -o log_cli=true --log-cli-level=INFO 2>&1 | tee "$OUT/torch.log"
+rc=${PIPESTATUS[0]}
+step torch full $(( $(date +%s) - t0 )) "$rc"
 [ "$rc" -eq 0 ] || status=1
 
 echo "== demo on cuda:0 =="

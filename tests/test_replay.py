@@ -356,7 +356,7 @@ def test_peer_command_and_env(tmp_path: Path) -> None:
         assert "PYTORCH_CUDA_ALLOC_CONF" not in env and "--limit" not in argv
     finally:
         del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
-    with pytest.raises(ValueError, match="peer must be one of torch, torch-expandable, cupy"):
+    with pytest.raises(ValueError, match="peer must be one of torch, torch-expandable, torch-vmmpool, cupy"):
         R.peer_command("rmm", "t.pickle")
 
 

@@ -1465,7 +1465,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 # -------------------------------------------------------------------- peers
 #: The peer allocators :func:`peer_replays` runs, by name.
-PEERS = ("torch", "torch-expandable", "cupy")
+PEERS = ("torch", "torch-expandable", "torch-vmmpool", "cupy")
 
 
 @dataclass
@@ -1475,7 +1475,9 @@ class PeerResult:
     Attributes
     ----------
     peer : str
-        ``torch``, ``torch-expandable`` or ``cupy``.
+        ``torch``, ``torch-expandable``, ``torch-vmmpool`` (PyTorch's caching
+        allocator in a :func:`vmmpool.torch.MemPool`: its peak reserved is the
+        page pool's peak bytes of pages) or ``cupy``.
     completed : bool or None
         None when it could not run (see `skipped`).
     peak_reserved, peak_allocated : int or None
@@ -1561,12 +1563,13 @@ def peer_replays(
     search: bool = True,
     timeout: float = 600.0,
 ) -> list[PeerResult]:
-    """Replay a trace file through PyTorch's caching allocator and CuPy's pool.
+    """Replay a trace file through PyTorch's caching allocator (also on vmmpool) and CuPy's pool.
 
     Each replay runs in its own subprocess (so each starts with an empty
     allocator and, for PyTorch, its own ``PYTORCH_CUDA_ALLOC_CONF``); a limit
     is set with ``torch.cuda.set_per_process_memory_fraction`` or
-    ``cupy.cuda.MemoryPool.set_limit``. With `search`, the smallest limit at
+    ``cupy.cuda.MemoryPool.set_limit`` (for ``torch-vmmpool``: the page
+    pool's limit). With `search`, the smallest limit at
     which each completes is searched by bisection in 2 MiB steps between the
     peak live bytes and the peer's own peak reserved.
 
@@ -1648,6 +1651,34 @@ def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no co
         except cupy.cuda.memory.OutOfMemoryError:
             completed = False
         wall = time.perf_counter() - t0
+    elif peer == "torch-vmmpool":
+        import torch
+
+        from . import torch as vt
+        from ._device import Device
+        from ._pool import PagePool
+
+        torch.cuda.init()
+        vpool = PagePool(Device(0), limit=limit)
+        tstreams = {
+            s: (torch.cuda.default_stream() if s == 0 else torch.cuda.Stream()) for s in tr.streams
+        }
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with vt.use_pool(vpool):
+            try:
+                for is_free, slot, nbytes, s in tr.events:
+                    if is_free:
+                        handles[slot] = None
+                    else:
+                        with torch.cuda.stream(tstreams[s]):
+                            handles[slot] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            except torch.cuda.OutOfMemoryError:
+                completed = False
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        peak_res = vpool.stats().peak_reserved_bytes  # pages the page pool held
+        peak_used = torch.cuda.max_memory_allocated()
     else:
         import torch
 
