@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/replay.py TRACE... [--device D] [--json PATH]
+    python benchmarks/replay.py [TRACE...] [--synthetic] [--device D] [--json PATH]
 
 For each trace (a PyTorch memory snapshot pickle or an RMM CSV log): one
 replay with default settings and a search of the smallest limit, in whole
@@ -17,6 +17,11 @@ Writes ``benchmarks/results/replay-<device kind>.json`` (``replay-host.json``
 on the host emulator) with the date, the machine and every figure. A trace
 whose replay fails for a reason other than out of memory (an OS limit of the
 emulator, say) is recorded with its error and the run goes on.
+
+``--synthetic`` adds generated transformer inference traces of 1-8 MiB tensors
+(``vmmpool._workloads``: GPT-2-shaped models of 110-780 MiB live, and a
+stress test whose layers all differ; one stream): the kind of trace where
+the free bytes of partly used pages decide the smallest limit.
 """
 
 from __future__ import annotations
@@ -34,11 +39,25 @@ import _common
 
 import vmmpool
 from vmmpool import replay as R
+from vmmpool._workloads import gpt2_inference, gpt_inference
+
+#: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
+#: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
+#: every layer's sizes different, as (seed, layers, decode steps).
+SYNTHETIC_GPT2: tuple[dict[str, int], ...] = (
+    {},
+    {"batch": 8, "prompt": 64, "new_tokens": 64},
+    {"layers": 12, "d_model": 768, "heads": 12},
+    {"layers": 8, "d_model": 512, "heads": 8, "batch": 2, "prompt": 256, "new_tokens": 16},
+)
+SYNTHETIC = ((0, 24, 48), (1, 24, 48), (2, 12, 64), (3, 8, 24))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("traces", nargs="+", metavar="TRACE")
+    p.add_argument("traces", nargs="*", metavar="TRACE")
+    p.add_argument("--synthetic", action="store_true",
+                   help="also replay the generated transformer inference traces (1-5 MiB tensors)")
     p.add_argument(
         "--device", default=None,
         help="host, cuda or cuda:N (default: a fresh host-emulated device sized to each trace)",
@@ -50,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also replay each trace with every size times F (repeatable; e.g. 0.1 turns "
                         "10-160 MiB tensors into 1-16 MiB); the recorded figures do not apply there")
     args = p.parse_args(argv)
+    if not args.traces and not args.synthetic:
+        p.error("give at least one TRACE or --synthetic")
     device = None if args.device is None else vmmpool.Device(args.device)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
@@ -60,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((path, base, False))
         for f in args.scale or ():
             jobs.append((path, R.scaled(base, f), True))
+    if args.synthetic:
+        for kw in SYNTHETIC_GPT2:
+            jobs.append(("", gpt2_inference(**kw), True))
+        for seed, layers, steps in SYNTHETIC:
+            jobs.append(("", gpt_inference(seed, layers, steps), True))
     for path, tr, is_scaled in jobs:
         t0 = time.perf_counter()
         try:

@@ -717,7 +717,11 @@ def test_stats_add_up(device: vmmpool.Device) -> None:
         # start in: `big` (the only block over a page) ends 5 * ALIGNMENT bytes before its
         # third page does; the smaller blocks share three pages of their own
         assert s.pinned_pages == 6
-        assert s.largest_allocatable == (16 - s.pinned_pages) * P + 5 * ALIGNMENT
+        # ... and at the limit a block may also start in the free tail of a partly used
+        # page of the small heap, mapped a second time (an alias): larger still
+        tails = [x[0] for x in pool._core.alias_sources(pool._core.streams[0])[0]]
+        assert tails and max(tails) > 5 * ALIGNMENT
+        assert s.largest_allocatable >= (16 - s.pinned_pages) * P + max(tails)
         assert s.peak_allocated_bytes >= s.allocated_bytes and s.peak_reserved_bytes == s.reserved_bytes
         with pytest.raises(vmmpool.OutOfMemoryError):
             pool.malloc(s.largest_allocatable + ALIGNMENT)

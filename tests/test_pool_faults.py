@@ -135,6 +135,31 @@ def _free_pages(w: World) -> None:
     w.pool.defragment()
 
 
+def _tail_and_head_at_the_limit(w: World, large: int = 4, cached: int = 0) -> None:
+    """Every page of the limit held: half-page blocks on 8 pages but for the second
+    half of page 0 (a free tail) and the first half of page 2 (a free head)."""
+    halves = [w.pool.malloc(P // 2) for _ in range(16)]
+    w.keep(w.pool.malloc(large * P), 99)
+    if cached:
+        w.pool.malloc(P).free()  # a cached page of its own
+    base = min(a.ptr for a in halves)
+    for a in halves:
+        i = (a.ptr - base) // (P // 2)
+        if i in (1, 4):
+            a.free()
+        else:
+            w.keep(a, i)
+    assert w.pool.stats().total_pages == 12
+
+
+def _aliased(w: World, n: int, remap: bool = False) -> vmmpool.Allocation:
+    a = w.pool.malloc(n)
+    s = w.pool.stats()
+    assert w.pool._core.n_aliases == 2 and s.total_pages == 12, "no alias placement"
+    assert (s.n_remaps > 0) == remap
+    return a
+
+
 def _forked_child(w: World) -> None:
     """A child tries malloc / free / close and drops everything; the parent sees no change."""
     before = w.state()
@@ -210,6 +235,9 @@ SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] 
     "malloc remap from cached": (_cached_on_other_streams, lambda w: w.pool.malloc(6 * P, stream=5)),
     "malloc small remap": (_cached_at_the_limit, lambda w: w.pool.malloc(100, stream=6)),
     "malloc large remap at the limit": (_cached_at_the_limit, lambda w: w.pool.malloc(3 * P, stream=6)),
+    "malloc across a tail and a head": (_tail_and_head_at_the_limit, lambda w: _aliased(w, 3 * P // 4)),
+    "malloc across a tail, a remapped page and a head": (
+        lambda w: _tail_and_head_at_the_limit(w, 3, 1), lambda w: _aliased(w, 7 * P // 4, remap=True)),
     "defragment": (_cached_on_other_streams, lambda w: w.pool.defragment()),
     "trim": (_cached_on_other_streams, lambda w: w.pool.trim()),
     "set_limit": (_cached_on_other_streams, lambda w: w.pool.set_limit(4 * P)),
@@ -263,8 +291,9 @@ def test_sweep_counts() -> None:
     print(f"fault cases fired: {total} over {len(FIRED)} operations: {FIRED}")
     # 99 cases over 17 operations on 2026-12-02 (fewer driver calls per operation since the
     # growth budget lets fresh pages come before remaps less often); each operation fires (above).
-    # 126 over 19 on 2026-12-06, with the fork and reader-thread scenarios of issue 17.
-    assert total >= 110
+    # 126 over 19 on 2026-12-06, with the fork and reader-thread scenarios of issue 17; the two
+    # alias placements of issue 20 add 8 (3 + 5).
+    assert total >= 118
 
 
 def test_map_out_of_memory_reclaims_cached_pages_and_retries() -> None:

@@ -24,7 +24,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 
 import vmmpool
 from vmmpool._pool import ALIGNMENT, Allocation, PagePool
@@ -86,6 +94,17 @@ class PoolMachine(RuleBasedStateMachine):
         self.live[self.seed] = (a, self.seed)
         self.expected_mallocs += 1
         return self.seed  # a token: the machine holds the only reference to the allocation
+
+    @rule(target=allocs, nbytes=st.lists(sizes, min_size=1, max_size=8), stream=streams)
+    def fill(self, nbytes: list[int], stream: int) -> object:
+        """Allocate until the limit: at the limit the pool lends partly used pages (aliases)."""
+        tokens = []
+        for n in nbytes:
+            token = self.malloc(n, stream)
+            if token is None:
+                break
+            tokens.append(token)
+        return multiple(*tokens)
 
     @rule(token=consumes(allocs))
     def free(self, token: int | None) -> None:
@@ -279,17 +298,26 @@ class PoolMachine(RuleBasedStateMachine):
         assert len(snap) == s.total_pages
         assert sum(p.state == "free" for p in snap) == s.free_pages
         assert sum(p.state == "acquired" for p in snap) == s.acquired_pages
-        # A page is in use exactly when a live allocation touches it; a mapped
-        # page no live allocation touches is cached; an unmapped one is free.
+        # A page is in use exactly when a live allocation touches it (through
+        # either of its mappings) or it is mapped twice; a mapped page no live
+        # allocation touches is cached; an unmapped one is free.
         spans = [(a.ptr, a.ptr + rounded(a)) for a in allocs]
+        core = pool._core
+        with core.lock:
+            alias_at = {p.index: al.arena.base + al.slot * P for p, al in core.aliases.items()}
+        self.n_aliased = max(getattr(self, "n_aliased", 0), core.n_aliases)
         for p in snap:
             if p.state in ("free", "acquired"):
                 assert p.address is None
                 continue
             assert p.address is not None
-            lo, hi = p.address, p.address + P
-            touched = sorted(x for x, y in spans if x < hi and lo < y)
-            assert (p.state == "in_use") == bool(touched), f"page {p.index} is {p.state}"
+            touched = []
+            for lo in (p.address, alias_at.get(p.index)):
+                if lo is not None:
+                    touched += [x for x, y in spans if x < lo + P and lo < y]
+            touched.sort()
+            in_use = bool(touched) or p.index in alias_at
+            assert (p.state == "in_use") == in_use, f"page {p.index} is {p.state}"
             assert [x.address for x in p.allocations] == touched
         assert sum(p.state == "cached" for p in snap) == s.reclaimable_pages
         assert s.n_syncs == 0 and "synchronize" not in self.device.counters().calls

@@ -405,6 +405,8 @@ def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
         (["{good}", "--limit", "2e19"], "argument --limit: the limit must be below 2**64 bytes"),
         (["{good}", "--limit", "nan"], "argument --limit: expected bytes"),
         (["{good}", "--limit", "9" * 5000], "(str of 5000 characters)"),
+        (["{good}", "--snapshot-device", "9" * 5000], "invalid int value"),
+        (["{good}", "--frobnicate" + "x" * 5000], "unrecognized arguments"),
         (["{good}", "--limit", "8MiB", "--min-limit"], "not allowed with argument"),
         (["{good}", "--device", "gpu7"], "device must be"),
         (["{bad}"], "bad.csv: line 1: expected the header"),
@@ -714,3 +716,58 @@ def test_scan_sees_depth_added_after_a_container_was_nested() -> None:
     assert len(deep) == 1 and len(deep[0]) == 1  # what the unpickler builds: a chain
     with pytest.raises(R.TraceError, match="nested more than 64 deep"):
         R.scan_pickle(raw, "late")
+
+
+def two_device_snapshot() -> dict:
+    """Device 0 has no events, device 1 allocates 3 MiB (and once ran out of memory),
+    device 2 allocates 5 MiB; segments are per device."""
+    d1 = [ev("alloc", BASE, 3 * MiB), ev("oom", 0, 64 * MiB), ev("free_requested", BASE, 3 * MiB)]
+    d2 = [ev("alloc", BASE, 5 * MiB), ev("alloc", BASE + 8 * MiB, MiB)]
+    seg = segment(BASE + (1 << 30), 2 * MiB, [(BASE + (1 << 30), MiB, MiB, "active_allocated")])
+    seg["device"] = 2
+    return {"segments": [seg], "device_traces": [[], d1, d2]}
+
+
+def test_snapshot_devices_and_recorded_ooms(tmp_path: Path) -> None:
+    p = write_pickle(tmp_path, two_device_snapshot(), "multi.pickle")
+    first = R.load(p)
+    assert (first.device, first.devices, first.n_failed) == (1, (1, 2), 1)
+    assert first.peak_live == 3 * MiB
+    second = R.load(p, 2)
+    assert (second.device, second.n_failed, second.n_prelude) == (2, 0, 1)
+    assert second.peak_live == 7 * MiB
+    with pytest.raises(R.TraceError, match=r"device 3 not in the trace \(0\.\.2\)"):
+        R.load(p, 3)
+
+
+def test_cli_replays_every_device_of_a_snapshot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = write_pickle(tmp_path, two_device_snapshot(), "multi.pickle")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(p), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "multi.pickle [device 1] (1 recorded OOM)" in text
+    assert "multi.pickle [device 2]" in text
+    recs = json.loads(out.read_text())["traces"]
+    assert [(r["trace"], r["peak_live"], r["recorded_ooms"]) for r in recs] == [
+        ("multi.pickle [device 1]", 3 * MiB, 1), ("multi.pickle [device 2]", 7 * MiB, 0),
+    ]
+    assert main(["replay", str(p), "--snapshot-device", "2", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["traces"]
+    assert [r["trace"] for r in recs] == ["multi.pickle [device 2]"]
+    capsys.readouterr()
+    assert main(["replay", str(p), "--snapshot-device", "5"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "device 5 not in the trace" in err
+    # a single-device snapshot keeps its plain name
+    one = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 100)]), "one.pickle")
+    assert main(["replay", str(one)]) == 0
+    assert "one.pickle " in capsys.readouterr().out
+
+
+def test_an_rmm_log_has_no_device_to_choose(tmp_path: Path) -> None:
+    p = tmp_path / "log.csv"
+    p.write_text("Thread,Time,Action,Pointer,Size,Stream\n")
+    with pytest.raises(R.TraceError, match=r"log\.csv: an RMM log has no devices to choose \(device=1\)"):
+        R.load(p, 1)

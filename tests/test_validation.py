@@ -507,6 +507,13 @@ def test_cli_demo_limit_huge_or_not_a_number_is_one_line_exit_2(limit: str) -> N
     assert len(out.stderr) < 300
 
 
+@pytest.mark.parametrize("command", [["info"], ["demo"], ["replay", "x.pickle"]])
+def test_cli_a_huge_unknown_argument_is_cut_in_the_message(command: list[str]) -> None:
+    out = _cli(*command, "--frobnicate" + "x" * 100_000, env=_HIDE_GPUS)
+    _one_line_error(out, "unrecognized arguments", "characters)")
+    assert len(out.stderr) < 500
+
+
 def test_record_history_max_entries_is_bounded(host: Device) -> None:
     with PagePool(host, limit=8 * MiB) as pool:
         pool.record_history(max_entries=sys.maxsize)  # PyTorch's default: accepted

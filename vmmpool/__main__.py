@@ -44,7 +44,13 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {_short(message)} (see --help)\n")
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """An argparse message cut to `limit` characters: argparse quotes a bad value whole
+    (``invalid int value: '999...'``), and a value can be megabytes long (issue 17)."""
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
 
 
 _SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -80,17 +86,22 @@ class _UsageError(Exception):
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise _UsageError(_short(message))
 
 
 def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
-    """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--json PATH]``.
+    """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--snapshot-device N]
+    [--json PATH]``.
 
     Replays each trace through a fresh :class:`~vmmpool.PagePool` and prints
     a table (see :data:`vmmpool.replay.COLUMNS`); on a GPU the peer allocators
-    too. Returns 0, 1 when a replay ran out of memory, or 2 (one line on
-    stderr) for bad arguments or unreadable traces.
+    too. A PyTorch snapshot with events on several devices gives one row per
+    device (``--snapshot-device N`` replays only device N); allocations the
+    recorded run failed (``oom`` events) are counted in the row. Returns 0,
+    1 when a replay ran out of memory, or 2 (one line on stderr) for bad
+    arguments or unreadable traces.
     """
+    import dataclasses
     import json
 
     from . import replay as R
@@ -107,6 +118,9 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     g.add_argument("--limit", type=_bytes, default=None, help="pool limit in bytes (e.g. 20GiB)")
     g.add_argument("--min-limit", action="store_true",
                    help="also search the smallest limit (whole pages) that completes")
+    p.add_argument("--snapshot-device", type=int, default=None, metavar="N",
+                   help="replay device N of a PyTorch snapshot (default: each device with events, "
+                        "one row each)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     try:
         args = p.parse_args(argv)
@@ -115,7 +129,14 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             from ._device import Device
 
             device = Device(args.device)
-        traces = [R.load(t) for t in args.traces]
+        traces = []
+        for path in args.traces:
+            tr = R.load(path, args.snapshot_device)
+            more = [] if args.snapshot_device is not None else [R.load(path, d) for d in tr.devices[1:]]
+            for t in [tr, *more]:
+                if args.snapshot_device is not None or len(tr.devices) > 1:
+                    t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")
+                traces.append((path, t))
     except _UsageError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         return 2
@@ -124,7 +145,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
         return 2
     records = []
     status = 0
-    for path, tr in zip(args.traces, traces, strict=True):
+    for path, tr in traces:
         try:
             res = R.replay(tr, device, args.limit)
             mn = None

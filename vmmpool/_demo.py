@@ -431,6 +431,9 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes a bad value whole: cut what a megabyte-long argument would print.
+        if len(message) > 200:
+            message = f"{message[:200]}... ({len(message)} characters)"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

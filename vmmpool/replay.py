@@ -172,7 +172,12 @@ class Trace:
     source : str
         ``"pytorch-snapshot"`` or ``"rmm-csv"``.
     n_failed : int
-        Allocations the recorded run reported as failed (skipped).
+        Allocations the recorded run reported as failed (skipped): RMM failures, PyTorch
+        ``oom`` events.
+    device : int or None
+        The CUDA device whose events these are (PyTorch snapshots).
+    devices : tuple of int
+        Every device of the snapshot with events (PyTorch snapshots).
     """
 
     name: str
@@ -187,6 +192,8 @@ class Trace:
     #: The recorded run's reserved bytes over the replay: ``(event index, bytes)`` at the start
     #: and after each segment event (PyTorch snapshots only; empty otherwise).
     recorded_reserved: tuple[tuple[int, int], ...] = ()
+    device: int | None = None
+    devices: tuple[int, ...] = ()
 
     @property
     def peak_live(self) -> int:
@@ -604,8 +611,9 @@ def snapshot_to_trace(
     segments = data["segments"]
     if not isinstance(traces, list) or not isinstance(segments, list):
         raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
+    with_events = tuple(i for i, t in enumerate(traces) if t)
     if device is None:
-        device = next((i for i, t in enumerate(traces) if t), 0)
+        device = with_events[0] if with_events else 0
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
     if not 0 <= device < max(len(traces), 1):
@@ -657,6 +665,7 @@ def snapshot_to_trace(
     seg_seen_alloc: set[int] = set()
     start_segs: dict[int, int] = {}
     net_seg = 0
+    n_oom = 0
     kinds = {"alloc": 0, "free_requested": 1, "segment_alloc": 2, "segment_map": 2,
              "segment_free": 3, "segment_unmap": 3}
     for i, ev in enumerate(events):
@@ -668,6 +677,7 @@ def snapshot_to_trace(
             raise TraceError(f"{name}: {where}: no 'action' string, got {brief(action)}")
         kind = kinds.get(action)
         if kind is None:
+            n_oom += action == "oom"  # the recorded run failed an allocation (not in the trace)
             continue  # free_completed, oom, snapshot: nothing to replay
         try:
             addr = _int(ev["addr"], name, "addr", where)
@@ -758,6 +768,9 @@ def snapshot_to_trace(
         recorded_peak_allocated=peak_alloc,
         source="pytorch-snapshot",
         recorded_reserved=tuple(reserved_series) if (final_segs or parsed) else (),
+        n_failed=n_oom,
+        device=device,
+        devices=with_events,
     )
 
 
@@ -860,8 +873,10 @@ def _csv_rows(name: str, rows: Any) -> Trace:
     )
 
 
-def load(path: str | os.PathLike[str]) -> Trace:
+def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
     """Read a trace, choosing the reader by content (CSV header or pickle).
+
+    `device` picks a PyTorch snapshot's device (see :func:`load_snapshot`).
 
     Raises
     ------
@@ -875,9 +890,11 @@ def load(path: str | os.PathLike[str]) -> Trace:
     except OSError as e:
         raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
     if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
+        if device is not None:
+            raise TraceError(f"{p.name}: an RMM log has no devices to choose (device={device})")
         return load_csv(p)
     if head[:1] == b"\x80" or p.suffix in (".pickle", ".pkl"):
-        return load_snapshot(p)
+        return load_snapshot(p, device)
     raise TraceError(
         f"{p.name}: unknown format: expected a PyTorch snapshot pickle or an RMM CSV log "
         f"starting with {','.join(_CSV_HEADER)}"
@@ -1388,6 +1405,7 @@ def record(
         "peak_live": trace.peak_live,
         "recorded_peak_reserved": trace.recorded_peak_reserved,
         "recorded_peak_allocated": trace.recorded_peak_allocated,
+        "recorded_ooms": trace.n_failed,
         "vmmpool": result.to_dict(),
         "min_limit": None if minimum is None else {
             "pages": minimum.pages, "bytes": minimum.limit, "ratio": minimum.ratio,
@@ -1426,8 +1444,9 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         live = r["peak_live"]
         mn = r["min_limit"]
         done = v["completed"]
+        ooms = r.get("recorded_ooms") or 0
         rows.append([
-            r["trace"],
+            r["trace"] + (f" ({ooms} recorded OOM{'s' if ooms > 1 else ''})" if ooms else ""),
             f"{r['events']:,}" if done else f"{v['events']:,}/{r['events']:,} (out of memory)",
             str(r["streams"]),
             _gib(live),

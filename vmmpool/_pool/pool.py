@@ -1023,17 +1023,27 @@ class PagePool(ClosesOnExit, NoCopy):
                 for s, p in enumerate(arena.slots):
                     if p is None or p.state is QUARANTINED:
                         continue
-                    blocks = touching.get((arena, s))
-                    if not blocks:
+                    al = p.alias
+                    if al is not None and al.arena is arena and al.slot == s:
+                        continue  # a page's second mapping: listed with the page
+                    blocks = touching.get((arena, s), [])
+                    lo = arena.base + s * P
+                    spans = [lo]
+                    if al is not None:  # mapped twice: in use through either mapping
+                        blocks = blocks + touching.get((al.arena, al.slot), [])
+                        spans.append(al.arena.base + al.slot * P)
+                    elif not blocks:
                         info[p] = PageInfo(p.index, "cached", p.addr, arena.stream.key)
                         continue
-                    lo = arena.base + s * P
                     hi = lo + P
                     used = sum(
-                        max(0, min(hi, b.addr + b.nbytes) - max(lo, b.addr)) for b in blocks
+                        max(0, min(x + P, b.addr + b.nbytes) - max(x, b.addr))
+                        for b in blocks for x in spans
                     )
-                    b0 = blocks[0]
-                    whole = len(blocks) == 1 and b0.addr <= lo and hi <= b0.addr + b0.size
+                    b0 = blocks[0] if blocks else None
+                    whole = (
+                        len(blocks) == 1 and b0 is not None and b0.addr <= lo and hi <= b0.addr + b0.size
+                    )
                     key = arena.stream.key
                     allocs = tuple(
                         AllocationInfo(b.addr, b.size, b.nbytes, key)

@@ -1,0 +1,143 @@
+"""A partly used page mapped a second time (an alias) at the limit.
+
+At the limit, the free tail of a partly used page can become the first page of
+a new block's range and a free head its last page (``Core.place_alias``). The
+invariant becomes: every mapped byte is used by at most one live block, through
+one of the page's two mappings. These tests check it with real bytes on the
+host emulator (the same memfd page mapped twice shows the same bytes).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool import replay as R
+from vmmpool._pool import PagePool
+from vmmpool._workloads import gpt2_inference
+
+P = 64 << 10
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return ((np.arange(n, dtype=np.uint32) * 7 + seed * 13 + 3) % 251).astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize(("limit", "request_pages", "new_pages"), [(4, 0.75, 0), (5, 1.75, 1)])
+def test_a_block_across_a_free_tail_and_a_free_head(
+    limit: int, request_pages: float, new_pages: int
+) -> None:
+    dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
+    with PagePool(dev, limit=limit * P) as pool:
+        # Four pages of half-page blocks; free the second half of page 0 (a
+        # free tail) and the first half of page 2 (a free head). Every page
+        # still holds live data and no free range holds the request.
+        xs = [pool.malloc(P // 2) for _ in range(8)]
+        base = min(x.ptr for x in xs)
+        assert sorted((x.ptr - base) // (P // 2) for x in xs) == list(range(8))
+        for i, x in enumerate(xs):
+            dev.write(x.ptr, pattern(i, x.size))
+        by_off = {(x.ptr - base) // (P // 2): x for x in xs}
+        by_off.pop(1).free()
+        by_off.pop(4).free()
+        s = pool.stats()
+        assert s.pinned_pages == 4 and s.cached_bytes == P
+        n = int(request_pages * P)
+        c = pool.malloc(n)
+        pool._check()
+        s = pool.stats()
+        assert s.total_pages == 4 + new_pages, "the block pinned more pages than its new ones"
+        assert pool._core.n_aliases == 2 and s.n_syncs == 0
+        snap = {p.index: p for p in pool.snapshot()}
+        assert sum(p.state == "in_use" for p in snap.values()) == 4 + new_pages
+        dev.write(c.ptr, pattern(99, n))
+        for i, x in by_off.items():
+            assert bytes(dev.read(x.ptr, x.size)) == pattern(i, x.size), f"block {i} changed"
+        assert bytes(dev.read(c.ptr, n)) == pattern(99, n)
+        # The aliases go once their bytes are free (at the next reclaim), and
+        # the bytes they lent are free again in their pages' own slots.
+        c.free()
+        pool._check()
+        assert len(pool._core.aliases) == 2  # free() makes no driver call
+        pool.defragment()
+        pool._check()
+        assert not pool._core.aliases
+        assert pool.stats().cached_bytes == P
+        assert pool.malloc(P // 2).ptr in (base + P // 2, base + 2 * P)
+        for x in by_off.values():
+            x.free()
+        pool.trim()
+        pool._check()
+    assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_work_at_the_limit_keeps_every_live_byte(seed: int) -> None:
+    # Random malloc / free at a limit a few pages above what is live: aliases
+    # are made and dissolved; after every step the invariants hold and every
+    # live block's bytes are intact (no byte is used by two blocks).
+    rng = random.Random(seed)
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    limit = 20
+    live: list[tuple[vmmpool.Allocation, int]] = []
+    made = dissolved = 0
+    with PagePool(dev, limit=limit * P) as pool:
+        for step in range(600):
+            core = pool._core
+            before = len(core.aliases)
+            if live and rng.random() < 0.4:
+                a, _s = live.pop(rng.randrange(len(live)))
+                a.free()
+            else:
+                n = rng.choice([rng.randint(P // 2, 5 * P // 2), rng.randint(1, P // 4)])
+                try:
+                    a = pool.malloc(n)
+                except vmmpool.OutOfMemoryError:
+                    for _ in range(2):  # make some room
+                        if live:
+                            live.pop(rng.randrange(len(live)))[0].free()
+                    if rng.random() < 0.3:
+                        pool.defragment()
+                        dissolved += before - len(core.aliases)
+                    continue
+                dev.write(a.ptr, pattern(step, n))
+                live.append((a, step))
+            made = core.n_aliases
+            if step % 3 == 0 or core.aliases:
+                pool._check()
+                for x, sd in live:
+                    assert bytes(dev.read(x.ptr, x.size)) == pattern(sd, x.size)
+            assert pool.stats().pinned_pages <= limit
+        for a, _s in live:
+            a.free()
+        pool.defragment()
+        pool._check()
+        assert not pool._core.aliases
+        assert pool.stats().n_syncs == 0
+    assert made > 0, "no alias was made: the test does not reach the limit"
+    assert dissolved > 0, "no alias was dissolved"
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_gpt2_shaped_inference_smallest_limit() -> None:
+    # A small GPT-2-shaped inference (8 layers, d_model 512, bf16, batch 2, 256 + 16 tokens,
+    # 112 MiB live): KV caches grow by concatenation, so every new cache is a few KiB
+    # larger than the hole the last one left. Measured 2026-12-06: 1.0340 x peak live
+    # without aliases (58 pages), 1.0162 with them (57).
+    tr = gpt2_inference(layers=8, d_model=512, heads=8, batch=2, prompt=256, new_tokens=16)
+    mn = R.min_limit(tr)
+    assert mn.result.syncs == 0
+    assert mn.ratio <= 1.02, f"{mn.ratio:.4f} x peak live"
+
+
+def test_gpt2_medium_shaped_inference_within_one_percent() -> None:
+    # GPT-2-medium shape (24 layers, d_model 1024, bf16, batch 4, 128 + 32 tokens, 739 MiB
+    # live): measured 2026-12-06, 1.0199 x peak live before aliases, 1.0172 with them, 1.0091
+    # once a block of at most a page is split off at the start of a larger free range.
+    tr = gpt2_inference()
+    mn = R.min_limit(tr)
+    assert mn.result.syncs == 0
+    assert mn.ratio <= 1.01, f"{mn.ratio:.4f} x peak live"

@@ -1,0 +1,248 @@
+"""Synthetic allocation traces for benchmarks and tests (not public API).
+
+:func:`gpt_inference` builds the allocation pattern of a small transformer's
+inference on one stream: weights of 1-5 MiB (and a few KiB-sized norms and
+biases) allocated first, then a prefill pass whose per-layer activations are
+1-5 MiB and freed as the next layer runs, then decode steps in which every
+layer's key and value caches grow by concatenation (a new, slightly larger
+tensor is allocated, the old one freed) beside small per-token activations,
+and now and then a long-lived small tensor (a mask, position ids, sampled
+tokens). Peak live is a few hundred MiB: the kind of trace where the free
+bytes of partly used 2 MiB pages decide the smallest limit.
+
+Sizes are arbitrary byte counts (not page or 512-byte multiples), drawn from a
+seeded ``random.Random``: the same arguments give the same trace. Its layers
+all differ (a stress test: no two KV caches have the same size).
+
+:func:`gpt2_inference` is the same program with the shapes of a real model
+(GPT-2 medium by default: 24 identical layers, d_model 1024, bf16, 0.7 GB of
+weights): every layer's tensors have the same sizes, as in PyTorch's
+``generate`` with a KV cache grown by ``torch.cat``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .replay import Trace
+
+__all__ = ["gpt2_inference", "gpt_inference"]
+
+_MiB = 1 << 20
+
+
+def gpt_inference(
+    seed: int = 0,
+    layers: int = 24,
+    decode_steps: int = 48,
+    *,
+    weight_mib: tuple[float, float] = (1.0, 5.0),
+    name: str | None = None,
+) -> Trace:
+    """A one-stream transformer inference trace (see the module docstring).
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the sizes.
+    layers : int
+        Transformer blocks; peak live grows about 20 MiB per layer.
+    decode_steps : int
+        Tokens generated after the prefill (each grows every layer's caches).
+    weight_mib : (float, float)
+        Range of the weight and activation sizes, MiB.
+    name : str, optional
+        The trace's name (default: from the arguments).
+    """
+    rng = random.Random(seed)
+    lo, hi = weight_mib
+    events: list[tuple[bool, int, int, int]] = []
+    sizes: list[int] = []
+
+    def alloc(n: int) -> int:
+        slot = len(sizes)
+        sizes.append(n)
+        events.append((False, slot, n, 0))
+        return slot
+
+    def free(slot: int) -> None:
+        events.append((True, slot, sizes[slot], 0))
+
+    def mib() -> int:
+        return int(rng.uniform(lo, hi) * _MiB)
+
+    def small() -> int:
+        return rng.choice((2, 4, 8, 16, 24)) * 1024 + rng.randrange(0, 512)
+
+    # Weights: per layer attention and MLP matrices, norms and biases (live to the end).
+    for _ in range(layers):
+        for _ in range(rng.randint(5, 7)):
+            alloc(mib())
+        for _ in range(rng.randint(3, 6)):
+            alloc(small())
+    alloc(int(1.5 * hi * _MiB))  # embedding (the largest tensor)
+    n_prelude = len(sizes)
+
+    # Per layer activation shapes recur at every pass; the caches start at the prompt.
+    shapes = [[mib() for _ in range(rng.randint(3, 5))] for _ in range(layers)]
+    kv_step = [rng.randrange(8, 64) * 1024 for _ in range(layers)]
+    tok = [[small() for _ in range(rng.randint(3, 5))] for _ in range(layers)]
+    keep: list[int] = []
+
+    # Prefill: activations 1-5 MiB, each layer's freed once the next one ran.
+    resid = alloc(mib())
+    kv: list[tuple[int, int]] = []
+    for li in range(layers):
+        acts = [alloc(n) for n in shapes[li]]
+        k = alloc(int(rng.uniform(lo, hi) * _MiB * 0.5))
+        v = alloc(sizes[k])
+        kv.append((k, v))
+        new_resid = alloc(sizes[resid])
+        free(resid)
+        resid = new_resid
+        for a in reversed(acts):
+            free(a)
+    keep.append(alloc(small()))
+    free(resid)
+
+    # Decode: caches grow by concatenation; per-token activations are small.
+    for step in range(decode_steps):
+        x = alloc(small())
+        for li in range(layers):
+            acts = [alloc(n) for n in tok[li]]
+            k, v = kv[li]
+            nk = alloc(sizes[k] + kv_step[li])
+            free(k)
+            nv = alloc(sizes[v] + kv_step[li])
+            free(v)
+            kv[li] = (nk, nv)
+            for a in acts:
+                free(a)
+        logits = alloc(mib())
+        free(x)
+        free(logits)
+        if step % 8 == 7:
+            keep.append(alloc(small()))
+    for k, v in kv:
+        free(k)
+        free(v)
+    for s in keep:
+        free(s)
+    return Trace(
+        name=name or f"synthetic gpt inference (seed {seed}, {layers} layers, {decode_steps} steps)",
+        events=tuple(events),
+        n_slots=len(sizes),
+        n_prelude=n_prelude,
+        streams=(0,),
+        source="synthetic",
+    )
+
+
+def gpt2_inference(
+    layers: int = 24,
+    d_model: int = 1024,
+    heads: int = 16,
+    vocab: int = 50257,
+    batch: int = 4,
+    prompt: int = 128,
+    new_tokens: int = 32,
+    dtype_bytes: int = 2,
+    *,
+    name: str | None = None,
+) -> Trace:
+    """A one-stream GPT-2-shaped inference trace: prefill, then `new_tokens` decode steps.
+
+    Weights (embeddings, per layer the attention and MLP matrices, biases and
+    norms) are live throughout. Prefill allocates each layer's activations
+    (normed input, qkv, attention scores and probabilities, attention output,
+    MLP hidden and activation, residual) and frees them as the next ones are
+    made, keeping each layer's key and value cache. Each decode step makes the
+    same activations for one token and grows every cache by concatenation (a
+    new tensor one token longer, then the old one freed). Logits are those of
+    the last position.
+    """
+    d = d_model
+    b = dtype_bytes
+    events: list[tuple[bool, int, int, int]] = []
+    sizes: list[int] = []
+
+    def alloc(n: int) -> int:
+        slot = len(sizes)
+        sizes.append(n)
+        events.append((False, slot, n, 0))
+        return slot
+
+    def free(slot: int) -> None:
+        events.append((True, slot, sizes[slot], 0))
+
+    alloc(vocab * d * b)  # token embedding (tied with the output projection)
+    alloc(1024 * d * b)  # position embedding
+    for _ in range(layers):
+        for n in (d, d, 3 * d * d, 3 * d, d * d, d, d, d, 4 * d * d, 4 * d, 4 * d * d, d):
+            alloc(n * b)
+    alloc(d * b)
+    alloc(d * b)  # final norm
+    n_prelude = len(sizes)
+
+    def layer(tokens: int, past: int, kv: list[int], li: int) -> None:
+        bt = batch * tokens
+        x = alloc(bt * d * b)  # normed input
+        qkv = alloc(bt * 3 * d * b)
+        free(x)
+        total = past + tokens
+        k = alloc(batch * total * d * b)  # cat(past_k, k)
+        v = alloc(batch * total * d * b)
+        if past:
+            free(kv[2 * li])
+            free(kv[2 * li + 1])
+        kv[2 * li], kv[2 * li + 1] = k, v
+        scores = alloc(batch * heads * tokens * total * b)
+        probs = alloc(batch * heads * tokens * total * b)
+        free(scores)
+        att = alloc(bt * d * b)
+        free(probs)
+        free(qkv)
+        proj = alloc(bt * d * b)
+        free(att)
+        h1 = alloc(bt * d * b)  # residual
+        free(proj)
+        x2 = alloc(bt * d * b)
+        fc = alloc(bt * 4 * d * b)
+        free(x2)
+        act = alloc(bt * 4 * d * b)
+        free(fc)
+        out = alloc(bt * d * b)
+        free(act)
+        h2 = alloc(bt * d * b)
+        free(out)
+        free(h1)
+        hs.append(h2)
+
+    kv = [0] * (2 * layers)
+    past = 0
+    for tokens in [prompt] + [1] * new_tokens:
+        ids = alloc(batch * tokens * 8)
+        hs: list[int] = [alloc(batch * tokens * d * b)]  # embeddings
+        for li in range(layers):
+            layer(tokens, past, kv, li)
+            free(hs.pop(0))
+        final = alloc(batch * tokens * d * b)
+        free(hs.pop())
+        logits = alloc(batch * vocab * 4)  # last position, fp32
+        free(final)
+        free(logits)
+        free(ids)
+        past += tokens
+    for slot in kv:
+        free(slot)
+    return Trace(
+        name=name or (
+            f"gpt2-shaped inference ({layers} layers, d {d_model}, batch {batch}, "
+            f"{prompt}+{new_tokens} tokens)"
+        ),
+        events=tuple(events),
+        n_slots=len(sizes),
+        n_prelude=n_prelude,
+        streams=(0,),
+        source="synthetic",
+    )
