@@ -25,8 +25,8 @@ from numpy.typing import DTypeLike
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
-from .._observe import AllocationInfo, History, format_summary, torch_snapshot
-from .._options import check_int, stream_key
+from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
+from .._options import brief, check_int, stream_key
 from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
@@ -1307,7 +1307,7 @@ class PagePool(ClosesOnExit, NoCopy):
             on = False
         elif isinstance(enabled, str):
             raise ValueError(
-                f"enabled must be 'all' (record events) or None (stop), got {enabled!r}"
+                f"enabled must be 'all' (record events) or None (stop), got {brief(enabled)}"
                 + (": vmmpool keeps no per-block stacks, so 'state' has nothing to record"
                    if enabled == "state" else "")
             )
@@ -1316,13 +1316,13 @@ class PagePool(ClosesOnExit, NoCopy):
         if isinstance(stacks, bool):
             context = "all" if stacks else None
         elif stacks not in ("python", "all"):
-            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {stacks!r}")
+            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {brief(stacks)}")
         if context not in ("all", "alloc", None):
             raise ValueError(
-                f"context must be 'all', 'alloc' or None, got {context!r}"
+                f"context must be 'all', 'alloc' or None, got {brief(context)}"
                 + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
             )
-        n = check_int("max_entries", max_entries, minimum=1)
+        n = check_max_entries(max_entries)
         self._check_process()
         core = self._core
         with core.lock:
