@@ -349,6 +349,26 @@ def _in_child(fn: Callable[[], dict[str, object]]) -> dict[str, object]:
     return result
 
 
+def test_forked_child_refuses_to_close_a_pool_that_holds_nothing(host: vmmpool.Device) -> None:
+    """A pool open in the parent that holds no page or arena right now (its streams trimmed
+    or retired and forgotten) is refused in the child like one that holds memory."""
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    pool.malloc(100, stream=1).free()
+    pool.trim()
+    assert not pool._core.arenas and not pool._core.pages
+
+    def child() -> dict[str, object]:
+        try:
+            pool.close()
+        except vmmpool.ForkedError:
+            return {"close": "refused"}
+        return {"close": "accepted"}
+
+    assert _in_child(child) == {"close": "refused"}
+    pool.malloc(100).free()  # the parent's pool is untouched
+    pool.close()
+
+
 def test_forked_child_makes_no_cuda_driver_call(fake_backend: tuple[FakeDriver, CudaBackend]) -> None:
     """On CUDA a forked child cannot use the parent's context: it refuses and calls nothing.
 
