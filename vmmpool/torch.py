@@ -49,7 +49,7 @@ Free may run in any thread, inside a garbage collection, or while PyTorch
 holds its allocator mutex: it never blocks on the pool's lock. It hands the
 block to the pool's finalizer path (the same one a garbage-collected
 :class:`~vmmpool.Allocation` takes): freed at once when the lock is free,
-otherwise queued and freed by the pool's next call.
+otherwise queued and freed by the thread holding the lock as it lets go.
 
 In a forked child, the pair refuses to allocate (NULL) and never frees: the
 memory belongs to the parent.
@@ -190,7 +190,7 @@ class _Pair:
                 _enter(a.pool)
             # Dropping the last reference hands the block to the pool's finalizer
             # path, which never blocks: freed now if the pool's lock is free, else
-            # queued for the pool's next call (this may run inside a garbage
+            # queued for the thread holding the lock, done as it lets go (this may run inside a garbage
             # collection, or in a thread while another holds the lock and waits
             # on PyTorch's allocator mutex). After close() it releases the arena
             # the block kept mapped, once no held block remains in it.
