@@ -1050,7 +1050,8 @@ class PagePool(ClosesOnExit, NoCopy):
                         for b in sorted(blocks, key=_addr)
                     )
                     info[p] = PageInfo(
-                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used
+                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
+                        None if al is None else spans[1],
                     )
             for p in core.pages.values():
                 if p not in info:
