@@ -676,3 +676,26 @@ def test_torch_trains_on_the_pool(cuda: vmmpool.Device) -> None:
     torch.cuda.empty_cache()
     assert pool.stats().live_allocations == vt.outstanding(pool)
     pool.close()  # segments PyTorch still caches stay mapped until it frees them
+
+
+def test_close_racing_alloc_never_hands_out_unmapped_memory(host: vmmpool.Device) -> None:
+    # close() in another thread between the callback's malloc and its marking
+    # the block held: close() saw an ordinary block and unmapped it, and the
+    # callback handed PyTorch a dangling pointer (a segfault at its first use).
+    # The interleaving is made deterministic: close() runs right after malloc.
+    class ClosingPool(vmmpool.PagePool):
+        def malloc(self, *args: Any, **kwargs: Any) -> Any:
+            a = super().malloc(*args, **kwargs)
+            self.close()
+            return a
+
+    before = host.counters().live
+    pool = ClosingPool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(MiB, 0, None)
+    if p is not None:  # a pointer handed out must be mapped memory
+        assert bytes(host.read(p, 4)) is not None
+        free(p, MiB, 0, None)
+    assert vt.outstanding(pool) == 0 and p is None
+    gc.collect()
+    assert host.counters().live == before

@@ -167,6 +167,13 @@ class _Pair:
                        "closed; returning NULL", size, self.device)
                 return None
             a._hold = True  # PyTorch uses it until it calls free: close() keeps it mapped
+            if pool.closed:
+                # close() ran in another thread after the malloc: it may have seen an
+                # ordinary block (before the line above) and unmapped it. It marks the
+                # pool closed before it looks at the blocks, so this test catches it.
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s was "
+                       "closed meanwhile; returning NULL", size, self.device)
+                return None
             ptr = a.ptr
             self.live[ptr] = a
             return ptr
