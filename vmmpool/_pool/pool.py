@@ -204,19 +204,23 @@ class Allocation(NoCopy):
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._rec = None
-        shares = self.pool._shares
-        if shares.entries:  # a dict test: the hot path stays cheap
-            core = self.pool._core
+        core = self.pool._core
+        if core.shareable:  # an attribute test: the hot path stays cheap
             if core.forked:
                 self._rec = rec  # refused in a forked child: nothing changed
                 raise core.closed_error()
-            if shares.mark_freed(rec):
+            # Under the pool's lock, where share() checks the allocation and
+            # registers its lease: a share() racing this free() either
+            # registered first (the block is leased: kept) or sees it freed.
+            with core.lock:
+                leased = self.pool._shares.mark_freed(rec)
+            if leased:
                 # Shared: receivers may still map these bytes; the pool frees the
                 # block once every receiver is done (see _shares.py).
                 self.pool._reap_shares()
                 return
         try:
-            self.pool._core.free(rec, self)
+            core.free(rec, self)
         except ForkedError:
             self._rec = rec  # refused in a forked child: nothing changed
             raise
