@@ -471,6 +471,13 @@ def test_forked_child_neither_allocates_nor_frees_the_parents_memory() -> None:
             ok = ALLOC(4096, 0, None) is None
             FREE(p, 1 << 20, 0, None)
             ok = ok and vt.outstanding(pool) == 1
+            try:  # the inherited pool is the parent's: ForkedError, not "closed"
+                vt.callbacks(pool)
+                ok = False
+            except vmmpool.ForkedError:
+                pass
+            except vmmpool.ClosedError:
+                ok = False
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status))

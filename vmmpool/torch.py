@@ -217,7 +217,7 @@ def _pair(pool: PagePool) -> _Pair:
     if not isinstance(pool, PagePool):
         raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
     if pool.closed:
-        raise ClosedError("PagePool")
+        raise pool._core.closed_error()  # ForkedError in a forked child
     with _LOCK:
         pair = _BY_POOL.get(pool)
         if pair is None:
