@@ -706,3 +706,28 @@ def test_close_racing_alloc_never_hands_out_unmapped_memory(host: vmmpool.Device
     assert vt.outstanding(pool) == 0 and p is None
     gc.collect()
     assert host.counters().live == before
+
+
+def test_snapshot_after_close_lists_no_page_pytorch_still_holds(
+    host: vmmpool.Device, tmp_path: Any
+) -> None:
+    # close() keeps the arenas of blocks PyTorch holds mapped, but the pool owns
+    # no page any more (stats() counts none): the snapshot listed them as cached,
+    # and a dump's segments then disagreed with its history.
+    from vmmpool import replay as R
+
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    pool.record_history(context=None)
+    alloc, free = c_functions(pool)
+    p = alloc(3 * MiB, 0, None)
+    pool.malloc(100)
+    pool.close()
+    assert pool.stats().total_pages == 0
+    assert pool.snapshot() == []
+    path = tmp_path / "held.pickle"
+    pool.dump_snapshot(path)
+    tr = R.load(str(path))
+    assert tr.recorded_reserved[0] == (0, 0) and tr.recorded_reserved[-1][1] == 0, tr.recorded_reserved
+    free(p, 3 * MiB, 0, None)
+    gc.collect()
+    assert pool.snapshot() == []

@@ -1018,7 +1018,11 @@ class PagePool(ClosesOnExit, NoCopy):
         if core.tasks:
             core.run_tasks()
         with core.lock:
-            if core.pending and not core.closed:
+            if core.closed:
+                # Every page is given up (stats() counts none): arenas that
+                # PyTorch or CuPy still use stay mapped for them, not for the pool.
+                return []
+            if core.pending:
                 core.drain()
             info: dict[Page, PageInfo] = {}
             touching = core.touching()
