@@ -731,3 +731,26 @@ def test_snapshot_after_close_lists_no_page_pytorch_still_holds(
     free(p, 3 * MiB, 0, None)
     gc.collect()
     assert pool.snapshot() == []
+
+
+def test_last_free_after_close_while_the_lock_is_busy_releases_at_the_next_call(
+    host: vmmpool.Device,
+) -> None:
+    # The last held block freed after close() while another thread held the
+    # pool's lock: the free cannot wait, so the arena it kept mapped stayed
+    # mapped until close() ran again or the pool was collected. Now the pool's
+    # next call releases it.
+    before = host.counters().live
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(3 * MiB, 0, None)
+    pool.close()
+    assert host.counters().live != before
+    with pool._core.lock:  # another thread is inside a call of the pool
+        t = threading.Thread(target=free, args=(p, 3 * MiB, 0, None))
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the free waited for the pool's lock"
+    assert vt.outstanding(pool) == 0
+    pool.stats()  # the next call
+    assert host.counters().live == before

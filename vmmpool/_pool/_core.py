@@ -1555,8 +1555,10 @@ class Core:
 
 def release_held_quietly(core: Core) -> None:
     # A view's finalizer after close (any thread, possibly inside the GC):
-    # never block; a concurrent close() retry releases what is left. Nothing
-    # in a forked child: the arenas are the parent's.
+    # never block. When the lock is busy (another thread in stats(), say),
+    # the pool's next call releases the arenas (a deferred task): else they
+    # stayed mapped until the pool was closed again or collected. Nothing in
+    # a forked child: the arenas are the parent's.
     if core.forked:
         return
     try:
@@ -1565,8 +1567,18 @@ def release_held_quietly(core: Core) -> None:
                 core.release_held()
             finally:
                 core.lock.release()
+        else:
+            core.tasks.append(lambda: _release_held_locked(core))
     except Exception:
         logger.error("releasing an arena after close failed", exc_info=True)
+
+
+def _release_held_locked(core: Core) -> None:
+    """A deferred task (the lock is not held): release the arenas kept for views after close."""
+    if core.forked:
+        return
+    with core.lock:
+        core.release_held()
 
 
 def _seq(b: Block) -> int:
