@@ -289,7 +289,8 @@ class FakeDriver:
         #: Peer grants: device -> {mapping start -> Access}.
         self.peer_access: dict[int, dict[int, Access]] = {d: {} for d in range(1, device_count)}
         #: Each cuMemcpy: ("HtoD" | "DtoH", address, nbytes).
-        self.copies: list[tuple[str, int, int]] = []
+        self.copies: list[tuple[Any, ...]] = []  # (kind, device address, bytes[, stream])
+        self.host_alloc_flags: list[int] = []
 
     # ------------------------------------------------------------ test helpers
     def fail(self, name: str, status: Any, nth: int = 1, times: int = 1) -> None:
@@ -815,6 +816,51 @@ class FakeDriver:
             self.host.read(address, dst)
         with self._lock:
             self.copies.append(("DtoH", address, n))
+        return ()
+
+    # ------------------------------------------------ page-locked memory, async copies
+    # Delegated to the host emulator's staging methods (anonymous memory, memmove), which
+    # check that the host side is page-locked and the device side mapped with access.
+    def _check_stream(self, hStream: Any) -> None:
+        s = _int(hStream)
+        if s > 2 and s not in self.streams:
+            raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
+
+    @_api(1)
+    def cuMemHostAlloc(self, bytesize: Any, Flags: Any) -> tuple[Any, ...]:
+        self._need_context()
+        with self._lock:
+            self.host_alloc_flags.append(_int(Flags))
+        return (self.host.host_alloc(_size("bytesize", bytesize)),)
+
+    @_api(0)
+    def cuMemFreeHost(self, p: Any) -> tuple[Any, ...]:
+        self._need_context()
+        self.host.host_free(_int(p))
+        return ()
+
+    @_api(0)
+    def cuMemcpyDtoHAsync(
+        self, dstHost: Any, srcDevice: Any, ByteCount: Any, hStream: Any
+    ) -> tuple[Any, ...]:
+        self._need_context()
+        n = _size("ByteCount", ByteCount)
+        self._check_stream(hStream)
+        self.host.copy_dtoh_async(_int(dstHost), _int(srcDevice), n, 0)
+        with self._lock:
+            self.copies.append(("DtoHAsync", _int(srcDevice), n, _int(hStream)))
+        return ()
+
+    @_api(0)
+    def cuMemcpyHtoDAsync(
+        self, dstDevice: Any, srcHost: Any, ByteCount: Any, hStream: Any
+    ) -> tuple[Any, ...]:
+        self._need_context()
+        n = _size("ByteCount", ByteCount)
+        self._check_stream(hStream)
+        self.host.copy_htod_async(_int(dstDevice), _int(srcHost), n, 0)
+        with self._lock:
+            self.copies.append(("HtoDAsync", _int(dstDevice), n, _int(hStream)))
         return ()
 
     # ---------------------------------------------------------------- events

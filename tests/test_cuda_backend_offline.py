@@ -1041,3 +1041,38 @@ def test_fake_accepts_what_the_real_binding_accepts(backend: CudaBackend, fake: 
     backend.release(h)
     backend.unmap(addr, G)
     backend.free_address(addr, G)
+
+
+# ============================================================ sleep / wake staging
+def test_staging_calls_follow_the_bindings(
+    backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device
+) -> None:
+    """Issue 18: portable pinned memory, async copies on the stream, errors translated."""
+    fake.streams.add(0x9100)
+    with vmmpool.GrowableBuffer(max_size=4 * G, device=fdev, initial_size=2 * G, stream=0x9100) as buf:
+        data = _pattern(2 * G, 3)
+        buf.write(data)
+        before = dict(fake.calls)
+        fake.busy_streams.add(0x9100)  # a kernel still uses the buffer: sleep waits on an event
+        buf.sleep()
+        assert 0x9100 not in fake.busy_streams
+        assert backend.counters().allocations == 0
+        buf.wake()
+        assert bytes(buf.read()) == data
+        calls = _calls_since(fake, before)
+        assert calls["cuMemHostAlloc"] == 1 and fake.host_alloc_flags[-1] == 1  # CU_MEMHOSTALLOC_PORTABLE
+        assert calls["cuMemcpyDtoHAsync"] >= 1 and calls["cuMemcpyHtoDAsync"] >= 1
+        assert {c[3] for c in fake.copies if c[0].endswith("Async")} == {0x9100}  # the buffer's stream
+        assert calls["cuEventSynchronize"] >= 1
+        assert "cuCtxSynchronize" not in calls and "cuStreamSynchronize" not in calls
+        assert backend.live_host_allocations() == 1
+    assert backend.live_host_allocations() == 0 and _calls_since(fake, before)["cuMemFreeHost"] == 1
+    fake.fail("cuMemHostAlloc", R.CUDA_ERROR_OUT_OF_MEMORY)
+    with pytest.raises(vmmpool.OutOfMemoryError):
+        backend.host_alloc(4096)
+    h = backend.host_alloc(4096)
+    with pytest.raises(DriverError) as info:
+        backend.copy_dtoh_async(h + 4096, 0x1000, 16, 0)  # host side outside the pinned block
+    assert (info.value.name, info.value.operation) == ("CUDA_ERROR_INVALID_VALUE", "copy_dtoh_async")
+    backend.host_free(h)
+    assert backend.live_host_allocations() == 0

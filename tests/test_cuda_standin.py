@@ -9,6 +9,7 @@ know which answer to expect).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -242,3 +243,31 @@ def test_notebook_01s_raw_cuda_bindings_cell_runs(standin: StandinDriver, device
                     "cuMemMap": 2, "cuMemSetAccess": 2, "cuMemUnmap": 2, "cuMemRelease": 1,
                     "cuMemAddressFree": 1}
     assert standin.live()[:4] == live  # nothing left behind
+
+
+def test_sleep_pins_one_staging_buffer_and_copies_on_the_stream(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    """Issue 18: cuMemHostAlloc once for two sleeps, async copies both ways, everything freed."""
+    standin.lib.standin_live_host.restype = ctypes.c_long
+    g = device.granularity
+    pool = vmmpool.PagePool(device, limit=8 * g)
+    a = pool.malloc(3 * g)
+    data = bytes(range(256)) * 64
+    device.write(a.ptr, data)
+    pinned = standin.calls("cuMemHostAlloc")
+    d2h, h2d = standin.calls("cuMemcpyDtoHAsync"), standin.calls("cuMemcpyHtoDAsync")
+    for _ in range(2):
+        pool.sleep()
+        assert standin.live()[1] == 0  # the driver holds no allocation of ours
+        pool.wake()
+        assert bytes(device.read(a.ptr, len(data))) == data
+    assert standin.calls("cuMemHostAlloc") == pinned + 1  # reused by the second sleep
+    assert standin.calls("cuMemcpyDtoHAsync") > d2h and standin.calls("cuMemcpyHtoDAsync") > h2d
+    assert standin.lib.standin_live_host() == 1
+    a.free()
+    pool.close()
+    assert standin.lib.standin_live_host() == 0
+    standin.fail("cuMemHostAlloc", CUDA_ERROR_OUT_OF_MEMORY)
+    with pytest.raises(OutOfMemoryError):
+        device._backend.host_alloc(4096)

@@ -92,6 +92,79 @@ def test_limit_is_honoured_and_oom_is_cupys_error(hostpool: vcupy.MemoryPool) ->
         hostpool.set_limit(fraction=1.5)
 
 
+def test_a_limit_below_one_page_on_a_used_pool_refuses_every_allocation(
+    hostpool: vcupy.MemoryPool,
+) -> None:
+    # Issue 17: this raised ValueError, yet get_limit() then said 1000.
+    with vcupy.using_pool(hostpool):
+        keep = cupy.empty(MiB, dtype=cupy.uint8)
+        hostpool.set_limit(size=1000)
+        assert hostpool.get_limit() == 1000
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError, match="limit set to: 1,000 bytes"):
+            cupy.empty(100, dtype=cupy.uint8)
+        assert hostpool.malloc(0).ptr == 0  # as CuPy: nothing to allocate, nothing refused
+        hostpool.set_limit()
+        assert hostpool.get_limit() == 0
+        ok = cupy.empty(100, dtype=cupy.uint8)  # the limit is gone: usable again
+        del ok, keep
+
+
+def test_a_limit_below_one_page_before_first_use_raises_cupys_error() -> None:
+    # Issue 17: accepted, then every malloc raised ValueError instead of CuPy's error.
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev)
+    pool.set_limit(size=1000)
+    assert pool.get_limit() == 1000
+    with vcupy.using_pool(pool):
+        for _ in range(2):
+            with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+                cupy.empty(1, dtype=cupy.uint8)
+        pool.set_limit(size=4 * MiB)
+        assert pool.get_limit() == 4 * MiB
+        x = cupy.empty(3 * MiB, dtype=cupy.uint8)
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+            cupy.empty(2 * MiB, dtype=cupy.uint8)
+        del x
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_cupy_gpu_memory_limit_below_one_page_raises_cupys_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUPY_GPU_MEMORY_LIMIT", "1000")
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev)
+    with vcupy.using_pool(pool):
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+            cupy.empty(1, dtype=cupy.uint8)
+    assert pool.get_limit() == 1000
+    pool.close()
+
+
+def test_a_failed_set_limit_keeps_the_old_limit(hostpool: vcupy.MemoryPool) -> None:
+    hostpool.set_limit(size=16 * MiB)
+    with vcupy.using_pool(hostpool):
+        arrays = [cupy.empty(3 * MiB, dtype=cupy.uint8) for _ in range(3)]
+        del arrays  # cached: lowering the limit must give these pages back
+    dev = next(iter(hostpool.page_pools()))
+    dev._backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        hostpool.set_limit(size=2 * MiB)
+    assert hostpool.get_limit() == 16 * MiB
+    assert hostpool.stats().limit == 16 * MiB
+    # Values refused before anything changes, even before the pool's first use.
+    fresh = vcupy.MemoryPool(vmmpool.Device.emulated(capacity=32 * MiB))
+    for bad in (1 << 64, -1):
+        with pytest.raises(ValueError, match="size must be"):
+            fresh.set_limit(size=bad)
+    with pytest.raises(ValueError, match="fraction must be between 0 and 1"):
+        fresh.set_limit(fraction=True)
+    assert fresh.get_limit() == 0
+    with pytest.raises(ValueError, match=r"got '9999999999.*\(str of 5000 characters\)"):
+        vcupy.parse_limit("9" * 5000, 100)
+
+
 @pytest.mark.parametrize(("env", "expected"), [("4194304", 4 * MiB), ("25%", 8 * MiB)])
 def test_cupy_gpu_memory_limit_env(
     monkeypatch: pytest.MonkeyPatch, env: str, expected: int

@@ -108,7 +108,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(token=consumes(allocs))
     def free(self, token: int | None) -> None:
-        if token is None:
+        if token is None or token not in self.live:  # not allocated, or freed while asleep
             return
         a, _ = self.live.pop(token)
         if token % 2:
@@ -120,7 +120,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(token=consumes(allocs))
     def drop(self, token: int | None) -> None:
         """Lose the last reference: the garbage collector's safety net frees it."""
-        if token is None:
+        if token is None or token not in self.live:
             return
         del self.live[token]
         gc.collect()
@@ -171,6 +171,35 @@ class PoolMachine(RuleBasedStateMachine):
     def release(self, pages: list[vmmpool.PhysicalAllocation]) -> None:
         self.pool.release_pages(pages)
         self.n_acquired -= len(pages)
+
+    @rule(backup=st.booleans(), free_one=st.booleans())
+    def sleep_and_wake(self, backup: bool, free_one: bool) -> None:
+        """Issue 18: every page given back, addresses kept; a free while asleep; wake."""
+        if self.n_acquired:
+            with pytest.raises(ValueError, match="acquire_pages"):
+                self.pool.sleep()
+            return
+        ptrs = {k: a.ptr for k, (a, _) in self.live.items()}
+        self.pool.sleep(backup=backup)
+        self.pool._check()
+        s = self.pool.stats()
+        assert s.asleep and s.total_pages == 0 and self.device.counters().allocations == 0
+        if free_one and self.live:
+            a, _ = self.live.pop(max(self.live))
+            a.free()
+            self.expected_frees += 1
+            self.pool._check()
+        try:
+            self.pool.wake()
+        except vmmpool.OutOfMemoryError:
+            assert s.live_allocations and self.limit_pages < CAPACITY  # the live pages exceed the limit
+            self.pool.set_limit(CAPACITY * P)
+            self.limit_pages = CAPACITY
+            self.pool.wake()
+        assert {k: a.ptr for k, (a, _) in self.live.items()} == {k: ptrs[k] for k in self.live}
+        if not backup:  # contents dropped: write them again
+            for a, seed in self.live.values():
+                self.device.write(a.ptr, pattern(seed, a.size))
 
     @precondition(lambda self: self.live)
     @rule(op=st.sampled_from(["create", "map", "set_access", "unmap", "event_record", "event_query",

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +189,7 @@ def test_corrupt_pickle_names_position(tmp_path: Path) -> None:
         (snapshot([ev("alloc", BASE, 4096), {"action": "alloc", "addr": BASE + 4096}]),
          r"event 1: alloc event without 'size'"),
         (snapshot([ev("alloc", BASE, 4096), ev("alloc", BASE + 8192, -5)]),
-         r"event 1: size must be an int >= 0, got -5"),
+         r"event 1: size must be an int in \[0, 2\*\*64\), got -5"),
         (snapshot([ev("alloc", BASE, 4096), "junk"]), r"event 1: expected a dict, got str"),
         (snapshot([], [{"address": 1}]), r"segment 0: malformed segment"),
     ],
@@ -398,6 +400,13 @@ def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
         ([], "the following arguments are required: TRACE"),
         (["{missing}"], "cannot read"),
         (["{good}", "--limit", "lots"], "argument --limit: expected bytes"),
+        # Issue 17: 1e400 (inf) raised OverflowError in int() with a traceback.
+        (["{good}", "--limit", "1e400"], "argument --limit: the limit must be below 2**64 bytes"),
+        (["{good}", "--limit", "2e19"], "argument --limit: the limit must be below 2**64 bytes"),
+        (["{good}", "--limit", "nan"], "argument --limit: expected bytes"),
+        (["{good}", "--limit", "9" * 5000], "(str of 5000 characters)"),
+        (["{good}", "--snapshot-device", "9" * 5000], "invalid int value"),
+        (["{good}", "--frobnicate" + "x" * 5000], "unrecognized arguments"),
         (["{good}", "--limit", "8MiB", "--min-limit"], "not allowed with argument"),
         (["{good}", "--device", "gpu7"], "device must be"),
         (["{bad}"], "bad.csv: line 1: expected the header"),
@@ -413,7 +422,7 @@ def test_cli_bad_input_exits_2_with_one_line(
     argv = ["replay"] + [a.format(**names) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and message in err
+    assert len(err.strip().splitlines()) == 1 and message in err and len(err) < 300
     assert "Traceback" not in err
 
 
@@ -450,7 +459,8 @@ def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path
 @pytest.mark.parametrize(
     "name, content, match",
     [
-        ("overflow.pickle", b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little") + b"x.", "malformed pickle"),
+        # 2**63 - 1 bytes declared, 2 present: indistinguishable from a cut file.
+        ("overflow.pickle", b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little") + b"x.", "truncated pickle"),
         ("field.csv",
          ("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate," + "1" * 200_000 + ",1,0\n").encode(),
          "malformed CSV"),
@@ -493,6 +503,219 @@ def test_scaled_trace_multiplies_every_size() -> None:
     assert R.replay(s).completed
     with pytest.raises(ValueError, match="factor must be a number"):
         R.scaled(tr, 0)
+
+
+# ------------------------------------------- hostile traces (issue 17): bounded before loading
+def _su(text: str) -> bytes:
+    """Pickle opcode SHORT_BINUNICODE pushing `text`."""
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def _memo_bomb(depth: int) -> list[Any]:
+    """A list nesting itself `depth` deep, each level holding the level below twice: a few
+    hundred bytes pickled (the memo refers back), 2**depth objects expanded."""
+    a: list[Any] = [0]
+    for _ in range(depth):
+        a = [a, a]
+    return a
+
+
+def _hostile_memo_action() -> bytes:
+    return pickle.dumps(snapshot([{"action": _memo_bomb(40), "addr": 0, "size": 0}]))
+
+
+def _hostile_segments_x_blocks() -> bytes:
+    # One block dict referred to 10,000 times by one blocks list, whose segment is referred
+    # to 10,000 times: 1e8 blocks to walk from a file of some 40 KB.
+    block = {"address": 1, "size": 512, "requested_size": 512, "state": "active_allocated"}
+    seg = {"device": 0, "address": 0, "total_size": 512, "stream": 0, "blocks": [block] * 10_000}
+    return pickle.dumps({"segments": [seg] * 10_000, "device_traces": [[]]})
+
+
+def _hostile_deep_tuple_key() -> bytes:
+    # {((...((0,),)...),): None}, 200,000 deep: hashing the key crashed the interpreter.
+    return b"\x80\x04}K\x00" + b"\x85" * 200_000 + b"Ns."
+
+
+def _hostile_deep_action() -> bytes:
+    # {"segments": [], "device_traces": [[{"action": [[[...]]]}]]}, the list 200,000 deep.
+    n = 200_000
+    return (
+        b"\x80\x04}(" + _su("segments") + b"]" + _su("device_traces") + b"]]}" + _su("action")
+        + b"]" * (n + 1) + b"a" * n + b"saau."
+    )
+
+
+def _hostile_memo_index() -> bytes:
+    # LONG_BINPUT at index 2**32 - 16: the unpickler would size its memo to 32 GiB.
+    return b"\x80\x04]r" + (2**32 - 16).to_bytes(4, "little") + b"."
+
+
+def _hostile_many_keys() -> bytes:
+    return pickle.dumps({i: 0 for i in range(300_000)})
+
+
+def _hostile_huge_address() -> bytes:
+    return pickle.dumps(snapshot([], [segment(10**5000, 2 * MiB, [])]))
+
+
+def _hostile_huge_size() -> bytes:
+    return pickle.dumps(snapshot([ev("alloc", BASE, 10**5000)]))
+
+
+def _hostile_csv_huge_size() -> bytes:
+    return ("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10," + "9" * 5000 + ",0\n").encode()
+
+
+@pytest.mark.parametrize(
+    "name, build, reason",
+    [
+        ("memo_action.pickle", _hostile_memo_action, "refers to the same lists and dicts so often"),
+        ("segs_blocks.pickle", _hostile_segments_x_blocks, "refers to the same lists and dicts so often"),
+        ("deep_key.pickle", _hostile_deep_tuple_key, "nested more than 64 deep"),
+        ("deep_action.pickle", _hostile_deep_action, "nested more than 64 deep"),
+        ("memo_index.pickle", _hostile_memo_index, "memo index 4294967280 beyond"),
+        ("keys.pickle", _hostile_many_keys, "got a dict with keys 0, 1, 2, 3, 4 and 299,995 more"),
+        ("address.pickle", _hostile_huge_address,
+         "segment 0: address must be an int in [0, 2**64), got an int of 16610 bits"),
+        ("size.pickle", _hostile_huge_size,
+         "event 0: size must be an int in [0, 2**64), got an int of 16610 bits"),
+        ("size.csv", _hostile_csv_huge_size, "line 2: expected a pointer, a size and a stream"),
+    ],
+)
+def test_hostile_trace_is_one_short_line_exit_2(
+    tmp_path: Path, name: str, build: Any, reason: str
+) -> None:
+    # In a subprocess: before issue 17 these hung (exponential repr, 1e8 loop steps),
+    # crashed the interpreter (deep hash), asked for 32 GiB, or printed a traceback or a
+    # line of millions of characters. The address-space limit keeps a memo bomb from
+    # taking the machine's memory.
+    p = tmp_path / name
+    data = build()
+    assert len(data) < 2_000_000
+    p.write_bytes(data)
+
+    def limit_memory() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vmmpool", "replay", str(p)], capture_output=True, text=True,
+        timeout=60, preexec_fn=limit_memory, check=False,
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr[-500:])
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 400, out.stderr[:500]
+    assert name in lines[0] and reason in lines[0], lines[0]
+
+
+def test_snapshot_to_trace_never_reprs_a_deep_value() -> None:
+    deep: list[Any] = []
+    for _ in range(200_000):
+        deep = [deep]
+    data = snapshot([{"action": deep, "addr": 0, "size": 0}])
+    with pytest.raises(R.TraceError, match=r"event 0: no 'action' string, got a list of 1 item$"):
+        R.snapshot_to_trace(data, "deep")
+    while deep:  # take it apart iteratively
+        deep = deep[0]
+
+
+def test_real_snapshot_shapes_pass_the_scan(tmp_path: Path) -> None:
+    # Frames shared through the memo, as PyTorch writes them: a frame dict referred to by
+    # many events, a frames list by an event and its block.
+    frames = [{"filename": f"f{i}.py", "line": i, "name": "fn"} for i in range(30)]
+    events = []
+    for i in range(2000):
+        fl = [frames[(i + j) % 30] for j in range(20)]
+        events.append({"action": "alloc", "addr": BASE + i * 4096, "size": 4096, "stream": 0,
+                       "frames": fl})
+        events.append({"action": "free_requested", "addr": BASE + i * 4096, "size": 4096,
+                       "stream": 0, "frames": fl})
+    raw = pickle.dumps({"segments": [], "device_traces": [events]})
+    R.scan_pickle(raw, "ok")  # raises if refused
+    p = tmp_path / "ok.pickle"
+    p.write_bytes(raw)
+    assert len(R.load(p).events) == 4000
+
+
+def test_scan_refuses_a_self_containing_list_and_stack_misuse() -> None:
+    a: list[Any] = []
+    a.append(a)
+    with pytest.raises(R.TraceError, match="contains itself"):
+        R.scan_pickle(pickle.dumps({"segments": a}), "cyc")
+    with pytest.raises(R.TraceError, match="bottom of the stack"):
+        R.scan_pickle(b"\x80\x04a.", "under")
+    with pytest.raises(R.TraceError, match="never written"):
+        R.scan_pickle(b"\x80\x04h\x05.", "get")
+    with pytest.raises(R.TraceError, match="an integer of 80000 bits"):
+        R.scan_pickle(pickle.dumps(1 << 79_999), "int")
+
+
+def test_replay_and_min_limit_close_their_memory_files() -> None:
+    # Issue 17: every Device.emulated kept a memfd open, so replay() leaked one per call
+    # and min_limit one per probe; under `ulimit -n 256` the 251st call failed.
+    code = """
+import resource
+import vmmpool.replay as R
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+tr = R.Trace("t", ((False, 0, 3 << 20, 0), (False, 1, 100, 0), (True, 0, 3 << 20, 0)), 2, 0, (0,))
+for _ in range(300):
+    assert R.replay(tr).completed
+for _ in range(30):
+    assert R.min_limit(tr).pages >= 2
+for _ in range(100):
+    assert R.timeline(tr).completed
+print("done")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
+
+
+def test_repeated_segments_and_blocks_are_bounded_by_the_file_size(tmp_path: Path) -> None:
+    # Shared moderately: the scan's bound on expansion (linear in the size) lets it through,
+    # but the reader would walk 400,000 blocks from 5 KB; it refuses before walking any.
+    block = {"address": BASE, "size": 512, "requested_size": 512, "state": "active_allocated"}
+    seg = {"device": 0, "address": BASE, "total_size": 512, "stream": 0, "blocks": [block] * 2000}
+    raw = pickle.dumps({"segments": [seg] * 200, "device_traces": [[]]})
+    assert len(raw) < 10_000
+    R.scan_pickle(raw, "moderate")  # within the scan's bounds
+    p = tmp_path / "moderate.pickle"
+    p.write_bytes(raw)
+    with pytest.raises(R.TraceError, match=r"moderate\.pickle: refused: the snapshot lists more "
+                       r"than [\d,]+ segments, blocks and events"):
+        R.load(p)
+
+
+def test_hashing_shared_tuples_is_bounded() -> None:
+    # One 2**17-object tuple key (a few hundred bytes: each level holds the one below twice)
+    # keying 64 dicts: 8 million objects to walk while loading, from under 1 KB.
+    key: Any = (0,)
+    for _ in range(16):
+        key = (key, key)
+    raw = pickle.dumps([{key: i} for i in range(64)])
+    assert len(raw) < 1000
+    with pytest.raises(R.TraceError, match="hashing the dict keys would walk more than"):
+        R.scan_pickle(raw, "keys")
+    R.scan_pickle(pickle.dumps([{key: 0}]), "one")  # once is cheap: accepted
+
+
+def test_scan_sees_depth_added_after_a_container_was_nested() -> None:
+    # 100 lists, each appended to the one before it while still empty, then given its own
+    # child: no list is deep when it is nested, the chain is 100 deep at the end.
+    n = 100
+    raw = b"\x80\x04(" + b"]\x94" * n + b"1"  # MARK, n x (EMPTY_LIST, MEMOIZE), POP_MARK
+    for i in range(n - 1):
+        raw += b"h" + bytes([i]) + b"h" + bytes([i + 1]) + b"a0"  # BINGET i, i+1, APPEND, POP
+    raw += b"h\x00."
+    deep: Any = pickle.loads(raw)
+    assert len(deep) == 1 and len(deep[0]) == 1  # what the unpickler builds: a chain
+    with pytest.raises(R.TraceError, match="nested more than 64 deep"):
+        R.scan_pickle(raw, "late")
 
 
 def two_device_snapshot() -> dict:

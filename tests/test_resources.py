@@ -16,6 +16,8 @@ import pytest
 import vmmpool
 from vmmpool import Access, ClosedError, Device
 
+MiB = 1 << 20
+
 
 def pattern(seed: int, n: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
@@ -451,3 +453,45 @@ def test_bad_host_capacity_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, env
     monkeypatch.setenv("VMMPOOL_HOST_CAPACITY", env)
     with pytest.raises(ValueError, match=f"VMMPOOL_HOST_CAPACITY must be a size .* got '{re.escape(env)}'"):
         default_capacity()
+
+
+# ------------------------------------------------- emulated devices' memory files (issue 17)
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_closing_an_emulated_device_closes_its_memory_files() -> None:
+    dev = vmmpool.Device.emulated(capacity=64 * MiB)
+    b = dev._backend
+    with vmmpool.PagePool(dev) as pool:
+        a = pool.malloc(MiB)
+        assert b.open_files() == 1
+        dev.write(a.ptr, b"kept")
+        dev.close()
+        assert dev.closed
+        # Memory still allocated keeps working; nothing new is handed out.
+        assert dev.read(a.ptr, 4) == b"kept"
+        with pytest.raises(vmmpool.ClosedError, match="emulated Device has been closed"):
+            vmmpool.create(2 * MiB, dev)
+        a.free()
+    # Its last release closed the file: nothing kept for reuse after close().
+    assert b.open_files() == 0 and dev.counters().live == (0, 0, 0)
+    dev.close()  # idempotent
+    with pytest.raises(ValueError, match=r"only a device made by Device\.emulated\(\)"):
+        vmmpool.Device("host").close()
+    with vmmpool.Device.emulated(capacity=64 * MiB) as dev2:
+        vmmpool.create(2 * MiB, dev2).close()
+        assert dev2._backend.open_files() == 1  # one spare chunk, kept for reuse
+    assert dev2.closed and dev2._backend.open_files() == 0
+
+
+def test_a_dropped_emulated_device_closes_its_memory_files() -> None:
+    before = _open_fds()
+    for _ in range(20):
+        dev = vmmpool.Device.emulated(capacity=64 * MiB)
+        vmmpool.create(2 * MiB, dev).close()
+        vmmpool.create(2 * MiB, dev, handle_type="posix_fd")  # dropped live: its finalizer
+
+        del dev
+    gc.collect()
+    assert _open_fds() == before

@@ -57,11 +57,45 @@ def test_cli_demo_limit_garbage_is_one_line_exit_2() -> None:
     _one_line_error(out, "--limit", "'lots'")
 
 
+#: Hide every GPU from a subprocess, so that its default device is the host emulator as on a
+#: machine without one: CUDA_VISIBLE_DEVICES for the real driver, STANDIN_CUDA_DEVICES for the
+#: stand-in driver (tests/standin_driver). Issue 17: `demo` without --device picked the GPU
+#: wherever one was present, and a test of the host's setting then failed there.
+_HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "STANDIN_CUDA_DEVICES": "0"}
+
+
 @pytest.mark.parametrize("command", [["info"], ["demo", "--device", "host"], ["demo"]])
-@pytest.mark.parametrize("value", ["xyz", "1.5G", "²M", "-4G"])
+@pytest.mark.parametrize("value", ["xyz", "1.5G", "²M", "-4G", "9" * 5000])
 def test_cli_malformed_host_capacity_is_one_line_exit_2(command: list[str], value: str) -> None:
-    out = _cli(*command, env={"VMMPOOL_HOST_CAPACITY": value})
-    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", repr(value))
+    out = _cli(*command, env={"VMMPOOL_HOST_CAPACITY": value, **_HIDE_GPUS})
+    shown = repr(value) if len(value) <= 40 else "(5000 characters)"
+    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", shown)
+    assert len(out.stderr) < 300
+
+
+def test_the_host_capacity_test_holds_where_a_gpu_is_visible(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The stand-in driver plays a visible GPU: there the default device is the GPU, and
+    # _HIDE_GPUS makes it the host emulator again, so the test above tests the host's path.
+    from standin_driver import build as standin_build
+
+    reason = standin_build.unavailable_reason()
+    if reason is not None:
+        if os.environ.get("VMMPOOL_REQUIRE_STANDIN", "") == "1":
+            pytest.fail(f"VMMPOOL_REQUIRE_STANDIN=1 but {reason}")
+        pytest.skip(reason)
+    lib = standin_build.build(tmp_path_factory.mktemp("standin-cuda"))
+    gpu = {"LD_LIBRARY_PATH": str(lib.parent)}
+    code = "import vmmpool; print(vmmpool.default_device())"
+    for env, expected in ((gpu, "cuda:0"), ({**gpu, **_HIDE_GPUS}, "host")):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("STANDIN_CUDA_")}
+        full.update(env)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, env=full, check=False)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
+    out = _cli("demo", env={"VMMPOOL_HOST_CAPACITY": "xyz", **gpu, **_HIDE_GPUS})
+    _one_line_error(out, "VMMPOOL_HOST_CAPACITY", "'xyz'")
 
 
 def test_host_capacity_rejects_non_ascii_digits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,6 +421,111 @@ def test_stream_handles_beyond_64_bits_are_rejected() -> None:
     with pytest.raises(ValueError, match="fit 64 bits"):
         vmmpool.stream_key(type("S", (), {"ptr": 1 << 200})())
     assert vmmpool.stream_key((1 << 64) - 1) == (1 << 64) - 1
+
+
+class _Ptr:
+    def __init__(self, ptr: object) -> None:
+        self.ptr = ptr
+
+
+class _Torch:
+    def __init__(self, handle: object) -> None:
+        self.cuda_stream = handle
+
+
+class _Proto:
+    def __init__(self, handle: object) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, object]:
+        return (0, self.handle)
+
+
+@pytest.mark.parametrize("handle", [3.9, True, "12", b"7", np.float64(2.0)])
+@pytest.mark.parametrize("wrap", [lambda h: h, _Ptr, _Torch, _Proto], ids=["bare", "ptr", "torch", "proto"])
+def test_stream_handles_follow_one_rule_integers_only(
+    handle: object, wrap: Callable[[object], object]
+) -> None:
+    # Issue 17: a stream object's handle went through int() (3.9 -> 3, True -> 1, '12' -> 12)
+    # while a bare float was refused.
+    with pytest.raises(TypeError) as info:
+        vmmpool.stream_key(wrap(handle))
+    msg = str(info.value)
+    assert "int" in msg and type(handle).__name__ in msg
+
+
+@pytest.mark.parametrize("wrap", [lambda h: h, _Ptr, _Torch, _Proto], ids=["bare", "ptr", "torch", "proto"])
+def test_stream_handles_accept_every_integer(wrap: Callable[[object], object]) -> None:
+    for handle in (0, 7, np.uint64(9), np.int32(3), (1 << 64) - 1):
+        assert vmmpool.stream_key(wrap(handle)) == int(handle)
+
+
+def test_a_stream_objects_handle_none_is_refused() -> None:
+    # None is the default stream only when passed bare (int(None) raised TypeError before too,
+    # but named no attribute).
+    with pytest.raises(TypeError, match=r"handle must be an int .*got NoneType .*from _Ptr\.ptr"):
+        vmmpool.stream_key(_Ptr(None))
+
+
+def test_error_messages_never_quote_a_huge_value_whole() -> None:
+    # Issue 17: a 300k-key dict went whole into a message (2.9 million characters), and a
+    # 5,000-digit int made the message itself fail ("Exceeds the limit (4300 digits)").
+    huge = {i: i for i in range(300_000)}
+    for bad in (huge, list(range(300_000)), "x" * 300_000):
+        with pytest.raises(TypeError) as info:
+            check_int("size", bad)
+        assert len(str(info.value)) < 200, str(info.value)[:300]
+        with pytest.raises(TypeError) as info:
+            vmmpool.stream_key(_Ptr(bad))
+        assert len(str(info.value)) < 200
+    with pytest.raises(ValueError, match=r"size must be <= .* got an int of 16610 bits") as exc:
+        check_int("size", 10**5000)
+    assert len(str(exc.value)) < 200
+    with pytest.raises(ValueError, match="got an int of 16610 bits"):
+        vmmpool.stream_key(10**5000)
+    # The other validators that quote what they were given.
+    long = "cuda:" + "x" * 300_000
+    checks: list[tuple[type[Exception], Callable[[], object]]] = [
+        (ValueError, lambda: Device(long)),
+        (TypeError, lambda: Device(huge)),  # type: ignore[arg-type]
+        (TypeError, lambda: Device.emulated(name=huge)),  # type: ignore[arg-type]
+        (ValueError, lambda: vmmpool.Access.parse(long)),
+        (ValueError, lambda: vmmpool.HandleType.parse(long)),
+        (TypeError, lambda: ArrayView(None, Device("host"), 0, 0, "uint8", shape=huge)),  # type: ignore[arg-type]
+        (TypeError, lambda: ArrayView(None, Device("host"), 0, 0, huge)),  # type: ignore[arg-type]
+    ]
+    for err, call in checks:
+        with pytest.raises(err) as info:
+            call()
+        assert len(str(info.value)) < 400, str(info.value)[:500]
+
+
+@pytest.mark.parametrize("limit", ["1e400", "nan", "9" * 5000])
+def test_cli_demo_limit_huge_or_not_a_number_is_one_line_exit_2(limit: str) -> None:
+    out = _cli("demo", "--device", "host", "--limit", limit)
+    _one_line_error(out, "--limit")
+    assert len(out.stderr) < 300
+
+
+@pytest.mark.parametrize("command", [["info"], ["demo"], ["replay", "x.pickle"]])
+def test_cli_a_huge_unknown_argument_is_cut_in_the_message(command: list[str]) -> None:
+    out = _cli(*command, "--frobnicate" + "x" * 100_000, env=_HIDE_GPUS)
+    _one_line_error(out, "unrecognized arguments", "characters)")
+    assert len(out.stderr) < 500
+
+
+def test_record_history_max_entries_is_bounded(host: Device) -> None:
+    with PagePool(host, limit=8 * MiB) as pool:
+        pool.record_history(max_entries=sys.maxsize)  # PyTorch's default: accepted
+        for bad in (2**63, 10**5000):
+            with pytest.raises(ValueError, match=r"max_entries must be <= 9223372036854775807"):
+                pool.record_history(max_entries=bad)
+        for kw in ({"enabled": "x" * 100_000}, {"context": "x" * 100_000}, {"stacks": "x" * 100_000}):
+            with pytest.raises(ValueError) as info:
+                pool.record_history(**kw)  # type: ignore[arg-type]
+            assert len(str(info.value)) < 300
+        pool.malloc(10).free()
+        assert len(pool.memory_snapshot()["device_traces"][0]) >= 2  # the old history stays
 
 
 def test_a_limit_below_one_page_is_rejected(host: Device) -> None:

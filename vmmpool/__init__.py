@@ -16,6 +16,7 @@ from ._buffer import GrowableBuffer
 from ._device import Device, default_device, devices
 from ._dlpack import ArrayView
 from ._errors import (
+    AsleepError,
     ClosedError,
     DeviceUnavailableError,
     DriverError,
@@ -28,6 +29,7 @@ from ._options import Access, HandleType, stream_key
 from ._pool import Allocation, AllocationInfo, PageInfo, PagePool, PoolStats
 from ._resources import AddressReservation, Mapping, PhysicalAllocation, create, reserve
 from ._share import SharedMapping, SharedMemoryHandle
+from ._staging import SleepStats
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "Allocation",
     "AllocationInfo",
     "ArrayView",
+    "AsleepError",
     "BackendCounters",
     "ClosedError",
     "Device",
@@ -55,6 +58,7 @@ __all__ = [
     "PoolStats",
     "SharedMapping",
     "SharedMemoryHandle",
+    "SleepStats",
     "VmmError",
     "VmmWarning",
     "__version__",

@@ -44,7 +44,13 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {_short(message)} (see --help)\n")
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """An argparse message cut to `limit` characters: argparse quotes a bad value whole
+    (``invalid int value: '999...'``), and a value can be megabytes long (issue 17)."""
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
 
 
 _SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -52,22 +58,25 @@ _SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib
 
 
 def _bytes(text: str) -> int:
-    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units)."""
+    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units), in (0, 2**64)."""
+    from ._options import brief
+
+    expected = f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {brief(text)}"
     t = text.strip().lower().replace("_", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
-    if unit not in _SUFFIXES or not num:
-        raise argparse.ArgumentTypeError(
-            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
-        )
+    if unit not in _SUFFIXES or not num or len(num) > 32:
+        raise argparse.ArgumentTypeError(expected)
     try:
         value = float(num) * _SUFFIXES[unit]
     except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if not value > 0:  # NaN included
+        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {brief(text)}")
+    if not value < 2.0**64:  # inf included (1e400)
         raise argparse.ArgumentTypeError(
-            f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {text!r}"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {text!r}")
+            f"the limit must be below 2**64 bytes (16 EiB), got {brief(text)}"
+        )
     return int(value)
 
 
@@ -77,7 +86,7 @@ class _UsageError(Exception):
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise _UsageError(_short(message))
 
 
 def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:

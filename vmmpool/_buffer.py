@@ -51,15 +51,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import ClosedError, OutOfMemoryError, VmmError
+from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, stream_key
 from ._process import NoCopy
 from ._resources import (
@@ -72,6 +74,7 @@ from ._resources import (
     safety_finalizer,
 )
 from ._share import SharedMemoryHandle, check_shareable, not_shareable
+from ._staging import SleepCounts, SleepStats, Staging, host_array
 
 __all__ = ["GrowableBuffer", "PageSource"]
 
@@ -134,6 +137,10 @@ class _State:
         "unusable",
         "debris_res",
         "debris_pages",
+        "asleep",
+        "backup",
+        "staging",
+        "sleeps",
         "shareable",
         "exported",
     )
@@ -159,6 +166,12 @@ class _State:
         self.unusable: str | None = None
         self.debris_res: list[AddressReservation] = []
         self.debris_pages: list[PhysicalAllocation] = []
+        # Sleep / wake (issue 18): pages to map back while asleep (None awake),
+        # the host backup, the reusable pinned staging buffer, the numbers.
+        self.asleep: int | None = None
+        self.backup: np.ndarray | None = None
+        self.staging: Staging | None = None
+        self.sleeps = SleepCounts()
         #: Pages are created exportable (shareable=True).
         self.shareable = False
         #: Pages handed to another process by share(): a pool never reuses them.
@@ -306,6 +319,83 @@ class _State:
         self.res = res
         self.pages.extend(new)
 
+    def quiesce(self) -> None:
+        """Wait for the work that may use the pages: an event on the buffer's stream, else a sync."""
+        if self.stream is None:
+            self.sync()  # no stream named: the device that owns the memory (rule 8)
+            return
+        backend = self.device._backend
+        ev = backend.event_record(self.stream)
+        try:
+            backend.event_wait(ev)
+        finally:
+            backend.event_destroy(ev)
+
+    def _staging(self) -> Staging:
+        if self.staging is None:
+            self.staging = Staging(self.device._backend)
+        return self.staging
+
+    def sleep(self, backup: bool) -> None:
+        """Copy the pages to host memory (with `backup`), unmap them in one call, give them back."""
+        t0 = time.perf_counter()
+        n = len(self.pages)
+        g = self.page
+        self.quiesce()
+        data: np.ndarray | None = None
+        if backup and n:
+            data = host_array(n * g)
+            self._staging().save([(self.res.address, n * g, 0)], data, self.stream or 0)
+        undo = _Undo()
+        try:
+            if n and self.pool is None:
+                # Release while still mapped (legal, rule 7) so that a failure
+                # can be undone with retain; the one unmap then frees the memory.
+                released: list[int] = []
+                undo.push(self.retain_back, 0, released)
+                for i, p in enumerate(self.pages):
+                    p.close()
+                    released.append(i)
+                self.res.unmap(0, n * g)
+            elif n:
+                assert self.pool is not None
+                self.res.unmap(0, n * g)
+                undo.push(self.remap, self.res, 0, list(self.pages))
+                self.pool.release_pages(self.pages)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+        self.pages = []
+        self.asleep = n
+        self.backup = data
+        c = self.sleeps
+        c.n_sleeps += 1
+        c.sleep_bytes += data.nbytes if data is not None else 0
+        c.sleep_seconds += time.perf_counter() - t0
+
+    def wake(self) -> None:
+        """Map `asleep` new pages from offset 0, set access once, copy the backup back."""
+        n = self.asleep
+        assert n is not None
+        t0 = time.perf_counter()
+        g = self.page
+        undo = _Undo()
+        try:
+            pages = self.acquire(undo, n)
+            self.map_pages(undo, self.res, 0, pages)
+            if self.backup is not None:
+                self._staging().load([(self.res.address, n * g, 0)], self.backup, self.stream or 0)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+        self.pages = list(pages)
+        c = self.sleeps
+        c.n_wakes += 1
+        c.wake_bytes += self.backup.nbytes if self.backup is not None else 0
+        c.wake_seconds += time.perf_counter() - t0
+        self.asleep = None
+        self.backup = None
+
     def make_unusable(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
         self.unusable = f"undoing a failed operation ({err!r}) also failed ({undo_err!r})"
         self.debris_res.extend(undo.reservations)
@@ -319,7 +409,10 @@ class _State:
 
         Each step is idempotent, so calling this again after a failure resumes.
         """
-        if self.res.closed and not self.debris_res and not self.pages and not self.debris_pages:
+        if (
+            self.res.closed and not self.debris_res and not self.pages and not self.debris_pages
+            and not (self.staging is not None and self.staging.address is not None)
+        ):
             return
         self.sync()
         for res in (self.res, *self.debris_res):
@@ -329,6 +422,10 @@ class _State:
         self.pages = []
         self.debris_pages = []
         self.size = 0
+        self.asleep = None
+        self.backup = None
+        if self.staging is not None:
+            self.staging.close()
 
 
 def _growth_oom(
@@ -510,6 +607,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             raise VmmError(f"GrowableBuffer is unusable: {st.unusable}; close() it")
         return st
 
+    def _awake(self, operation: str) -> _State:
+        st = self._usable()
+        if st.asleep is not None:
+            raise AsleepError("GrowableBuffer", operation)
+        return st
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -547,9 +650,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
 
     @property
     def capacity(self) -> int:
-        """Bytes mapped (a multiple of :attr:`page_size`, at least :attr:`size`)."""
+        """Bytes mapped (a multiple of :attr:`page_size`, at least :attr:`size`).
+
+        While asleep: the bytes :meth:`wake` maps back.
+        """
         st = self._live()
-        return len(st.pages) * st.page
+        return (len(st.pages) if st.asleep is None else st.asleep) * st.page
 
     @property
     def max_size(self) -> int:
@@ -629,7 +735,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
         with self._lock:
-            st = self._usable()
+            st = self._awake(f"resize({n})")
             self._apply(st, max(self._pages_for(n), st.floor), n, allow_move, "size")
             st.size = n
             return st.res.address
@@ -657,7 +763,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if not isinstance(allow_move, bool):
             raise TypeError(f"allow_move must be a bool, got {type(allow_move).__name__}")
         with self._lock:
-            st = self._usable()
+            st = self._awake(f"reserve({n})")
             want = self._pages_for(n)
             self._apply(st, max(want, len(st.pages)), n, allow_move, "reserve of")
             st.floor = max(st.floor, want)
@@ -673,7 +779,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """
         self._owned()
         with self._lock:
-            st = self._usable()
+            st = self._awake("shrink_to_fit()")
             self._apply(st, self._pages_for(st.size), st.size, False, "size")
             st.floor = 0
 
@@ -771,7 +877,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
-            st = self._usable()
+            st = self._awake("write")
             off = self._range(offset, mv.nbytes, st.size)
             st.device.write(st.res.address + off, mv)
 
@@ -779,7 +885,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """Copy `nbytes` bytes at `offset` (default: to the end of the size) to a new ``bytearray``."""
         self._owned()
         with self._lock:
-            st = self._usable()
+            st = self._awake("read")
             off = self._range(offset, 0, st.size)
             n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
             self._range(off, n, st.size)
@@ -839,6 +945,86 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             lease.close()  # a buffer needs no lease: it never reuses exported pages
             st.exported.update(pages)
             return handle
+
+    # ----------------------------------------------------------- sleep / wake
+    @property
+    def asleep(self) -> bool:
+        """True between :meth:`sleep` and :meth:`wake`."""
+        return self._state.asleep is not None
+
+    def sleep(self, backup: bool = True) -> None:
+        """Give the buffer's physical pages back, keeping its address range and size.
+
+        Parameters
+        ----------
+        backup : bool
+            Copy the mapped bytes (the whole capacity) to host memory first, so
+            that :meth:`wake` restores them. ``False`` drops the contents.
+
+        Raises
+        ------
+        ValueError
+            Pages of the buffer were shared with another process (:meth:`share`).
+        OutOfMemoryError, DriverError
+            A driver call failed; the buffer is as it was (awake, bytes intact).
+        ClosedError
+            The buffer was closed.
+
+        Notes
+        -----
+        The work that may use the pages is waited for first: an event on the
+        buffer's `stream` (the whole device when it has none, as for a
+        shrink). The capacity is copied in one run through a reusable pinned
+        staging buffer, unmapped in one call, and the pages go back to the
+        driver (or to the pool, whose own :meth:`~vmmpool.PagePool.sleep` or
+        ``trim`` gives them to the driver). :attr:`ptr`, :attr:`size`,
+        :attr:`capacity` and every view's pointer stay as they are; touching
+        the memory while asleep is an error. While asleep, :meth:`resize`,
+        :meth:`reserve`, :meth:`shrink_to_fit`, :meth:`read` and :meth:`write`
+        raise :class:`~vmmpool.AsleepError`; :meth:`view` and :meth:`close`
+        work. Sleeping again is a no-op.
+        """
+        if not isinstance(backup, bool):
+            raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
+        with self._lock:
+            st = self._usable()
+            if st.asleep is not None:
+                return
+            shared = sum(1 for p in st.pages if p in st.exported) if st.exported else 0
+            if shared:
+                raise ValueError(
+                    f"cannot sleep: {shared} page(s) of this buffer were shared with another process "
+                    "(share()); the receivers keep them mapped, so sleeping would free nothing and "
+                    "end the sharing"
+                )
+            st.sleep(backup)
+
+    def wake(self) -> None:
+        """Map pages at the same addresses again and copy the backup back (a no-op when awake).
+
+        Raises
+        ------
+        OutOfMemoryError
+            No memory for the pages (or the pool is full); the buffer stays
+            asleep with its backup.
+        AsleepError
+            The buffer's pool is asleep: wake the pool first.
+        DriverError
+            A driver call failed; what wake did is undone, the buffer stays
+            asleep with its backup and ``wake()`` can be called again.
+        """
+        with self._lock:
+            st = self._usable()
+            if st.asleep is not None:
+                st.wake()
+
+    def sleep_stats(self) -> SleepStats:
+        """The buffer's sleep and wake numbers (see :class:`~vmmpool.SleepStats`)."""
+        with self._lock:
+            st = self._state
+            staging = st.staging.nbytes if st.staging is not None else 0
+            backup = st.backup.nbytes if st.backup is not None else 0
+            return SleepStats.of(st.sleeps, st.asleep is not None, backup, staging)
 
     # ---------------------------------------------------------------- closing
     def close(self) -> None:

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 from ._device import Device, default_device
 from ._errors import DeviceUnavailableError
+from ._options import brief
 from ._pool import PagePool
 
 __all__ = [
@@ -65,11 +66,15 @@ def parse_size(text: str) -> int:
             s, mult = s[:-1], m
             break
     try:
+        if len(s) > 32:  # no float() of a 5,000-digit string
+            raise ValueError(s)
         value = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)") from None
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"size must be >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"not a size: {brief(text)} (try 512M or 2G)") from None
+    if not 0 <= value * mult < 2.0**64:  # NaN and inf included
+        raise argparse.ArgumentTypeError(
+            f"size must be >= 0 and below 2**64 bytes, got {brief(text)}"
+        )
     return int(value * mult)
 
 
@@ -426,6 +431,9 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes a bad value whole: cut what a megabyte-long argument would print.
+        if len(message) > 200:
+            message = f"{message[:200]}... ({len(message)} characters)"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

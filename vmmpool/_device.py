@@ -14,7 +14,7 @@ from typing import Union
 
 from ._backends.base import Backend, BackendCounters
 from ._backends.host import HostBackend
-from ._options import address_limit, check_int, stream_key
+from ._options import address_limit, brief, check_int, stream_key
 
 __all__ = ["Device", "DeviceLike", "devices", "default_device", "KDL_CPU", "KDL_CUDA"]
 
@@ -30,7 +30,7 @@ _host: Device | None = None
 
 def _parse(spec: object) -> tuple[str, int]:
     if isinstance(spec, bool):
-        raise TypeError(f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {spec!r}")
+        raise TypeError(f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {brief(spec)}")
     if isinstance(spec, int):
         if spec < 0:
             raise ValueError(f"device ordinal must be >= 0, got {spec}")
@@ -46,7 +46,7 @@ def _parse(spec: object) -> tuple[str, int]:
         if digits and digits.isascii() and digits.isdigit():
             return ("cuda", int(digits))
         raise ValueError(
-            f"device must be 'host', 'cuda' or 'cuda:N' with N in ASCII digits, got {spec!r}"
+            f"device must be 'host', 'cuda' or 'cuda:N' with N in ASCII digits, got {brief(spec)}"
         )
     raise TypeError(
         f"device must be 'host', 'cuda', 'cuda:N', an int or a Device, got {type(spec).__name__}"
@@ -155,10 +155,45 @@ class Device:
                 "capacity", capacity, multiple=granularity, maximum=address_limit(HostBackend)
             )
         if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__} ({name!r})")
+            raise TypeError(f"name must be a str, got {type(name).__name__} ({brief(name)})")
         return cls._from_backend(
             HostBackend(capacity, granularity, recommended_granularity, name=name)
         )
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close an emulated device: give back its memory files (idempotent).
+
+        An emulated device keeps memory files (memfds) open for its memory; a
+        device dropped without ``close()`` closes them when it is garbage
+        collected. After ``close()``, new reservations and allocations on it
+        raise :class:`~vmmpool.ClosedError`; memory still allocated stays
+        usable, and its file is closed as soon as it is released.
+
+        Raises
+        ------
+        ValueError
+            On ``Device("host")`` or a CUDA device: those are shared by the
+            whole process and live as long as it does.
+        """
+        if not self.is_host or self is _host:
+            raise ValueError(
+                f"only a device made by Device.emulated() can be closed, not {self!r} "
+                "(shared by the whole process)"
+            )
+        self._backend.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (an emulated device only)."""
+        return bool(getattr(self._backend, "closed", False))
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.is_host and self is not _host:
+            self.close()
 
     # --------------------------------------------------------------- facts
     @property

@@ -57,7 +57,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ._device import KDL_CPU, KDL_CUDA, Device
-from ._options import check_int
+from ._options import brief, check_int
 from ._process import NoCopy
 
 __all__ = ["ArrayView", "DLPACK_VERSION", "dlpack_dtype", "export_stats"]
@@ -392,7 +392,7 @@ def _parse_dtype(dtype: DTypeLike) -> np.dtype:
     except TypeError as err:
         raise TypeError(
             "dtype must be a NumPy dtype such as 'float32' or numpy.float32 (a dtype, a scalar "
-            f"type or a dtype string NumPy knows), got {type(dtype).__name__} {dtype!r}, "
+            f"type or a dtype string NumPy knows), got {type(dtype).__name__} {brief(dtype)}, "
             "which NumPy does not read as a dtype"
         ) from err
     if dt.kind not in _CODES or dt.itemsize not in _SIZES[dt.kind] or dt.fields or dt.subdtype:
@@ -495,7 +495,7 @@ class ArrayView(NoCopy):
         else:
             seq = (shape,) if hasattr(shape, "__index__") else shape
             if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-                raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+                raise TypeError(f"shape must be an int or a sequence of ints, got {brief(shape)}")
             dims = tuple(check_int("shape entry", d) for d in seq)
         count = 1
         for d in dims:
@@ -615,7 +615,7 @@ class ArrayView(NoCopy):
         """
         self._check_owner()
         if copy is not None and not isinstance(copy, bool):
-            raise TypeError(f"copy must be None, True or False, got {copy!r}")
+            raise TypeError(f"copy must be None, True or False, got {brief(copy)}")
         if copy:
             raise BufferError("copy=True is not supported: views export the memory itself")
         kind, ordinal = self.__dlpack_device__()
@@ -624,7 +624,7 @@ class ArrayView(NoCopy):
                 want = (int(dl_device[0]), int(dl_device[1]))
             except (TypeError, ValueError, IndexError):
                 raise TypeError(
-                    f"dl_device must be a (device_type, device_id) tuple, got {dl_device!r}"
+                    f"dl_device must be a (device_type, device_id) tuple, got {brief(dl_device)}"
                 ) from None
             if want != (kind, ordinal):
                 raise BufferError(
@@ -643,7 +643,7 @@ class ArrayView(NoCopy):
             ):
                 raise TypeError(
                     "max_version must be a (major, minor) tuple of two ints >= 0 such as "
-                    f"(1, 0), or None, got {type(max_version).__name__} {max_version!r}"
+                    f"(1, 0), or None, got {type(max_version).__name__} {brief(max_version)}"
                 )
             versioned = max_version[0] >= 1
         item = self.dtype.itemsize

@@ -17,6 +17,7 @@ __all__ = [
     "OutOfMemoryError",
     "DeviceUnavailableError",
     "ClosedError",
+    "AsleepError",
     "ForkedError",
     "ERROR_CODES",
 ]
@@ -214,3 +215,30 @@ class ForkedError(ClosedError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.what, self.owner_pid, self.pid))
+
+
+class AsleepError(VmmError, RuntimeError):
+    """An operation that needs physical memory was asked of a sleeping pool or buffer.
+
+    Raised by :meth:`PagePool.malloc` (and ``acquire_pages``) while the pool is
+    asleep, and by a buffer's resize, read and write while it is asleep. Call
+    ``wake()`` first. Nothing changed.
+
+    Parameters
+    ----------
+    what : str
+        The object, for example ``"PagePool"``.
+    operation : str
+        What was asked, for example ``"malloc"``.
+    """
+
+    def __init__(self, what: str, operation: str) -> None:
+        self.what = what
+        self.operation = operation
+        super().__init__(
+            f"{what} is asleep (its pages were given back by sleep()): {operation} needs memory; "
+            "call wake() first"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.operation))

@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._pool import PageInfo, PoolStats
 
-__all__ = ["AllocationInfo", "History", "format_summary", "torch_snapshot"]
+from ._options import brief, check_int
+
+__all__ = [
+    "AllocationInfo", "History", "MAX_HISTORY_ENTRIES", "check_max_entries", "format_summary",
+    "torch_snapshot",
+]
+
+#: Most events :meth:`PagePool.record_history` keeps (``sys.maxsize``, PyTorch's default).
+MAX_HISTORY_ENTRIES = sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,27 @@ class AllocationInfo:
     stream: int
 
 
+def check_max_entries(value: object) -> int:
+    """Validate :meth:`PagePool.record_history`'s `max_entries` and return it as ``int``.
+
+    Raises
+    ------
+    TypeError
+        Not an integer.
+    ValueError
+        Below 1 or above :data:`MAX_HISTORY_ENTRIES`.
+    """
+    # A deque holds at most sys.maxsize entries: a larger bound would fail inside
+    # collections with an OverflowError that names nothing (issue 17).
+    n = check_int("max_entries", value, minimum=1, maximum=None)
+    if n > MAX_HISTORY_ENTRIES:
+        raise ValueError(
+            f"max_entries must be <= {MAX_HISTORY_ENTRIES} (sys.maxsize, the most a history can "
+            f"hold; PyTorch's default), got {brief(n)}"
+        )
+    return n
+
+
 class History:
     """A bounded record of allocation and segment events (``PagePool.record_history``).
 
@@ -71,8 +100,9 @@ class History:
     """
 
     def __init__(self, max_entries: int, context: str | None) -> None:
+        n = check_max_entries(max_entries)
         self.events: collections.deque[tuple[str, int, int, int, int, list[dict[str, Any]]]] = (
-            collections.deque(maxlen=max_entries)
+            collections.deque(maxlen=n)
         )
         #: Which events carry a stack: "all", "alloc" or None (as PyTorch's ``context``).
         self.context = context

@@ -7,9 +7,13 @@ enum is accepted; only the CUDA backend turns them into driver constants.
 from __future__ import annotations
 
 import enum
+import operator
 from typing import Any
 
 __all__ = ["Access", "HandleType", "ADDRESS_LIMIT", "address_limit", "check_int", "stream_key"]
+
+#: Most characters of a value that go into an error message (see :func:`brief`).
+BRIEF_CHARS = 40
 
 #: The largest byte count or address any device can take (a 64-bit ``size_t``).
 #: A backend may know a tighter bound (:func:`address_limit`).
@@ -33,7 +37,7 @@ class Access(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"access must be 'rw', 'r' or 'none', got {value!r}") from None
+            raise ValueError(f"access must be 'rw', 'r' or 'none', got {brief(value)}") from None
 
 
 class HandleType(str, enum.Enum):
@@ -52,7 +56,7 @@ class HandleType(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"handle type must be 'none' or 'posix_fd', got {value!r}") from None
+            raise ValueError(f"handle type must be 'none' or 'posix_fd', got {brief(value)}") from None
 
 
 def address_limit(device: object) -> int:
@@ -78,6 +82,44 @@ def address_limit(device: object) -> int:
     if isinstance(lim, int) and not isinstance(lim, bool) and lim > 1:
         return min(lim - 1, ADDRESS_LIMIT)
     return ADDRESS_LIMIT
+
+
+def brief(value: object, limit: int = BRIEF_CHARS) -> str:
+    """A short, safe description of `value` for an error message (issue 17).
+
+    Never the full ``repr()`` of what a caller or a file passed: a string or
+    bytes shows at most `limit` characters and its length, an int beyond 64
+    bits only its size in bits (Python refuses to print ints of more than 4300
+    digits), a container only its type and length, any other object only its
+    type (its ``__repr__`` is never called: it could be slow, huge or raise).
+
+    Examples
+    --------
+    >>> brief("x" * 100)
+    "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (str of 100 characters)"
+    >>> brief(1 << 100)
+    'an int of 101 bits'
+    >>> brief({i: i for i in range(300)})
+    'a dict of 300 items'
+    """
+    t = type(value)
+    if value is None or t is bool:
+        return repr(value)
+    if t is int:
+        n = value.bit_length()  # type: ignore[attr-defined]
+        return str(value) if n <= 64 else f"an int of {n} bits"
+    if t is float:
+        return repr(value)
+    if t in (str, bytes, bytearray):
+        n = len(value)  # type: ignore[arg-type]
+        if n <= limit:
+            return repr(value)
+        unit = "characters" if t is str else "bytes"
+        return f"{value[:limit]!r}... ({t.__name__} of {n} {unit})"  # type: ignore[index]
+    if t in (dict, list, tuple, set, frozenset):
+        n = len(value)  # type: ignore[arg-type]
+        return f"a {t.__name__} of {n} item{'' if n == 1 else 's'}"
+    return f"a {t.__name__}"
 
 
 def _bound(n: int) -> str:
@@ -128,13 +170,14 @@ def check_int(
     """
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         hint = " (floats are not accepted: pass an int)" if isinstance(value, float) else ""
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}){hint}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({brief(value)}){hint}")
     n = int(value.__index__())
     if minimum is not None and n < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+        raise ValueError(f"{name} must be >= {minimum}, got {brief(n)}")
     if maximum is not None and n > maximum:
         raise ValueError(
-            f"{name} must be <= {_bound(maximum)}, the largest the device can address, got {n}"
+            f"{name} must be <= {_bound(maximum)}, the largest the device can address, "
+            f"got {brief(n)}"
         )
     if multiple > 1 and n % multiple:
         raise ValueError(
@@ -147,13 +190,18 @@ def check_int(
 def stream_key(stream: object) -> int:
     """Normalize a stream to the integer key the pool files allocations under.
 
+    One rule for every form: the handle is an integer (an ``int`` or an object
+    with ``__index__``, such as a NumPy integer), never a ``bool``, ``float``,
+    ``str`` or ``bytes``, whether it is passed bare or comes from a stream
+    object's protocol.
+
     Parameters
     ----------
     stream : None, int or stream object
-        ``None`` is the default stream (key 0); an ``int`` is a ``CUstream``
+        ``None`` is the default stream (key 0); an integer is a ``CUstream``
         handle value; an object with ``__cuda_stream__()`` (returning
         ``(version, handle)``), ``.ptr`` (CuPy) or ``.cuda_stream`` (PyTorch)
-        gives its handle.
+        gives its handle, which must be an integer too.
 
     Returns
     -------
@@ -163,44 +211,60 @@ def stream_key(stream: object) -> int:
     Raises
     ------
     TypeError
-        For anything else (``bool`` included).
+        For anything else (``bool``, ``float``, ``str`` and ``bytes``
+        included, bare or as a stream object's handle).
     ValueError
-        For a negative handle.
+        For a negative handle, or one beyond 64 bits.
     """
     if stream is None:
         return 0
     if type(stream) is int:
-        if not 0 <= stream <= ADDRESS_LIMIT:
-            raise ValueError(f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {stream}")
-        return stream
-    if isinstance(stream, bool):
-        raise TypeError("stream must be None, an int handle or a stream object, got bool")
+        return _handle(stream, "")
+    source = ""
     value: Any
-    if hasattr(stream, "__index__"):
+    if _is_integer(stream):
         value = stream
+    elif isinstance(stream, (bool, float, str, bytes, bytearray)):
+        raise TypeError(
+            "stream must be None, an int handle (a CUstream value) or a stream object, got "
+            f"{type(stream).__name__} ({brief(stream)})"
+        )
     elif hasattr(stream, "__cuda_stream__"):
         info = stream.__cuda_stream__()
-        try:
-            _version, value = info
-        except (TypeError, ValueError):
+        if not isinstance(info, (tuple, list)) or len(info) != 2:
             raise TypeError(
-                f"__cuda_stream__() must return (version, handle), got {info!r}"
-            ) from None
+                f"__cuda_stream__() must return (version, handle), got {brief(info)} "
+                f"from {type(stream).__name__}"
+            )
+        _version, value = info
+        source = f" from {type(stream).__name__}.__cuda_stream__()"
     elif hasattr(stream, "ptr"):
         value = stream.ptr
+        source = f" from {type(stream).__name__}.ptr"
     elif hasattr(stream, "cuda_stream"):
         value = stream.cuda_stream
+        source = f" from {type(stream).__name__}.cuda_stream"
     else:
         raise TypeError(
             "stream must be None, an int handle, or an object with __cuda_stream__(), .ptr "
             f"or .cuda_stream, got {type(stream).__name__}"
         )
-    try:
-        key = int(value)
-    except (TypeError, ValueError):
+    if not _is_integer(value):
         raise TypeError(
-            f"stream handle must be an int, got {type(value).__name__} from {type(stream).__name__}"
-        ) from None
+            f"stream handle must be an int (a CUstream value), got {type(value).__name__} "
+            f"({brief(value)}){source}"
+        )
+    return _handle(operator.index(value), source)
+
+
+def _is_integer(value: object) -> bool:
+    """An int or an object with ``__index__``, never a bool."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def _handle(key: int, source: str) -> int:
     if not 0 <= key <= ADDRESS_LIMIT:
-        raise ValueError(f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {key}")
+        raise ValueError(
+            f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {brief(key)}{source}"
+        )
     return key

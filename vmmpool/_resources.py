@@ -31,7 +31,7 @@ from typing import Any
 from ._backends.base import Backend
 from ._device import Device, DeviceLike
 from ._errors import ClosedError
-from ._options import Access, HandleType, address_limit, check_int
+from ._options import Access, HandleType, address_limit, brief, check_int
 from ._process import NoCopy
 
 __all__ = [
@@ -737,7 +737,7 @@ class Mapping(_Closable):
         else:
             raise TypeError(
                 "device must be None, a Device, a device spec such as 'cuda:1' or an ordinal, "
-                f"got {type(device).__name__} ({device!r})"
+                f"got {type(device).__name__} ({brief(device)})"
             )
         if self.device.is_host and ordinal != self.device.ordinal:
             raise ValueError(

@@ -33,10 +33,16 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
 
 from ._device import Device, DeviceLike
 from ._errors import OutOfMemoryError
-from ._options import check_int
+from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
 
 __all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
+
+
+def _pool_limit(limit: int, page_size: int) -> int | None:
+    """The page pool's limit for a CuPy-style limit (0: none; below a page: one page, and
+    :meth:`MemoryPool.malloc` refuses every request)."""
+    return None if limit == 0 else max(limit, page_size)
 
 
 def parse_limit(text: str, total: int) -> int:
@@ -56,6 +62,8 @@ def parse_limit(text: str, total: int) -> int:
     """
     s = text.strip()
     try:
+        if len(s) > 40:  # no int() of a 5,000-digit string
+            raise ValueError
         if s.endswith("%"):
             frac = float(s[:-1]) / 100.0
             if not 0.0 <= frac <= 1.0:
@@ -67,7 +75,7 @@ def parse_limit(text: str, total: int) -> int:
         return n
     except ValueError:
         raise ValueError(
-            f"memory limit must be a number of bytes or a percentage like '50%', got {text!r}"
+            f"memory limit must be a number of bytes or a percentage like '50%', got {brief(text)}"
         ) from None
 
 
@@ -128,6 +136,9 @@ class MemoryPool:
         self._preallocate = check_int("preallocate", preallocate)
         self._pools: dict[int, PagePool] = {}
         self._limits: dict[int, int] = {}  # device key -> explicit limit (0 = none)
+        # Device key -> its limit, for pools whose limit is below one page: no allocation
+        # can succeed there (the page pool itself holds at least one page).
+        self._below_a_page: dict[int, int] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ devices
@@ -153,15 +164,24 @@ class MemoryPool:
             with self._lock:
                 pool = self._pools.get(key)
                 if pool is None:
-                    limit = self._limits[key] = self._limit_for(key, dev)
+                    limit = self._limit_for(key, dev)
                     pool = PagePool(
                         dev,
-                        limit=limit or None,
+                        limit=_pool_limit(limit, self._page_size or dev.granularity),
                         page_size=self._page_size,
                         preallocate=self._preallocate,
                     )
+                    self._limits[key] = limit
+                    self._note_limit(key, limit, pool.page_size)
                     self._pools[key] = pool
         return pool
+
+    def _note_limit(self, key: int, limit: int, page_size: int) -> None:
+        """Record whether `limit` is below one page (then every malloc fails); under the lock."""
+        if 0 < limit < page_size:
+            self._below_a_page[key] = limit
+        else:
+            self._below_a_page.pop(key, None)
 
     def _pool(self) -> PagePool:
         key, dev = self._current()
@@ -187,11 +207,19 @@ class MemoryPool:
             pool = self._pools.get(key) or self._pool_for(key, Device(key))
             stream = _cupy.cuda.get_current_stream().ptr
         else:
+            key = -1
             pool = self._pools.get(-1) or self._pool_for(-1, pinned)
             stream = 0 if pinned.is_host else _cupy.cuda.get_current_stream(pinned.ordinal).ptr
         device_id = pool.device.ordinal
         if nbytes == 0:
             return _cupy.cuda.MemoryPointer(_cupy.cuda.UnownedMemory(0, 0, None, device_id), 0)
+        if self._below_a_page:
+            tiny = self._below_a_page.get(key)
+            if tiny is not None:
+                # As CuPy: a limit no allocation fits refuses every allocation.
+                raise _cupy.cuda.memory.OutOfMemoryError(
+                    nbytes, pool.stats().allocated_bytes, tiny
+                )
         try:
             alloc = pool.malloc(nbytes, stream)
         except OutOfMemoryError:
@@ -250,26 +278,42 @@ class MemoryPool:
         fraction : float, optional
             Limit as a fraction (0 to 1) of the device's total memory.
             With neither, the limit is removed.
+
+        Notes
+        -----
+        The page pool holds whole pages: the limit in force is rounded down
+        to the page size, and a limit below one page (but above 0) makes every
+        allocation fail with CuPy's ``OutOfMemoryError``, as CuPy's pool does
+        when no request fits. All or nothing: when this raises (a bad value,
+        or a driver error while pages above the new limit are given back),
+        the old limit stays in force and :meth:`get_limit` reports it.
         """
         if size is not None and fraction is not None:
-            raise ValueError(f"give size or fraction, not both (got size={size!r}, fraction={fraction!r})")
+            raise ValueError(
+                f"give size or fraction, not both (got size={brief(size)}, "
+                f"fraction={brief(fraction)})"
+            )
         key, dev = self._current()
         if fraction is not None:
-            if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-                raise ValueError(f"fraction must be between 0 and 1, got {fraction!r}")
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0 <= fraction <= 1
+            ):
+                raise ValueError(f"fraction must be between 0 and 1, got {brief(fraction)}")
             limit = int(dev.total_memory * fraction)
         elif size is not None:
-            limit = check_int("size", size)
+            limit = check_int("size", size, maximum=dev.address_limit)
         else:
             limit = 0
         with self._lock:
-            self._limits[key] = limit
             pool = self._pools.get(key)
-        if pool is not None:
-            pool.set_limit(limit or None)
+            if pool is not None:
+                # First the pool (it may raise: then nothing here changes), then the record.
+                pool.set_limit(_pool_limit(limit, pool.page_size))
+                self._note_limit(key, limit, pool.page_size)
+            self._limits[key] = limit
 
     def get_limit(self) -> int:
-        """The current device's limit in bytes; 0 means no limit."""
+        """The current device's limit in bytes, as set (the one in force); 0 means no limit."""
         key, dev = self._current()
         return self._limit_for(key, dev)
 

@@ -6,6 +6,9 @@ Two trace formats are read:
   torch is not needed: a snapshot is a pickled plain ``dict``, and it is
   loaded through an unpickler that refuses every class, so a file that
   references one (which could run code) is refused with an error naming it.
+  Before anything is loaded, the pickle's opcodes are scanned and bounded
+  (see :func:`scan_pickle`): a small hostile file cannot make the reader
+  hang, crash or run out of memory.
 * RMM ``logging_resource_adaptor`` CSV logs
   (``Thread,Time,Action,Pointer,Size,Stream``).
 
@@ -49,6 +52,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import subprocess
 import sys
 import time
@@ -59,7 +63,7 @@ from typing import Any
 
 from ._device import Device
 from ._errors import OutOfMemoryError
-from ._options import check_int
+from ._options import brief, check_int
 
 __all__ = [
     "COLUMNS",
@@ -81,6 +85,7 @@ __all__ = [
     "format_table",
     "json_safe",
     "scaled",
+    "scan_pickle",
     "peer_replays",
     "record",
     "replay",
@@ -95,6 +100,47 @@ _EMULATOR_MAX = 1 << 40
 _TORCH_ROUND = 512
 _CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
 _PEER_MARK = "VMMPOOL-PEER-RESULT "
+
+# Bounds on an untrusted snapshot pickle, checked on its opcodes before it is loaded
+# (issue 17). Real snapshots nest 7 deep and expand to 2-4 objects per byte: stacks are
+# shared through the pickle's memo (one frames list of 111 frames by up to 579 events in
+# the llama trace), and deeper stacks expand further; the bounds leave a wide margin.
+#: Deepest nesting of containers accepted.
+MAX_PICKLE_DEPTH = 64
+#: Objects the loaded data may hold when expanded as a tree (memo references counted each
+#: time they are used): at most this many per byte of the file, plus :data:`PICKLE_WEIGHT_FLOOR`.
+#: Any walk over the loaded data then takes time linear in the file's size.
+PICKLE_WEIGHT_PER_BYTE = 1024
+PICKLE_WEIGHT_FLOOR = 1 << 20
+#: Work of hashing the dict keys and set items while loading (a tuple's hash walks it, and is
+#: not cached): at most this many objects per byte, plus :data:`PICKLE_HASH_FLOOR`. Real
+#: snapshots' keys are strings, under one per 2 bytes.
+PICKLE_HASH_PER_BYTE = 4
+PICKLE_HASH_FLOOR = 1 << 20
+#: Largest integer in a pickle, in bits (snapshot values fit 64; a bigger one is refused
+#: by the reader with its field's name).
+MAX_PICKLE_INT_BITS = 1 << 16
+#: Pickle opcodes that build objects other than plain containers and scalars (they
+#: could run code): refused.
+_CODE_OPS = frozenset({
+    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX",
+    "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEXT_BUFFER", "READONLY_BUFFER",
+})
+_STR_OPS = frozenset({"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
+_INT_OPS = frozenset({"INT", "LONG", "LONG1", "LONG4"})
+#: Kinds of container (what the unpickler hashes: dict keys, set items).
+_LIST, _DICT, _SET, _TUPLE = 0, 1, 2, 3
+_BUILDS = {"LIST": _LIST, "DICT": _DICT, "FROZENSET": _SET, "TUPLE": _TUPLE}
+_EMPTIES = {"EMPTY_LIST": _LIST, "EMPTY_DICT": _DICT, "EMPTY_SET": _SET}
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+#: Opcodes that push one scalar.
+_SCALAR_OPS = frozenset({
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE",
+    "NEWTRUE", "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT",
+    "BINFLOAT", "EMPTY_TUPLE",
+})
 
 
 class TraceError(ValueError):
@@ -206,9 +252,285 @@ class _Builder:
 
 
 def _int(value: object, name: str, what: str, where: str) -> int:
-    if type(value) is not int or value < 0:
-        raise TraceError(f"{name}: {where}: {what} must be an int >= 0, got {value!r}")
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        got = brief(value) if type(value) is int else f"{type(value).__name__} {brief(value)}"
+        raise TraceError(f"{name}: {where}: {what} must be an int in [0, 2**64), got {got}")
     return value
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters (an error message quoting something untrusted)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def scan_pickle(data: bytes, name: str = "pickle") -> None:
+    """Check an untrusted pickle's opcodes before it is loaded; raise if it is not safe.
+
+    The scan reads the opcodes (``pickletools.genops``) without building any
+    object and simulates the unpickler's stack with only the shape of what it
+    would build: which containers hold which. It refuses
+
+    * any opcode that names a class or calls code (``GLOBAL``, ``REDUCE``, ...);
+    * containers nested deeper than :data:`MAX_PICKLE_DEPTH` (a deep tuple
+      crashes the interpreter when hashed; deep values overflow the stack of
+      every recursive function), and containers that contain themselves;
+    * a container that, expanded as a tree, holds more than
+      :data:`PICKLE_WEIGHT_PER_BYTE` objects per byte of the file (plus
+      :data:`PICKLE_WEIGHT_FLOOR`): the memo lets a few hundred bytes refer to
+      one list from many places, so that a walk over the loaded data takes
+      exponentially long; within the bound, a walk is linear in the file's size;
+    * dict keys and set items whose hashing, while loading, would walk more
+      than :data:`PICKLE_HASH_PER_BYTE` objects per byte (plus
+      :data:`PICKLE_HASH_FLOOR`): tuples built of shared tuples;
+    * integers beyond :data:`MAX_PICKLE_INT_BITS` bits, memo indices beyond
+      the number of opcodes read (the unpickler sizes its memo by the largest
+      index), frames that run past the end of the file, and anything
+      malformed or truncated.
+
+    Every container built is checked, kept or not. The scan's own work is
+    linear in the file's size.
+
+    Parameters
+    ----------
+    data : bytes
+        The whole file.
+    name : str
+        The file's name, for the messages.
+
+    Raises
+    ------
+    TraceError
+        One line naming the file, the byte offset and the reason; an untrusted
+        value is never quoted whole.
+    """
+    size = len(data)
+    # Stack items: a container node (int >= 0), a short string (kept to name the class
+    # a STACK_GLOBAL refers to) or None (any other scalar).
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+    kids: list[list[Any]] = []  # container node -> its items (stack items, as above)
+    kinds = bytearray()  # container node -> _LIST, _DICT, _SET or _TUPLE
+    # Container node -> a lower bound of its depth, kept as items arrive: a deep file is
+    # refused as soon as it gets too deep (the exact walk after the scan decides the rest).
+    low = bytearray()
+    bio = io.BytesIO(data)
+    pos = 0
+    n_ops = 0
+
+    def to_mark() -> list[Any]:
+        m = marks.pop()
+        items = stack[m:]
+        del stack[m:]
+        return items
+
+    def above(items: list[Any]) -> int:
+        """1 + the deepest of `items` (a lower bound)."""
+        d = 0
+        for i in items:
+            if type(i) is int and low[i] > d:
+                d = low[i]
+        if d >= MAX_PICKLE_DEPTH:
+            raise TraceError(
+                f"{name}: refused at byte {pos}: containers nested more than "
+                f"{MAX_PICKLE_DEPTH} deep (a snapshot nests about 7)"
+            )
+        return d + 1
+
+    def add(items: list[Any], op: str) -> None:
+        top = stack[-1]
+        if type(top) is not int:
+            raise TraceError(f"{name}: malformed pickle: {op} at byte {pos} adds to a non-container")
+        kids[top] += items
+        d = above(items)
+        if d > low[top]:
+            low[top] = d
+
+    try:
+        for op, raw_arg, at in pickletools.genops(bio):
+            arg: Any = raw_arg
+            pos = at or 0
+            n_ops += 1
+            o = op.name
+            # Most frequent first: memo reads are 70% of a snapshot's opcodes.
+            if o in _GET_OPS:
+                if arg not in memo:
+                    raise TraceError(
+                        f"{name}: malformed pickle: memo index {brief(arg)} read at byte {pos} "
+                        "was never written"
+                    )
+                stack.append(memo[arg])
+            elif o in _SCALAR_OPS:
+                if o in _INT_OPS and arg.bit_length() > MAX_PICKLE_INT_BITS:
+                    raise TraceError(
+                        f"{name}: refused at byte {pos}: an integer of {arg.bit_length()} bits "
+                        f"(at most {MAX_PICKLE_INT_BITS}; snapshot values fit 64)"
+                    )
+                stack.append(arg if o in _STR_OPS and len(arg) <= 100 else None)
+            elif o in _PUT_OPS:
+                idx = len(memo) if o == "MEMOIZE" else arg
+                if idx > n_ops:
+                    raise TraceError(
+                        f"{name}: refused at byte {pos}: memo index {brief(idx)} beyond the "
+                        f"{n_ops} opcodes read so far"
+                    )
+                memo[idx] = stack[-1]
+            elif o == "MARK":
+                marks.append(len(stack))
+            elif o in _EMPTIES:
+                kids.append([])
+                kinds.append(_EMPTIES[o])
+                low.append(1)
+                stack.append(len(kids) - 1)
+            elif o in ("APPENDS", "SETITEMS", "ADDITEMS"):
+                add(to_mark(), o)
+            elif o == "APPEND":
+                add([stack.pop()], o)
+            elif o == "SETITEM":
+                v = stack.pop()
+                add([stack.pop(), v], o)
+            elif o in _BUILDS or o in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                if o in _BUILDS:
+                    items = to_mark()
+                else:
+                    k = int(o[-1])
+                    if len(stack) < k:
+                        raise IndexError(o)
+                    items = stack[-k:]
+                    del stack[-k:]
+                low.append(above(items))
+                kids.append(items)
+                kinds.append(_BUILDS.get(o, _TUPLE))
+                stack.append(len(kids) - 1)
+            elif o == "POP":
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                else:
+                    stack.pop()
+            elif o == "POP_MARK":
+                to_mark()
+            elif o == "DUP":
+                stack.append(stack[-1])
+            elif o == "FRAME":
+                if arg > size - bio.tell():
+                    raise TraceError(
+                        f"{name}: truncated pickle, stopped near byte {pos} of {size} (a frame "
+                        f"of {brief(arg)} bytes runs past the end of the file)"
+                    )
+            elif o == "STOP":
+                if len(stack) != 1 or marks:
+                    raise TraceError(
+                        f"{name}: malformed pickle: the stack at STOP (byte {pos}) holds "
+                        f"{len(stack)} items, not 1"
+                    )
+            elif o in _CODE_OPS:
+                if o in ("GLOBAL", "INST"):
+                    what = "the class " + _cut(str(arg).replace(" ", "."), 100)
+                elif o == "STACK_GLOBAL" and len(stack) >= 2 and all(
+                    isinstance(x, str) for x in stack[-2:]
+                ):
+                    what = "the class " + _cut(f"{stack[-2]}.{stack[-1]}", 100)
+                else:
+                    what = f"a class or code (opcode {o})"
+                raise TraceError(
+                    f"{name}: refused at byte {pos}: the pickle references {what}; only plain "
+                    "dicts, lists and scalars are loaded (a class could run code)"
+                )
+            elif o != "PROTO":  # pragma: no cover - every opcode of protocols 0-5 is handled
+                raise TraceError(f"{name}: malformed pickle: unexpected opcode {o} at byte {pos}")
+    except IndexError:
+        raise TraceError(
+            f"{name}: malformed pickle: the opcode at byte {pos} reads past the bottom of "
+            "the stack"
+        ) from None
+    except TraceError:
+        raise
+    except ValueError as e:
+        what = "truncated" if bio.tell() >= size else "malformed"
+        text = str(e)
+        if "Exceeds the limit" in text:
+            text = "an integer of more than 4300 decimal digits"
+        raise TraceError(
+            f"{name}: {what} pickle, stopped near byte {bio.tell()} of {size} ({_cut(text)})"
+        ) from None
+    _check_shape(kids, kinds, name, size)
+
+
+def _check_shape(kids: list[list[Any]], kinds: bytearray, name: str, size: int) -> None:
+    """Refuse deep, self-containing or exponentially shared containers, and costly hashing.
+
+    One iterative depth-first walk over every container the unpickler would build,
+    each visited once: linear in the number of containers and items.
+    """
+    max_weight = PICKLE_WEIGHT_PER_BYTE * size + PICKLE_WEIGHT_FLOOR
+    max_hash = PICKLE_HASH_PER_BYTE * size + PICKLE_HASH_FLOOR
+    n = len(kids)
+    state = bytearray(n)  # 0 unseen, 1 on the walk's path, 2 done
+    weight = [0] * n  # objects in the node's subtree, expanded as a tree
+    depth = bytearray(n)  # containers on the longest path down from the node
+    hashed = 0  # objects walked to hash dict keys and set items
+    deep = (
+        f"{name}: refused: containers nested more than {MAX_PICKLE_DEPTH} deep "
+        "(a snapshot nests about 7)"
+    )
+    for start in range(n):
+        if state[start]:
+            continue
+        path = [start]
+        nexts = [0]
+        state[start] = 1
+        while path:
+            cur = path[-1]
+            i = nexts[-1]
+            ch = kids[cur]
+            while i < len(ch) and type(ch[i]) is not int:  # scalars: nothing below them
+                i += 1
+            if i < len(ch):
+                nexts[-1] = i + 1
+                c = ch[i]
+                if state[c] == 1:
+                    raise TraceError(f"{name}: refused: a container in the pickle contains itself")
+                if state[c] == 0:
+                    if len(path) >= MAX_PICKLE_DEPTH:
+                        raise TraceError(deep)
+                    state[c] = 1
+                    path.append(c)
+                    nexts.append(0)
+                continue
+            w = 1
+            d = 0
+            for c in ch:
+                if type(c) is int:
+                    w += weight[c]
+                    if depth[c] > d:
+                        d = depth[c]
+                else:
+                    w += 1
+            if d >= MAX_PICKLE_DEPTH:  # reached on a short path, deep below: still too deep
+                raise TraceError(deep)
+            if w > max_weight:
+                raise TraceError(
+                    f"{name}: refused: the pickle refers to the same lists and dicts so often "
+                    f"that it expands to more than {max_weight:,} objects "
+                    f"({PICKLE_WEIGHT_PER_BYTE} per byte of its {size:,} bytes plus "
+                    f"{PICKLE_WEIGHT_FLOOR:,}; a snapshot expands to about 4 per byte)"
+                )
+            kind = kinds[cur]
+            if kind == _DICT or kind == _SET:
+                keys = ch[::2] if kind == _DICT else ch
+                hashed += sum(weight[k] if type(k) is int else 1 for k in keys)
+                if hashed > max_hash:
+                    raise TraceError(
+                        f"{name}: refused: hashing the dict keys would walk more than "
+                        f"{max_hash:,} objects (tuples built of shared tuples; "
+                        f"{PICKLE_HASH_PER_BYTE} per byte of its {size:,} bytes plus "
+                        f"{PICKLE_HASH_FLOOR:,})"
+                    )
+            weight[cur] = w
+            depth[cur] = d + 1
+            state[cur] = 2
+            path.pop()
+            nexts.pop()
 
 
 def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Trace:
@@ -228,41 +550,59 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
     Raises
     ------
     TraceError
-        The file references a class (refused, never loaded), is truncated or
-        malformed; the message names the file and the event index.
+        The file references a class (refused, never loaded), fails the bounds
+        of :func:`scan_pickle` (checked before anything is loaded), is
+        truncated or malformed; the message names the file and the event index.
     """
     p = Path(path)
     name = p.name
     try:
-        fh = open(p, "rb")  # closed by the with below; its position goes in the errors
+        raw = p.read_bytes()
     except OSError as e:
         raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
-        try:
-            data = _NoClasses(fh).load()
-        except _Refused as e:
-            raise TraceError(
-                f"{name}: refused at byte {fh.tell()}: the pickle references the class {e}; "
-                f"only plain dicts, lists and scalars are loaded (a class could run code)"
-            ) from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                AttributeError, MemoryError, OverflowError, RecursionError) as e:
-            what = "truncated" if fh.tell() >= size else "malformed"
-            raise TraceError(
-                f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
-                f"({type(e).__name__}: {e})"
-            ) from None
-    return snapshot_to_trace(data, name, device)
+    size = len(raw)
+    scan_pickle(raw, name)
+    fh = io.BytesIO(raw)
+    try:
+        data = _NoClasses(fh).load()
+    except _Refused as e:  # pragma: no cover - the scan refuses every class first
+        raise TraceError(
+            f"{name}: refused at byte {fh.tell()}: the pickle references the class "
+            f"{_cut(str(e), 100)}; only plain dicts, lists and scalars are loaded (a class could "
+            "run code)"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError, OverflowError, RecursionError) as e:
+        what = "truncated" if fh.tell() >= size else "malformed"
+        raise TraceError(
+            f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
+            f"({type(e).__name__}: {_cut(str(e))})"
+        ) from None
+    return snapshot_to_trace(data, name, device, max_items=size)
 
 
-def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None = None) -> Trace:
+def snapshot_to_trace(
+    data: object, name: str = "snapshot", device: int | None = None, *, max_items: int | None = None
+) -> Trace:
     """Build a :class:`Trace` from an already loaded snapshot ``dict``.
 
     See :func:`load_snapshot`; `name` is used in error messages.
+
+    Parameters
+    ----------
+    max_items : int, optional
+        Most segments, blocks and events to read (checked before any is read).
+        :func:`load_snapshot` passes the file's size in bytes: a snapshot never
+        shares one of them through the pickle's memo, so each takes at least
+        a byte; a file that lists more shares them, to make the reading long.
     """
     if not isinstance(data, dict) or "device_traces" not in data or "segments" not in data:
-        got = sorted(map(repr, data)) if isinstance(data, dict) else type(data).__name__
+        if isinstance(data, dict):
+            keys = [brief(k) for k, _ in zip(data, range(5), strict=False)]
+            more = f" and {len(data) - 5:,} more" if len(data) > 5 else ""
+            got = f"a dict with keys {', '.join(keys)}{more}" if data else "an empty dict"
+        else:
+            got = brief(data)
         raise TraceError(
             f"{name}: not a PyTorch memory snapshot: expected a dict with keys "
             f"'segments' and 'device_traces', got {got}"
@@ -281,6 +621,20 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
     events = traces[device] if traces else []
     if not isinstance(events, list):
         raise TraceError(f"{name}: device_traces[{device}] must be a list")
+    if max_items is not None:
+        n_items = len(segments) + len(events)
+        for seg in segments:
+            if n_items > max_items:
+                break
+            blocks = seg.get("blocks") if isinstance(seg, dict) else None
+            if isinstance(blocks, (list, tuple)):
+                n_items += len(blocks)
+        if n_items > max_items:
+            raise TraceError(
+                f"{name}: refused: the snapshot lists more than {max_items:,} segments, blocks "
+                f"and events, more than a file of {max_items:,} bytes holds unless it repeats "
+                "them through the pickle's memo (a snapshot never does)"
+            )
 
     # Final segments and their blocks.
     final_segs: dict[int, int] = {}
@@ -302,7 +656,9 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
                     req = _int(b.get("requested_size", size), name, "requested_size", w)
                     final_active[_int(b["address"], name, "address", w)] = (req, size, sstream)
         except (KeyError, AttributeError, TypeError) as e:
-            raise TraceError(f"{name}: {where}: malformed segment ({type(e).__name__}: {e})") from None
+            raise TraceError(
+                f"{name}: {where}: malformed segment ({type(e).__name__}: {_cut(str(e), 80)})"
+            ) from None
 
     # Pass 1: parse the events; find segments that existed at the start.
     parsed: list[tuple[int, int, int, int, int]] = []  # (kind, addr, size, stream, index)
@@ -318,7 +674,7 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
             raise TraceError(f"{name}: {where}: expected a dict, got {type(ev).__name__}")
         action = ev.get("action")
         if not isinstance(action, str):
-            raise TraceError(f"{name}: {where}: no 'action' string, got {action!r}")
+            raise TraceError(f"{name}: {where}: no 'action' string, got {brief(action)}")
         kind = kinds.get(action)
         if kind is None:
             n_oom += action == "oom"  # the recorded run failed an allocation (not in the trace)
@@ -328,7 +684,9 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
             size = _int(ev["size"], name, "size", where)
             stream = _int(ev.get("stream", 0), name, "stream", where)
         except KeyError as e:
-            raise TraceError(f"{name}: {where}: {action} event without {e}") from None
+            raise TraceError(
+                f"{name}: {where}: {_cut(action, 40)} event without {_cut(str(e), 80)}"
+            ) from None
         if kind == 2:
             seg_seen_alloc.add(addr)
             net_seg += size
@@ -417,8 +775,14 @@ def snapshot_to_trace(data: object, name: str = "snapshot", device: int | None =
 
 
 def _parse_hex_or_int(text: str) -> int:
+    """A pointer, size or stream of an RMM log: decimal or ``0x`` hex, in [0, 2**64)."""
     t = text.strip()
-    return int(t, 16) if t.lower().startswith("0x") else int(t)
+    if len(t) > 24:  # 2**64 takes 20 digits, 18 characters in hex: no int() of a long field
+        raise ValueError(t)
+    n = int(t, 16) if t.lower().startswith("0x") else int(t)
+    if not 0 <= n < 1 << 64:
+        raise ValueError(t)
+    return n
 
 
 def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
@@ -457,7 +821,7 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
     try:
         return _csv_rows(name, rows)
     except csv.Error as e:
-        raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({e})") from None
+        raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})") from None
 
 
 def _csv_rows(name: str, rows: Any) -> Trace:
@@ -465,7 +829,7 @@ def _csv_rows(name: str, rows: Any) -> Trace:
     if header is None or tuple(h.strip() for h in header[:6]) != _CSV_HEADER:
         raise TraceError(
             f"{name}: line 1: expected the header {','.join(_CSV_HEADER)}, got "
-            f"{','.join(header) if header else 'an empty file'}"
+            f"{_cut(','.join(header), 80) if header else 'an empty file'}"
         )
     b = _Builder(name)
     failed = 0
@@ -479,14 +843,14 @@ def _csv_rows(name: str, rows: Any) -> Trace:
         action = row[2].strip().lower()
         try:
             addr = _parse_hex_or_int(row[3])
-            size = int(row[4].strip())
+            size = _parse_hex_or_int(row[4])
             stream = _parse_hex_or_int(row[5])
         except ValueError:
+            got = ", ".join(brief(f.strip(), 24) for f in row[3:6])
             raise TraceError(
-                f"{name}: {where}: expected a pointer, a size and a stream, got {row[3:6]}"
+                f"{name}: {where}: expected a pointer, a size and a stream, each an integer in "
+                f"[0, 2**64) (decimal or 0x hex), got {got}"
             ) from None
-        if size < 0 or addr < 0 or stream < 0:
-            raise TraceError(f"{name}: {where}: negative pointer, size or stream in {row[3:6]}")
         if action == "allocate":
             b.alloc(addr, size, stream, where)
         elif action == "free":
@@ -495,7 +859,7 @@ def _csv_rows(name: str, rows: Any) -> Trace:
             failed += 1
         else:
             raise TraceError(
-                f"{name}: {where}: unknown action {row[2]!r} (expected allocate, free or "
+                f"{name}: {where}: unknown action {brief(row[2])} (expected allocate, free or "
                 f"allocate failure)"
             )
     return Trace(
@@ -633,7 +997,7 @@ def scaled(trace: Trace, factor: float) -> Trace:
     The recorded run's figures do not apply to the scaled trace and are dropped.
     """
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e6:
-        raise ValueError(f"factor must be a number in (0, 1e6), got {factor!r}")
+        raise ValueError(f"factor must be a number in (0, 1e6), got {brief(factor)}")
     sizes: dict[int, int] = {}
     events = []
     for is_free, slot, nbytes, stream in trace.events:
@@ -705,18 +1069,24 @@ def replay(
     -------
     ReplayResult
         ``completed`` is False when the pool ran out of memory; everything
-        allocated is freed and the pool closed either way. The memory is
+        allocated is freed and the pool closed either way, and the default
+        emulated device is closed (its memory files with it). The memory is
         never read or written.
     """
-    from ._pool import PagePool
-
     tr = _as_trace(trace)
-    if device is None:
-        dev = Device.emulated(emulated_capacity(tr) if capacity is None else capacity)
-    else:
+    if device is not None:
         if capacity is not None:
             raise ValueError("capacity applies only to the default emulated device (device=None)")
-        dev = Device(device)
+        return _replay_on(tr, Device(device), limit, page_size, small_threshold)
+    with Device.emulated(emulated_capacity(tr) if capacity is None else capacity) as dev:
+        return _replay_on(tr, dev, limit, page_size, small_threshold)
+
+
+def _replay_on(
+    tr: Trace, dev: Device, limit: int | None, page_size: int | None, small_threshold: int | None
+) -> ReplayResult:
+    from ._pool import PagePool
+
     before = dev.counters()
     pool = PagePool(dev, limit=limit, page_size=page_size, small_threshold=small_threshold)
     handles: list[Any] = [None] * tr.n_slots
@@ -838,11 +1208,19 @@ def timeline(
     **pool_options
         ``page_size``, ``small_threshold`` for :class:`PagePool`.
     """
-    from ._pool import PagePool
-
     tr = _as_trace(trace)
     n = check_int("samples", samples, minimum=1)
-    dev = Device.emulated(emulated_capacity(tr)) if device is None else Device(device)
+    if device is not None:
+        return _timeline_on(tr, Device(device), limit, n, pool_options)
+    with Device.emulated(emulated_capacity(tr)) as dev:
+        return _timeline_on(tr, dev, limit, n, pool_options)
+
+
+def _timeline_on(
+    tr: Trace, dev: Device, limit: int | None, n: int, pool_options: dict[str, Any]
+) -> Timeline:
+    from ._pool import PagePool
+
     pool = PagePool(dev, limit=limit, **pool_options)
     handles: list[Any] = [None] * tr.n_slots
     every = max(1, len(tr.events) // n)
@@ -1153,7 +1531,7 @@ def peer_command(
         otherwise).
     """
     if peer not in PEERS:
-        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {peer!r}")
+        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {brief(peer)}")
     argv = [sys.executable, "-m", "vmmpool.replay", "--peer", peer, os.fspath(trace_path)]
     if limit is not None:
         argv += ["--limit", str(int(limit))]
@@ -1176,7 +1554,7 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
         if line.startswith(_PEER_MARK):
             out = json.loads(line[len(_PEER_MARK):])
             if not isinstance(out, dict) or "completed" not in out:
-                raise RuntimeError(f"{peer}: malformed result line {line!r}")
+                raise RuntimeError(f"{peer}: malformed result line {_cut(line)!r}")
             return out
     tail = stdout.strip().splitlines()[-3:]
     raise RuntimeError(f"{peer}: subprocess exited {returncode} without a result: {tail}")

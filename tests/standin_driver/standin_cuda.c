@@ -48,6 +48,7 @@
  *                                    physical bytes, primary context refs
  *   int  standin_handle_flags(unsigned long long h)     bit 0: POSIX fd type,
  *                                    bit 1: gpuDirectRDMACapable (-1: unknown)
+ *   long standin_live_host(void)     live cuMemHostAlloc blocks
  *
  * Written for the vmmpool tests; not a general CUDA emulator.
  */
@@ -956,6 +957,90 @@ EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     RETURN(SUCCESS);
 }
 
+/* -------------------------------------------- page-locked host memory */
+/* cuMemHostAlloc / cuMemFreeHost: anonymous memory, tracked so that a free of
+ * anything else is CUDA_ERROR_INVALID_VALUE and the async copies can check
+ * that their host side is page-locked (as the driver needs for them to be
+ * asynchronous). The copies are synchronous here: work completes at once. */
+typedef struct HostBlock {
+    uintptr_t addr;
+    size_t size;
+    struct HostBlock *next;
+} HostBlock;
+static HostBlock *host_blocks;
+static long live_host;
+
+static int pinned(uintptr_t a, size_t n) {
+    for (HostBlock *b = host_blocks; b; b = b->next)
+        if (b->addr <= a && a + n <= b->addr + b->size && a + n >= a) return 1;
+    return 0;
+}
+
+EXPORT CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned flags) {
+    ENTER_INIT("cuMemHostAlloc");
+    if (!pp || bytesize == 0 || flags > 0xf) RETURN(E_INVALID_VALUE);
+    Ctx *c = current();
+    if (!c || !valid_ctx(c)) RETURN(E_INVALID_CONTEXT);
+    void *p = mmap(NULL, bytesize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) RETURN(E_OUT_OF_MEMORY);
+    HostBlock *b = calloc(1, sizeof *b);
+    if (!b) {
+        munmap(p, bytesize);
+        RETURN(E_OUT_OF_MEMORY);
+    }
+    b->addr = (uintptr_t)p;
+    b->size = bytesize;
+    b->next = host_blocks;
+    host_blocks = b;
+    live_host++;
+    *pp = p;
+    RETURN(SUCCESS);
+}
+
+EXPORT CUresult cuMemFreeHost(void *p) {
+    ENTER_INIT("cuMemFreeHost");
+    for (HostBlock **pb = &host_blocks; *pb; pb = &(*pb)->next) {
+        HostBlock *b = *pb;
+        if (b->addr == (uintptr_t)p) {
+            munmap(p, b->size);
+            *pb = b->next;
+            free(b);
+            live_host--;
+            RETURN(SUCCESS);
+        }
+    }
+    RETURN(E_INVALID_VALUE);
+}
+
+EXPORT long standin_live_host(void) {
+    pthread_mutex_lock(&lock);
+    long n = live_host;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *stream) {
+    ENTER_INIT("cuMemcpyDtoHAsync");
+    Ctx *c = current();
+    if (!c || !valid_ctx(c)) RETURN(E_INVALID_CONTEXT);
+    if (!valid_stream(stream, 1)) RETURN((uintptr_t)stream <= 2 ? E_INVALID_CONTEXT : E_INVALID_HANDLE);
+    if (n == 0) RETURN(SUCCESS);
+    if (!dst || !pinned((uintptr_t)dst, n) || !accessible(src, n, c->device, 1)) RETURN(E_INVALID_VALUE);
+    memcpy(dst, (const void *)(uintptr_t)src, n);
+    RETURN(SUCCESS);
+}
+
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *stream) {
+    ENTER_INIT("cuMemcpyHtoDAsync");
+    Ctx *c = current();
+    if (!c || !valid_ctx(c)) RETURN(E_INVALID_CONTEXT);
+    if (!valid_stream(stream, 1)) RETURN((uintptr_t)stream <= 2 ? E_INVALID_CONTEXT : E_INVALID_HANDLE);
+    if (n == 0) RETURN(SUCCESS);
+    if (!src || !pinned((uintptr_t)src, n) || !accessible(dst, n, c->device, 3)) RETURN(E_INVALID_VALUE);
+    memcpy((void *)(uintptr_t)dst, src, n);
+    RETURN(SUCCESS);
+}
+
 /* ------------------------------------------------------------ error names */
 static const struct {
     int code;
@@ -1060,6 +1145,10 @@ static const struct {
     {"cuMemImportFromShareableHandle", 10020, FN(cuMemImportFromShareableHandle)},
     {"cuMemcpyHtoD", 3020, FN(cuMemcpyHtoD_v2)},
     {"cuMemcpyDtoH", 3020, FN(cuMemcpyDtoH_v2)},
+    {"cuMemHostAlloc", 2020, FN(cuMemHostAlloc)},
+    {"cuMemFreeHost", 2000, FN(cuMemFreeHost)},
+    {"cuMemcpyDtoHAsync", 3020, FN(cuMemcpyDtoHAsync_v2)},
+    {"cuMemcpyHtoDAsync", 3020, FN(cuMemcpyHtoDAsync_v2)},
     {"cuGetErrorName", 6000, FN(cuGetErrorName)},
     {"cuGetErrorString", 6000, FN(cuGetErrorString)},
 };

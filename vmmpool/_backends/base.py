@@ -473,7 +473,50 @@ class Backend(abc.ABC):
         with self._lock:
             return getattr(self, "_live_events", 0)
 
+    # ---------------------------------------------------------------- staging
+    # Sleep / wake (issue 18) copies device memory to host memory and back in
+    # large runs, through one reusable page-locked ("pinned") staging buffer and
+    # a stream. Not abstract: a backend without them raises NotImplementedError.
+
+    def host_alloc(self, size: int) -> int:
+        """Allocate `size` bytes of page-locked host memory; return its address.
+
+        On CUDA ``cuMemHostAlloc`` (portable); the host emulator maps anonymous
+        memory. Counted by :meth:`Backend.live_host_allocations`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no host staging memory")
+
+    def host_free(self, address: int) -> None:
+        """Free page-locked host memory from :meth:`host_alloc` (``cuMemFreeHost``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no host staging memory")
+
+    def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        """Queue a copy of `size` bytes of device memory at `src` to host memory at `dst` on `stream`.
+
+        `dst` lies in memory from :meth:`host_alloc`. The copy is ordered after
+        the work already queued on `stream`; record an event after it and wait
+        on that event before reading `dst` (``cuMemcpyDtoHAsync``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
+
+    def copy_htod_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        """Queue a copy of `size` bytes of host memory at `src` to device memory at `dst` on `stream`.
+
+        `src` lies in memory from :meth:`host_alloc` and must not change until an
+        event recorded after the copy has completed (``cuMemcpyHtoDAsync``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no stream-ordered copies")
+
+    def live_host_allocations(self) -> int:
+        """Page-locked host allocations made and not yet freed (tests prove none leak)."""
+        return int(getattr(self, "_live_host", 0))
+
 
 #: Event operations, appended to :data:`OPERATIONS` (fault injection accepts them).
 EVENT_OPERATIONS: tuple[str, ...] = ("event_record", "event_query", "event_wait", "event_destroy")
 OPERATIONS = (*OPERATIONS, *EVENT_OPERATIONS)
+
+
+#: Host staging and stream-ordered copies, appended to :data:`OPERATIONS` (fault injection accepts them).
+STAGING_OPERATIONS: tuple[str, ...] = ("host_alloc", "host_free", "copy_dtoh_async", "copy_htod_async")
+OPERATIONS = (*OPERATIONS, *STAGING_OPERATIONS)

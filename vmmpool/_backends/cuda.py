@@ -987,3 +987,72 @@ class CudaBackend(Backend):
         with self._lock:
             del self._events[event]
             self._live_events = len(self._events)
+
+    # ---------------------------------------------------------------- staging
+    # cuMemHostAlloc(PORTABLE) / cuMemFreeHost / cuMemcpyDtoHAsync /
+    # cuMemcpyHtoDAsync, with this device's primary context pushed. Host
+    # addresses are plain ints (the bindings take an int as a host pointer).
+    _host_blocks: dict[int, int]
+    _live_host: int
+
+    def host_alloc(self, size: int) -> int:
+        """Allocate `size` bytes of page-locked host memory (``cuMemHostAlloc``, portable)."""
+        self._enter("host_alloc")
+        self._ctx()
+        drv = self._drv
+        flags = getattr(drv, "CU_MEMHOSTALLOC_PORTABLE", 1)
+        self._push()
+        try:
+            ptr = _check(drv.cuMemHostAlloc(int(size), int(flags)), "host_alloc", self, size)
+        finally:
+            self._pop()
+        address = int(ptr)
+        with self._lock:
+            blocks = getattr(self, "_host_blocks", None)
+            if blocks is None:
+                blocks = self._host_blocks = {}
+            blocks[address] = int(size)
+            self._live_host = len(blocks)
+        return address
+
+    def host_free(self, address: int) -> None:
+        """Free page-locked host memory from :meth:`host_alloc` (``cuMemFreeHost``)."""
+        self._enter("host_free")
+        self._ctx()
+        self._push()
+        try:
+            _check(self._drv.cuMemFreeHost(int(address)), "host_free", self)
+        finally:
+            self._pop()
+        with self._lock:
+            blocks = getattr(self, "_host_blocks", {})
+            blocks.pop(int(address), None)
+            self._live_host = len(blocks)
+
+    def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        """Queue ``cuMemcpyDtoHAsync(dst, src, size, stream)`` (`dst`: page-locked host memory)."""
+        self._enter("copy_dtoh_async")
+        self._ctx()
+        self._push()
+        try:
+            _check(
+                self._drv.cuMemcpyDtoHAsync(int(dst), int(src), int(size), int(stream)),
+                "copy_dtoh_async",
+                self,
+            )
+        finally:
+            self._pop()
+
+    def copy_htod_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        """Queue ``cuMemcpyHtoDAsync(dst, src, size, stream)`` (`src`: page-locked host memory)."""
+        self._enter("copy_htod_async")
+        self._ctx()
+        self._push()
+        try:
+            _check(
+                self._drv.cuMemcpyHtoDAsync(int(dst), int(src), int(size), int(stream)),
+                "copy_htod_async",
+                self,
+            )
+        finally:
+            self._pop()

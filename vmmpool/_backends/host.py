@@ -56,9 +56,10 @@ import ctypes.util
 import errno
 import itertools
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 
-from .._errors import DriverError, OutOfMemoryError
+from .._errors import ClosedError, DriverError, OutOfMemoryError
 from .._options import Access
 from .base import Backend, DeviceInfo
 
@@ -142,12 +143,19 @@ def default_capacity() -> int:
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         mult = units.get(env[-1:].upper(), 1)
         digits = env[:-1] if mult > 1 else env
-        if not (digits.isascii() and digits.isdigit()) or int(digits) * mult < DEFAULT_GRANULARITY:
+        # At most 16 digits before int(): no conversion of a 5,000-digit string (Python
+        # refuses those with a message that names no variable).
+        cap = (
+            int(digits) * mult
+            if digits.isascii() and digits.isdigit() and len(digits) <= 16
+            else -1
+        )
+        if not DEFAULT_GRANULARITY <= cap <= ADDRESS_LIMIT:
+            shown = env if len(env) <= 40 else f"{env[:40]}... ({len(env)} characters)"
             raise ValueError(
-                f"VMMPOOL_HOST_CAPACITY must be a size of at least {DEFAULT_GRANULARITY} bytes "
-                f"like '512M' or '4G', got {env!r}"
+                f"VMMPOOL_HOST_CAPACITY must be a size from {DEFAULT_GRANULARITY} bytes to "
+                f"2**47 (128T) like '512M' or '4G', got {shown!r}"
             )
-        cap = int(digits) * mult
         return cap - cap % DEFAULT_GRANULARITY
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -170,6 +178,16 @@ def _os_failure(op: str, what: str, err: int, requested: int, in_use: int, limit
         text = f"{op}: host emulator: {cause}" + (f": {hint}" if hint else "")
         return OutOfMemoryError(requested, in_use, limit, message=text)
     return DriverError("CUDA_ERROR_OPERATING_SYSTEM", cause, status=304, operation=op)
+
+
+def _close_files(chunks: list[_Chunk], physical: dict[int, _Physical]) -> None:
+    """Finalizer of a :class:`HostBackend`: close every memory file it still holds."""
+    fds = [c.fd for c in chunks] + [p.fd for p in physical.values() if p.chunk is None]
+    chunks.clear()
+    physical.clear()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _invalid(op: str, message: str) -> DriverError:
@@ -383,6 +401,11 @@ class HostBackend(Backend):
         self._reservations: dict[int, _Reservation] = {}
         self._physical: dict[int, _Physical] = {}
         self._next_handle = itertools.count(0x1000)
+        self._closed = False
+        # Safety net (issue 17): a device dropped without close() still closes its memory
+        # files. The callback holds the containers, not self; closing an fd takes no lock.
+        self._finalizer = weakref.finalize(self, _close_files, self._chunks, self._physical)
+        self._finalizer.atexit = False
 
     # ------------------------------------------------------------- helpers
     def _fail(self, op: str, what: str, requested: int = 0) -> Exception:
@@ -431,8 +454,8 @@ class HostBackend(Backend):
         self._nonfull[chunk] = None
         if chunk.empty:
             self._empties[chunk] = None
-            if len(self._empties) > 1:
-                # Keep one empty chunk for the next create; close the others.
+            if len(self._empties) > 1 or self._closed:
+                # Keep one empty chunk for the next create (none once closed); close the others.
                 self._forget_chunk(chunk)
                 return
         # Releasing never fails: a hole that cannot be punched (it cannot on
@@ -465,6 +488,8 @@ class HostBackend(Backend):
         return c, off
 
     def _new_memfd(self, op: str, size: int, requested: int) -> int:
+        if self._closed:
+            raise ClosedError("emulated Device")
         try:
             fd = os.memfd_create("vmmpool", os.MFD_CLOEXEC)
         except OSError as exc:
@@ -506,6 +531,8 @@ class HostBackend(Backend):
         if hint and hint + span > self.address_limit:
             hint = 0  # only a hint: one the emulator cannot honour is ignored
         with self._lock:
+            if self._closed:
+                raise ClosedError("emulated Device")
             raw = _mmap(
                 hint or None,
                 span,
@@ -564,6 +591,8 @@ class HostBackend(Backend):
             raise _invalid("create", f"size must be > 0, got {size}")
         self._check_gran("create", "size", size)
         with self._lock:
+            if self._closed:
+                raise ClosedError("emulated Device")
             if self._physical_bytes + size > self.capacity:
                 raise OutOfMemoryError(
                     size,
@@ -735,6 +764,8 @@ class HostBackend(Backend):
                 "import_fd", f"fd {fd} is not a shareable handle (size {size} is not granular)"
             )
         with self._lock:
+            if self._closed:
+                raise ClosedError("emulated Device")
             try:
                 own = os.dup(fd)
             except OSError as exc:
@@ -800,11 +831,28 @@ class HostBackend(Backend):
             ctypes.memmove(dst, address, out.nbytes)
 
     def close(self) -> None:
-        """Close the empty shared chunks (chunks with live allocations stay)."""
+        """Close the device's memory files; refuse new memory (idempotent).
+
+        The empty shared chunks are closed now. Memory still allocated keeps
+        working and its file is closed as soon as it is released; only
+        ``reserve``, ``create`` and ``import_fd`` raise
+        :class:`~vmmpool.ClosedError` afterwards.
+        """
         self.check_process("HostBackend")
         with self._lock:
+            self._closed = True
             for c in list(self._empties):
                 self._forget_chunk(c)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def open_files(self) -> int:
+        """Memory files (memfds) the device holds open now."""
+        with self._lock:
+            return len(self._chunks) + sum(p.chunk is None for p in self._physical.values())
 
     # ---------------------------------------------------------------- events
     # Host work is synchronous, so by itself every event completes at once. A
@@ -890,3 +938,72 @@ class HostBackend(Backend):
             if event in pending.get(s, ()):
                 pending[s].remove(event)
             self._live_events -= 1
+
+    # ---------------------------------------------------------------- staging
+    # "Page-locked" host memory is plain anonymous memory here, and the copies
+    # are synchronous memmoves (host work is synchronous): an event recorded
+    # after them completes as any other. The emulator still checks what the
+    # driver requires: the host side lies inside one host_alloc block, the
+    # device side is mapped with enough access.
+    _host_blocks: dict[int, int]
+    _live_host: int
+
+    def _host_state(self) -> dict[int, int]:
+        blocks = getattr(self, "_host_blocks", None)
+        if blocks is None:
+            blocks = self._host_blocks = {}
+        return blocks
+
+    def host_alloc(self, size: int) -> int:
+        self._enter("host_alloc")
+        self.check_value("host_alloc", "size", size)
+        if size <= 0:
+            raise _invalid("host_alloc", f"size must be > 0, got {size}")
+        with self._lock:
+            addr = _mmap(None, size, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+            if addr == _MAP_FAILED or addr is None:
+                raise self._fail("host_alloc", "mmap of host staging memory", size)
+            self._host_state()[addr] = size
+            self._live_host = getattr(self, "_live_host", 0) + 1
+            return int(addr)
+
+    def host_free(self, address: int) -> None:
+        self._enter("host_free")
+        with self._lock:
+            blocks = self._host_state()
+            size = blocks.get(address)
+            if size is None:
+                raise _invalid("host_free", f"{address:#x} is not host memory from host_alloc")
+            if _munmap(address, size) != 0:
+                raise self._fail("host_free", "munmap of host staging memory")
+            del blocks[address]
+            self._live_host -= 1
+
+    def _check_host(self, op: str, address: int, size: int) -> None:
+        with self._lock:
+            for start, n in self._host_state().items():
+                if start <= address and address + size <= start + n:
+                    return
+        raise _invalid(
+            op, f"host range [{address:#x}, {address + size:#x}) is not inside memory from host_alloc"
+        )
+
+    def _check_stream(self, op: str, stream: int) -> None:
+        if not 0 <= int(stream) < 1 << 64:
+            raise _invalid(op, f"stream must be a CUstream value >= 0, got {stream}")
+
+    def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        self._enter("copy_dtoh_async")
+        self._check_stream("copy_dtoh_async", stream)
+        if size:
+            self._check_host("copy_dtoh_async", dst, size)
+            self._check_accessible("copy_dtoh_async", src, size, write=False)
+            ctypes.memmove(dst, src, size)
+
+    def copy_htod_async(self, dst: int, src: int, size: int, stream: int) -> None:
+        self._enter("copy_htod_async")
+        self._check_stream("copy_htod_async", stream)
+        if size:
+            self._check_host("copy_htod_async", src, size)
+            self._check_accessible("copy_htod_async", dst, size, write=True)
+            ctypes.memmove(dst, src, size)

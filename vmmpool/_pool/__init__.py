@@ -5,9 +5,10 @@ Where things are
 ``_pages.py`` (physical pages), ``_arena.py`` (address space: arenas and page
 slots), ``_blocks.py`` (sub-page blocks and free ranges, best fit),
 ``_streams.py`` (per-stream caches and events), ``_stats.py`` (the public
-records), ``_core.py`` (the state and algorithms), ``pool.py`` (``PagePool``
-and ``Allocation``), ``_shares.py`` (allocations shared with other processes:
-kept out of reuse while a receiver maps them).
+records), ``_core.py`` (the state and algorithms), ``_sleep.py`` (sleep and
+wake), ``pool.py`` (``PagePool`` and ``Allocation``), ``_shares.py``
+(allocations shared with other processes: kept out of reuse while a receiver
+maps them).
 
 Design
 ======
@@ -119,6 +120,12 @@ Remapping changes what backs an address (rule 12): only free memory is ever
 remapped, so live pointers never move, but anything that registered a *freed*
 range by address (CUDA graphs, NCCL registration, IPC peers) must not keep
 using it.
+
+Sleep and wake
+--------------
+:meth:`PagePool.sleep` gives every page back to the driver and keeps every
+address (the live bytes go to host memory); :meth:`PagePool.wake` maps new
+pages at the same addresses and restores them. See ``_sleep.py``.
 
 Page-level API
 --------------

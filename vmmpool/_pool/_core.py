@@ -19,12 +19,14 @@ from typing import Any, NoReturn
 from .. import _process
 from .._device import Device
 from .._dlpack import ArrayView
-from .._errors import ClosedError, DriverError, ForkedError, OutOfMemoryError
+from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
 from .._resources import PhysicalAllocation, create, reserve
+from .._staging import SleepCounts, Staging
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
-from ._pages import ACQUIRED, FREE, MAPPED, QUARANTINED, Alias, Page
+from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Alias, Page
+from ._sleep import PoolSleep
 from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")
@@ -130,6 +132,12 @@ class Core:
         self.n_garbage = 0
         # PagePool.record_history: None when off (one attribute test per malloc / free).
         self.history: History | None = None
+        # Sleep / wake (issue 18, see _sleep.py): the backup while asleep, the
+        # pages in state ASLEEP, the reusable pinned staging buffer, the numbers.
+        self.asleep: PoolSleep | None = None
+        self.n_asleep = 0
+        self.staging: Staging | None = None
+        self.sleeps = SleepCounts()
         _process.track(self)
 
     # ----------------------------------------------------------------- fork
@@ -287,6 +295,8 @@ class Core:
                 self.drain()
             if self.closed:
                 raise self.closed_error()
+            if self.asleep is not None:
+                raise AsleepError("PagePool", f"malloc({nbytes})")
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
             st = self.streams.get(key)
@@ -1222,6 +1232,7 @@ class Core:
 
         P = self.P
         seen: dict[Page, str] = {}
+        asleep_seen: list[Page] = []
 
         def claim(p: Page, where: str) -> None:
             if p in seen:
@@ -1300,15 +1311,21 @@ class Core:
                         fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
                     continue
                 al = p.alias
+                # while the pool sleeps its mapped pages are ASLEEP (same slots, no memory)
+                state_ok = p.state is MAPPED or (p.state is ASLEEP and self.asleep is not None)
                 if al is not None and al.arena is arena and al.slot == s:
                     # the page's second mapping (its own slot is checked where it is)
                     n_alias += 1
-                    if p.state is not MAPPED or p.stream != key or self.aliases.get(p) is not al:
+                    if not state_ok or p.stream != key or self.aliases.get(p) is not al:
                         fail(f"alias of page {p.index} in slot {s}: state {p.state}, stream {p.stream}")
                 else:
                     claim(p, f"arena {arena.base:#x} slot {s}")
                     n_mapped += 1
-                    if p.state is not MAPPED or p.addr != arena.base + s * P or p.stream != key:
+                    if p.state is ASLEEP:
+                        if self.asleep is None:
+                            fail(f"page {p.index} in slot {s} is asleep in a pool that is awake")
+                        asleep_seen.append(p)
+                    if not state_ok or p.addr != arena.base + s * P or p.stream != key:
                         fail(f"page {p.index} in slot {s} has state {p.state}, address {p.addr}")
                 if cover.get(s, 0) != P:
                     fail(
@@ -1338,7 +1355,8 @@ class Core:
             # a page mapped twice: each byte used through one mapping, fenced in the other
             pa = p.addr
             a = al.arena
-            if p.alias is not al or p.state is not MAPPED or pa is None or a.slots[al.slot] is not p:
+            awake_or_asleep = p.state is MAPPED or (p.state is ASLEEP and self.asleep is not None)
+            if p.alias is not al or not awake_or_asleep or pa is None or a.slots[al.slot] is not p:
                 fail(f"alias of page {p.index} is misfiled")
             if a.heap.stream.key != p.stream or not 0 <= al.lo <= al.hi <= P:
                 fail(f"alias of page {p.index}: stream {a.heap.stream.key}, bytes [{al.lo}, {al.hi})")
@@ -1393,7 +1411,12 @@ class Core:
                     if arena.heap is not h:
                         fail(f"stream {key}: arena {arena.base:#x} names another heap")
                     mapped += check_arena(arena, key, binned)
-        if set(seen) != set(self.pages.values()):
+        released = {p for p in asleep_seen if p.phys.closed}
+        if released & set(self.pages.values()):
+            fail("a page whose handle was released by sleep is still listed as owned")
+        if len(asleep_seen) != self.n_asleep:
+            fail(f"{self.n_asleep} pages counted asleep, {len(asleep_seen)} found")
+        if set(seen) != set(self.pages.values()) | released:
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:
             fail(f"{self.mapped} mapped pages counted, {mapped} found")
@@ -1449,6 +1472,12 @@ class Core:
                 try:  # rule 8: nothing is unmapped under running kernels
                     self.sync()
                     self.synced = True
+                except Exception as err:  # noqa: BLE001 - keep releasing
+                    errors.append(err)
+            self.asleep = None  # the backup goes; released pages stay out of self.pages
+            if self.staging is not None:
+                try:
+                    self.staging.close()
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
             keep: list[Arena] = []
@@ -1531,6 +1560,7 @@ class Core:
             st.obj = None
         self.streams.clear()
         self.mapped = self.n_live = self.requested = self.in_use = 0
+        self.n_asleep = 0
         if views:
             logger.info(
                 "close: %d arena(s) stay mapped until %d view(s) are gone", len(self.held), len(views)

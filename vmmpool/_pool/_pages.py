@@ -26,6 +26,7 @@ FREE = "free"  # unmapped, in the pool's free list
 MAPPED = "mapped"  # mapped in a slot of an arena (live blocks on it, or cached)
 ACQUIRED = "acquired"  # lent to a caller of acquire_pages()
 QUARANTINED = "quarantined"  # an undo failed: never reused, released by close()
+ASLEEP = "asleep"  # the pool sleeps: its slot is kept, the memory was given back (issue 18)
 
 
 class Page:

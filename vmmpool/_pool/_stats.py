@@ -95,6 +95,23 @@ class PoolStats:
         Event queries (never blocking).
     n_event_waits : int
         Event waits: the pool needed pages still used by pending work.
+    asleep : bool
+        True between :meth:`PagePool.sleep` and :meth:`PagePool.wake`. Then
+        ``total_pages``, ``mapped_pages``, ``pinned_pages``,
+        ``reclaimable_pages``, ``cached_bytes`` and ``largest_allocatable``
+        count only memory still held (none, unless pages are quarantined),
+        while ``allocated_bytes``, ``in_use_bytes`` and ``live_allocations``
+        still describe the live allocations, whose bytes are in the backup.
+    backup_bytes : int
+        Bytes of host memory holding the sleeping pool's live pages (0 awake,
+        or asleep with ``backup=False``).
+    n_sleeps, n_wakes : int
+        Completed sleeps and wakes.
+    sleep_bytes, wake_bytes : int
+        Bytes copied to host memory by all sleeps, and back by all wakes.
+    sleep_seconds, wake_seconds : float
+        Time spent in all sleeps and all wakes (waiting for streams, copying,
+        unmapping, releasing; creating and mapping).
     """
 
     allocated_bytes: int
@@ -128,6 +145,14 @@ class PoolStats:
     n_events: int = 0
     n_event_queries: int = 0
     n_event_waits: int = 0
+    asleep: bool = False
+    backup_bytes: int = 0
+    n_sleeps: int = 0
+    n_wakes: int = 0
+    sleep_bytes: int = 0
+    wake_bytes: int = 0
+    sleep_seconds: float = 0.0
+    wake_seconds: float = 0.0
 
     @property
     def reserved_bytes(self) -> int:

@@ -24,16 +24,17 @@ from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
-from .._errors import ForkedError, OutOfMemoryError, VmmWarning
-from .._observe import AllocationInfo, History, format_summary, torch_snapshot
-from .._options import check_int, stream_key
+from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
+from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
+from .._options import brief, check_int, stream_key
 from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
+from . import _sleep
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
 from ._core import Core, release_held_quietly
-from ._pages import ACQUIRED, FREE, QUARANTINED, Page
+from ._pages import ACQUIRED, ASLEEP, FREE, QUARANTINED, Page
 from ._shares import Shares
 from ._stats import PageInfo, PoolStats
 
@@ -578,6 +579,8 @@ class PagePool(ClosesOnExit, NoCopy):
             self._enter()
             old = core.max_pages
             core.max_pages = max_pages
+            if core.asleep is not None:
+                return  # nothing is held; wake() checks the live pages against it
             try:
                 excess = len(core.pages) - max_pages
                 if excess > 0:
@@ -794,6 +797,8 @@ class PagePool(ClosesOnExit, NoCopy):
             core.run_tasks()
         with core.lock:
             self._enter()
+            if core.asleep is not None:
+                raise AsleepError("PagePool", f"acquire_pages({n})")
             if not n:
                 return []
             P = self.page_size
@@ -910,6 +915,8 @@ class PagePool(ClosesOnExit, NoCopy):
             core.run_tasks()
         with core.lock:
             self._enter()
+            if core.asleep is not None:
+                return  # nothing is mapped
             got = core.reclaim(None, None, wait=True)
             for st in core.streams.values():
                 st.prune()
@@ -933,6 +940,8 @@ class PagePool(ClosesOnExit, NoCopy):
             core.run_tasks()
         with core.lock:
             self._enter()
+            if core.asleep is not None:
+                return 0  # every page was given back already
             core.reclaim(None, None, wait=True)
             for st in core.streams.values():
                 st.prune()
@@ -941,6 +950,99 @@ class PagePool(ClosesOnExit, NoCopy):
             if n:
                 logger.info("trim: gave %d page(s) back to the driver", n)
             return n * self.page_size
+
+    # ----------------------------------------------------------- sleep / wake
+    @property
+    def asleep(self) -> bool:
+        """True between :meth:`sleep` and :meth:`wake`."""
+        return self._core.asleep is not None
+
+    def sleep(self, backup: bool = True) -> None:
+        """Give every physical page back to the driver, keeping every address.
+
+        Parameters
+        ----------
+        backup : bool
+            Copy the live bytes to host memory first, so that :meth:`wake`
+            restores them. ``False`` drops the contents (for caches such as KV
+            blocks): after ``wake`` the live allocations hold undefined bytes.
+
+        Raises
+        ------
+        ValueError
+            Pages are lent by :meth:`acquire_pages` (to growable buffers):
+            sleep those buffers first; or allocations are shared with other
+            processes (:meth:`Allocation.share`) and still mapped there.
+            Nothing changed.
+        OutOfMemoryError, DriverError
+            A driver call failed. The pool is awake, its allocations keep their
+            addresses and bytes (pages that hold no live data may have been
+            given back, as :meth:`trim` does). Only if mapping back failed too
+            is it left asleep with its backup; :meth:`wake` then retries.
+        ClosedError
+            The pool was closed.
+
+        Notes
+        -----
+        First the work of every stream with memory here is waited for (an
+        event per stream, no device synchronize), then the pages no live block
+        touches are given back, and the pages live blocks touch are copied to
+        one host array in runs of adjacent pages (through a reusable pinned
+        staging buffer on CUDA), unmapped (one call per run) and released. The
+        address space, the allocations and the free ranges stay: every
+        :attr:`Allocation.address` and every view's pointer is valid again
+        after :meth:`wake`. Touching the memory while asleep is an error (an
+        illegal address on a GPU; a segmentation fault on the host emulator).
+
+        While asleep, :meth:`Allocation.free` works and needs no memory;
+        :meth:`malloc` and :meth:`acquire_pages` raise
+        :class:`~vmmpool.AsleepError`; :meth:`defragment` and :meth:`trim` do
+        nothing; :meth:`set_limit` only sets the limit. Sleeping again is a
+        no-op. :meth:`stats` reports ``asleep``, ``backup_bytes`` and the
+        bytes and time of every sleep and wake.
+        """
+        if not isinstance(backup, bool):
+            raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        self._reap_shares()
+        with core.lock:
+            self._enter()
+            if core.asleep is not None:
+                return
+            if self._shares:
+                raise ValueError(
+                    f"cannot sleep: {len(self._shares.entries)} allocation(s) are shared with other "
+                    "processes (Allocation.share()) and may still be mapped there; their pages cannot "
+                    "be given back (the receivers hold them) and the sharing would end: close the "
+                    "receivers' mappings first"
+                )
+            _sleep.sleep(core, backup)
+
+    def wake(self) -> None:
+        """Map new pages at the sleeping pages' addresses and copy their bytes back.
+
+        Pages that allocations freed while asleep are not brought back. A
+        no-op when awake.
+
+        Raises
+        ------
+        OutOfMemoryError
+            The device (or the pool's limit, if lowered while asleep) has no
+            room for the live pages. The pool stays asleep with its backup.
+        DriverError
+            A driver call failed; what wake did is undone, the pool stays
+            asleep with its backup and ``wake()`` can be called again.
+        ClosedError
+            The pool was closed.
+        """
+        core = self._core
+        if core.tasks:
+            core.run_tasks()
+        with core.lock:
+            self._enter()
+            _sleep.wake(core)
 
     # --------------------------------------------------------- observability
     def stats(self) -> PoolStats:
@@ -971,7 +1073,15 @@ class PagePool(ClosesOnExit, NoCopy):
                             biggest = max(biggest, sz)
             pinned = core.pinned()
             largest = biggest if core.closed else core.largest_block()
+            mapped = core.mapped
+            reclaimable = core.cached()
+            sl = core.asleep
+            if sl is not None:  # only what is still held counts (see PoolStats.asleep)
+                mapped -= core.n_asleep
+                pinned = len(core.acquired) + len(core.quarantine)
+                reclaimable = free_bytes = n_free_ranges = largest = 0
             ev = core.ev
+            sc = core.sleeps
             return PoolStats(
                 allocated_bytes=core.in_use,
                 requested_bytes=core.requested,
@@ -991,9 +1101,9 @@ class PagePool(ClosesOnExit, NoCopy):
                 n_ooms=core.n_ooms,
                 largest_allocatable=largest,
                 live_allocations=core.n_live,
-                mapped_pages=core.mapped,
+                mapped_pages=mapped,
                 pinned_pages=pinned,
-                reclaimable_pages=core.cached(),
+                reclaimable_pages=reclaimable,
                 acquired_pages=len(core.acquired),
                 small_pages=core.shared_pages(),
                 quarantined_pages=len(core.quarantine),
@@ -1004,6 +1114,14 @@ class PagePool(ClosesOnExit, NoCopy):
                 n_events=ev.n_events,
                 n_event_queries=ev.n_event_queries,
                 n_event_waits=ev.n_event_waits,
+                asleep=sl is not None,
+                backup_bytes=sl.backup.nbytes if sl is not None and sl.backup is not None else 0,
+                n_sleeps=sc.n_sleeps,
+                n_wakes=sc.n_wakes,
+                sleep_bytes=sc.sleep_bytes,
+                wake_bytes=sc.wake_bytes,
+                sleep_seconds=sc.sleep_seconds,
+                wake_seconds=sc.wake_seconds,
             )
 
     def snapshot(self) -> list[PageInfo]:
@@ -1034,6 +1152,9 @@ class PagePool(ClosesOnExit, NoCopy):
                     al = p.alias
                     if al is not None and al.arena is arena and al.slot == s:
                         continue  # a page's second mapping: listed with the page
+                    if p.state is ASLEEP:
+                        info[p] = PageInfo(p.index, "asleep", p.addr, arena.stream.key)
+                        continue
                     blocks = touching.get((arena, s), [])
                     lo = arena.base + s * P
                     spans = [lo]
@@ -1195,7 +1316,7 @@ class PagePool(ClosesOnExit, NoCopy):
             on = False
         elif isinstance(enabled, str):
             raise ValueError(
-                f"enabled must be 'all' (record events) or None (stop), got {enabled!r}"
+                f"enabled must be 'all' (record events) or None (stop), got {brief(enabled)}"
                 + (": vmmpool keeps no per-block stacks, so 'state' has nothing to record"
                    if enabled == "state" else "")
             )
@@ -1204,13 +1325,13 @@ class PagePool(ClosesOnExit, NoCopy):
         if isinstance(stacks, bool):
             context = "all" if stacks else None
         elif stacks not in ("python", "all"):
-            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {stacks!r}")
+            raise ValueError(f"stacks must be 'python', 'all' or a bool, got {brief(stacks)}")
         if context not in ("all", "alloc", None):
             raise ValueError(
-                f"context must be 'all', 'alloc' or None, got {context!r}"
+                f"context must be 'all', 'alloc' or None, got {brief(context)}"
                 + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
             )
-        n = check_int("max_entries", max_entries, minimum=1)
+        n = check_max_entries(max_entries)
         self._check_process()
         core = self._core
         with core.lock:
@@ -1306,7 +1427,8 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.closed:
             return f"<PagePool on {self.device} closed>"
+        asleep = ", asleep" if core.asleep is not None else ""
         return (
             f"<PagePool on {self.device}: {len(core.pages)} page(s) of {self.page_size} bytes, "
-            f"{core.n_live} live allocation(s), limit {core.max_pages * self.page_size}>"
+            f"{core.n_live} live allocation(s), limit {core.max_pages * self.page_size}{asleep}>"
         )

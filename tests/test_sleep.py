@@ -1,0 +1,497 @@
+"""Sleep / wake (issue 18): pages given back, addresses kept, bytes restored, all or nothing."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import vmmpool
+from vmmpool import AsleepError, GrowableBuffer, PagePool
+from vmmpool._backends.base import EVENT_OPERATIONS, STAGING_OPERATIONS
+from vmmpool._staging import Staging
+
+P = 2 << 20
+
+#: What a sweep's factory returns: the object, its state, its close, its bytes check.
+Made = tuple[object, Callable[[], object], Callable[[], None], Callable[[], bool]]
+
+
+def _fill(dev: vmmpool.Device, ptr: int, n: int, seed: int) -> bytes:
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    dev.write(ptr, data)
+    return data
+
+
+def _freed(dev: vmmpool.Device, free0: int, nbytes: int) -> None:
+    """Free device memory rose by `nbytes` (on a GPU, other processes may move it a little)."""
+    if dev.is_host:
+        assert dev.free_memory == free0 + nbytes
+    else:
+        assert dev.free_memory >= free0 + nbytes - (32 << 20)
+
+
+def _pool_world(dev: vmmpool.Device) -> tuple[PagePool, list[tuple[vmmpool.Allocation, bytes]]]:
+    """Live blocks on three streams (large, small, spanning pages) plus cached memory."""
+    pool = PagePool(dev, limit=16 * P)
+    live = []
+    for i, (n, s) in enumerate([(3 * P + 512, 0), (1000, 0), (5000, 1), (2 * P, 2), (P // 2, 1)]):
+        a = pool.malloc(n, stream=s)
+        live.append((a, _fill(dev, a.ptr, n, i)))
+    pool.malloc(3 * P, stream=2).free()  # cached pages
+    return pool, live
+
+
+def _bytes_ok(dev: vmmpool.Device, live: list[tuple[vmmpool.Allocation, bytes]]) -> bool:
+    return all(bytes(dev.read(a.ptr, len(d))) == d for a, d in live)
+
+
+# ------------------------------------------------------------------ the pool
+def test_pool_sleep_gives_every_page_back_and_wake_restores_bytes_at_the_same_addresses(
+    device: vmmpool.Device,
+) -> None:
+    pool, live = _pool_world(device)
+    views = [a.view("uint8") for a, _d in live]
+    ptrs = [(a.address, v.ptr) for (a, _d), v in zip(live, views, strict=True)]
+    reservations = device.counters().reservations
+    free0 = device.free_memory
+    held = pool.stats().reserved_bytes
+    pool.sleep()
+    assert pool.asleep
+    c = device.counters()
+    assert (c.allocations, c.mappings, c.reservations) == (0, 0, reservations)  # every page given back
+    _freed(device, free0, held)
+    s = pool.stats()
+    assert s.asleep and s.total_pages == 0 and s.mapped_pages == 0 and s.reserved_bytes == 0
+    assert s.live_allocations == len(live) and s.n_sleeps == 1
+    touched = sum(-(-(a.ptr % P + len(d)) // P) for a, d in live)  # pages live data touches, at most
+    assert 0 < s.backup_bytes <= touched * P and s.sleep_bytes == s.backup_bytes
+    pool._check()
+    pool.wake()
+    assert not pool.asleep
+    assert _bytes_ok(device, live)
+    assert [(a.address, v.ptr) for (a, _d), v in zip(live, views, strict=True)] == ptrs
+    s = pool.stats()
+    assert s.n_wakes == 1 and s.wake_bytes == s.sleep_bytes and s.backup_bytes == 0
+    assert s.reclaimable_pages == 0  # cached pages are not brought back
+    pool._check()
+    del views
+    for a, _d in live:
+        a.free()
+    pool.malloc(6 * P).free()  # serves as before
+    pool.close()
+    assert device._backend.live_host_allocations() == 0
+    assert device._backend.live_events() == 0
+
+
+def test_views_share_the_restored_memory(host: vmmpool.Device) -> None:
+    with PagePool(host, limit=8 * P) as pool:
+        a = pool.malloc(P + 4096)
+        arr = np.from_dlpack(a.view("int32"))
+        arr[:] = np.arange(arr.size, dtype=np.int32)
+        pool.sleep()
+        pool.wake()
+        assert np.array_equal(arr, np.arange(arr.size, dtype=np.int32))  # same pointer, same bytes
+        arr[0] = -1
+        assert bytes(host.read(a.ptr, 4)) == np.int32(-1).tobytes()
+        del arr
+        a.free()
+
+
+def test_frees_while_asleep_need_no_memory_and_their_pages_do_not_come_back(device: vmmpool.Device) -> None:
+    pool, live = _pool_world(device)
+    pool.sleep()
+    calls = device.counters()
+    big, _ = live.pop(0)  # 3 pages of its own, one shared with the 1000-byte block
+    big.free()
+    gc.collect()
+    assert device.counters() - calls == {}  # no driver call
+    pool._check()
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(device, live)
+    s = pool.stats()
+    assert s.mapped_pages == s.pinned_pages  # only pages live blocks touch came back
+    for a, _d in live:
+        a.free()
+    pool.close()
+
+
+def test_what_needs_memory_while_asleep_says_so_and_changes_nothing(host: vmmpool.Device) -> None:
+    pool, live = _pool_world(host)
+    pool.sleep()
+    before = host.counters()
+    with pytest.raises(AsleepError, match=r"PagePool is asleep.*malloc\(100\).*wake\(\)"):
+        pool.malloc(100)
+    with pytest.raises(AsleepError, match="acquire_pages"):
+        pool.acquire_pages(1)
+    pool.defragment()
+    assert pool.trim() == 0
+    pool.sleep()  # sleeping again: a no-op
+    pool.set_limit(4 * P)  # below the live pages: wake will not fit
+    assert host.counters() - before == {"mem_info": 1}  # set_limit asks the total; nothing else
+    with pytest.raises(vmmpool.OutOfMemoryError, match="wake needs"):
+        pool.wake()
+    assert pool.asleep
+    pool._check()
+    pool.set_limit(16 * P)
+    pool.wake()
+    assert _bytes_ok(host, live)
+    pool.wake()  # awake: a no-op
+    pool.close()
+
+
+def test_backup_false_drops_contents_but_keeps_addresses(device: vmmpool.Device) -> None:
+    pool, live = _pool_world(device)
+    ptrs = [a.ptr for a, _d in live]
+    pool.sleep(backup=False)
+    s = pool.stats()
+    assert s.backup_bytes == 0 and s.sleep_bytes == 0 and device.counters().allocations == 0
+    pool.wake()
+    assert [a.ptr for a, _d in live] == ptrs
+    for a, d in live:  # usable memory again at the same addresses
+        device.write(a.ptr, d[::-1])
+        assert bytes(device.read(a.ptr, len(d))) == d[::-1]
+    pool.close()
+
+
+def test_sleep_waits_for_pending_stream_work_with_events_not_a_device_sync(host: vmmpool.Device) -> None:
+    backend = host._backend
+    pool = PagePool(host, limit=8 * P)
+    a = pool.malloc(2 * P, stream=7)
+    data = _fill(host, a.ptr, 2 * P, 3)
+    backend.hold_stream(7)  # a kernel still runs on stream 7
+    before = host.counters()
+    pool.sleep()
+    calls = host.counters() - before
+    assert calls.get("event_wait", 0) >= 1 and "synchronize" not in calls
+    assert pool.stats().n_syncs == 0
+    backend.release_stream(7)
+    pool.wake()
+    assert bytes(host.read(a.ptr, 2 * P)) == data
+    a.free()
+    pool.close()
+    assert backend.live_events() == 0
+
+
+def test_sleep_refuses_while_pages_are_lent_to_buffers(host: vmmpool.Device) -> None:
+    pool = PagePool(host, limit=8 * P)
+    buf = GrowableBuffer(max_size=4 * P, pool=pool, initial_size=2 * P)
+    with pytest.raises(ValueError, match="lent by acquire_pages"):
+        pool.sleep()
+    assert not pool.asleep and host.counters().allocations == 2
+    data = _fill(host, buf.ptr, 2 * P, 1)
+    buf.sleep()  # the buffer's pages go back to the pool ...
+    pool.sleep()  # ... which gives them to the driver
+    assert host.counters().allocations == 0
+    with pytest.raises(AsleepError, match="acquire_pages"):
+        buf.wake()  # the pool must wake first
+    assert buf.asleep
+    pool.wake()
+    buf.wake()
+    assert bytes(buf.read(2 * P)) == data
+    buf.close()
+    pool.close()
+
+
+def test_close_while_asleep_releases_everything(host: vmmpool.Device) -> None:
+    base = host.counters().live
+    pool, live = _pool_world(host)
+    pool.sleep()
+    pool.close()
+    assert pool.closed and host.counters().live == base
+    assert host._backend.live_host_allocations() == 0
+    for a, _d in live:
+        a.free()  # a no-op after close
+
+
+def test_stats_and_snapshot_while_asleep(host: vmmpool.Device) -> None:
+    pool, _live = _pool_world(host)
+    n = pool.stats().pinned_pages
+    pool.sleep()
+    states = {i.state for i in pool.snapshot()}
+    assert states == {"asleep"}
+    assert len(pool.snapshot()) == n
+    pool.wake()
+    assert "asleep" not in {i.state for i in pool.snapshot()}
+    pool.close()
+
+
+# ------------------------------------------------------------------ buffers
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_buffer_sleep_and_wake(device: vmmpool.Device, pooled: bool) -> None:
+    pool = PagePool(device, limit=16 * P) if pooled else None
+    buf = GrowableBuffer(max_size=8 * P, device=None if pooled else device, pool=pool, initial_size=3 * P + 5)
+    data = _fill(device, buf.ptr, buf.size, 9)
+    v = buf.view("uint8")
+    ptr, size, cap = buf.ptr, buf.size, buf.capacity
+    free0 = device.free_memory
+    buf.sleep()
+    assert buf.asleep and (buf.ptr, buf.size, buf.capacity) == (ptr, size, cap)
+    if pool is None:
+        _freed(device, free0, cap)
+        assert device.counters().allocations == 0
+    else:
+        pool.sleep()
+        assert device.counters().allocations == 0
+    for call in (lambda: buf.resize(P), lambda: buf.reserve(6 * P), buf.shrink_to_fit,
+                 lambda: buf.read(1), lambda: buf.write(b"x")):
+        with pytest.raises(AsleepError, match="GrowableBuffer is asleep"):
+            call()
+    s = buf.sleep_stats()
+    assert s.asleep and s.backup_bytes == cap and s.n_sleeps == 1
+    if pool is not None:
+        pool.wake()
+    buf.wake()
+    assert bytes(buf.read()) == data and v.ptr == ptr
+    s = buf.sleep_stats()
+    assert not s.asleep and s.n_wakes == 1 and s.wake_bytes == cap and s.backup_bytes == 0
+    buf.resize(6 * P)  # grows in place as before
+    assert buf.ptr == ptr
+    del v
+    buf.close()
+    if pool is not None:
+        pool.close()
+    assert device._backend.live_host_allocations() == 0
+
+
+def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:
+    base = host.counters().live
+    buf = GrowableBuffer(max_size=8 * P, device=host, initial_size=2 * P)
+    buf.sleep(backup=False)
+    assert buf.sleep_stats().backup_bytes == 0
+    buf.wake()
+    buf.write(b"ok")
+    assert bytes(buf.read(2)) == b"ok"
+    buf.sleep()
+    buf.close()
+    assert host.counters().live == base and host._backend.live_host_allocations() == 0
+
+
+def test_staging_copies_many_pieces_in_order(host: vmmpool.Device) -> None:
+    """Runs longer than a staging half, at scattered backup offsets, both ways."""
+    with GrowableBuffer(max_size=8 * P, device=host, initial_size=6 * P) as buf:
+        data = _fill(host, buf.ptr, 6 * P, 4)
+        st = Staging(host._backend, chunk=256 << 10)  # halves of 256 KiB: many pieces
+        runs = [(buf.ptr + 4 * P, 2 * P, 0), (buf.ptr, 3 * P, 2 * P)]
+        out = np.zeros(6 * P, np.uint8)
+        st.save(runs, out, 0)
+        assert out[: 2 * P].tobytes() == data[4 * P:] and out[2 * P: 5 * P].tobytes() == data[: 3 * P]
+        buf.write(bytes(6 * P))
+        st.load(runs, out, 0)
+        assert bytes(buf.read(3 * P)) == data[: 3 * P] and bytes(buf.read(2 * P, 4 * P)) == data[4 * P:]
+        assert st.nbytes == 2 * (256 << 10)
+        st.close()
+        assert host._backend.live_host_allocations() == 0 and host._backend.live_events() == 0
+
+
+def test_host_emulator_checks_staging_copies(host: vmmpool.Device) -> None:
+    b = host._backend
+    with GrowableBuffer(max_size=2 * P, device=host, initial_size=P) as buf:
+        h = b.host_alloc(4096)
+        with pytest.raises(vmmpool.DriverError, match="not inside memory from host_alloc"):
+            b.copy_dtoh_async(h + 4096, buf.ptr, 16, 0)  # host side outside the pinned block
+        with pytest.raises(vmmpool.DriverError, match="not mapped"):
+            b.copy_htod_async(buf.ptr + P, h, 16, 0)  # device side unmapped
+        b.host_free(h)
+        with pytest.raises(vmmpool.DriverError, match="not host memory"):
+            b.host_free(h)
+
+
+# --------------------------------------------------------------- fault sweep
+OPS = (
+    "create", "release", "map", "unmap", "set_access", "synchronize",
+    *EVENT_OPERATIONS, *STAGING_OPERATIONS,
+)
+
+
+def _sweep(
+    make: Callable[[vmmpool.Device], Made],
+    action: Callable[[object], None],
+    awake_after_failure: bool,
+) -> int:
+    """Fail the nth call of every op during `action` until it succeeds; check all or nothing."""
+    fired = 0
+    for op in OPS:
+        nth = 1
+        while True:
+            dev = vmmpool.Device.emulated(capacity=64 << 20)
+            base = dev.counters().live
+            obj, state, close, bytes_ok = make(dev)
+            before = state()
+            calls = dev.counters().calls.get(op, 0)
+            name = "CUDA_ERROR_OUT_OF_MEMORY" if nth % 2 else "CUDA_ERROR_INVALID_VALUE"
+            dev._backend.inject_fault(op, nth=nth, name=name)
+            try:
+                action(obj)
+            except (vmmpool.OutOfMemoryError, vmmpool.DriverError) as err:
+                assert dev.counters().calls.get(op, 0) - calls >= nth, f"{op} #{nth}: {err!r}"
+                dev._backend.clear_faults()
+                assert obj.asleep is not awake_after_failure, f"{op} #{nth}: state flipped"  # type: ignore[attr-defined]
+                assert state() == before, f"{op} #{nth}: addresses or accounting changed"
+                if not awake_after_failure:
+                    obj.wake()  # type: ignore[attr-defined]  # the retry works
+                assert bytes_ok(), f"{op} #{nth}: bytes lost"
+                fired += 1
+                nth += 1
+                done = False
+            else:
+                dev._backend.clear_faults()
+                done = True
+                if not obj.asleep:  # type: ignore[attr-defined]
+                    assert bytes_ok(), f"{op} #{nth}: bytes lost"
+            close()
+            gc.collect()
+            assert dev.counters().live == base, f"{op} #{nth}: leak"
+            assert dev._backend.live_host_allocations() == 0, f"{op} #{nth}: pinned memory leaked"
+            assert dev._backend.live_events() == 0, f"{op} #{nth}: event leaked"
+            if done:
+                break
+    return fired
+
+
+def _make_pool(asleep: bool) -> Callable[[vmmpool.Device], Made]:
+    def make(dev: vmmpool.Device) -> Made:
+        pool, live = _pool_world(dev)
+        big = pool.malloc(2 * P, stream=3)  # freed while asleep below
+        # Shapes of state: addresses, bytes (awake), accounting.
+        if asleep:
+            pool.sleep()
+            big.free()
+
+        def state() -> object:
+            pool._check()
+            s = pool.stats()
+            return [[a.ptr for a, _d in live], s.allocated_bytes, s.live_allocations, s.limit]
+
+        return pool, state, pool.close, lambda: _bytes_ok(dev, live)
+
+    return make
+
+
+def test_a_fault_at_any_call_of_sleep_leaves_the_pool_awake_with_its_bytes() -> None:
+    fired = _sweep(_make_pool(False), lambda p: p.sleep(), awake_after_failure=True)  # type: ignore[attr-defined]
+    assert fired >= 10
+
+
+def test_a_fault_at_any_call_of_wake_leaves_the_pool_asleep_and_wake_retries() -> None:
+    def wake_and_check(p: object) -> None:
+        p.wake()  # type: ignore[attr-defined]
+
+    fired = _sweep(_make_pool(True), wake_and_check, awake_after_failure=False)
+    assert fired >= 8
+
+
+def _make_buffer(asleep: bool, pooled: bool) -> Callable[[vmmpool.Device], Made]:
+    def make(dev: vmmpool.Device) -> Made:
+        pool = PagePool(dev, limit=16 * P) if pooled else None
+        buf = GrowableBuffer(max_size=8 * P, device=None if pooled else dev, pool=pool, initial_size=3 * P)
+        data = _fill(dev, buf.ptr, 3 * P, 5)
+        if asleep:
+            buf.sleep()
+
+        def state() -> object:
+            return [buf.ptr, buf.size, buf.capacity]
+
+        def close() -> None:
+            buf.close()
+            if pool is not None:
+                pool.close()
+
+        return buf, state, close, lambda: bytes(buf.read()) == data
+
+    return make
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(pooled: bool) -> None:
+    n = _sweep(_make_buffer(False, pooled), lambda b: b.sleep(), awake_after_failure=True)  # type: ignore[attr-defined]
+    m = _sweep(_make_buffer(True, pooled), lambda b: b.wake(), awake_after_failure=False)  # type: ignore[attr-defined]
+    assert n >= 5 and m >= 5
+
+
+def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(host: vmmpool.Device) -> None:
+    """A release fails mid-sleep, then mapping back fails too: asleep, nothing lost, wake retries."""
+    pool, live = _pool_world(host)
+    n = pool.stats().pinned_pages
+    host._backend.inject_fault("release", nth=n - 1, name="CUDA_ERROR_INVALID_VALUE")  # late in sleep
+    host._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo's first page
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    host._backend.clear_faults()
+    assert pool.asleep and pool.stats().backup_bytes > 0
+    pool._check()
+    with pytest.raises(AsleepError):
+        pool.malloc(1)
+    pool.wake()
+    assert _bytes_ok(host, live)
+    pool._check()
+    pool.close()
+    assert host._backend.live_host_allocations() == 0
+
+
+def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device) -> None:
+    """Receivers hold shared pages: sleeping would free nothing and end the sharing; refused."""
+    pool = PagePool(host, limit=8 * P, shareable=True)
+    a = pool.malloc(P)
+    host.write(a.ptr, b"shared")
+    handle = a.share()
+    with pytest.raises(ValueError, match="shared with other processes"):
+        pool.sleep()
+    assert not pool.asleep and host.counters().allocations == 1
+    del handle  # never sent: the lease ends
+    gc.collect()
+    pool.sleep()
+    pool.wake()
+    assert bytes(host.read(a.ptr, 6)) == b"shared"
+    again = a.share()  # pages made by wake are exportable too
+    assert again.nbytes == P
+    del again
+    gc.collect()
+    a.free()
+    pool.close()
+    buf = GrowableBuffer(max_size=4 * P, device=host, initial_size=P, shareable=True)
+    h = buf.share()
+    with pytest.raises(ValueError, match="shared with another process"):
+        buf.sleep()
+    assert not buf.asleep
+    del h
+    buf.close()
+
+
+@pytest.mark.parametrize("free_while_asleep", [False, True])
+def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(free_while_asleep: bool) -> None:
+    """Issue 20's aliases: a page mapped in two slots is copied and released once, mapped back twice."""
+    Q = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=16 * Q, granularity=Q)
+    pool = PagePool(dev, limit=4 * Q)
+    xs = [pool.malloc(Q // 2) for _ in range(8)]  # four pages of half-page blocks
+    base = min(x.ptr for x in xs)
+    by_off = {(x.ptr - base) // (Q // 2): x for x in xs}
+    by_off.pop(1).free()  # a free tail on page 0 ...
+    by_off.pop(4).free()  # ... and a free head on page 2
+    c = pool.malloc(3 * Q // 4)  # at the limit: across the tail and the head, two aliases
+    assert len(pool._core.aliases) == 2
+    live = [(x, _fill(dev, x.ptr, x.size, i)) for i, x in by_off.items()]
+    live.append((c, _fill(dev, c.ptr, c.size, 99)))
+    pool.sleep()
+    assert dev.counters().allocations == 0 and dev.counters().mappings == 0
+    s = pool.stats()
+    assert s.backup_bytes == 4 * Q  # four physical pages, each copied once
+    pool._check()
+    if free_while_asleep:
+        x, _d = live.pop(0)
+        x.free()
+        pool._check()
+    pool.wake()
+    pool._check()
+    assert dev.counters().allocations == 4 and len(pool._core.aliases) == 2
+    assert _bytes_ok(dev, live)
+    dev.write(c.ptr, bytes(c.size))  # both mappings show one page again: the neighbours keep theirs
+    assert _bytes_ok(dev, live[:-1])
+    for x, _d in live:
+        x.free()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)

@@ -1,0 +1,350 @@
+"""Sleep and wake: give every physical page back, keep every address (issue 18).
+
+``sleep(backup)``, under the pool's lock:
+
+1. Wait for the work of every stream that has memory here: one event recorded
+   on each stream and waited on (a retired stream, which cannot take an event,
+   is covered by one device synchronize, as everywhere in the pool).
+2. Unmap the cached pages (touched by no live block) into the free pages and
+   give every free page back to the driver (what ``trim()`` does).
+3. The pages still mapped are exactly those live blocks touch. They are copied
+   to one host array (``backup``) in runs of adjacent mapped slots, through the
+   reusable pinned staging buffer (``_staging.py``) on stream 0.
+4. Every run is unmapped (one call each); then every page handle is released.
+   The pages stay in their slots in state ``asleep``: the arenas, the blocks,
+   the free ranges and every address are unchanged.
+
+If step 4 fails, what was unmapped is mapped back (the handles still hold the
+memory; pages already released are created again and their bytes copied back
+from the backup): the pool is awake and nothing is lost. Steps 1-3 change no
+allocation (pages given back in step 2 are not needed by any).
+
+``wake()``: pages freed while asleep (slots no live block touches any more)
+are forgotten without a driver call; for each run of sleeping slots new pages
+are created, mapped at the same addresses, access is set once per run, and the
+bytes are copied back. A failure undoes what wake did: the pool stays asleep
+with its backup, and ``wake()`` can be called again.
+
+While asleep: ``free`` works (bookkeeping only); ``malloc`` and
+``acquire_pages`` raise :class:`~vmmpool.AsleepError`; ``defragment`` and
+``trim`` do nothing (there is nothing mapped to give back); ``set_limit``
+changes the limit only (``wake`` fails with out-of-memory if the live pages
+do not fit under it); ``stats`` shows no pages held; ``close`` drops the backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._resources import create
+from .._staging import Staging, host_array
+from ._blocks import Block, whole_slots
+from ._pages import ASLEEP, FREE, MAPPED, Page
+
+if TYPE_CHECKING:
+    from ._arena import Arena
+    from ._core import Core
+
+logger = logging.getLogger("vmmpool.pool")
+
+#: Stream the copies are queued on (the legacy default stream on CUDA).
+COPY_STREAM = 0
+
+Run = tuple["Arena", int, list[Page]]
+
+
+class PoolSleep:
+    """A sleeping pool's backup: the bytes, and where each page's bytes are in them."""
+
+    __slots__ = ("backup", "offsets", "nbytes")
+
+    def __init__(self, backup: np.ndarray | None, offsets: dict[Page, int], nbytes: int) -> None:
+        self.backup = backup
+        self.offsets = offsets
+        self.nbytes = nbytes
+
+
+def runs_of(core: Core, state: str) -> list[Run]:
+    """Runs of adjacent slots whose pages are in `state`, arena by arena, by address."""
+    out: list[Run] = []
+    for arena in core.arenas:
+        if not arena.mapped:
+            continue
+        cur: list[Page] = []
+        start = 0
+        for s, p in enumerate(arena.slots):
+            if p is not None and p.state is state:
+                if not cur:
+                    start = s
+                cur.append(p)
+            elif cur:
+                out.append((arena, start, cur))
+                cur = []
+        if cur:
+            out.append((arena, start, cur))
+    return out
+
+
+def quiesce(core: Core) -> None:
+    """Wait for the work of every stream that has memory in the pool (events, never a device sync)."""
+    backend = core.backend
+    retired = False
+    for st in list(core.streams.values()):
+        if not any(a.mapped for a in st.arenas):
+            continue
+        if st.retired:
+            retired = True
+            continue
+        core.ev.n_events += 1
+        h = backend.event_record(st.key)
+        try:
+            core.ev.n_event_waits += 1
+            backend.event_wait(h)
+        finally:
+            try:
+                backend.event_destroy(h)
+            except Exception:
+                logger.warning("destroying a sleep event failed", exc_info=True)
+                st.stale.append(h)
+        # Every event already recorded is older: complete too.
+        st.done_seq = st.seq
+        if st.events:
+            st._completed(len(st.events) - 1, backend)
+    if retired:  # a retired stream cannot take an event (see _streams.py)
+        core.sync()
+        for st in core.streams.values():
+            if st.retired:
+                st.done_seq = st.seq
+
+
+def staging(core: Core) -> Staging:
+    st: Staging | None = core.staging
+    if st is None:
+        st = core.staging = Staging(core.backend)
+    return st
+
+
+def _device_runs(core: Core, runs: list[Run], offsets: dict[Page, int]) -> list[tuple[int, int, int]]:
+    """(device address, bytes, backup offset) pieces: each run cut where the backup is not contiguous.
+
+    A page mapped twice (an alias, ``_pages.py``) is copied once, through its own slot.
+    """
+    P = core.P
+    out: list[tuple[int, int, int]] = []
+    for arena, s0, pages in runs:
+        for i, p in enumerate(pages):
+            addr = arena.base + (s0 + i) * P
+            if addr != p.addr or p not in offsets:
+                continue  # an alias slot: the same memory as the page's own slot
+            off = offsets[p]
+            if out and out[-1][0] + out[-1][1] == addr and out[-1][2] + out[-1][1] == off:
+                a, n, o = out[-1]
+                out[-1] = (a, n + P, o)
+            else:
+                out.append((addr, P, off))
+    return out
+
+
+def sleep(core: Core, backup: bool) -> None:
+    """Give every page back, keep every address (lock held; see the module docstring)."""
+    if core.acquired:
+        raise ValueError(
+            f"cannot sleep: {len(core.acquired)} page(s) are lent by acquire_pages() (to growable "
+            "buffers); sleep() those buffers (or release the pages) first"
+        )
+    t0 = time.perf_counter()
+    P = core.P
+    quiesce(core)
+    core.reclaim(None, None, wait=True)
+    for st in core.streams.values():
+        st.prune()
+    core.release_free(len(core.free_pages))
+    runs = runs_of(core, MAPPED)
+    offsets: dict[Page, int] = {}
+    off = 0
+    for _arena, _s0, pages in runs:
+        for p in pages:
+            if p not in offsets:  # an aliased page appears in two runs
+                offsets[p] = off
+                off += P
+    nbytes = off
+    data: np.ndarray | None = None
+    if backup and nbytes:
+        data = host_array(nbytes)
+        staging(core).save(_device_runs(core, runs, offsets), data, COPY_STREAM)
+    asleep = PoolSleep(data, offsets, nbytes)
+    unmapped: list[Run] = []
+    try:
+        for run in runs:
+            arena, s0, pages = run
+            arena.res.unmap(s0 * P, len(pages) * P)
+            for p in pages:
+                p.state = ASLEEP
+            unmapped.append(run)
+        for _arena, _s0, pages in runs:
+            for p in pages:
+                phys = p.phys
+                if phys.closed:
+                    continue  # an aliased page, released at its other slot
+                phys.close()  # unmapped: the memory goes back to the driver
+                del core.pages[phys]
+                core.n_released += 1
+    except BaseException as err:
+        core.asleep = asleep
+        core.n_asleep = len({p for r in unmapped for p in r[2]})
+        try:
+            wake_runs(core, unmapped, asleep)
+        except Exception as undo_err:
+            logger.error(
+                "sleep failed (%r) and mapping back failed too (%r): the pool stays asleep with "
+                "its backup; wake() retries",
+                err, undo_err, exc_info=True,
+            )
+            raise
+        core.asleep = None
+        core.n_asleep = 0
+        raise
+    core.asleep = asleep
+    core.n_asleep = len(offsets)
+    c = core.sleeps
+    c.n_sleeps += 1
+    c.sleep_bytes += nbytes if backup else 0
+    c.sleep_seconds += time.perf_counter() - t0
+    logger.info(
+        "sleep: gave %d page(s) back, %d byte(s) backed up in %d run(s)",
+        len(offsets), nbytes if backup else 0, len(runs),
+    )
+
+
+def forget_freed(core: Core) -> None:
+    """Pages freed while asleep (touched by no live block): out of their slots, no driver call.
+
+    Each lies wholly inside a free range (every byte of a slot is live or
+    free): the range is cut around it and the slot returns to the unmapped
+    extents, exactly as a reclaim would leave it.
+    """
+    sl = core.asleep
+    assert sl is not None
+    P = core.P
+    for st in core.streams.values():
+        for h in st.heaps:
+            for b in list(h.by_start.values()):
+                s0, s1 = whole_slots(b)
+                if s1 <= s0:
+                    continue
+                a = b.arena
+                cuts: list[tuple[int, int]] = []
+                for s in range(s0, s1):
+                    p = a.slots[s]
+                    if p is not None and p.state is ASLEEP:
+                        if cuts and cuts[-1][1] == s:
+                            cuts[-1] = (cuts[-1][0], s + 1)
+                        else:
+                            cuts.append((s, s + 1))
+                if not cuts:
+                    continue
+                h.remove(b)
+                lo = b.addr
+                for u0, u1 in cuts:
+                    cut = a.base + u0 * P
+                    if cut > lo:
+                        h.add(Block(a, lo, cut - lo, b.seq))
+                    lo = a.base + u1 * P
+                    for s in range(u0, u1):
+                        p = a.slots[s]
+                        assert p is not None
+                        a.slots[s] = None
+                        sl.offsets.pop(p, None)
+                        if not p.phys.closed:  # a handle kept by a failed sleep: a free page
+                            p.state = FREE
+                            p.addr = None
+                            p.stream = None
+                            core.free_pages.append(p)
+                    a.give(u0, u1 - u0)
+                    a.mapped -= u1 - u0
+                    core.mapped -= u1 - u0
+                    core.n_asleep -= u1 - u0
+                end = b.addr + b.size
+                if end > lo:
+                    h.add(Block(a, lo, end - lo, b.seq))
+
+
+def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
+    """Map `runs` of sleeping pages back (new pages where released) and restore their bytes.
+
+    All or nothing: on failure what was mapped is unmapped and what was
+    created is released; the pages stay asleep.
+    """
+    P = core.P
+    made: list[tuple[Page, object]] = []  # (page, its released PhysicalAllocation)
+    mapped: list[tuple[Arena, int, int]] = []
+    try:
+        for arena, s0, pages in runs:
+            for p in pages:
+                if p.phys.closed:
+                    new = create(P, core.device, handle_type="posix_fd" if core.shareable else "none")
+                    made.append((p, p.phys))
+                    p.phys = new
+            k = 0
+            try:
+                for i, p in enumerate(pages):
+                    arena.res.map(p.phys, (s0 + i) * P)
+                    k += 1
+            finally:
+                if k:
+                    mapped.append((arena, s0, k))
+            arena.res.set_access(s0 * P, len(pages) * P, "rw", core.peers)
+        if sl.backup is not None:
+            restore = [r for r in runs if any(p in sl.offsets for p in r[2])]
+            staging(core).load(_device_runs(core, restore, sl.offsets), sl.backup, COPY_STREAM)
+    except BaseException:
+        for arena, s0, k in reversed(mapped):
+            try:
+                arena.res.unmap(s0 * P, k * P)
+            except Exception:
+                logger.error("undo of a failed wake: unmap failed", exc_info=True)
+        for p, old in reversed(made):
+            try:
+                p.phys.close()
+            except Exception:
+                logger.error("undo of a failed wake: release failed", exc_info=True)
+            p.phys = old  # type: ignore[assignment]
+        raise
+    for _arena, _s0, pages in runs:
+        for p in pages:
+            p.state = MAPPED
+            core.pages[p.phys] = p
+    core.n_created += len(made)
+    total = len(core.pages) * P
+    if total > core.peak_total:
+        core.peak_total = total
+
+
+def wake(core: Core) -> None:
+    """Map every sleeping page back at its address and restore its bytes (lock held)."""
+    sl = core.asleep
+    if sl is None:
+        return
+    t0 = time.perf_counter()
+    forget_freed(core)
+    runs = runs_of(core, ASLEEP)
+    need = len({p for _a, _s, pages in runs for p in pages if p.phys.closed})
+    if len(core.pages) + need > core.max_pages:
+        raise core.oom(
+            need * core.P, need,
+            f"wake needs {need} page(s) for the live data; the limit allows "
+            f"{core.max_pages - len(core.pages)} more (raise it with set_limit)",
+        )
+    wake_runs(core, runs, sl)
+    n = len({p for r in runs for p in r[2]})
+    core.asleep = None
+    core.n_asleep = 0
+    c = core.sleeps
+    c.n_wakes += 1
+    c.wake_bytes += n * core.P if sl.backup is not None else 0
+    c.wake_seconds += time.perf_counter() - t0
+    logger.info("wake: mapped %d page(s) back in %d run(s)", n, len(runs))
