@@ -754,3 +754,22 @@ def test_last_free_after_close_while_the_lock_is_busy_releases_at_the_next_call(
     assert vt.outstanding(pool) == 0
     pool.stats()  # the next call
     assert host.counters().live == before
+
+
+def test_alloc_while_asleep_is_null_and_a_warning(
+    host: vmmpool.Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An asleep pool refuses malloc (AsleepError): an expected condition, logged
+    # as misuse, not as a bug with a traceback at ERROR.
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(MiB, 0, None)
+    pool.sleep()
+    with caplog.at_level(logging.INFO, logger="vmmpool.torch"):
+        assert alloc(4096, 0, None) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("asleep" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    free(p, MiB, 0, None)
+    pool.wake()
+    assert pool.stats().live_allocations == 0
+    pool.close()

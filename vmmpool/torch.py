@@ -76,7 +76,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._errors import ClosedError, OutOfMemoryError
+from ._errors import AsleepError, ClosedError, OutOfMemoryError
 from ._pool import Allocation, PagePool
 
 __all__ = ["MemPool", "callbacks", "outstanding", "use_pool"]
@@ -165,6 +165,10 @@ class _Pair:
             except ClosedError:
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
                        "closed; returning NULL", size, self.device)
+                return None
+            except AsleepError:
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
+                       "asleep (wake() it first); returning NULL", size, self.device)
                 return None
             a._hold = True  # PyTorch uses it until it calls free: close() keeps it mapped
             if pool.closed:
