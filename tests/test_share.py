@@ -359,6 +359,9 @@ def test_unpooled_buffer_closed_while_shared_keeps_the_receivers_memory(host: vm
 def test_fd_count_returns_to_baseline_in_process(host: vmmpool.Device) -> None:
     with GrowableBuffer(max_size=MiB * 8, device=host, initial_size=MiB, shareable=True) as warm:
         pickle.loads(pickle.dumps(warm.share())).close()  # starts the resource sharer once
+    # Emulated devices dropped by earlier tests close their memory files when the
+    # garbage collector reaches them: let that happen before counting.
+    gc.collect()
     base = fd_count()
     with PagePool(host, shareable=True) as pool:
         bufs = [GrowableBuffer(max_size=8 * MiB, pool=pool, initial_size=5 * MiB) for _ in range(2)]
