@@ -76,7 +76,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._errors import ClosedError, OutOfMemoryError
+from ._errors import AsleepError, ClosedError, OutOfMemoryError
 from ._pool import Allocation, PagePool
 
 __all__ = ["MemPool", "callbacks", "outstanding", "use_pool"]
@@ -166,7 +166,18 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
                        "closed; returning NULL", size, self.device)
                 return None
+            except AsleepError:
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
+                       "asleep (wake() it first); returning NULL", size, self.device)
+                return None
             a._hold = True  # PyTorch uses it until it calls free: close() keeps it mapped
+            if pool.closed:
+                # close() ran in another thread after the malloc: it may have seen an
+                # ordinary block (before the line above) and unmapped it. It marks the
+                # pool closed before it looks at the blocks, so this test catches it.
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s was "
+                       "closed meanwhile; returning NULL", size, self.device)
+                return None
             ptr = a.ptr
             self.live[ptr] = a
             return ptr
@@ -210,7 +221,7 @@ def _pair(pool: PagePool) -> _Pair:
     if not isinstance(pool, PagePool):
         raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
     if pool.closed:
-        raise ClosedError("PagePool")
+        raise pool._core.closed_error()  # ForkedError in a forked child
     with _LOCK:
         pair = _BY_POOL.get(pool)
         if pair is None:

@@ -1699,6 +1699,7 @@ class Core:
             return
         errors: list[BaseException] = []
         if not self.closed:
+            self.record_close()
             self.closed = True
             self.pending.clear()
             for st in self.streams.values():
@@ -1744,6 +1745,36 @@ class Core:
                 del self.pages[phys]
         if errors:
             raise errors[0]
+
+    def record_close(self) -> None:
+        """History: close() frees every live block and unmaps every page.
+
+        Recorded so that a snapshot taken after ``close()`` (a ``with`` block's
+        end) is consistent: its segments are empty, and the events that mapped
+        them are matched by unmaps (the replay's recorded reserved bytes would
+        otherwise start below zero).
+        """
+        hist = self.history
+        if hist is None:
+            return
+        for b in self.live:
+            key = b.arena.heap.stream.key
+            hist.record("free_requested", b.addr, b.nbytes, key)
+            hist.record("free_completed", b.addr, b.nbytes, key)
+        P = self.P
+        for a in self.arenas:
+            key = a.heap.stream.key
+            slots = a.slots
+            s, n = 0, len(slots)
+            while s < n:
+                if slots[s] is None:
+                    s += 1
+                    continue
+                e = s + 1
+                while e < n and slots[e] is not None:
+                    e += 1
+                hist.record("segment_unmap", a.base + s * P, (e - s) * P, key)
+                s = e
 
     def _invalidate(self) -> None:
         """First close: mark every live block dead, note the arenas views still use."""

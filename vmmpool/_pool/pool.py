@@ -209,20 +209,30 @@ class Allocation(NoCopy):
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
         self._ref = None
-        shares = self.pool._shares
-        if shares.entries:  # a dict test: the hot path stays cheap
-            core = self.pool._core
+        core = self.pool._core
+        if core.shareable:  # an attribute test: the hot path stays cheap
             if core.forked:
                 self._ref = ref  # refused in a forked child: nothing changed
                 raise core.closed_error()
             rec = ref.rec
-            if rec.ref is ref and shares.mark_freed(rec):
+            shares = self.pool._shares
+            if core.owner == threading.get_ident() and core.lock.locked():
+                # A finalizer re-entered this thread inside the pool: no other
+                # thread can be in share()'s locked section now.
+                leased = rec.ref is ref and shares.mark_freed(rec)
+            else:
+                # Under the pool's lock, where share() checks the allocation and
+                # registers its lease: a share() racing this free() either
+                # registered first (the block is leased: kept) or sees it freed.
+                with core.section:
+                    leased = rec.ref is ref and shares.mark_freed(rec)
+            if leased:
                 # Shared: receivers may still map these bytes; the pool frees the
                 # block once every receiver is done (see _shares.py).
                 self.pool._reap_shares()
                 return
         try:
-            self.pool._core.free(ref, self)
+            core.free(ref, self)
         except ForkedError:
             self._ref = ref  # refused in a forked child: nothing changed
             raise
@@ -1149,6 +1159,10 @@ class PagePool(ClosesOnExit, NoCopy):
         if core.tasks:
             core.run_tasks()
         with core.section:
+            if core.closed:
+                # Every page is given up (stats() counts none): arenas that
+                # PyTorch or CuPy still use stay mapped for them, not for the pool.
+                return []
             if core.pending:
                 core.drain()
             info: dict[Page, PageInfo] = {}
@@ -1188,7 +1202,8 @@ class PagePool(ClosesOnExit, NoCopy):
                         for b in sorted(blocks, key=_addr)
                     )
                     info[p] = PageInfo(
-                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used
+                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
+                        None if al is None else spans[1],
                     )
             for p in core.pages.values():
                 if p not in info:
