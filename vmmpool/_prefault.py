@@ -17,10 +17,12 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["populate_write", "MADV_POPULATE_WRITE"]
+__all__ = ["populate_write", "discard", "MADV_POPULATE_WRITE"]
 
 #: ``madvise`` advice: fault the range in, writable (Linux 5.14+, ``<linux/mman.h>``).
 MADV_POPULATE_WRITE = 23
+#: ``madvise`` advice: give the pages of private memory back (they read as zeros after).
+MADV_DONTNEED = 4
 
 _madvise = None
 if sys.platform.startswith("linux"):  # pragma: no branch - the emulator is Linux only
@@ -53,3 +55,17 @@ def populate_write(address: int, nbytes: int) -> bool:
     if ctypes.get_errno() == 22:  # EINVAL: a kernel older than 5.14; stop asking
         _supported = False
     return False
+
+
+def discard(address: int, nbytes: int) -> bool:
+    """Give the pages of private anonymous memory ``[address, address + nbytes)`` back to the OS.
+
+    The range must be whole pages. Its bytes are gone (they read as zeros
+    after); the mapping stays. Returns False where the kernel refused (the
+    memory then stays until the mapping is dropped).
+    """
+    if _madvise is None or nbytes <= 0:
+        return False
+    if address % _PAGE or nbytes % _PAGE:
+        raise ValueError(f"discard needs whole pages, got [{address:#x}, +{nbytes})")
+    return bool(_madvise(address, nbytes, MADV_DONTNEED) == 0)

@@ -348,6 +348,7 @@ class HostBackend(Backend):
     """
 
     address_limit = ADDRESS_LIMIT
+    device_memory_is_host_ram = True
 
     def __init__(
         self,
