@@ -13,7 +13,7 @@ import vmmpool
 from vmmpool import GrowableBuffer, _prefault
 from vmmpool import _staging as staging_module
 from vmmpool._backends import host as host_backend
-from vmmpool._prefault import populate_write
+from vmmpool._prefault import discard, populate_write
 from vmmpool._staging import Staging, host_array
 
 P = 2 << 20
@@ -156,3 +156,20 @@ def test_host_emulator_pinned_memory_is_resident_and_restores_commit_their_pages
         assert asked == [(buf.ptr + i * (P // 2), P // 2) for i in range(4)]
         assert resident(buf.ptr, 2 * P) == 2 * P // PAGE
         assert bytes(buf.read(2 * P)) == src.tobytes()
+
+
+def test_discard_gives_back_whole_pages_of_a_backup_and_keeps_the_rest() -> None:
+    arr = host_array(4 * P)
+    arr[:] = 9
+    addr = arr.ctypes.data
+    assert resident(addr, 4 * P) == 4 * P // PAGE
+    assert discard(addr + P, 2 * P)  # a hole in the backup's memory file
+    assert resident(addr, 4 * P) == 2 * P // PAGE
+    assert not arr[P: 3 * P].any() and (arr[:P] == 9).all() and (arr[3 * P:] == 9).all()
+    anon = np.frombuffer(mmap.mmap(-1, 4 * PAGE), np.uint8)
+    anon[:] = 1
+    assert discard(anon.ctypes.data, 2 * PAGE)  # private memory: MADV_DONTNEED
+    assert anon.sum() == 2 * PAGE
+    with pytest.raises(ValueError, match="whole pages"):
+        discard(addr + 1, PAGE)
+    assert not discard(addr, 0)

@@ -23,6 +23,8 @@ __all__ = ["populate_write", "discard", "MADV_POPULATE_WRITE"]
 MADV_POPULATE_WRITE = 23
 #: ``madvise`` advice: give the pages of private memory back (they read as zeros after).
 MADV_DONTNEED = 4
+#: ``madvise`` advice: punch the range out of a shared memory file (it reads as zeros after).
+MADV_REMOVE = 9
 
 _madvise = None
 if sys.platform.startswith("linux"):  # pragma: no branch - the emulator is Linux only
@@ -58,14 +60,18 @@ def populate_write(address: int, nbytes: int) -> bool:
 
 
 def discard(address: int, nbytes: int) -> bool:
-    """Give the pages of private anonymous memory ``[address, address + nbytes)`` back to the OS.
+    """Give the pages of ``[address, address + nbytes)`` back to the OS; the mapping stays.
 
-    The range must be whole pages. Its bytes are gone (they read as zeros
-    after); the mapping stays. Returns False where the kernel refused (the
-    memory then stays until the mapping is dropped).
+    The range must be whole pages of a shared memory file's mapping (a hole
+    is punched, ``MADV_REMOVE``) or of private anonymous memory
+    (``MADV_DONTNEED``). Its bytes are gone: it reads as zeros after. Returns
+    False where the kernel refused (the memory then stays until the mapping
+    is dropped).
     """
     if _madvise is None or nbytes <= 0:
         return False
     if address % _PAGE or nbytes % _PAGE:
         raise ValueError(f"discard needs whole pages, got [{address:#x}, +{nbytes})")
+    if _madvise(address, nbytes, MADV_REMOVE) == 0:
+        return True
     return bool(_madvise(address, nbytes, MADV_DONTNEED) == 0)

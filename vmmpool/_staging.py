@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,20 +47,35 @@ STAGING_CHUNK = 32 << 20
 def host_array(nbytes: int) -> np.ndarray:
     """A fresh ``uint8`` array of `nbytes` of host memory for a backup.
 
-    Anonymous memory of its own, with transparent huge pages asked for where
-    the OS offers them (``MADV_HUGEPAGE``). :meth:`Staging.save` commits it
-    piece by piece as it fills it. The memory goes back to the OS when the
-    array is dropped.
+    Memory of its own: a memory file (``memfd``) mapped once, its descriptor
+    closed at once (the mapping keeps the file). :meth:`Staging.save` commits
+    it piece by piece as it fills it; :func:`vmmpool._prefault.discard` gives
+    pieces back early (a wake that has restored them). Measured on the host
+    emulator's machine, pages given back this way (a hole in a file) are
+    taken again at once by the next allocation, where anonymous memory given
+    back with ``MADV_DONTNEED`` came back at the speed of brand-new memory (4x
+    slower past 8 GiB held). Anonymous memory where memory files are missing.
+    The memory goes back to the OS when the array is dropped.
     """
     if nbytes <= 0:
         return np.empty(0, dtype=np.uint8)
-    mm = mmap.mmap(-1, nbytes)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
+    mm: mmap.mmap | None = None
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
         try:
-            mm.madvise(advice)
-        except OSError:  # pragma: no cover - kernels without THP
-            pass
+            fd = memfd_create("vmmpool-backup", getattr(os, "MFD_CLOEXEC", 1))
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, nbytes)
+                mm = mmap.mmap(fd, nbytes)
+            except OSError:
+                mm = None
+            finally:
+                os.close(fd)
+    if mm is None:
+        mm = mmap.mmap(-1, nbytes)
     return np.frombuffer(mm, dtype=np.uint8)
 
 
