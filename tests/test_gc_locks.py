@@ -252,3 +252,93 @@ def test_many_releases_deferred_inside_backend_calls_are_all_run() -> None:
         print("live", dev.counters().live)
     """)
     assert "live (0, 0, 0)" in out
+
+
+# Issue 17 item 4: a user's __del__ that frees an allocation (an object in a reference cycle).
+USER_DEL = """
+errors = []
+class Owner:
+    # a user's object in a reference cycle whose __del__ frees its allocation
+    def __init__(self, a):
+        self.a = a
+        self.me = self
+    def __del__(self):
+        try:
+            self.a.free()
+        except Exception as e:
+            errors.append(repr(e))
+"""
+
+
+def test_user_del_freeing_in_a_cycle_collected_inside_malloc() -> None:
+    """The GC runs inside malloc's locked section (in its backend calls and, with a
+    threshold of 1, nearly everywhere): the free is queued, never waited for, and
+    done when malloc lets go of the lock. Before the fix this hung on the first cycle."""
+    out = run_script(USER_DEL + textwrap.dedent("""
+        pool = vmmpool.PagePool(dev, limit=64 * P)
+        backend = dev._backend
+        inside = [0]
+        for name in ("create", "map", "set_access", "reserve", "unmap", "event_record",
+                     "event_query"):
+            orig = getattr(backend, name)
+            def call(*a, _orig=orig, **k):
+                if gc.collect():
+                    inside[0] += 1
+                return _orig(*a, **k)
+            setattr(backend, name, call)
+        gc.disable()
+        checked = 0
+        for i in range(60):
+            Owner(pool.malloc(1000 + 64 * i, stream=i % 3))
+            Owner(pool.malloc(2 * P, stream=i % 3))
+            n = inside[0]
+            keep = pool.malloc(3 * P, stream=3 + i % 4)  # slow path: GC inside its calls
+            if inside[0] > n:  # the cycles were collected inside this malloc's locked section:
+                core = pool._core  # their frees were done when it let go of the lock (no later call)
+                assert core.n_live == 1 and not core.pending, (core.n_live, core.pending)
+                checked += 1
+            keep.free()
+        assert checked > 10, checked
+        gc.enable()
+        gc.set_threshold(1, 1, 1)  # the GC runs at (nearly) every allocation, hot path too
+        for i in range(300):
+            Owner(pool.malloc(100 + i, stream=i % 2))
+            pool.malloc(700 + i, stream=i % 2).free()
+        gc.set_threshold(700, 10, 10)
+        gc.collect()
+        s = pool.stats()
+        assert s.live_allocations == 0 and s.n_free == s.n_malloc, s
+        pool._check()
+        pool.close()
+        print("errors", len(errors), errors[:3], "live", dev.counters().live)
+    """), timeout=60)
+    assert "errors 0 [] live (0, 0, 0)" in out, out
+
+
+def test_user_del_calling_the_pool_inside_its_lock_raises_instead_of_hanging() -> None:
+    """Only free() is deferred; any other pool call from such a finalizer raises at once."""
+    out = run_script("""
+        pool = vmmpool.PagePool(dev, limit=16 * P)
+        seen = []
+        class Asker:
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                try:
+                    pool.stats()
+                except Exception as e:
+                    seen.append(type(e).__name__ + ": " + str(e)[:40])
+        orig = dev._backend.map
+        def m(*a, **k):
+            gc.collect()
+            return orig(*a, **k)
+        dev._backend.map = m
+        gc.disable()
+        Asker()
+        pool.malloc(P).free()
+        dev._backend.map = orig
+        gc.enable()
+        print(seen)
+        pool.close()
+    """, timeout=60)
+    assert "['ReentryError: PagePool called from a finalizer or sign']" in out, out

@@ -236,3 +236,27 @@ def test_dump_snapshot_records_page_mappings_as_segment_events(
         m = trace[i_big - 1]
         assert m["addr"] <= big.ptr and big.ptr + 4 * P <= m["addr"] + m["size"]
         keep.free()
+
+
+def test_snapshot_after_close_matches_its_history(tmp_path: Path) -> None:
+    # dump_snapshot after a `with PagePool(...)` block: the segments are empty,
+    # so the history must free the live blocks and unmap what it mapped, or the
+    # replay's recorded reserved bytes start below zero.
+    from vmmpool import replay as R
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    with vmmpool.PagePool(dev) as pool:
+        pool.record_history(context=None)
+        pool.malloc(100)
+        pool.malloc(3 * P + 5)
+        pool.malloc(P, 3).free()
+    path = tmp_path / "closed.pickle"
+    pool.dump_snapshot(path)
+    snap = pickle.loads(path.read_bytes())
+    assert snap["segments"] == []
+    actions = [e["action"] for e in snap["device_traces"][0]]
+    assert actions.count("alloc") == 3 and actions.count("free_completed") == 3
+    tr = R.load(str(path))
+    assert tr.recorded_reserved[0] == (0, 0) and tr.recorded_reserved[-1][1] == 0, tr.recorded_reserved
+    assert min(r for _, r in tr.recorded_reserved) >= 0

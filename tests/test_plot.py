@@ -134,6 +134,16 @@ def test_owner_colors_are_distinct_and_never_near_a_state_colour() -> None:
     assert plot.color_distance("#dadaeb", plot.STATE_COLORS["free"]) < plot.MIN_STATE_DISTANCE  # the old trap
 
 
+@pytest.mark.parametrize(
+    ("n", "error"), [(-1, ValueError), (1.5, TypeError), ("3", TypeError), (True, TypeError)]
+)
+def test_owner_colors_refuses_a_count_that_is_not_a_natural_number(n: object, error: type) -> None:
+    # owner_colors(-1) returned every colour but one (a slice), "3" and 1.5 were accepted.
+    with pytest.raises(error, match="n must be"):
+        plot.owner_colors(n)  # type: ignore[arg-type]
+    assert plot.owner_colors(0) == []
+
+
 def test_page_map_gives_each_allocation_its_own_colour_across_a_figure() -> None:
     dev = vmmpool.Device.emulated(capacity=128 * MiB)
     with vmmpool.PagePool(dev, limit=64 * MiB) as pool:

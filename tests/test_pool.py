@@ -857,8 +857,122 @@ def test_a_retired_stream_freeing_later_is_covered_by_one_device_synchronize(
         b = pool.malloc(4 * P, stream=1)
         s = pool.stats()
         assert s.n_syncs == 1 and s.n_reclaimed_pages == 4
+        assert 777 not in pool._core.streams  # its last block freed, its pages gone: forgotten
         b.free()
         pool._check()
+
+
+# Issue 17 item 8: retired and empty streams cost nothing.
+def test_one_shot_streams_cost_nothing(host: vmmpool.Device) -> None:
+    """6,000 streams used once and retired: the pool forgets each once its pages leave it,
+    so the stream count, the address space and the slow path's walk stay small."""
+    from vmmpool._pool._streams import StreamState
+
+    P = host.granularity
+    pool = pool_of(host, pages=16)
+    core = pool._core
+    for i in range(6000):
+        a = pool.malloc(1000 if i % 2 else 3 * P, stream=100 + i)
+        a.free()
+        pool.retire_stream(100 + i)
+    s = pool.stats()
+    # a stream still known holds a cached page (was: 6,000 streams, 6,000 x 2 arenas)
+    assert len(core.streams) <= s.total_pages <= 16, (len(core.streams), s)
+    assert s.address_space_bytes <= len(core.streams) * 2 * 2 * pool.limit, s
+    # a slow-path malloc (a remap at the limit) walks the streams that hold something only
+    visits = [0]
+    methods = ("free_ranges", "cached_pages", "prune")
+    real = {m: getattr(StreamState, m) for m in methods}
+
+    def counting(m: str) -> object:
+        def f(self: StreamState, *a: object) -> object:
+            visits[0] += 1
+            return real[m](self, *a)
+        return f
+
+    try:
+        for m in methods:
+            setattr(StreamState, m, counting(m))
+        before = host.counters()
+        big = pool.malloc(16 * P, stream=1)
+        delta = host.counters() - before
+    finally:
+        for m in methods:
+            setattr(StreamState, m, real[m])
+    assert delta["map"] >= 1  # it was the slow path
+    assert visits[0] <= 4 * 17, visits[0]  # was over 6,000 per call
+    assert len(core.streams) <= 2, list(core.streams)  # every retired stream gave its pages up
+    big.free()
+    pool.trim()
+    s = pool.stats()
+    assert (len(core.streams), s.address_space_bytes, s.total_pages) == (0, 0, 0)
+    assert host._backend.live_events() == 0
+    pool._check()
+    pool.close()
+
+
+def test_retiring_an_empty_stream_forgets_it_at_once(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        core = pool._core
+        a = pool.malloc(3 * P, stream=2)
+        a.free()
+        pool.defragment()  # its pages leave it: stream 2 holds nothing but its arena
+        va = pool.stats().address_space_bytes
+        assert 2 in core.streams
+        pool.retire_stream(2)
+        assert 2 not in core.streams
+        assert pool.stats().address_space_bytes < va
+        pool.malloc(100, stream=2).free()  # the stream may be used again
+        assert 2 in core.streams
+        pool._check()
+
+
+def test_a_retired_stream_is_forgotten_when_its_last_page_leaves(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        core = pool._core
+        a = pool.malloc(3 * P, stream=2)
+        a.free()
+        pool.retire_stream(2)
+        assert 2 in core.streams  # its cached pages are still mapped
+        b = pool.malloc(8 * P, stream=1)  # at the limit: takes them
+        assert 2 not in core.streams
+        assert pool.stats().address_space_bytes == sum(a.res.size for a in core.streams[1].arenas)
+        b.free()
+        pool._check()
+        # a stream that is not retired (a raw handle may be used again) is kept
+        pool.malloc(3 * P, stream=2).free()
+        pool.malloc(8 * P, stream=1).free()
+        assert 2 in core.streams
+        pool.trim()  # trim forgets every stream left with nothing
+        assert not core.streams
+
+
+def test_a_stream_object_is_forgotten_when_its_pages_leave(device: vmmpool.Device) -> None:
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        s = _CupyLike(2)
+        pool.malloc(3 * P, stream=s).free()
+        assert 2 in pool._core.streams
+        pool.malloc(8 * P, stream=1).free()
+        assert 2 not in pool._core.streams
+        pool._check()
+
+
+def test_forgetting_a_stream_fails_quietly_and_is_retried(host: vmmpool.Device) -> None:
+    P = host.granularity
+    with pool_of(host, pages=8) as pool:
+        core = pool._core
+        pool.malloc(3 * P, stream=5).free()
+        pool.defragment()
+        host._backend.inject_fault("free_address", name="CUDA_ERROR_INVALID_VALUE")
+        pool.retire_stream(5)  # the arena's free_address fails: kept, not an error
+        host._backend.clear_faults()
+        assert 5 in core.streams and core.streams[5].retired
+        pool._check()
+        pool.trim()
+        assert 5 not in core.streams and pool.stats().address_space_bytes == 0
 
 
 def test_stream_objects_are_kept_alive_while_they_have_memory_in_the_pool(
@@ -885,11 +999,11 @@ def test_racing_double_free_never_frees_a_reused_block(device: vmmpool.Device) -
     with pool_of(device) as pool:
         for n in (100, 3 * P):
             a = pool.malloc(n)
-            rec = a._rec
+            ref = a._ref
             a.free()
             b = pool.malloc(n)  # reuses the same block or range
             assert b.ptr == a.ptr
-            a._rec = rec  # what a second thread still sees after a racing free()
+            a._ref = ref  # what a second thread still sees after a racing free()
             with pytest.raises(ValueError, match="already freed"):
                 a.free()
             assert not b.freed and pool.stats().live_allocations == 1

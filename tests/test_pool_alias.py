@@ -141,3 +141,37 @@ def test_gpt2_medium_shaped_inference_within_one_percent() -> None:
     mn = R.min_limit(tr)
     assert mn.result.syncs == 0
     assert mn.ratio <= 1.01, f"{mn.ratio:.4f} x peak live"
+
+
+def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:
+    # A block placed across an alias lies at the alias's addresses: the
+    # snapshot's segments must hold it (PyTorch's viewer and the replay read
+    # them), and agree with the history's segment_map events, which map the
+    # alias's address space (the replay's recorded reserved bytes then start at
+    # 0, not below).
+    dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
+    with PagePool(dev, limit=4 * P) as pool:
+        pool.record_history(context=None)
+        xs = [pool.malloc(P // 2) for _ in range(8)]
+        base = min(x.ptr for x in xs)
+        by_off = {(x.ptr - base) // (P // 2): x for x in xs}
+        by_off.pop(1).free()
+        by_off.pop(4).free()
+        c = pool.malloc(3 * P // 4)
+        assert pool._core.n_aliases == 2
+        snap = pool.memory_snapshot()
+        active = {
+            b["address"]: b["size"]
+            for s in snap["segments"] for b in s["blocks"] if b["state"] == "active_allocated"
+        }
+        assert active.get(c.ptr) == c.size, "the aliased block is missing from the segments"
+        assert sum(active.values()) == pool.stats().allocated_bytes
+        assert sum(p.alias_address is not None for p in pool.snapshot()) == 2
+        path = tmp_path / "alias.pickle"
+        pool.dump_snapshot(path)
+        tr = R.load(str(path))
+        assert tr.recorded_reserved[0] == (0, 0), tr.recorded_reserved
+        assert min(r for _, r in tr.recorded_reserved) >= 0
+        c.free()
+        for x in by_off.values():
+            x.free()

@@ -12,7 +12,9 @@ pool's design allows: they are not counted as a change.)
 Fork and threads (issue 17): some scenarios first fork a child that tries to
 malloc, free and close, then drops everything it inherited (its refusals must
 leave the parent's bytes and accounting as they were), or run the operation
-while another thread reads and views the live allocations.
+while another thread reads and views the live allocations. Retired streams
+(issue 17 item 8): a remap takes their pages and forgets them, retiring empty
+streams forgets them (a failure to is quiet: the stream is kept), trim.
 """
 
 from __future__ import annotations
@@ -135,6 +137,20 @@ def _free_pages(w: World) -> None:
     w.pool.defragment()
 
 
+def _retired_with_cache(w: World) -> None:
+    """Streams 1-4 hold cached pages only and are retired (issue 17 item 8)."""
+    _cached_on_other_streams(w)
+    for s in (1, 2, 3, 4):
+        w.pool.retire_stream(s)
+
+
+def _retire_empty(w: World) -> None:
+    """Retiring streams that hold nothing forgets them; a failure to is quiet (kept)."""
+    for s in (1, 2, 3, 4):
+        w.pool.retire_stream(s)
+    w.pool._check()
+
+
 def _tail_and_head_at_the_limit(w: World, large: int = 4, cached: int = 0) -> None:
     """Every page of the limit held: half-page blocks on 8 pages but for the second
     half of page 0 (a free tail) and the first half of page 2 (a free head)."""
@@ -235,6 +251,10 @@ SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] 
     "malloc remap from cached": (_cached_on_other_streams, lambda w: w.pool.malloc(6 * P, stream=5)),
     "malloc small remap": (_cached_at_the_limit, lambda w: w.pool.malloc(100, stream=6)),
     "malloc large remap at the limit": (_cached_at_the_limit, lambda w: w.pool.malloc(3 * P, stream=6)),
+    "malloc remap from retired streams": (
+        _retired_with_cache, lambda w: w.pool.malloc(6 * P, stream=5)),
+    "retire_stream of empty streams": (_free_pages, _retire_empty),
+    "trim with retired streams": (_retired_with_cache, lambda w: w.pool.trim()),
     "malloc across a tail and a head": (_tail_and_head_at_the_limit, lambda w: _aliased(w, 3 * P // 4)),
     "malloc across a tail, a remapped page and a head": (
         lambda w: _tail_and_head_at_the_limit(w, 3, 1), lambda w: _aliased(w, 7 * P // 4, remap=True)),
@@ -279,7 +299,8 @@ SCENARIOS: dict[str, tuple[Callable[[World], None], Callable[[World], object]]] 
 def test_fault_at_every_call_index(name: str) -> None:
     setup, action = SCENARIOS[name]
     n = sweep(name, setup, action)
-    if name not in ("malloc cache hit", "release_pages"):  # no backend call: nothing to fail
+    # no backend call: nothing to fail; or forgetting streams, whose failures are quiet
+    if name not in ("malloc cache hit", "release_pages", "retire_stream of empty streams"):
         assert n > 0, f"{name}: no backend call to fail?"
 
 

@@ -1,8 +1,11 @@
-"""PagePool lifetime and limits (issue 8 items 2, 4, 5, 6 and 8), through the public API."""
+"""PagePool lifetime and limits (issue 8 items 2, 4, 5, 6 and 8; issue 17 items 4 and 7)."""
 
 from __future__ import annotations
 
 import gc
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +176,132 @@ def test_collected_pooled_buffer_gives_its_pages_back_at_the_next_call(device: v
         gc.collect()
         assert pool.stats().acquired_pages == 0  # the deferred release ran
         pool.malloc(8 * P).free()
+
+
+# ---------------------------------------------------------------- issue 17 item 4
+class _Owner:
+    """A user's object in a reference cycle whose ``__del__`` frees its allocation."""
+
+    def __init__(self, a: vmmpool.Allocation, errors: list[str], times: int = 1) -> None:
+        self.a = a
+        self.errors = errors
+        self.times = times
+        self.me = self
+
+    def __del__(self) -> None:
+        for _ in range(self.times):
+            try:
+                self.a.free()
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                self.errors.append(f"{type(e).__name__}: {e}")
+
+
+def test_user_del_freeing_after_the_safety_net_is_silent(device: vmmpool.Device) -> None:
+    """Default GC settings: the pool's safety net frees the allocation (weak-reference
+    callbacks run before ``__del__``); the user's free() that follows does nothing."""
+    P = device.granularity
+    errors: list[str] = []
+    with PagePool(device, limit=8 * P) as pool:
+        for i in range(20):
+            _Owner(pool.malloc(1000 + 512 * i, stream=i % 2), errors)
+        _Owner(pool.malloc(3 * P), errors)
+        gc.collect()
+        assert errors == []  # was "already freed" for every one of them
+        s = pool.stats()
+        assert s.live_allocations == 0 and (s.n_malloc, s.n_free) == (21, 21), s
+        pool._check()
+
+
+def test_double_free_outside_the_safety_net_still_raises(device: vmmpool.Device) -> None:
+    P = device.granularity
+    errors: list[str] = []
+    with PagePool(device, limit=8 * P) as pool:
+        a = pool.malloc(100)
+        a.free()
+        with pytest.raises(ValueError, match="already freed"):
+            a.free()
+        # a __del__ freeing twice: the first is a no-op after the safety net, the second
+        # is the user's own double free
+        _Owner(pool.malloc(100), errors, times=2)
+        gc.collect()
+        assert len(errors) == 1 and "ValueError" in errors[0] and "already freed" in errors[0]
+        # a racing free() (the allocation is alive, its block freed by another call)
+        b = pool.malloc(5000)
+        ref = b._ref
+        b.free()
+        b._ref = ref
+        with pytest.raises(ValueError, match="already freed"):
+            b.free()
+        assert pool.stats().live_allocations == 0
+        pool._check()
+
+
+# ---------------------------------------------------------------- issue 17 item 7
+def test_release_after_close_is_done_by_the_thread_holding_the_lock(device: vmmpool.Device) -> None:
+    """The last view dies while another thread is inside the pool: that thread releases
+    the arena when it lets go of the lock (it used to be dropped, never retried)."""
+    P = device.granularity
+    before = device.counters().live
+    pool = PagePool(device, limit=8 * P)
+    v = pool.malloc(3 * P).view("uint8")
+    pool.close()
+    assert device.counters().live != before  # the arena stays for the view
+    core = pool._core
+    inside = threading.Event()
+    go = threading.Event()
+    real = core.pinned
+
+    def pinned() -> int:  # stats() calls it with the lock held
+        inside.set()
+        go.wait(10)
+        return real()
+
+    core.pinned = pinned  # type: ignore[method-assign]
+    t = threading.Thread(target=pool.stats)
+    t.start()
+    try:
+        assert inside.wait(10)
+        del v
+        gc.collect()  # the view's finalizer finds the lock busy: queued
+        assert device.counters().live != before
+    finally:
+        go.set()
+        t.join()
+        del core.pinned
+    assert device.counters().live == before  # released by stats() on its way out
+
+
+def test_release_after_close_with_a_thread_calling_stats(device: vmmpool.Device) -> None:
+    """Issue 17 item 7 as reported: a thread calls stats() in a loop while the pool is
+    closed and its last view dropped; the memory is released while the pool is alive."""
+    P = device.granularity
+    before = device.counters().live
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the stats thread holds the lock often when the view dies
+    try:
+        for _ in range(10):
+            pool = PagePool(device, limit=8 * P)
+            a = pool.malloc(3 * P)
+            v = a.view("uint8")
+            del a
+            stop = threading.Event()
+
+            def spin(pool: PagePool = pool, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    pool.stats()
+
+            t = threading.Thread(target=spin)
+            t.start()
+            try:
+                time.sleep(0.005)
+                pool.close()
+                del v
+                deadline = time.monotonic() + 10
+                while device.counters().live != before and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert device.counters().live == before, "memory held after close + last view"
+            finally:
+                stop.set()
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)

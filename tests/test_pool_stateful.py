@@ -4,12 +4,17 @@ Random malloc / free / garbage collection / defragment / trim / set_limit /
 acquire / release / injected driver faults / forked children / refused copies /
 first views taken by two threads at once on a pool of 64 KiB pages with a
 limit of a few dozen pages (so that remapping and out-of-memory happen all
-the time), with streams held pending (their events stay incomplete). After
-every step: the internal invariants hold, live allocations never overlap,
-every allocation's bytes (its own pattern) survived, the statistics add up, a
-page is in use exactly when a live allocation touches it (else cached while
-mapped, or free), no device synchronize was issued, and a request failed only
-if the limit forced it.
+the time), with streams held pending (their events stay incomplete), frees
+from other threads (with a thread calling ``stats()`` meanwhile), frees from a
+user's ``__del__`` in a reference cycle (after the pool's safety net), retired
+streams and one-shot streams. After every step: the internal invariants hold,
+live allocations never overlap, every allocation's bytes (its own pattern)
+survived, the statistics add up, a page is in use exactly when a live
+allocation touches it (else cached while mapped, or free), no device
+synchronize was issued, a request failed only if the limit forced it, and a
+retired stream that holds nothing is forgotten. At the end a view outlives
+``close()`` while a thread calls ``stats()``: its memory is released when it
+is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import gc
 import itertools
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +61,21 @@ sizes = st.one_of(
 streams = st.sampled_from([0, 1, 7])
 
 
+class Owner:
+    """A user's object in a reference cycle whose ``__del__`` frees its allocation."""
+
+    def __init__(self, a: Allocation, errors: list[str]) -> None:
+        self.a = a
+        self.errors = errors
+        self.me = self
+
+    def __del__(self) -> None:
+        try:
+            self.a.free()
+        except Exception as e:  # noqa: BLE001 - checked by the rule
+            self.errors.append(repr(e))
+
+
 class PoolMachine(RuleBasedStateMachine):
     allocs = Bundle("allocs")
     acquired = Bundle("acquired")
@@ -69,6 +90,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.seed = 0
         self.expected_mallocs = 0
         self.expected_frees = 0
+        self.one_shot = itertools.count(1000)
 
     def _must_succeed(self, nbytes: int) -> bool:
         # A request fails only if the pages touched by live blocks plus the
@@ -124,6 +146,64 @@ class PoolMachine(RuleBasedStateMachine):
             return
         del self.live[token]
         gc.collect()
+        self.expected_frees += 1
+
+    @rule(token=consumes(allocs))
+    def free_in_del(self, token: int | None) -> None:
+        """A user's ``__del__`` frees it: the safety net ran first; nothing happens then."""
+        if token is None or token not in self.live:  # not allocated, or freed while asleep
+            return
+        a, _ = self.live.pop(token)
+        errors: list[str] = []
+        Owner(a, errors)
+        del a
+        gc.collect()
+        assert errors == [], errors
+        self.expected_frees += 1
+
+    @rule(t1=consumes(allocs), t2=consumes(allocs), t3=consumes(allocs))
+    def free_in_threads(self, t1: int | None, t2: int | None, t3: int | None) -> None:
+        """Free from three threads at once while a fourth calls stats()."""
+        mine = [self.live.pop(t)[0] for t in (t1, t2, t3) if t is not None and t in self.live]
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(mine) + 1)
+
+        def run(fn: object) -> None:
+            try:
+                start.wait()
+                fn()  # type: ignore[operator]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=run, args=(a.free,)) for a in mine]
+        ts.append(threading.Thread(target=run, args=(lambda: [self.pool.stats() for _ in range(3)],)))
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
+        self.expected_frees += len(mine)
+
+    @rule(stream=streams)
+    def retire(self, stream: int) -> None:
+        """Retire a stream no live allocation of the machine uses (frees after retirement
+        would need a device synchronize, which this machine forbids)."""
+        if any(a.stream == stream for a, _ in self.live.values()):
+            return
+        self.pool.retire_stream(stream)
+
+    @rule(nbytes=sizes)
+    def one_shot_stream(self, nbytes: int) -> None:
+        """Allocate and free once on a new stream, then retire it."""
+        key = next(self.one_shot)
+        try:
+            a = self.pool.malloc(nbytes, stream=key)
+        except vmmpool.OutOfMemoryError:
+            return
+        self.device.write(a.ptr, pattern(0, nbytes))
+        a.free()
+        self.pool.retire_stream(key)
+        self.expected_mallocs += 1
         self.expected_frees += 1
 
     @rule()
@@ -350,10 +430,34 @@ class PoolMachine(RuleBasedStateMachine):
             assert [x.address for x in p.allocations] == touched
         assert sum(p.state == "cached" for p in snap) == s.reclaimable_pages
         assert s.n_syncs == 0 and "synchronize" not in self.device.counters().calls
+        for stream in pool._core.streams.values():  # retired and empty: forgotten
+            if stream.retired and not stream.stale:
+                assert any(a.mapped for a in stream.arenas), f"stream {stream.key} holds nothing"
 
     def teardown(self) -> None:
+        # A view outlives close() while a thread calls stats(): dropping it releases the
+        # memory even when that thread holds the lock at that moment.
+        views = [a.view("uint8") for a, _ in self.live.values()][:1]
         self.live.clear()
-        self.pool.close()
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                self.pool.stats()
+                time.sleep(0)  # let the main thread run: it closes and drops the view
+
+        t = threading.Thread(target=spin)
+        t.start()
+        try:
+            self.pool.close()
+            views.clear()
+            gc.collect()
+            deadline = time.monotonic() + 10
+            while self.device.counters().live != (0, 0, 0) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            stop.set()
+            t.join()
         gc.collect()
         assert self.device.counters().live == (0, 0, 0), "close() left driver resources behind"
         assert self.device._backend.live_events() == 0, "close() left events behind"

@@ -349,6 +349,26 @@ def _in_child(fn: Callable[[], dict[str, object]]) -> dict[str, object]:
     return result
 
 
+def test_forked_child_refuses_to_close_a_pool_that_holds_nothing(host: vmmpool.Device) -> None:
+    """A pool open in the parent that holds no page or arena right now (its streams trimmed
+    or retired and forgotten) is refused in the child like one that holds memory."""
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    pool.malloc(100, stream=1).free()
+    pool.trim()
+    assert not pool._core.arenas and not pool._core.pages
+
+    def child() -> dict[str, object]:
+        try:
+            pool.close()
+        except vmmpool.ForkedError:
+            return {"close": "refused"}
+        return {"close": "accepted"}
+
+    assert _in_child(child) == {"close": "refused"}
+    pool.malloc(100).free()  # the parent's pool is untouched
+    pool.close()
+
+
 def test_forked_child_makes_no_cuda_driver_call(fake_backend: tuple[FakeDriver, CudaBackend]) -> None:
     """On CUDA a forked child cannot use the parent's context: it refuses and calls nothing.
 
@@ -482,3 +502,57 @@ def test_devices_copy_to_themselves(device: vmmpool.Device) -> None:
     assert copy.copy(device) is device and copy.deepcopy(device) is device
     arr = np.zeros(3)
     assert copy.deepcopy({"dev": device, "x": arr})["dev"] is device
+
+
+def test_forked_child_refuses_share_with_locks_held_by_a_parent_thread() -> None:
+    """Sharing (issue 18) after a fork (issue 17): refused or usable, never a hang.
+
+    A parent thread held a shareable buffer's lock, a handle's and a mapping's
+    at the fork. The child's share() of the buffer and every use of the
+    inherited mapping raise ForkedError (the mapping's close() is a no-op); the
+    inherited handle is the child's own copy of the descriptors, so the child
+    may open and close it.
+    """
+    out = run_script(WORLD + """
+spool = vmmpool.PagePool(dev, shareable=True)
+sa = spool.malloc(1000)
+dev.write(sa.ptr, pat(6, 1000))
+sbuf = vmmpool.GrowableBuffer(max_size=8 * P, device=dev, initial_size=P, shareable=True)
+sbuf.write(pat(7, P))
+h = sa.share()
+sm = h.open(dev)
+counters0 = dev.counters()  # verify() counts these too
+held = threading.Event()
+done = threading.Event()
+def holder():
+    with sbuf._lock, h._lock, sm._lock:
+        held.set()
+        done.wait()
+t = threading.Thread(target=holder)
+t.start()
+held.wait()
+
+def locked(attempt):
+    attempt("shareable buffer share", sbuf.share)
+    attempt("Allocation.share", sa.share)
+    attempt("SharedMapping.read", lambda: sm.read(4))
+    attempt("SharedMapping.write", lambda: sm.write(b"child"))
+    attempt("SharedMapping.view", sm.view)
+    attempt("SharedMapping.address", lambda: sm.address)
+    attempt("SharedMapping.close", sm.close, works=True)
+    def own_mapping():
+        with h.open(vmmpool.Device("host")) as m2:
+            assert bytes(m2.read(1000)) == pat(6, 1000)
+        h.close()
+    attempt("SharedMemoryHandle.open", own_mapping, works=True)
+
+if fork(locked):
+    os._exit(0)
+done.set()
+t.join()
+verify("a child forked while a thread held the sharing locks")
+assert bytes(sm.read(1000)) == pat(6, 1000) and bytes(sbuf.read()) == pat(7, P)
+sm.close(); h.close(); sa.free(); sbuf.close(); spool.close()
+print("OK")
+""")
+    assert out.strip().endswith("OK")

@@ -236,6 +236,48 @@ def test_freed_while_shared_is_never_reused(host: vmmpool.Device) -> None:
         pool._check()
 
 
+def test_free_racing_share_never_frees_the_shared_bytes(
+    host: vmmpool.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # free() in another thread while share() is between its check of the
+    # allocation and the registration of its lease: free() found no lease and
+    # freed the block, so the receiver's bytes went to the next malloc. Made
+    # deterministic: free() starts inside the export and waits for the lock.
+    import threading
+
+    with PagePool(host, shareable=True) as pool:
+        a = pool.malloc(1000)
+        keep = pool.malloc(1000)
+        make = SharedMemoryHandle._make.__func__  # type: ignore[attr-defined]
+        threads: list[threading.Thread] = []
+
+        def racing_make(cls: type, *args: Any, **kwargs: Any) -> Any:
+            t = threading.Thread(target=a.free)
+            t.start()
+            threads.append(t)
+            time.sleep(0.3)  # free() has started and waits for the pool's lock
+            return make(cls, *args, **kwargs)
+
+        monkeypatch.setattr(SharedMemoryHandle, "_make", classmethod(racing_make))
+        h = a.share()
+        monkeypatch.undo()
+        threads[0].join(10)
+        assert a.freed
+        with h.open(host) as m:
+            m.write(_pattern(1000))
+            st = pool.stats()
+            assert (st.live_allocations, st.requested_bytes) == (2, 2000), "the shared bytes were freed"
+            news = [pool.malloc(1000) for _ in range(4)]
+            assert all(n.ptr + 1000 <= a.ptr or n.ptr >= a.ptr + 1000 for n in news)
+            for n in news:
+                host.write(n.ptr, b"n" * 1000)
+            assert m.read() == _pattern(1000)
+        h.close()
+        assert pool.stats().requested_bytes == 1000 + 4 * 1000  # given back once the receiver is done
+        keep.free()
+        pool._check()
+
+
 def test_dropped_while_shared_is_kept_until_the_receiver_is_done(host: vmmpool.Device) -> None:
     with PagePool(host, shareable=True) as pool:
         b = pool.malloc(3 * MiB)
@@ -317,6 +359,9 @@ def test_unpooled_buffer_closed_while_shared_keeps_the_receivers_memory(host: vm
 def test_fd_count_returns_to_baseline_in_process(host: vmmpool.Device) -> None:
     with GrowableBuffer(max_size=MiB * 8, device=host, initial_size=MiB, shareable=True) as warm:
         pickle.loads(pickle.dumps(warm.share())).close()  # starts the resource sharer once
+    # Emulated devices dropped by earlier tests close their memory files when the
+    # garbage collector reaches them: let that happen before counting.
+    gc.collect()
     base = fd_count()
     with PagePool(host, shareable=True) as pool:
         bufs = [GrowableBuffer(max_size=8 * MiB, pool=pool, initial_size=5 * MiB) for _ in range(2)]

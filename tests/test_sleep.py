@@ -176,6 +176,36 @@ def test_sleep_waits_for_pending_stream_work_with_events_not_a_device_sync(host:
     assert backend.live_events() == 0
 
 
+def test_sleep_covers_a_retired_stream_by_its_last_event_when_it_holds_only_cached_memory(
+    host: vmmpool.Device,
+) -> None:
+    """A one-shot stream (used, freed, retired) keeps cached pages until they are needed:
+    sleep waits on the event recorded at retirement, no device synchronize (issue 17 item 8).
+    A retired stream that still holds a live block is covered by one synchronize, as before."""
+    backend = host._backend
+    pool = PagePool(host, limit=8 * P)
+    keep = pool.malloc(P, stream=1)
+    data = _fill(host, keep.ptr, P, 5)
+    backend.hold_stream(7)
+    pool.malloc(2 * P, stream=7).free()
+    pool.retire_stream(7)  # its event stays pending: sleep must wait on it
+    before = host.counters()
+    pool.sleep()
+    calls = host.counters() - before
+    assert "synchronize" not in calls and calls.get("event_wait", 0) >= 1, calls
+    pool.wake()
+    assert bytes(host.read(keep.ptr, P)) == data
+    live = pool.malloc(P, stream=8)
+    pool.retire_stream(8)
+    pool.sleep()
+    assert pool.stats().n_syncs == 1
+    pool.wake()
+    live.free()
+    keep.free()
+    pool.close()
+    assert backend.live_events() == 0
+
+
 def test_sleep_refuses_while_pages_are_lent_to_buffers(host: vmmpool.Device) -> None:
     pool = PagePool(host, limit=8 * P)
     buf = GrowableBuffer(max_size=4 * P, pool=pool, initial_size=2 * P)

@@ -471,6 +471,13 @@ def test_forked_child_neither_allocates_nor_frees_the_parents_memory() -> None:
             ok = ALLOC(4096, 0, None) is None
             FREE(p, 1 << 20, 0, None)
             ok = ok and vt.outstanding(pool) == 1
+            try:  # the inherited pool is the parent's: ForkedError, not "closed"
+                vt.callbacks(pool)
+                ok = False
+            except vmmpool.ForkedError:
+                pass
+            except vmmpool.ClosedError:
+                ok = False
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status))
@@ -676,3 +683,93 @@ def test_torch_trains_on_the_pool(cuda: vmmpool.Device) -> None:
     torch.cuda.empty_cache()
     assert pool.stats().live_allocations == vt.outstanding(pool)
     pool.close()  # segments PyTorch still caches stay mapped until it frees them
+
+
+def test_close_racing_alloc_never_hands_out_unmapped_memory(host: vmmpool.Device) -> None:
+    # close() in another thread between the callback's malloc and its marking
+    # the block held: close() saw an ordinary block and unmapped it, and the
+    # callback handed PyTorch a dangling pointer (a segfault at its first use).
+    # The interleaving is made deterministic: close() runs right after malloc.
+    class ClosingPool(vmmpool.PagePool):
+        def malloc(self, *args: Any, **kwargs: Any) -> Any:
+            a = super().malloc(*args, **kwargs)
+            self.close()
+            return a
+
+    before = host.counters().live
+    pool = ClosingPool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(MiB, 0, None)
+    if p is not None:  # a pointer handed out must be mapped memory
+        assert bytes(host.read(p, 4)) is not None
+        free(p, MiB, 0, None)
+    assert vt.outstanding(pool) == 0 and p is None
+    gc.collect()
+    assert host.counters().live == before
+
+
+def test_snapshot_after_close_lists_no_page_pytorch_still_holds(
+    host: vmmpool.Device, tmp_path: Any
+) -> None:
+    # close() keeps the arenas of blocks PyTorch holds mapped, but the pool owns
+    # no page any more (stats() counts none): the snapshot listed them as cached,
+    # and a dump's segments then disagreed with its history.
+    from vmmpool import replay as R
+
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    pool.record_history(context=None)
+    alloc, free = c_functions(pool)
+    p = alloc(3 * MiB, 0, None)
+    pool.malloc(100)
+    pool.close()
+    assert pool.stats().total_pages == 0
+    assert pool.snapshot() == []
+    path = tmp_path / "held.pickle"
+    pool.dump_snapshot(path)
+    tr = R.load(str(path))
+    assert tr.recorded_reserved[0] == (0, 0) and tr.recorded_reserved[-1][1] == 0, tr.recorded_reserved
+    free(p, 3 * MiB, 0, None)
+    gc.collect()
+    assert pool.snapshot() == []
+
+
+def test_last_free_after_close_while_the_lock_is_busy_releases_at_the_next_call(
+    host: vmmpool.Device,
+) -> None:
+    # The last held block freed after close() while another thread held the
+    # pool's lock: the free cannot wait, so the arena it kept mapped stayed
+    # mapped until close() ran again or the pool was collected. Now the pool's
+    # next call releases it.
+    before = host.counters().live
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(3 * MiB, 0, None)
+    pool.close()
+    assert host.counters().live != before
+    with pool._core.lock:  # another thread is inside a call of the pool
+        t = threading.Thread(target=free, args=(p, 3 * MiB, 0, None))
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the free waited for the pool's lock"
+    assert vt.outstanding(pool) == 0
+    pool.stats()  # the next call
+    assert host.counters().live == before
+
+
+def test_alloc_while_asleep_is_null_and_a_warning(
+    host: vmmpool.Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An asleep pool refuses malloc (AsleepError): an expected condition, logged
+    # as misuse, not as a bug with a traceback at ERROR.
+    pool = vmmpool.PagePool(host, limit=8 * host.granularity)
+    alloc, free = c_functions(pool)
+    p = alloc(MiB, 0, None)
+    pool.sleep()
+    with caplog.at_level(logging.INFO, logger="vmmpool.torch"):
+        assert alloc(4096, 0, None) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("asleep" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    free(p, MiB, 0, None)
+    pool.wake()
+    assert pool.stats().live_allocations == 0
+    pool.close()

@@ -931,6 +931,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         Nothing orders the two processes' work: synchronize before reading
         what the other side wrote.
         """
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._usable()
             if not st.shareable:

@@ -20,7 +20,10 @@ Snapshot format (as PyTorch writes it; only plain dicts, lists, ints and strings
      "allocator_settings": {...}}
 
 vmmpool's segments are the runs of consecutively mapped pages of its address space: each page
-is mapped on its own, like the pages of PyTorch's expandable segments.
+is mapped on its own, like the pages of PyTorch's expandable segments. A page mapped a second time
+at the limit (an alias) lies in two segments (as in the history's ``segment_map`` events), so the
+segments' total is address space mapped, which exceeds the physical bytes held
+(``reserved_bytes``) while aliases exist.
 """
 
 from __future__ import annotations
@@ -183,18 +186,23 @@ def format_summary(stats: PoolStats, where: str, abbreviated: bool = False) -> s
 
 
 def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[dict[str, Any]]:
-    mapped = sorted((p for p in pages if p.address is not None), key=lambda p: p.address or 0)
-    runs: list[list[PageInfo]] = []
-    for p in mapped:
-        if runs and runs[-1][-1].address + page_size == p.address:  # type: ignore[operator]
-            runs[-1].append(p)
+    # Address space, as the history's segment_map events: a page mapped a second
+    # time (an alias) is in two segments, and the blocks placed through its alias
+    # lie in the alias's segment.
+    mapped = sorted(
+        (addr, p) for p in pages for addr in (p.address, p.alias_address) if addr is not None
+    )
+    runs: list[list[tuple[int, PageInfo]]] = []
+    for addr, p in mapped:
+        if runs and runs[-1][-1][0] + page_size == addr:
+            runs[-1].append((addr, p))
         else:
-            runs.append([p])
+            runs.append([(addr, p)])
     segments = []
-    for run in runs:
-        start = run[0].address
-        assert start is not None
-        end = start + len(run) * page_size
+    for pairs in runs:
+        start = pairs[0][0]
+        end = start + len(pairs) * page_size
+        run = [p for _, p in pairs]
         allocs: dict[int, AllocationInfo] = {}
         for p in run:
             for a in p.allocations:

@@ -42,8 +42,9 @@ from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import ClosedError, VmmError
+from ._errors import ClosedError, ForkedError
 from ._options import check_int
+from ._process import track
 from ._resources import ClosesOnExit, PhysicalAllocation, reserve, safety_finalizer
 
 __all__ = ["SharedMemoryHandle", "SharedMapping", "Lease", "check_shareable", "not_shareable"]
@@ -215,7 +216,12 @@ class SharedMemoryHandle(ClosesOnExit):
         self._fds.append(lease)  # the lease's write end, last
         self._lock = threading.Lock()
         self._fin = safety_finalizer(self, _close_fds, self._fds)
+        track(self)  # a forked child may open its copy: it gets a lock of its own
         return self
+
+    def _forked(self) -> None:
+        """In a forked child: a new lock (a parent thread may have held this one at the fork)."""
+        self._lock = threading.Lock()
 
     @classmethod
     def _make(
@@ -399,6 +405,9 @@ class SharedMapping(ClosesOnExit):
     same). :meth:`close` unmaps and frees the address range; the physical memory
     lives on while the owner or another receiver maps or holds it. A mapping
     is a context manager; it cannot be pickled or copied (send the handle).
+    In a forked child an inherited mapping raises :class:`~vmmpool.ForkedError`
+    (its ``close()`` does nothing there); the child may open its copy of the
+    handle instead.
     """
 
     def __init__(self, handle: SharedMemoryHandle, device: Device, res: Any, lease: int) -> None:
@@ -420,14 +429,19 @@ class SharedMapping(ClosesOnExit):
         """True once :meth:`close` ran."""
         return not self._fin.alive
 
+    def _owned(self) -> None:
+        """Raise ForkedError in a forked child (before any lock: a parent thread may hold it).
+
+        A forked child must open the handle itself (its copy, or one sent
+        through multiprocessing).
+        """
+        if os.getpid() != self._pid:
+            raise ForkedError("SharedMapping", self._pid, os.getpid())
+
     def _live(self) -> None:
+        self._owned()
         if not self._fin.alive:
             raise ClosedError("SharedMapping")
-        if os.getpid() != self._pid:
-            raise VmmError(
-                f"this SharedMapping belongs to process {self._pid}; a forked child must open "
-                "the handle itself (send it through multiprocessing)"
-            )
 
     @property
     def address(self) -> int:
@@ -450,6 +464,7 @@ class SharedMapping(ClosesOnExit):
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the shared memory at `offset`."""
+        self._owned()
         mv = memoryview(data).cast("B")
         with self._lock:
             self._live()
@@ -458,6 +473,7 @@ class SharedMapping(ClosesOnExit):
 
     def read(self, nbytes: int | None = None, offset: int = 0) -> bytearray:
         """Copy `nbytes` bytes at `offset` (default: to the end) to a new ``bytearray``."""
+        self._owned()
         with self._lock:
             self._live()
             off = self._range(offset, 0)
@@ -473,6 +489,7 @@ class SharedMapping(ClosesOnExit):
         While the view (or an array or DLPack capsule made from it) lives,
         :meth:`close` raises ``BufferError``.
         """
+        self._owned()
         with self._lock:
             self._live()
             v = ArrayView(self, self.device, self._address, self.nbytes, dtype, shape, offset)
@@ -488,10 +505,10 @@ class SharedMapping(ClosesOnExit):
             A view (or an array or DLPack capsule made from one) still uses the
             memory: drop it first.
         """
+        if os.getpid() != self._pid:  # a forked child never unmaps its parent's memory
+            return
         with self._lock:
             if not self._fin.alive:
-                return
-            if os.getpid() != self._pid:  # a forked child never unmaps its parent's memory
                 return
             views = list(self._views)
             if views:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._options import check_int
+
 try:
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_hex, to_rgb
@@ -154,10 +156,12 @@ def owner_colors(n: int) -> list[str]:
 
     Raises
     ------
+    TypeError
+        `n` is not an int.
     ValueError
-        More colours asked for than distinct candidates exist.
+        `n` is negative, or more colours are asked for than distinct candidates exist.
     """
-    n = int(n)
+    n = check_int("n", n, maximum=None)
     with _ORDER_LOCK:
         if n > len(_ORDER):
             if not _ORDER:

@@ -49,7 +49,7 @@ Free may run in any thread, inside a garbage collection, or while PyTorch
 holds its allocator mutex: it never blocks on the pool's lock. It hands the
 block to the pool's finalizer path (the same one a garbage-collected
 :class:`~vmmpool.Allocation` takes): freed at once when the lock is free,
-otherwise queued and freed by the pool's next call.
+otherwise queued and freed by the thread holding the lock as it lets go.
 
 In a forked child, the pair refuses to allocate (NULL) and never frees: the
 memory belongs to the parent.
@@ -76,7 +76,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._errors import ClosedError, OutOfMemoryError
+from ._errors import AsleepError, ClosedError, OutOfMemoryError
 from ._pool import Allocation, PagePool
 
 __all__ = ["MemPool", "callbacks", "outstanding", "use_pool"]
@@ -166,7 +166,18 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
                        "closed; returning NULL", size, self.device)
                 return None
+            except AsleepError:
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
+                       "asleep (wake() it first); returning NULL", size, self.device)
+                return None
             a._hold = True  # PyTorch uses it until it calls free: close() keeps it mapped
+            if pool.closed:
+                # close() ran in another thread after the malloc: it may have seen an
+                # ordinary block (before the line above) and unmapped it. It marks the
+                # pool closed before it looks at the blocks, so this test catches it.
+                _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s was "
+                       "closed meanwhile; returning NULL", size, self.device)
+                return None
             ptr = a.ptr
             self.live[ptr] = a
             return ptr
@@ -190,7 +201,7 @@ class _Pair:
                 _enter(a.pool)
             # Dropping the last reference hands the block to the pool's finalizer
             # path, which never blocks: freed now if the pool's lock is free, else
-            # queued for the pool's next call (this may run inside a garbage
+            # queued for the thread holding the lock, done as it lets go (this may run inside a garbage
             # collection, or in a thread while another holds the lock and waits
             # on PyTorch's allocator mutex). After close() it releases the arena
             # the block kept mapped, once no held block remains in it.
@@ -210,7 +221,7 @@ def _pair(pool: PagePool) -> _Pair:
     if not isinstance(pool, PagePool):
         raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
     if pool.closed:
-        raise ClosedError("PagePool")
+        raise pool._core.closed_error()  # ForkedError in a forked child
     with _LOCK:
         pair = _BY_POOL.get(pool)
         if pair is None:

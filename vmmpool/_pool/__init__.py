@@ -170,10 +170,19 @@ allocation that is garbage collected without ``free()`` is freed as a safety
 net (from a weak-reference callback that holds only the pool's internal
 state; nothing happens at interpreter shutdown or after close). The callback
 may run in any thread at any time, so it only queues the block; the queue is
-drained under the pool's lock at the next pool call.
+drained under the pool's lock at once if the lock is free, else by the
+thread holding it when it lets go (so queued work never waits for a later
+call). A ``free()`` from a finalizer that interrupted this thread inside the
+pool is queued the same way, and one made after the safety net already freed
+the allocation does nothing.
+
+Streams that hold nothing are forgotten (see ``_streams.py``): a retired
+stream once its last cached page leaves it, and every empty stream at
+:meth:`PagePool.trim`.
 
 Thread safety: one ``threading.Lock`` per pool guards all state; driver calls
-on the slow path are made under it.
+on the slow path are made under it. Its holder records its thread, so that a
+call re-entered by a finalizer is detected instead of waiting for itself.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any, NoReturn
 
 from .. import _process
@@ -50,6 +51,66 @@ GROWTH_MAX_SHARE = 0.02
 
 _SHIFT = ALIGNMENT.bit_length() - 1
 
+_ident = threading.get_ident
+
+
+class _Marker:
+    """Work a finalizer queued in ``Core.pending`` besides a collected allocation."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+#: After close: unmap the arenas views kept, if no view is left (a view's finalizer).
+RELEASE_HELD = _Marker("release held arenas")
+#: The pool's finalizer found the lock busy: close at the next drain.
+CLOSE = _Marker("close")
+
+
+class ReentryError(RuntimeError):
+    """A pool call from code that interrupted this very thread inside the pool's lock."""
+
+
+class Section:
+    """``with core.section:`` holds the pool's lock, notes its owner, settles on the way out.
+
+    The lock is not re-entrant: a finalizer (or signal handler) that runs while
+    this thread holds it and calls the pool would wait for itself. ``free()``
+    is queued in that case (``Core.free``); every other call raises
+    :class:`ReentryError` instead of hanging.
+    """
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def __enter__(self) -> Core:
+        core = self.core
+        lock = core.lock
+        if not lock.acquire(False):
+            core.check_reentry()
+            lock.acquire()
+        core.owner = _ident()
+        return core
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        core = self.core
+        core.lock.release()
+        if core.pending:
+            core.settle()
+
+
 #: A free tail or head of a partly used page: (bytes, the free range, the page).
 Src = tuple[int, Block, Page]
 
@@ -66,6 +127,10 @@ class Core:
         access_devices: tuple[int, ...],
     ) -> None:
         self.lock = threading.Lock()
+        #: Thread that last took the lock (set right after every acquire): a call that
+        #: finds the lock busy and its own thread here was re-entered (see Section).
+        self.owner = 0
+        self.section = Section(self)
         self.device = device
         self.backend = device._backend
         self.P = page_size
@@ -82,13 +147,17 @@ class Core:
         # True in a child forked from the owner (then `closed` is True too, so
         # that malloc / free refuse at no cost on their hot paths; see _forked).
         self.forked = False
+        # In a forked child: the pool was open in the parent (its close() is refused
+        # there even when the pool held nothing, e.g. after a retired stream was forgotten).
+        self.open_at_fork = False
+        # Collected allocations (their _Ref), frees made re-entrantly, RELEASE_HELD and
+        # CLOSE markers: appended by finalizers without the lock, drained under it by the
+        # next call, or at once by whoever holds the lock when it lets go (settle()).
         self.pending: collections.deque[Any] = collections.deque()
         # Work that finalizers queued and that needs the backend or the lock
         # (a garbage-collected GrowableBuffer's release): run by the next
         # public call, before it takes the lock, never from a finalizer.
         self.tasks: collections.deque[Callable[[], object]] = collections.deque()
-        # Set by the pool's finalizer when the lock was busy; the next drain closes.
-        self.want_close = False
         # After close: arenas kept mapped for views that still use them.
         self.held: dict[Arena, None] = {}
         self.held_views: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -106,6 +175,8 @@ class Core:
         # address space, streams, blocks
         self.arenas: list[Arena] = []
         self.streams: dict[int, StreamState] = {}
+        # Streams whose last page a reclaim unmapped, to forget (see drop_stream).
+        self.emptied: list[StreamState] = []
         self.live: dict[Block, None] = {}
         self.mapped = 0
         # accounting
@@ -151,8 +222,8 @@ class Core:
         have held it at the fork. Queued work belongs to the parent.
         """
         self.forked = True
+        self.open_at_fork = not self.closed
         self.closed = True
-        self.want_close = False
         self.lock = threading.Lock()
         self.tasks.clear()
         self.pending.clear()
@@ -231,7 +302,13 @@ class Core:
             logger.warning("giving pages above the limit back failed; retried later", exc_info=True)
 
     def run_tasks(self) -> None:
-        """Run the work finalizers deferred (lock NOT held: a task may call the pool)."""
+        """Run the work finalizers deferred (lock NOT held: a task may call the pool).
+
+        Not from code that interrupted this thread inside the lock (a finalizer
+        calling the pool): a task would wait for the lock; the next call runs it.
+        """
+        if self.owner == _ident() and self.lock.locked():
+            return
         tasks = self.tasks
         while tasks:
             try:
@@ -269,17 +346,66 @@ class Core:
         return st
 
     def drain(self) -> None:
-        """Free the allocations the garbage collector queued (lock held)."""
+        """Do what finalizers queued in ``pending`` (lock held).
+
+        Collected allocations and re-entrant frees are freed (bookkeeping only);
+        after close, ``RELEASE_HELD`` unmaps the arenas no view uses any more;
+        ``CLOSE`` closes. A failure is logged: the next ``close()`` resumes it.
+        """
         pending = self.pending
         while pending:
             try:
                 ref = pending.popleft()
             except IndexError:  # pragma: no cover - emptied by another drain
                 break
+            if ref is RELEASE_HELD:
+                if self.held:
+                    try:
+                        self.release_held()
+                    except Exception:
+                        logger.error("releasing an arena after close failed", exc_info=True)
+                continue
+            if ref is CLOSE:
+                try:
+                    self.close_locked()
+                except Exception:
+                    logger.error("closing a collected pool failed", exc_info=True)
+                continue
             rec = ref.rec
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
                 self.n_garbage += 1
+
+    def settle(self) -> None:
+        """Drain ``pending`` if the lock is free; never blocks, never raises.
+
+        Called by finalizers after they queue work, and by every holder of the
+        lock right after it lets go: work queued while the lock was busy is
+        done by its holder on the way out, so it never waits for a later call.
+        (A finalizer appends before it tries the lock, and a holder looks after
+        it releases: one of the two always sees the work.)
+        """
+        lock = self.lock
+        try:
+            while self.pending:
+                if not lock.acquire(False):
+                    return  # its holder settles when it lets go
+                self.owner = _ident()
+                try:
+                    self.drain()
+                finally:
+                    lock.release()
+        except Exception:  # runs from finalizers: never raise
+            logger.error("deferred pool work failed", exc_info=True)
+
+    def check_reentry(self) -> None:
+        """The lock is busy: raise if this thread holds it (a finalizer re-entered the pool)."""
+        if self.owner == _ident() and self.lock.locked():
+            raise ReentryError(
+                "PagePool called from a finalizer or signal handler that interrupted this "
+                "thread inside the same pool (the garbage collector runs wherever Python "
+                "allocates); only free() may be called there (it is deferred)"
+            )
 
     def round(self, nbytes: int) -> int:
         if nbytes > self.page_round >= 0:
@@ -290,7 +416,12 @@ class Core:
     def malloc(self, nbytes: int, key: int, obj: object) -> Block:
         if self.tasks:
             self.run_tasks()
-        with self.lock:
+        lock = self.lock
+        if not lock.acquire(False):
+            self.check_reentry()
+            lock.acquire()
+        self.owner = _ident()
+        try:
             if self.pending:
                 self.drain()
             if self.closed:
@@ -375,6 +506,10 @@ class Core:
             if self.history is not None:
                 self.history.record("alloc", b.addr, nbytes, key)
             return b
+        finally:
+            lock.release()
+            if self.pending:
+                self.settle()
 
     def place(self, h: Heap, r: int, nbytes: int) -> Block:
         """Slow path: put an `r`-byte block in heap `h`, mapping pages as needed.
@@ -766,6 +901,8 @@ class Core:
             al.page.alias = None
             del self.aliases[al.page]
             done += 1
+            if not a.mapped:
+                self.note_emptied(st)
         return done
 
     # ----------------------------------------------------------------- free
@@ -790,20 +927,36 @@ class Core:
             self.history.record("free_completed", b.addr, b.nbytes, st.key)
         h.insert(b)
 
-    def free(self, b: Block, owner: object) -> None:
-        if self.tasks:
-            self.run_tasks()
-        with self.lock:
+    def free(self, ref: Any, owner: object) -> None:
+        """Free the block of `owner` (an Allocation) whose weak reference is `ref`.
+
+        `ref` is the allocation's ``_Ref``: the block is ``ref.rec`` while
+        ``rec.ref is ref``. If it is not (any more), the block was released
+        already: by the safety net when `owner` is being finalized by the
+        garbage collector (its weak reference is then cleared: a user's
+        ``__del__`` freeing an allocation in a reference cycle), which is not
+        an error, or else by a racing ``free()``, which is. Called re-entrantly
+        (a finalizer interrupted this thread inside the pool's lock) the free
+        is queued; the interrupted call does it when it lets go of the lock.
+        """
+        lock = self.lock
+        if self.tasks or not lock.acquire(False):
+            if not self.free_contended(ref, owner):
+                return
+        self.owner = _ident()
+        try:
             if self.pending:
                 self.drain()
             if self.closed:
                 if self.forked:
                     raise self.closed_error()
                 return
-            ref = b.ref
-            if ref is None or ref() is not owner:
-                # Freed already (by a racing thread; the block may even have
-                # been merged into a free range by now): never touch it.
+            b = ref.rec
+            if b.ref is not ref:
+                # Freed already (by the safety net or a racing thread; the block
+                # may even be reused or merged into a free range): never touch it.
+                if ref() is None:
+                    return  # finalization: the safety net freed it, nothing to do
                 raise ValueError(f"allocation at {b.addr:#x} was already freed")
             # free_rec, inlined (the hot path)
             b.live = False
@@ -823,6 +976,32 @@ class Core:
             h.insert(b)
             if len(self.pages) > self.max_pages:
                 self.enforce_limit()
+        finally:
+            lock.release()
+            if self.pending:
+                self.settle()
+
+    def free_contended(self, ref: Any, owner: object) -> bool:
+        """free() found tasks queued or the lock busy: True once the lock is held.
+
+        False when this thread holds the lock already (a finalizer re-entered
+        the pool): the free is validated and queued, never waited for.
+        """
+        if self.owner == _ident() and self.lock.locked():
+            if self.forked:
+                raise self.closed_error()
+            b = ref.rec
+            if not self.closed and b.ref is not ref and ref() is not None:
+                raise ValueError(f"allocation at {b.addr:#x} was already freed")
+            self.pending.append(ref)  # done by the interrupted call when it lets go
+            return False
+        if self.tasks:
+            self.run_tasks()
+        lock = self.lock
+        if not lock.acquire(False):
+            self.check_reentry()
+            lock.acquire()
+        return True
 
     # ------------------------------------------------------------ slow path
     def unfree(self, pages: list[Page]) -> None:
@@ -1040,6 +1219,15 @@ class Core:
         `first`). With `query_first` a wait is made only after a query says
         the work is still running. Returns the pages reclaimed.
         """
+        try:
+            return self._reclaim(need, first, wait, which, query_first)
+        finally:
+            if self.emptied:  # even after a failure: what was emptied holds nothing
+                self.drop_emptied(first)
+
+    def _reclaim(
+        self, need: int | None, first: StreamState | None, wait: bool, which: str, query_first: bool
+    ) -> int:
         got = 0
         for st in self._order(first):
             if need is not None and got >= need:
@@ -1112,9 +1300,61 @@ class Core:
         a.mapped -= k
         self.mapped -= k
         self.n_reclaimed += k
-        if st.obj is not None and not any(x.mapped for x in st.arenas):
-            # nothing of the stream left here (live blocks lie on mapped pages): let it go
+        if not a.mapped:
+            self.note_emptied(st)
+
+    def note_emptied(self, st: StreamState) -> None:
+        """An arena of `st` maps nothing any more: note the stream if nothing of it is left."""
+        if (st.obj is not None or st.retired) and not any(x.mapped for x in st.arenas):
+            # Nothing of the stream left here (live blocks lie on mapped pages): let
+            # its object go; a retired stream, or one the pool only knew by its
+            # object, will not be back under this key: forget it (drop_emptied).
             st.obj = None
+            self.emptied.append(st)
+
+    def drop_emptied(self, keep: StreamState | None) -> None:
+        """Forget the streams :meth:`unmap_cached` emptied; `keep` (being served) stays listed."""
+        emptied, self.emptied = self.emptied, []
+        for st in emptied:
+            if st is keep:
+                self.emptied.append(st)  # next time, unless the request put a block there
+            else:
+                self.drop_stream(st)
+
+    def drop_stream(self, st: StreamState) -> bool:
+        """Forget a stream that holds nothing: destroy its events, free its arenas (lock held).
+
+        Only when no slot of its arenas is mapped or being mapped (so no live
+        block, no cached page, no placement in flight). Best effort, never
+        raises: on a driver error the stream (or what is left of its arenas)
+        is kept and the error logged; ``trim()``, ``retire_stream()`` and
+        ``close()`` try again. Returns True when the stream is gone. Issue 17
+        item 8: a pool serving thousands of one-shot streams otherwise keeps
+        two arenas of twice the limit of address space per stream, and its
+        slow path walks them all.
+        """
+        if self.streams.get(st.key) is not st:
+            return False
+        heaps = st.heaps
+        if not all(a.empty for h in heaps for a in h.arenas):
+            return False
+        try:
+            if not st.release_events(self.backend):
+                return False
+            for h in heaps:
+                arenas = h.arenas
+                while arenas:
+                    a = arenas[-1]
+                    a.res.close()  # nothing mapped: frees the address range
+                    arenas.pop()
+                    self.arenas.remove(a)
+        except Exception:  # kept; retried by trim, retire_stream, close
+            logger.warning("forgetting stream %d failed; kept", st.key, exc_info=True)
+            return False
+        del self.streams[st.key]
+        st.obj = None
+        logger.debug("stream %d holds nothing: forgotten", st.key)
+        return True
 
     def release_free(self, k: int) -> int:
         """Give `k` free pages back to the driver; returns how many."""
@@ -1443,62 +1683,98 @@ class Core:
         released now (the memory lives while mapped, rule 7). If a release
         fails, the error propagates and calling ``close()`` again resumes.
         """
-        with self.lock:
-            if self.forked:
-                # The arenas and pages are the parent's: releasing them here
-                # would punch holes in the parent's memory (issue 17).
-                if self.arenas or self.pages or self.held:
-                    raise self.closed_error()
-                return
-            if self.closed and not self.arenas and not self.pages:
-                return
-            errors: list[BaseException] = []
-            if not self.closed:
-                self.closed = True
-                self.pending.clear()
-                for st in self.streams.values():
-                    try:
-                        st.drop_events(self.backend)
-                    except Exception as err:  # noqa: BLE001 - keep releasing
-                        errors.append(err)
-                self._invalidate()
-            if self.held:
+        with self.section:
+            self.close_locked()
+
+    def close_locked(self) -> None:
+        """:meth:`close` with the lock held."""
+        if self.forked:
+            # The arenas and pages are the parent's: releasing them here
+            # would punch holes in the parent's memory (issue 17). Refused
+            # as any other use, also when the pool holds nothing right now.
+            if self.open_at_fork or self.arenas or self.pages or self.held:
+                raise self.closed_error()
+            return
+        if self.closed and not self.arenas and not self.pages:
+            return
+        errors: list[BaseException] = []
+        if not self.closed:
+            self.record_close()
+            self.closed = True
+            self.pending.clear()
+            for st in self.streams.values():
                 try:
-                    self.release_held()
+                    st.drop_events(self.backend)
                 except Exception as err:  # noqa: BLE001 - keep releasing
                     errors.append(err)
-            if not self.synced and self.arenas:
-                try:  # rule 8: nothing is unmapped under running kernels
-                    self.sync()
-                    self.synced = True
-                except Exception as err:  # noqa: BLE001 - keep releasing
-                    errors.append(err)
-            self.asleep = None  # the backup goes; released pages stay out of self.pages
-            if self.staging is not None:
-                try:
-                    self.staging.close()
-                except Exception as err:  # noqa: BLE001 - keep releasing
-                    errors.append(err)
-            keep: list[Arena] = []
-            for arena in self.arenas:
-                if arena in self.held:
-                    keep.append(arena)
-                    continue
-                try:
-                    arena.res.close()
-                except Exception as err:  # noqa: BLE001
-                    errors.append(err)
-                    keep.append(arena)
-            self.arenas = keep
-            for phys in list(self.pages):
-                try:
-                    phys.close()
-                except Exception as err:  # noqa: BLE001
-                    errors.append(err)
-                else:
-                    del self.pages[phys]
+            self._invalidate()
+        if self.held:
+            try:
+                self.release_held()
+            except Exception as err:  # noqa: BLE001 - keep releasing
+                errors.append(err)
+        if not self.synced and self.arenas:
+            try:  # rule 8: nothing is unmapped under running kernels
+                self.sync()
+                self.synced = True
+            except Exception as err:  # noqa: BLE001 - keep releasing
+                errors.append(err)
+        self.asleep = None  # the backup goes; released pages stay out of self.pages
+        if self.staging is not None:
+            try:
+                self.staging.close()
+            except Exception as err:  # noqa: BLE001 - keep releasing
+                errors.append(err)
+        keep: list[Arena] = []
+        for arena in self.arenas:
+            if arena in self.held:
+                keep.append(arena)
+                continue
+            try:
+                arena.res.close()
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+                keep.append(arena)
+        self.arenas = keep
+        for phys in list(self.pages):
+            try:
+                phys.close()
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+            else:
+                del self.pages[phys]
         if errors:
             raise errors[0]
+
+    def record_close(self) -> None:
+        """History: close() frees every live block and unmaps every page.
+
+        Recorded so that a snapshot taken after ``close()`` (a ``with`` block's
+        end) is consistent: its segments are empty, and the events that mapped
+        them are matched by unmaps (the replay's recorded reserved bytes would
+        otherwise start below zero).
+        """
+        hist = self.history
+        if hist is None:
+            return
+        for b in self.live:
+            key = b.arena.heap.stream.key
+            hist.record("free_requested", b.addr, b.nbytes, key)
+            hist.record("free_completed", b.addr, b.nbytes, key)
+        P = self.P
+        for a in self.arenas:
+            key = a.heap.stream.key
+            slots = a.slots
+            s, n = 0, len(slots)
+            while s < n:
+                if slots[s] is None:
+                    s += 1
+                    continue
+                e = s + 1
+                while e < n and slots[e] is not None:
+                    e += 1
+                hist.record("segment_unmap", a.base + s * P, (e - s) * P, key)
+                s = e
 
     def _invalidate(self) -> None:
         """First close: mark every live block dead, note the arenas views still use."""
@@ -1528,6 +1804,7 @@ class Core:
         for st in self.streams.values():
             st.obj = None
         self.streams.clear()
+        self.emptied.clear()
         self.mapped = self.n_live = self.requested = self.in_use = 0
         self.n_asleep = 0
         if views:
@@ -1553,19 +1830,17 @@ class Core:
 
 
 def release_held_quietly(core: Core) -> None:
-    # A view's finalizer after close (any thread, possibly inside the GC):
-    # never block; a concurrent close() retry releases what is left. Nothing
-    # in a forked child: the arenas are the parent's.
+    """A view's (or held allocation's) finalizer after close: any thread, possibly inside the GC.
+
+    Never blocks: the release is queued and done now if the lock is free, else
+    by whichever thread holds the lock when it lets go (``Core.settle``), so it
+    is never lost (issue 17 item 7: it used to be dropped when the lock was busy).
+    Nothing in a forked child: the arenas are the parent's.
+    """
     if core.forked:
         return
-    try:
-        if core.lock.acquire(False):
-            try:
-                core.release_held()
-            finally:
-                core.lock.release()
-    except Exception:
-        logger.error("releasing an arena after close failed", exc_info=True)
+    core.pending.append(RELEASE_HELD)
+    core.settle()
 
 
 def _seq(b: Block) -> int:

@@ -44,7 +44,9 @@ class Shares:
     """The leases of one pool's shared allocations, by block."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()  # never held while calling the pool
+        # Re-entrant: the garbage collector may run a finalizer that frees a
+        # shared allocation (mark_freed) while this thread is inside done().
+        self.lock = threading.RLock()  # never held while calling the pool
         self.entries: dict[Block, _Entry] = {}
 
     def __bool__(self) -> bool:

@@ -4,7 +4,8 @@
 
 1. Wait for the work of every stream that has memory here: one event recorded
    on each stream and waited on (a retired stream, which cannot take an event,
-   is covered by one device synchronize, as everywhere in the pool).
+   is covered by one device synchronize, as everywhere in the pool, unless it
+   holds only cached memory freed before it was retired: then by its last event).
 2. Unmap the cached pages (touched by no live block) into the free pages and
    give every free page back to the driver (what ``trim()`` does).
 3. The pages still mapped are exactly those live blocks touch. They are copied
@@ -93,10 +94,15 @@ def quiesce(core: Core) -> None:
     """Wait for the work of every stream that has memory in the pool (events, never a device sync)."""
     backend = core.backend
     retired = False
+    holding = {b.arena.heap.stream for b in core.live}
     for st in list(core.streams.values()):
         if not any(a.mapped for a in st.arenas):
             continue
         if st.retired:
+            # Only cached memory, every free covered by the event recorded at
+            # retirement (a one-shot stream): waiting on that event is enough.
+            if st not in holding and st.wait(st.seq, backend, core.ev):
+                continue
             retired = True
             continue
         core.ev.n_events += 1

@@ -203,6 +203,10 @@ class PageInfo:
         listed on each of them.
     used_bytes : int
         Bytes of this page that live allocations asked for.
+    alias_address : int or None
+        Where the page is mapped a second time (an alias at the limit, see
+        :meth:`PagePool.malloc`), else ``None``. Its `allocations` are those
+        of both mappings.
     """
 
     index: int
@@ -212,3 +216,4 @@ class PageInfo:
     kind: str | None = None
     allocations: tuple[AllocationInfo, ...] = ()
     used_bytes: int = 0
+    alias_address: int | None = None

@@ -28,6 +28,16 @@ state while the stream has memory in the pool, so it outlives its cached
 memory; (b) a stream given as a raw handle must be retired with
 :meth:`~vmmpool.PagePool.retire_stream` before it is destroyed: that records
 its last event at once, and the pool never records on it again.
+
+Forgotten streams (issue 17 item 8): a stream that holds nothing (no mapped
+slot: no live block, no cached page) costs nothing. A retired stream, or one
+the pool knew by its stream object, is forgotten when its last cached page
+leaves it (its events destroyed, its arenas' address space freed); a retired
+stream that holds nothing when it is retired is forgotten at once, and
+``trim()`` forgets every stream left with nothing. A raw handle that was not
+retired keeps its state (it may be used again). Forgetting happens only where
+pages are unmapped anyway (never on the malloc/free fast path), is best
+effort, and a stream used again starts afresh.
 """
 
 from __future__ import annotations
@@ -178,6 +188,22 @@ class StreamState:
             except Exception:  # the work is known done: retried at close
                 logger.warning("destroying a completed event failed", exc_info=True)
                 self.stale.append(h)
+
+    def release_events(self, backend: Backend) -> bool:
+        """Destroy every event (before the stream is forgotten); True when all are gone.
+
+        Those whose destroy fails are kept in ``stale`` (retried by the next
+        call, destroyed by ``drop_events`` at close).
+        """
+        evs, self.events = self.events, []
+        failed: list[int] = []
+        for h in [h for _s, h in evs] + self.stale:
+            try:
+                backend.event_destroy(h)
+            except Exception:  # noqa: BLE001 - kept for close
+                failed.append(h)
+        self.stale = failed
+        return not failed
 
     def drop_events(self, backend: Backend) -> None:
         """Destroy every event (at close); errors propagate after all are tried."""

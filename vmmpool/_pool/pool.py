@@ -33,7 +33,7 @@ from .._share import SharedMemoryHandle, check_shareable, not_shareable
 from . import _sleep
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block
-from ._core import Core, release_held_quietly
+from ._core import CLOSE, Core, release_held_quietly
 from ._pages import ACQUIRED, ASLEEP, FREE, QUARANTINED, Page
 from ._shares import Shares
 from ._stats import PageInfo, PoolStats
@@ -69,7 +69,8 @@ class _Ref(weakref.ref):
 
 def _collected(ref: _Ref) -> None:
     # Runs in whatever thread dropped the last reference, possibly while that
-    # thread holds the pool's lock: queue, and drain only if the lock is free.
+    # thread holds the pool's lock: queue; settle() frees it now if the lock is
+    # free, else the lock's holder does when it lets go.
     try:
         if sys.is_finalizing():
             return
@@ -79,13 +80,7 @@ def _collected(ref: _Ref) -> None:
                 release_held_quietly(core)
             return
         core.pending.append(ref)
-        if core.lock.acquire(False):
-            try:
-                core.drain()
-            finally:
-                core.lock.release()
-            if core.want_close:
-                _close_quietly(core)
+        core.settle()
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
 
@@ -110,8 +105,8 @@ def _collect_garbage(core: Core, mark: int) -> bool:
         gc.collect()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             if core.n_garbage != before:
                 core.n_ooms -= 1
@@ -121,16 +116,14 @@ def _collect_garbage(core: Core, mark: int) -> bool:
 
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
-    # section of this very pool (a drain): never block on the lock. Nothing in a
-    # forked child: the pool's memory is the parent's.
+    # section of this very pool (a drain): never block on the lock. Queued, the
+    # close is done now if the lock is free, else by its holder on the way out.
+    # Nothing in a forked child: the pool's memory is the parent's.
     if core.forked:
         return
     try:
-        if core.lock.acquire(False):
-            core.lock.release()
-            core.close()
-        else:
-            core.want_close = True
+        core.pending.append(CLOSE)
+        core.settle()
     except Exception:  # noqa: BLE001 - finalizer: never raise
         pass
 
@@ -162,14 +155,16 @@ class Allocation(NoCopy):
     dangles and :meth:`free` does nothing.
     """
 
-    __slots__ = ("ptr", "size", "device", "stream", "pool", "_rec", "_views", "_hold", "__weakref__")
+    __slots__ = ("ptr", "size", "device", "stream", "pool", "_ref", "_views", "_hold", "__weakref__")
 
     ptr: int
     size: int
     device: Device
     stream: int
     pool: PagePool
-    _rec: Block | None
+    #: The weak reference the pool's safety net holds (its ``rec`` is the block);
+    #: None once freed. The block is still this allocation's while ``rec.ref is _ref``.
+    _ref: _Ref | None
     _views: weakref.WeakSet[ArrayView] | None
     #: True when something outside the pool uses the memory for as long as the
     #: object lives (CuPy's ``UnownedMemory``): ``close()`` then keeps it mapped.
@@ -190,9 +185,18 @@ class Allocation(NoCopy):
         BufferError
             If a view (or an array or DLPack capsule made from one) still uses
             the memory: drop it first. The allocation stays valid.
+
+        Notes
+        -----
+        Safe from a finalizer: a ``__del__`` of an object in a reference cycle
+        may free its allocation even when the cycle is collected while this
+        thread is inside the pool (the free is then queued and done when the
+        pool's lock is let go), and even after the pool's own safety net
+        already freed the allocation (collected in the same cycle): nothing
+        happens then.
         """
-        rec = self._rec
-        if rec is None:
+        ref = self._ref
+        if ref is None:
             raise ValueError(
                 f"allocation of {self.size} bytes at {self.ptr:#x} was already freed"
             )
@@ -204,22 +208,33 @@ class Allocation(NoCopy):
                 f"allocation at {self.ptr:#x} has {len(self._views)} live view(s) "
                 "(arrays or DLPack capsules made from them use the memory); drop them first"
             )
-        self._rec = None
-        shares = self.pool._shares
-        if shares.entries:  # a dict test: the hot path stays cheap
-            core = self.pool._core
+        self._ref = None
+        core = self.pool._core
+        if core.shareable:  # an attribute test: the hot path stays cheap
             if core.forked:
-                self._rec = rec  # refused in a forked child: nothing changed
+                self._ref = ref  # refused in a forked child: nothing changed
                 raise core.closed_error()
-            if shares.mark_freed(rec):
+            rec = ref.rec
+            shares = self.pool._shares
+            if core.owner == threading.get_ident() and core.lock.locked():
+                # A finalizer re-entered this thread inside the pool: no other
+                # thread can be in share()'s locked section now.
+                leased = rec.ref is ref and shares.mark_freed(rec)
+            else:
+                # Under the pool's lock, where share() checks the allocation and
+                # registers its lease: a share() racing this free() either
+                # registered first (the block is leased: kept) or sees it freed.
+                with core.section:
+                    leased = rec.ref is ref and shares.mark_freed(rec)
+            if leased:
                 # Shared: receivers may still map these bytes; the pool frees the
                 # block once every receiver is done (see _shares.py).
                 self.pool._reap_shares()
                 return
         try:
-            self.pool._core.free(rec, self)
+            core.free(ref, self)
         except ForkedError:
-            self._rec = rec  # refused in a forked child: nothing changed
+            self._ref = ref  # refused in a forked child: nothing changed
             raise
 
     def view(
@@ -314,10 +329,11 @@ class Allocation(NoCopy):
         pool._reap_shares()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             pool._enter()
-            rec = self._rec
-            if rec is None or not rec.live:
+            ref = self._ref
+            rec = None if ref is None else ref.rec
+            if rec is None or rec.ref is not ref:
                 raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
             arena = rec.arena
             P = core.P
@@ -341,8 +357,8 @@ class Allocation(NoCopy):
         Also True in a forked child, where the allocation is unusable (the
         parent's allocation stays live).
         """
-        rec = self._rec
-        return rec is None or not rec.live or self.pool._core.closed
+        ref = self._ref
+        return ref is None or ref.rec.ref is not ref or self.pool._core.closed
 
     def __int__(self) -> int:
         return self.ptr
@@ -356,7 +372,7 @@ class Allocation(NoCopy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._rec is not None:
+        if self._ref is not None:
             self.free()
 
     def __repr__(self) -> str:
@@ -458,7 +474,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self._fin.atexit = False
         if pre_pages:
             try:
-                with core.lock:
+                with core.section:
                     st = core.stream(0)
                     pages = core.gather(pre_pages, pre, st)
                     # In the large heap; small requests take from it instead of remapping.
@@ -523,8 +539,11 @@ class PagePool(ClosesOnExit, NoCopy):
         if not shares.entries:
             return
         for rec, alloc in shares.done():
+            ref = rec.ref
+            if ref is None or ref() is not alloc:  # pragma: no cover - the pool closed meanwhile
+                continue
             try:
-                self._core.free(rec, alloc)
+                self._core.free(ref, alloc)
             except ValueError:  # pragma: no cover - the pool closed meanwhile
                 pass
 
@@ -571,7 +590,7 @@ class PagePool(ClosesOnExit, NoCopy):
         max_pages = self._max_pages(self.device, self.page_size, limit)
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             old = core.max_pages
             core.max_pages = max_pages
@@ -647,13 +666,11 @@ class PagePool(ClosesOnExit, NoCopy):
         a.device = self.device
         a.stream = key
         a.pool = self
-        a._rec = rec
         a._views = None
         a._hold = False
-        ref = _Ref(a, _collected)
+        a._ref = rec.ref = ref = _Ref(a, _collected)
         ref.rec = rec
         ref.core = core
-        rec.ref = ref
         return a
 
     def _malloc_after_gc(
@@ -727,6 +744,11 @@ class PagePool(ClosesOnExit, NoCopy):
         must leave it. A stream *object* passed to ``malloc`` needs no call:
         the pool keeps it alive while the stream has memory here.
 
+        A retired stream costs nothing once it holds nothing: the pool forgets
+        it (its events and its address space) at once if it holds no block
+        and no cached page, else when its last cached page leaves it (or at
+        :meth:`trim`). Using the stream again later is allowed.
+
         Parameters
         ----------
         stream : None, int or stream object
@@ -736,11 +758,11 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             st = core.streams.get(key)
-            if st is None:
-                return
+            if st is None or core.drop_stream(st):
+                return  # nothing of it here (any more): forgotten, its address space freed
             st.record(core.backend, core.ev)
             st.retired = True
             st.obj = None
@@ -791,7 +813,7 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             if core.asleep is not None:
                 raise AsleepError("PagePool", f"acquire_pages({n})")
@@ -801,6 +823,8 @@ class PagePool(ClosesOnExit, NoCopy):
             if core.pinned() + n > core.max_pages:
                 raise core.oom(n * P, n, "the limit is reached", pin=n)
             pages = core.gather(n, n * P, core.streams.get(key))
+            if core.emptied:  # the stream itself may have given its last page
+                core.drop_emptied(None)
             for p in pages:
                 p.state = ACQUIRED
                 p.stream = key
@@ -827,7 +851,7 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             if core.pending:
                 core.drain()
             if core.closed:
@@ -872,7 +896,7 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             if core.pending:
                 core.drain()
             if core.closed:
@@ -909,7 +933,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self._reap_shares()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             if core.asleep is not None:
                 return  # nothing is mapped
@@ -923,7 +947,8 @@ class PagePool(ClosesOnExit, NoCopy):
         """Give every page not touched by live data back to the driver.
 
         Does :meth:`defragment`, then releases the free pages and the arenas
-        that no longer map anything.
+        that no longer map anything, and forgets the streams left with nothing
+        (their events too).
 
         Returns
         -------
@@ -934,7 +959,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self._reap_shares()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             if core.asleep is not None:
                 return 0  # every page was given back already
@@ -943,6 +968,8 @@ class PagePool(ClosesOnExit, NoCopy):
                 st.prune()
             n = core.release_free(len(core.free_pages))
             core.release_empty_arenas()
+            for st in list(core.streams.values()):
+                core.drop_stream(st)  # streams left with nothing: forgotten
             if n:
                 logger.info("trim: gave %d page(s) back to the driver", n)
             return n * self.page_size
@@ -1003,7 +1030,7 @@ class PagePool(ClosesOnExit, NoCopy):
         if core.tasks:
             core.run_tasks()
         self._reap_shares()
-        with core.lock:
+        with core.section:
             self._enter()
             if core.asleep is not None:
                 return
@@ -1036,7 +1063,7 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
+        with core.section:
             self._enter()
             _sleep.wake(core)
 
@@ -1052,8 +1079,8 @@ class PagePool(ClosesOnExit, NoCopy):
         self._reap_shares()
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             if not core.closed and len(core.pages) > core.max_pages:
                 core.enforce_limit()
@@ -1131,8 +1158,12 @@ class PagePool(ClosesOnExit, NoCopy):
         P = self.page_size
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.closed:
+                # Every page is given up (stats() counts none): arenas that
+                # PyTorch or CuPy still use stay mapped for them, not for the pool.
+                return []
+            if core.pending:
                 core.drain()
             info: dict[Page, PageInfo] = {}
             touching = core.touching()
@@ -1171,7 +1202,8 @@ class PagePool(ClosesOnExit, NoCopy):
                         for b in sorted(blocks, key=_addr)
                     )
                     info[p] = PageInfo(
-                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used
+                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
+                        None if al is None else spans[1],
                     )
             for p in core.pages.values():
                 if p not in info:
@@ -1250,8 +1282,8 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             core.reset_peaks()
 
@@ -1325,7 +1357,7 @@ class PagePool(ClosesOnExit, NoCopy):
         n = check_max_entries(max_entries)
         self._check_process()
         core = self._core
-        with core.lock:
+        with core.section:
             core.history = History(n, context) if on else None
 
     def memory_summary(self, abbreviated: bool = False) -> str:
@@ -1351,7 +1383,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         pages = self.snapshot()
         core = self._core
-        with core.lock:
+        with core.section:
             hist = core.history
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
         settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
@@ -1376,8 +1408,8 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.tasks:
             core.run_tasks()
-        with core.lock:
-            if core.pending and not core.closed:
+        with core.section:
+            if core.pending:
                 core.drain()
             core.check()
 
