@@ -329,3 +329,27 @@ def test_close_keeps_memory_of_live_cupy_arrays_mapped() -> None:
     del x, y
     gc.collect()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_close_racing_malloc_never_hands_out_unmapped_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # close() in another thread between the page pool's malloc and the shim's
+    # marking the block held: close() saw an ordinary block and unmapped it, and
+    # CuPy got a dangling pointer. Made deterministic: close() runs right after malloc.
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = vcupy.MemoryPool(dev)
+    with vcupy.using_pool(pool):
+        warm = cupy.empty(100, dtype=cupy.uint8)
+    (pp,) = pool.page_pools().values()
+    malloc = pp.malloc
+
+    def closing_malloc(*args: object, **kwargs: object) -> object:
+        a = malloc(*args, **kwargs)  # type: ignore[arg-type]
+        pp.close()
+        return a
+
+    monkeypatch.setattr(pp, "malloc", closing_malloc)
+    with vcupy.using_pool(pool), pytest.raises(vmmpool.ClosedError):
+        cupy.empty(3 * MiB, dtype=cupy.uint8)
+    del warm
+    gc.collect()
+    assert dev.counters().live == (0, 0, 0)

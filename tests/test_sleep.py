@@ -525,3 +525,29 @@ def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(free_while_asl
         x.free()
     pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_history_records_sleep_and_wake_as_segment_events(tmp_path: object) -> None:
+    # sleep() gives every page back and wake() maps the live ones back: a dump
+    # taken afterwards must see both as segment events, or a replay of it starts
+    # its recorded reserved bytes below zero (a block freed while asleep).
+    from pathlib import Path
+
+    from vmmpool import replay as R
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    with PagePool(dev) as pool:
+        pool.record_history(context=None)
+        a = pool.malloc(3 * P // 2)
+        b = pool.malloc(2 * P)
+        pool.sleep()
+        b.free()
+        pool.wake()
+        path = Path(str(tmp_path)) / "slept.pickle"
+        pool.dump_snapshot(path)
+        tr = R.load(str(path))
+        assert tr.recorded_reserved[0] == (0, 0), tr.recorded_reserved
+        assert min(r for _, r in tr.recorded_reserved) >= 0, tr.recorded_reserved
+        assert tr.recorded_reserved[-1][1] == pool.stats().reserved_bytes
+        a.free()

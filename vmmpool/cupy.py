@@ -239,6 +239,11 @@ class MemoryPool:
                     nbytes, err.in_use, pool.limit
                 ) from err
         alloc._hold = True  # CuPy arrays use it while it lives: close() keeps it mapped
+        if pool.closed:
+            # close() ran in another thread after the malloc: it may have seen an
+            # ordinary block (before the line above) and unmapped it. It marks the
+            # pool closed before it looks at the blocks, so this test catches it.
+            raise pool._core.closed_error()
         mem = _cupy.cuda.UnownedMemory(alloc.ptr, alloc.size, alloc, device_id)
         return _cupy.cuda.MemoryPointer(mem, 0)
 

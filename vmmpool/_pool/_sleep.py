@@ -216,6 +216,7 @@ def sleep(core: Core, backup: bool) -> None:
         raise
     core.asleep = asleep
     core.n_asleep = len(offsets)
+    _record(core, "segment_unmap", runs)
     c = core.sleeps
     c.n_sleeps += 1
     c.sleep_bytes += nbytes if backup else 0
@@ -346,6 +347,7 @@ def wake(core: Core) -> None:
             f"{core.max_pages - len(core.pages)} more (raise it with set_limit)",
         )
     wake_runs(core, runs, sl)
+    _record(core, "segment_map", runs)
     n = len({p for r in runs for p in r[2]})
     core.asleep = None
     core.n_asleep = 0
@@ -354,3 +356,13 @@ def wake(core: Core) -> None:
     c.wake_bytes += n * core.P if sl.backup is not None else 0
     c.wake_seconds += time.perf_counter() - t0
     logger.info("wake: mapped %d page(s) back in %d run(s)", n, len(runs))
+
+
+def _record(core: Core, action: str, runs: list[Run]) -> None:
+    """History: the runs sleep unmapped (or wake mapped back), as segment events."""
+    hist = core.history
+    if hist is None:
+        return
+    P = core.P
+    for arena, s0, pages in runs:
+        hist.record(action, arena.base + s0 * P, len(pages) * P, arena.heap.stream.key)
