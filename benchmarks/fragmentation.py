@@ -40,6 +40,7 @@ from vmmpool._demo import (
     contiguous_baseline,
     run_scenario,
 )
+from vmmpool._sizes import positive_size_arg
 
 MiB = 1 << 20
 
@@ -199,7 +200,8 @@ MODES = {
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--limit", type=int, default=None, help="bytes (default 1 GiB; 256 MiB with --quick)")
+    p.add_argument("--limit", type=positive_size_arg, default=None,
+                   help="a size such as 512MiB or 1GiB (default 1 GiB; 256 MiB with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per fraction (default 3; 1 with --quick)")
     p.add_argument("--worker", default=None, help=argparse_hidden())
     p.add_argument("--fraction", type=float, default=None, help=argparse_hidden())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -48,6 +49,20 @@ def test_all_is_pinned() -> None:
     for name in names:
         assert hasattr(vmmpool, name), name
     assert len(vmmpool.__all__) == len(names), "duplicates in __all__"
+
+
+def test_dir_shows_only_public_names() -> None:
+    # Issue 21: dir(vmmpool) listed `annotations`, `logging` and every private module.
+    code = (
+        "import vmmpool; before = dir(vmmpool); import vmmpool.replay, vmmpool.plot; "
+        "print(repr((before, dir(vmmpool), sorted(vars(vmmpool)))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, names = ast.literal_eval(out.stdout)
+    assert before == sorted(PUBLIC | {"__version__"})
+    assert after == sorted(PUBLIC | {"__version__", "plot", "replay"})
+    assert "annotations" not in names and "logging" not in names
 
 
 def test_cli_info_lists_host_device() -> None:

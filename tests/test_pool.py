@@ -523,6 +523,37 @@ def test_use_after_close(device: vmmpool.Device) -> None:
             pass
 
 
+def test_every_locked_method_runs_the_deferred_tasks_and_refuses_a_closed_pool(
+    device: vmmpool.Device,
+) -> None:
+    # Issue 21: the methods share one prologue (PagePool's `_locked`): deferred tasks first,
+    # then the lock, the finalizers' queue, and (for most) the closed check.
+    pool = pool_of(device)
+    calls = {
+        "set_limit": lambda: pool.set_limit(None),
+        "retire_stream": lambda: pool.retire_stream(7),
+        "acquire_pages": lambda: pool.release_pages(pool.acquire_pages(1)),
+        "defragment": pool.defragment,
+        "trim": pool.trim,
+        "stats": pool.stats,
+        "snapshot": pool.snapshot,
+        "reset_peak_memory_stats": pool.reset_peak_memory_stats,
+        "sleep": pool.sleep,
+        "wake": pool.wake,
+        "share": lambda: pool.malloc(100).share().close() if pool.shareable else None,
+    }
+    for name, call in calls.items():
+        ran: list[str] = []
+        pool._defer(lambda: ran.append(name))  # noqa: B023 - called before the loop moves on
+        call()
+        assert ran == [name] or (name == "share" and not pool.shareable), name
+    pool.close()
+    for name in ("set_limit", "retire_stream", "acquire_pages", "defragment", "trim", "sleep", "wake"):
+        with pytest.raises(vmmpool.ClosedError, match="PagePool has been closed"):
+            calls[name]()
+    assert pool.stats().total_pages == 0 and pool.snapshot() == []
+
+
 def test_close_releases_everything_with_live_allocations(device: vmmpool.Device) -> None:
     before = device.counters().live
     pool = pool_of(device, pages=8)

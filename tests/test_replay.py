@@ -361,19 +361,23 @@ def test_peer_command_and_env(tmp_path: Path) -> None:
 
 
 def test_parse_peer_output() -> None:
-    line = R._PEER_MARK + json.dumps({"completed": True, "peak_reserved": 10, "wall_s": 0.5})
+    from vmmpool.replay._peers import _PEER_MARK
+
+    line = _PEER_MARK + json.dumps({"completed": True, "peak_reserved": 10, "wall_s": 0.5})
     out = R.parse_peer_output("cupy", f"warming up\n{line}\n")
     assert out == {"completed": True, "peak_reserved": 10, "wall_s": 0.5}
     with pytest.raises(RuntimeError, match=r"cupy: subprocess exited 1 without a result: \['boom'\]"):
         R.parse_peer_output("cupy", "boom\n", 1)
     with pytest.raises(RuntimeError, match="malformed result line"):
-        R.parse_peer_output("cupy", R._PEER_MARK + "[1]")
+        R.parse_peer_output("cupy", _PEER_MARK + "[1]")
 
 
 def test_peer_replays_without_gpu_are_skipped_with_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(R, "gpu_unavailable_reason", lambda: "no driver here")
+    import vmmpool.replay._peers as peers
+
+    monkeypatch.setattr(peers, "gpu_unavailable_reason", lambda: "no driver here")
     got = R.peer_replays(tmp_path / "t.pickle")
     assert [p.peer for p in got] == list(R.PEERS)
     assert all(p.skipped == "no CUDA GPU (no driver here)" and p.completed is None for p in got)
@@ -399,11 +403,13 @@ def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
     [
         ([], "the following arguments are required: TRACE"),
         (["{missing}"], "cannot read"),
-        (["{good}", "--limit", "lots"], "argument --limit: expected bytes"),
-        # Issue 17: 1e400 (inf) raised OverflowError in int() with a traceback.
-        (["{good}", "--limit", "1e400"], "argument --limit: the limit must be below 2**64 bytes"),
-        (["{good}", "--limit", "2e19"], "argument --limit: the limit must be below 2**64 bytes"),
-        (["{good}", "--limit", "nan"], "argument --limit: expected bytes"),
+        (["{good}", "--limit", "lots"], "argument --limit: expected a size such as"),
+        # Issue 17: 1e400 (inf) raised OverflowError in int() with a traceback; issue 21: the one
+        # size grammar has no exponent, and values of 2**64 bytes or more are refused.
+        (["{good}", "--limit", "1e400"], "argument --limit: expected a size such as"),
+        (["{good}", "--limit", "20000000000GB"], "argument --limit: a size must be below 2**64 bytes"),
+        (["{good}", "--limit", "0"], "argument --limit: the size must be > 0"),
+        (["{good}", "--limit", "nan"], "argument --limit: expected a size such as"),
         (["{good}", "--limit", "9" * 5000], "(str of 5000 characters)"),
         (["{good}", "--snapshot-device", "9" * 5000], "invalid int value"),
         (["{good}", "--frobnicate" + "x" * 5000], "unrecognized arguments"),
@@ -771,3 +777,67 @@ def test_an_rmm_log_has_no_device_to_choose(tmp_path: Path) -> None:
     p.write_text("Thread,Time,Action,Pointer,Size,Stream\n")
     with pytest.raises(R.TraceError, match=r"log\.csv: an RMM log has no devices to choose \(device=1\)"):
         R.load(p, 1)
+
+
+# ------------------------------------------------------- the package (issue 21)
+def test_the_replay_package_exports_only_public_names() -> None:
+    # Issue 21: everything vmmpool.replay holds without an underscore is in __all__ (no
+    # `annotations`, no helper), and dir() lists exactly that.
+    public = {n for n in vars(R) if not n.startswith("_")}
+    assert public == set(R.__all__)
+    assert [n for n in dir(R) if not n.startswith("_")] == sorted(R.__all__)
+    for name in ("replay", "timeline", "min_limit", "load", "scan_pickle", "peer_command",
+                 "format_table", "record", "json_safe", "COLUMNS", "Trace", "TraceError"):
+        assert name in R.__all__
+
+
+def test_timeline_and_replay_run_one_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 21: replay() and timeline() share one event loop (timeline is the loop with a
+    # sampler): every event of both goes through run_events, and they agree.
+    import vmmpool.replay._engine as engine
+
+    calls: list[Any] = []
+    real = engine.run_events
+
+    def spy(tr: Any, pool: Any, handles: Any, sampler: Any = None, every: int = 1) -> Any:
+        calls.append(sampler)
+        return real(tr, pool, handles, sampler, every)
+
+    monkeypatch.setattr(engine, "run_events", spy)
+    P = 2 << 20
+    tr = R.Trace("t", ((False, 0, 3 * P, 0), (False, 1, 100, 1), (True, 0, 3 * P, 0),
+                       (False, 2, P, 0)), 3, 0, (0, 1))
+    res = R.replay(tr)
+    tl = R.timeline(tr, samples=2)
+    assert len(calls) == 2 and calls[0] is None and calls[1] is not None
+    assert res.completed and tl.completed and res.events == 4
+    assert tl.events == [0, 2, 3] and tl.allocated == [3 * P, 100, P + 100]
+    assert max(tl.allocated) <= res.peak_live
+
+
+def test_timeline_stops_at_the_event_out_of_memory() -> None:
+    P = 2 << 20
+    tr = R.Trace("t", ((False, 0, 3 * P, 0), (False, 1, 4 * P, 0), (True, 0, 3 * P, 0)), 2, 0, (0,))
+    res = R.replay(tr, limit=4 * P)
+    tl = R.timeline(tr, limit=4 * P, samples=10)
+    assert not res.completed and res.failed_event == 1 and res.events == 1
+    assert not tl.completed and tl.events == [0] and tl.allocated == [3 * P]
+
+
+def test_the_peer_entry_point_runs_by_module_path(tmp_path: Path) -> None:
+    # peer_command's argv runs `python -m vmmpool.replay`, now the package's __main__: it must
+    # start and parse its arguments (an unknown peer is refused by argparse, exit status 2).
+    argv, env = R.peer_command("cupy", tmp_path / "t.pickle", 4 << 20)
+    assert argv[1:3] == ["-m", "vmmpool.replay"]
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                 env.get("PYTHONPATH", "")])}
+    out = subprocess.run([*argv[:3], "--help"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and "--peer" in out.stdout and "cupy" in out.stdout, out.stderr
+    out = subprocess.run([*argv[:3], "--peer", "rmm", "t.pickle"], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 2 and "invalid choice: 'rmm'" in out.stderr, out.stderr
+    from vmmpool.replay.__main__ import main as peer_main
+
+    with pytest.raises(SystemExit):
+        peer_main(["--peer", "torch", "t.pickle", "--limit", "x"])

@@ -446,7 +446,7 @@ def test_host_capacity_from_environment(monkeypatch: pytest.MonkeyPatch, env: st
     assert default_capacity() == expected
 
 
-@pytest.mark.parametrize("env", ["lots", "1M", "-4G", "2.5G"])
+@pytest.mark.parametrize("env", ["lots", "1M", "-4G", "2.5Q", "1e9"])
 def test_bad_host_capacity_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
     from vmmpool._backends.host import default_capacity
 

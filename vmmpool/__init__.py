@@ -68,3 +68,15 @@ __all__ = [
     "reserve",
     "stream_key",
 ]
+
+#: Subpackages with a public API of their own (imported on demand: ``import vmmpool.replay``).
+_SUBPACKAGES = ("cupy", "plot", "replay", "torch")
+
+
+def __dir__() -> list[str]:
+    """The public names only (issue 21): ``__all__`` and the public subpackages imported so far."""
+    return sorted({*__all__, *(m for m in _SUBPACKAGES if m in globals())})
+
+
+# Names this module used but does not offer.
+del annotations, logging

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import NoReturn, TextIO
+from typing import TextIO
+
+from ._cli import PROG, Parser, UsageError, device_advice, fail, short
 
 __all__ = ["main", "info", "replay_main"]
 
@@ -40,55 +41,6 @@ def info(out: TextIO | None = None) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_short(message)} (see --help)\n")
-
-
-def _short(message: str, limit: int = 200) -> str:
-    """An argparse message cut to `limit` characters: argparse quotes a bad value whole
-    (``invalid int value: '999...'``), and a value can be megabytes long (issue 17)."""
-    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
-
-
-_SUFFIXES = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def _bytes(text: str) -> int:
-    """``"123"``, ``"512MiB"``, ``"20GiB"``, ``"1.5g"``: bytes (binary units), in (0, 2**64)."""
-    from ._options import brief
-
-    expected = f"expected bytes such as 4294967296, 4096MiB or 4GiB, got {brief(text)}"
-    t = text.strip().lower().replace("_", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    if unit not in _SUFFIXES or not num or len(num) > 32:
-        raise argparse.ArgumentTypeError(expected)
-    try:
-        value = float(num) * _SUFFIXES[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(expected) from None
-    if not value > 0:  # NaN included
-        raise argparse.ArgumentTypeError(f"the limit must be > 0, got {brief(text)}")
-    if not value < 2.0**64:  # inf included (1e400)
-        raise argparse.ArgumentTypeError(
-            f"the limit must be below 2**64 bytes (16 EiB), got {brief(text)}"
-        )
-    return int(value)
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(_short(message))
-
-
 def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--snapshot-device N]
     [--json PATH]``.
@@ -105,17 +57,19 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     import json
 
     from . import replay as R
-    from ._errors import VmmError
+    from ._errors import DeviceUnavailableError, VmmError
+    from ._sizes import positive_size_arg
 
     stream = sys.stdout if out is None else out
-    prog = "python -m vmmpool replay"
-    p = _OneLineParser(prog=prog, description="Replay allocation traces through a PagePool.")
+    prog = f"{PROG} replay"
+    p = Parser(prog=prog, description="Replay allocation traces through a PagePool.")
     p.add_argument("traces", nargs="+", metavar="TRACE",
                    help="PyTorch memory snapshot pickles or RMM CSV logs")
     p.add_argument("--device", default=None,
                    help="host, cuda or cuda:N (default: a host-emulated device sized to the trace)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--limit", type=_bytes, default=None, help="pool limit in bytes (e.g. 20GiB)")
+    g.add_argument("--limit", type=positive_size_arg, default=None,
+                   help="pool limit, e.g. 20GiB, 1.5 GiB or 16GB (GB is decimal, GiB binary)")
     g.add_argument("--min-limit", action="store_true",
                    help="also search the smallest limit (whole pages) that completes")
     p.add_argument("--snapshot-device", type=int, default=None, metavar="N",
@@ -137,12 +91,12 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
                 if args.snapshot_device is not None or len(tr.devices) > 1:
                     t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")
                 traces.append((path, t))
-    except _UsageError as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        return 2
+    except UsageError as e:
+        return fail(prog, f"{e} (see --help)")
+    except DeviceUnavailableError as e:
+        return fail(prog, device_advice(e))
     except (R.TraceError, ValueError, TypeError, VmmError) as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        return 2
+        return fail(prog, e)
     records = []
     status = 0
     for path, tr in traces:
@@ -154,8 +108,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
         except (R.TraceError, ValueError, TypeError) as e:
             # Not a replay failure: the trace or the arguments cannot be replayed as given
             # (a trace larger than the emulator replays, a limit no device can address).
-            sys.stderr.write(f"{prog}: error: {e}\n")
-            return 2
+            return fail(prog, e)
         except (OSError, VmmError) as e:
             # Not out of memory: the device itself failed (an OS limit of the
             # host emulator, a driver error). Say so and go on.
@@ -175,8 +128,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             with open(args.json, "w") as fh:
                 json.dump(R.json_safe({"traces": records}), fh, indent=1, allow_nan=False)
         except OSError as e:
-            sys.stderr.write(f"{prog}: error: cannot write {args.json}: {e.strerror or e}\n")
-            return 2
+            return fail(prog, f"cannot write {args.json}: {e.strerror or e}")
     return status
 
 
@@ -186,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns 2, after one line on stderr, for bad arguments or settings (such
     as a malformed ``VMMPOOL_HOST_CAPACITY``).
     """
-    parser = _Parser(
-        prog="python -m vmmpool", description="CUDA virtual memory management from Python."
-    )
+    parser = Parser(prog=PROG, description="CUDA virtual memory management from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list devices and their VMM capabilities")
     sub.add_parser(
@@ -197,17 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
     )
     sub.add_parser("replay", help="replay allocation traces through a PagePool", add_help=False)
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except UsageError as exc:
+        return fail(PROG, f"{exc} (see --help)")
     if args.command == "replay":
         return replay_main(rest)
     if args.command == "info":
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            return fail(f"{PROG} info", f"unrecognized arguments: {short(' '.join(rest))}")
         try:
             return info()
         except ValueError as exc:  # a malformed setting, e.g. VMMPOOL_HOST_CAPACITY
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"{PROG} info", exc)
     from ._demo import main as demo_main
 
     return demo_main(rest)

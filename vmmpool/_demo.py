@@ -29,12 +29,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
+from ._cli import Parser, UsageError, device_advice, fail
 from ._device import Device, default_device
 from ._errors import DeviceUnavailableError
-from ._options import brief
 from ._pool import PagePool
+from ._sizes import size_arg
 
 __all__ = [
     "ScenarioResult",
@@ -43,7 +44,6 @@ __all__ = [
     "run_scenario",
     "scenario_sizes",
     "contiguous_baseline",
-    "parse_size",
     "format_size",
     "main",
     "bisect_largest",
@@ -55,27 +55,8 @@ KiB = 1 << 10
 WARMUP_BLOCK = 64 * MiB
 #: Requests up to this size are the scenario's "small blocks".
 SMALL_MAX = 1 * MiB
-
-
-def parse_size(text: str) -> int:
-    """Parse ``"512M"``, ``"1.5G"``, ``"4096"``, ``"64KiB"`` into bytes."""
-    s = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = 1
-    for suffix, m in (("K", KiB), ("M", MiB), ("G", 1 << 30), ("T", 1 << 40)):
-        if s.endswith(suffix):
-            s, mult = s[:-1], m
-            break
-    try:
-        if len(s) > 32:  # no float() of a 5,000-digit string
-            raise ValueError(s)
-        value = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {brief(text)} (try 512M or 2G)") from None
-    if not 0 <= value * mult < 2.0**64:  # NaN and inf included
-        raise argparse.ArgumentTypeError(
-            f"size must be >= 0 and below 2**64 bytes, got {brief(text)}"
-        )
-    return int(value * mult)
+#: The command's name in its messages.
+PROG = "python -m vmmpool demo"
 
 
 def format_size(n: float) -> str:
@@ -427,19 +408,9 @@ def run_scenario(
 
 
 # ------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        # argparse quotes a bad value whole: cut what a megabyte-long argument would print.
-        if len(message) > 200:
-            message = f"{message[:200]}... ({len(message)} characters)"
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m vmmpool demo",
+    p = Parser(
+        prog=PROG,
         description=(
             "Fragment a memory limit with mixed-size allocations, keep a scattered few small "
             "blocks, and find the largest allocation that still succeeds: vmmpool.PagePool "
@@ -447,7 +418,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--device", default=None, help="host or cuda:N (default: cuda:0 if usable, else host)")
-    p.add_argument("--limit", type=parse_size, default=None, help="memory limit, e.g. 512M (default 512M)")
+    p.add_argument(
+        "--limit", type=size_arg, default=None,
+        help="memory limit, e.g. 512MiB, 1.5GiB or 2GB (default 512MiB)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--live-fraction", type=float, default=0.05,
@@ -463,30 +437,31 @@ def _row(label: str, values: Sequence[str], width: int = 28, col: int = 28) -> s
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return 0 when vmmpool passes, 1 otherwise (2 for bad options)."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        return fail(PROG, f"{exc} (see --help)")
     if not 0 < args.live_fraction <= 1:
-        print("error: --live-fraction must be in (0, 1]", file=sys.stderr)
-        return 2
+        return fail(PROG, f"--live-fraction must be in (0, 1], got {args.live_fraction}")
     try:
         device = default_device() if args.device is None else Device(args.device)
         free = device.free_memory
-    except (ValueError, TypeError, DeviceUnavailableError) as exc:
-        # A bad --device, no usable GPU, or a malformed VMMPOOL_HOST_CAPACITY.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except DeviceUnavailableError as exc:
+        return fail(PROG, device_advice(exc))
+    except (ValueError, TypeError) as exc:
+        # A bad --device or a malformed VMMPOOL_HOST_CAPACITY.
+        return fail(PROG, exc)
     limit = 512 * MiB if args.limit is None else args.limit
     limit -= limit % device.granularity
     if limit < 16 * device.granularity:
-        print(f"error: --limit must be at least {format_size(16 * device.granularity)}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"--limit must be at least {format_size(16 * device.granularity)}")
     if limit > free:
-        print(
-            f"error: --limit {format_size(limit)}{' (the default)' if args.limit is None else ''} "
+        return fail(
+            PROG,
+            f"--limit {format_size(limit)}{' (the default)' if args.limit is None else ''} "
             f"is more than the {format_size(free)} free on "
             f"{device} ({format_size(device.total_memory)} total); pass a smaller --limit",
-            file=sys.stderr,
         )
-        return 2
     warmup = not args.no_warmup
     print(f"vmmpool demo: fragmentation on {device} ({device.name}), limit {format_size(limit)}, "
           f"seed {args.seed}")

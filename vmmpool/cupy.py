@@ -35,6 +35,7 @@ from ._device import Device, DeviceLike
 from ._errors import OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
+from ._sizes import EXAMPLES, parse_fraction, parse_size
 
 __all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
 
@@ -46,7 +47,11 @@ def _pool_limit(limit: int, page_size: int) -> int | None:
 
 
 def parse_limit(text: str, total: int) -> int:
-    """Parse a CuPy-style limit: bytes (``"1073741824"``) or a percentage (``"50%"``).
+    """Parse a CuPy-style limit: a size (``"1073741824"``, ``"4GiB"``, ``"1.5 GB"``) or a
+    percentage of the device's memory (``"50%"``).
+
+    Sizes follow vmmpool's one grammar (binary ``K``/``KiB`` ..., decimal ``KB`` ...;
+    see ``vmmpool._sizes``); CuPy itself takes bytes or a percentage, both accepted here.
 
     Parameters
     ----------
@@ -59,23 +64,24 @@ def parse_limit(text: str, total: int) -> int:
     -------
     int
         The limit in bytes (0 means no limit).
+
+    Raises
+    ------
+    ValueError
+        If `text` is neither; the message quotes at most the start of `text`.
     """
-    s = text.strip()
+    s = text.rstrip()
     try:
-        if len(s) > 40:  # no int() of a 5,000-digit string
-            raise ValueError
         if s.endswith("%"):
-            frac = float(s[:-1]) / 100.0
-            if not 0.0 <= frac <= 1.0:
+            frac = parse_fraction(s[:-1]) / 100
+            if frac > 1:
                 raise ValueError
             return int(total * frac)
-        n = int(s)
-        if n < 0:
-            raise ValueError
-        return n
+        return parse_size(s)
     except ValueError:
         raise ValueError(
-            f"memory limit must be a number of bytes or a percentage like '50%', got {brief(text)}"
+            f"memory limit must be a size such as {EXAMPLES} or a percentage like '50%', "
+            f"got {brief(text)}"
         ) from None
 
 
@@ -109,7 +115,8 @@ class MemoryPool:
     matches CuPy's own.
 
     The limit honours ``CUPY_GPU_MEMORY_LIMIT`` (bytes or ``"N%"``) as CuPy
-    does, per device, when a device's page pool is created.
+    does (and sizes such as ``"4GiB"``, see :func:`parse_limit`), per device,
+    when a device's page pool is created.
     """
 
     def __init__(

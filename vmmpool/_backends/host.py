@@ -131,9 +131,9 @@ _HINTS = {
 def default_capacity() -> int:
     """Physical capacity of the default host device.
 
-    ``VMMPOOL_HOST_CAPACITY`` (bytes, or with a ``K``/``M``/``G`` suffix, e.g.
-    ``"512M"``) when set; otherwise a quarter of RAM, at most 8 GiB. Rounded
-    down to the granularity.
+    ``VMMPOOL_HOST_CAPACITY`` when set (a size in the one grammar of
+    :mod:`vmmpool._sizes`: ``"4096"``, ``"512M"``, ``"4 GiB"``, ``"1.5GB"``);
+    otherwise a quarter of RAM, at most 8 GiB. Rounded down to the granularity.
 
     Raises
     ------
@@ -142,21 +142,17 @@ def default_capacity() -> int:
     """
     env = os.environ.get("VMMPOOL_HOST_CAPACITY", "").strip()
     if env:
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        mult = units.get(env[-1:].upper(), 1)
-        digits = env[:-1] if mult > 1 else env
-        # At most 16 digits before int(): no conversion of a 5,000-digit string (Python
-        # refuses those with a message that names no variable).
-        cap = (
-            int(digits) * mult
-            if digits.isascii() and digits.isdigit() and len(digits) <= 16
-            else -1
-        )
+        from .._options import brief
+        from .._sizes import EXAMPLES, parse_size
+
+        try:
+            cap = parse_size(env)
+        except ValueError:
+            cap = -1
         if not DEFAULT_GRANULARITY <= cap <= ADDRESS_LIMIT:
-            shown = env if len(env) <= 40 else f"{env[:40]}... ({len(env)} characters)"
             raise ValueError(
                 f"VMMPOOL_HOST_CAPACITY must be a size from {DEFAULT_GRANULARITY} bytes to "
-                f"2**47 (128T) like '512M' or '4G', got {shown!r}"
+                f"2**47 (128 TiB) such as {EXAMPLES}, got {brief(env)}"
             )
         return cap - cap % DEFAULT_GRANULARITY
     try:

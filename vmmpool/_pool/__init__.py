@@ -89,9 +89,11 @@ most one live block", not "every page is in one slot". Freed bytes of an
 alias are free ranges like any other (reused at once, no driver call). An
 aliased page is never cached; the alias is *dissolved* (its slot unmapped,
 the lent bytes free again in the page's own slot) at the next reclaim of its
-stream (a remap, :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`)
-once every byte it owns is free and the work that used them is done (the
-same events as any reclaim). Measured on the host emulator (2026-12-06):
+stream (a remap, :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`, or
+a request at the limit that fits nowhere else, which then tries again: an
+aliased page is not aliased again, so a free alias keeps its page's free bytes
+apart) once every byte it owns is free and the work that used them is done
+(the same events as any reclaim). Measured on the host emulator (2026-12-06):
 the shared traces scaled to 0.1x complete at 1.0060-1.0098 x peak live (was
 1.0064-1.0098), generated GPT-2-shaped inference (1-8 MiB tensors, KV caches
 grown by concatenation) at 1.009-1.020 (was 1.020-1.034, with the split rule

@@ -54,7 +54,8 @@ class Alias:
     placed on them and free ranges never merge across them. An aliased page is
     never cached; the alias is dissolved (its slot unmapped, `pfence`'s bytes
     freed in the page's own slot) once every byte it owns is free and the work
-    that used them is done.
+    that used them is done: at the next reclaim of its stream, or when a
+    request at the limit fits nowhere else.
     """
 
     __slots__ = ("page", "arena", "slot", "lo", "hi", "pfence", "afence")

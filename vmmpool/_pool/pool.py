@@ -7,6 +7,7 @@ net when it is garbage collected (see the package docstring, "Lifetime").
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -85,6 +86,26 @@ def _collected(ref: _Ref) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _locked(core: Core, *, open_only: bool = True) -> Iterator[Core]:
+    """The prologue of every public pool method that takes the pool's lock, as one context.
+
+    Runs the deferred tasks (:meth:`PagePool._defer`), takes the lock, does what finalizers
+    queued (``core.drain()``) and yields `core`, lock held. With `open_only` a closed pool (a
+    forked child's too: it is closed) raises :class:`~vmmpool.ClosedError` (or
+    :class:`~vmmpool.ForkedError`); otherwise a closed pool is the caller's to handle. Whether
+    an asleep pool refuses, returns or goes on is each method's own.
+    """
+    if core.tasks:
+        core.run_tasks()
+    with core.section:
+        if core.pending:
+            core.drain()
+        if open_only and core.closed:
+            raise core.closed_error()
+        yield core
+
+
 def _collect_garbage(core: Core, mark: int) -> bool:
     """After an out-of-memory: collect reference cycles that may hold this pool's memory.
 
@@ -103,11 +124,7 @@ def _collect_garbage(core: Core, mark: int) -> bool:
         if pause:
             time.sleep(pause)
         gc.collect()
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             if core.n_garbage != before:
                 core.n_ooms -= 1
                 return True
@@ -327,10 +344,7 @@ class Allocation(NoCopy):
         if not core.shareable:
             raise not_shareable(f"the PagePool of this allocation ({pool!r})")
         pool._reap_shares()
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            pool._enter()
+        with _locked(core):
             ref = self._ref
             rec = None if ref is None else ref.rec
             if rec is None or rec.ref is not ref:
@@ -547,15 +561,6 @@ class PagePool(ClosesOnExit, NoCopy):
             except ValueError:  # pragma: no cover - the pool closed meanwhile
                 pass
 
-    def _enter(self) -> Core:
-        """Lock held: drain the GC queue; raise if closed."""
-        core = self._core
-        if core.pending:
-            core.drain()
-        if core.closed:
-            raise core.closed_error()
-        return core
-
     def _check_process(self) -> None:
         """Raise ForkedError in a forked child (for calls that work on a closed pool)."""
         core = self._core
@@ -588,10 +593,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             old = core.max_pages
             core.max_pages = max_pages
             if core.asleep is not None:
@@ -756,10 +758,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         key = 0 if stream is None else stream_key(stream)
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             st = core.streams.get(key)
             if st is None or core.drop_stream(st):
                 return  # nothing of it here (any more): forgotten, its address space freed
@@ -811,10 +810,7 @@ class PagePool(ClosesOnExit, NoCopy):
 
     def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             if core.asleep is not None:
                 raise AsleepError("PagePool", f"acquire_pages({n})")
             if not n:
@@ -849,11 +845,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self._check_process()
         items = list(pages)
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             if core.closed:
                 return
             recs: dict[Page, None] = {}
@@ -894,11 +886,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         items = list(pages)
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             if core.closed:
                 return
             recs: dict[Page, None] = {}
@@ -931,10 +919,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         core = self._core
         self._reap_shares()
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             if core.asleep is not None:
                 return  # nothing is mapped
             got = core.reclaim(None, None, wait=True)
@@ -957,10 +942,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         core = self._core
         self._reap_shares()
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             if core.asleep is not None:
                 return 0  # every page was given back already
             core.reclaim(None, None, wait=True)
@@ -1027,11 +1009,8 @@ class PagePool(ClosesOnExit, NoCopy):
         if not isinstance(backup, bool):
             raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
         core = self._core
-        if core.tasks:
-            core.run_tasks()
         self._reap_shares()
-        with core.section:
-            self._enter()
+        with _locked(core):
             if core.asleep is not None:
                 return
             if self._shares:
@@ -1061,10 +1040,7 @@ class PagePool(ClosesOnExit, NoCopy):
             The pool was closed.
         """
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            self._enter()
+        with _locked(core):
             _sleep.wake(core)
 
     # --------------------------------------------------------- observability
@@ -1077,11 +1053,7 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         P = self.page_size
         self._reap_shares()
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             if not core.closed and len(core.pages) > core.max_pages:
                 core.enforce_limit()
             free_bytes = 0
@@ -1156,15 +1128,11 @@ class PagePool(ClosesOnExit, NoCopy):
         self._check_process()
         core = self._core
         P = self.page_size
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
+        with _locked(core, open_only=False):
             if core.closed:
                 # Every page is given up (stats() counts none): arenas that
                 # PyTorch or CuPy still use stay mapped for them, not for the pool.
                 return []
-            if core.pending:
-                core.drain()
             info: dict[Page, PageInfo] = {}
             touching = core.touching()
             arena: Arena
@@ -1280,11 +1248,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         self._check_process()
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             core.reset_peaks()
 
     def empty_cache(self) -> int:
@@ -1406,11 +1370,7 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         self._check_process()
         core = self._core
-        if core.tasks:
-            core.run_tasks()
-        with core.section:
-            if core.pending:
-                core.drain()
+        with _locked(core, open_only=False):
             core.check()
 
     # -------------------------------------------------------------- lifetime

@@ -1,0 +1,44 @@
+"""Reading a trace file of either format (:func:`load`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._csv import CSV_HEADER, load_csv
+from ._snapshot import load_snapshot
+from ._trace import Trace, TraceError
+
+__all__ = ["load"]
+
+
+def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
+    """Read a trace, choosing the reader by content (CSV header or pickle).
+
+    `device` picks a PyTorch snapshot's device (see :func:`load_snapshot`).
+
+    Raises
+    ------
+    TraceError
+        Unreadable, unknown format, or malformed (see the readers).
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
+        if device is not None:
+            raise TraceError(f"{p.name}: an RMM log has no devices to choose (device={device})")
+        return load_csv(p)
+    if head[:1] == b"\x80" or p.suffix in (".pickle", ".pkl"):
+        return load_snapshot(p, device)
+    raise TraceError(
+        f"{p.name}: unknown format: expected a PyTorch snapshot pickle or an RMM CSV log "
+        f"starting with {','.join(CSV_HEADER)}"
+    )
+
+
+def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:
+    return trace if isinstance(trace, Trace) else load(trace)

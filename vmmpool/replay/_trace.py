@@ -1,0 +1,139 @@
+"""The trace a replay runs: :class:`Trace`, :class:`TraceError`, and what the readers share."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .._options import brief
+
+__all__ = ["Trace", "TraceError", "scaled"]
+
+class TraceError(ValueError):
+    """A trace file that cannot be read: the message names file and position."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace, ready to replay.
+
+    Attributes
+    ----------
+    name : str
+        The file name (or a given name).
+    events : tuple of (bool, int, int, int)
+        ``(is_free, slot, nbytes, stream)`` in replay order, prelude first.
+        ``slot`` numbers the allocation (``0 .. n_slots - 1``); a free names
+        the slot of the allocation it frees (its ``nbytes`` is that size).
+    n_slots : int
+        Allocations in the trace (prelude included).
+    n_prelude : int
+        Allocations of blocks live before recording started.
+    streams : tuple of int
+        The distinct stream handles, in order of first use.
+    recorded_peak_reserved : int or None
+        The recorded run's peak reserved bytes (segment events), when known.
+    recorded_peak_allocated : int or None
+        The recorded run's peak allocated bytes (512-byte rounded), when known.
+    source : str
+        ``"pytorch-snapshot"`` or ``"rmm-csv"``.
+    n_failed : int
+        Allocations the recorded run reported as failed (skipped): RMM failures, PyTorch
+        ``oom`` events.
+    device : int or None
+        The CUDA device whose events these are (PyTorch snapshots).
+    devices : tuple of int
+        Every device of the snapshot with events (PyTorch snapshots).
+    """
+
+    name: str
+    events: tuple[tuple[bool, int, int, int], ...]
+    n_slots: int
+    n_prelude: int
+    streams: tuple[int, ...]
+    recorded_peak_reserved: int | None = None
+    recorded_peak_allocated: int | None = None
+    source: str = "pytorch-snapshot"
+    n_failed: int = 0
+    #: The recorded run's reserved bytes over the replay: ``(event index, bytes)`` at the start
+    #: and after each segment event (PyTorch snapshots only; empty otherwise).
+    recorded_reserved: tuple[tuple[int, int], ...] = ()
+    device: int | None = None
+    devices: tuple[int, ...] = ()
+
+    @property
+    def peak_live(self) -> int:
+        """Largest sum of live requested bytes over the trace."""
+        live = peak = 0
+        for is_free, _slot, n, _s in self.events:
+            if is_free:
+                live -= n
+            else:
+                live += n
+                if live > peak:
+                    peak = live
+        return peak
+
+    @property
+    def final_live(self) -> int:
+        """Requested bytes still live after the last event."""
+        return sum(-n if f else n for f, _sl, n, _s in self.events)
+
+
+class _Builder:
+    """Turns alloc/free by address into slot events (shared by both readers)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list[tuple[bool, int, int, int]] = []
+        self.live: dict[int, tuple[int, int, int]] = {}  # addr -> (slot, size, stream)
+        self.n_slots = 0
+        self.streams: dict[int, None] = {}
+
+    def alloc(self, addr: int, size: int, stream: int, where: str) -> None:
+        if addr in self.live:
+            raise TraceError(f"{self.name}: {where}: allocation at {addr:#x}, which is already live")
+        slot = self.n_slots
+        self.n_slots += 1
+        self.live[addr] = (slot, size, stream)
+        self.streams.setdefault(stream, None)
+        self.events.append((False, slot, size, stream))
+
+    def free(self, addr: int, where: str) -> None:
+        got = self.live.pop(addr, None)
+        if got is None:
+            raise TraceError(f"{self.name}: {where}: free of unknown address {addr:#x}")
+        slot, size, stream = got
+        self.events.append((True, slot, size, stream))
+
+
+def _int(value: object, name: str, what: str, where: str) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        got = brief(value) if type(value) is int else f"{type(value).__name__} {brief(value)}"
+        raise TraceError(f"{name}: {where}: {what} must be an int in [0, 2**64), got {got}")
+    return value
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters (an error message quoting something untrusted)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def scaled(trace: Trace, factor: float) -> Trace:
+    """`trace` with every size multiplied by `factor` (at least 1 byte): the same program
+    with smaller (or larger) tensors, e.g. ``0.1`` turns 10-160 MiB activations into 1-16 MiB.
+
+    The recorded run's figures do not apply to the scaled trace and are dropped.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e6:
+        raise ValueError(f"factor must be a number in (0, 1e6), got {brief(factor)}")
+    sizes: dict[int, int] = {}
+    events = []
+    for is_free, slot, nbytes, stream in trace.events:
+        if not is_free:
+            sizes[slot] = max(1, int(nbytes * factor))
+        events.append((is_free, slot, sizes[slot], stream))
+    return dataclasses.replace(
+        trace, name=f"{trace.name} x{factor:g}", events=tuple(events),
+        recorded_peak_reserved=None, recorded_peak_allocated=None, recorded_reserved=(),
+    )
