@@ -18,9 +18,10 @@ registration made before is stale); the pool's do not.
 Host notes: "device" memory is host memory here, so every copy is a host memcpy.
 ``sleep`` copies twice (device to the pinned staging buffer, staging to the backup:
 the shape of the CUDA path, where the first copy is a DMA on the stream); the
-baseline copies once. Each size needs its live bytes twice in RAM (device and
-backup); sizes that do not fit in the machine's available memory (minus a margin)
-are skipped and listed as such. Run::
+baseline copies once. On the host the pool sleeps and wakes by 64 MiB pieces (RAM
+peaks near the live bytes), but the baseline needs its live bytes twice in RAM
+(device and copies); sizes that do not fit twice in the machine's available memory
+(minus a margin) are skipped and listed as such. Run::
 
     python benchmarks/sleep.py --device host          # 256 MiB .. 8 GiB
     python benchmarks/sleep.py --device host --quick  # 256 and 512 MiB

@@ -11,6 +11,7 @@ import pytest
 import vmmpool
 from vmmpool import AsleepError, GrowableBuffer, PagePool
 from vmmpool._backends.base import EVENT_OPERATIONS, STAGING_OPERATIONS
+from vmmpool._pool import _sleep as sleep_module
 from vmmpool._staging import Staging
 
 P = 2 << 20
@@ -401,12 +402,20 @@ def _make_pool(asleep: bool) -> Callable[[vmmpool.Device], Made]:
     return make
 
 
-def test_a_fault_at_any_call_of_sleep_leaves_the_pool_awake_with_its_bytes() -> None:
+@pytest.fixture(params=["one-group", "per-page"])
+def grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The host emulator's pieces (``SLEEP_GROUP``): these pools fit in one; or one page each."""
+    if request.param == "per-page":
+        monkeypatch.setattr(sleep_module, "SLEEP_GROUP", 1)
+    return str(request.param)
+
+
+def test_a_fault_at_any_call_of_sleep_leaves_the_pool_awake_with_its_bytes(grouping: str) -> None:
     fired = _sweep(_make_pool(False), lambda p: p.sleep(), awake_after_failure=True)  # type: ignore[attr-defined]
     assert fired >= 10
 
 
-def test_a_fault_at_any_call_of_wake_leaves_the_pool_asleep_and_wake_retries() -> None:
+def test_a_fault_at_any_call_of_wake_leaves_the_pool_asleep_and_wake_retries(grouping: str) -> None:
     def wake_and_check(p: object) -> None:
         p.wake()  # type: ignore[attr-defined]
 
@@ -442,7 +451,9 @@ def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(pooled: bool)
     assert n >= 5 and m >= 5
 
 
-def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(host: vmmpool.Device) -> None:
+def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
+    host: vmmpool.Device, grouping: str
+) -> None:
     """A release fails mid-sleep, then mapping back fails too: asleep, nothing lost, wake retries."""
     pool, live = _pool_world(host)
     n = pool.stats().pinned_pages
@@ -492,7 +503,9 @@ def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device)
 
 
 @pytest.mark.parametrize("free_while_asleep", [False, True])
-def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(free_while_asleep: bool) -> None:
+def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(
+    free_while_asleep: bool, grouping: str
+) -> None:
     """Issue 20's aliases: a page mapped in two slots is copied and released once, mapped back twice."""
     Q = 64 << 10
     dev = vmmpool.Device.emulated(capacity=16 * Q, granularity=Q)
@@ -551,3 +564,87 @@ def test_history_records_sleep_and_wake_as_segment_events(tmp_path: object) -> N
         assert min(r for _, r in tr.recorded_reserved) >= 0, tr.recorded_reserved
         assert tr.recorded_reserved[-1][1] == pool.stats().reserved_bytes
         a.free()
+
+
+def test_on_the_host_sleep_and_wake_go_by_pieces_so_ram_peaks_near_the_live_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Device memory is host RAM there: each piece is given back before the next is copied."""
+    from vmmpool._prefault import discard as real_discard
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    assert dev._backend.device_memory_is_host_ram
+    monkeypatch.setattr(sleep_module, "SLEEP_GROUP", 2 * P)
+    pool = PagePool(dev, limit=16 * P)
+    live = []
+    for i in range(3):
+        a = pool.malloc(2 * P)
+        live.append((a, _fill(dev, a.ptr, a.size, i)))
+    held: list[int] = []  # device pages held at each copy
+    real_save, real_load = Staging.save, Staging.load
+
+    def save(self: Staging, runs: list[tuple[int, int, int]], out: np.ndarray, stream: int) -> None:
+        held.append(dev.counters().allocations)
+        real_save(self, runs, out, stream)
+
+    dropped: list[int] = []
+
+    def discard(address: int, nbytes: int) -> bool:
+        dropped.append(nbytes)
+        return real_discard(address, nbytes)
+
+    monkeypatch.setattr(Staging, "save", save)
+    monkeypatch.setattr(sleep_module, "discard", discard)
+    pool.sleep()
+    assert held == [6, 4, 2]  # two pages a piece: each piece's pages are gone before the next copy
+    assert dev.counters().allocations == 0 and pool.stats().backup_bytes == 6 * P
+    loads: list[int] = []
+
+    def load(self: Staging, runs: list[tuple[int, int, int]], src: np.ndarray, stream: int) -> None:
+        loads.append(dev.counters().allocations)
+        real_load(self, runs, src, stream)
+
+    monkeypatch.setattr(Staging, "load", load)
+    pool.wake()
+    assert loads == [2, 4, 6] and dropped == [2 * P] * 3  # each piece's backup given back once restored
+    assert _bytes_ok(dev, live)
+    # A failure at the last piece: the restored pieces are copied back to the backup first.
+    pool.sleep()
+    dev._backend.inject_fault("create", nth=5, name="CUDA_ERROR_OUT_OF_MEMORY")
+    with pytest.raises(vmmpool.OutOfMemoryError):
+        pool.wake()
+    dev._backend.clear_faults()
+    assert pool.asleep and dev.counters().allocations == 0
+    pool.wake()
+    assert _bytes_ok(dev, live)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0) and dev._backend.live_host_allocations() == 0
+
+
+def test_on_a_gpu_sleep_copies_everything_in_one_pipelined_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where device memory is not host RAM: one save of every run, then the unmaps and releases."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    monkeypatch.setattr(dev._backend, "device_memory_is_host_ram", False)
+    monkeypatch.setattr(sleep_module, "SLEEP_GROUP", 1)
+    pool = PagePool(dev, limit=16 * P)
+    live = []
+    for i in range(3):
+        a = pool.malloc(2 * P)
+        live.append((a, _fill(dev, a.ptr, a.size, i)))
+    saves: list[int] = []
+    real_save = Staging.save
+
+    def save(self: Staging, runs: list[tuple[int, int, int]], out: np.ndarray, stream: int) -> None:
+        saves.append(sum(n for _a, n, _o in runs))
+        real_save(self, runs, out, stream)
+
+    monkeypatch.setattr(Staging, "save", save)
+    pool.sleep()
+    assert saves == [6 * P]
+    pool.wake()
+    assert _bytes_ok(dev, live)
+    for a, _d in live:
+        a.free()
+    pool.close()

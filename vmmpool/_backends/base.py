@@ -134,6 +134,13 @@ class Backend(abc.ABC):
     #: that no value is truncated on its way to the driver.
     address_limit: int = ADDRESS_LIMIT_64
 
+    #: True where device memory is this machine's host RAM (the host emulator):
+    #: a copy of device memory to host memory then needs RAM beside the very
+    #: memory it copies, so sleep gives device pages back as it copies them
+    #: (host RAM peaks near the live bytes, not at twice them). False on a GPU,
+    #: where one pipelined copy of everything is fastest.
+    device_memory_is_host_ram: bool = False
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._calls: collections.Counter[str] = collections.Counter()

@@ -15,10 +15,16 @@
    The pages stay in their slots in state ``asleep``: the arenas, the blocks,
    the free ranges and every address are unchanged.
 
-If step 4 fails, what was unmapped is mapped back (the handles still hold the
-memory; pages already released are created again and their bytes copied back
-from the backup): the pool is awake and nothing is lost. Steps 1-3 change no
-allocation (pages given back in step 2 are not needed by any).
+On a GPU, step 3 copies everything in one pipelined pass before step 4. Where
+device memory is host RAM (the host emulator), steps 3-4 go by pieces of at
+most :data:`SLEEP_GROUP` bytes (``_groups``), so the backup reuses the pages
+just given back instead of needing as much RAM again.
+
+If step 3 or 4 fails, what was unmapped is mapped back (the handles still hold
+the memory; pages already released are created again and their bytes copied
+back from the backup, which holds every unmapped page): the pool is awake and
+nothing is lost. Steps 1-2 change no allocation (pages given back in step 2
+are not needed by any).
 
 ``wake()``: pages freed while asleep (slots no live block touches any more)
 are forgotten without a driver call; for each run of sleeping slots new pages
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._prefault import discard
 from .._resources import create
 from .._staging import Staging, host_array
 from ._blocks import Block, whole_slots
@@ -54,6 +61,9 @@ logger = logging.getLogger("vmmpool.pool")
 
 #: Stream the copies are queued on (the legacy default stream on CUDA).
 COPY_STREAM = 0
+
+#: Bytes sleep copies, unmaps and releases at a time where device memory is host RAM.
+SLEEP_GROUP = 64 << 20
 
 Run = tuple["Arena", int, list[Page]]
 
@@ -155,6 +165,34 @@ def _device_runs(core: Core, runs: list[Run], offsets: dict[Page, int]) -> list[
     return out
 
 
+def _groups(core: Core, runs: list[Run]) -> list[list[Run]]:
+    """The runs in the order sleep copies, unmaps and releases them.
+
+    On a GPU, one group: one pipelined copy of everything, then the unmaps and
+    releases. Where device memory is host RAM (the host emulator), pieces of at
+    most :data:`SLEEP_GROUP` bytes, each copied, unmapped and released before the
+    next is copied: the backup then fills pages the device just gave back, and
+    RAM peaks near the live bytes instead of twice them (measured: past the
+    RAM a machine keeps at hand, every fresh page costs many times more).
+    """
+    if not core.backend.device_memory_is_host_ram:
+        return [runs]
+    k = max(1, SLEEP_GROUP // core.P)
+    return [[(a, s0 + i, pages[i: i + k])] for a, s0, pages in runs for i in range(0, len(pages), k)]
+
+
+def _release(core: Core, runs: list[Run], keep: set[Page]) -> None:
+    """Give the (unmapped) pages of `runs` back to the driver, but those in `keep`."""
+    for _arena, _s0, pages in runs:
+        for p in pages:
+            phys = p.phys
+            if phys.closed or p in keep:
+                continue  # released already (an alias slot), or mapped elsewhere still
+            phys.close()  # unmapped: the memory goes back to the driver
+            del core.pages[phys]
+            core.n_released += 1
+
+
 def sleep(core: Core, backup: bool) -> None:
     """Give every page back, keep every address (lock held; see the module docstring)."""
     if core.acquired:
@@ -178,28 +216,32 @@ def sleep(core: Core, backup: bool) -> None:
                 offsets[p] = off
                 off += P
     nbytes = off
-    data: np.ndarray | None = None
-    if backup and nbytes:
-        data = host_array(nbytes)
-        staging(core).save(_device_runs(core, runs, offsets), data, COPY_STREAM)
+    data = host_array(nbytes) if backup and nbytes else None
     asleep = PoolSleep(data, offsets, nbytes)
+    groups = _groups(core, runs)
+    # A page mapped at two slots is released once both are unmapped (at the end).
+    seen: set[Page] = set()
+    twice: set[Page] = set()
+    for _a, _s, pages in runs:
+        for p in pages:
+            (twice if p in seen else seen).add(p)
     unmapped: list[Run] = []
     try:
-        for run in runs:
-            arena, s0, pages = run
-            arena.res.unmap(s0 * P, len(pages) * P)
-            for p in pages:
-                p.state = ASLEEP
-            unmapped.append(run)
-        for _arena, _s0, pages in runs:
-            for p in pages:
-                phys = p.phys
-                if phys.closed:
-                    continue  # an aliased page, released at its other slot
-                phys.close()  # unmapped: the memory goes back to the driver
-                del core.pages[phys]
-                core.n_released += 1
+        for group in groups:
+            if data is not None:
+                staging(core).save(_device_runs(core, group, offsets), data, COPY_STREAM)
+            for run in group:
+                arena, s0, pages = run
+                arena.res.unmap(s0 * P, len(pages) * P)
+                for p in pages:
+                    p.state = ASLEEP
+                unmapped.append(run)
+            if len(groups) > 1:
+                _release(core, group, twice)
+        _release(core, runs, set())
     except BaseException as err:
+        if not unmapped:
+            raise  # only copies were made: nothing changed
         core.asleep = asleep
         core.n_asleep = len({p for r in unmapped for p in r[2]})
         try:
@@ -284,31 +326,53 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
     """Map `runs` of sleeping pages back (new pages where released) and restore their bytes.
 
     All or nothing: on failure what was mapped is unmapped and what was
-    created is released; the pages stay asleep.
+    created is released; the pages stay asleep. Where device memory is host
+    RAM, runs go by pieces (``_groups``) and each piece's backup bytes are
+    given back to the OS once restored (RAM peaks near the live bytes, not at
+    twice them); a failure then first copies the restored pieces back into the
+    backup before it unmaps them.
     """
     P = core.P
     made: list[tuple[Page, object]] = []  # (page, its released PhysicalAllocation)
     mapped: list[tuple[Arena, int, int]] = []
+    groups = _groups(core, runs)
+    dropped: list[Run] = []  # restored runs whose backup bytes went back to the OS
     try:
-        for arena, s0, pages in runs:
-            for p in pages:
-                if p.phys.closed:
-                    new = create(P, core.device, handle_type="posix_fd" if core.shareable else "none")
-                    made.append((p, p.phys))
-                    p.phys = new
-            k = 0
-            try:
-                for i, p in enumerate(pages):
-                    arena.res.map(p.phys, (s0 + i) * P)
-                    k += 1
-            finally:
-                if k:
-                    mapped.append((arena, s0, k))
-            arena.res.set_access(s0 * P, len(pages) * P, "rw", core.peers)
-        if sl.backup is not None:
-            restore = [r for r in runs if any(p in sl.offsets for p in r[2])]
-            staging(core).load(_device_runs(core, restore, sl.offsets), sl.backup, COPY_STREAM)
+        for group in groups:
+            for arena, s0, pages in group:
+                for p in pages:
+                    if p.phys.closed:
+                        new = create(P, core.device, handle_type="posix_fd" if core.shareable else "none")
+                        made.append((p, p.phys))
+                        p.phys = new
+                k = 0
+                try:
+                    for i, p in enumerate(pages):
+                        arena.res.map(p.phys, (s0 + i) * P)
+                        k += 1
+                finally:
+                    if k:
+                        mapped.append((arena, s0, k))
+                arena.res.set_access(s0 * P, len(pages) * P, "rw", core.peers)
+            if sl.backup is not None:
+                restore = [r for r in group if any(p in sl.offsets for p in r[2])]
+                pieces = _device_runs(core, restore, sl.offsets)
+                staging(core).load(pieces, sl.backup, COPY_STREAM)
+                if len(groups) > 1:
+                    dropped.extend(restore)
+                    base = sl.backup.ctypes.data
+                    for _addr, n, off in pieces:
+                        discard(base + off, n)
     except BaseException:
+        if dropped:
+            assert sl.backup is not None
+            try:
+                staging(core).save(_device_runs(core, dropped, sl.offsets), sl.backup, COPY_STREAM)
+            except Exception:
+                logger.error(
+                    "undo of a failed wake: copying restored pages back to the backup failed; "
+                    "their bytes are lost", exc_info=True,
+                )
         for arena, s0, k in reversed(mapped):
             try:
                 arena.res.unmap(s0 * P, k * P)
