@@ -184,6 +184,27 @@ def peer_replays(
     return out
 
 
+def _torch_events(torch: Any, tr: Any, handles: list[Any]) -> tuple[bool, float]:  # pragma: no cover
+    """Replay `tr` as PyTorch tensors on the current allocator: (completed, wall seconds)."""
+    tstreams = {
+        s: (torch.cuda.default_stream() if s == 0 else torch.cuda.Stream()) for s in tr.streams
+    }
+    torch.cuda.reset_peak_memory_stats()
+    completed = True
+    t0 = time.perf_counter()
+    try:
+        for is_free, slot, nbytes, s in tr.events:
+            if is_free:
+                handles[slot] = None
+            else:
+                with torch.cuda.stream(tstreams[s]):
+                    handles[slot] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    except torch.cuda.OutOfMemoryError:
+        completed = False
+    torch.cuda.synchronize()
+    return completed, time.perf_counter() - t0
+
+
 def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no cover - GPU only
     """Inside the subprocess: replay through one peer, print one result line."""
     tr = load(path)
@@ -219,23 +240,8 @@ def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no co
 
         torch.cuda.init()
         vpool = PagePool(Device(0), limit=limit)
-        tstreams = {
-            s: (torch.cuda.default_stream() if s == 0 else torch.cuda.Stream()) for s in tr.streams
-        }
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
         with vt.use_pool(vpool):
-            try:
-                for is_free, slot, nbytes, s in tr.events:
-                    if is_free:
-                        handles[slot] = None
-                    else:
-                        with torch.cuda.stream(tstreams[s]):
-                            handles[slot] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-            except torch.cuda.OutOfMemoryError:
-                completed = False
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+            completed, wall = _torch_events(torch, tr, handles)
         peak_res = vpool.stats().peak_reserved_bytes  # pages the page pool held
         peak_used = torch.cuda.max_memory_allocated()
     else:
@@ -245,22 +251,7 @@ def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no co
         if limit is not None:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), 0)
-        tstreams = {
-            s: (torch.cuda.default_stream() if s == 0 else torch.cuda.Stream()) for s in tr.streams
-        }
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            for is_free, slot, nbytes, s in tr.events:
-                if is_free:
-                    handles[slot] = None
-                else:
-                    with torch.cuda.stream(tstreams[s]):
-                        handles[slot] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        except torch.cuda.OutOfMemoryError:
-            completed = False
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+        completed, wall = _torch_events(torch, tr, handles)
         peak_res = torch.cuda.max_memory_reserved()
         peak_used = torch.cuda.max_memory_allocated()
     handles.clear()
