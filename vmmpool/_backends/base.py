@@ -230,6 +230,14 @@ class Backend(abc.ABC):
         finally:
             tls.active = False
 
+    def holds_lock(self) -> bool:
+        """True when this thread is inside a backend call (it holds the backend's lock).
+
+        A finalizer that runs there must not wait for a lock whose holder may
+        be waiting for this one (see ``Core.free_contended``).
+        """
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
+
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:
         if self.forked:

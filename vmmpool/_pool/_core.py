@@ -1002,23 +1002,35 @@ class Core:
         """free() found tasks queued or the lock busy: True once the lock is held.
 
         False when this thread holds the lock already (a finalizer re-entered
-        the pool): the free is validated and queued, never waited for.
+        the pool), or holds the backend's lock while another thread holds the
+        pool's (a finalizer that interrupted a backend call: the holder may be
+        waiting for the backend, so waiting for it would deadlock): the free is
+        validated and queued, never waited for; the holder does it when it
+        lets go.
         """
         if self.owner == _ident() and self.lock.locked():
-            if self.forked:
-                raise self.closed_error()
-            b = ref.rec
-            if not self.closed and b.ref is not ref and ref() is not None:
-                raise ValueError(f"allocation at {b.addr:#x} was already freed")
-            self.pending.append(ref)  # done by the interrupted call when it lets go
+            self.queue_free(ref)  # done by the interrupted call when it lets go
             return False
         if self.tasks:
             self.run_tasks()
         lock = self.lock
         if not lock.acquire(False):
             self.check_reentry()
+            if self.backend.holds_lock():
+                self.queue_free(ref)
+                self.settle()  # the holder may have let go meanwhile
+                return False
             lock.acquire()
         return True
+
+    def queue_free(self, ref: Any) -> None:
+        """Validate a free that cannot take the lock now and queue it in ``pending``."""
+        if self.forked:
+            raise self.closed_error()
+        b = ref.rec
+        if not self.closed and b.ref is not ref and ref() is not None:
+            raise ValueError(f"allocation at {b.addr:#x} was already freed")
+        self.pending.append(ref)
 
     # ------------------------------------------------------------ slow path
     def unfree(self, pages: list[Page]) -> None:
