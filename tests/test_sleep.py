@@ -245,8 +245,14 @@ def test_stats_and_snapshot_while_asleep(host: vmmpool.Device) -> None:
     states = {i.state for i in pool.snapshot()}
     assert states == {"asleep"}
     assert len(pool.snapshot()) == n
+    # PyTorch's format lists device memory: none while asleep (its history unmapped it all)
+    assert pool.memory_snapshot()["segments"] == []
+    assert pool.memory_stats()["reserved_bytes.all.current"] == 0
     pool.wake()
     assert "asleep" not in {i.state for i in pool.snapshot()}
+    segs = pool.memory_snapshot()["segments"]
+    assert sum(s["total_size"] for s in segs) == pool.stats().reserved_bytes > 0
+    assert sum(s["requested_size"] for s in segs) == pool.stats().requested_bytes
     pool.close()
 
 

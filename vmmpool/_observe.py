@@ -188,9 +188,14 @@ def format_summary(stats: PoolStats, where: str, abbreviated: bool = False) -> s
 def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[dict[str, Any]]:
     # Address space, as the history's segment_map events: a page mapped a second
     # time (an alias) is in two segments, and the blocks placed through its alias
-    # lie in the alias's segment.
+    # lie in the alias's segment. A sleeping pool's pages keep their addresses but
+    # hold no device memory (the history unmapped them): no segment.
     mapped = sorted(
-        (addr, p) for p in pages for addr in (p.address, p.alias_address) if addr is not None
+        (addr, p)
+        for p in pages
+        if p.state != "asleep"
+        for addr in (p.address, p.alias_address)
+        if addr is not None
     )
     runs: list[list[tuple[int, PageInfo]]] = []
     for addr, p in mapped:
