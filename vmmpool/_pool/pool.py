@@ -482,6 +482,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self.page_size = P
         self.peers = devs[1:]
         self._core = core = Core(dev, P, max_pages, T, devs)
+        core.limited = limit is not None
         core.shareable = shareable
         self._shares = Shares()
         self._fin = weakref.finalize(self, _close_quietly, core)
@@ -594,8 +595,9 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
         with _locked(core):
-            old = core.max_pages
+            old, was_limited = core.max_pages, core.limited
             core.max_pages = max_pages
+            core.limited = limit is not None
             if core.asleep is not None:
                 return  # nothing is held; wake() checks the live pages against it
             try:
@@ -610,6 +612,7 @@ class PagePool(ClosesOnExit, NoCopy):
                     core.release_free(excess)
             except BaseException:
                 core.max_pages = old  # the old limit stays; a retry resumes
+                core.limited = was_limited
                 raise
             logger.info(
                 "limit set to %d bytes (%d pages); the pool holds %d pages",
