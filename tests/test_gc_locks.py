@@ -372,6 +372,11 @@ def test_free_inside_a_backend_call_while_another_thread_holds_the_pool_lock() -
             assert core.lock.locked() and core.owner == t.ident
             a.free()  # a user's __del__ would do this from the GC: must not wait
             assert core.n_live == 1 and len(core.pending) == 1  # queued, not done yet
+            for call in (lambda: pool.malloc(100), pool.stats):  # anything else raises at once
+                try:
+                    call()
+                except RuntimeError as e:
+                    print("reentry", type(e).__name__ == "ReentryError" and "driver call" in str(e))
         t.join(10)
         assert not t.is_alive()
         backend._enter = orig_enter
@@ -386,3 +391,4 @@ def test_free_inside_a_backend_call_while_another_thread_holds_the_pool_lock() -
         print("live", dev.counters().live)
     """, timeout=60)
     assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
+    assert out.count("reentry True") == 2, out

@@ -104,6 +104,7 @@ class Section:
         lock = core.lock
         if not lock.acquire(False):
             core.check_reentry()
+            core.check_backend_reentry()
             lock.acquire()
         core.owner = _ident()
         return core
@@ -419,6 +420,20 @@ class Core:
                 "allocates); only free() may be called there (it is deferred)"
             )
 
+    def check_backend_reentry(self) -> None:
+        """The lock is busy: raise if this thread is inside a backend call.
+
+        Only a finalizer (or signal handler) gets here: the pool takes the
+        backend's lock inside its own, never the other way round, so the
+        holder may be waiting for the backend's lock this thread holds.
+        """
+        if self.backend.holds_lock():
+            raise ReentryError(
+                "PagePool called from a finalizer or signal handler that interrupted a driver "
+                "call of this thread while another thread holds the pool (it may be waiting for "
+                "that call): only free() may be called there (it is deferred)"
+            )
+
     def round(self, nbytes: int) -> int:
         if nbytes > self.page_round >= 0:
             return -(-nbytes // self.P) * self.P
@@ -431,6 +446,7 @@ class Core:
         lock = self.lock
         if not lock.acquire(False):
             self.check_reentry()
+            self.check_backend_reentry()
             lock.acquire()
         self.owner = _ident()
         try:
