@@ -18,10 +18,11 @@ on the host emulator) with the date, the machine and every figure. A trace
 whose replay fails for a reason other than out of memory (an OS limit of the
 emulator, say) is recorded with its error and the run goes on.
 
-``--synthetic`` adds generated transformer inference traces of 1-8 MiB tensors
-(``vmmpool._workloads``: GPT-2-shaped models of 110-780 MiB live, and a
-stress test whose layers all differ; one stream): the kind of trace where
-the free bytes of partly used pages decide the smallest limit.
+``--synthetic`` adds generated traces of 1-8 MiB tensors (``vmmpool._workloads``,
+one stream): transformer inference (GPT-2-shaped models of 110-780 MiB live,
+and a stress test whose layers all differ) and ResNet-50-shaped inference and
+training (90-520 MiB live, tensors of a few hundred bytes to 12 MiB): the kind
+of trace where the free bytes of partly used pages decide the smallest limit.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import _common
 
 import vmmpool
 from vmmpool import replay as R
-from vmmpool._workloads import gpt2_inference, gpt_inference
+from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50
 
 #: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
 #: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
@@ -51,6 +52,13 @@ SYNTHETIC_GPT2: tuple[dict[str, int], ...] = (
     {"layers": 8, "d_model": 512, "heads": 8, "batch": 2, "prompt": 256, "new_tokens": 16},
 )
 SYNTHETIC = ((0, 24, 48), (1, 24, 48), (2, 12, 64), (3, 8, 24))
+#: ResNet-50-shaped rows: inference at batch 8 and 32, training steps at batch 4 (160 px) and 8.
+SYNTHETIC_RESNET: tuple[dict[str, Any], ...] = (
+    {"train": False},
+    {"train": False, "batch": 32},
+    {"batch": 4, "image": 160},
+    {},
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append(("", gpt2_inference(**kw), True))
         for seed, layers, steps in SYNTHETIC:
             jobs.append(("", gpt_inference(seed, layers, steps), True))
+        for kw in SYNTHETIC_RESNET:
+            jobs.append(("", resnet50(**kw), True))
     for path, tr, is_scaled in jobs:
         t0 = time.perf_counter()
         try:

@@ -18,6 +18,14 @@ all differ (a stress test: no two KV caches have the same size).
 (GPT-2 medium by default: 24 identical layers, d_model 1024, bf16, 0.7 GB of
 weights): every layer's tensors have the same sizes, as in PyTorch's
 ``generate`` with a KV cache grown by ``torch.cat``.
+
+:func:`resnet50` is a convolutional network instead (ResNet-50's shapes, as
+torchvision builds it): inference, or training steps with the saved
+activations freed as backward reaches them, weight gradients made afresh each
+step (``zero_grad(set_to_none=True)``) and Adam's two state tensors per
+weight created in the first step between the temporaries: the pattern of a
+small CNN run of a hundred MiB or so, where tensors range from a few hundred
+bytes (batch-norm parameters) to 10-20 MiB (early activations).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import random
 
 from .replay import Trace
 
-__all__ = ["gpt2_inference", "gpt_inference"]
+__all__ = ["gpt2_inference", "gpt_inference", "resnet50"]
 
 _MiB = 1 << 20
 
@@ -239,6 +247,188 @@ def gpt2_inference(
         name=name or (
             f"gpt2-shaped inference ({layers} layers, d {d_model}, batch {batch}, "
             f"{prompt}+{new_tokens} tokens)"
+        ),
+        events=tuple(events),
+        n_slots=len(sizes),
+        n_prelude=n_prelude,
+        streams=(0,),
+        source="synthetic",
+    )
+
+
+def _resnet50_layers(image: int) -> list[tuple[str, int, int, int, int, int]]:
+    """ResNet-50's convolutions in forward order: ``(role, c_in, c_out, kernel, h_out, stride)``.
+
+    Roles: ``"stem"``, ``"c1"``, ``"c2"``, ``"c3"`` (a bottleneck's three convolutions), ``"down"``
+    (its projection shortcut) and ``"fc"``.
+    """
+    layers: list[tuple[str, int, int, int, int, int]] = []
+    h = (image + 1) // 2
+    layers.append(("stem", 3, 64, 7, h, 2))
+    h = (h + 1) // 2  # max pool
+    c_in = 64
+    for i, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+        for b in range(blocks):
+            stride = 2 if (b == 0 and i > 0) else 1
+            h_out = (h + stride - 1) // stride
+            layers.append(("c1", c_in, width, 1, h, 1))
+            layers.append(("c2", width, width, 3, h_out, stride))
+            layers.append(("c3", width, 4 * width, 1, h_out, 1))
+            if b == 0:
+                layers.append(("down", c_in, 4 * width, 1, h_out, stride))
+            c_in = 4 * width
+            h = h_out
+    layers.append(("fc", 2048, 1000, 1, 1, 1))
+    return layers
+
+
+def resnet50(
+    batch: int = 8,
+    image: int = 224,
+    steps: int = 3,
+    *,
+    train: bool = True,
+    dtype_bytes: int = 2,
+    name: str | None = None,
+) -> Trace:
+    """A one-stream ResNet-50-shaped trace: `steps` training steps (or inference passes).
+
+    Weights (convolutions, batch-norm scale/shift and running statistics, the
+    classifier) are allocated first and live throughout. Each convolution
+    (with a workspace allocated and freed around a 3x3, 7x7 or strided one)
+    is followed by batch norm (a new tensor) and an in-place ReLU; a
+    bottleneck adds its shortcut to its output in place. A tensor is freed
+    when its last user is done. In training, each convolution keeps its
+    input and output, each batch norm its output, for backward, which walks
+    the layers in reverse: the gradient of each layer's input is allocated,
+    the layer's saved tensors and the gradient of its output freed, each
+    weight's gradient allocated (all freed at the next ``zero_grad``), and
+    Adam's two state tensors per weight are created in the first step's
+    optimizer pass, between its temporaries.
+    """
+    b = dtype_bytes
+    events: list[tuple[bool, int, int, int]] = []
+    sizes: list[int] = []
+    refs: dict[int, int] = {}
+
+    def alloc(n: int) -> int:
+        slot = len(sizes)
+        sizes.append(max(1, n))
+        events.append((False, slot, sizes[slot], 0))
+        refs[slot] = 1
+        return slot
+
+    def hold(t: int) -> None:
+        refs[t] += 1
+
+    def drop(t: int) -> None:
+        refs[t] -= 1
+        if refs[t] == 0:
+            del refs[t]
+            events.append((True, t, sizes[t], 0))
+
+    layers = _resnet50_layers(image)
+    for role, c_in, c_out, k, _h, _s in layers:
+        alloc(c_in * c_out * k * k * b)
+        if role == "fc":
+            alloc(c_out * b)
+        else:
+            for _ in range(4):  # bn weight, bias, running mean, running var (fp32)
+                alloc(c_out * 4)
+    n_prelude = len(sizes)
+    adam: list[int] = []
+
+    def act(c: int, h: int) -> int:
+        return batch * c * h * h * b
+
+    def conv_bn(src: int, c_out: int, k: int, h: int, stride: int, keep: list[int]) -> int:
+        ws = alloc(min(act(c_out, h), 8 << 20)) if (k > 1 or stride > 1) else None
+        conv = alloc(act(c_out, h))
+        if ws is not None:
+            drop(ws)
+        bn = alloc(act(c_out, h))
+        if train:
+            for t in (src, conv, bn):
+                hold(t)
+                keep.append(t)
+        drop(conv)
+        return bn
+
+    for _step in range(steps):
+        saved: list[list[int]] = []  # per layer, in forward order: what its backward frees
+        x = alloc(act(3, image))
+        cur = x
+        block_in = -1
+        for li, (role, _c_in, c_out, k, h, stride) in enumerate(layers):
+            keep: list[int] = []
+            saved.append(keep)
+            if role == "stem":
+                bn = conv_bn(cur, c_out, k, h, stride, keep)
+                drop(cur)
+                cur = alloc(act(c_out, (h + 1) // 2))  # max pool
+                if train:
+                    hold(cur)
+                    keep.append(cur)
+                drop(bn)
+            elif role == "c1":
+                block_in = cur
+                cur = conv_bn(block_in, c_out, k, h, stride, keep)
+            elif role in ("c2", "c3"):
+                nxt = conv_bn(cur, c_out, k, h, stride, keep)
+                drop(cur)
+                cur = nxt
+                if role == "c3" and layers[li + 1][0] != "down":
+                    drop(block_in)  # out = bn3 + block input, in place; ReLU in place
+            elif role == "down":
+                shortcut = conv_bn(block_in, c_out, k, h, stride, keep)
+                drop(block_in)
+                drop(shortcut)  # out = bn3 + projected input, in place
+            if role == "fc":
+                pooled = alloc(batch * 2048 * b)
+                drop(cur)
+                logits = alloc(batch * c_out * 4)
+                if train:
+                    hold(pooled)
+                    keep.append(pooled)
+                drop(pooled)
+                cur = logits
+        loss = alloc(4)
+        drop(cur)
+        if not train:
+            drop(loss)
+            continue
+        grad = alloc(batch * 1000 * 4)
+        drop(loss)
+        grads: list[int] = []
+        for (role, c_in, c_out, k, h, stride), keep in zip(reversed(layers), reversed(saved), strict=True):
+            if role == "fc":
+                grads += [alloc(c_in * c_out * b), alloc(c_out * b)]
+                g_in = alloc(batch * c_in * b)
+            else:
+                g_bn = alloc(act(c_out, h))
+                grads += [alloc(c_out * 4), alloc(c_out * 4)]
+                h_in = image if role == "stem" else h * stride
+                ws = alloc(min(act(c_in, h_in), 8 << 20)) if (k > 1 or stride > 1) else None
+                g_in = alloc(act(c_in, h_in))
+                grads.append(alloc(c_in * c_out * k * k * b))
+                if ws is not None:
+                    drop(ws)
+                drop(g_bn)
+            drop(grad)
+            for t in keep:
+                drop(t)
+            grad = g_in
+        drop(grad)
+        for g in grads:  # Adam: its state is made at the first step, beside a temporary per weight
+            if len(adam) < 2 * len(grads):
+                adam += [alloc(sizes[g]), alloc(sizes[g])]
+            drop(alloc(sizes[g]))
+        for g in grads:  # zero_grad(set_to_none=True)
+            drop(g)
+    return Trace(
+        name=name or (
+            f"resnet50-shaped {'training' if train else 'inference'} (batch {batch}, {image}x{image}, "
+            f"{steps} steps)"
         ),
         events=tuple(events),
         n_slots=len(sizes),
