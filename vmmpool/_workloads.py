@@ -39,6 +39,45 @@ __all__ = ["gpt2_inference", "gpt_inference", "resnet50"]
 _MiB = 1 << 20
 
 
+class _Recorder:
+    """Builds a one-stream trace: ``alloc`` returns a slot, ``free`` frees it, and with
+    ``refs`` a tensor may have several users (``hold``/``drop``: freed by the last drop)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[bool, int, int, int]] = []
+        self.sizes: list[int] = []
+        self.refs: dict[int, int] = {}
+
+    def alloc(self, n: int) -> int:
+        slot = len(self.sizes)
+        self.sizes.append(max(1, n))
+        self.events.append((False, slot, self.sizes[slot], 0))
+        self.refs[slot] = 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        del self.refs[slot]
+        self.events.append((True, slot, self.sizes[slot], 0))
+
+    def hold(self, slot: int) -> None:
+        self.refs[slot] += 1
+
+    def drop(self, slot: int) -> None:
+        self.refs[slot] -= 1
+        if self.refs[slot] == 0:
+            self.free(slot)
+
+    def trace(self, name: str, n_prelude: int) -> Trace:
+        return Trace(
+            name=name,
+            events=tuple(self.events),
+            n_slots=len(self.sizes),
+            n_prelude=n_prelude,
+            streams=(0,),
+            source="synthetic",
+        )
+
+
 def gpt_inference(
     seed: int = 0,
     layers: int = 24,
@@ -64,17 +103,8 @@ def gpt_inference(
     """
     rng = random.Random(seed)
     lo, hi = weight_mib
-    events: list[tuple[bool, int, int, int]] = []
-    sizes: list[int] = []
-
-    def alloc(n: int) -> int:
-        slot = len(sizes)
-        sizes.append(n)
-        events.append((False, slot, n, 0))
-        return slot
-
-    def free(slot: int) -> None:
-        events.append((True, slot, sizes[slot], 0))
+    rec = _Recorder()
+    alloc, free, sizes = rec.alloc, rec.free, rec.sizes
 
     def mib() -> int:
         return int(rng.uniform(lo, hi) * _MiB)
@@ -136,13 +166,9 @@ def gpt_inference(
         free(v)
     for s in keep:
         free(s)
-    return Trace(
-        name=name or f"synthetic gpt inference (seed {seed}, {layers} layers, {decode_steps} steps)",
-        events=tuple(events),
-        n_slots=len(sizes),
-        n_prelude=n_prelude,
-        streams=(0,),
-        source="synthetic",
+    return rec.trace(
+        name or f"synthetic gpt inference (seed {seed}, {layers} layers, {decode_steps} steps)",
+        n_prelude,
     )
 
 
@@ -171,17 +197,8 @@ def gpt2_inference(
     """
     d = d_model
     b = dtype_bytes
-    events: list[tuple[bool, int, int, int]] = []
-    sizes: list[int] = []
-
-    def alloc(n: int) -> int:
-        slot = len(sizes)
-        sizes.append(n)
-        events.append((False, slot, n, 0))
-        return slot
-
-    def free(slot: int) -> None:
-        events.append((True, slot, sizes[slot], 0))
+    rec = _Recorder()
+    alloc, free, sizes = rec.alloc, rec.free, rec.sizes
 
     alloc(vocab * d * b)  # token embedding (tied with the output projection)
     alloc(1024 * d * b)  # position embedding
@@ -243,16 +260,12 @@ def gpt2_inference(
         past += tokens
     for slot in kv:
         free(slot)
-    return Trace(
-        name=name or (
+    return rec.trace(
+        name or (
             f"gpt2-shaped inference ({layers} layers, d {d_model}, batch {batch}, "
             f"{prompt}+{new_tokens} tokens)"
         ),
-        events=tuple(events),
-        n_slots=len(sizes),
-        n_prelude=n_prelude,
-        streams=(0,),
-        source="synthetic",
+        n_prelude,
     )
 
 
@@ -307,25 +320,8 @@ def resnet50(
     optimizer pass, between its temporaries.
     """
     b = dtype_bytes
-    events: list[tuple[bool, int, int, int]] = []
-    sizes: list[int] = []
-    refs: dict[int, int] = {}
-
-    def alloc(n: int) -> int:
-        slot = len(sizes)
-        sizes.append(max(1, n))
-        events.append((False, slot, sizes[slot], 0))
-        refs[slot] = 1
-        return slot
-
-    def hold(t: int) -> None:
-        refs[t] += 1
-
-    def drop(t: int) -> None:
-        refs[t] -= 1
-        if refs[t] == 0:
-            del refs[t]
-            events.append((True, t, sizes[t], 0))
+    rec = _Recorder()
+    alloc, hold, drop, sizes = rec.alloc, rec.hold, rec.drop, rec.sizes
 
     layers = _resnet50_layers(image)
     for role, c_in, c_out, k, _h, _s in layers:
@@ -425,14 +421,10 @@ def resnet50(
             drop(alloc(sizes[g]))
         for g in grads:  # zero_grad(set_to_none=True)
             drop(g)
-    return Trace(
-        name=name or (
+    return rec.trace(
+        name or (
             f"resnet50-shaped {'training' if train else 'inference'} (batch {batch}, {image}x{image}, "
             f"{steps} steps)"
         ),
-        events=tuple(events),
-        n_slots=len(sizes),
-        n_prelude=n_prelude,
-        streams=(0,),
-        source="synthetic",
+        n_prelude,
     )
