@@ -106,6 +106,9 @@ class Section:
             core.check_reentry()
             core.check_backend_reentry()
             lock.acquire()
+        elif core.backend.holds_lock():
+            lock.release()
+            core.check_backend_reentry(held=True)
         core.owner = _ident()
         return core
 
@@ -420,18 +423,24 @@ class Core:
                 "allocates); only free() may be called there (it is deferred)"
             )
 
-    def check_backend_reentry(self) -> None:
-        """The lock is busy: raise if this thread is inside a backend call.
+    def check_backend_reentry(self, held: bool = False) -> None:
+        """Raise if this thread is inside a backend call.
 
-        Only a finalizer (or signal handler) gets here: the pool takes the
-        backend's lock inside its own, never the other way round, so the
-        holder may be waiting for the backend's lock this thread holds.
+        Only a finalizer (or signal handler) gets here that way: the pool takes
+        the backend's lock inside its own, never the other way round. With the
+        pool's lock busy (`held` False), its holder may be waiting for the
+        backend's lock this thread holds; with it free (`held` True: the
+        caller was about to take it, or took it and may call the driver), the
+        pool would call the backend in the middle of the interrupted call.
         """
-        if self.backend.holds_lock():
+        if held or self.backend.holds_lock():
+            why = (
+                "the pool would call the driver inside that call" if held else
+                "another thread holds the pool and may be waiting for that call"
+            )
             raise ReentryError(
                 "PagePool called from a finalizer or signal handler that interrupted a driver "
-                "call of this thread while another thread holds the pool (it may be waiting for "
-                "that call): only free() may be called there (it is deferred)"
+                f"call of this thread ({why}): only free() may be called there (it is deferred)"
             )
 
     def round(self, nbytes: int) -> int:
@@ -474,6 +483,8 @@ class Core:
             else:
                 fit = h.best_fit(r, False)
                 if fit is None:
+                    if self.backend.holds_lock():  # placing may call the driver: never from inside it
+                        self.check_backend_reentry(held=True)
                     b = self.place(h, r, nbytes)
                     h = b.arena.heap  # the other heap when only its free ranges had room
                 else:
