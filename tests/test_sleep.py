@@ -508,6 +508,33 @@ def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device)
     buf.close()
 
 
+def test_share_while_asleep_is_refused_as_asleep(host: vmmpool.Device) -> None:
+    """A sleeping pool's or buffer's pages were given back: share() says asleep, exports nothing.
+
+    It raised ClosedError("PhysicalAllocation has been closed") for an allocation (the pool
+    is not closed), and for a buffer handed out a handle of 0 pages that no open() could map.
+    """
+    pool = PagePool(host, limit=8 * P, shareable=True)
+    a = pool.malloc(P)
+    host.write(a.ptr, b"asleep")
+    pool.sleep()
+    with pytest.raises(AsleepError, match=r"PagePool is asleep.*share\(\)"):
+        a.share()
+    assert not pool._shares
+    pool.wake()
+    assert bytes(host.read(a.ptr, 6)) == b"asleep"
+    a.free()
+    pool.close()
+    buf = GrowableBuffer(max_size=4 * P, device=host, initial_size=P, shareable=True)
+    buf.sleep()
+    with pytest.raises(AsleepError, match=r"GrowableBuffer is asleep.*share\(\)"):
+        buf.share()
+    buf.wake()
+    with buf.share() as h, h.open(host) as m:
+        assert h.n_pages == 1 and m.nbytes == P
+    buf.close()
+
+
 @pytest.mark.parametrize("free_while_asleep", [False, True])
 def test_pages_mapped_twice_sleep_once_and_wake_at_both_addresses(
     free_while_asleep: bool, grouping: str

@@ -915,6 +915,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ------
         ValueError
             The buffer was not created shareable, or its size is 0.
+        AsleepError
+            The buffer is asleep (:meth:`sleep`): wake it first.
         ClosedError
             The buffer was closed.
 
@@ -936,6 +938,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             st = self._usable()
             if not st.shareable:
                 raise not_shareable("this GrowableBuffer")
+            if st.asleep is not None:
+                raise AsleepError("GrowableBuffer", "share()")  # its pages were given back
             if st.size == 0:
                 raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
             pages = st.pages[: self._pages_for(st.size)]

@@ -316,6 +316,8 @@ class Allocation(NoCopy):
         ValueError
             The pool was not created with ``shareable=True``, or the allocation
             was freed.
+        AsleepError
+            The pool is asleep (:meth:`PagePool.sleep`): wake it first.
         ClosedError
             The pool was closed.
 
@@ -349,6 +351,8 @@ class Allocation(NoCopy):
             rec = None if ref is None else ref.rec
             if rec is None or rec.ref is not ref:
                 raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
+            if core.asleep is not None:
+                raise AsleepError("PagePool", "share()")  # its pages were given back
             arena = rec.arena
             P = core.P
             first = (rec.addr - arena.base) // P
