@@ -990,6 +990,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """
         if not isinstance(backup, bool):
             raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._usable()
             if st.asleep is not None:
@@ -1017,6 +1018,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             A driver call failed; what wake did is undone, the buffer stays
             asleep with its backup and ``wake()`` can be called again.
         """
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._usable()
             if st.asleep is not None:
@@ -1024,6 +1026,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
 
     def sleep_stats(self) -> SleepStats:
         """The buffer's sleep and wake numbers (see :class:`~vmmpool.SleepStats`)."""
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._state
             staging = st.staging.nbytes if st.staging is not None else 0
