@@ -1352,7 +1352,8 @@ class PagePool(ClosesOnExit, NoCopy):
         pages = self.snapshot()
         core = self._core
         with core.section:
-            hist = core.history
+            # A copy: other threads record events (under this lock) while the trace is built.
+            hist = None if core.history is None else core.history.copy()
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
         settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
         return torch_snapshot(pages, self.page_size, hist, ordinal, settings)
