@@ -294,6 +294,38 @@ def test_buffer_sleep_and_wake(device: vmmpool.Device, pooled: bool) -> None:
     assert device._backend.live_host_allocations() == 0
 
 
+def test_numpy_copy_of_a_sleeping_buffer_is_refused_not_a_crash() -> None:
+    """``numpy.array(buf)`` and a cast copy the bytes inside ``__array__``: while asleep they
+    read unmapped memory (the host emulator's process died of SIGSEGV). Run in a child, so a
+    regression fails this test, not the whole run."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, pytest, vmmpool
+        dev = vmmpool.Device.emulated(capacity=64 << 20)
+        buf = vmmpool.GrowableBuffer(max_size=4 * dev.granularity, device=dev, initial_size=100)
+        buf.write(b"abc")
+        buf.sleep()
+        for copy in (lambda: np.array(buf), lambda: np.asarray(buf, dtype=np.float32)):
+            with pytest.raises(vmmpool.AsleepError, match="numpy.array"):
+                copy()
+        np.asarray(buf)  # no copy: an array over the (unmapped) addresses, as view() gives
+        with pytest.raises(ValueError, match="a cast copies"):
+            np.asarray(buf, dtype=np.float32, copy=False)
+        buf.wake()
+        assert bytes(np.array(buf)[:3]) == b"abc"
+        buf.close()
+        print("OK")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stdout, out.stderr)
+
+
 def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:
     base = host.counters().live
     buf = GrowableBuffer(max_size=8 * P, device=host, initial_size=2 * P)

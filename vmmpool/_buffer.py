@@ -846,7 +846,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
         the array keeps the memory mapped like any view. Memory on a CUDA device raises
         ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
-        ``torch.from_dlpack(buf)``.
+        ``torch.from_dlpack(buf)``. While asleep, a copy or a cast raises
+        :class:`~vmmpool.AsleepError` (the bytes are not mapped).
         """
         import numpy as np
 
@@ -856,15 +857,20 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 f"numpy.asarray(GrowableBuffer) needs host memory, but this buffer is on {st.device}: "
                 "use cupy.from_dlpack(buf) or torch.from_dlpack(buf), or buf.read() for a host copy"
             )
-        arr = np.from_dlpack(self.view())
-        if dtype is not None and np.dtype(dtype) != arr.dtype:
-            if copy is False:
-                raise ValueError(
-                    f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
-                    "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
-                )
-            return arr.astype(dtype)
-        return arr.copy() if copy else arr
+        cast = dtype is not None and np.dtype(dtype) != np.uint8
+        if cast and copy is False:
+            raise ValueError(
+                f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
+                "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
+            )
+        with self._lock:  # no sleep() between the check and the copy
+            if (copy or cast) and st.asleep is not None:
+                # A copy reads the bytes, which are not mapped (a segmentation fault on the host).
+                raise AsleepError("GrowableBuffer", "numpy.array() (a copy)")
+            arr = np.from_dlpack(self.view())
+            if cast:
+                return arr.astype(dtype)
+            return arr.copy() if copy else arr
 
     def _range(self, offset: object, nbytes: int, size: int) -> int:
         off = check_int("offset", offset)
