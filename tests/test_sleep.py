@@ -356,6 +356,47 @@ def test_staging_copies_many_pieces_in_order(host: vmmpool.Device) -> None:
         assert host._backend.live_host_allocations() == 0 and host._backend.live_events() == 0
 
 
+@pytest.mark.parametrize("failing", ["event_record", "copy_htod_async", "event_wait"])
+def test_a_failed_wake_waits_for_its_queued_copies_before_unmapping(
+    host: vmmpool.Device, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Rule 8 on the failure path: a copy queued before the failure may still write the
+    pages when wake's undo unmaps and releases them (on a GPU: an illegal address). The
+    staging synchronizes the stream before the error leaves it (it used to destroy the
+    events and return at once)."""
+    b = host._backend
+    calls: list[str] = []
+    for name in ("copy_htod_async", "synchronize", "unmap", "event_wait"):
+        real = getattr(b, name)
+
+        def spy(*args: object, _real: Callable[..., None] = real, _name: str = name) -> None:
+            calls.append(_name)
+            _real(*args)
+
+        monkeypatch.setattr(b, name, spy)
+    pool = PagePool(host, limit=16 * P)
+    a = pool.malloc(4 * P)
+    data = _fill(host, a.ptr, 4 * P, 8)
+    pool.sleep()
+    assert pool._core.staging is not None
+    pool._core.staging.close()
+    pool._core.staging = Staging(b, chunk=P // 2)  # many pieces: copies in flight before the failure
+    calls.clear()
+    b.inject_fault(failing, nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    b.clear_faults()
+    last_copy = max(i for i, c in enumerate(calls) if c == "copy_htod_async")
+    first_unmap = calls.index("unmap", last_copy)
+    assert "synchronize" in calls[last_copy:first_unmap], calls
+    assert pool.asleep
+    pool.wake()
+    assert bytes(host.read(a.ptr, 4 * P)) == data
+    a.free()
+    pool.close()
+    assert b.live_events() == 0 and b.live_host_allocations() == 0
+
+
 def test_host_emulator_checks_staging_copies(host: vmmpool.Device) -> None:
     b = host._backend
     with GrowableBuffer(max_size=2 * P, device=host, initial_size=P) as buf:
