@@ -227,6 +227,25 @@ def test_sleep_refuses_while_pages_are_lent_to_buffers(host: vmmpool.Device) -> 
     pool.close()
 
 
+def test_a_buffer_of_capacity_0_sleeps_and_wakes_while_its_pool_sleeps(host: vmmpool.Device) -> None:
+    """Waking it needs no page: acquire_pages(0) said "acquire_pages(0) needs memory"."""
+    pool = PagePool(host, limit=8 * P)
+    buf = GrowableBuffer(max_size=4 * P, pool=pool)
+    buf.sleep()
+    pool.sleep()
+    assert pool.acquire_pages(0) == []
+    buf.wake()
+    assert not buf.asleep and buf.capacity == 0
+    buf.sleep()
+    with pytest.raises(AsleepError, match=r"acquire_pages\(1\)"):
+        pool.acquire_pages(1)
+    pool.wake()
+    buf.wake()
+    buf.resize(P)
+    buf.close()
+    pool.close()
+
+
 def test_close_while_asleep_releases_everything(host: vmmpool.Device) -> None:
     base = host.counters().live
     pool, live = _pool_world(host)

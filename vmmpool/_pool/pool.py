@@ -815,10 +815,10 @@ class PagePool(ClosesOnExit, NoCopy):
     def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
         with _locked(core):
+            if not n:
+                return []  # needs no memory: asleep too (a buffer of capacity 0 wakes)
             if core.asleep is not None:
                 raise AsleepError("PagePool", f"acquire_pages({n})")
-            if not n:
-                return []
             P = self.page_size
             if core.pinned() + n > core.max_pages:
                 raise core.oom(n * P, n, "the limit is reached", pin=n)
