@@ -571,6 +571,30 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     assert host._backend.live_host_allocations() == 0
 
 
+def test_free_pages_a_failed_sleep_kept_do_not_block_wake_under_a_lower_limit(host: vmmpool.Device) -> None:
+    """Left asleep by a failed undo, the pool keeps some handles; blocks freed while asleep
+    turn those pages free. A lower limit the live data fits under then failed wake with
+    "wake needs 0 page(s) ...; the limit allows -3 more": the free pages are given back first."""
+    pool, live = _pool_world(host)
+    host._backend.inject_fault("release", nth=5, name="CUDA_ERROR_INVALID_VALUE")
+    host._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo fails
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    host._backend.clear_faults()
+    assert pool.asleep
+    for _ in range(3):
+        a, _d = live.pop(0)
+        a.free()
+    pool.set_limit(4 * P)
+    assert len(pool._core.pages) > 4  # kept handles, some under blocks freed while asleep
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(host, live) and pool.stats().total_pages <= 4
+    for a, _d in live:
+        a.free()
+    pool.close()
+
+
 def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device) -> None:
     """Receivers hold shared pages: sleeping would free nothing and end the sharing; refused."""
     pool = PagePool(host, limit=8 * P, shareable=True)
