@@ -306,8 +306,10 @@ class Core:
 
         Not from code that interrupted this thread inside the lock (a finalizer
         calling the pool): a task would wait for the lock; the next call runs it.
+        Nor inside a backend call of this thread (a finalizer's free there): a
+        task takes the pool's lock, whose holder may be waiting for the backend's.
         """
-        if self.owner == _ident() and self.lock.locked():
+        if (self.owner == _ident() and self.lock.locked()) or self.backend.holds_lock():
             return
         tasks = self.tasks
         while tasks:

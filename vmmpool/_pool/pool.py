@@ -8,6 +8,7 @@ net when it is garbage collected (see the package docstring, "Lifetime").
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -84,6 +85,19 @@ def _collected(ref: _Ref) -> None:
         core.settle()
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
+
+
+def _free_shared(a: Allocation, ref: _Ref) -> None:
+    """A free of a shareable pool's allocation deferred by :meth:`Allocation.free` (lock not held)."""
+    pool = a.pool
+    core = pool._core
+    rec = ref.rec
+    with core.section:
+        leased = rec.ref is ref and pool._shares.mark_freed(rec)
+    if leased:
+        pool._reap_shares()
+        return
+    core.free(ref, a)
 
 
 @contextlib.contextmanager
@@ -210,7 +224,8 @@ class Allocation(NoCopy):
         thread is inside the pool (the free is then queued and done when the
         pool's lock is let go), and even after the pool's own safety net
         already freed the allocation (collected in the same cycle): nothing
-        happens then.
+        happens then. On a ``shareable`` pool, a free from a finalizer that
+        interrupted a driver call is done by the pool's next call.
         """
         ref = self._ref
         if ref is None:
@@ -237,6 +252,12 @@ class Allocation(NoCopy):
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
+            elif core.backend.holds_lock():
+                # A finalizer inside a backend call of this thread: the pool's lock
+                # may be held by a thread waiting for the backend's; waiting for it
+                # here would deadlock. The pool's next call frees it (as below).
+                self.pool._defer(functools.partial(_free_shared, self, ref))
+                return
             else:
                 # Under the pool's lock, where share() checks the allocation and
                 # registers its lease: a share() racing this free() either
