@@ -204,6 +204,10 @@ class _State:
         """
         if self.pool is not None:
             if pages:
+                try:
+                    self.pool.page_size  # noqa: B018 - alive? (a weak proxy after _release)
+                except ReferenceError:
+                    return  # the pool was collected: closing it released its pages
                 exported = self.exported
                 if exported:
                     shared = [p for p in pages if p in exported]
@@ -458,6 +462,10 @@ def _release(state: _State) -> None:
         return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
+        # The queued release must not keep the pool alive: the pool's finalizer holds
+        # its queue, so the pool of a buffer dropped before it was never collected
+        # (nor closed). A pool collected first runs the release as it closes.
+        state.pool = weakref.proxy(state.pool)
         defer(state.free)
     else:
         state.free()

@@ -1774,6 +1774,17 @@ class Core:
                 errors.append(err)
             else:
                 del self.pages[phys]
+        # Releases of buffers collected before the pool, queued for the pool's next
+        # call, which will not come when a finalizer closes it: done now (a closed
+        # pool takes pages back without its lock), or by the backend after the call
+        # a finalizer interrupted.
+        tasks = self.tasks
+        while tasks:
+            fn = tasks.popleft()
+            try:
+                self.backend.run_or_defer(fn)
+            except Exception:  # as run_tasks: logged
+                logger.error("deferred release failed", exc_info=True)
         if errors:
             raise errors[0]
 

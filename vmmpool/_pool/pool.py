@@ -870,6 +870,8 @@ class PagePool(ClosesOnExit, NoCopy):
         self._check_process()
         items = list(pages)
         core = self._core
+        if core.closed:
+            return  # closed is final: no lock needed (a closing pool runs its buffers' releases)
         with _locked(core, open_only=False):
             if core.closed:
                 return
@@ -911,6 +913,8 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         items = list(pages)
         core = self._core
+        if core.closed:
+            return  # as release_pages
         with _locked(core, open_only=False):
             if core.closed:
                 return
