@@ -463,6 +463,13 @@ assert pool.stats().live_allocations == 1  # the next call freed it
 b.free()
 pool._check()
 pool.close()
+# The queued free holds no pool: dropped before its next call, the pool is collected and closed.
+pool = vmmpool.PagePool(dev, limit=32 * P, shareable=True)
+a = pool.malloc(1000)
+b = scene(pool, a, lambda: None)
+assert len(pool._core.tasks) == 1
+del a, b, pool  # no call of the pool after the free: it stays queued
+gc.collect()
 print("live", dev.counters().live)
 """, timeout=60)
     assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out

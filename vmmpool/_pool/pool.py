@@ -87,8 +87,16 @@ def _collected(ref: _Ref) -> None:
         pass
 
 
-def _free_shared(a: Allocation, ref: _Ref) -> None:
-    """A free of a shareable pool's allocation deferred by :meth:`Allocation.free` (lock not held)."""
+def _free_shared(ref: _Ref) -> None:
+    """A free of a shareable pool's allocation deferred by :meth:`Allocation.free` (lock not held).
+
+    Holds the allocation weakly (through `ref`), so the queue keeps no pool alive: an
+    allocation collected meanwhile was not leased (the leases hold theirs), and its
+    safety net frees it.
+    """
+    a = ref()
+    if a is None:
+        return
     pool = a.pool
     core = pool._core
     rec = ref.rec
@@ -256,7 +264,7 @@ class Allocation(NoCopy):
                 # A finalizer inside a backend call of this thread: the pool's lock
                 # may be held by a thread waiting for the backend's; waiting for it
                 # here would deadlock. The pool's next call frees it (as below).
-                self.pool._defer(functools.partial(_free_shared, self, ref))
+                self.pool._defer(functools.partial(_free_shared, ref))
                 return
             else:
                 # Under the pool's lock, where share() checks the allocation and
