@@ -95,8 +95,8 @@ def _free_shared(ref: _Ref) -> None:
     safety net frees it.
     """
     a = ref()
-    if a is None:
-        return
+    if a is None or ref.core.closed:
+        return  # collected (its safety net frees it), or freed by close()
     pool = a.pool
     core = pool._core
     rec = ref.rec
