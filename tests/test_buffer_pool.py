@@ -130,6 +130,35 @@ def test_dropped_buffer_returns_pages_to_the_pool(device: vmmpool.Device) -> Non
         assert pool.stats().acquired_pages == 0
 
 
+@pytest.mark.parametrize("asleep", [False, True])
+@pytest.mark.parametrize("order", ["buffer-first", "together"])
+def test_pool_and_buffer_dropped_without_close_release_everything(
+    device: vmmpool.Device, order: str, asleep: bool
+) -> None:
+    """The buffer's queued release held the pool, and the pool's finalizer holds that queue:
+    the pool was never collected (nor closed), and both leaked every driver resource for the
+    life of the process. The fixture's leak check fails the test if anything is left."""
+    g = device.granularity
+    pool = make_pool(device, limit=8 * g)
+    buf = GrowableBuffer(max_size=4 * g, pool=pool, initial_size=2 * g)
+    keep = pool.malloc(g)
+    if asleep:  # issue 18: the buffer's and the pool's staging buffers too
+        buf.sleep()
+        pool.sleep()
+    del keep
+    if order == "buffer-first":
+        del buf
+        gc.collect()
+        assert len(pool._core.tasks) == 1  # its release waits for the pool's next call
+        del pool
+    else:
+        del buf, pool
+    gc.collect()
+    assert device.counters().live == (0, 0, 0)
+    if device.is_host:
+        assert device._backend.live_host_allocations() == 0
+
+
 def test_pool_closed_before_the_buffer(device: vmmpool.Device) -> None:
     g = device.granularity
     pool = make_pool(device, limit=4 * g)

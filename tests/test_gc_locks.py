@@ -392,3 +392,90 @@ def test_free_inside_a_backend_call_while_another_thread_holds_the_pool_lock() -
     """, timeout=60)
     assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
     assert out.count("reentry True") == 2, out
+
+
+
+# The scene of the test above as a function: thread A holds the backend's lock (a finalizer
+# runs inside a backend call), thread B holds the pool's lock and waits for the backend's.
+# setup() runs there, then the finalizer's free of `a`; returns B's allocation.
+_BACKEND_SCENE = """
+def scene(pool, a, setup):
+    core = pool._core
+    backend = dev._backend
+    inside = threading.Event()
+    done = []
+    orig_enter = backend._enter
+    def enter(op):  # B: inside the pool's lock, about to need the backend's
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+        return orig_enter(op)
+    backend._enter = enter
+    def b_thread():
+        done.append(pool.malloc(4 * P))
+    with backend._lock:  # A, as if inside a backend call
+        t = threading.Thread(target=b_thread)
+        t.start()
+        assert inside.wait(10)
+        time.sleep(0.05)
+        assert core.lock.locked() and core.owner == t.ident
+        setup()
+        a.free()  # a user's __del__ would do this from the GC: must not wait
+    t.join(10)
+    assert not t.is_alive()
+    backend._enter = orig_enter
+    return done[0]
+"""
+
+
+def test_free_inside_a_backend_call_runs_no_queued_task_that_waits_for_the_pool() -> None:
+    """Another thread dropped a pooled buffer meanwhile: its release is a task (it takes the
+    pool's lock). The free ran the tasks first, and so waited for B: a deadlock."""
+    out = run_script(_BACKEND_SCENE + """
+pool = vmmpool.PagePool(dev, limit=32 * P)
+a = pool.malloc(1000)
+buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=P)
+def drop_buf():
+    global buf
+    del buf
+    gc.collect()
+def setup():  # another thread drops the buffer: its release is queued as a task
+    c = threading.Thread(target=drop_buf)
+    c.start()
+    c.join()
+    assert len(pool._core.tasks) == 1
+b = scene(pool, a, setup)
+assert pool._core.n_live == 1 and pool.stats().acquired_pages == 0  # the next call ran the task
+b.free()
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_free_of_a_shareable_pools_allocation_inside_a_backend_call() -> None:
+    """On a shareable pool free() checks the leases under the pool's lock: it waited for B (a
+    deadlock). It is deferred to the pool's next call instead."""
+    out = run_script(_BACKEND_SCENE + """
+pool = vmmpool.PagePool(dev, limit=32 * P, shareable=True)
+a = pool.malloc(1000)
+b = scene(pool, a, lambda: None)
+assert a.freed
+try:
+    a.free()
+except ValueError as e:
+    print("double", str(e).split()[-2:])
+assert pool.stats().live_allocations == 1  # the next call freed it
+b.free()
+pool._check()
+pool.close()
+# The queued free holds no pool: dropped before its next call, the pool is collected and closed.
+pool = vmmpool.PagePool(dev, limit=32 * P, shareable=True)
+a = pool.malloc(1000)
+b = scene(pool, a, lambda: None)
+assert len(pool._core.tasks) == 1
+del a, b, pool  # no call of the pool after the free: it stays queued
+gc.collect()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out

@@ -260,3 +260,30 @@ def test_snapshot_after_close_matches_its_history(tmp_path: Path) -> None:
     tr = R.load(str(path))
     assert tr.recorded_reserved[0] == (0, 0) and tr.recorded_reserved[-1][1] == 0, tr.recorded_reserved
     assert min(r for _, r in tr.recorded_reserved) >= 0
+
+
+def test_memory_snapshot_while_other_threads_allocate(host: vmmpool.Device) -> None:
+    """The history is copied under the pool's lock: building the trace raced other threads'
+    malloc/free (``RuntimeError: deque mutated during iteration``). A long history makes the
+    trace take several thread switch intervals, so the old code failed nearly every time."""
+    import threading
+
+    with vmmpool.PagePool(host) as pool:
+        pool.record_history(context=None)
+        for _ in range(25_000):
+            pool.malloc(100).free()
+        stop = threading.Event()
+
+        def churn() -> None:
+            while not stop.is_set():
+                pool.malloc(100).free()
+
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for _ in range(3):
+                snap = pool.memory_snapshot()
+                assert len(snap["device_traces"][0]) >= 50_000
+        finally:
+            stop.set()
+            t.join()

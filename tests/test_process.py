@@ -288,6 +288,9 @@ def locked(attempt):
     attempt("PagePool.close", pool.close)
     attempt("buffer close", buf.close)
     attempt("buffer resize", lambda: buf.resize(0))
+    attempt("buffer sleep", buf.sleep)  # issue 18's methods: refused before the lock too
+    attempt("buffer wake", buf.wake)
+    attempt("buffer sleep_stats", buf.sleep_stats)
     attempt("AddressReservation.close", res.close)
     attempt("AddressReservation.mappings", res.mappings)
     attempt("Device.read", lambda: dev.read(a.ptr, 4))

@@ -227,6 +227,25 @@ def test_sleep_refuses_while_pages_are_lent_to_buffers(host: vmmpool.Device) -> 
     pool.close()
 
 
+def test_a_buffer_of_capacity_0_sleeps_and_wakes_while_its_pool_sleeps(host: vmmpool.Device) -> None:
+    """Waking it needs no page: acquire_pages(0) said "acquire_pages(0) needs memory"."""
+    pool = PagePool(host, limit=8 * P)
+    buf = GrowableBuffer(max_size=4 * P, pool=pool)
+    buf.sleep()
+    pool.sleep()
+    assert pool.acquire_pages(0) == []
+    buf.wake()
+    assert not buf.asleep and buf.capacity == 0
+    buf.sleep()
+    with pytest.raises(AsleepError, match=r"acquire_pages\(1\)"):
+        pool.acquire_pages(1)
+    pool.wake()
+    buf.wake()
+    buf.resize(P)
+    buf.close()
+    pool.close()
+
+
 def test_close_while_asleep_releases_everything(host: vmmpool.Device) -> None:
     base = host.counters().live
     pool, live = _pool_world(host)
@@ -294,6 +313,38 @@ def test_buffer_sleep_and_wake(device: vmmpool.Device, pooled: bool) -> None:
     assert device._backend.live_host_allocations() == 0
 
 
+def test_numpy_copy_of_a_sleeping_buffer_is_refused_not_a_crash() -> None:
+    """``numpy.array(buf)`` and a cast copy the bytes inside ``__array__``: while asleep they
+    read unmapped memory (the host emulator's process died of SIGSEGV). Run in a child, so a
+    regression fails this test, not the whole run."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, pytest, vmmpool
+        dev = vmmpool.Device.emulated(capacity=64 << 20)
+        buf = vmmpool.GrowableBuffer(max_size=4 * dev.granularity, device=dev, initial_size=100)
+        buf.write(b"abc")
+        buf.sleep()
+        for copy in (lambda: np.array(buf), lambda: np.asarray(buf, dtype=np.float32)):
+            with pytest.raises(vmmpool.AsleepError, match="numpy.array"):
+                copy()
+        np.asarray(buf)  # no copy: an array over the (unmapped) addresses, as view() gives
+        with pytest.raises(ValueError, match="a cast copies"):
+            np.asarray(buf, dtype=np.float32, copy=False)
+        buf.wake()
+        assert bytes(np.array(buf)[:3]) == b"abc"
+        buf.close()
+        print("OK")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stdout, out.stderr)
+
+
 def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:
     base = host.counters().live
     buf = GrowableBuffer(max_size=8 * P, device=host, initial_size=2 * P)
@@ -322,6 +373,47 @@ def test_staging_copies_many_pieces_in_order(host: vmmpool.Device) -> None:
         assert st.nbytes == 2 * (256 << 10)
         st.close()
         assert host._backend.live_host_allocations() == 0 and host._backend.live_events() == 0
+
+
+@pytest.mark.parametrize("failing", ["event_record", "copy_htod_async", "event_wait"])
+def test_a_failed_wake_waits_for_its_queued_copies_before_unmapping(
+    host: vmmpool.Device, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Rule 8 on the failure path: a copy queued before the failure may still write the
+    pages when wake's undo unmaps and releases them (on a GPU: an illegal address). The
+    staging synchronizes the stream before the error leaves it (it used to destroy the
+    events and return at once)."""
+    b = host._backend
+    calls: list[str] = []
+    for name in ("copy_htod_async", "synchronize", "unmap", "event_wait"):
+        real = getattr(b, name)
+
+        def spy(*args: object, _real: Callable[..., None] = real, _name: str = name) -> None:
+            calls.append(_name)
+            _real(*args)
+
+        monkeypatch.setattr(b, name, spy)
+    pool = PagePool(host, limit=16 * P)
+    a = pool.malloc(4 * P)
+    data = _fill(host, a.ptr, 4 * P, 8)
+    pool.sleep()
+    assert pool._core.staging is not None
+    pool._core.staging.close()
+    pool._core.staging = Staging(b, chunk=P // 2)  # many pieces: copies in flight before the failure
+    calls.clear()
+    b.inject_fault(failing, nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    b.clear_faults()
+    last_copy = max(i for i, c in enumerate(calls) if c == "copy_htod_async")
+    first_unmap = calls.index("unmap", last_copy)
+    assert "synchronize" in calls[last_copy:first_unmap], calls
+    assert pool.asleep
+    pool.wake()
+    assert bytes(host.read(a.ptr, 4 * P)) == data
+    a.free()
+    pool.close()
+    assert b.live_events() == 0 and b.live_host_allocations() == 0
 
 
 def test_host_emulator_checks_staging_copies(host: vmmpool.Device) -> None:
@@ -479,6 +571,30 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     assert host._backend.live_host_allocations() == 0
 
 
+def test_free_pages_a_failed_sleep_kept_do_not_block_wake_under_a_lower_limit(host: vmmpool.Device) -> None:
+    """Left asleep by a failed undo, the pool keeps some handles; blocks freed while asleep
+    turn those pages free. A lower limit the live data fits under then failed wake with
+    "wake needs 0 page(s) ...; the limit allows -3 more": the free pages are given back first."""
+    pool, live = _pool_world(host)
+    host._backend.inject_fault("release", nth=5, name="CUDA_ERROR_INVALID_VALUE")
+    host._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo fails
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    host._backend.clear_faults()
+    assert pool.asleep
+    for _ in range(3):
+        a, _d = live.pop(0)
+        a.free()
+    pool.set_limit(4 * P)
+    assert len(pool._core.pages) > 4  # kept handles, some under blocks freed while asleep
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(host, live) and pool.stats().total_pages <= 4
+    for a, _d in live:
+        a.free()
+    pool.close()
+
+
 def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device) -> None:
     """Receivers hold shared pages: sleeping would free nothing and end the sharing; refused."""
     pool = PagePool(host, limit=8 * P, shareable=True)
@@ -505,6 +621,33 @@ def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device)
         buf.sleep()
     assert not buf.asleep
     del h
+    buf.close()
+
+
+def test_share_while_asleep_is_refused_as_asleep(host: vmmpool.Device) -> None:
+    """A sleeping pool's or buffer's pages were given back: share() says asleep, exports nothing.
+
+    It raised ClosedError("PhysicalAllocation has been closed") for an allocation (the pool
+    is not closed), and for a buffer handed out a handle of 0 pages that no open() could map.
+    """
+    pool = PagePool(host, limit=8 * P, shareable=True)
+    a = pool.malloc(P)
+    host.write(a.ptr, b"asleep")
+    pool.sleep()
+    with pytest.raises(AsleepError, match=r"PagePool is asleep.*share\(\)"):
+        a.share()
+    assert not pool._shares
+    pool.wake()
+    assert bytes(host.read(a.ptr, 6)) == b"asleep"
+    a.free()
+    pool.close()
+    buf = GrowableBuffer(max_size=4 * P, device=host, initial_size=P, shareable=True)
+    buf.sleep()
+    with pytest.raises(AsleepError, match=r"GrowableBuffer is asleep.*share\(\)"):
+        buf.share()
+    buf.wake()
+    with buf.share() as h, h.open(host) as m:
+        assert h.n_pages == 1 and m.nbytes == P
     buf.close()
 
 

@@ -204,6 +204,10 @@ class _State:
         """
         if self.pool is not None:
             if pages:
+                try:
+                    self.pool.page_size  # noqa: B018 - alive? (a weak proxy after _release)
+                except ReferenceError:
+                    return  # the pool was collected: closing it released its pages
                 exported = self.exported
                 if exported:
                     shared = [p for p in pages if p in exported]
@@ -458,6 +462,10 @@ def _release(state: _State) -> None:
         return  # a forked child releases nothing: the memory is the parent's
     defer = getattr(state.pool, "_defer", None) if state.pool is not None else None
     if defer is not None:
+        # The queued release must not keep the pool alive: the pool's finalizer holds
+        # its queue, so the pool of a buffer dropped before it was never collected
+        # (nor closed). A pool collected first runs the release as it closes.
+        state.pool = weakref.proxy(state.pool)
         defer(state.free)
     else:
         state.free()
@@ -846,7 +854,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
         the array keeps the memory mapped like any view. Memory on a CUDA device raises
         ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
-        ``torch.from_dlpack(buf)``.
+        ``torch.from_dlpack(buf)``. While asleep, a copy or a cast raises
+        :class:`~vmmpool.AsleepError` (the bytes are not mapped).
         """
         import numpy as np
 
@@ -856,15 +865,20 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 f"numpy.asarray(GrowableBuffer) needs host memory, but this buffer is on {st.device}: "
                 "use cupy.from_dlpack(buf) or torch.from_dlpack(buf), or buf.read() for a host copy"
             )
-        arr = np.from_dlpack(self.view())
-        if dtype is not None and np.dtype(dtype) != arr.dtype:
-            if copy is False:
-                raise ValueError(
-                    f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
-                    "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
-                )
-            return arr.astype(dtype)
-        return arr.copy() if copy else arr
+        cast = dtype is not None and np.dtype(dtype) != np.uint8
+        if cast and copy is False:
+            raise ValueError(
+                f"numpy.asarray(GrowableBuffer, dtype={np.dtype(dtype)}, copy=False): the bytes are "
+                "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
+            )
+        with self._lock:  # no sleep() between the check and the copy
+            if (copy or cast) and st.asleep is not None:
+                # A copy reads the bytes, which are not mapped (a segmentation fault on the host).
+                raise AsleepError("GrowableBuffer", "numpy.array() (a copy)")
+            arr = np.from_dlpack(self.view())
+            if cast:
+                return arr.astype(dtype)
+            return arr.copy() if copy else arr
 
     def _range(self, offset: object, nbytes: int, size: int) -> int:
         off = check_int("offset", offset)
@@ -915,6 +929,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ------
         ValueError
             The buffer was not created shareable, or its size is 0.
+        AsleepError
+            The buffer is asleep (:meth:`sleep`): wake it first.
         ClosedError
             The buffer was closed.
 
@@ -936,6 +952,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             st = self._usable()
             if not st.shareable:
                 raise not_shareable("this GrowableBuffer")
+            if st.asleep is not None:
+                raise AsleepError("GrowableBuffer", "share()")  # its pages were given back
             if st.size == 0:
                 raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
             pages = st.pages[: self._pages_for(st.size)]
@@ -986,6 +1004,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """
         if not isinstance(backup, bool):
             raise TypeError(f"backup must be a bool, got {type(backup).__name__}")
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._usable()
             if st.asleep is not None:
@@ -1013,6 +1032,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             A driver call failed; what wake did is undone, the buffer stays
             asleep with its backup and ``wake()`` can be called again.
         """
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._usable()
             if st.asleep is not None:
@@ -1020,6 +1040,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
 
     def sleep_stats(self) -> SleepStats:
         """The buffer's sleep and wake numbers (see :class:`~vmmpool.SleepStats`)."""
+        self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
             st = self._state
             staging = st.staging.nbytes if st.staging is not None else 0

@@ -118,6 +118,16 @@ class History:
                 f = f.f_back  # type: ignore[assignment]
         self.events.append((action, addr, size, stream, time.time_ns() // 1000, frames))
 
+    def copy(self) -> History:
+        """The events so far, in a history of their own.
+
+        Take it under the pool's lock (where events are recorded): iterating the
+        live history while another thread records raises ``RuntimeError``.
+        """
+        h = History(self.events.maxlen or MAX_HISTORY_ENTRIES, self.context)
+        h.events.extend(self.events)
+        return h
+
     def trace(self) -> list[dict[str, Any]]:
         return [
             {"action": a, "addr": addr, "size": size, "stream": stream, "time_us": t, "frames": frames}

@@ -18,8 +18,9 @@ backup in one call (``MADV_POPULATE_WRITE``, :mod:`vmmpool._prefault`) before
 it waits for the piece's event: on CUDA the commit overlaps the DMA in flight,
 and the drain is then a plain memcpy.
 
-A failure leaves nothing behind: pending events are destroyed, and the caller
-decides what the partial copy means (a partial backup is simply discarded; a
+A failure leaves nothing behind: the copies already queued are waited for (a
+stream synchronize: the caller may unmap their pages next), pending events are
+destroyed, and the caller decides what the partial copy means (a partial backup is simply discarded; a
 partial restore is overwritten by the next try).
 """
 
@@ -226,6 +227,7 @@ class Staging:
         b = self.backend
         host = out.ctypes.data
         pending: list[tuple[int, int, int] | None] = [None, None]  # (event, offset, bytes) per half
+        queued = False
         try:
             for i, (src, n, off) in enumerate(self._pieces(runs, half)):
                 h = i & 1
@@ -238,6 +240,7 @@ class Staging:
                     b.event_destroy(p[0])
                     pending[h] = None
                 b.copy_dtoh_async(stage, src, n, stream)
+                queued = True
                 pending[h] = (b.event_record(stream), off, n)
             for h in ((i + 1) & 1, i & 1):  # oldest first
                 p = pending[h]
@@ -247,6 +250,10 @@ class Staging:
                     ctypes.memmove(host + p[1], base + h * half, p[2])
                     b.event_destroy(p[0])
                     pending[h] = None
+        except BaseException:
+            if queued:
+                self._wait_queued(stream)
+            raise
         finally:
             self._drop(pending)
 
@@ -262,6 +269,7 @@ class Staging:
         b = self.backend
         host = src.ctypes.data
         pending: list[tuple[int, int, int] | None] = [None, None]
+        queued = False
         try:
             for i, (dst, n, off) in enumerate(self._pieces(runs, half)):
                 h = i & 1
@@ -273,6 +281,7 @@ class Staging:
                     pending[h] = None
                 ctypes.memmove(stage, host + off, n)
                 b.copy_htod_async(dst, stage, n, stream)
+                queued = True
                 pending[h] = (b.event_record(stream), 0, 0)
             for h in (0, 1):
                 p = pending[h]
@@ -280,5 +289,22 @@ class Staging:
                     b.event_wait(p[0])
                     b.event_destroy(p[0])
                     pending[h] = None
+        except BaseException:
+            if queued:
+                self._wait_queued(stream)
+            raise
         finally:
             self._drop(pending)
+
+    def _wait_queued(self, stream: int) -> None:
+        """After a failure: wait for the copies already queued on `stream` (rule 8).
+
+        The caller undoes what it did next: a failed wake unmaps and releases
+        the pages a queued copy may still write, a failed save may free the
+        staging buffer a copy still reads. Their events may be gone (or never
+        recorded): synchronize the stream. Best effort; the original error wins.
+        """
+        try:
+            self.backend.synchronize(stream)
+        except Exception:  # noqa: BLE001 - the original error wins
+            _log.warning("waiting for queued staging copies after a failure failed", exc_info=True)

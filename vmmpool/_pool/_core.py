@@ -322,8 +322,10 @@ class Core:
 
         Not from code that interrupted this thread inside the lock (a finalizer
         calling the pool): a task would wait for the lock; the next call runs it.
+        Nor inside a backend call of this thread (a finalizer's free there): a
+        task takes the pool's lock, whose holder may be waiting for the backend's.
         """
-        if self.owner == _ident() and self.lock.locked():
+        if (self.owner == _ident() and self.lock.locked()) or self.backend.holds_lock():
             return
         tasks = self.tasks
         while tasks:
@@ -1813,6 +1815,17 @@ class Core:
                 errors.append(err)
             else:
                 del self.pages[phys]
+        # Releases of buffers collected before the pool, queued for the pool's next
+        # call, which will not come when a finalizer closes it: done now (a closed
+        # pool takes pages back without its lock), or by the backend after the call
+        # a finalizer interrupted.
+        tasks = self.tasks
+        while tasks:
+            fn = tasks.popleft()
+            try:
+                self.backend.run_or_defer(fn)
+            except Exception:  # as run_tasks: logged
+                logger.error("deferred release failed", exc_info=True)
         if errors:
             raise errors[0]
 

@@ -404,6 +404,10 @@ def wake(core: Core) -> None:
     forget_freed(core)
     runs = runs_of(core, ASLEEP)
     need = len({p for _a, _s, pages in runs for p in pages if p.phys.closed})
+    over = len(core.pages) + need - core.max_pages
+    if over > 0 and core.free_pages:
+        # Pages a failed sleep kept, freed while asleep: given back before they block the wake.
+        core.release_free(over)
     if len(core.pages) + need > core.max_pages:
         raise core.oom(
             need * core.P, need,

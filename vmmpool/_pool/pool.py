@@ -8,6 +8,7 @@ net when it is garbage collected (see the package docstring, "Lifetime").
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -84,6 +85,27 @@ def _collected(ref: _Ref) -> None:
         core.settle()
     except Exception:  # noqa: BLE001 - a safety net must never raise
         pass
+
+
+def _free_shared(ref: _Ref) -> None:
+    """A free of a shareable pool's allocation deferred by :meth:`Allocation.free` (lock not held).
+
+    Holds the allocation weakly (through `ref`), so the queue keeps no pool alive: an
+    allocation collected meanwhile was not leased (the leases hold theirs), and its
+    safety net frees it.
+    """
+    a = ref()
+    if a is None or ref.core.closed:
+        return  # collected (its safety net frees it), or freed by close()
+    pool = a.pool
+    core = pool._core
+    rec = ref.rec
+    with core.section:
+        leased = rec.ref is ref and pool._shares.mark_freed(rec)
+    if leased:
+        pool._reap_shares()
+        return
+    core.free(ref, a)
 
 
 @contextlib.contextmanager
@@ -210,7 +232,8 @@ class Allocation(NoCopy):
         thread is inside the pool (the free is then queued and done when the
         pool's lock is let go), and even after the pool's own safety net
         already freed the allocation (collected in the same cycle): nothing
-        happens then.
+        happens then. On a ``shareable`` pool, a free from a finalizer that
+        interrupted a driver call is done by the pool's next call.
         """
         ref = self._ref
         if ref is None:
@@ -237,6 +260,12 @@ class Allocation(NoCopy):
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
+            elif core.backend.holds_lock():
+                # A finalizer inside a backend call of this thread: the pool's lock
+                # may be held by a thread waiting for the backend's; waiting for it
+                # here would deadlock. The pool's next call frees it (as below).
+                self.pool._defer(functools.partial(_free_shared, ref))
+                return
             else:
                 # Under the pool's lock, where share() checks the allocation and
                 # registers its lease: a share() racing this free() either
@@ -316,6 +345,8 @@ class Allocation(NoCopy):
         ValueError
             The pool was not created with ``shareable=True``, or the allocation
             was freed.
+        AsleepError
+            The pool is asleep (:meth:`PagePool.sleep`): wake it first.
         ClosedError
             The pool was closed.
 
@@ -349,6 +380,8 @@ class Allocation(NoCopy):
             rec = None if ref is None else ref.rec
             if rec is None or rec.ref is not ref:
                 raise ValueError(f"allocation at {self.ptr:#x} was freed; it cannot be shared")
+            if core.asleep is not None:
+                raise AsleepError("PagePool", "share()")  # its pages were given back
             arena = rec.arena
             P = core.P
             first = (rec.addr - arena.base) // P
@@ -814,10 +847,10 @@ class PagePool(ClosesOnExit, NoCopy):
     def _acquire(self, n: int, key: int) -> list[PhysicalAllocation]:
         core = self._core
         with _locked(core):
+            if not n:
+                return []  # needs no memory: asleep too (a buffer of capacity 0 wakes)
             if core.asleep is not None:
                 raise AsleepError("PagePool", f"acquire_pages({n})")
-            if not n:
-                return []
             P = self.page_size
             if core.pinned() + n > core.max_pages:
                 raise core.oom(n * P, n, "the limit is reached", pin=n)
@@ -848,6 +881,8 @@ class PagePool(ClosesOnExit, NoCopy):
         self._check_process()
         items = list(pages)
         core = self._core
+        if core.closed:
+            return  # closed is final: no lock needed (a closing pool runs its buffers' releases)
         with _locked(core, open_only=False):
             if core.closed:
                 return
@@ -889,6 +924,8 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         items = list(pages)
         core = self._core
+        if core.closed:
+            return  # as release_pages
         with _locked(core, open_only=False):
             if core.closed:
                 return
@@ -1351,7 +1388,8 @@ class PagePool(ClosesOnExit, NoCopy):
         pages = self.snapshot()
         core = self._core
         with core.section:
-            hist = core.history
+            # A copy: other threads record events (under this lock) while the trace is built.
+            hist = None if core.history is None else core.history.copy()
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
         settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
         return torch_snapshot(pages, self.page_size, hist, ordinal, settings)
