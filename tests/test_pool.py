@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import vmmpool
-from vmmpool._options import stream_key
+from vmmpool._options import pool_key, stream_key
 from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats
 
 MiB = 1 << 20
@@ -945,50 +945,53 @@ def test_one_shot_streams_cost_nothing(host: vmmpool.Device) -> None:
 
 def test_retiring_an_empty_stream_forgets_it_at_once(device: vmmpool.Device) -> None:
     P = device.granularity
+    k2 = pool_key(2)  # handle 2 is this thread's per-thread default stream
     with pool_of(device, pages=8) as pool:
         core = pool._core
         a = pool.malloc(3 * P, stream=2)
         a.free()
         pool.defragment()  # its pages leave it: stream 2 holds nothing but its arena
         va = pool.stats().address_space_bytes
-        assert 2 in core.streams
+        assert k2 in core.streams
         pool.retire_stream(2)
-        assert 2 not in core.streams
+        assert k2 not in core.streams
         assert pool.stats().address_space_bytes < va
         pool.malloc(100, stream=2).free()  # the stream may be used again
-        assert 2 in core.streams
+        assert k2 in core.streams
         pool._check()
 
 
 def test_a_retired_stream_is_forgotten_when_its_last_page_leaves(device: vmmpool.Device) -> None:
     P = device.granularity
+    k2 = pool_key(2)  # handle 2 is this thread's per-thread default stream
     with pool_of(device, pages=8) as pool:
         core = pool._core
         a = pool.malloc(3 * P, stream=2)
         a.free()
         pool.retire_stream(2)
-        assert 2 in core.streams  # its cached pages are still mapped
+        assert k2 in core.streams  # its cached pages are still mapped
         b = pool.malloc(8 * P, stream=1)  # at the limit: takes them
-        assert 2 not in core.streams
+        assert k2 not in core.streams
         assert pool.stats().address_space_bytes == sum(a.res.size for a in core.streams[1].arenas)
         b.free()
         pool._check()
         # a stream that is not retired (a raw handle may be used again) is kept
         pool.malloc(3 * P, stream=2).free()
         pool.malloc(8 * P, stream=1).free()
-        assert 2 in core.streams
+        assert k2 in core.streams
         pool.trim()  # trim forgets every stream left with nothing
         assert not core.streams
 
 
 def test_a_stream_object_is_forgotten_when_its_pages_leave(device: vmmpool.Device) -> None:
     P = device.granularity
+    k2 = pool_key(2)  # handle 2 is this thread's per-thread default stream
     with pool_of(device, pages=8) as pool:
         s = _CupyLike(2)
         pool.malloc(3 * P, stream=s).free()
-        assert 2 in pool._core.streams
+        assert k2 in pool._core.streams
         pool.malloc(8 * P, stream=1).free()
-        assert 2 not in pool._core.streams
+        assert k2 not in pool._core.streams
         pool._check()
 
 

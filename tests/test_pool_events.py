@@ -246,3 +246,70 @@ def test_the_pool_holds_what_the_work_needs(streams: int, default: float, at_lim
     ok, _, total = replay(ops, limit)
     assert ok, f"the replay does not complete at {at_limit} x peak live"
     assert total <= limit
+
+
+# ------------------------------------------------- per-thread default stream
+def test_per_thread_default_stream_is_one_stream_per_thread(dev: vmmpool.Device) -> None:
+    """Handle 2 (CU_STREAM_PER_THREAD) names each calling thread's own stream: memory freed
+    on it is reused in stream order by the same thread only; another thread gets memory of
+    its own stream. Snapshots, histories and Allocation.stream still say 2."""
+    import threading
+
+    with PagePool(dev, limit=16 * 2 * MiB) as pool:
+        pool.record_history(context=None)
+        a = pool.malloc(4096, stream=2)
+        ptr = a.ptr
+        a.free()
+        got: list[int] = []
+
+        def other() -> None:
+            b = pool.malloc(4096, stream=2)
+            got.append(b.ptr)
+            assert b.stream == 2
+            b.free()
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert got and got[0] != ptr  # not the block the main thread's stream freed
+        c = pool.malloc(4096, stream=2)
+        assert c.ptr == ptr and c.stream == 2  # the same thread reuses it at once
+        assert len(pool._core.streams) == 2
+        assert {p.stream for p in pool.snapshot() if p.stream is not None} == {2}
+        snap = pool.memory_snapshot()
+        assert {s["stream"] for s in snap["segments"]} == {2}
+        assert {e["stream"] for e in snap["device_traces"][0]} == {2}
+        c.free()
+        pool._check()
+
+
+def test_per_thread_default_stream_events_go_on_the_legacy_stream(dev: vmmpool.Device) -> None:
+    """A thread cannot record on another thread's per-thread stream: events covering memory
+    freed on handle 2 are recorded on the legacy default stream (1), which waits for every
+    blocking stream's work, whichever thread records them."""
+    import threading
+
+    backend = dev._backend
+    recorded: list[int] = []
+    orig = backend.event_record
+
+    def record(stream: int) -> int:
+        recorded.append(stream)
+        return orig(stream)
+
+    with PagePool(dev, limit=8 * 2 * MiB) as pool:
+        P = pool.page_size
+        box: list[vmmpool.Allocation] = []
+        t = threading.Thread(target=lambda: box.append(pool.malloc(6 * P, stream=2)))
+        t.start()
+        t.join()
+        box.pop().free()  # freed on the other thread's per-thread stream
+        backend.event_record = record  # type: ignore[method-assign]
+        try:
+            b = pool.malloc(8 * P, stream=2)  # at the limit: takes that thread's pages
+        finally:
+            backend.event_record = orig  # type: ignore[method-assign]
+        assert recorded == [1], recorded
+        assert pool.stats().n_syncs == 0
+        b.free()
+        pool._check()

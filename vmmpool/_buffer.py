@@ -62,7 +62,7 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
-from ._options import Access, check_int, stream_key
+from ._options import Access, check_int, event_handle, stream_key
 from ._process import NoCopy
 from ._resources import (
     AddressReservation,
@@ -329,7 +329,7 @@ class _State:
             self.sync()  # no stream named: the device that owns the memory (rule 8)
             return
         backend = self.device._backend
-        ev = backend.event_record(self.stream)
+        ev = backend.event_record(event_handle(self.stream))
         try:
             backend.event_wait(ev)
         finally:

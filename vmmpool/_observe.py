@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._pool import PageInfo, PoolStats
 
-from ._options import brief, check_int
+from ._options import brief, check_int, shown
 
 __all__ = [
     "AllocationInfo", "History", "MAX_HISTORY_ENTRIES", "check_max_entries", "format_summary",
@@ -116,7 +116,7 @@ class History:
                 code = f.f_code
                 frames.append({"filename": code.co_filename, "line": f.f_lineno, "name": code.co_name})
                 f = f.f_back  # type: ignore[assignment]
-        self.events.append((action, addr, size, stream, time.time_ns() // 1000, frames))
+        self.events.append((action, addr, size, shown(stream), time.time_ns() // 1000, frames))
 
     def copy(self) -> History:
         """The events so far, in a history of their own.

@@ -7,7 +7,9 @@ enum is accepted; only the CUDA backend turns them into driver constants.
 from __future__ import annotations
 
 import enum
+import itertools
 import operator
+import threading
 from typing import Any
 
 __all__ = ["Access", "HandleType", "ADDRESS_LIMIT", "address_limit", "check_int", "stream_key"]
@@ -268,3 +270,33 @@ def _handle(key: int, source: str) -> int:
             f"stream handle must be >= 0 and fit 64 bits (a CUstream), got {brief(key)}{source}"
         )
     return key
+
+
+#: ``CU_STREAM_LEGACY`` and ``CU_STREAM_PER_THREAD``: the special stream handles.
+LEGACY = 1
+PER_THREAD = 2
+#: Pool keys of per-thread default streams start here (no 64-bit handle reaches it).
+PER_THREAD_KEYS = 1 << 64
+_thread_keys = itertools.count(PER_THREAD_KEYS)
+_local = threading.local()
+
+
+def pool_key(key: int) -> int:
+    """The key a stream handle is filed under: the calling thread's own for handle 2."""
+    if key != PER_THREAD:
+        return key
+    k: int | None = getattr(_local, "key", None)
+    if k is None:
+        k = _local.key = next(_thread_keys)
+    return k
+
+
+def shown(key: int) -> int:
+    """The handle a pool key stands for (2 for every per-thread key)."""
+    return PER_THREAD if key >= PER_THREAD_KEYS else key
+
+
+def event_handle(key: int) -> int:
+    """Where events of the stream filed under `key` are recorded: the legacy default stream for
+    the per-thread one (a thread cannot record on another thread's; see ``vmmpool._pool._streams``)."""
+    return LEGACY if key >= PER_THREAD_KEYS or key == PER_THREAD else key

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._options import event_handle
 from .._prefault import discard
 from .._resources import create
 from .._staging import Staging, host_array
@@ -116,7 +117,7 @@ def quiesce(core: Core) -> None:
             retired = True
             continue
         core.ev.n_events += 1
-        h = backend.event_record(st.key)
+        h = backend.event_record(event_handle(st.key))
         try:
             core.ev.n_event_waits += 1
             backend.event_wait(h)

@@ -38,6 +38,15 @@ stream that holds nothing when it is retired is forgotten at once, and
 retired keeps its state (it may be used again). Forgetting happens only where
 pages are unmapped anyway (never on the malloc/free fast path), is best
 effort, and a stream used again starts afresh.
+
+The per-thread default stream (handle 2, ``CU_STREAM_PER_THREAD``) names a
+different stream in each calling thread: memory freed on one thread's must not
+be reused in stream order by another thread. The pool files it under one key
+per thread (:func:`~vmmpool._options.pool_key`, above every 64-bit handle) and records its events
+on the legacy default stream (:func:`~vmmpool._options.event_handle`), which waits for the work of
+every blocking stream in the context (per-thread default streams are blocking),
+since a thread cannot record on another thread's per-thread stream. Snapshots,
+histories and ``Allocation.stream`` show such keys as 2 (:func:`~vmmpool._options.shown`).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._options import event_handle
 from ._blocks import Block, FreeBlocks
 
 if TYPE_CHECKING:
@@ -53,6 +63,8 @@ if TYPE_CHECKING:
     from ._arena import Arena
 
 logger = logging.getLogger("vmmpool.pool")
+
+
 
 #: Most events kept per stream; older ones are destroyed (legal while pending).
 MAX_EVENTS = 8
@@ -155,7 +167,7 @@ class StreamState:
         """Record an event covering every free so far (if none does yet)."""
         if self.seq > self.done_seq and (not self.events or self.events[-1][0] < self.seq):
             counts.n_events += 1
-            h = backend.event_record(self.key)
+            h = backend.event_record(event_handle(self.key))
             self.events.append((self.seq, h))
             while len(self.events) > MAX_EVENTS:
                 _s, old = self.events.pop(0)

@@ -28,7 +28,7 @@ from .._device import Device, DeviceLike
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
-from .._options import brief, check_int, stream_key
+from .._options import PER_THREAD, brief, check_int, pool_key, shown, stream_key
 from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
@@ -665,7 +665,9 @@ class PagePool(ClosesOnExit, NoCopy):
         stream : None, int or stream object
             The stream that will use the memory (see :func:`stream_key`). A
             stream object is kept referenced while the stream has memory in
-            the pool; see :meth:`retire_stream` for raw handles.
+            the pool; see :meth:`retire_stream` for raw handles. Handle 2
+            (``CU_STREAM_PER_THREAD``) is the calling thread's own stream:
+            memory freed on it is reused in stream order by that thread only.
 
         Returns
         -------
@@ -694,10 +696,11 @@ class PagePool(ClosesOnExit, NoCopy):
             key = stream_key(stream)
         core = self._core
         mark = core.n_garbage
+        pk = pool_key(key) if key == PER_THREAD else key  # one stream per thread for handle 2
         try:
-            rec = core.malloc(nbytes, key, stream)
+            rec = core.malloc(nbytes, pk, stream)
         except OutOfMemoryError as err:
-            rec = self._malloc_after_gc(nbytes, key, stream, mark, err)
+            rec = self._malloc_after_gc(nbytes, pk, stream, mark, err)
         a = Allocation.__new__(Allocation)
         a.ptr = rec.addr
         a.size = nbytes
@@ -792,7 +795,7 @@ class PagePool(ClosesOnExit, NoCopy):
         stream : None, int or stream object
             As for :meth:`malloc`.
         """
-        key = 0 if stream is None else stream_key(stream)
+        key = 0 if stream is None else pool_key(stream_key(stream))
         core = self._core
         with _locked(core):
             st = core.streams.get(key)
@@ -832,7 +835,7 @@ class PagePool(ClosesOnExit, NoCopy):
         waiting on their streams' events.
         """
         n = check_int("count", count)
-        key = 0 if stream is None else stream_key(stream)
+        key = 0 if stream is None else pool_key(stream_key(stream))
         for attempt in range(_GC_RETRIES + 1):
             mark = self._core.n_garbage
             try:
@@ -1184,7 +1187,7 @@ class PagePool(ClosesOnExit, NoCopy):
                     if al is not None and al.arena is arena and al.slot == s:
                         continue  # a page's second mapping: listed with the page
                     if p.state is ASLEEP:
-                        info[p] = PageInfo(p.index, "asleep", p.addr, arena.stream.key)
+                        info[p] = PageInfo(p.index, "asleep", p.addr, shown(arena.stream.key))
                         continue
                     blocks = touching.get((arena, s), [])
                     lo = arena.base + s * P
@@ -1193,7 +1196,7 @@ class PagePool(ClosesOnExit, NoCopy):
                         blocks = blocks + touching.get((al.arena, al.slot), [])
                         spans.append(al.arena.base + al.slot * P)
                     elif not blocks:
-                        info[p] = PageInfo(p.index, "cached", p.addr, arena.stream.key)
+                        info[p] = PageInfo(p.index, "cached", p.addr, shown(arena.stream.key))
                         continue
                     hi = lo + P
                     used = sum(
@@ -1204,7 +1207,7 @@ class PagePool(ClosesOnExit, NoCopy):
                     whole = (
                         len(blocks) == 1 and b0 is not None and b0.addr <= lo and hi <= b0.addr + b0.size
                     )
-                    key = arena.stream.key
+                    key = shown(arena.stream.key)
                     allocs = tuple(
                         AllocationInfo(b.addr, b.size, b.nbytes, key)
                         for b in sorted(blocks, key=_addr)
@@ -1216,7 +1219,8 @@ class PagePool(ClosesOnExit, NoCopy):
             for p in core.pages.values():
                 if p not in info:
                     if p.state is ACQUIRED:
-                        info[p] = PageInfo(p.index, "acquired", None, p.stream)
+                        by = None if p.stream is None else shown(p.stream)
+                        info[p] = PageInfo(p.index, "acquired", None, by)
                     elif p.state is QUARANTINED:
                         info[p] = PageInfo(p.index, "quarantined", p.addr)
                     else:
