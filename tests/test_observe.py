@@ -287,3 +287,41 @@ def test_memory_snapshot_while_other_threads_allocate(host: vmmpool.Device) -> N
         finally:
             stop.set()
             t.join()
+
+
+def test_memory_snapshot_takes_pages_and_history_in_one_hold_of_the_lock(
+    host: vmmpool.Device,
+) -> None:
+    """Pages and history are read in one hold of the pool's lock: between two holds another
+    thread's sleep() (say) could run, and the segments and the end of the trace disagree."""
+    import threading
+
+    class Counting:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.n = 0
+
+        def acquire(self, blocking: bool = True) -> bool:
+            got = self.lock.acquire(blocking)
+            self.n += got
+            return got
+
+        def release(self) -> None:
+            self.lock.release()
+
+        def locked(self) -> bool:
+            return self.lock.locked()
+
+    with vmmpool.PagePool(host) as pool:
+        pool.record_history(context=None)
+        a = pool.malloc(3 * host.granularity)
+        core = pool._core
+        counting = Counting()
+        orig, core.lock = core.lock, counting  # type: ignore[assignment]
+        try:
+            snap = pool.memory_snapshot()
+        finally:
+            core.lock = orig
+        assert counting.n == 1, counting.n
+        assert sum(s["total_size"] for s in snap["segments"]) == pool.stats().reserved_bytes
+        a.free()

@@ -1170,62 +1170,66 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         self._check_process()
         core = self._core
-        P = self.page_size
         with _locked(core, open_only=False):
-            if core.closed:
-                # Every page is given up (stats() counts none): arenas that
-                # PyTorch or CuPy still use stay mapped for them, not for the pool.
-                return []
-            info: dict[Page, PageInfo] = {}
-            touching = core.touching()
-            arena: Arena
-            for arena in core.arenas:
-                for s, p in enumerate(arena.slots):
-                    if p is None or p.state is QUARANTINED:
-                        continue
-                    al = p.alias
-                    if al is not None and al.arena is arena and al.slot == s:
-                        continue  # a page's second mapping: listed with the page
-                    if p.state is ASLEEP:
-                        info[p] = PageInfo(p.index, "asleep", p.addr, shown(arena.stream.key))
-                        continue
-                    blocks = touching.get((arena, s), [])
-                    lo = arena.base + s * P
-                    spans = [lo]
-                    if al is not None:  # mapped twice: in use through either mapping
-                        blocks = blocks + touching.get((al.arena, al.slot), [])
-                        spans.append(al.arena.base + al.slot * P)
-                    elif not blocks:
-                        info[p] = PageInfo(p.index, "cached", p.addr, shown(arena.stream.key))
-                        continue
-                    hi = lo + P
-                    used = sum(
-                        max(0, min(x + P, b.addr + b.nbytes) - max(x, b.addr))
-                        for b in blocks for x in spans
-                    )
-                    b0 = blocks[0] if blocks else None
-                    whole = (
-                        len(blocks) == 1 and b0 is not None and b0.addr <= lo and hi <= b0.addr + b0.size
-                    )
-                    key = shown(arena.stream.key)
-                    allocs = tuple(
-                        AllocationInfo(b.addr, b.size, b.nbytes, key)
-                        for b in sorted(blocks, key=_addr)
-                    )
-                    info[p] = PageInfo(
-                        p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
-                        None if al is None else spans[1],
-                    )
-            for p in core.pages.values():
-                if p not in info:
-                    if p.state is ACQUIRED:
-                        by = None if p.stream is None else shown(p.stream)
-                        info[p] = PageInfo(p.index, "acquired", None, by)
-                    elif p.state is QUARANTINED:
-                        info[p] = PageInfo(p.index, "quarantined", p.addr)
-                    else:
-                        info[p] = PageInfo(p.index, "free", None)
-            return sorted(info.values(), key=lambda i: i.index)
+            return self._page_infos(core)
+
+    def _page_infos(self, core: Core) -> list[PageInfo]:
+        """:meth:`snapshot`'s page map (the pool's lock held)."""
+        P = self.page_size
+        if core.closed:
+            # Every page is given up (stats() counts none): arenas that
+            # PyTorch or CuPy still use stay mapped for them, not for the pool.
+            return []
+        info: dict[Page, PageInfo] = {}
+        touching = core.touching()
+        arena: Arena
+        for arena in core.arenas:
+            for s, p in enumerate(arena.slots):
+                if p is None or p.state is QUARANTINED:
+                    continue
+                al = p.alias
+                if al is not None and al.arena is arena and al.slot == s:
+                    continue  # a page's second mapping: listed with the page
+                if p.state is ASLEEP:
+                    info[p] = PageInfo(p.index, "asleep", p.addr, shown(arena.stream.key))
+                    continue
+                blocks = touching.get((arena, s), [])
+                lo = arena.base + s * P
+                spans = [lo]
+                if al is not None:  # mapped twice: in use through either mapping
+                    blocks = blocks + touching.get((al.arena, al.slot), [])
+                    spans.append(al.arena.base + al.slot * P)
+                elif not blocks:
+                    info[p] = PageInfo(p.index, "cached", p.addr, shown(arena.stream.key))
+                    continue
+                hi = lo + P
+                used = sum(
+                    max(0, min(x + P, b.addr + b.nbytes) - max(x, b.addr))
+                    for b in blocks for x in spans
+                )
+                b0 = blocks[0] if blocks else None
+                whole = (
+                    len(blocks) == 1 and b0 is not None and b0.addr <= lo and hi <= b0.addr + b0.size
+                )
+                key = shown(arena.stream.key)
+                allocs = tuple(
+                    AllocationInfo(b.addr, b.size, b.nbytes, key)
+                    for b in sorted(blocks, key=_addr)
+                )
+                info[p] = PageInfo(
+                    p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
+                    None if al is None else spans[1],
+                )
+        for p in core.pages.values():
+            if p not in info:
+                if p.state is ACQUIRED:
+                    by = None if p.stream is None else shown(p.stream)
+                    info[p] = PageInfo(p.index, "acquired", None, by)
+                elif p.state is QUARANTINED:
+                    info[p] = PageInfo(p.index, "quarantined", p.addr)
+                else:
+                    info[p] = PageInfo(p.index, "free", None)
+        return sorted(info.values(), key=lambda i: i.index)
 
     def memory_stats(self) -> dict[str, int]:
         """The pool's statistics as PyTorch's flat dictionary (``torch.cuda.memory_stats()``).
@@ -1389,10 +1393,12 @@ class PagePool(ClosesOnExit, NoCopy):
         events recorded since :meth:`record_history` (empty when recording is off). See
         :mod:`vmmpool._observe` for the exact keys.
         """
-        pages = self.snapshot()
+        self._check_process()
         core = self._core
-        with core.section:
-            # A copy: other threads record events (under this lock) while the trace is built.
+        with _locked(core, open_only=False):
+            # One hold of the lock for both: the pages and the history agree. The history is
+            # copied: other threads record events (under this lock) while the trace is built.
+            pages = self._page_infos(core)
             hist = None if core.history is None else core.history.copy()
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
         settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
@@ -1428,8 +1434,11 @@ class PagePool(ClosesOnExit, NoCopy):
         dangle, ``free()`` does nothing, ``view()`` raises
         :class:`~vmmpool.ClosedError`. An arena holding an allocation that a
         view (or an array or DLPack capsule made from one) still uses stays
-        mapped until the last such view is gone, so those arrays stay valid.
-        Pages lent by :meth:`acquire_pages` lose the pool's reference; their
+        mapped until the last such view is gone, so those arrays stay valid
+        (not when the pool is asleep: its memory was given back and the
+        backup is dropped, so such arrays stay unusable, as while asleep;
+        their addresses stay reserved, so touching them faults rather than
+        reaching other memory). Pages lent by :meth:`acquire_pages` lose the pool's reference; their
         memory lives until the caller unmaps them (driver rule 7) and
         ``release_pages`` becomes a no-op. If a driver call fails, the error
         propagates and calling ``close()`` again releases what is left.
