@@ -353,3 +353,16 @@ def test_close_racing_malloc_never_hands_out_unmapped_memory(monkeypatch: pytest
     del warm
     gc.collect()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_bad_page_size_is_refused_at_construction() -> None:
+    # Not at the first malloc, where the error would surface inside CuPy's call.
+    with pytest.raises(ValueError, match="page_size must be a multiple"):
+        vcupy.MemoryPool("host", page_size=3 << 20)
+    with pytest.raises(TypeError, match="page_size"):
+        vcupy.MemoryPool("host", page_size="2MiB")  # type: ignore[arg-type]
+    pool = vcupy.MemoryPool("host", page_size=4 << 20)
+    mem = pool.malloc(100)
+    assert pool._pool().page_size == 4 << 20
+    del mem
+    pool.close()

@@ -122,6 +122,7 @@ class MemoryPool:
     def __init__(
         self, device: DeviceLike = None, *, page_size: int | None = None, preallocate: int = 0
     ) -> None:
+        probe: Device | None = None  # a device to check page_size against now
         if device is None:
             if not _cupy.cuda.is_available():
                 device = "host"  # no GPU for CuPy: there is no current device to follow
@@ -137,8 +138,15 @@ class MemoryPool:
                 # Fail now, not at the first malloc, if the device lacks VMM support
                 # (DeviceUnavailableError): never fall back to host memory that
                 # CuPy's kernels would then be handed.
-                Device(_cupy.cuda.runtime.getDevice())
+                probe = Device(_cupy.cuda.runtime.getDevice())
         self._pinned: Device | None = None if device is None else Device(device)
+        if page_size is not None:
+            # Checked here, not at the first malloc (inside CuPy's call): against the pinned
+            # device or the current one (every device of one kind has the same granularity).
+            dev = self._pinned if self._pinned is not None else probe
+            assert dev is not None  # no GPU for CuPy: pinned to the host above
+            g = dev.granularity
+            page_size = check_int("page_size", page_size, minimum=g, multiple=g)
         self._page_size = page_size
         self._preallocate = check_int("preallocate", preallocate)
         self._pools: dict[int, PagePool] = {}
