@@ -345,6 +345,23 @@ def test_pooled_buffer_gives_shared_pages_back_as_discarded(host: vmmpool.Device
         m.close()
 
 
+def test_pooled_buffer_pages_whose_receivers_are_done_go_back_for_reuse(host: vmmpool.Device) -> None:
+    # Once every handle and mapping of a share is closed, its pages are the buffer's again:
+    # they return to the pool as ordinary free pages (reused), not as discarded ones.
+    with PagePool(host, shareable=True) as pool:
+        buf = GrowableBuffer(max_size=16 * MiB, pool=pool, initial_size=6 * MiB)
+        h = buf.share()
+        m = h.open(host)
+        h.close()
+        m.close()
+        buf.resize(2 * MiB)
+        st = pool.stats()
+        assert (st.total_pages, st.acquired_pages, st.free_pages) == (3, 1, 2)
+        buf.close()
+        assert pool.stats().free_pages == 3
+        pool._check()
+
+
 def test_unpooled_buffer_closed_while_shared_keeps_the_receivers_memory(host: vmmpool.Device) -> None:
     buf = GrowableBuffer(max_size=16 * MiB, device=host, initial_size=4 * MiB, shareable=True)
     buf.write(b"owner's bytes")

@@ -616,11 +616,19 @@ def test_memory_shared_with_other_processes_does_not_sleep(host: vmmpool.Device)
     a.free()
     pool.close()
     buf = GrowableBuffer(max_size=4 * P, device=host, initial_size=P, shareable=True)
+    buf.write(b"buffer")
     h = buf.share()
     with pytest.raises(ValueError, match="shared with another process"):
         buf.sleep()
     assert not buf.asleep
-    del h
+    m = h.open(host)
+    h.close()
+    with pytest.raises(ValueError, match="shared with another process"):
+        buf.sleep()  # a mapping still holds the lease
+    m.close()  # every receiver is done: the buffer sleeps again
+    buf.sleep()
+    buf.wake()
+    assert buf.read(6) == b"buffer"
     buf.close()
 
 

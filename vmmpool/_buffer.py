@@ -73,7 +73,7 @@ from ._resources import (
     reserve,
     safety_finalizer,
 )
-from ._share import SharedMemoryHandle, check_shareable, not_shareable
+from ._share import Lease, SharedMemoryHandle, check_shareable, not_shareable
 from ._staging import SleepCounts, SleepStats, Staging, host_array
 
 __all__ = ["GrowableBuffer", "PageSource"]
@@ -143,6 +143,7 @@ class _State:
         "sleeps",
         "shareable",
         "exported",
+        "leases",
     )
 
     def __init__(
@@ -174,8 +175,31 @@ class _State:
         self.sleeps = SleepCounts()
         #: Pages are created exportable (shareable=True).
         self.shareable = False
-        #: Pages handed to another process by share(): a pool never reuses them.
+        #: Pages handed to another process by share() whose receivers may still map them:
+        #: a pool never reuses them, and the buffer does not sleep.
         self.exported: set[PhysicalAllocation] = set()
+        #: Each share()'s lease and pages: once every receiver of a share is done (its
+        #: handles and mappings closed, everywhere), its pages are no longer exported.
+        self.leases: list[tuple[Lease, list[PhysicalAllocation]]] = []
+
+    def reap_leases(self) -> None:
+        """Forget the shares whose receivers are all done (pages they alone exported included)."""
+        if not self.leases:
+            return
+        live = []
+        for lease, pages in self.leases:
+            if lease.done():
+                lease.close()
+            else:
+                live.append((lease, pages))
+        if len(live) != len(self.leases):
+            self.leases = live
+            self.exported.intersection_update({p for _l, ps in live for p in ps})
+
+    def close_leases(self) -> None:
+        for lease, _pages in self.leases:
+            lease.close()
+        self.leases = []
 
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
@@ -208,6 +232,7 @@ class _State:
                     self.pool.page_size  # noqa: B018 - alive? (a weak proxy after _release)
                 except ReferenceError:
                     return  # the pool was collected: closing it released its pages
+                self.reap_leases()
                 exported = self.exported
                 if exported:
                     shared = [p for p in pages if p in exported]
@@ -416,6 +441,7 @@ class _State:
         if (
             self.res.closed and not self.debris_res and not self.pages and not self.debris_pages
             and not (self.staging is not None and self.staging.address is not None)
+            and not self.leases
         ):
             return
         self.sync()
@@ -430,6 +456,7 @@ class _State:
         self.backup = None
         if self.staging is not None:
             self.staging.close()
+        self.close_leases()
 
 
 def _growth_oom(
@@ -943,7 +970,10 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         the owner shrinks, closes or exits, those pages are no longer the
         owner's (writes stop being visible both ways for them) but their bytes
         stay with the receiver; a pool takes such pages back as discarded and
-        never reuses them, so no receiver sees another buffer's data.
+        never reuses them, so no receiver sees another buffer's data. Once every
+        handle and mapping of a share is closed, in every process, its pages
+        are the buffer's alone again: they go back to a pool as ordinary pages,
+        and the buffer can :meth:`sleep`.
         Nothing orders the two processes' work: synchronize before reading
         what the other side wrote.
         """
@@ -960,7 +990,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             handle, lease = SharedMemoryHandle._make(
                 st.device, "GrowableBuffer", pages, st.size, 0, st.page
             )
-            lease.close()  # a buffer needs no lease: it never reuses exported pages
+            st.leases.append((lease, list(pages)))  # pages return to normal once it is done
             st.exported.update(pages)
             return handle
 
@@ -982,7 +1012,9 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         Raises
         ------
         ValueError
-            Pages of the buffer were shared with another process (:meth:`share`).
+            Pages of the buffer were shared with another process (:meth:`share`)
+            and a receiver still holds a handle or a mapping of them (once every
+            one is closed, everywhere, the buffer sleeps again).
         OutOfMemoryError, DriverError
             A driver call failed; the buffer is as it was (awake, bytes intact).
         ClosedError
@@ -1009,6 +1041,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             st = self._usable()
             if st.asleep is not None:
                 return
+            st.reap_leases()
             shared = sum(1 for p in st.pages if p in st.exported) if st.exported else 0
             if shared:
                 raise ValueError(
