@@ -742,3 +742,13 @@ def test_readme_two_process_example_runs(tmp_path: Any) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["b'HELLO world'", "b'HELLO'"]
+
+
+def test_repeated_buffer_shares_keep_one_descriptor_per_share_in_use(host: vmmpool.Device) -> None:
+    buf = GrowableBuffer(max_size=4 * MiB, device=host, initial_size=2 * MiB, shareable=True)
+    n0 = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        buf.share().close()  # a share nobody received: its lease ends at once
+    assert len(buf._state.leases) <= 1
+    assert len(os.listdir("/proc/self/fd")) <= n0 + 2
+    buf.close()

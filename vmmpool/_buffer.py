@@ -990,6 +990,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             handle, lease = SharedMemoryHandle._make(
                 st.device, "GrowableBuffer", pages, st.size, 0, st.page
             )
+            st.reap_leases()  # one open descriptor per share still in use, not per share ever made
             st.leases.append((lease, list(pages)))  # pages return to normal once it is done
             st.exported.update(pages)
             return handle
