@@ -230,17 +230,43 @@ def test_resnet50_traces_are_well_formed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "pages"), [({"train": False}, 47), ({"batch": 4, "image": 160}, 137)]
+    ("kw", "pages"), [({"train": False}, 46), ({"batch": 4, "image": 160}, 137)]
 )
 def test_resnet50_shaped_smallest_limit(kw: dict[str, object], pages: int) -> None:
-    # Measured 2026-12-06: inference at batch 8 (88 MiB, 44.4 pages live) completes at 47
-    # pages (1.058: at 46 a 6.125-page activation finds 5 free pages and free page tails, but
-    # no free head to end an alias in); a training step at batch 4, 160 px (266 MiB) at 137
-    # pages (1.027).
+    # Measured 2026-12-06: inference at batch 8 (88 MiB, 44.4 pages live) completed at 47
+    # pages (1.058: at 46 a 6.125-page activation found 5 free pages and free page tails, but
+    # no free head to end an alias in), 46 (1.035) since a split near the limit leaves the
+    # rest beside unmapped slots (Core.split_at_end); a training step at batch 4, 160 px
+    # (266 MiB) at 137 pages (1.027).
     tr = resnet50(**kw)  # type: ignore[arg-type]
     mn = R.min_limit(tr)
     assert mn.result.syncs == 0
     assert mn.pages <= pages, f"{mn.pages} pages, {mn.ratio:.4f} x peak live"
+
+
+@pytest.mark.parametrize(("limit", "at"), [(7, 3.75), (64, 2.0), (None, 2.0)])
+def test_a_split_near_the_limit_leaves_the_rest_beside_unmapped_slots(
+    limit: int | None, at: float
+) -> None:
+    # A free range [2, 5.25) pages whose start borders an unmapped slot and whose end a live
+    # block: a 1.5-page block leaves one whole page free at either end. A pool holding every
+    # page of its limit puts the block at the end (the rest [2, 3.75) can grow into slot 1 by
+    # mapping); a pool that can still grow keeps the rule before (the block at the start).
+    dev = vmmpool.Device.emulated(capacity=128 * P, granularity=P)
+    with PagePool(dev, limit=None if limit is None else limit * P) as pool:
+        x = pool.malloc(2 * P)
+        base = x.ptr
+        y = pool.malloc(13 * P // 4)
+        z = pool.malloc(3 * P // 2)
+        assert [(a.ptr - base) / P for a in (y, z)] == [2.0, 5.25]
+        x.free()
+        pool.trim()  # slots 0 and 1 unmapped
+        y.free()
+        assert pool.stats().total_pages == 5
+        c = pool.malloc(3 * P // 2)
+        pool._check()
+        assert (c.ptr - base) / P == at
+        assert pool.stats().total_pages == 5  # no page mapped: the best fit took it
 
 
 def test_growth_headroom_depends_on_a_limit_being_set() -> None:

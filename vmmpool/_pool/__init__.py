@@ -49,8 +49,11 @@ malloc(n, stream)
    bins, then ``bisect`` over the sorted sizes); a block larger than a page
    is split off at the end that leaves the most whole pages free, a smaller
    one at the range's start (the rest stays next to what its neighbours
-   free: a tensor grown by concatenation fits there). Zero driver calls: the
-   steady state.
+   free: a tensor grown by concatenation fits there). On a tie, in a pool
+   that holds (nearly) all its limit's pages, a block of at most 8 pages
+   leaves the rest on the side that borders unmapped slots, where it can
+   grow by mapping instead of being stranded beside live data
+   (``Core.split_at_end``). Zero driver calls: the steady state.
 2. Otherwise the block goes where it *pins* the fewest pages (pages it touches
    that no live block touched: the scarce resource at the limit), then
    where it needs the fewest new ones: after a free range that ends at
