@@ -805,3 +805,23 @@ def test_on_a_gpu_sleep_copies_everything_in_one_pipelined_pass(monkeypatch: pyt
     for a, _d in live:
         a.free()
     pool.close()
+
+
+def test_a_retired_stream_emptied_while_asleep_is_forgotten_at_wake(host: vmmpool.Device) -> None:
+    # Its blocks were freed while asleep: wake maps nothing back for it, and a retired stream
+    # left with nothing is forgotten there (events, address space), as after a reclaim.
+    P = host.granularity
+    pool = PagePool(host)
+    a = pool.malloc(3 * P, stream=5)
+    keep = pool.malloc(P)
+    pool.retire_stream(5)
+    va = pool.stats().address_space_bytes
+    pool.sleep()
+    a.free()
+    pool.wake()
+    assert list(pool._core.streams) == [0]
+    assert pool.stats().address_space_bytes < va
+    pool._check()
+    keep.free()
+    pool.close()
+    assert host.counters().live == (0, 0, 0)

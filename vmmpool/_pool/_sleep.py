@@ -321,6 +321,8 @@ def forget_freed(core: Core) -> None:
                 end = b.addr + b.size
                 if end > lo:
                     h.add(Block(a, lo, end - lo, b.seq))
+                if not a.mapped:
+                    core.note_emptied(st)  # a retired stream left with nothing: forgotten at wake
 
 
 def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
@@ -420,6 +422,8 @@ def wake(core: Core) -> None:
     n = len({p for r in runs for p in r[2]})
     core.asleep = None
     core.n_asleep = 0
+    if core.emptied:
+        core.drop_emptied(None)  # best effort, as after a reclaim
     c = core.sleeps
     c.n_wakes += 1
     c.wake_bytes += n * core.P if sl.backup is not None else 0
