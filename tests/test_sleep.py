@@ -550,10 +550,17 @@ def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(pooled: bool)
 
 
 def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
-    host: vmmpool.Device, grouping: str
+    host: vmmpool.Device, grouping: str, tmp_path: object
 ) -> None:
-    """A release fails mid-sleep, then mapping back fails too: asleep, nothing lost, wake retries."""
+    """A release fails mid-sleep, then mapping back fails too: asleep, nothing lost, wake retries.
+    The history records what stayed unmapped, so a dump replays consistently."""
+    from pathlib import Path
+
+    from vmmpool import replay as R
+
     pool, live = _pool_world(host)
+    pool.record_history(context=None)
+    r0 = pool.stats().reserved_bytes
     n = pool.stats().pinned_pages
     host._backend.inject_fault("release", nth=n - 1, name="CUDA_ERROR_INVALID_VALUE")  # late in sleep
     host._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo's first page
@@ -567,6 +574,15 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     pool.wake()
     assert _bytes_ok(host, live)
     pool._check()
+    trace = pool.memory_snapshot()["device_traces"][0]
+    mapped = sum(e["size"] for e in trace if e["action"] == "segment_map")
+    unmapped = sum(e["size"] for e in trace if e["action"] == "segment_unmap")
+    # the history's segment events account for every change of the reserved bytes
+    assert mapped - unmapped == pool.stats().reserved_bytes - r0, (mapped, unmapped, r0)
+    path = Path(str(tmp_path)) / "failed-sleep.pickle"
+    pool.dump_snapshot(path)
+    rec = R.load(str(path)).recorded_reserved  # a replay of the dump agrees
+    assert rec[-1][1] - rec[0][1] == pool.stats().reserved_bytes - r0
     pool.close()
     assert host._backend.live_host_allocations() == 0
 

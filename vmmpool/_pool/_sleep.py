@@ -253,6 +253,7 @@ def sleep(core: Core, backup: bool) -> None:
                 "its backup; wake() retries",
                 err, undo_err, exc_info=True,
             )
+            _record(core, "segment_unmap", unmapped)  # what stays unmapped: wake() maps it back
             raise
         core.asleep = None
         core.n_asleep = 0
