@@ -10,6 +10,7 @@ import pytest
 
 import vmmpool
 from vmmpool import AsleepError, GrowableBuffer, PagePool
+from vmmpool import _buffer as buffer_module
 from vmmpool._backends.base import EVENT_OPERATIONS, STAGING_OPERATIONS
 from vmmpool._pool import _sleep as sleep_module
 from vmmpool._staging import Staging
@@ -543,7 +544,12 @@ def _make_buffer(asleep: bool, pooled: bool) -> Callable[[vmmpool.Device], Made]
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
-def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(pooled: bool) -> None:
+@pytest.mark.parametrize("piece", ["one-piece", "per-page"])
+def test_a_fault_at_any_call_of_buffer_sleep_or_wake_loses_nothing(
+    pooled: bool, piece: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if piece == "per-page":  # the host emulator's sleep pieces (SLEEP_PIECE): one page each
+        monkeypatch.setattr(buffer_module, "SLEEP_PIECE", 1)
     n = _sweep(_make_buffer(False, pooled), lambda b: b.sleep(), awake_after_failure=True)  # type: ignore[attr-defined]
     m = _sweep(_make_buffer(True, pooled), lambda b: b.wake(), awake_after_failure=False)  # type: ignore[attr-defined]
     assert n >= 5 and m >= 5
@@ -841,3 +847,31 @@ def test_a_retired_stream_emptied_while_asleep_is_forgotten_at_wake(host: vmmpoo
     keep.free()
     pool.close()
     assert host.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_on_the_host_a_buffer_sleeps_by_pieces(pooled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each piece's pages are given back before the next piece is copied: host RAM peaks near
+    the buffer's bytes, not twice them."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    monkeypatch.setattr(buffer_module, "SLEEP_PIECE", 2 * P)
+    pool = PagePool(dev, limit=16 * P) if pooled else None
+    buf = GrowableBuffer(max_size=8 * P, device=None if pooled else dev, pool=pool, initial_size=6 * P)
+    data = _fill(dev, buf.ptr, 6 * P, 7)
+    held: list[int] = []  # device pages held at each copy
+    real_save = Staging.save
+
+    def save(self: Staging, runs: list[tuple[int, int, int]], out: np.ndarray, stream: int) -> None:
+        # pages still the buffer's: the driver's count, or the pool's pages not yet given back
+        held.append(dev.counters().allocations if pool is None else 6 - pool.stats().free_pages)
+        real_save(self, runs, out, stream)
+
+    monkeypatch.setattr(Staging, "save", save)
+    buf.sleep()
+    assert held == [6, 4, 2]
+    buf.wake()
+    assert bytes(buf.read()) == data
+    buf.close()
+    if pool is not None:
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)

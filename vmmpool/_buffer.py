@@ -80,6 +80,10 @@ __all__ = ["GrowableBuffer", "PageSource"]
 
 _log = logging.getLogger("vmmpool")
 
+#: Where device memory is host RAM, sleep copies, unmaps and gives back pieces of at most
+#: this many bytes, one after the other (as ``PagePool.sleep``'s ``SLEEP_GROUP``).
+SLEEP_PIECE = 64 << 20
+
 
 class PageSource(Protocol):
     """What a page pool provides to a buffer (``vmmpool.PagePool`` implements it)."""
@@ -366,33 +370,36 @@ class _State:
         return self.staging
 
     def sleep(self, backup: bool) -> None:
-        """Copy the pages to host memory (with `backup`), unmap them in one call, give them back."""
+        """Copy the pages to host memory (with `backup`), unmap them, give them back.
+
+        On a GPU in one piece (one copy, one unmap). Where device memory is host
+        RAM (the host emulator) and there is a backup, by pieces of
+        ``SLEEP_PIECE`` bytes, each copied, unmapped and given back before the
+        next is copied, so that RAM peaks near the buffer's bytes, not twice
+        them (as ``PagePool.sleep``). All or nothing: a failure maps new pages
+        for the pieces given back and restores their bytes from the backup.
+        """
         t0 = time.perf_counter()
         n = len(self.pages)
         g = self.page
         self.quiesce()
-        data: np.ndarray | None = None
-        if backup and n:
-            data = host_array(n * g)
-            self._staging().save([(self.res.address, n * g, 0)], data, self.stream or 0)
-        undo = _Undo()
+        data = host_array(n * g) if backup and n else None
+        k = n
+        if data is not None and self.device._backend.device_memory_is_host_ram:
+            k = max(1, SLEEP_PIECE // g)
+        done = 0  # pages given back
         try:
-            if n and self.pool is None:
-                # Release while still mapped (legal, rule 7) so that a failure
-                # can be undone with retain; the one unmap then frees the memory.
-                released: list[int] = []
-                undo.push(self.retain_back, 0, released)
-                for i, p in enumerate(self.pages):
-                    p.close()
-                    released.append(i)
-                self.res.unmap(0, n * g)
-            elif n:
-                assert self.pool is not None
-                self.res.unmap(0, n * g)
-                undo.push(self.remap, self.res, 0, list(self.pages))
-                self.pool.release_pages(self.pages)
+            while done < n:
+                m = min(k, n - done)
+                if data is not None:
+                    self._staging().save(
+                        [(self.res.address + done * g, m * g, done * g)], data, self.stream or 0
+                    )
+                self.give_piece(done, m)
+                done += m
         except BaseException as err:
-            undo.run(self, err)
+            if done:
+                self.take_back(done, data, err)
             raise
         self.pages = []
         self.asleep = n
@@ -401,6 +408,47 @@ class _State:
         c.n_sleeps += 1
         c.sleep_bytes += data.nbytes if data is not None else 0
         c.sleep_seconds += time.perf_counter() - t0
+
+    def give_piece(self, first: int, m: int) -> None:
+        """Unmap pages ``[first, first + m)`` and give them back (all or nothing)."""
+        g = self.page
+        pages = self.pages[first : first + m]
+        undo = _Undo()
+        try:
+            if self.pool is None:
+                # Release while still mapped (legal, rule 7) so that a failure
+                # can be undone with retain; the unmap then frees the memory.
+                released: list[int] = []
+                undo.push(self.retain_back, first, released)
+                for i, p in enumerate(pages):
+                    p.close()
+                    released.append(i)
+                self.res.unmap(first * g, m * g)
+            else:
+                self.res.unmap(first * g, m * g)
+                undo.push(self.remap, self.res, first, pages)
+                self.pool.release_pages(pages)
+        except BaseException as err:
+            undo.run(self, err)
+            raise
+
+    def take_back(self, n: int, data: np.ndarray | None, err: BaseException) -> None:
+        """Undo of a sleep that gave pages ``[0, n)`` back: new pages there, bytes restored."""
+        g = self.page
+        undo = _Undo()
+        try:
+            pages = self.acquire(undo, n)
+            self.map_pages(undo, self.res, 0, pages)
+            if data is not None:
+                self._staging().load([(self.res.address, n * g, 0)], data, self.stream or 0)
+        except Exception as undo_err:  # noqa: BLE001 - reported through `err`
+            undo.run(self, undo_err)
+            # Pages [0, n) are gone and [n, ...) still mapped: only free() works now, and it
+            # must give back only the pages the buffer still has.
+            self.pages = self.pages[n:]
+            self.make_unusable(err, undo_err, _Undo())
+            return
+        self.pages[:n] = pages
 
     def wake(self) -> None:
         """Map `asleep` new pages from offset 0, set access once, copy the backup back."""
