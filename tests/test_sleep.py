@@ -850,9 +850,14 @@ def test_a_retired_stream_emptied_while_asleep_is_forgotten_at_wake(host: vmmpoo
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
-def test_on_the_host_a_buffer_sleeps_by_pieces(pooled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each piece's pages are given back before the next piece is copied: host RAM peaks near
-    the buffer's bytes, not twice them."""
+def test_on_the_host_a_buffer_sleeps_and_wakes_by_pieces(
+    pooled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each piece's pages are given back before the next piece is copied, and at wake each
+    piece's backup bytes once it is restored: host RAM peaks near the buffer's bytes, not twice
+    them."""
+    from vmmpool._prefault import discard as real_discard
+
     dev = vmmpool.Device.emulated(capacity=64 << 20)
     monkeypatch.setattr(buffer_module, "SLEEP_PIECE", 2 * P)
     pool = PagePool(dev, limit=16 * P) if pooled else None
@@ -869,7 +874,24 @@ def test_on_the_host_a_buffer_sleeps_by_pieces(pooled: bool, monkeypatch: pytest
     monkeypatch.setattr(Staging, "save", save)
     buf.sleep()
     assert held == [6, 4, 2]
+    loads: list[tuple[int, int]] = []
+    real_load = Staging.load
+
+    def load(self: Staging, runs: list[tuple[int, int, int]], src: np.ndarray, stream: int) -> None:
+        loads.append((runs[0][2], runs[0][1]))
+        real_load(self, runs, src, stream)
+
+    dropped: list[int] = []
+
+    def discard(address: int, nbytes: int) -> bool:
+        dropped.append(nbytes)
+        return real_discard(address, nbytes)
+
+    monkeypatch.setattr(Staging, "load", load)
+    monkeypatch.setattr(buffer_module, "discard", discard)
     buf.wake()
+    assert loads == [(0, 2 * P), (2 * P, 2 * P), (4 * P, 2 * P)]
+    assert dropped == [2 * P] * 3  # each piece's backup given back once restored
     assert bytes(buf.read()) == data
     buf.close()
     if pool is not None:

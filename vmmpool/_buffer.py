@@ -63,6 +63,7 @@ from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
 from ._options import Access, check_int, event_handle, stream_key
+from ._prefault import discard
 from ._process import NoCopy
 from ._resources import (
     AddressReservation,
@@ -451,17 +452,30 @@ class _State:
         self.pages[:n] = pages
 
     def wake(self) -> None:
-        """Map `asleep` new pages from offset 0, set access once, copy the backup back."""
+        """Map `asleep` new pages from offset 0, set access once, copy the backup back.
+
+        Where device memory is host RAM, the backup goes back by pieces of
+        ``SLEEP_PIECE`` bytes, each piece's backup bytes given back to the OS
+        once restored (new pages take RAM only as they are written), so RAM
+        peaks near the buffer's bytes. On failure the restored pieces are
+        copied back into the backup before the pages go: the buffer stays
+        asleep with its backup, and ``wake()`` can be retried.
+        """
         n = self.asleep
         assert n is not None
         t0 = time.perf_counter()
         g = self.page
+        data = self.backup
         undo = _Undo()
         try:
             pages = self.acquire(undo, n)
             self.map_pages(undo, self.res, 0, pages)
-            if self.backup is not None:
-                self._staging().load([(self.res.address, n * g, 0)], self.backup, self.stream or 0)
+            if data is not None and self.device._backend.device_memory_is_host_ram:
+                restored = [0]
+                undo.push(self.save_back, data, restored)
+                self.load_pieces(data, n, restored)
+            elif data is not None:
+                self._staging().load([(self.res.address, n * g, 0)], data, self.stream or 0)
         except BaseException as err:
             undo.run(self, err)
             raise
@@ -472,6 +486,25 @@ class _State:
         c.wake_seconds += time.perf_counter() - t0
         self.asleep = None
         self.backup = None
+
+    def load_pieces(self, data: np.ndarray, n: int, restored: list[int]) -> None:
+        """Restore `n` pages from `data` by pieces, giving each piece's backup bytes back to the
+        OS once restored; ``restored[0]`` counts the pages restored so far (for the undo)."""
+        g = self.page
+        k = max(1, SLEEP_PIECE // g)
+        while restored[0] < n:
+            first = restored[0]
+            m = min(k, n - first)
+            self._staging().load(
+                [(self.res.address + first * g, m * g, first * g)], data, self.stream or 0
+            )
+            restored[0] = first + m
+            discard(data.ctypes.data + first * g, m * g)
+
+    def save_back(self, data: np.ndarray, restored: list[int]) -> None:
+        """Undo step of a wake by pieces: copy the restored pages back into the backup."""
+        if restored[0]:
+            self._staging().save([(self.res.address, restored[0] * self.page, 0)], data, self.stream or 0)
 
     def make_unusable(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
         self.unusable = f"undoing a failed operation ({err!r}) also failed ({undo_err!r})"
