@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -22,6 +23,7 @@ from .._device import Device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
+from .._options import PER_THREAD_KEYS, watch_thread
 from .._resources import PhysicalAllocation, create, reserve
 from .._staging import SleepCounts, Staging
 from ._arena import Arena
@@ -366,7 +368,32 @@ class Core:
         st = self.streams.get(key)
         if st is None:
             st = self.streams[key] = StreamState(key)
+            if key >= PER_THREAD_KEYS:
+                watch_thread(key, self)  # retired when its thread ends (see thread_exited)
         return st
+
+    def thread_exited(self, key: int) -> None:
+        """The thread of per-thread key `key` ended (a finalizer: queue, never block).
+
+        Its stream will never be used again, and no one else can retire it: the
+        next pool call retires it (:meth:`retire_thread`). Otherwise a pool used
+        by short-lived threads kept a stream and its arenas' address space per
+        thread that ever called it, until ``trim()``.
+        """
+        if not (self.closed or self.forked):
+            self.tasks.append(functools.partial(self.retire_thread, key))
+
+    def retire_thread(self, key: int) -> None:
+        """``retire_stream`` for the per-thread stream of an ended thread (a task: lock not held)."""
+        if self.closed or self.forked:
+            return
+        with self.section:
+            st = self.streams.get(key)
+            if self.closed or st is None or st.retired or self.drop_stream(st):
+                return
+            st.record(self.backend, self.ev)
+            st.retired = True
+            st.obj = None
 
     def drain(self) -> None:
         """Do what finalizers queued in ``pending`` (lock held).
