@@ -479,3 +479,102 @@ gc.collect()
 print("live", dev.counters().live)
 """, timeout=60)
     assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
+
+
+def _driver_calls_inside_a_backend_call(dev: object, garbage: object) -> list[str]:
+    """Run a gc.collect() inside a backend call (`garbage` made first); list the
+    unmap/release/free_address calls made while that call held the backend's lock."""
+    import gc as _gc
+
+    import vmmpool
+
+    b = dev._backend  # type: ignore[attr-defined]
+    g = dev.granularity  # type: ignore[attr-defined]
+    keep = vmmpool.reserve(g, dev)  # type: ignore[arg-type]
+    phys = vmmpool.create(g, dev)  # type: ignore[arg-type]
+    m = keep.map(phys, 0, access="rw")
+    inside: list[str] = []
+    cls = type(b)
+    real = {name: getattr(cls, name) for name in ("release", "unmap", "free_address", "get_access")}
+
+    def spy(name: str) -> object:
+        def call(self: object, *a: object) -> object:
+            if b.holds_lock():
+                inside.append(name)
+            return real[name](self, *a)
+        return call
+
+    def get_access_with_gc(self: object, address: int, device: int) -> object:
+        with b._lock:  # as the backend holds it during its own work
+            _gc.collect()
+        return real["get_access"](self, address, device)
+
+    for name in ("release", "unmap", "free_address"):
+        setattr(cls, name, spy(name))
+    cls.get_access = get_access_with_gc
+    try:
+        garbage()  # type: ignore[operator]
+        m.get_access()
+    finally:
+        for name, fn in real.items():
+            setattr(cls, name, fn)
+    m.close()
+    phys.close()
+    keep.close()
+    return inside
+
+
+class _Cycle:
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+        self.me = self
+
+
+def test_a_pool_collected_inside_a_backend_call_closes_after_it() -> None:
+    """Its close unmapped and released inside the interrupted call (the backend's state
+    changed under it), as a resource's finalizer must not: done after the call."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+
+    def garbage() -> None:
+        pool = vmmpool.PagePool(dev, limit=8 * P)
+        pool.malloc(3 * P).free()
+        _Cycle(pool)
+
+    assert _driver_calls_inside_a_backend_call(dev, garbage) == []
+    assert dev.counters().live == (0, 0, 0)  # closed after the call
+
+
+class _Owner:
+    def __init__(self, a: object) -> None:
+        self.a = a
+        self.me = self
+
+    def __del__(self) -> None:
+        self.a.free()  # type: ignore[attr-defined]
+
+
+def test_a_free_inside_a_backend_call_gives_pages_above_the_limit_back_later() -> None:
+    """A free over a lowered limit gave the excess pages back there and then (unmap and
+    release inside the interrupted call); the next operation does."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P)
+    a = pool.malloc(6 * P)
+    pool.set_limit(4 * P)  # `a` pins 6 pages: 2 over the limit until it is freed
+    keep = [a]  # still referenced: its __del__-time free is a plain free()
+
+    def garbage() -> None:
+        _Owner(keep[0])
+
+    assert _driver_calls_inside_a_backend_call(dev, garbage) == []
+    assert a.freed
+    pool.malloc(100).free()  # the next operation enforces the limit
+    assert pool.stats().total_pages <= 4
+    pool._check()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)

@@ -403,11 +403,17 @@ class Core:
         ``CLOSE`` closes. A failure is logged: the next ``close()`` resumes it.
         """
         pending = self.pending
+        later: list[object] = []
         while pending:
             try:
                 ref = pending.popleft()
             except IndexError:  # pragma: no cover - emptied by another drain
                 break
+            if (ref is RELEASE_HELD or ref is CLOSE) and self.backend.holds_lock():
+                # A finalizer inside a backend call of this thread: these call the
+                # driver, never inside that call; the backend runs settle() after it.
+                later.append(ref)
+                continue
             if ref is RELEASE_HELD:
                 if self.held:
                     try:
@@ -425,6 +431,9 @@ class Core:
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
                 self.n_garbage += 1
+        if later:
+            pending.extend(later)
+            self.backend.run_or_defer(self.settle)
 
     def settle(self) -> None:
         """Drain ``pending`` if the lock is free; never blocks, never raises.
@@ -445,6 +454,10 @@ class Core:
                     self.drain()
                 finally:
                     lock.release()
+                if self.pending and self.backend.holds_lock():
+                    # Left for after this thread's backend call (a close, a release: see drain).
+                    self.backend.run_or_defer(self.settle)
+                    return
         except Exception:  # runs from finalizers: never raise
             logger.error("deferred pool work failed", exc_info=True)
 
@@ -499,8 +512,8 @@ class Core:
                 raise self.closed_error()
             if self.asleep is not None:
                 raise AsleepError("PagePool", f"malloc({nbytes})")
-            if len(self.pages) > self.max_pages:
-                self.enforce_limit()
+            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+                self.enforce_limit()  # (as in free)
             st = self.streams.get(key)
             if st is None:
                 st = self.stream(key)
@@ -1103,7 +1116,9 @@ class Core:
                 self.history.record("free_requested", b.addr, b.nbytes, st.key)
                 self.history.record("free_completed", b.addr, b.nbytes, st.key)
             h.insert(b)
-            if len(self.pages) > self.max_pages:
+            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+                # (Not from a finalizer inside a backend call of this thread: it would call the
+                # driver inside that call. The next operation gives them back.)
                 self.enforce_limit()
         finally:
             lock.release()
