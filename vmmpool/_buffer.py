@@ -204,6 +204,11 @@ class _State:
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
         """Wait for in-flight work on the memory before unmapping it (rule 8)."""
+        if self.stream is not None and event_handle(self.stream) != self.stream:
+            # Handle 2 names each calling thread's own stream: synchronizing it waits for
+            # this thread's work only. An event on the legacy stream waits for every one's.
+            self.quiesce()
+            return
         self.device.synchronize(self.stream)
 
     def acquire(self, undo: _Undo, count: int) -> list[PhysicalAllocation]:
