@@ -578,3 +578,40 @@ def test_a_free_inside_a_backend_call_gives_pages_above_the_limit_back_later() -
     pool._check()
     pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+class _Closer:
+    def __init__(self, buf: object) -> None:
+        self.buf = buf
+        self.me = self
+
+    def __del__(self) -> None:
+        self.buf.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_buffer_closed_by_a_finalizer_inside_a_backend_call_is_freed_after_it(pooled: bool) -> None:
+    """A user's __del__ closing a buffer: inside a backend call the pool raised ReentryError
+    (lost in the __del__, the buffer said closed and its pages stayed acquired), and a buffer
+    without a pool unmapped inside the call. The release is done after the call."""
+    import sys
+
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P) if pooled else None
+    buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, device=dev, initial_size=2 * P)
+    errors: list[str] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: errors.append(repr(u.exc_value))
+    try:
+        inside = _driver_calls_inside_a_backend_call(dev, lambda: _Closer(buf))
+    finally:
+        sys.unraisablehook = hook
+    assert errors == [] and inside == [] and buf.closed
+    if pool is not None:
+        assert pool.stats().acquired_pages == 0
+        pool._check()
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)

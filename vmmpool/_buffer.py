@@ -1114,6 +1114,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             # view's finalizer may race with us); re-arm it if a step fails.
             if self._fin.detach() is None:
                 return
+            backend = self._state.device._backend
+            if backend.holds_lock():
+                # A finalizer (a user's __del__) inside a backend call of this thread: freeing
+                # here would call the driver inside that call (a pool refuses: ReentryError).
+                # Done after it, as the safety net does.
+                backend.run_or_defer(_release, self._state)
+                return
             try:
                 self._state.free()
             except BaseException:
