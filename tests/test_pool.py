@@ -964,7 +964,7 @@ def test_retiring_an_empty_stream_forgets_it_at_once(device: vmmpool.Device) -> 
 
 def test_the_per_thread_stream_of_an_ended_thread_is_retired(device: vmmpool.Device) -> None:
     # Handle 2 is one stream per thread, under a key no one else can name: when the
-    # thread ends, the pool retires it (as retire_stream would). It kept every such
+    # thread ends, the pool forgets it once it holds nothing. It kept every such
     # stream, with its arenas' address space, until trim(): 20 streams, 20 arenas.
     P = device.granularity
     with pool_of(device, pages=8) as pool:
@@ -981,11 +981,26 @@ def test_the_per_thread_stream_of_an_ended_thread_is_retired(device: vmmpool.Dev
         gc.collect()
         pool.malloc(100).free()  # the next call retires them
         per_thread = [st for k, st in core.streams.items() if k >= PER_THREAD_KEYS]
-        assert all(st.retired for st in per_thread)
+        assert all(st.ended and not st.retired for st in per_thread)  # events, not syncs
         assert len(per_thread) <= 8  # only those still holding a cached page
         va = sum(a.res.size for st in core.streams.values() for a in st.arenas)
         assert pool.stats().address_space_bytes == va
         assert len(core.arenas) <= 9
+        pool._check()
+        # A block the thread left live, freed by another thread: covered by an event (no
+        # device synchronize) when its pages leave, and the stream forgotten after them.
+        box: list[vmmpool.Allocation] = []
+        t = threading.Thread(target=lambda: box.append(pool.malloc(3 * P, stream=2)))
+        t.start()
+        t.join()
+        del t
+        gc.collect()
+        pool.stats()
+        box.pop().free()
+        big = pool.malloc(8 * P)  # at the limit: every cached page leaves its stream
+        assert pool.stats().n_syncs == 0
+        assert [k for k in core.streams if k >= PER_THREAD_KEYS] == []
+        big.free()
         pool._check()
 
 

@@ -376,24 +376,30 @@ class Core:
         """The thread of per-thread key `key` ended (a finalizer: queue, never block).
 
         Its stream will never be used again, and no one else can retire it: the
-        next pool call retires it (:meth:`retire_thread`). Otherwise a pool used
-        by short-lived threads kept a stream and its arenas' address space per
+        next pool call forgets it, at once if it holds nothing, else once its
+        last page leaves it (:meth:`forget_thread`). Otherwise a pool used by
+        short-lived threads kept a stream and its arenas' address space per
         thread that ever called it, until ``trim()``.
         """
         if not (self.closed or self.forked):
-            self.tasks.append(functools.partial(self.retire_thread, key))
+            self.tasks.append(functools.partial(self.forget_thread, key))
 
-    def retire_thread(self, key: int) -> None:
-        """``retire_stream`` for the per-thread stream of an ended thread (a task: lock not held)."""
+    def forget_thread(self, key: int) -> None:
+        """Mark the per-thread stream of an ended thread (a task: lock not held).
+
+        Not retired: blocks it still holds may be freed by other threads later,
+        and the legacy stream takes the events that cover them (a retired
+        stream's frees would cost a device synchronize when their pages leave).
+        """
         if self.closed or self.forked:
             return
         with self.section:
             st = self.streams.get(key)
-            if self.closed or st is None or st.retired or self.drop_stream(st):
+            if self.closed or st is None:
                 return
-            st.record(self.backend, self.ev)
-            st.retired = True
+            st.ended = True
             st.obj = None
+            self.drop_stream(st)  # nothing left of it: forgotten now (else by note_emptied)
 
     def drain(self) -> None:
         """Do what finalizers queued in ``pending`` (lock held).
@@ -1463,7 +1469,7 @@ class Core:
 
     def note_emptied(self, st: StreamState) -> None:
         """An arena of `st` maps nothing any more: note the stream if nothing of it is left."""
-        if (st.obj is not None or st.retired) and not any(x.mapped for x in st.arenas):
+        if (st.obj is not None or st.retired or st.ended) and not any(x.mapped for x in st.arenas):
             # Nothing of the stream left here (live blocks lie on mapped pages): let
             # its object go; a retired stream, or one the pool only knew by its
             # object, will not be back under this key: forget it (drop_emptied).
