@@ -126,7 +126,11 @@ class Section:
         tb: TracebackType | None,
     ) -> None:
         core = self.core
-        core.lock.release()
+        release = core.lock.release
+        # No owner while the lock is free: a stale one is taken for a re-entry (check_reentry)
+        # by its thread when it calls while another thread has just taken the lock.
+        core.owner = 0
+        release()
         if core.pending:
             core.settle()
 
@@ -459,6 +463,7 @@ class Core:
                 try:
                     self.drain()
                 finally:
+                    self.owner = 0  # as in Section.__exit__
                     lock.release()
                 if self.pending and self.backend.holds_lock():
                     # Left for after this thread's backend call (a close, a release: see drain).
@@ -603,6 +608,7 @@ class Core:
                 self.history.record("alloc", b.addr, nbytes, key)
             return b
         finally:
+            self.owner = 0  # as in Section.__exit__
             lock.release()
             if self.pending:
                 self.settle()
@@ -1127,6 +1133,7 @@ class Core:
                 # driver inside that call. The next operation gives them back.)
                 self.enforce_limit()
         finally:
+            self.owner = 0  # as in Section.__exit__
             lock.release()
             if self.pending:
                 self.settle()
