@@ -10,6 +10,7 @@ last view sits in a cycle, and the cyclic GC forced inside every backend call
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -615,3 +616,23 @@ def test_a_buffer_closed_by_a_finalizer_inside_a_backend_call_is_freed_after_it(
         pool._check()
         pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_the_last_view_of_a_closed_buffer_collected_inside_a_backend_call() -> None:
+    """close() with a view alive frees when the view goes: a view collected inside a backend
+    call unmapped and released the buffer's memory inside that call. Done after it."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=2 * P)
+    gc.disable()  # the cycle is collected inside the backend call, not before
+    try:
+        _Cycle(buf.view("uint8"))
+        buf.close()  # deferred: a view is alive
+        assert dev.counters().live != (0, 0, 0)
+        inside = _driver_calls_inside_a_backend_call(dev, lambda: None)
+    finally:
+        gc.enable()
+    assert inside == []
+    assert dev.counters().live == (0, 0, 0)  # freed after the call

@@ -1108,7 +1108,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 if not self._deferred:
                     self._deferred = True
                     for v in views:
-                        safety_finalizer(v, self._free_when_unused)
+                        safety_finalizer(v, self._free_when_unused, backend=self._state.device._backend)
                 return
             # Take over the release from the finalizer atomically (the last
             # view's finalizer may race with us); re-arm it if a step fails.
