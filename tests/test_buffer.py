@@ -308,6 +308,36 @@ def test_stream_is_synchronized_before_unmap(host: vmmpool.Device) -> None:
         del backend.synchronize
 
 
+def test_per_thread_stream_is_waited_for_on_the_legacy_stream_before_unmap(host: vmmpool.Device) -> None:
+    # Handle 2 is each thread's own stream: synchronizing it from the thread that shrinks or
+    # closes waited for that thread's work only, not for the work another thread queued on
+    # its per-thread stream (rule 8). An event on the legacy stream (1) waits for every one's.
+    synced: list[int | None] = []
+    recorded: list[int] = []
+    backend = host._backend
+    real_sync, real_record = backend.synchronize, backend.event_record
+
+    def sync(stream: int | None = None) -> None:
+        synced.append(stream)
+        real_sync(stream)
+
+    def record(stream: int) -> int:
+        recorded.append(stream)
+        return real_record(stream)
+
+    backend.synchronize = sync  # type: ignore[method-assign]
+    backend.event_record = record  # type: ignore[method-assign]
+    try:
+        buf = GrowableBuffer(max_size=4 * MiB, device=host, stream=2, initial_size=4 * MiB)
+        t = threading.Thread(target=lambda: (buf.resize(0), buf.close()))
+        t.start()
+        t.join()
+        assert buf.closed
+        assert synced == [] and recorded == [1, 1], (synced, recorded)  # the shrink, then close()
+    finally:
+        del backend.synchronize, backend.event_record
+
+
 def test_concurrent_resizes_are_serialized(host: vmmpool.Device) -> None:
     with GrowableBuffer(max_size=32 * MiB, device=host) as buf:
         errors: list[BaseException] = []

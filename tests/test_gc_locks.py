@@ -10,6 +10,7 @@ last view sits in a cycle, and the cyclic GC forced inside every backend call
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -479,3 +480,159 @@ gc.collect()
 print("live", dev.counters().live)
 """, timeout=60)
     assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
+
+
+def _driver_calls_inside_a_backend_call(dev: object, garbage: object) -> list[str]:
+    """Run a gc.collect() inside a backend call (`garbage` made first); list the
+    unmap/release/free_address calls made while that call held the backend's lock."""
+    import gc as _gc
+
+    import vmmpool
+
+    b = dev._backend  # type: ignore[attr-defined]
+    g = dev.granularity  # type: ignore[attr-defined]
+    keep = vmmpool.reserve(g, dev)  # type: ignore[arg-type]
+    phys = vmmpool.create(g, dev)  # type: ignore[arg-type]
+    m = keep.map(phys, 0, access="rw")
+    inside: list[str] = []
+    cls = type(b)
+    real = {name: getattr(cls, name) for name in ("release", "unmap", "free_address", "get_access")}
+
+    def spy(name: str) -> object:
+        def call(self: object, *a: object) -> object:
+            if b.holds_lock():
+                inside.append(name)
+            return real[name](self, *a)
+        return call
+
+    def get_access_with_gc(self: object, address: int, device: int) -> object:
+        with b._lock:  # as the backend holds it during its own work
+            _gc.collect()
+        return real["get_access"](self, address, device)
+
+    for name in ("release", "unmap", "free_address"):
+        setattr(cls, name, spy(name))
+    cls.get_access = get_access_with_gc
+    try:
+        garbage()  # type: ignore[operator]
+        m.get_access()
+    finally:
+        for name, fn in real.items():
+            setattr(cls, name, fn)
+    m.close()
+    phys.close()
+    keep.close()
+    return inside
+
+
+class _Cycle:
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+        self.me = self
+
+
+def test_a_pool_collected_inside_a_backend_call_closes_after_it() -> None:
+    """Its close unmapped and released inside the interrupted call (the backend's state
+    changed under it), as a resource's finalizer must not: done after the call."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+
+    def garbage() -> None:
+        pool = vmmpool.PagePool(dev, limit=8 * P)
+        pool.malloc(3 * P).free()
+        _Cycle(pool)
+
+    assert _driver_calls_inside_a_backend_call(dev, garbage) == []
+    assert dev.counters().live == (0, 0, 0)  # closed after the call
+
+
+class _Owner:
+    def __init__(self, a: object) -> None:
+        self.a = a
+        self.me = self
+
+    def __del__(self) -> None:
+        self.a.free()  # type: ignore[attr-defined]
+
+
+def test_a_free_inside_a_backend_call_gives_pages_above_the_limit_back_later() -> None:
+    """A free over a lowered limit gave the excess pages back there and then (unmap and
+    release inside the interrupted call); the next operation does."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P)
+    a = pool.malloc(6 * P)
+    pool.set_limit(4 * P)  # `a` pins 6 pages: 2 over the limit until it is freed
+    keep = [a]  # still referenced: its __del__-time free is a plain free()
+
+    def garbage() -> None:
+        _Owner(keep[0])
+
+    assert _driver_calls_inside_a_backend_call(dev, garbage) == []
+    assert a.freed
+    pool.malloc(100).free()  # the next operation enforces the limit
+    assert pool.stats().total_pages <= 4
+    pool._check()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
+class _Closer:
+    def __init__(self, buf: object) -> None:
+        self.buf = buf
+        self.me = self
+
+    def __del__(self) -> None:
+        self.buf.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_buffer_closed_by_a_finalizer_inside_a_backend_call_is_freed_after_it(pooled: bool) -> None:
+    """A user's __del__ closing a buffer: inside a backend call the pool raised ReentryError
+    (lost in the __del__, the buffer said closed and its pages stayed acquired), and a buffer
+    without a pool unmapped inside the call. The release is done after the call."""
+    import sys
+
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P) if pooled else None
+    buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, device=dev, initial_size=2 * P)
+    errors: list[str] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: errors.append(repr(u.exc_value))
+    try:
+        inside = _driver_calls_inside_a_backend_call(dev, lambda: _Closer(buf))
+    finally:
+        sys.unraisablehook = hook
+    assert errors == [] and inside == [] and buf.closed
+    if pool is not None:
+        assert pool.stats().acquired_pages == 0
+        pool._check()
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_the_last_view_of_a_closed_buffer_collected_inside_a_backend_call() -> None:
+    """close() with a view alive frees when the view goes: a view collected inside a backend
+    call unmapped and released the buffer's memory inside that call. Done after it."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=2 * P)
+    gc.disable()  # the cycle is collected inside the backend call, not before
+    try:
+        _Cycle(buf.view("uint8"))
+        buf.close()  # deferred: a view is alive
+        assert dev.counters().live != (0, 0, 0)
+        inside = _driver_calls_inside_a_backend_call(dev, lambda: None)
+    finally:
+        gc.enable()
+    assert inside == []
+    assert dev.counters().live == (0, 0, 0)  # freed after the call

@@ -11,13 +11,14 @@ import gc
 import itertools
 import logging
 import pickle
+import threading
 import weakref
 
 import numpy as np
 import pytest
 
 import vmmpool
-from vmmpool._options import pool_key, stream_key
+from vmmpool._options import PER_THREAD_KEYS, pool_key, stream_key
 from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats
 
 MiB = 1 << 20
@@ -958,6 +959,48 @@ def test_retiring_an_empty_stream_forgets_it_at_once(device: vmmpool.Device) -> 
         assert pool.stats().address_space_bytes < va
         pool.malloc(100, stream=2).free()  # the stream may be used again
         assert k2 in core.streams
+        pool._check()
+
+
+def test_the_per_thread_stream_of_an_ended_thread_is_retired(device: vmmpool.Device) -> None:
+    # Handle 2 is one stream per thread, under a key no one else can name: when the
+    # thread ends, the pool forgets it once it holds nothing. It kept every such
+    # stream, with its arenas' address space, until trim(): 20 streams, 20 arenas.
+    P = device.granularity
+    with pool_of(device, pages=8) as pool:
+        core = pool._core
+
+        def work() -> None:
+            pool.malloc(P, stream=2).free()
+
+        for _ in range(20):
+            t = threading.Thread(target=work)
+            t.start()
+            t.join()
+        del t
+        gc.collect()
+        pool.malloc(100).free()  # the next call retires them
+        per_thread = [st for k, st in core.streams.items() if k >= PER_THREAD_KEYS]
+        assert all(st.ended and not st.retired for st in per_thread)  # events, not syncs
+        assert len(per_thread) <= 8  # only those still holding a cached page
+        va = sum(a.res.size for st in core.streams.values() for a in st.arenas)
+        assert pool.stats().address_space_bytes == va
+        assert len(core.arenas) <= 9
+        pool._check()
+        # A block the thread left live, freed by another thread: covered by an event (no
+        # device synchronize) when its pages leave, and the stream forgotten after them.
+        box: list[vmmpool.Allocation] = []
+        t = threading.Thread(target=lambda: box.append(pool.malloc(3 * P, stream=2)))
+        t.start()
+        t.join()
+        del t
+        gc.collect()
+        pool.stats()
+        box.pop().free()
+        big = pool.malloc(8 * P)  # at the limit: every cached page leaves its stream
+        assert pool.stats().n_syncs == 0
+        assert [k for k in core.streams if k >= PER_THREAD_KEYS] == []
+        big.free()
         pool._check()
 
 

@@ -192,3 +192,41 @@ def test_device_copy_racing_pool_close_raises_instead_of_faulting() -> None:
     )
     assert out.returncode == 0, f"rc={out.returncode} (-11: segfault)\n{out.stdout}\n{out.stderr}"
     assert out.stdout.strip() == "OK"
+
+
+@pytest.mark.parametrize("call", ["stats", "malloc", "free"])
+def test_a_thread_that_held_the_pool_lock_before_is_not_taken_for_a_reentry(call: str) -> None:
+    """The pool's owner was not cleared when the lock was let go: a thread calling the
+    pool while another had just taken the lock (before it set itself as owner) was taken
+    for a finalizer that re-entered the pool. It raised ReentryError (a free was queued
+    instead of done). Another thread takes the lock raw here: that window, held open."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    with PagePool(dev, limit=8 * P) as pool:
+        a = pool.malloc(100)
+        pool.stats()  # this thread was the last owner
+        core = pool._core
+        taken, go = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            core.lock.acquire()  # as Section.__enter__ between acquire() and `owner = ...`
+            taken.set()
+            go.wait()
+            core.lock.release()
+
+        t = threading.Thread(target=holder)
+        t.start()
+        taken.wait()
+        threading.Timer(0.2, go.set).start()  # lets go while (or before) this thread waits
+        try:
+            if call == "stats":
+                pool.stats()
+            elif call == "malloc":
+                pool.malloc(5 * P).free()  # the slow path
+            else:
+                a.free()
+                assert core.n_live == 0 and not core.pending  # done, not queued
+        finally:
+            go.set()
+            t.join()
+        pool._check()

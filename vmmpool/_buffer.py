@@ -209,6 +209,11 @@ class _State:
     # ----------------------------------------------------------------- steps
     def sync(self) -> None:
         """Wait for in-flight work on the memory before unmapping it (rule 8)."""
+        if self.stream is not None and event_handle(self.stream) != self.stream:
+            # Handle 2 names each calling thread's own stream: synchronizing it waits for
+            # this thread's work only. An event on the legacy stream waits for every one's.
+            self.quiesce()
+            return
         self.device.synchronize(self.stream)
 
     def acquire(self, undo: _Undo, count: int) -> list[PhysicalAllocation]:
@@ -1184,11 +1189,18 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 if not self._deferred:
                     self._deferred = True
                     for v in views:
-                        safety_finalizer(v, self._free_when_unused)
+                        safety_finalizer(v, self._free_when_unused, backend=self._state.device._backend)
                 return
             # Take over the release from the finalizer atomically (the last
             # view's finalizer may race with us); re-arm it if a step fails.
             if self._fin.detach() is None:
+                return
+            backend = self._state.device._backend
+            if backend.holds_lock():
+                # A finalizer (a user's __del__) inside a backend call of this thread: freeing
+                # here would call the driver inside that call (a pool refuses: ReentryError).
+                # Done after it, as the safety net does.
+                backend.run_or_defer(_release, self._state)
                 return
             try:
                 self._state.free()

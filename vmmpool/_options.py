@@ -10,6 +10,7 @@ import enum
 import itertools
 import operator
 import threading
+import weakref
 from typing import Any
 
 __all__ = ["Access", "HandleType", "ADDRESS_LIMIT", "address_limit", "check_int", "stream_key"]
@@ -281,14 +282,46 @@ _thread_keys = itertools.count(PER_THREAD_KEYS)
 _local = threading.local()
 
 
+class _ThreadKey:
+    """A thread's per-thread key, kept in its thread-local storage: dropped when the thread ends.
+
+    Its stream is then gone for good (keys are never reused): the pools that filed it are told
+    (``thread_exited(key)``, which must not block), so they retire it as :meth:`retire_stream`
+    would. Nobody else can: ``retire_stream(2)`` names the caller's own stream.
+    """
+
+    __slots__ = ("key", "watchers")
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __del__(self) -> None:
+        for w in list(self.watchers):
+            try:
+                w.thread_exited(self.key)
+            except Exception:  # noqa: BLE001 - a finalizer never raises
+                pass
+
+
 def pool_key(key: int) -> int:
     """The key a stream handle is filed under: the calling thread's own for handle 2."""
     if key != PER_THREAD:
         return key
-    k: int | None = getattr(_local, "key", None)
-    if k is None:
-        k = _local.key = next(_thread_keys)
-    return k
+    t: _ThreadKey | None = getattr(_local, "key", None)
+    if t is None:
+        t = _local.key = _ThreadKey(next(_thread_keys))
+    return t.key
+
+
+def watch_thread(key: int, watcher: Any) -> None:
+    """Call ``watcher.thread_exited(key)`` when the thread of per-thread key `key` ends.
+
+    Only from that thread (where :func:`pool_key` made the key); held weakly.
+    """
+    t: _ThreadKey | None = getattr(_local, "key", None)
+    if t is not None and t.key == key:
+        t.watchers.add(watcher)
 
 
 def shown(key: int) -> int:

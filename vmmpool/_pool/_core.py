@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -22,6 +23,7 @@ from .._device import Device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
+from .._options import PER_THREAD_KEYS, watch_thread
 from .._resources import PhysicalAllocation, create, reserve
 from .._staging import SleepCounts, Staging
 from ._arena import Arena
@@ -124,7 +126,11 @@ class Section:
         tb: TracebackType | None,
     ) -> None:
         core = self.core
-        core.lock.release()
+        release = core.lock.release
+        # No owner while the lock is free: a stale one is taken for a re-entry (check_reentry)
+        # by its thread when it calls while another thread has just taken the lock.
+        core.owner = 0
+        release()
         if core.pending:
             core.settle()
 
@@ -366,7 +372,38 @@ class Core:
         st = self.streams.get(key)
         if st is None:
             st = self.streams[key] = StreamState(key)
+            if key >= PER_THREAD_KEYS:
+                watch_thread(key, self)  # retired when its thread ends (see thread_exited)
         return st
+
+    def thread_exited(self, key: int) -> None:
+        """The thread of per-thread key `key` ended (a finalizer: queue, never block).
+
+        Its stream will never be used again, and no one else can retire it: the
+        next pool call forgets it, at once if it holds nothing, else once its
+        last page leaves it (:meth:`forget_thread`). Otherwise a pool used by
+        short-lived threads kept a stream and its arenas' address space per
+        thread that ever called it, until ``trim()``.
+        """
+        if not (self.closed or self.forked):
+            self.tasks.append(functools.partial(self.forget_thread, key))
+
+    def forget_thread(self, key: int) -> None:
+        """Mark the per-thread stream of an ended thread (a task: lock not held).
+
+        Not retired: blocks it still holds may be freed by other threads later,
+        and the legacy stream takes the events that cover them (a retired
+        stream's frees would cost a device synchronize when their pages leave).
+        """
+        if self.closed or self.forked:
+            return
+        with self.section:
+            st = self.streams.get(key)
+            if self.closed or st is None:
+                return
+            st.ended = True
+            st.obj = None
+            self.drop_stream(st)  # nothing left of it: forgotten now (else by note_emptied)
 
     def drain(self) -> None:
         """Do what finalizers queued in ``pending`` (lock held).
@@ -376,11 +413,17 @@ class Core:
         ``CLOSE`` closes. A failure is logged: the next ``close()`` resumes it.
         """
         pending = self.pending
+        later: list[object] = []
         while pending:
             try:
                 ref = pending.popleft()
             except IndexError:  # pragma: no cover - emptied by another drain
                 break
+            if (ref is RELEASE_HELD or ref is CLOSE) and self.backend.holds_lock():
+                # A finalizer inside a backend call of this thread: these call the
+                # driver, never inside that call; the backend runs settle() after it.
+                later.append(ref)
+                continue
             if ref is RELEASE_HELD:
                 if self.held:
                     try:
@@ -398,6 +441,9 @@ class Core:
             if rec.live and rec.ref is ref and not self.closed:
                 self.free_rec(rec)
                 self.n_garbage += 1
+        if later:
+            pending.extend(later)
+            self.backend.run_or_defer(self.settle)
 
     def settle(self) -> None:
         """Drain ``pending`` if the lock is free; never blocks, never raises.
@@ -417,7 +463,12 @@ class Core:
                 try:
                     self.drain()
                 finally:
+                    self.owner = 0  # as in Section.__exit__
                     lock.release()
+                if self.pending and self.backend.holds_lock():
+                    # Left for after this thread's backend call (a close, a release: see drain).
+                    self.backend.run_or_defer(self.settle)
+                    return
         except Exception:  # runs from finalizers: never raise
             logger.error("deferred pool work failed", exc_info=True)
 
@@ -472,8 +523,8 @@ class Core:
                 raise self.closed_error()
             if self.asleep is not None:
                 raise AsleepError("PagePool", f"malloc({nbytes})")
-            if len(self.pages) > self.max_pages:
-                self.enforce_limit()
+            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+                self.enforce_limit()  # (as in free)
             st = self.streams.get(key)
             if st is None:
                 st = self.stream(key)
@@ -557,6 +608,7 @@ class Core:
                 self.history.record("alloc", b.addr, nbytes, key)
             return b
         finally:
+            self.owner = 0  # as in Section.__exit__
             lock.release()
             if self.pending:
                 self.settle()
@@ -1076,9 +1128,12 @@ class Core:
                 self.history.record("free_requested", b.addr, b.nbytes, st.key)
                 self.history.record("free_completed", b.addr, b.nbytes, st.key)
             h.insert(b)
-            if len(self.pages) > self.max_pages:
+            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+                # (Not from a finalizer inside a backend call of this thread: it would call the
+                # driver inside that call. The next operation gives them back.)
                 self.enforce_limit()
         finally:
+            self.owner = 0  # as in Section.__exit__
             lock.release()
             if self.pending:
                 self.settle()
@@ -1421,7 +1476,7 @@ class Core:
 
     def note_emptied(self, st: StreamState) -> None:
         """An arena of `st` maps nothing any more: note the stream if nothing of it is left."""
-        if (st.obj is not None or st.retired) and not any(x.mapped for x in st.arenas):
+        if (st.obj is not None or st.retired or st.ended) and not any(x.mapped for x in st.arenas):
             # Nothing of the stream left here (live blocks lie on mapped pages): let
             # its object go; a retired stream, or one the pool only knew by its
             # object, will not be back under this key: forget it (drop_emptied).

@@ -98,6 +98,7 @@ class StreamState:
 
     __slots__ = (
         "key", "obj", "small", "large", "heaps", "seq", "events", "done_seq", "retired", "stale",
+        "ended",
     )
 
     def __init__(self, key: int) -> None:
@@ -111,6 +112,9 @@ class StreamState:
         self.done_seq = 0  # every free up to this is known complete
         self.retired = False
         self.stale: list[int] = []  # events whose destroy failed: retried by drop_events
+        #: The per-thread stream of a thread that ended: forgotten once it holds nothing
+        #: (its events still go on the legacy stream: unlike a retired one it needs no sync).
+        self.ended = False
 
     @property
     def arenas(self) -> list[Arena]:
