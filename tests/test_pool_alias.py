@@ -285,6 +285,11 @@ def test_growth_headroom_depends_on_a_limit_being_set() -> None:
             assert core.budget() == 51 + fixed
             assert core.max_slack() == min(4, floor)
             a.free()
+    with PagePool(dev, limit=200 * P) as pool:  # slack built under a limit, then no limit:
+        core = pool._core  # no more than the rule without a limit allows
+        core.slack = 4
+        pool.set_limit(None)
+        assert core.slack == core.max_slack() <= 1
 
 
 def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:

@@ -23,7 +23,7 @@ from .._device import Device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
-from .._options import PER_THREAD_KEYS, watch_thread
+from .._options import PER_THREAD_KEYS, shown, watch_thread
 from .._resources import PhysicalAllocation, create, reserve
 from .._staging import SleepCounts, Staging
 from ._arena import Arena
@@ -1361,7 +1361,7 @@ class Core:
         h.arenas.append(arena)
         logger.debug(
             "stream %d: reserved a %s-block arena of %d bytes at %#x",
-            h.stream.key, "small" if h.small else "large", res.size, res.address,
+            shown(h.stream.key), "small" if h.small else "large", res.size, res.address,
         )
         return arena
 
@@ -1520,11 +1520,11 @@ class Core:
                     arenas.pop()
                     self.arenas.remove(a)
         except Exception:  # kept; retried by trim, retire_stream, close
-            logger.warning("forgetting stream %d failed; kept", st.key, exc_info=True)
+            logger.warning("forgetting stream %d failed; kept", shown(st.key), exc_info=True)
             return False
         del self.streams[st.key]
         st.obj = None
-        logger.debug("stream %d holds nothing: forgotten", st.key)
+        logger.debug("stream %d holds nothing: forgotten", shown(st.key))
         return True
 
     def release_free(self, k: int) -> int:

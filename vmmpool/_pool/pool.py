@@ -628,9 +628,10 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         max_pages = self._max_pages(self.device, self.page_size, limit)
         with _locked(core):
-            old, was_limited = core.max_pages, core.limited
+            old, was_limited, slack = core.max_pages, core.limited, core.slack
             core.max_pages = max_pages
             core.limited = limit is not None
+            core.slack = min(core.slack, core.max_slack())  # no more than the new rule allows
             if core.asleep is not None:
                 return  # nothing is held; wake() checks the live pages against it
             try:
@@ -646,6 +647,7 @@ class PagePool(ClosesOnExit, NoCopy):
             except BaseException:
                 core.max_pages = old  # the old limit stays; a retry resumes
                 core.limited = was_limited
+                core.slack = slack
                 raise
             logger.info(
                 "limit set to %d bytes (%d pages); the pool holds %d pages",
