@@ -500,7 +500,7 @@ def _driver_calls_inside_a_backend_call(dev: object, garbage: object) -> list[st
 
     def spy(name: str) -> object:
         def call(self: object, *a: object) -> object:
-            if b.holds_lock():
+            if b.in_call():
                 inside.append(name)
             return real[name](self, *a)
         return call

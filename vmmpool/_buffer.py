@@ -1196,7 +1196,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             if self._fin.detach() is None:
                 return
             backend = self._state.device._backend
-            if backend.holds_lock():
+            if backend.in_call():
                 # A finalizer (a user's __del__) inside a backend call of this thread: freeing
                 # here would call the driver inside that call (a pool refuses: ReentryError).
                 # Done after it, as the safety net does.

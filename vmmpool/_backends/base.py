@@ -188,7 +188,12 @@ class Backend(abc.ABC):
 
     # ---------------------------------------------------------- finalizer work
     def in_call(self) -> bool:
-        """True when the current thread is inside a call of this backend (holds its lock)."""
+        """True when the current thread is inside a call of this backend (holds its lock).
+
+        A finalizer that runs there must neither call the backend (the call it
+        interrupted is half done) nor wait for a lock whose holder may be
+        waiting for this one (see ``Core.free_contended``).
+        """
         is_owned = getattr(self._lock, "_is_owned", None)
         return bool(is_owned()) if is_owned is not None else False
 
@@ -229,14 +234,6 @@ class Backend(abc.ABC):
                     pass
         finally:
             tls.active = False
-
-    def holds_lock(self) -> bool:
-        """True when this thread is inside a backend call (it holds the backend's lock).
-
-        A finalizer that runs there must not wait for a lock whose holder may
-        be waiting for this one (see ``Core.free_contended``).
-        """
-        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ counting
     def _enter(self, op: str) -> None:

@@ -113,7 +113,7 @@ class Section:
             core.check_reentry()
             core.check_backend_reentry()
             lock.acquire()
-        elif core.backend.holds_lock():
+        elif core.backend.in_call():
             lock.release()
             core.check_backend_reentry(held=True)
         core.owner = _ident()
@@ -336,7 +336,7 @@ class Core:
         Nor inside a backend call of this thread (a finalizer's free there): a
         task takes the pool's lock, whose holder may be waiting for the backend's.
         """
-        if (self.owner == _ident() and self.lock.locked()) or self.backend.holds_lock():
+        if (self.owner == _ident() and self.lock.locked()) or self.backend.in_call():
             return
         tasks = self.tasks
         while tasks:
@@ -419,7 +419,7 @@ class Core:
                 ref = pending.popleft()
             except IndexError:  # pragma: no cover - emptied by another drain
                 break
-            if (ref is RELEASE_HELD or ref is CLOSE) and self.backend.holds_lock():
+            if (ref is RELEASE_HELD or ref is CLOSE) and self.backend.in_call():
                 # A finalizer inside a backend call of this thread: these call the
                 # driver, never inside that call; the backend runs settle() after it.
                 later.append(ref)
@@ -465,7 +465,7 @@ class Core:
                 finally:
                     self.owner = 0  # as in Section.__exit__
                     lock.release()
-                if self.pending and self.backend.holds_lock():
+                if self.pending and self.backend.in_call():
                     # Left for after this thread's backend call (a close, a release: see drain).
                     self.backend.run_or_defer(self.settle)
                     return
@@ -491,7 +491,7 @@ class Core:
         caller was about to take it, or took it and may call the driver), the
         pool would call the backend in the middle of the interrupted call.
         """
-        if held or self.backend.holds_lock():
+        if held or self.backend.in_call():
             why = (
                 "the pool would call the driver inside that call" if held else
                 "another thread holds the pool and may be waiting for that call"
@@ -523,7 +523,7 @@ class Core:
                 raise self.closed_error()
             if self.asleep is not None:
                 raise AsleepError("PagePool", f"malloc({nbytes})")
-            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+            if len(self.pages) > self.max_pages and not self.backend.in_call():
                 self.enforce_limit()  # (as in free)
             st = self.streams.get(key)
             if st is None:
@@ -541,7 +541,7 @@ class Core:
             else:
                 fit = h.best_fit(r, False)
                 if fit is None:
-                    if self.backend.holds_lock():  # placing may call the driver: never from inside it
+                    if self.backend.in_call():  # placing may call the driver: never from inside it
                         self.check_backend_reentry(held=True)
                     b = self.place(h, r, nbytes)
                     h = b.arena.heap  # the other heap when only its free ranges had room
@@ -1128,7 +1128,7 @@ class Core:
                 self.history.record("free_requested", b.addr, b.nbytes, st.key)
                 self.history.record("free_completed", b.addr, b.nbytes, st.key)
             h.insert(b)
-            if len(self.pages) > self.max_pages and not self.backend.holds_lock():
+            if len(self.pages) > self.max_pages and not self.backend.in_call():
                 # (Not from a finalizer inside a backend call of this thread: it would call the
                 # driver inside that call. The next operation gives them back.)
                 self.enforce_limit()
@@ -1156,7 +1156,7 @@ class Core:
         lock = self.lock
         if not lock.acquire(False):
             self.check_reentry()
-            if self.backend.holds_lock():
+            if self.backend.in_call():
                 self.queue_free(ref)
                 self.settle()  # the holder may have let go meanwhile
                 return False

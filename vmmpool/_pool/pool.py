@@ -260,7 +260,7 @@ class Allocation(NoCopy):
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
-            elif core.backend.holds_lock():
+            elif core.backend.in_call():
                 # A finalizer inside a backend call of this thread: the pool's lock
                 # may be held by a thread waiting for the backend's; waiting for it
                 # here would deadlock. The pool's next call frees it (as below).
