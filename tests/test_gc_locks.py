@@ -636,3 +636,19 @@ def test_the_last_view_of_a_closed_buffer_collected_inside_a_backend_call() -> N
         gc.enable()
     assert inside == []
     assert dev.counters().live == (0, 0, 0)  # freed after the call
+
+
+def test_pool_close_from_a_finalizer_inside_a_backend_call_is_done_after_it() -> None:
+    """A user's __del__ that closes a pool while its thread is inside a driver call: closing
+    calls the driver, so it returns at once and the pool closes at the backend's next call
+    (it raised ReentryError, lost in __del__, and the pool stayed open)."""
+    import vmmpool
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = vmmpool.PagePool(dev)
+    pool.malloc(3 * dev.granularity).free()
+    with dev._backend._lock:  # as inside a backend call
+        pool.close()
+        assert not pool._core.closed
+    assert dev.counters().live == (0, 0, 0)  # the backend's next call closed it
+    assert pool._core.closed

@@ -1448,8 +1448,16 @@ class PagePool(ClosesOnExit, NoCopy):
         In a child forked from the pool's process it raises
         :class:`~vmmpool.ForkedError` and releases nothing (the memory is the
         parent's), unless the pool holds nothing.
+
+        Called from a finalizer (a ``__del__``) that interrupted a driver call
+        of this thread, it returns at once and the pool closes after that call
+        (at the backend's next call): closing calls the driver, which must not
+        run inside the interrupted call. :attr:`closed` is False until then.
         """
         core = self._core
+        if core.backend.in_call() and not core.forked:
+            core.backend.run_or_defer(self.close)
+            return
         if core.tasks:
             core.run_tasks()
         core.close()  # raises on failure: the finalizer stays armed, close() resumes
