@@ -345,62 +345,12 @@ def test_user_del_calling_the_pool_inside_its_lock_raises_instead_of_hanging() -
     assert "['ReentryError: PagePool called from a finalizer or sign']" in out, out
 
 
-def test_free_inside_a_backend_call_while_another_thread_holds_the_pool_lock() -> None:
-    """Thread A is inside a backend call (it holds the backend's lock) when a finalizer of
-    A frees an allocation; thread B holds the pool's lock and waits for the backend's lock
-    (its malloc maps a page). Waiting for the pool's lock there would deadlock: the free is
-    queued, and B does it when it lets go of the pool's lock."""
-    out = run_script("""
-        pool = vmmpool.PagePool(dev, limit=32 * P)
-        a = pool.malloc(1000)
-        core = pool._core
-        backend = dev._backend
-        inside = threading.Event()
-        done = []
-        orig_enter = backend._enter
-        def enter(op):  # B: inside the pool's lock, about to need the backend's
-            if threading.current_thread() is not threading.main_thread():
-                inside.set()
-            return orig_enter(op)
-        backend._enter = enter
-        def b_thread():
-            done.append(pool.malloc(4 * P))
-        with backend._lock:  # A, as if inside a backend call
-            t = threading.Thread(target=b_thread)
-            t.start()
-            assert inside.wait(10)
-            time.sleep(0.05)
-            assert core.lock.locked() and core.owner == t.ident
-            a.free()  # a user's __del__ would do this from the GC: must not wait
-            assert core.n_live == 1 and len(core.pending) == 1  # queued, not done yet
-            for call in (lambda: pool.malloc(100), pool.stats):  # anything else raises at once
-                try:
-                    call()
-                except RuntimeError as e:
-                    print("reentry", type(e).__name__ == "ReentryError" and "driver call" in str(e))
-        t.join(10)
-        assert not t.is_alive()
-        backend._enter = orig_enter
-        assert core.n_live == 1 and not core.pending, (core.n_live, core.pending)
-        try:
-            a.free()
-        except ValueError as e:
-            print("double", str(e).split()[-2:])
-        done[0].free()
-        pool._check()
-        pool.close()
-        print("live", dev.counters().live)
-    """, timeout=60)
-    assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
-    assert out.count("reentry True") == 2, out
-
-
-
-# The scene of the test above as a function: thread A holds the backend's lock (a finalizer
-# runs inside a backend call), thread B holds the pool's lock and waits for the backend's.
-# setup() runs there, then the finalizer's free of `a`; returns B's allocation.
+# The scene: thread A holds the backend's lock (a finalizer runs inside a backend call),
+# thread B holds the pool's lock and waits for the backend's. setup() runs there, then the
+# finalizer's free of `a`, then after() (if given), still inside A's call; returns B's
+# allocation.
 _BACKEND_SCENE = """
-def scene(pool, a, setup):
+def scene(pool, a, setup, after=None):
     core = pool._core
     backend = dev._backend
     inside = threading.Event()
@@ -421,11 +371,44 @@ def scene(pool, a, setup):
         assert core.lock.locked() and core.owner == t.ident
         setup()
         a.free()  # a user's __del__ would do this from the GC: must not wait
+        if after is not None:
+            after()
     t.join(10)
     assert not t.is_alive()
     backend._enter = orig_enter
     return done[0]
 """
+
+
+def test_free_inside_a_backend_call_while_another_thread_holds_the_pool_lock() -> None:
+    """Thread A is inside a backend call (it holds the backend's lock) when a finalizer of
+    A frees an allocation; thread B holds the pool's lock and waits for the backend's lock
+    (its malloc maps a page). Waiting for the pool's lock there would deadlock: the free is
+    queued, and B does it when it lets go of the pool's lock."""
+    out = run_script(_BACKEND_SCENE + """
+pool = vmmpool.PagePool(dev, limit=32 * P)
+a = pool.malloc(1000)
+core = pool._core
+def after():  # still inside A's backend call
+    assert core.n_live == 1 and len(core.pending) == 1  # queued, not done yet
+    for call in (lambda: pool.malloc(100), pool.stats):  # anything else raises at once
+        try:
+            call()
+        except RuntimeError as e:
+            print("reentry", type(e).__name__ == "ReentryError" and "driver call" in str(e))
+b = scene(pool, a, lambda: None, after)
+assert core.n_live == 1 and not core.pending, (core.n_live, core.pending)
+try:
+    a.free()
+except ValueError as e:
+    print("double", str(e).split()[-2:])
+b.free()
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "double ['already', 'freed']" in out and "live (0, 0, 0)" in out, out
+    assert out.count("reentry True") == 2, out
 
 
 def test_free_inside_a_backend_call_runs_no_queued_task_that_waits_for_the_pool() -> None:

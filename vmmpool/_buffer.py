@@ -310,27 +310,8 @@ class _State:
 
     def shrink(self, keep: int) -> None:
         """Unmap and give back every page from index `keep` on."""
-        tail = self.pages[keep:]
-        g = self.page
         self.sync()
-        undo = _Undo()
-        try:
-            if self.pool is None:
-                # Release while still mapped (legal, rule 7) so that a failure
-                # can be undone with retain; the unmap then frees the memory.
-                released: list[int] = []
-                undo.push(self.retain_back, keep, released)
-                for i, p in enumerate(tail):
-                    p.close()
-                    released.append(i)
-                self.res.unmap(keep * g, len(tail) * g)
-            else:
-                self.res.unmap(keep * g, len(tail) * g)
-                undo.push(self.remap, self.res, keep, tail)
-                self.give_back(tail)
-        except BaseException as err:
-            undo.run(self, err)
-            raise
+        self.give_piece(keep, len(self.pages) - keep)
         del self.pages[keep:]
 
     def move(self, new_size: int, target: int) -> None:
@@ -433,7 +414,7 @@ class _State:
             else:
                 self.res.unmap(first * g, m * g)
                 undo.push(self.remap, self.res, first, pages)
-                self.pool.release_pages(pages)
+                self.give_back(pages)  # shared pages as discarded
         except BaseException as err:
             undo.run(self, err)
             raise
