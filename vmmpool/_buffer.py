@@ -191,12 +191,7 @@ class _State:
         """Forget the shares whose receivers are all done (pages they alone exported included)."""
         if not self.leases:
             return
-        live = []
-        for lease, pages in self.leases:
-            if lease.done():
-                lease.close()
-            else:
-                live.append((lease, pages))
+        live = [(lease, pages) for lease, pages in self.leases if not lease.ended()]
         if len(live) != len(self.leases):
             self.leases = live
             self.exported.intersection_update({p for _l, ps in live for p in ps})

@@ -132,6 +132,13 @@ class Lease:
         _close_fds(self._fds)
         self._fin.detach()
 
+    def ended(self) -> bool:
+        """:meth:`done`, and then the read end closed (the owner needs it no more)."""
+        if self.done():
+            self.close()
+            return True
+        return False
+
 
 def _rebuild_handle(meta: tuple[Any, ...], dup_fds: Sequence[Any], dup_lease: Any) -> SharedMemoryHandle:
     """Unpickle a handle: receive its descriptors (SCM_RIGHTS) and own them."""

@@ -1476,6 +1476,8 @@ class Core:
 
     def note_emptied(self, st: StreamState) -> None:
         """An arena of `st` maps nothing any more: note the stream if nothing of it is left."""
+        if st in self.emptied:
+            return  # noted already (an earlier arena of it)
         if (st.obj is not None or st.retired or st.ended) and not any(x.mapped for x in st.arenas):
             # Nothing of the stream left here (live blocks lie on mapped pages): let
             # its object go; a retired stream, or one the pool only knew by its

@@ -77,7 +77,7 @@ class Shares:
         drop: list[_Entry] = []
         with self.lock:
             for rec, e in list(self.entries.items()):
-                e.leases = [ls for ls in e.leases if not _finished(ls)]
+                e.leases = [ls for ls in e.leases if not ls.ended()]
                 if not e.leases:
                     del self.entries[rec]
                     drop.append(e)
@@ -100,10 +100,3 @@ class Shares:
     def leased_bytes(self) -> int:
         with self.lock:
             return sum(rec.size for rec in self.entries)
-
-
-def _finished(lease: Lease) -> bool:
-    if lease.done():
-        lease.close()
-        return True
-    return False
