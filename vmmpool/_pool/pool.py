@@ -153,6 +153,29 @@ def _collect_garbage(core: Core, mark: int) -> bool:
     return False
 
 
+def _acquired(core: Core, items: Sequence[object]) -> dict[Page, None]:
+    """The records of `items`, pages from ``acquire_pages()`` each listed once (else raise)."""
+    recs: dict[Page, None] = {}
+    for ph in items:
+        if not isinstance(ph, PhysicalAllocation):
+            raise TypeError(
+                f"pages must be PhysicalAllocation objects from acquire_pages(), "
+                f"got {type(ph).__name__}"
+            )
+        p = core.pages.get(ph)
+        if p is None:
+            raise ValueError(f"{ph!r} is not a page of this pool")
+        if p.state is not ACQUIRED:
+            raise ValueError(
+                f"page {p.index} is not acquired (it is {p.state}); "
+                "release only pages from acquire_pages(), once"
+            )
+        if p in recs:
+            raise ValueError(f"page {p.index} is listed twice")
+        recs[p] = None
+    return recs
+
+
 def _close_quietly(core: Core) -> None:
     # The pool's finalizer: may run from the garbage collector inside a locked
     # section of this very pool (a drain): never block on the lock. Queued, the
@@ -891,24 +914,7 @@ class PagePool(ClosesOnExit, NoCopy):
         with _locked(core, open_only=False):
             if core.closed:
                 return
-            recs: dict[Page, None] = {}
-            for ph in items:
-                if not isinstance(ph, PhysicalAllocation):
-                    raise TypeError(
-                        f"pages must be PhysicalAllocation objects from acquire_pages(), "
-                        f"got {type(ph).__name__}"
-                    )
-                p = core.pages.get(ph)
-                if p is None:
-                    raise ValueError(f"{ph!r} is not a page of this pool")
-                if p.state is not ACQUIRED:
-                    raise ValueError(
-                        f"page {p.index} is not acquired (it is {p.state}); "
-                        "release only pages from acquire_pages(), once"
-                    )
-                if p in recs:
-                    raise ValueError(f"page {p.index} is listed twice")
-                recs[p] = None
+            recs = _acquired(core, items)
             for p in recs:
                 del core.acquired[p]
                 p.state = FREE
@@ -934,12 +940,7 @@ class PagePool(ClosesOnExit, NoCopy):
         with _locked(core, open_only=False):
             if core.closed:
                 return
-            recs: dict[Page, None] = {}
-            for ph in items:
-                p = core.pages.get(ph) if isinstance(ph, PhysicalAllocation) else None
-                if p is None or p.state is not ACQUIRED or p in recs:
-                    raise ValueError(f"{ph!r} is not a page acquired from this pool (once)")
-                recs[p] = None
+            recs = _acquired(core, items)
             for p in recs:
                 del core.acquired[p]
                 core.in_use -= self.page_size
