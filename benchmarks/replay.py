@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/replay.py [TRACE...] [--synthetic] [--device D] [--json PATH]
+    python benchmarks/replay.py --sweep N [--device D] [--json PATH]
 
 For each trace (a PyTorch memory snapshot pickle or an RMM CSV log): one
 replay with default settings and a search of the smallest limit, in whole
@@ -23,6 +24,14 @@ one stream): transformer inference (GPT-2-shaped models of 110-780 MiB live,
 and a stress test whose layers all differ) and ResNet-50-shaped inference and
 training (90-520 MiB live, tensors of a few hundred bytes to 12 MiB): the kind
 of trace where the free bytes of partly used pages decide the smallest limit.
+
+``--sweep N`` replays instead N traces of each generated family, their shapes
+drawn from a seeded generator (``vmmpool._workloads.sweep``): a placement rule
+is judged on many rows, not on the few it may have been tuned on. It prints
+one summary row per family (rows, held and smallest limit over peak live:
+mean and largest, rows held above 1.05, rows whose smallest limit is within
+1% or at the whole-page floor, remaps, syncs) and writes every row to
+``benchmarks/results/replay-sweep-<device kind>.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import _common
 
 import vmmpool
 from vmmpool import replay as R
-from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50
+from vmmpool._workloads import SWEEP_FAMILIES, gpt2_inference, gpt_inference, resnet50, sweep
 
 #: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
 #: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
@@ -76,10 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, action="append", default=None, metavar="F",
                    help="also replay each trace with every size times F (repeatable; e.g. 0.1 turns "
                         "10-160 MiB tensors into 1-16 MiB); the recorded figures do not apply there")
+    p.add_argument("--sweep", type=int, default=None, metavar="N",
+                   help="replay N generated traces of each family instead, and summarize")
     args = p.parse_args(argv)
-    if not args.traces and not args.synthetic:
-        p.error("give at least one TRACE or --synthetic")
+    if args.sweep is not None:
+        if args.traces or args.synthetic or args.scale:
+            p.error("--sweep replays only generated traces: give no TRACE, --synthetic or --scale")
+        if args.sweep < 1:
+            p.error(f"--sweep needs N >= 1, got {args.sweep}")
+    elif not args.traces and not args.synthetic:
+        p.error("give at least one TRACE, --synthetic or --sweep N")
     device = None if args.device is None else vmmpool.Device(args.device)
+    if args.sweep is not None:
+        return run_sweep(args.sweep, device, args.json)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -130,6 +148,55 @@ def main(argv: list[str] | None = None) -> int:
     out = _common.write_json("replay", shown, R.json_safe(payload), args.json)
     print(f"wrote {out}")
     return 1 if failures else 0
+
+
+def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
+    """``--sweep N``: replay :func:`vmmpool._workloads.sweep`'s traces, one summary row per family."""
+    shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
+    rows: list[dict[str, Any]] = []
+    for family, kwargs, tr in sweep(n):
+        res = R.replay(tr, device)
+        if not res.completed:  # the device is too small: recorded, not summarized
+            rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": res.error})
+            continue
+        mn = R.min_limit(tr, device, default=res)
+        P = res.page_size
+        rows.append({
+            "family": family, "args": kwargs, "trace": tr.name, "peak_live": res.peak_live,
+            "held_ratio": res.peak_held / res.peak_live, "min_limit_pages": mn.pages,
+            "min_limit_ratio": mn.ratio, "floor_ratio": -(-res.peak_live // P) * P / res.peak_live,
+            "remaps": res.remaps, "syncs": res.syncs,
+        })
+    summary = []
+    for family in SWEEP_FAMILIES:
+        done = [r for r in rows if r["family"] == family and "error" not in r]
+        if not done:
+            continue
+        held = [r["held_ratio"] for r in done]
+        mins = [r["min_limit_ratio"] for r in done]
+        summary.append({
+            "family": family, "rows": len(done),
+            "held_mean": sum(held) / len(held), "held_max": max(held),
+            "held_above_1.05": sum(h > 1.05 for h in held),
+            "min_limit_mean": sum(mins) / len(mins), "min_limit_max": max(mins),
+            "min_limit_within_1%": sum(m <= 1.01 for m in mins),
+            "min_limit_at_floor": sum(abs(r["min_limit_ratio"] - r["floor_ratio"]) < 1e-9 for r in done),
+            "remaps": sum(r["remaps"] for r in done), "syncs": sum(r["syncs"] for r in done),
+        })
+    print(_common.table(
+        ["family", "rows", "held mean", "held max", "held > 1.05", "min limit mean", "min limit max",
+         "min <= 1.01", "min at floor", "remaps", "syncs"],
+        [[s["family"], s["rows"], f"{s['held_mean']:.4f}", f"{s['held_max']:.4f}", s["held_above_1.05"],
+          f"{s['min_limit_mean']:.4f}", f"{s['min_limit_max']:.4f}", s["min_limit_within_1%"],
+          s["min_limit_at_floor"], s["remaps"], s["syncs"]] for s in summary],
+    ))
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"{r['trace']}: did not complete: {r['error']}")
+    out = _common.write_json("replay-sweep", shown, R.json_safe(
+        {"n_per_family": n, "summary": summary, "rows": rows}), output)
+    print(f"wrote {out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -49,3 +49,27 @@ def test_where_results_go() -> None:
     args = _common.parser("t").parse_args(["--quick", "--save"])
     assert args.quick and args.save
     assert not _common.parser("t").parse_args(["--quick"]).save
+
+
+def test_replay_sweep_summarizes_each_family(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "replay.py"), "--sweep", "1", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    doc = json.loads(out.read_text())
+    assert doc["n_per_family"] == 1 and len(doc["rows"]) == 3
+    assert [s["family"] for s in doc["summary"]] == ["gpt2", "resnet50", "stress"]
+    for s, row in zip(doc["summary"], doc["rows"], strict=True):
+        assert s["rows"] == 1 and s["syncs"] == 0
+        assert s["held_mean"] == s["held_max"] == row["held_ratio"] >= 1.0
+        # the smallest limit is whole pages, at or above the whole-page floor
+        assert row["min_limit_ratio"] >= row["floor_ratio"] >= 1.0
+        assert s["min_limit_at_floor"] == (abs(row["min_limit_ratio"] - row["floor_ratio"]) < 1e-9)
+        assert s["family"] in run.stdout
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "replay.py"), "--sweep", "1", "--synthetic"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert bad.returncode == 2 and "--sweep replays only generated traces" in bad.stderr

@@ -31,10 +31,11 @@ bytes (batch-norm parameters) to 10-20 MiB (early activations).
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from .replay import Trace
 
-__all__ = ["gpt2_inference", "gpt_inference", "resnet50"]
+__all__ = ["gpt2_inference", "gpt_inference", "resnet50", "sweep"]
 
 _MiB = 1 << 20
 
@@ -428,3 +429,46 @@ def resnet50(
         ),
         n_prelude,
     )
+
+
+#: The families :func:`sweep` draws from.
+SWEEP_FAMILIES = ("gpt2", "resnet50", "stress")
+
+
+def sweep(n: int, seed: int = 11) -> list[tuple[str, dict[str, Any], Trace]]:
+    """`n` generated traces of each family, their shapes drawn from a seeded generator.
+
+    A placement rule tuned on a handful of rows can be tuned to those rows:
+    a sweep judges it on many (the replay benchmark's ``--sweep``). The
+    families: GPT-2-shaped inference (6-24 layers, d_model 512-1280, batch
+    1-8, prompts of 64-256 tokens, 16-64 new ones, bf16 or fp32), ResNet-50-
+    shaped inference or training (batch 2-32, 128-224 px, bf16 or fp32) and
+    the stress test (seeds from 100, 8-24 layers, 24 or 48 decode steps).
+    The same `n` and `seed` give the same traces.
+
+    Returns
+    -------
+    list of (str, dict, Trace)
+        ``(family, arguments, trace)``, the families interleaved.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rnd = random.Random(seed)
+    out: list[tuple[str, dict[str, Any], Trace]] = []
+    for i in range(n):
+        g: dict[str, Any] = {
+            "layers": rnd.choice([6, 12, 24]), "d_model": rnd.choice([512, 768, 1024, 1280]),
+            "heads": 8, "batch": rnd.choice([1, 2, 4, 8]), "prompt": rnd.choice([64, 128, 256]),
+            "new_tokens": rnd.choice([16, 32, 64]), "dtype_bytes": rnd.choice([2, 4]),
+        }
+        r: dict[str, Any] = {
+            "batch": rnd.choice([2, 4, 8, 16, 32]), "image": rnd.choice([128, 160, 192, 224]),
+            "train": rnd.random() < 0.5, "dtype_bytes": rnd.choice([2, 4]),
+        }
+        st: dict[str, Any] = {
+            "seed": 100 + i, "layers": rnd.choice([8, 12, 24]), "decode_steps": rnd.choice([24, 48]),
+        }
+        out.append(("gpt2", g, gpt2_inference(**g)))
+        out.append(("resnet50", r, resnet50(**r)))
+        out.append(("stress", st, gpt_inference(**st)))
+    return out
