@@ -17,7 +17,7 @@ import pytest
 import vmmpool
 from vmmpool import replay as R
 from vmmpool._pool import PagePool
-from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50
+from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50, sweep
 
 P = 64 << 10
 
@@ -196,15 +196,39 @@ def test_gpt2_medium_shaped_inference_within_one_percent() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_stress_traces_default_held_within_five_percent(seed: int) -> None:
+def test_stress_traces_default_held(seed: int) -> None:
     # The stress traces (every layer a different size; 110-300 pages live). Measured
     # 2026-12-06: default held 1.0456/1.0557/1.0584/1.0658 x peak live while every pool
     # kept 2 fixed pages and a slack of up to 8 pages as growth headroom; 1.0423/1.0422/
-    # 1.0466/1.0476 since a pool without a limit keeps only its proportional headroom.
+    # 1.0466/1.0476 since a pool without a limit keeps only its proportional headroom;
+    # 2026-12-07, 1.0456/1.0455/1.0643/1.0567 since that headroom counts whole pages only.
+    # The 1.05 these four seeds met before was tuning on them: on the 40 stress seeds of
+    # `sweep(40)` the code before held above 1.05 x on 25 (mean 1.0588), now on 24 (mean
+    # 1.0593; benchmarks/results/replay-sweep-host.json). Here: no seed beyond 1.07.
     layers, steps = {0: (24, 48), 1: (24, 48), 2: (12, 64), 3: (8, 24)}[seed]
     res = R.replay(gpt_inference(seed, layers, steps))
     assert res.completed and res.syncs == 0
-    assert res.peak_held <= 1.05 * res.peak_live, f"{res.peak_held / res.peak_live:.4f} x peak live"
+    assert res.peak_held <= 1.07 * res.peak_live, f"{res.peak_held / res.peak_live:.4f} x peak live"
+
+
+def test_sweep_draws_the_same_traces_and_rejects_a_bad_count() -> None:
+    a, b = sweep(2), sweep(2)
+    assert [f for f, _kw, _t in a] == ["gpt2", "resnet50", "stress"] * 2
+    assert [(kw, t.events) for _f, kw, t in a] == [(kw, t.events) for _f, kw, t in b]
+    assert [t.events for *_x, t in sweep(1, seed=5)] != [t.events for *_x, t in sweep(1)]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 0"):
+            sweep(bad)  # type: ignore[arg-type]
+
+
+def test_small_pools_default_held_within_five_percent() -> None:
+    # ResNet-50-shaped inference of 35-105 pages live: rounded up, 1.02 x the peak added a
+    # page of headroom to every pool under 50 pages (default held 1.0731 x peak live at
+    # batch 4, 1.0562 at batch 32); rounded down, 1.0441 and 1.0466 (measured 2026-12-07).
+    for kw in ({"batch": 4, "train": False}, {"batch": 32, "train": False}):
+        res = R.replay(resnet50(**kw))  # type: ignore[arg-type]
+        assert res.completed and res.syncs == 0
+        assert res.peak_held <= 1.05 * res.peak_live, (kw, res.peak_held / res.peak_live)
 
 
 def test_resnet50_traces_are_well_formed() -> None:
@@ -290,6 +314,20 @@ def test_growth_headroom_depends_on_a_limit_being_set() -> None:
         core.slack = 4
         pool.set_limit(None)
         assert core.slack == core.max_slack() <= 1
+
+
+def test_growth_headroom_without_a_limit_counts_whole_pages() -> None:
+    # Without a limit, 1.02 x the peak is rounded down to whole pages, never below the
+    # peak's own pages: a 34.5-page peak gets 35 pages (rounded up, 1.02 x gave 36: 7% of
+    # headroom on a small pool), a 100-page peak 102. A limit keeps the rounding up.
+    dev = vmmpool.Device.emulated(capacity=256 * P, granularity=P)
+    for size, free_budget, limited_budget in ((69 * P // 2, 35, 36 + 2), (100 * P, 102, 102 + 2)):
+        for limit, want in ((None, free_budget), (200 * P, limited_budget)):
+            with PagePool(dev, limit=limit) as pool:
+                a = pool.malloc(size)
+                assert pool._core.slack == 0
+                assert pool._core.budget() == want, (size / P, limit)
+                a.free()
 
 
 def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:

@@ -61,13 +61,15 @@ malloc(n, stream)
    between two free ranges, or on fresh slots (a new arena only when no
    arena of the heap has room). The missing pages come, in order, from: the
    free (unmapped) pages; new pages while the pool holds less than its
-   *growth budget* (``GROWTH`` = 1.02 x its peak in-use bytes + a slack
+   *growth budget* (``GROWTH`` = 1.02 x its peak in-use bytes in whole
+   pages, rounded down but never below the peak's own pages, + a slack
    that grows by a page with each remap below the limit, up to
    ``GROWTH_MAX_PAGES`` = 4 per stream and at most 2% of the peak or 1
    page: without it, streams whose recurring requests do not fit would
    remap cached pages back and forth forever instead of reaching a steady
-   state; a pool given a limit keeps ``GROWTH_PAGES`` = 2 more pages and a
-   slack of up to 8 pages however small it is, see ``_core.GROWTH``);
+   state; a pool given a limit rounds up and keeps ``GROWTH_PAGES`` = 2 more
+   pages and a slack of up to 8 pages however small it is, see
+   ``_core.GROWTH``);
    other streams' cached pages whose
    work is done; the stream's own cached pages whose work is done (unmapped
    and remapped: reuse before creation); new pages up to the limit; cached
