@@ -117,7 +117,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             continue
         if not res.completed:
             status = 1
-        peers = R.peer_replays(path, search=args.min_limit) if device is None or not device.is_host else []
+        peers = (
+            R.peer_replays(path, search=args.min_limit, device=tr.device)
+            if device is None or not device.is_host else []
+        )
         records.append(R.record(tr, res, mn, peers))
     stream.write(R.format_table(records) + "\n")
     for r in records:

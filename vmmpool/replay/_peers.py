@@ -59,9 +59,13 @@ class PeerResult:
 
 
 def peer_command(
-    peer: str, trace_path: str | os.PathLike[str], limit: int | None = None
+    peer: str, trace_path: str | os.PathLike[str], limit: int | None = None,
+    device: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The subprocess command line and environment that replay through `peer`.
+
+    `device` picks a PyTorch snapshot's device (see :func:`~vmmpool.replay.load`); the peer
+    replays it on its own GPU 0.
 
     Returns
     -------
@@ -75,6 +79,8 @@ def peer_command(
     argv = [sys.executable, "-m", "vmmpool.replay", "--peer", peer, os.fspath(trace_path)]
     if limit is not None:
         argv += ["--limit", str(int(limit))]
+    if device is not None:
+        argv += ["--snapshot-device", str(int(device))]
     env = dict(os.environ)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     if peer == "torch-expandable":
@@ -100,8 +106,10 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
     raise RuntimeError(f"{peer}: subprocess exited {returncode} without a result: {tail}")
 
 
-def _peer_run(peer: str, path: str, limit: int | None, timeout: float) -> dict[str, Any]:
-    argv, env = peer_command(peer, path, limit)
+def _peer_run(
+    peer: str, path: str, limit: int | None, timeout: float, device: int | None = None
+) -> dict[str, Any]:
+    argv, env = peer_command(peer, path, limit, device)
     proc = subprocess.run(
         argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -121,6 +129,7 @@ def peer_replays(
     *,
     search: bool = True,
     timeout: float = 600.0,
+    device: int | None = None,
 ) -> list[PeerResult]:
     """Replay a trace file through PyTorch's caching allocator (also on vmmpool) and CuPy's pool.
 
@@ -128,7 +137,8 @@ def peer_replays(
     allocator and, for PyTorch, its own ``PYTORCH_CUDA_ALLOC_CONF``); a limit
     is set with ``torch.cuda.set_per_process_memory_fraction`` or
     ``cupy.cuda.MemoryPool.set_limit`` (for ``torch-vmmpool``: the page
-    pool's limit). With `search`, the smallest limit at
+    pool's limit). `device` picks a PyTorch snapshot's device, as for
+    :func:`~vmmpool.replay.load` (default: the first with events). With `search`, the smallest limit at
     which each completes is searched by bisection in 2 MiB steps between the
     peak live bytes and the peer's own peak reserved.
 
@@ -145,7 +155,7 @@ def peer_replays(
     reason = gpu_unavailable_reason()
     out = []
     path = os.fspath(trace_path)
-    peak_live = load(path).peak_live if search and reason is None else 0
+    peak_live = load(path, device).peak_live if search and reason is None else 0
     for peer in peers:
         if reason is not None:
             out.append(PeerResult(peer, skipped=f"no CUDA GPU ({reason})"))
@@ -157,7 +167,7 @@ def peer_replays(
             out.append(PeerResult(peer, skipped=f"{mod} is not installed"))
             continue
         try:
-            r = _peer_run(peer, path, None, timeout)
+            r = _peer_run(peer, path, None, timeout, device)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             out.append(PeerResult(peer, skipped=str(e)))
             continue
@@ -172,7 +182,7 @@ def peer_replays(
             while good - bad > 1:
                 mid = (bad + good) // 2
                 try:
-                    done = bool(_peer_run(peer, path, mid * step, timeout)["completed"])
+                    done = bool(_peer_run(peer, path, mid * step, timeout, device)["completed"])
                 except (RuntimeError, subprocess.TimeoutExpired):
                     done = False
                 if done:
@@ -205,9 +215,11 @@ def _torch_events(torch: Any, tr: Any, handles: list[Any]) -> tuple[bool, float]
     return completed, time.perf_counter() - t0
 
 
-def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no cover - GPU only
+def _peer_main(
+    peer: str, path: str, limit: int | None, device: int | None = None
+) -> int:  # pragma: no cover - GPU only
     """Inside the subprocess: replay through one peer, print one result line."""
-    tr = load(path)
+    tr = load(path, device)
     handles: list[Any] = [None] * tr.n_slots
     completed = True
     if peer == "cupy":

@@ -1,0 +1,90 @@
+"""Regression tests from a hostile review of the replay tooling (readers, figures, CLI, peers)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmmpool import replay as R
+from vmmpool.__main__ import main
+
+MiB = 1 << 20
+BASE = 0x7F00_0000_0000
+
+
+def ev(action: str, addr: int, size: int, stream: int = 0) -> dict[str, Any]:
+    return {"action": action, "addr": addr, "size": size, "stream": stream, "frames": []}
+
+
+def write_pickle(tmp_path: Path, data: object, name: str = "t.pickle") -> Path:
+    p = tmp_path / name
+    p.write_bytes(pickle.dumps(data))
+    return p
+
+
+def two_device_snapshot() -> dict[str, Any]:
+    """Device 0: 1 MiB live at most; device 2: 6 MiB (device 1 has no events)."""
+    d0 = [ev("alloc", BASE, MiB), ev("free_requested", BASE, MiB)]
+    d2 = [ev("alloc", BASE, 3 * MiB), ev("alloc", BASE + 4 * MiB, 3 * MiB), ev("oom", 0, 5 * MiB)]
+    return {"segments": [], "device_traces": [d0, [], d2]}
+
+
+# ------------------------------------------------------------------- peers
+def test_peer_command_names_the_snapshot_device(tmp_path: Path) -> None:
+    argv, _env = R.peer_command("cupy", tmp_path / "t.pickle", None, 2)
+    assert argv[-2:] == ["--snapshot-device", "2"]
+    argv, _env = R.peer_command("cupy", tmp_path / "t.pickle")
+    assert "--snapshot-device" not in argv
+
+
+def test_peer_entry_point_accepts_the_snapshot_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vmmpool.replay.__main__ as peer_entry
+
+    seen: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(peer_entry, "_peer_main", lambda *a: seen.append(a) or 0)
+    assert peer_entry.main(["--peer", "cupy", "t.pickle", "--snapshot-device", "2"]) == 0
+    assert seen == [("cupy", "t.pickle", None, 2)]
+
+
+def test_cli_peers_replay_the_rows_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each row of a multi-device snapshot is one device's trace; the peer allocators under
+    # it must replay that device, not the first device with events.
+    import vmmpool.replay._peers as peers
+
+    p = write_pickle(tmp_path, two_device_snapshot(), "m.pickle")
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], **_kw: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        # The peer replays what it loads: report its peak live as its peak reserved.
+        dev = int(argv[argv.index("--snapshot-device") + 1]) if "--snapshot-device" in argv else None
+        live = R.load(argv[5], dev).peak_live
+        line = peers._PEER_MARK + json.dumps(
+            {"completed": True, "peak_reserved": live, "peak_allocated": live, "wall_s": 0.0}
+        )
+        return subprocess.CompletedProcess(argv, 0, line + "\n", "")
+
+    monkeypatch.setattr(peers, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    out = tmp_path / "r.json"
+    assert main(["replay", str(p), "--json", str(out)]) == 0
+    capsys.readouterr()
+    recs = json.loads(out.read_text())["traces"]
+    assert [r["trace"] for r in recs] == ["m.pickle [device 0]", "m.pickle [device 2]"]
+    for r, live in zip(recs, (MiB, 6 * MiB), strict=True):
+        assert r["peak_live"] == live
+        assert [p["peak_reserved"] for p in r["peers"]] == [live] * len(R.PEERS)
+    assert calls
