@@ -88,3 +88,24 @@ def test_cli_peers_replay_the_rows_device(
         assert r["peak_live"] == live
         assert [p["peak_reserved"] for p in r["peers"]] == [live] * len(R.PEERS)
     assert calls
+
+
+# --------------------------------------------------------- recorded figures
+def test_recorded_reserved_is_unknown_without_segments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No segment of the device and no segment event: the recorded run's reserved bytes are
+    # unknown. They were reported as 0 (below the 1 MiB recorded allocated: "0.00/0.00 GiB
+    # = 0.0000" in the table).
+    data = {"segments": [], "device_traces": [[ev("alloc", BASE, MiB), ev("free_requested", BASE, MiB)]]}
+    tr = R.load(write_pickle(tmp_path, data))
+    assert tr.recorded_peak_allocated == MiB
+    assert tr.recorded_peak_reserved is None and tr.recorded_reserved == ()
+    # With a segment event they are known again.
+    data["device_traces"][0].insert(0, ev("segment_alloc", BASE, 2 * MiB))
+    data["device_traces"][0].append(ev("segment_free", BASE, 2 * MiB))
+    tr = R.load(write_pickle(tmp_path, data))
+    assert tr.recorded_peak_reserved == 2 * MiB
+    assert main(["replay", str(tmp_path / "t.pickle")]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.endswith("0.00/0.00 GiB = 2.0000")

@@ -159,6 +159,7 @@ def snapshot_to_trace(
     seg_seen_alloc: set[int] = set()
     start_segs: dict[int, int] = {}
     net_seg = 0
+    n_seg_events = 0
     n_oom = 0
     kinds = {"alloc": 0, "free_requested": 1, "segment_alloc": 2, "segment_map": 2,
              "segment_free": 3, "segment_unmap": 3}
@@ -181,6 +182,7 @@ def snapshot_to_trace(
             raise TraceError(
                 f"{name}: {where}: {_cut(action, 40)} event without {_cut(str(e), 80)}"
             ) from None
+        n_seg_events += kind >= 2
         if kind == 2:
             seg_seen_alloc.add(addr)
             net_seg += size
@@ -252,16 +254,19 @@ def snapshot_to_trace(
         else:
             reserved -= size
             reserved_series.append((len(b.events), reserved))
+    # Reserved bytes are known from segments only: without any (neither final segments of
+    # this device nor segment events), the recorded run's reserved bytes are unknown, not 0.
+    known = bool(final_segs) or n_seg_events > 0
     return Trace(
         name=name,
         events=tuple(b.events),
         n_slots=b.n_slots,
         n_prelude=n_prelude,
         streams=tuple(b.streams),
-        recorded_peak_reserved=peak_reserved if (final_segs or parsed) else None,
+        recorded_peak_reserved=peak_reserved if known else None,
         recorded_peak_allocated=peak_alloc,
         source="pytorch-snapshot",
-        recorded_reserved=tuple(reserved_series) if (final_segs or parsed) else (),
+        recorded_reserved=tuple(reserved_series) if known else (),
         n_failed=n_oom,
         device=device,
         devices=with_events,
