@@ -109,3 +109,21 @@ def test_recorded_reserved_is_unknown_without_segments(
     assert main(["replay", str(tmp_path / "t.pickle")]) == 0
     row = capsys.readouterr().out.splitlines()[1]
     assert row.endswith("0.00/0.00 GiB = 2.0000")
+
+
+# ----------------------------------------------------------------- timeline
+def test_timeline_recorded_series_never_goes_back() -> None:
+    # The last segment event follows the last free: it is recorded at x = len(events), after
+    # the last sample (len(events) - 1). The series ended with a point back at the last sample.
+    events = [
+        ev("segment_alloc", BASE, 4 * MiB), ev("alloc", BASE, MiB), ev("alloc", BASE + MiB, MiB),
+        ev("free_requested", BASE, MiB), ev("free_requested", BASE + MiB, MiB),
+        ev("segment_free", BASE, 4 * MiB),
+    ]
+    tr = R.snapshot_to_trace({"segments": [], "device_traces": [events]})
+    assert tr.recorded_reserved[-1] == (4, 0)
+    t = R.timeline(tr, samples=2)
+    xs, ys = t.series()["reserved: PyTorch, recorded run"]
+    assert xs == sorted(xs) and xs[-1] == 4 and ys[-1] == 0
+    for x, y in t.series().values():
+        assert len(x) == len(y)
