@@ -127,3 +127,25 @@ def test_timeline_recorded_series_never_goes_back() -> None:
     assert xs == sorted(xs) and xs[-1] == 4 and ys[-1] == 0
     for x, y in t.series().values():
         assert len(x) == len(y)
+
+
+# ---------------------------------------------------------------------- CLI
+CSV_HEAD = "Thread,Time,Action,Pointer,Size,Stream\n"
+
+
+def test_cli_refuses_a_trace_too_large_for_the_emulator_before_any_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The second trace needs more than the emulator replays: the error came after the first
+    # trace's replay (which can take minutes), and that replay's figures were thrown away.
+    ok = tmp_path / "ok.csv"
+    ok.write_text(CSV_HEAD + "1,0,allocate,0x10,100,0\n")
+    big = tmp_path / "big.csv"
+    big.write_text(CSV_HEAD + "1,0,allocate,0x10,1000000000000,0\n")
+    ran: list[str] = []
+    real = R.replay
+    monkeypatch.setattr(R, "replay", lambda tr, *a, **k: ran.append(tr.name) or real(tr, *a, **k))
+    assert main(["replay", str(ok), str(big)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "big.csv: peak live 1000000000000 bytes" in err
+    assert ran == []

@@ -90,6 +90,8 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             for t in [tr, *more]:
                 if args.snapshot_device is not None or len(tr.devices) > 1:
                     t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")
+                if device is None:
+                    R.emulated_capacity(t)  # too large for the emulator: say so before any replay
                 traces.append((path, t))
     except UsageError as e:
         return fail(prog, f"{e} (see --help)")
