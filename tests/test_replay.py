@@ -742,7 +742,7 @@ def test_snapshot_devices_and_recorded_ooms(tmp_path: Path) -> None:
     second = R.load(p, 2)
     assert (second.device, second.n_failed, second.n_prelude) == (2, 0, 1)
     assert second.peak_live == 7 * MiB
-    with pytest.raises(R.TraceError, match=r"device 3 not in the trace \(0\.\.2\)"):
+    with pytest.raises(R.TraceError, match=r"device 3 not in the snapshot, which has devices 0\.\.2"):
         R.load(p, 3)
 
 
@@ -765,7 +765,7 @@ def test_cli_replays_every_device_of_a_snapshot(
     capsys.readouterr()
     assert main(["replay", str(p), "--snapshot-device", "5"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "device 5 not in the trace" in err
+    assert len(err.strip().splitlines()) == 1 and "device 5 not in the snapshot" in err
     # a single-device snapshot keeps its plain name
     one = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 100)]), "one.pickle")
     assert main(["replay", str(one)]) == 0

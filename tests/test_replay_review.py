@@ -149,3 +149,14 @@ def test_cli_refuses_a_trace_too_large_for_the_emulator_before_any_replay(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "big.csv: peak live 1000000000000 bytes" in err
     assert ran == []
+
+
+def test_device_of_a_snapshot_without_device_traces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The message said "device 2 not in the trace (0..-1)".
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": []}, "none.pickle")
+    assert main(["replay", str(p), "--snapshot-device", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "none.pickle: device 2 not in the snapshot, which has no device traces" in err
+    assert "-1" not in err

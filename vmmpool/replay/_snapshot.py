@@ -111,7 +111,8 @@ def snapshot_to_trace(
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
     if not 0 <= device < max(len(traces), 1):
-        raise TraceError(f"{name}: device {device} not in the trace (0..{len(traces) - 1})")
+        have = f"devices 0..{len(traces) - 1}" if traces else "no device traces"
+        raise TraceError(f"{name}: device {device} not in the snapshot, which has {have}")
     events = traces[device] if traces else []
     if not isinstance(events, list):
         raise TraceError(f"{name}: device_traces[{device}] must be a list")
