@@ -160,3 +160,20 @@ def test_device_of_a_snapshot_without_device_traces(
     err = capsys.readouterr().err
     assert "none.pickle: device 2 not in the snapshot, which has no device traces" in err
     assert "-1" not in err
+
+
+@pytest.mark.parametrize("field", ["1_000", "+5", " -0", "\u0663", "0x_10", "0x", "1.0", "5 6"])
+def test_csv_numbers_are_ascii_decimal_or_hex_only(tmp_path: Path, field: str) -> None:
+    # int() took '1_000', '+5', Arabic-Indic digits and '0x_10': none is what the message
+    # promises ("decimal or 0x hex").
+    p = tmp_path / "n.csv"
+    p.write_text(CSV_HEAD + f"1,0,allocate,0x10,{field},0\n", encoding="utf-8")
+    with pytest.raises(R.TraceError, match=r"n\.csv: line 2: expected a pointer, a size and a stream"):
+        R.load(p)
+
+
+def test_csv_numbers_decimal_and_hex_both_cases(tmp_path: Path) -> None:
+    p = tmp_path / "n.csv"
+    p.write_text(CSV_HEAD + "1,0,allocate,0X1f,0x10, 7 \n1,0,free,31,16,0\n")
+    tr = R.load(p)
+    assert tr.events == ((False, 0, 16, 7), (True, 0, 16, 7))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,17 @@ __all__ = ["load_csv", "CSV_HEADER"]
 CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
 
 
+#: What a pointer, size or stream field holds: ASCII decimal digits or ``0x`` hex (int() alone
+#: also takes a sign, ``_`` separators and non-ASCII digits).
+_NUMBER = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
+
+
 def _parse_hex_or_int(text: str) -> int:
     """A pointer, size or stream of an RMM log: decimal or ``0x`` hex, in [0, 2**64)."""
     t = text.strip()
-    if len(t) > 24:  # 2**64 takes 20 digits, 18 characters in hex: no int() of a long field
+    if len(t) > 24 or not _NUMBER.fullmatch(t):  # 2**64 takes 20 digits: no int() of a long field
         raise ValueError(t)
-    n = int(t, 16) if t.lower().startswith("0x") else int(t)
+    n = int(t, 16) if t[1:2] in ("x", "X") else int(t)
     if not 0 <= n < 1 << 64:
         raise ValueError(t)
     return n
