@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -177,3 +178,46 @@ def test_csv_numbers_decimal_and_hex_both_cases(tmp_path: Path) -> None:
     p.write_text(CSV_HEAD + "1,0,allocate,0X1f,0x10, 7 \n1,0,free,31,16,0\n")
     tr = R.load(p)
     assert tr.events == ((False, 0, 16, 7), (True, 0, 16, 7))
+
+
+# ---------------------------------------------------------------- benchmark
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "replay.py"
+
+
+def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent.parent), "TMPDIR": str(tmp_path)}
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        (CSV_HEAD + "1,0,allocate,0x10,100,0\n", ["--scale", "0"], "factor must be a number in (0, 1e6)"),
+        (CSV_HEAD + "1,0,allocate,0x10,nan,0\n", [], "t.csv: line 2: expected a pointer"),
+        (CSV_HEAD + "1,0,allocate,0x10,1000000000000,0\n", [], "more than the host emulator replays"),
+        (CSV_HEAD + "1,0,allocate,0x10,100,0\n", ["--scale", "1e300"], "factor must be a number"),
+    ],
+    ids=["scale-0", "bad-field", "too-large", "scale-huge"],
+)
+def test_benchmark_bad_input_is_one_line_exit_2(
+    tmp_path: Path, content: str, args: list[str], message: str
+) -> None:
+    # They were tracebacks (ValueError from scaled(), TraceError from load()).
+    p = tmp_path / "t.csv"
+    p.write_text(content)
+    out = run_bench(tmp_path, str(p), "--json", str(tmp_path / "r.json"), *args)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and message in out.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_benchmark_replays_every_device_of_a_snapshot(tmp_path: Path) -> None:
+    # Only the first device with events was replayed: device 2's row was missing.
+    p = write_pickle(tmp_path, two_device_snapshot(), "m.pickle")
+    out = run_bench(tmp_path, str(p), "--no-peers", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    recs = json.loads((tmp_path / "r.json").read_text())["traces"]
+    assert [(r["trace"], r["peak_live"], r["recorded_ooms"]) for r in recs] == [
+        ("m.pickle [device 0]", MiB, 0), ("m.pickle [device 2]", 6 * MiB, 1),
+    ]
