@@ -221,3 +221,24 @@ def test_benchmark_replays_every_device_of_a_snapshot(tmp_path: Path) -> None:
     assert [(r["trace"], r["peak_live"], r["recorded_ooms"]) for r in recs] == [
         ("m.pickle [device 0]", MiB, 0), ("m.pickle [device 2]", 6 * MiB, 1),
     ]
+
+
+# ------------------------------------------------------------ snapshot reader
+@pytest.mark.parametrize("between", [[], [ev("alloc", BASE + 8192, 100)]])
+def test_snapshot_double_free_of_a_traced_block_names_the_second_free(
+    tmp_path: Path, between: list[dict[str, Any]]
+) -> None:
+    # The second free was taken for a block live before recording (a prelude block), and the
+    # error blamed event 0: "allocation at 0x7f0000000000, which is already live".
+    events = [ev("alloc", BASE, 100), ev("free_requested", BASE, 100), *between,
+              ev("free_requested", BASE, 100)]
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [events]}, "d.pickle")
+    with pytest.raises(R.TraceError, match=rf"d\.pickle: event {len(events) - 1}: free_requested of "
+                       r"0x7f0000000000, which is not live"):
+        R.load(p)
+
+
+def test_snapshot_free_alloc_free_of_a_prelude_block_is_fine(tmp_path: Path) -> None:
+    events = [ev("free_requested", BASE, 100), ev("alloc", BASE, 50), ev("free_requested", BASE, 50)]
+    tr = R.load(write_pickle(tmp_path, {"segments": [], "device_traces": [events]}))
+    assert tr.n_prelude == 1 and tr.final_live == 0 and tr.peak_live == 100

@@ -200,15 +200,17 @@ def snapshot_to_trace(
     live: dict[int, int] = {}
     early: list[tuple[int, int, int]] = []  # (addr, size, stream) freed before any alloc
     early_addrs: set[int] = set()
+    traced: set[int] = set()  # addresses the trace allocated
     for kind, addr, size, stream, i in parsed:
         if kind == 0:
             if addr in live:
                 raise TraceError(f"{name}: event {i}: alloc at {addr:#x}, which is already live")
             live[addr] = size
+            traced.add(addr)
         elif kind == 1:
             if addr in live:
                 del live[addr]
-            elif addr not in early_addrs:
+            elif addr not in early_addrs and addr not in traced:
                 # Allocated before recording started (in a segment live at the start, or one
                 # whose events were not recorded, e.g. dropped past max_entries): a prelude block.
                 early.append((addr, size, stream))
