@@ -163,21 +163,34 @@ def test_device_of_a_snapshot_without_device_traces(
     assert "-1" not in err
 
 
-@pytest.mark.parametrize("field", ["1_000", "+5", " -0", "\u0663", "0x_10", "0x", "1.0", "5 6"])
-def test_csv_numbers_are_ascii_decimal_or_hex_only(tmp_path: Path, field: str) -> None:
-    # int() took '1_000', '+5', Arabic-Indic digits and '0x_10': none is what the message
-    # promises ("decimal or 0x hex").
+@pytest.mark.parametrize(
+    "fields", ["0x10,1_000,0", "0x10,+5,0", "0x10, -0,0", "0x10,\u0663,0", "0x_10,5,0", "0x,5,0",
+               "0x10,1.0,0", "0x10,5 6,0", "0x10,ff,0", "g0,5,0", "0x10,5,-1", "0x10,5,0x"],
+)
+def test_csv_fields_are_plain_hex_and_decimal(tmp_path: Path, fields: str) -> None:
+    # int() took '1_000', '+5', Arabic-Indic digits and '0x_10': none is a pointer or a size.
     p = tmp_path / "n.csv"
-    p.write_text(CSV_HEAD + f"1,0,allocate,0x10,{field},0\n", encoding="utf-8")
+    p.write_text(CSV_HEAD + f"1,0,allocate,{fields}\n", encoding="utf-8")
     with pytest.raises(R.TraceError, match=r"n\.csv: line 2: expected a pointer, a size and a stream"):
         R.load(p)
 
 
-def test_csv_numbers_decimal_and_hex_both_cases(tmp_path: Path) -> None:
-    p = tmp_path / "n.csv"
-    p.write_text(CSV_HEAD + "1,0,allocate,0X1f,0x10, 7 \n1,0,free,31,16,0\n")
+def test_csv_pointers_and_streams_are_hex_with_or_without_0x(tmp_path: Path) -> None:
+    # RMM 25.x logs pointers and streams with %llx (no 0x): '7f4a00000000' was refused, and a
+    # pointer of hex digits only ('10') was read as decimal.
+    p = tmp_path / "new.csv"
+    p.write_text(
+        CSV_HEAD
+        + "140,10:00:00.000001,allocate,7f4a00000000,1024,7f4a1c000b20\n"
+        + "140,10:00:00.000002,allocate,10,16,0\n"
+        + "140,10:00:00.000003,free,0x10,16,0x0\n"
+        + "140,10:00:00.000004,free,0X7F4A00000000,1024,7F4A1C000B20\n"
+    )
     tr = R.load(p)
-    assert tr.events == ((False, 0, 16, 7), (True, 0, 16, 7))
+    s = 0x7F4A1C000B20
+    assert tr.events == ((False, 0, 1024, s), (False, 1, 16, 0), (True, 1, 16, 0), (True, 0, 1024, s))
+    assert tr.streams == (s, 0)
+    assert R.replay(tr).completed
 
 
 # ---------------------------------------------------------------- benchmark

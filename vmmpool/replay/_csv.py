@@ -18,17 +18,19 @@ __all__ = ["load_csv", "CSV_HEADER"]
 CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
 
 
-#: What a pointer, size or stream field holds: ASCII decimal digits or ``0x`` hex (int() alone
-#: also takes a sign, ``_`` separators and non-ASCII digits).
-_NUMBER = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
+#: A pointer or stream field: hex, with or without ``0x`` (RMM wrote ``fmt::ptr``, ``0x7f...``,
+#: up to 24.x and ``%llx``, ``7f...``, since). A size field: decimal (``%zu``), or ``0x`` hex.
+#: int() alone also takes a sign, ``_`` separators and non-ASCII digits: not these.
+_HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]+")
+_SIZE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
 
 
-def _parse_hex_or_int(text: str) -> int:
-    """A pointer, size or stream of an RMM log: decimal or ``0x`` hex, in [0, 2**64)."""
+def _parse_field(text: str, hex_only: bool) -> int:
+    """A pointer or stream (`hex_only`) or a size of an RMM log, in [0, 2**64)."""
     t = text.strip()
-    if len(t) > 24 or not _NUMBER.fullmatch(t):  # 2**64 takes 20 digits: no int() of a long field
-        raise ValueError(t)
-    n = int(t, 16) if t[1:2] in ("x", "X") else int(t)
+    if len(t) > 24 or not (_HEX if hex_only else _SIZE).fullmatch(t):
+        raise ValueError(t)  # 2**64 takes 20 digits: no int() of a long field
+    n = int(t, 16) if hex_only or t[1:2] in ("x", "X") else int(t)
     if not 0 <= n < 1 << 64:
         raise ValueError(t)
     return n
@@ -40,7 +42,9 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
     Parameters
     ----------
     path : path-like
-        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Actions are
+        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Pointers and
+        streams are hex, with or without ``0x`` (RMM 25.x writes ``%llx``, earlier
+        versions ``0x...``); sizes are decimal (or ``0x`` hex). Actions are
         ``allocate``, ``free`` and ``allocate failure`` (skipped, counted in
         :attr:`Trace.n_failed`).
     text : str, optional
@@ -91,14 +95,14 @@ def _csv_rows(name: str, rows: Any) -> Trace:
             raise TraceError(f"{name}: {where}: expected 6 fields, got {len(row)} (truncated?)")
         action = row[2].strip().lower()
         try:
-            addr = _parse_hex_or_int(row[3])
-            size = _parse_hex_or_int(row[4])
-            stream = _parse_hex_or_int(row[5])
+            addr = _parse_field(row[3], True)
+            size = _parse_field(row[4], False)
+            stream = _parse_field(row[5], True)
         except ValueError:
             got = ", ".join(brief(f.strip(), 24) for f in row[3:6])
             raise TraceError(
                 f"{name}: {where}: expected a pointer, a size and a stream, each an integer in "
-                f"[0, 2**64) (decimal or 0x hex), got {got}"
+                f"[0, 2**64) (pointer and stream in hex, 0x optional; size in decimal), got {got}"
             ) from None
         if action == "allocate":
             b.alloc(addr, size, stream, where)
