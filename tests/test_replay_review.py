@@ -193,6 +193,24 @@ def test_csv_pointers_and_streams_are_hex_with_or_without_0x(tmp_path: Path) -> 
     assert R.replay(tr).completed
 
 
+def test_csv_null_pointer_zero_byte_allocations_are_skipped(tmp_path: Path) -> None:
+    # RMM resources return nullptr for 0 bytes and the logging adaptor logs it: the second
+    # such line was refused ("allocation at 0x0, which is already live"), a free of nullptr
+    # too ("free of unknown address 0x0").
+    p = tmp_path / "null.csv"
+    p.write_text(CSV_HEAD + "1,0,allocate,0x0,0,0\n1,0,allocate,0,0,0\n1,0,allocate,0x10,8,0\n"
+                 "1,0,free,0x0,0,0\n1,0,free,0x10,8,0\n1,0,free,0,0,0\n")
+    tr = R.load(p)
+    assert tr.events == ((False, 0, 8, 0), (True, 0, 8, 0))
+    # A null pointer with bytes is still an error, and an unknown action still refused.
+    p.write_text(CSV_HEAD + "1,0,allocate,0x0,8,0\n1,0,allocate,0x0,8,0\n")
+    with pytest.raises(R.TraceError, match=r"line 3: allocation at 0x0, which is already live"):
+        R.load(p)
+    p.write_text(CSV_HEAD + "1,0,resize,0x0,0,0\n")
+    with pytest.raises(R.TraceError, match=r"line 2: unknown action 'resize'"):
+        R.load(p)
+
+
 # ---------------------------------------------------------------- benchmark
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "replay.py"
 

@@ -46,7 +46,8 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
         streams are hex, with or without ``0x`` (RMM 25.x writes ``%llx``, earlier
         versions ``0x...``); sizes are decimal (or ``0x`` hex). Actions are
         ``allocate``, ``free`` and ``allocate failure`` (skipped, counted in
-        :attr:`Trace.n_failed`).
+        :attr:`Trace.n_failed`). 0-byte allocations at the null pointer (what RMM's
+        resources return for 0 bytes) and frees of the null pointer are skipped.
     text : str, optional
         The file's contents, when already read (`path` then only names it).
 
@@ -104,6 +105,10 @@ def _csv_rows(name: str, rows: Any) -> Trace:
                 f"{name}: {where}: expected a pointer, a size and a stream, each an integer in "
                 f"[0, 2**64) (pointer and stream in hex, 0x optional; size in decimal), got {got}"
             ) from None
+        if addr == 0 and action in ("allocate", "free") and (size == 0 or action == "free"):
+            # RMM resources return nullptr for 0 bytes, and the adaptor logs it; freeing
+            # nullptr does nothing. Neither is an allocation (two would share address 0).
+            continue
         if action == "allocate":
             b.alloc(addr, size, stream, where)
         elif action == "free":
