@@ -273,3 +273,15 @@ def test_snapshot_free_alloc_free_of_a_prelude_block_is_fine(tmp_path: Path) -> 
     events = [ev("free_requested", BASE, 100), ev("alloc", BASE, 50), ev("free_requested", BASE, 50)]
     tr = R.load(write_pickle(tmp_path, {"segments": [], "device_traces": [events]}))
     assert tr.n_prelude == 1 and tr.final_live == 0 and tr.peak_live == 100
+
+
+# --------------------------------------------------------------------- plot
+@pytest.mark.parametrize("unit", [0, -(1 << 30), True, 1.5])
+def test_memory_timeline_refuses_a_unit_that_is_not_a_positive_int(unit: object) -> None:
+    # unit=0 raised ZeroDivisionError from inside the plot; a negative unit drew every line
+    # below the axis, which starts at 0 (an empty plot).
+    pytest.importorskip("matplotlib")
+    from vmmpool import plot
+
+    with pytest.raises((TypeError, ValueError), match="unit"):
+        plot.memory_timeline({"allocated": ([0, 1], [1, 2])}, unit=unit)  # type: ignore[arg-type]
