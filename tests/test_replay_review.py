@@ -254,6 +254,52 @@ def test_benchmark_replays_every_device_of_a_snapshot(tmp_path: Path) -> None:
     ]
 
 
+# ------------------------------------------------------------- pickle scan
+M61 = (1 << 61) - 1  # k * M61 hashes to 0 for every int k
+
+
+def colliding_dict_pickle(n: int, key: Any = lambda i: i * M61) -> bytes:
+    """A snapshot dict whose 'x' is a dict of `n` keys (pickled without building it)."""
+    out = bytearray(b"\x80\x04}(")
+    for k in ("segments", "device_traces"):
+        out += pickle.dumps(k, 4)[2:-1] + b"]"
+    out += pickle.dumps("x", 4)[2:-1] + b"}("
+    for i in range(1, n + 1):
+        out += pickle.dumps(key(i), 4)[2:-1] + b"N"
+    return bytes(out + b"uu.")
+
+
+@pytest.mark.parametrize(
+    "key", [lambda i: i * M61, lambda i: float(i * M61), lambda i: (i * M61,), lambda i: -i * M61],
+    ids=["int", "float", "tuple", "negative"],
+)
+def test_pickle_with_colliding_dict_keys_is_refused(tmp_path: Path, key: Any) -> None:
+    # 40,000 int keys that all hash to 0 (a 0.5 MB file) took 9 s to load, quadratic in the
+    # count: a 5 MB file took about 15 minutes.
+    p = tmp_path / "coll.pickle"
+    p.write_bytes(colliding_dict_pickle(R.MAX_PICKLE_OTHER_KEYS + 1, key))
+    with pytest.raises(R.TraceError, match=r"coll\.pickle: refused: more than 4,096 dict keys or set "
+                       r"items that are not strings"):
+        R.load(p)
+
+
+def test_pickle_with_colliding_set_items_is_refused() -> None:
+    n = R.MAX_PICKLE_OTHER_KEYS + 1
+    for data in (pickle.dumps({"s": {i * M61 for i in range(1, 3)}}, 4),):
+        R.scan_pickle(data)  # a few are fine
+    body = b"".join(pickle.dumps(i * M61, 4)[2:-1] for i in range(1, n + 1))
+    for data in (b"\x80\x04\x8f(" + body + b"\x90.", b"\x80\x04(" + body + b"\x91."):  # set, frozenset
+        with pytest.raises(R.TraceError, match="dict keys or set items that are not strings"):
+            R.scan_pickle(data, "s.pickle")
+
+
+def test_pickle_with_a_few_number_keys_and_many_string_keys_loads(tmp_path: Path) -> None:
+    data = {"segments": [], "device_traces": [[]], "ints": {i: i for i in range(R.MAX_PICKLE_OTHER_KEYS)},
+            "strs": {f"k{i}": i for i in range(20_000)}}
+    R.scan_pickle(pickle.dumps(data))
+    assert R.load(write_pickle(tmp_path, data)).events == ()
+
+
 # ------------------------------------------------------------ snapshot reader
 @pytest.mark.parametrize("between", [[], [ev("alloc", BASE + 8192, 100)]])
 def test_snapshot_double_free_of_a_traced_block_names_the_second_free(

@@ -58,6 +58,7 @@ from ._peers import PEERS, PeerResult, gpu_unavailable_reason, parse_peer_output
 from ._pickle_scan import (
     MAX_PICKLE_DEPTH,
     MAX_PICKLE_INT_BITS,
+    MAX_PICKLE_OTHER_KEYS,
     PICKLE_HASH_FLOOR,
     PICKLE_HASH_PER_BYTE,
     PICKLE_WEIGHT_FLOOR,
@@ -98,6 +99,7 @@ __all__ = [
     "gpu_unavailable_reason",
     "MAX_PICKLE_DEPTH",
     "MAX_PICKLE_INT_BITS",
+    "MAX_PICKLE_OTHER_KEYS",
     "PICKLE_HASH_FLOOR",
     "PICKLE_HASH_PER_BYTE",
     "PICKLE_WEIGHT_FLOOR",
