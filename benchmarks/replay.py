@@ -42,6 +42,7 @@ import _common
 import vmmpool
 from vmmpool import replay as R
 from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50
+from vmmpool.replay._load import _load_devices
 
 #: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
 #: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         device = None if args.device is None else vmmpool.Device(args.device)
         jobs = []
         for path in args.traces:
-            first = R.load(path)
             # A PyTorch snapshot with events on several devices: one row per device.
-            bases = [first, *(R.load(path, d) for d in first.devices[1:])]
+            bases = _load_devices(path)
             for base in bases:
                 if len(bases) > 1:
                     base = dataclasses.replace(base, name=f"{base.name} [device {base.device}]")

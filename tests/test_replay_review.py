@@ -331,3 +331,23 @@ def test_memory_timeline_refuses_a_unit_that_is_not_a_positive_int(unit: object)
 
     with pytest.raises((TypeError, ValueError), match="unit"):
         plot.memory_timeline({"allocated": ([0, 1], [1, 2])}, unit=unit)  # type: ignore[arg-type]
+
+
+def test_cli_reads_a_multi_device_snapshot_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One row per device: the file was read, scanned and unpickled again for every device
+    # (8 devices of a 1 GB snapshot: 8 full loads).
+    import vmmpool.replay._pickle_scan as scan
+    import vmmpool.replay._snapshot as snap
+
+    data = two_device_snapshot()
+    data["device_traces"] += [[ev("alloc", BASE, 100)] for _ in range(5)]
+    p = write_pickle(tmp_path, data, "m.pickle")
+    scans: list[str] = []
+    real = scan.scan_pickle
+    monkeypatch.setattr(snap, "scan_pickle", lambda raw, name: scans.append(name) or real(raw, name))
+    assert main(["replay", str(p)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:8]
+    assert [r.split()[2] for r in rows] == ["0]", "2]", "3]", "4]", "5]", "6]", "7]"]
+    assert scans == ["m.pickle"]

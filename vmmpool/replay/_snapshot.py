@@ -48,7 +48,12 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
         of :func:`scan_pickle` (checked before anything is loaded), is
         truncated or malformed; the message names the file and the event index.
     """
-    p = Path(path)
+    data, name, size = _read(Path(path))
+    return snapshot_to_trace(data, name, device, max_items=size)
+
+
+def _read(p: Path) -> tuple[Any, str, int]:
+    """The loaded data of a snapshot file (see :func:`load_snapshot`), its name and size."""
     name = p.name
     try:
         raw = p.read_bytes()
@@ -72,7 +77,7 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
             f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
             f"({type(e).__name__}: {_cut(str(e))})"
         ) from None
-    return snapshot_to_trace(data, name, device, max_items=size)
+    return data, name, size
 
 
 def snapshot_to_trace(
