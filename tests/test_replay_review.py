@@ -351,3 +351,23 @@ def test_cli_reads_a_multi_device_snapshot_once(
     rows = capsys.readouterr().out.splitlines()[1:8]
     assert [r.split()[2] for r in rows] == ["0]", "2]", "3]", "4]", "5]", "6]", "7]"]
     assert scans == ["m.pickle"]
+
+
+# ------------------------------------------------------------ error messages
+@pytest.mark.parametrize(
+    "name, content, shown",
+    [
+        ("esc.csv", b"Thread\x1b[31mRED,Time\n", r"got Thread\x1b[31mRED,Time"),
+        ("esc.pickle", b"c\x1b]0;owned\x07os\nsystem\n.", r"the class \x1b]0;owned\x07os.system"),
+    ],
+)
+def test_errors_escape_a_files_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, shown: str
+) -> None:
+    # A header or a class name from the file was quoted raw: its escape sequences reached
+    # the terminal (colours, window title, worse).
+    p = tmp_path / name
+    p.write_bytes(content)
+    assert main(["replay", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and shown in err
