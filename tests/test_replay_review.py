@@ -371,3 +371,22 @@ def test_errors_escape_a_files_control_characters(
     assert main(["replay", str(p)]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and shown in err
+
+
+def test_snapshot_device_with_nothing_to_replay_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --snapshot-device 1 (no events, no segments) replayed an empty trace: exit 0, a row of
+    # zeros, as if the device had been replayed.
+    p = write_pickle(tmp_path, two_device_snapshot(), "m.pickle")
+    assert main(["replay", str(p), "--snapshot-device", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "m.pickle: device 1 has no events and no segments: nothing to replay (devices with " \
+        "events: 0, 2)" in err
+    # A device with segments but no events replays its live blocks (a snapshot taken without
+    # recording history).
+    data = two_device_snapshot()
+    data["segments"] = [{"device": 1, "address": BASE, "total_size": 2 * MiB, "stream": 0, "blocks": [
+        {"address": BASE, "size": MiB, "requested_size": 1000, "state": "active_allocated"}]}]
+    tr = R.load(write_pickle(tmp_path, data, "s.pickle"), 1)
+    assert tr.n_prelude == 1 and tr.peak_live == 1000 and tr.recorded_peak_reserved == 2 * MiB

@@ -35,7 +35,8 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
     path : path-like
         A file written by ``torch.cuda.memory._dump_snapshot``.
     device : int, optional
-        Which CUDA device's trace to read; default: the first with events.
+        Which CUDA device's trace to read; default: the first with events. A
+        device given that has neither events nor segments is a :class:`TraceError`.
 
     Returns
     -------
@@ -111,6 +112,7 @@ def snapshot_to_trace(
     if not isinstance(traces, list) or not isinstance(segments, list):
         raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
     with_events = tuple(i for i, t in enumerate(traces) if t)
+    explicit = device is not None
     if device is None:
         device = with_events[0] if with_events else 0
     elif isinstance(device, bool) or not isinstance(device, int):
@@ -159,6 +161,13 @@ def snapshot_to_trace(
             raise TraceError(
                 f"{name}: {where}: malformed segment ({type(e).__name__}: {_cut(str(e), 80)})"
             ) from None
+
+    if explicit and not events and not final_segs:
+        have = ", ".join(map(str, with_events)) if with_events else "none"
+        raise TraceError(
+            f"{name}: device {device} has no events and no segments: nothing to replay "
+            f"(devices with events: {have})"
+        )
 
     # Pass 1: parse the events; find segments that existed at the start.
     parsed: list[tuple[int, int, int, int, int]] = []  # (kind, addr, size, stream, index)
