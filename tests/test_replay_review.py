@@ -390,3 +390,35 @@ def test_snapshot_device_with_nothing_to_replay_is_an_error(
         {"address": BASE, "size": MiB, "requested_size": 1000, "state": "active_allocated"}]}]
     tr = R.load(write_pickle(tmp_path, data, "s.pickle"), 1)
     assert tr.n_prelude == 1 and tr.peak_live == 1000 and tr.recorded_peak_reserved == 2 * MiB
+
+
+def fake_peers(monkeypatch: pytest.MonkeyPatch, completes: Any) -> list[int | None]:
+    """Peers on a pretend GPU: `completes(limit)` says whether a run completes."""
+    import vmmpool.replay._peers as peers
+
+    limits: list[int | None] = []
+
+    def run(peer: str, path: str, limit: int | None, timeout: float, device: int | None = None
+            ) -> dict[str, Any]:
+        limits.append(limit)
+        return {"completed": completes(limit), "peak_reserved": 10 * MiB, "peak_allocated": MiB,
+                "wall_s": 0.0}
+
+    monkeypatch.setattr(peers, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(peers, "_peer_run", run)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    return limits
+
+
+def test_peer_min_limit_is_one_a_run_completed_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # When no limited run completed (each crashed, or the peer needs more under a limit),
+    # the search reported the peer's peak reserved as its smallest limit, never run.
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [[ev("alloc", BASE, MiB)]]})
+    fake_peers(monkeypatch, lambda limit: limit is None)
+    got = R.peer_replays(p, ["cupy"])
+    assert got[0].completed and got[0].min_limit is None
+    limits = fake_peers(monkeypatch, lambda limit: limit is None or limit >= 6 * MiB)
+    got = R.peer_replays(p, ["cupy"])
+    assert got[0].min_limit == 6 * MiB
+    assert 6 * MiB in limits and 10 * MiB in limits

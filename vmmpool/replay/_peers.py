@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _PEER_MARK = "VMMPOOL-PEER-RESULT "
+#: The peers' limit search goes in steps of this many bytes.
+_PEER_STEP = 2 << 20
 
 #: The peer allocators :func:`peer_replays` runs, by name.
 PEERS = ("torch", "torch-expandable", "torch-vmmpool", "cupy")
@@ -42,7 +44,8 @@ class PeerResult:
     peak_reserved, peak_allocated : int or None
         The allocator's own peak reserved / allocated bytes.
     min_limit : int or None
-        Smallest completing limit in bytes (2 MiB steps), when searched.
+        Smallest completing limit in bytes (2 MiB steps), when searched; None when
+        not searched or when the peer did not complete even at its own peak reserved.
     wall_s : float or None
         Seconds of the default replay.
     skipped : str or None
@@ -176,20 +179,26 @@ def peer_replays(
             peak_allocated=r.get("peak_allocated"), wall_s=r.get("wall_s"),
         )
         if search and res.completed and res.peak_reserved:
-            step = 2 << 20
+            step = _PEER_STEP
+
+            def done(n: int, peer: str = peer) -> bool:
+                try:
+                    return bool(_peer_run(peer, path, n * _PEER_STEP, timeout, device)["completed"])
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    return False
+
             bad = max(0, peak_live // step - 1)
             good = -(-int(res.peak_reserved) // step)
-            while good - bad > 1:
-                mid = (bad + good) // 2
-                try:
-                    done = bool(_peer_run(peer, path, mid * step, timeout, device)["completed"])
-                except (RuntimeError, subprocess.TimeoutExpired):
-                    done = False
-                if done:
-                    good = mid
-                else:
-                    bad = mid
-            res.min_limit = good * step
+            # The upper bound must complete under a limit too (else the search would report
+            # a limit no run completed at): min_limit stays None when it does not.
+            if done(good):
+                while good - bad > 1:
+                    mid = (bad + good) // 2
+                    if done(mid):
+                        good = mid
+                    else:
+                        bad = mid
+                res.min_limit = good * step
         out.append(res)
     return out
 
