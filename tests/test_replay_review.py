@@ -422,3 +422,12 @@ def test_peer_min_limit_is_one_a_run_completed_at(tmp_path: Path, monkeypatch: p
     got = R.peer_replays(p, ["cupy"])
     assert got[0].min_limit == 6 * MiB
     assert 6 * MiB in limits and 10 * MiB in limits
+
+
+def test_a_cut_peer_result_line_is_a_runtime_error() -> None:
+    # json.JSONDecodeError went through peer_replays (it catches RuntimeError) and the CLI:
+    # a traceback.
+    from vmmpool.replay._peers import _PEER_MARK
+
+    with pytest.raises(RuntimeError, match="cupy: malformed result line"):
+        R.parse_peer_output("cupy", _PEER_MARK + '{"completed": tr', -9)

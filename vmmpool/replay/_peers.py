@@ -101,7 +101,10 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
     """
     for line in reversed(stdout.splitlines()):
         if line.startswith(_PEER_MARK):
-            out = json.loads(line[len(_PEER_MARK):])
+            try:
+                out = json.loads(line[len(_PEER_MARK):])
+            except ValueError:  # cut short (the subprocess was killed while printing it)
+                out = None
             if not isinstance(out, dict) or "completed" not in out:
                 raise RuntimeError(f"{peer}: malformed result line {_cut(line)!r}")
             return out
