@@ -22,8 +22,9 @@ recording started appear only in ``segments``: the *prelude* allocates them
 first, in address order, with their ``requested_size``. They are the
 ``active_allocated`` blocks of the final state that no traced ``alloc``
 accounts for, plus the blocks the trace frees without having allocated them
-(their address must lie in a segment that existed when recording started;
-any other free of an unknown address is a :class:`TraceError`).
+(allocated before recording started, or by events dropped past ``max_entries``;
+their size is the free's). A second free of an address, with no allocation of
+it in between, is a :class:`TraceError`.
 
 The recorded run's own peak reserved bytes come from the segment events:
 the reserved bytes at the start are the final segments' ``total_size`` sum
