@@ -51,7 +51,7 @@ _INT_OPS = frozenset({"INT", "LONG", "LONG1", "LONG4"})
 _NUM_OPS = _INT_OPS | {"BININT", "BININT1", "BININT2", "FLOAT", "BINFLOAT"}
 #: What the scan's stack holds for a string too long to keep, bytes, None, True, False or
 #: (): a scalar whose hash no file chooses (salted, or one of a few values).
-_OPAQUE = ""
+_OPAQUE: Any = object()
 #: Kinds of container (what the unpickler hashes: dict keys, set items).
 _LIST, _DICT, _SET, _TUPLE = 0, 1, 2, 3
 _BUILDS = {"LIST": _LIST, "DICT": _DICT, "FROZENSET": _SET, "TUPLE": _TUPLE}
@@ -156,7 +156,7 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
 
     def keys(items: list[Any]) -> None:
         for k in items:
-            if type(k) is not str:
+            if type(k) is not str and k is not _OPAQUE:
                 others.append(k)
         if len(others) > MAX_PICKLE_OTHER_KEYS:
             raise TraceError(other_keys)
