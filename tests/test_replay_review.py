@@ -431,3 +431,21 @@ def test_a_cut_peer_result_line_is_a_runtime_error() -> None:
 
     with pytest.raises(RuntimeError, match="cupy: malformed result line"):
         R.parse_peer_output("cupy", _PEER_MARK + '{"completed": tr', -9)
+
+
+def test_table_has_no_ratios_for_a_replay_that_ran_out_of_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1 MiB then 5 MiB under a 4 MiB limit: the second allocation fails. The row showed
+    # in use/live 0.1667 and held/live 0.3333: the first event's peaks over the whole trace's
+    # 6 MiB peak live, figures of no run.
+    events = [ev("alloc", BASE, MiB), ev("alloc", BASE + 8 * MiB, 5 * MiB)]
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [events]}, "oom.pickle")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(p), "--limit", "4MiB", "--json", str(out)]) == 1
+    head, row = capsys.readouterr().out.splitlines()[:2]  # columns aligned: read by position
+    assert "1/2 (out of memory)" in row
+    for col in ("in use/live", "held/live"):
+        assert row[head.index(col):].split()[0] == "-"
+    (rec,) = json.loads(out.read_text())["traces"]
+    assert rec["vmmpool"]["peak_in_use"] == MiB and rec["vmmpool"]["completed"] is False
