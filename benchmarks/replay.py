@@ -37,6 +37,7 @@ mean and largest, rows held above 1.05, rows whose smallest limit is within
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import time
@@ -50,6 +51,7 @@ import _common
 import vmmpool
 from vmmpool import replay as R
 from vmmpool._workloads import SWEEP_FAMILIES, gpt2_inference, gpt_inference, resnet50, sweep
+from vmmpool.replay._load import _load_devices
 
 #: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
 #: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
@@ -95,18 +97,31 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--sweep needs N >= 1, got {args.sweep}")
     elif not args.traces and not args.synthetic:
         p.error("give at least one TRACE, --synthetic or --sweep N")
-    device = None if args.device is None else vmmpool.Device(args.device)
+    # Bad input is one line and exit status 2 (argparse's own), before anything runs.
+    try:
+        device = None if args.device is None else vmmpool.Device(args.device)
+        jobs = []
+        for path in args.traces:
+            # A PyTorch snapshot with events on several devices: one row per device.
+            bases = _load_devices(path)
+            for base in bases:
+                if len(bases) > 1:
+                    base = dataclasses.replace(base, name=f"{base.name} [device {base.device}]")
+                jobs.append((path, base, False))
+                for f in args.scale or ():
+                    jobs.append((path, R.scaled(base, f), True))
+        if device is None:
+            for _path, tr, _s in jobs:
+                R.emulated_capacity(tr)
+    except vmmpool.DeviceUnavailableError as e:
+        p.error(f"device {e.device!r} is unavailable: {e.reason}")
+    except (R.TraceError, ValueError, TypeError, vmmpool.VmmError) as e:
+        p.error(str(e))
     if args.sweep is not None:
         return run_sweep(args.sweep, device, args.json)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    jobs = []
-    for path in args.traces:
-        base = R.load(path)
-        jobs.append((path, base, False))
-        for f in args.scale or ():
-            jobs.append((path, R.scaled(base, f), True))
     if args.synthetic:
         for kw in SYNTHETIC_GPT2:
             jobs.append(("", gpt2_inference(**kw), True))
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tr.name}: replay failed: {type(e).__name__}: {e}", flush=True)
             continue
         peers = [] if args.no_peers or is_scaled or (device is not None and device.is_host) else (
-            R.peer_replays(path)
+            R.peer_replays(path, device=tr.device)
         )
         rec = R.record(tr, res, mn, peers)
         rec["total_wall_s"] = time.perf_counter() - t0

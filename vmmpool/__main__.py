@@ -59,6 +59,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     from . import replay as R
     from ._errors import DeviceUnavailableError, VmmError
     from ._sizes import positive_size_arg
+    from .replay._load import _load_devices
 
     stream = sys.stdout if out is None else out
     prog = f"{PROG} replay"
@@ -85,11 +86,12 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             device = Device(args.device)
         traces = []
         for path in args.traces:
-            tr = R.load(path, args.snapshot_device)
-            more = [] if args.snapshot_device is not None else [R.load(path, d) for d in tr.devices[1:]]
-            for t in [tr, *more]:
-                if args.snapshot_device is not None or len(tr.devices) > 1:
+            rows = _load_devices(path, args.snapshot_device)
+            for t in rows:
+                if args.snapshot_device is not None or len(rows) > 1:
                     t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")
+                if device is None:
+                    R.emulated_capacity(t)  # too large for the emulator: say so before any replay
                 traces.append((path, t))
     except UsageError as e:
         return fail(prog, f"{e} (see --help)")
@@ -117,7 +119,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             continue
         if not res.completed:
             status = 1
-        peers = R.peer_replays(path, search=args.min_limit) if device is None or not device.is_host else []
+        peers = (
+            R.peer_replays(path, search=args.min_limit, device=tr.device)
+            if device is None or not device.is_host else []
+        )
         records.append(R.record(tr, res, mn, peers))
     stream.write(R.format_table(records) + "\n")
     for r in records:

@@ -445,6 +445,7 @@ def memory_timeline(
     -------
     matplotlib.axes.Axes
     """
+    unit = check_int("unit", unit, minimum=1)
     if not series:
         raise ValueError("memory_timeline needs at least one series, got none")
     for name, (xs, ys) in series.items():

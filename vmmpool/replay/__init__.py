@@ -22,8 +22,9 @@ recording started appear only in ``segments``: the *prelude* allocates them
 first, in address order, with their ``requested_size``. They are the
 ``active_allocated`` blocks of the final state that no traced ``alloc``
 accounts for, plus the blocks the trace frees without having allocated them
-(their address must lie in a segment that existed when recording started;
-any other free of an unknown address is a :class:`TraceError`).
+(allocated before recording started, or by events dropped past ``max_entries``;
+their size is the free's). A second free of an address, with no allocation of
+it in between, is a :class:`TraceError`.
 
 The recorded run's own peak reserved bytes come from the segment events:
 the reserved bytes at the start are the final segments' ``total_size`` sum
@@ -58,6 +59,7 @@ from ._peers import PEERS, PeerResult, gpu_unavailable_reason, parse_peer_output
 from ._pickle_scan import (
     MAX_PICKLE_DEPTH,
     MAX_PICKLE_INT_BITS,
+    MAX_PICKLE_OTHER_KEYS,
     PICKLE_HASH_FLOOR,
     PICKLE_HASH_PER_BYTE,
     PICKLE_WEIGHT_FLOOR,
@@ -98,6 +100,7 @@ __all__ = [
     "gpu_unavailable_reason",
     "MAX_PICKLE_DEPTH",
     "MAX_PICKLE_INT_BITS",
+    "MAX_PICKLE_OTHER_KEYS",
     "PICKLE_HASH_FLOOR",
     "PICKLE_HASH_PER_BYTE",
     "PICKLE_WEIGHT_FLOOR",

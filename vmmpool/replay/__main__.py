@@ -1,5 +1,5 @@
-"""The peer subprocess: ``python -m vmmpool.replay --peer NAME TRACE [--limit BYTES]``
-(see :func:`vmmpool.replay.peer_replays`)."""
+"""The peer subprocess: ``python -m vmmpool.replay --peer NAME TRACE [--limit BYTES]
+[--snapshot-device N]`` (see :func:`vmmpool.replay.peer_replays`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", required=True, choices=PEERS)
     ap.add_argument("trace")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--snapshot-device", type=int, default=None)
     a = ap.parse_args(argv)
-    return _peer_main(a.peer, a.trace, a.limit)
+    return _peer_main(a.peer, a.trace, a.limit, a.snapshot_device)
 
 
 if __name__ == "__main__":  # pragma: no cover - the peer subprocess

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,19 @@ __all__ = ["load_csv", "CSV_HEADER"]
 CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
 
 
-def _parse_hex_or_int(text: str) -> int:
-    """A pointer, size or stream of an RMM log: decimal or ``0x`` hex, in [0, 2**64)."""
+#: A pointer or stream field: hex, with or without ``0x`` (RMM wrote ``fmt::ptr``, ``0x7f...``,
+#: up to 24.x and ``%llx``, ``7f...``, since). A size field: decimal (``%zu``), or ``0x`` hex.
+#: int() alone also takes a sign, ``_`` separators and non-ASCII digits: not these.
+_HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]+")
+_SIZE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
+
+
+def _parse_field(text: str, hex_only: bool) -> int:
+    """A pointer or stream (`hex_only`) or a size of an RMM log, in [0, 2**64)."""
     t = text.strip()
-    if len(t) > 24:  # 2**64 takes 20 digits, 18 characters in hex: no int() of a long field
-        raise ValueError(t)
-    n = int(t, 16) if t.lower().startswith("0x") else int(t)
+    if len(t) > 24 or not (_HEX if hex_only else _SIZE).fullmatch(t):
+        raise ValueError(t)  # 2**64 takes 20 digits: no int() of a long field
+    n = int(t, 16) if hex_only or t[1:2] in ("x", "X") else int(t)
     if not 0 <= n < 1 << 64:
         raise ValueError(t)
     return n
@@ -34,9 +42,12 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
     Parameters
     ----------
     path : path-like
-        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Actions are
+        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Pointers and
+        streams are hex, with or without ``0x`` (RMM 25.x writes ``%llx``, earlier
+        versions ``0x...``); sizes are decimal (or ``0x`` hex). Actions are
         ``allocate``, ``free`` and ``allocate failure`` (skipped, counted in
-        :attr:`Trace.n_failed`).
+        :attr:`Trace.n_failed`). 0-byte allocations at the null pointer (what RMM's
+        resources return for 0 bytes) and frees of the null pointer are skipped.
     text : str, optional
         The file's contents, when already read (`path` then only names it).
 
@@ -85,15 +96,19 @@ def _csv_rows(name: str, rows: Any) -> Trace:
             raise TraceError(f"{name}: {where}: expected 6 fields, got {len(row)} (truncated?)")
         action = row[2].strip().lower()
         try:
-            addr = _parse_hex_or_int(row[3])
-            size = _parse_hex_or_int(row[4])
-            stream = _parse_hex_or_int(row[5])
+            addr = _parse_field(row[3], True)
+            size = _parse_field(row[4], False)
+            stream = _parse_field(row[5], True)
         except ValueError:
             got = ", ".join(brief(f.strip(), 24) for f in row[3:6])
             raise TraceError(
                 f"{name}: {where}: expected a pointer, a size and a stream, each an integer in "
-                f"[0, 2**64) (decimal or 0x hex), got {got}"
+                f"[0, 2**64) (pointer and stream in hex, 0x optional; size in decimal), got {got}"
             ) from None
+        if addr == 0 and action in ("allocate", "free") and (size == 0 or action == "free"):
+            # RMM resources return nullptr for 0 bytes, and the adaptor logs it; freeing
+            # nullptr does nothing. Neither is an allocation (two would share address 0).
+            continue
         if action == "allocate":
             b.alloc(addr, size, stream, where)
         elif action == "free":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import _snapshot
 from ._csv import CSV_HEADER, load_csv
 from ._snapshot import load_snapshot
 from ._trace import Trace, TraceError
@@ -23,6 +24,13 @@ def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
         Unreadable, unknown format, or malformed (see the readers).
     """
     p = Path(path)
+    if _is_csv(p, device):
+        return load_csv(p)
+    return load_snapshot(p, device)
+
+
+def _is_csv(p: Path, device: int | None) -> bool:
+    """True for an RMM log, False for a PyTorch snapshot; TraceError for neither."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(64)
@@ -31,13 +39,27 @@ def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
     if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
         if device is not None:
             raise TraceError(f"{p.name}: an RMM log has no devices to choose (device={device})")
-        return load_csv(p)
+        return True
     if head[:1] == b"\x80" or p.suffix in (".pickle", ".pkl"):
-        return load_snapshot(p, device)
+        return False
     raise TraceError(
         f"{p.name}: unknown format: expected a PyTorch snapshot pickle or an RMM CSV log "
         f"starting with {','.join(CSV_HEADER)}"
     )
+
+
+def _load_devices(path: str | os.PathLike[str], device: int | None = None) -> list[Trace]:
+    """What one file replays as: `device` of a PyTorch snapshot when given, else every device
+    with events (one trace each: the file is read, scanned and loaded once), or the one
+    trace of an RMM log."""
+    p = Path(path)
+    if device is not None or _is_csv(p, None):
+        return [load(p, device)]
+    data, name, size = _snapshot._read(p)
+    first = _snapshot.snapshot_to_trace(data, name, None, max_items=size)
+    return [first, *(
+        _snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in first.devices[1:]
+    )]
 
 
 def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:

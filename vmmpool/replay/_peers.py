@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _PEER_MARK = "VMMPOOL-PEER-RESULT "
+#: The peers' limit search goes in steps of this many bytes.
+_PEER_STEP = 2 << 20
 
 #: The peer allocators :func:`peer_replays` runs, by name.
 PEERS = ("torch", "torch-expandable", "torch-vmmpool", "cupy")
@@ -42,7 +44,8 @@ class PeerResult:
     peak_reserved, peak_allocated : int or None
         The allocator's own peak reserved / allocated bytes.
     min_limit : int or None
-        Smallest completing limit in bytes (2 MiB steps), when searched.
+        Smallest completing limit in bytes (2 MiB steps), when searched; None when
+        not searched or when the peer did not complete even at its own peak reserved.
     wall_s : float or None
         Seconds of the default replay.
     skipped : str or None
@@ -59,9 +62,13 @@ class PeerResult:
 
 
 def peer_command(
-    peer: str, trace_path: str | os.PathLike[str], limit: int | None = None
+    peer: str, trace_path: str | os.PathLike[str], limit: int | None = None,
+    device: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The subprocess command line and environment that replay through `peer`.
+
+    `device` picks a PyTorch snapshot's device (see :func:`~vmmpool.replay.load`); the peer
+    replays it on its own GPU 0.
 
     Returns
     -------
@@ -75,6 +82,8 @@ def peer_command(
     argv = [sys.executable, "-m", "vmmpool.replay", "--peer", peer, os.fspath(trace_path)]
     if limit is not None:
         argv += ["--limit", str(int(limit))]
+    if device is not None:
+        argv += ["--snapshot-device", str(int(device))]
     env = dict(os.environ)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     if peer == "torch-expandable":
@@ -92,7 +101,10 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
     """
     for line in reversed(stdout.splitlines()):
         if line.startswith(_PEER_MARK):
-            out = json.loads(line[len(_PEER_MARK):])
+            try:
+                out = json.loads(line[len(_PEER_MARK):])
+            except ValueError:  # cut short (the subprocess was killed while printing it)
+                out = None
             if not isinstance(out, dict) or "completed" not in out:
                 raise RuntimeError(f"{peer}: malformed result line {_cut(line)!r}")
             return out
@@ -100,8 +112,10 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
     raise RuntimeError(f"{peer}: subprocess exited {returncode} without a result: {tail}")
 
 
-def _peer_run(peer: str, path: str, limit: int | None, timeout: float) -> dict[str, Any]:
-    argv, env = peer_command(peer, path, limit)
+def _peer_run(
+    peer: str, path: str, limit: int | None, timeout: float, device: int | None = None
+) -> dict[str, Any]:
+    argv, env = peer_command(peer, path, limit, device)
     proc = subprocess.run(
         argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -121,6 +135,7 @@ def peer_replays(
     *,
     search: bool = True,
     timeout: float = 600.0,
+    device: int | None = None,
 ) -> list[PeerResult]:
     """Replay a trace file through PyTorch's caching allocator (also on vmmpool) and CuPy's pool.
 
@@ -128,7 +143,8 @@ def peer_replays(
     allocator and, for PyTorch, its own ``PYTORCH_CUDA_ALLOC_CONF``); a limit
     is set with ``torch.cuda.set_per_process_memory_fraction`` or
     ``cupy.cuda.MemoryPool.set_limit`` (for ``torch-vmmpool``: the page
-    pool's limit). With `search`, the smallest limit at
+    pool's limit). `device` picks a PyTorch snapshot's device, as for
+    :func:`~vmmpool.replay.load` (default: the first with events). With `search`, the smallest limit at
     which each completes is searched by bisection in 2 MiB steps between the
     peak live bytes and the peer's own peak reserved.
 
@@ -145,7 +161,7 @@ def peer_replays(
     reason = gpu_unavailable_reason()
     out = []
     path = os.fspath(trace_path)
-    peak_live = load(path).peak_live if search and reason is None else 0
+    peak_live = load(path, device).peak_live if search and reason is None else 0
     for peer in peers:
         if reason is not None:
             out.append(PeerResult(peer, skipped=f"no CUDA GPU ({reason})"))
@@ -157,7 +173,7 @@ def peer_replays(
             out.append(PeerResult(peer, skipped=f"{mod} is not installed"))
             continue
         try:
-            r = _peer_run(peer, path, None, timeout)
+            r = _peer_run(peer, path, None, timeout, device)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             out.append(PeerResult(peer, skipped=str(e)))
             continue
@@ -166,20 +182,26 @@ def peer_replays(
             peak_allocated=r.get("peak_allocated"), wall_s=r.get("wall_s"),
         )
         if search and res.completed and res.peak_reserved:
-            step = 2 << 20
+            step = _PEER_STEP
+
+            def done(n: int, peer: str = peer) -> bool:
+                try:
+                    return bool(_peer_run(peer, path, n * _PEER_STEP, timeout, device)["completed"])
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    return False
+
             bad = max(0, peak_live // step - 1)
             good = -(-int(res.peak_reserved) // step)
-            while good - bad > 1:
-                mid = (bad + good) // 2
-                try:
-                    done = bool(_peer_run(peer, path, mid * step, timeout)["completed"])
-                except (RuntimeError, subprocess.TimeoutExpired):
-                    done = False
-                if done:
-                    good = mid
-                else:
-                    bad = mid
-            res.min_limit = good * step
+            # The upper bound must complete under a limit too (else the search would report
+            # a limit no run completed at): min_limit stays None when it does not.
+            if done(good):
+                while good - bad > 1:
+                    mid = (bad + good) // 2
+                    if done(mid):
+                        good = mid
+                    else:
+                        bad = mid
+                res.min_limit = good * step
         out.append(res)
     return out
 
@@ -205,9 +227,11 @@ def _torch_events(torch: Any, tr: Any, handles: list[Any]) -> tuple[bool, float]
     return completed, time.perf_counter() - t0
 
 
-def _peer_main(peer: str, path: str, limit: int | None) -> int:  # pragma: no cover - GPU only
+def _peer_main(
+    peer: str, path: str, limit: int | None, device: int | None = None
+) -> int:  # pragma: no cover - GPU only
     """Inside the subprocess: replay through one peer, print one result line."""
-    tr = load(path)
+    tr = load(path, device)
     handles: list[Any] = [None] * tr.n_slots
     completed = True
     if peer == "cupy":

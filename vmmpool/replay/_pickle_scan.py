@@ -12,7 +12,7 @@ from ._trace import TraceError, _cut
 
 __all__ = [
     "scan_pickle", "MAX_PICKLE_DEPTH", "PICKLE_WEIGHT_PER_BYTE", "PICKLE_WEIGHT_FLOOR",
-    "PICKLE_HASH_PER_BYTE", "PICKLE_HASH_FLOOR", "MAX_PICKLE_INT_BITS",
+    "PICKLE_HASH_PER_BYTE", "PICKLE_HASH_FLOOR", "MAX_PICKLE_INT_BITS", "MAX_PICKLE_OTHER_KEYS",
 ]
 
 # Bounds on an untrusted snapshot pickle, checked on its opcodes before it is loaded
@@ -31,6 +31,11 @@ PICKLE_WEIGHT_FLOOR = 1 << 20
 #: snapshots' keys are strings, under one per 2 bytes.
 PICKLE_HASH_PER_BYTE = 4
 PICKLE_HASH_FLOOR = 1 << 20
+#: Dict keys and set items that are not strings (numbers, tuples: objects an attacker can
+#: make collide, as ``k * (2**61 - 1)`` all hash to 0, so that building one dict takes time
+#: quadratic in its size; a string's hash is salted per process), counted with everything
+#: inside them: at most this many in the whole file. Real snapshots' keys are all strings.
+MAX_PICKLE_OTHER_KEYS = 1 << 12
 #: Largest integer in a pickle, in bits (snapshot values fit 64; a bigger one is refused
 #: by the reader with its field's name).
 MAX_PICKLE_INT_BITS = 1 << 16
@@ -42,6 +47,11 @@ _CODE_OPS = frozenset({
 })
 _STR_OPS = frozenset({"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
 _INT_OPS = frozenset({"INT", "LONG", "LONG1", "LONG4"})
+#: Opcodes that push a number (its hash is an attacker's to choose).
+_NUM_OPS = _INT_OPS | {"BININT", "BININT1", "BININT2", "FLOAT", "BINFLOAT"}
+#: What the scan's stack holds for a string too long to keep, bytes, None, True, False or
+#: (): a scalar whose hash no file chooses (salted, or one of a few values).
+_OPAQUE: Any = object()
 #: Kinds of container (what the unpickler hashes: dict keys, set items).
 _LIST, _DICT, _SET, _TUPLE = 0, 1, 2, 3
 _BUILDS = {"LIST": _LIST, "DICT": _DICT, "FROZENSET": _SET, "TUPLE": _TUPLE}
@@ -76,6 +86,10 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     * dict keys and set items whose hashing, while loading, would walk more
       than :data:`PICKLE_HASH_PER_BYTE` objects per byte (plus
       :data:`PICKLE_HASH_FLOOR`): tuples built of shared tuples;
+    * more than :data:`MAX_PICKLE_OTHER_KEYS` dict keys and set items that are
+      not strings (numbers and tuples, counted with what they hold): such keys
+      can be made to collide, and a dict of colliding keys takes quadratic time
+      to build;
     * integers beyond :data:`MAX_PICKLE_INT_BITS` bits, memo indices beyond
       the number of opcodes read (the unpickler sizes its memo by the largest
       index), frames that run past the end of the file, and anything
@@ -99,7 +113,8 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     """
     size = len(data)
     # Stack items: a container node (int >= 0), a short string (kept to name the class
-    # a STACK_GLOBAL refers to) or None (any other scalar).
+    # a STACK_GLOBAL refers to), _OPAQUE (another scalar whose hash no file chooses) or None
+    # (a number).
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
@@ -108,9 +123,17 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
     # Container node -> a lower bound of its depth, kept as items arrive: a deep file is
     # refused as soon as it gets too deep (the exact walk after the scan decides the rest).
     low = bytearray()
+    # Dict keys and set items that are not strings: None (a number) or a container node.
+    others: list[Any] = []
     bio = io.BytesIO(data)
     pos = 0
     n_ops = 0
+
+    other_keys = (
+        f"{name}: refused: more than {MAX_PICKLE_OTHER_KEYS:,} dict keys or set items that "
+        "are not strings (numbers, tuples: keys that can be made to collide, which makes "
+        "loading take quadratic time; a snapshot's keys are strings)"
+    )
 
     def to_mark() -> list[Any]:
         m = marks.pop()
@@ -131,11 +154,21 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
             )
         return d + 1
 
+    def keys(items: list[Any]) -> None:
+        for k in items:
+            if type(k) is not str and k is not _OPAQUE:
+                others.append(k)
+        if len(others) > MAX_PICKLE_OTHER_KEYS:
+            raise TraceError(other_keys)
+
     def add(items: list[Any], op: str) -> None:
         top = stack[-1]
         if type(top) is not int:
             raise TraceError(f"{name}: malformed pickle: {op} at byte {pos} adds to a non-container")
         kids[top] += items
+        kind = kinds[top]
+        if kind == _DICT or kind == _SET:
+            keys(items[::2] if kind == _DICT else items)
         d = above(items)
         if d > low[top]:
             low[top] = d
@@ -160,7 +193,10 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
                         f"{name}: refused at byte {pos}: an integer of {arg.bit_length()} bits "
                         f"(at most {MAX_PICKLE_INT_BITS}; snapshot values fit 64)"
                     )
-                stack.append(arg if o in _STR_OPS and len(arg) <= 100 else None)
+                if o in _STR_OPS:
+                    stack.append(arg if len(arg) <= 100 else _OPAQUE)
+                else:
+                    stack.append(None if o in _NUM_OPS else _OPAQUE)
             elif o in _PUT_OPS:
                 idx = len(memo) if o == "MEMOIZE" else arg
                 if idx > n_ops:
@@ -194,7 +230,10 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
                     del stack[-k:]
                 low.append(above(items))
                 kids.append(items)
-                kinds.append(_BUILDS.get(o, _TUPLE))
+                kind = _BUILDS.get(o, _TUPLE)
+                kinds.append(kind)
+                if kind == _DICT or kind == _SET:
+                    keys(items[::2] if kind == _DICT else items)
                 stack.append(len(kids) - 1)
             elif o == "POP":
                 if marks and marks[-1] == len(stack):
@@ -247,10 +286,13 @@ def scan_pickle(data: bytes, name: str = "pickle") -> None:
         raise TraceError(
             f"{name}: {what} pickle, stopped near byte {bio.tell()} of {size} ({_cut(text)})"
         ) from None
-    _check_shape(kids, kinds, name, size)
+    _check_shape(kids, kinds, name, size, others, other_keys)
 
 
-def _check_shape(kids: list[list[Any]], kinds: bytearray, name: str, size: int) -> None:
+def _check_shape(
+    kids: list[list[Any]], kinds: bytearray, name: str, size: int, others: list[Any],
+    other_keys: str,
+) -> None:
     """Refuse deep, self-containing or exponentially shared containers, and costly hashing.
 
     One iterative depth-first walk over every container the unpickler would build,
@@ -325,3 +367,6 @@ def _check_shape(kids: list[list[Any]], kinds: bytearray, name: str, size: int) 
             state[cur] = 2
             path.pop()
             nexts.pop()
+    # Non-string keys with everything they hold (every container's weight is known now).
+    if sum(1 if k is None else weight[k] for k in others) > MAX_PICKLE_OTHER_KEYS:
+        raise TraceError(other_keys)

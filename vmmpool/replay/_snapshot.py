@@ -35,7 +35,8 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
     path : path-like
         A file written by ``torch.cuda.memory._dump_snapshot``.
     device : int, optional
-        Which CUDA device's trace to read; default: the first with events.
+        Which CUDA device's trace to read; default: the first with events. A
+        device given that has neither events nor segments is a :class:`TraceError`.
 
     Returns
     -------
@@ -48,7 +49,12 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
         of :func:`scan_pickle` (checked before anything is loaded), is
         truncated or malformed; the message names the file and the event index.
     """
-    p = Path(path)
+    data, name, size = _read(Path(path))
+    return snapshot_to_trace(data, name, device, max_items=size)
+
+
+def _read(p: Path) -> tuple[Any, str, int]:
+    """The loaded data of a snapshot file (see :func:`load_snapshot`), its name and size."""
     name = p.name
     try:
         raw = p.read_bytes()
@@ -72,7 +78,7 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
             f"{name}: {what} pickle, stopped near byte {fh.tell()} of {size} "
             f"({type(e).__name__}: {_cut(str(e))})"
         ) from None
-    return snapshot_to_trace(data, name, device, max_items=size)
+    return data, name, size
 
 
 def snapshot_to_trace(
@@ -106,12 +112,14 @@ def snapshot_to_trace(
     if not isinstance(traces, list) or not isinstance(segments, list):
         raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
     with_events = tuple(i for i, t in enumerate(traces) if t)
+    explicit = device is not None
     if device is None:
         device = with_events[0] if with_events else 0
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
     if not 0 <= device < max(len(traces), 1):
-        raise TraceError(f"{name}: device {device} not in the trace (0..{len(traces) - 1})")
+        have = f"devices 0..{len(traces) - 1}" if traces else "no device traces"
+        raise TraceError(f"{name}: device {device} not in the snapshot, which has {have}")
     events = traces[device] if traces else []
     if not isinstance(events, list):
         raise TraceError(f"{name}: device_traces[{device}] must be a list")
@@ -154,11 +162,19 @@ def snapshot_to_trace(
                 f"{name}: {where}: malformed segment ({type(e).__name__}: {_cut(str(e), 80)})"
             ) from None
 
+    if explicit and not events and not final_segs:
+        have = ", ".join(map(str, with_events)) if with_events else "none"
+        raise TraceError(
+            f"{name}: device {device} has no events and no segments: nothing to replay "
+            f"(devices with events: {have})"
+        )
+
     # Pass 1: parse the events; find segments that existed at the start.
     parsed: list[tuple[int, int, int, int, int]] = []  # (kind, addr, size, stream, index)
     seg_seen_alloc: set[int] = set()
     start_segs: dict[int, int] = {}
     net_seg = 0
+    n_seg_events = 0
     n_oom = 0
     kinds = {"alloc": 0, "free_requested": 1, "segment_alloc": 2, "segment_map": 2,
              "segment_free": 3, "segment_unmap": 3}
@@ -181,6 +197,7 @@ def snapshot_to_trace(
             raise TraceError(
                 f"{name}: {where}: {_cut(action, 40)} event without {_cut(str(e), 80)}"
             ) from None
+        n_seg_events += kind >= 2
         if kind == 2:
             seg_seen_alloc.add(addr)
             net_seg += size
@@ -197,15 +214,17 @@ def snapshot_to_trace(
     live: dict[int, int] = {}
     early: list[tuple[int, int, int]] = []  # (addr, size, stream) freed before any alloc
     early_addrs: set[int] = set()
+    traced: set[int] = set()  # addresses the trace allocated
     for kind, addr, size, stream, i in parsed:
         if kind == 0:
             if addr in live:
                 raise TraceError(f"{name}: event {i}: alloc at {addr:#x}, which is already live")
             live[addr] = size
+            traced.add(addr)
         elif kind == 1:
             if addr in live:
                 del live[addr]
-            elif addr not in early_addrs:
+            elif addr not in early_addrs and addr not in traced:
                 # Allocated before recording started (in a segment live at the start, or one
                 # whose events were not recorded, e.g. dropped past max_entries): a prelude block.
                 early.append((addr, size, stream))
@@ -252,16 +271,19 @@ def snapshot_to_trace(
         else:
             reserved -= size
             reserved_series.append((len(b.events), reserved))
+    # Reserved bytes are known from segments only: without any (neither final segments of
+    # this device nor segment events), the recorded run's reserved bytes are unknown, not 0.
+    known = bool(final_segs) or n_seg_events > 0
     return Trace(
         name=name,
         events=tuple(b.events),
         n_slots=b.n_slots,
         n_prelude=n_prelude,
         streams=tuple(b.streams),
-        recorded_peak_reserved=peak_reserved if (final_segs or parsed) else None,
+        recorded_peak_reserved=peak_reserved if known else None,
         recorded_peak_allocated=peak_alloc,
         source="pytorch-snapshot",
-        recorded_reserved=tuple(reserved_series) if (final_segs or parsed) else (),
+        recorded_reserved=tuple(reserved_series) if known else (),
         n_failed=n_oom,
         device=device,
         devices=with_events,

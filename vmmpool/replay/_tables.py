@@ -97,8 +97,10 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
             f"{r['events']:,}" if done else f"{v['events']:,}/{r['events']:,} (out of memory)",
             str(r["streams"]),
             _gib(live),
-            _ratio(v["peak_in_use"], live),
-            _ratio(v["peak_held"], live),
+            # An incomplete replay's peaks are those of the events before it ran out of
+            # memory: not a ratio to the whole trace's peak live ("-"; the JSON has them).
+            _ratio(v["peak_in_use"], live) if done else "-",
+            _ratio(v["peak_held"], live) if done else "-",
             "-" if mn is None else _ratio(mn["bytes"], live),
             f"{v['page_creations']:,}",
             f"{v['remaps']:,}",

@@ -49,7 +49,10 @@ class Timeline:
             "reserved: vmmpool pages held": (self.events, self.reserved),
         }
         if self.recorded_reserved:
-            xs = [x for x, _ in self.recorded_reserved] + [self.events[-1] if self.events else 0]
+            # Held to the end of the plot: the last sample or the last segment event, whichever
+            # is later (x must not go back: the last segment event can follow the last free).
+            end = max(self.events[-1] if self.events else 0, self.recorded_reserved[-1][0])
+            xs = [x for x, _ in self.recorded_reserved] + [end]
             ys = [y for _, y in self.recorded_reserved] + [self.recorded_reserved[-1][1]]
             out["reserved: PyTorch, recorded run"] = (xs, ys)
         return out

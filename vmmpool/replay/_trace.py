@@ -115,8 +115,13 @@ def _int(value: object, name: str, what: str, where: str) -> int:
 
 
 def _cut(text: str, limit: int = 200) -> str:
-    """`text` cut to `limit` characters (an error message quoting something untrusted)."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """`text` cut to `limit` characters (an error message quoting something untrusted), with
+    every character that is not printable escaped (``\\x1b``: a file's terminal escape
+    sequences must not reach the terminal that shows the message)."""
+    cut = text if len(text) <= limit else text[:limit]
+    if not cut.isprintable():
+        cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return cut if len(text) <= limit else cut + f"... ({len(text)} characters)"
 
 
 def scaled(trace: Trace, factor: float) -> Trace:
