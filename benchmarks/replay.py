@@ -2,8 +2,10 @@
 
 Usage::
 
-    python benchmarks/replay.py [TRACE...] [--synthetic] [--device D] [--json PATH]
+    python benchmarks/replay.py [TRACE...] [--synthetic] [--device D] [--json PATH] [--quick [--save]]
     python benchmarks/replay.py --sweep N [--device D] [--json PATH]
+
+(``--output`` is another name for ``--json``, as in the other benchmarks.)
 
 For each trace (a PyTorch memory snapshot pickle or an RMM CSV log): one
 replay with default settings and a search of the smallest limit, in whole
@@ -81,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default=None,
         help="host, cuda or cuda:N (default: a fresh host-emulated device sized to each trace)",
     )
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="JSON file (default: benchmarks/results/replay-<device kind>.json)")
+    p.add_argument("--json", "--output", dest="json", default=None, metavar="PATH",
+                   help="JSON file (default: benchmarks/results/replay-<device kind>.json; with "
+                        "--quick and no --save: <temporary directory>/vmmpool-benchmarks/)")
+    p.add_argument("--quick", action="store_true",
+                   help="no smallest-limit searches and no peers (a smoke test); its JSON goes to a "
+                        "temporary directory unless --save")
+    p.add_argument("--save", action="store_true",
+                   help="with --quick: write the JSON to benchmarks/results/ all the same")
     p.add_argument("--no-peers", action="store_true", help="skip the GPU peer allocators")
     p.add_argument("--scale", type=float, action="append", default=None, metavar="F",
                    help="also replay each trace with every size times F (repeatable; e.g. 0.1 turns "
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--sweep replays only generated traces: give no TRACE, --synthetic or --scale")
         if args.sweep < 1:
             p.error(f"--sweep needs N >= 1, got {args.sweep}")
+        if args.quick:
+            p.error("--sweep has no --quick: give a smaller N")
     elif not args.traces and not args.synthetic:
         p.error("give at least one TRACE, --synthetic or --sweep N")
     # Bad input is one line and exit status 2 (argparse's own), before anything runs.
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             res = R.replay(tr, device)
-            mn = R.min_limit(tr, device, default=res) if res.completed else None
+            mn = R.min_limit(tr, device, default=res) if res.completed and not args.quick else None
         except (OSError, vmmpool.VmmError) as e:
             failures.append({
                 "trace": tr.name, "events": len(tr.events), "peak_live": tr.peak_live,
@@ -143,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(f"{tr.name}: replay failed: {type(e).__name__}: {e}", flush=True)
             continue
-        peers = [] if args.no_peers or is_scaled or (device is not None and device.is_host) else (
+        skip = args.no_peers or args.quick or is_scaled or (device is not None and device.is_host)
+        peers = [] if skip else (
             R.peer_replays(path, device=tr.device)
         )
         rec = R.record(tr, res, mn, peers)
@@ -160,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         "traces": records,
         "failed": failures,
     }
-    out = _common.write_json("replay", shown, R.json_safe(payload), args.json)
+    out = _common.write_json(
+        "replay", shown, R.json_safe(payload), args.json, quick=args.quick, save=args.save
+    )
     print(f"wrote {out}")
     return 1 if failures else 0
 

@@ -96,15 +96,24 @@ for bench in "${benches[@]}"; do
   name=$(basename "$bench" .py)
   share=$(( $(left) / (n > 0 ? n : 1) ))
   [ "$share" -lt 5 ] && share=5
+  # The replay benchmark takes traces: the generated ones, and the snapshots in
+  # $VMMPOOL_TRACES (a directory of *.pickle, not part of the project) when set.
+  extra=()
+  if [ "$name" = replay ]; then
+    extra=(--synthetic)
+    if [ -n "${VMMPOOL_TRACES:-}" ]; then
+      for t in "$VMMPOOL_TRACES"/*.pickle; do [ -f "$t" ] && extra+=("$t"); done
+    fi
+  fi
   echo "== benchmark $name on cuda:0 (at most ${share}s) =="
   t0=$(date +%s)
   mode=full
-  timeout "$(cap "$share")" "$PY" "$bench" --device cuda:0 --output "$OUT/$name-cuda.json" 2>&1 | tee "$OUT/bench-$name.log"
+  timeout "$(cap "$share")" "$PY" "$bench" ${extra[@]+"${extra[@]}"} --device cuda:0 --output "$OUT/$name-cuda.json" 2>&1 | tee "$OUT/bench-$name.log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 124 ] && [ "$(left)" -gt 10 ]; then
     echo "== benchmark $name: out of time, rerun with --quick =="
     mode=quick
-    timeout "$(cap "$share")" "$PY" "$bench" --device cuda:0 --quick --output "$OUT/$name-cuda.json" 2>&1 | tee -a "$OUT/bench-$name.log"
+    timeout "$(cap "$share")" "$PY" "$bench" ${extra[@]+"${extra[@]}"} --device cuda:0 --quick --output "$OUT/$name-cuda.json" 2>&1 | tee -a "$OUT/bench-$name.log"
     rc=${PIPESTATUS[0]}
   fi
   step "bench-$name" "$mode" $(( $(date +%s) - t0 )) "$rc"

@@ -73,3 +73,34 @@ def test_replay_sweep_summarizes_each_family(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert bad.returncode == 2 and "--sweep replays only generated traces" in bad.stderr
+
+
+def test_every_benchmark_takes_the_gpu_checks_options() -> None:
+    # scripts/gpu_check.sh runs each benchmark with --device cuda:0 --output PATH (and --quick when
+    # it runs out of time): the replay benchmark took --json only, so the check failed it at once.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    names = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+    assert "replay.py" in names and len(names) >= 5
+    for name in names:
+        out = subprocess.run(
+            [sys.executable, str(BENCH / name), "--help"],
+            capture_output=True, text=True, env=env, timeout=120, check=True,
+        ).stdout
+        for option in ("--device", "--output", "--quick"):
+            assert option in out, f"{name} has no {option}"
+
+
+def test_replay_quick_searches_no_limit_and_keeps_the_committed_results(tmp_path: Path) -> None:
+    committed = _common.RESULTS / "replay-host.json"
+    before = committed.read_bytes()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "replay.py"), "--synthetic", "--quick", "--device", "host"],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    want = tmp_path / "vmmpool-benchmarks" / "replay-host-quick.json"
+    assert run.stdout.strip().splitlines()[-1] == f"wrote {want}"
+    doc = json.loads(want.read_text())
+    assert doc["quick"] is True and len(doc["traces"]) == 12
+    assert all(t["min_limit"] is None and t["vmmpool"]["completed"] for t in doc["traces"])
+    assert committed.read_bytes() == before
