@@ -222,6 +222,7 @@ class FakeDriver:
     CUdevice_attribute = real.CUdevice_attribute
     CUevent = real.CUevent
     CUevent_flags = real.CUevent_flags
+    CUstream_flags = real.CUstream_flags
 
     def __init__(
         self,
@@ -274,6 +275,7 @@ class FakeDriver:
         self.syncs: list[tuple[Any, ...]] = []
         #: Stream handles (> 2) that exist; others fail with CUDA_ERROR_INVALID_HANDLE.
         self.streams: set[int] = set()
+        self.created_streams = 0  # by cuStreamCreate
         #: Live events: handle -> [stream recorded on, device, flags]; streams whose work is pending.
         self.events: dict[int, list[Any]] = {}
         self.busy_streams: set[int] = set()
@@ -861,6 +863,28 @@ class FakeDriver:
         self.host.copy_htod_async(_int(dstDevice), _int(srcHost), n, 0)
         with self._lock:
             self.copies.append(("HtoDAsync", _int(dstDevice), n, _int(hStream)))
+        return ()
+
+    # --------------------------------------------------------------- streams
+    # A created stream joins `streams` (events may be recorded on it) until destroyed.
+    @_api(1)
+    def cuStreamCreate(self, flags: Any) -> tuple[Any, ...]:
+        self._need_context()
+        _size("Flags", flags)
+        with self._lock:
+            self._next_event += 0x10
+            self.streams.add(self._next_event)
+            self.created_streams += 1
+            return (real.CUstream(self._next_event),)
+
+    @_api(0)
+    def cuStreamDestroy(self, hStream: Any) -> tuple[Any, ...]:
+        s = _int(hStream)
+        with self._lock:
+            if s not in self.streams:
+                raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
+            self.streams.discard(s)
+            self.busy_streams.discard(s)
         return ()
 
     # ---------------------------------------------------------------- events

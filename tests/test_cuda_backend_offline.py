@@ -1076,3 +1076,27 @@ def test_staging_calls_follow_the_bindings(
     assert (info.value.name, info.value.operation) == ("CUDA_ERROR_INVALID_VALUE", "copy_dtoh_async")
     backend.host_free(h)
     assert backend.live_host_allocations() == 0
+
+
+def test_replay_of_a_multi_stream_trace_creates_its_streams(
+    backend: CudaBackend, fake: FakeDriver, fdev: vmmpool.Device
+) -> None:
+    # The recorded handles (0x7f0000001000, ...) are pointers of the recording process: the
+    # driver refuses events on them (the fake says INVALID_HANDLE; a real one may crash).
+    from vmmpool import replay as R
+    from vmmpool.replay._engine import run_replay
+
+    a, b = 0x7F0000001000, 0x7F0000002000
+    events = (
+        (False, 0, 3 * MiB, a), (False, 1, 1 * MiB, b), (False, 2, 600_000, 0),
+        (True, 0, 3 * MiB, a), (False, 3, 5 * MiB, b), (True, 1, 1 * MiB, b),
+        (True, 3, 5 * MiB, b), (True, 2, 600_000, 0),
+    )
+    tr = R.Trace(name="two streams", events=events, n_slots=4, n_prelude=0, streams=(a, b, 0))
+    with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_INVALID_HANDLE"):
+        run_replay(tr, fdev, 32 * MiB, {}, own_streams=False)
+    assert fake.streams == set()
+    res = run_replay(tr, fdev, 32 * MiB, {})  # on a GPU: a stream of its own for each
+    assert res.completed and res.streams == 3
+    assert fake.created_streams == 2 and fake.streams == set()
+    assert backend.live_streams() == 0 and fake.events == {}

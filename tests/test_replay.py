@@ -16,6 +16,7 @@ import pytest
 import vmmpool
 from vmmpool import replay as R
 from vmmpool.__main__ import main
+from vmmpool.replay._engine import run_replay
 
 MiB = 1 << 20
 P = 2 * MiB
@@ -315,6 +316,38 @@ def test_default_device_is_sized_to_the_trace() -> None:
     assert r.completed and r.limit == 7 << 30 and r.peak_held == 3 << 30
     with pytest.raises(ValueError, match="capacity applies only"):
         R.replay(tr, "host", capacity=1 << 30)
+
+
+def test_replay_gives_each_recorded_stream_a_stream_of_its_own(device: vmmpool.Device) -> None:
+    # A recorded handle (1000, 2000 here) is a pointer of the process that recorded it: on a GPU
+    # an event recorded on it is undefined behaviour. Each gets a created stream (the default on
+    # a GPU); handle 0 stays the default stream. Nothing is left behind.
+    events, peak = multi_stream_events(3, n=60)  # 37 MiB live: fits the host fixture
+    tr = R.snapshot_to_trace(snapshot(events))
+    assert set(tr.streams) == {0, 1000, 2000}
+    before = device.counters()
+    own = run_replay(tr, device, None, {}, own_streams=True)
+    calls = device.counters() - before
+    assert own.completed and own.peak_live == peak and own.streams == 3
+    assert calls["stream_create"] == calls["stream_destroy"] == 2
+    assert device._backend.live_streams() == 0
+    default = run_replay(tr, device, None, {})
+    made = (device.counters() - before).get("stream_create", 0) - 2
+    assert made == (0 if device.is_host else 2)  # the emulator's keys need no stream
+    same = ("peak_in_use", "peak_held", "page_creations", "remaps", "syncs")
+    assert [getattr(own, k) for k in same] == [getattr(default, k) for k in same]
+
+
+def test_replay_streams_are_destroyed_when_one_cannot_be_made() -> None:
+    events, _peak = multi_stream_events(3, n=50)
+    tr = R.snapshot_to_trace(snapshot(events))
+    dev = vmmpool.Device.emulated(256 * MiB)
+    dev._backend.inject_fault("stream_create", 2, "CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_INVALID_VALUE"):
+        run_replay(tr, dev, None, {}, own_streams=True)
+    assert dev._backend.live_streams() == 0 and dev.counters().live == (0, 0, 0)
+    with pytest.raises(vmmpool.DriverError, match="not a stream from stream_create"):
+        dev._backend.stream_destroy(12345)
 
 
 def two_stream_small_trace() -> R.Trace:

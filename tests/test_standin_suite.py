@@ -3,7 +3,7 @@
 ``tests/standin_driver/standin_cuda.c`` is compiled (once per session, with
 the system C compiler) into a ``libcuda.so.1``; a subprocess pytest with
 ``LD_LIBRARY_PATH`` naming it runs every test taking the ``device`` fixture
-(resources, pool, buffer, buffer faults, contract, PyTorch callbacks) plus the stand-in's own
+(resources, pool, buffer, buffer faults, contract, PyTorch callbacks, replay streams) plus the stand-in's own
 tests (``test_cuda_standin.py``) with ``--device-kind=cuda-standin``: the
 real CUDA backend, argument conversion, return unwrapping and error names of
 the installed cuda-bindings, on host memory. A second run repeats the
@@ -41,6 +41,7 @@ SUITE = [
     "test_cuda_standin.py",
     "test_torch.py",
     "test_share.py",
+    "test_replay.py",
 ]
 
 #: The documented answers the default stand-in does not give.

@@ -523,6 +523,29 @@ class Backend(abc.ABC):
         """Page-locked host allocations made and not yet freed (tests prove none leak)."""
         return int(getattr(self, "_live_host", 0))
 
+    # ---------------------------------------------------------------- streams
+    # The replay (``vmmpool.replay``) gives each stream of a multi-stream trace
+    # a stream of its own on a GPU: a recorded handle is a pointer of the
+    # process that recorded it. Not abstract: a backend without them raises
+    # NotImplementedError.
+
+    def stream_create(self) -> int:
+        """Create a stream that does not synchronize with the legacy default stream; return it.
+
+        On CUDA ``cuStreamCreate(CU_STREAM_NON_BLOCKING)`` (a ``CUstream``
+        value, usable wherever a stream handle is taken); the host emulator
+        returns a fresh key. Counted by :meth:`Backend.live_streams`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot create streams")
+
+    def stream_destroy(self, stream: int) -> None:
+        """Destroy a stream from :meth:`stream_create` (events recorded on it stay valid)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot create streams")
+
+    def live_streams(self) -> int:
+        """Streams created and not yet destroyed (tests prove none leak)."""
+        return int(getattr(self, "_live_streams", 0))
+
 
 #: Event operations, appended to :data:`OPERATIONS` (fault injection accepts them).
 EVENT_OPERATIONS: tuple[str, ...] = ("event_record", "event_query", "event_wait", "event_destroy")
@@ -532,3 +555,8 @@ OPERATIONS = (*OPERATIONS, *EVENT_OPERATIONS)
 #: Host staging and stream-ordered copies, appended to :data:`OPERATIONS` (fault injection accepts them).
 STAGING_OPERATIONS: tuple[str, ...] = ("host_alloc", "host_free", "copy_dtoh_async", "copy_htod_async")
 OPERATIONS = (*OPERATIONS, *STAGING_OPERATIONS)
+
+
+#: Stream creation for replays, appended to :data:`OPERATIONS` (fault injection accepts them).
+STREAM_OPERATIONS: tuple[str, ...] = ("stream_create", "stream_destroy")
+OPERATIONS = (*OPERATIONS, *STREAM_OPERATIONS)

@@ -1056,3 +1056,48 @@ class CudaBackend(Backend):
             )
         finally:
             self._pop()
+
+    # ---------------------------------------------------------------- streams
+    # cuStreamCreate(CU_STREAM_NON_BLOCKING) / cuStreamDestroy, with this
+    # device's primary context pushed (a stream belongs to a context).
+    _streams: dict[int, Any]
+    _live_streams: int
+
+    def stream_create(self) -> int:
+        """Create a stream that does not synchronize with the legacy default stream."""
+        self._enter("stream_create")
+        self._ctx()
+        drv = self._drv
+        self._push()
+        try:
+            flags = drv.CUstream_flags.CU_STREAM_NON_BLOCKING
+            st = _check(drv.cuStreamCreate(int(flags)), "stream_create", self)
+        finally:
+            self._pop()
+        h = int(st)
+        with self._lock:
+            streams = getattr(self, "_streams", None)
+            if streams is None:
+                streams = self._streams = {}
+            streams[h] = st
+            self._live_streams = len(streams)
+        return h
+
+    def stream_destroy(self, stream: int) -> None:
+        """Destroy a stream from :meth:`stream_create` (``cuStreamDestroy``)."""
+        self._enter("stream_destroy")
+        st = getattr(self, "_streams", {}).get(stream)
+        if st is None:
+            raise DriverError(
+                "CUDA_ERROR_INVALID_HANDLE", f"{stream!r} is not a stream from stream_create",
+                operation="stream_destroy",
+            )
+        self._push()
+        try:
+            _check(self._drv.cuStreamDestroy(st), "stream_destroy", self)
+        finally:
+            self._pop()
+        with self._lock:
+            del self._streams[stream]
+            self._live_streams = len(self._streams)
+

@@ -1016,3 +1016,30 @@ class HostBackend(Backend):
             # memory speed). Only advice: without it the copy faults them in.
             populate_write(dst, size)
             ctypes.memmove(dst, src, size)
+
+    # ---------------------------------------------------------------- streams
+    # A stream of the emulator is only a key (its work runs at once): a
+    # created one is a fresh handle, kept until destroyed.
+    _streams: set[int]
+
+    def stream_create(self) -> int:
+        self._enter("stream_create")
+        with self._lock:
+            streams: set[int] | None = getattr(self, "_streams", None)
+            if streams is None:
+                streams = set()
+                self._streams = streams
+            s = next(self._next_handle)
+            streams.add(s)
+            self._live_streams = len(streams)
+            return s
+
+    def stream_destroy(self, stream: int) -> None:
+        self._enter("stream_destroy")
+        with self._lock:
+            streams: set[int] = getattr(self, "_streams", set())
+            if stream not in streams:
+                raise _invalid("stream_destroy", f"{stream!r} is not a stream from stream_create")
+            streams.remove(stream)
+            self._live_streams = len(streams)
+

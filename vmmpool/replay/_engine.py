@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -174,15 +175,63 @@ def run_replay(
     capacity: int | None = None,
     sampler: Sampler | None = None,
     every: int = 1,
+    own_streams: bool | None = None,
 ) -> ReplayResult:
     """:func:`replay` of a loaded trace, on `device` or a fresh emulated device, with
-    `pool_options` for :class:`PagePool`; `sampler` (see :func:`run_events`) watches."""
+    `pool_options` for :class:`PagePool`; `sampler` (see :func:`run_events`) watches.
+
+    With `own_streams` (default: on a GPU), each recorded stream other than the special
+    handles 0, 1 and 2 is replayed on a stream created for it (:func:`own_streams_for`):
+    a recorded handle is a pointer of the process that recorded it, and an event recorded
+    on it would be undefined behaviour. On the host emulator a handle is only a key.
+    """
     if device is not None:
         if capacity is not None:
             raise ValueError("capacity applies only to the default emulated device (device=None)")
-        return _replay_on(tr, Device(device), limit, pool_options, sampler, every)
+        dev = Device(device)
+        own = not dev.is_host if own_streams is None else own_streams
+        return _replay_own(tr, dev, own, limit, pool_options, sampler, every)
     with Device.emulated(emulated_capacity(tr) if capacity is None else capacity) as dev:
+        return _replay_own(tr, dev, bool(own_streams), limit, pool_options, sampler, every)
+
+
+#: Stream handles every process shares: the default (0), legacy (1) and per-thread (2) streams.
+SPECIAL_STREAMS = (0, 1, 2)
+
+
+def _replay_own(
+    tr: Trace,
+    dev: Device,
+    own: bool,
+    limit: int | None,
+    pool_options: dict[str, Any],
+    sampler: Sampler | None,
+    every: int,
+) -> ReplayResult:
+    if not own or all(s in SPECIAL_STREAMS for s in tr.streams):
         return _replay_on(tr, dev, limit, pool_options, sampler, every)
+    backend = dev._backend
+    made: dict[int, int] = {}
+    try:
+        for s in tr.streams:
+            if s not in SPECIAL_STREAMS:
+                made[s] = backend.stream_create()
+        get = made.get
+        events = tuple((f, slot, n, get(st, st)) for f, slot, n, st in tr.events)
+        mapped = dataclasses.replace(tr, events=events, streams=tuple(get(s, s) for s in tr.streams))
+        res = _replay_on(mapped, dev, limit, pool_options, sampler, every)
+    finally:
+        # After the pool closed (it recorded its last events then); events stay valid.
+        # Every stream is destroyed; the first failure is raised after.
+        failed: BaseException | None = None
+        for h in made.values():
+            try:
+                backend.stream_destroy(h)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                failed = failed or e
+        if failed is not None:
+            raise failed
+    return res
 
 
 def run_events(
