@@ -366,3 +366,21 @@ def test_bad_page_size_is_refused_at_construction() -> None:
     assert pool._pool().page_size == 4 << 20
     del mem
     pool.close()
+
+
+def test_memory_pool_cannot_be_copied_or_pickled(hostpool: vcupy.MemoryPool) -> None:
+    # A copy shared the page pools: closing it closed them under the original, whose
+    # every later malloc then raised ClosedError. deepcopy and pickle failed on a lock.
+    import copy
+    import pickle
+
+    with vcupy.using_pool(hostpool):
+        a = cupy.empty(1024, dtype=cupy.uint8)
+    for how, fn in (("copied", copy.copy), ("deep-copied", copy.deepcopy), ("pickled", pickle.dumps)):
+        with pytest.raises(TypeError, match=f"MemoryPool objects cannot be {how}"):
+            fn(hostpool)
+    del a
+    with vcupy.using_pool(hostpool):
+        b = cupy.empty(1024, dtype=cupy.uint8)  # the pool is as it was
+    assert hostpool.stats().n_malloc == 2
+    del b

@@ -35,6 +35,7 @@ from ._device import Device, DeviceLike
 from ._errors import OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
+from ._process import NoCopy
 from ._sizes import EXAMPLES, parse_fraction, parse_size
 
 __all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
@@ -85,7 +86,7 @@ def parse_limit(text: str, total: int) -> int:
         ) from None
 
 
-class MemoryPool:
+class MemoryPool(NoCopy):
     """A drop-in replacement for ``cupy.cuda.MemoryPool`` backed by :class:`~vmmpool.PagePool`.
 
     Parameters
@@ -113,6 +114,9 @@ class MemoryPool:
     allocation's stream is CuPy's current stream at ``malloc``, so the page
     pool's stream rule (same-stream reuse is immediate; other streams wait)
     matches CuPy's own.
+
+    Not copyable or picklable (``TypeError``): it owns its page pools, and a
+    copy sharing them would close them under the original.
 
     The limit honours ``CUPY_GPU_MEMORY_LIMIT`` (bytes or ``"N%"``) as CuPy
     does (and sizes such as ``"4GiB"``, see :func:`parse_limit`), per device,
