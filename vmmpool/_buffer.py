@@ -539,6 +539,48 @@ def _growth_oom(
     )
 
 
+class _OpLock:
+    """The buffer's re-entrant lock, and what must wait until its outermost holder lets go.
+
+    A finalizer (a user's ``__del__``) that the garbage collector runs in the
+    middle of an operation of this buffer, in the same thread, re-enters the
+    lock: a ``close()`` there would free the memory under the half-done
+    operation (a resize then failed on the freed range, a sleep copied from
+    unmapped pages, or finished on a closed buffer and kept its backup). Such a
+    ``close()`` queues itself here and runs as the operation ends.
+    """
+
+    __slots__ = ("_lock", "_is_owned", "_pending")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._is_owned: Callable[[], bool] = self._lock._is_owned  # type: ignore[attr-defined]
+        self._pending: list[Callable[[], None]] = []
+
+    def owned(self) -> bool:
+        """True when the current thread holds the lock (is inside an operation)."""
+        return self._is_owned()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the current thread's outermost holding ends (it holds the lock)."""
+        self._pending.append(fn)
+
+    def __enter__(self) -> _OpLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        pending = self._pending
+        if pending and not self._is_owned():
+            while pending:
+                try:
+                    fn = pending.pop()
+                except IndexError:  # another thread took it
+                    break
+                fn()
+
+
 def _release(state: _State) -> None:
     """The buffer's finalizer: free `state`, never blocking on a pool's lock.
 
@@ -670,7 +712,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
         self._state.shareable = shareable
-        self._lock = threading.RLock()
+        self._lock = _OpLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
@@ -1156,6 +1198,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """
         if self._fin.alive:
             self._owned()  # a forked child releases nothing
+        if self._lock.owned():
+            # A finalizer that interrupted an operation of this buffer in this thread: closed
+            # for use now, freed when that operation ends (not under it).
+            self._closed = True
+            if self._fin.alive:
+                self._lock.defer(self._close_after_operation)
+            return
         with self._lock:
             self._closed = True
             if not self._fin.alive:
@@ -1183,6 +1232,14 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             except BaseException:
                 self._fin = safety_finalizer(self, _release, self._state, backend=self._state.device._backend)
                 raise
+
+    def _close_after_operation(self) -> None:
+        """A close() that re-entered an operation, done as it ends; errors are logged (the
+        finalizer that asked cannot see them) and the safety net stays armed."""
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - reported on the logger
+            _log.warning("GrowableBuffer.close() requested by a finalizer failed: %r", err)
 
     def _free_when_unused(self) -> None:
         """After a deferred close: free once the last view is gone (runs as a finalizer).
