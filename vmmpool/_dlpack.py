@@ -268,9 +268,11 @@ def _release(address: int) -> None:
             # A consumer may clear the capsule's destructor when it takes the capsule
             # (JAX does), so the record would never be dropped by _destructor: drop it
             # here. (A capsule still alive then finds no record and does nothing.)
-            rec = _capsules.get(ex.capsule) if ex.capsule is not None else None
-            if rec is not None and rec.address == address:
-                del _capsules[ex.capsule]  # type: ignore[arg-type]
+            key = ex.capsule
+            if key is not None:
+                rec = _capsules.get(key)
+                if rec is not None and rec.address == address:
+                    del _capsules[key]
     # Dropped outside the lock: this may be the view's, and then the owner's,
     # last reference, and the owner's finalizer may give memory back.
     del ex
@@ -307,7 +309,10 @@ def _destructor(
         (rec.error if rec is not None else _spare).drop()
         if rec is None or _finalizing():
             return
-        del _table[capsule]
+        with _lock:  # as _release, which drops the record when the deleter runs first
+            if _table.get(capsule) is not rec:
+                return  # the deleter ran: the export is released, its record gone
+            del _table[capsule]
         # A consumer renames the capsule ("used_dltensor...") when it takes
         # ownership; only an unconsumed capsule still owns the export.
         if _PyCapsule_IsValid(capsule, rec.name):
@@ -355,13 +360,16 @@ def _new_capsule(
     managed.manager_ctx = None
     managed.deleter = _DELETER
     address = ctypes.addressof(managed)
+    # Built before the lock: allocating may run the garbage collector, and its finalizers.
+    ex = _Export(managed, c_shape, c_strides, view)
+    rec = _CapsuleRecord(address, name)
     with _lock:
-        ex = _exports[address] = _Export(managed, c_shape, c_strides, view)
+        _exports[address] = ex
         view._exports += 1
         try:
             capsule = _PyCapsule_New(address, name, _DESTRUCTOR)
-            _capsules[id(capsule)] = _CapsuleRecord(address, name)
             ex.capsule = id(capsule)
+            _capsules[ex.capsule] = rec
         except BaseException:
             _exports.pop(address)
             view._exports -= 1
