@@ -62,7 +62,7 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
-from ._options import Access, check_int, event_handle, stream_key
+from ._options import Access, address_limit, check_int, event_handle, stream_key
 from ._prefault import discard
 from ._process import NoCopy
 from ._resources import (
@@ -695,7 +695,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if max_size is None:
             limit = max(-(-dev.total_memory // page) * page, page)
         else:
-            limit = check_int("max_size", max_size, minimum=1)
+            most = address_limit(dev) // page * page  # the largest whole-page reservation
+            limit = check_int("max_size", max_size, minimum=1, maximum=most)
             limit = -(-limit // page) * page
         if initial > limit:
             raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
@@ -1020,7 +1021,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
         self._owned()
-        mv = memoryview(data).cast("B")
+        try:
+            mv = memoryview(data).cast("B")
+        except TypeError as err:
+            raise TypeError(
+                "data must be a C-contiguous bytes-like object (bytes, bytearray, a NumPy "
+                f"array, anything with the buffer protocol), got {type(data).__name__} ({err})"
+            ) from None
         with self._lock:
             st = self._awake("write")
             off = self._range(offset, mv.nbytes, st.size)
