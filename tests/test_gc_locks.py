@@ -635,3 +635,45 @@ def test_pool_close_from_a_finalizer_inside_a_backend_call_is_done_after_it() ->
         assert not pool._core.closed
     assert dev.counters().live == (0, 0, 0)  # the backend's next call closed it
     assert pool._core.closed
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_buffer_close_inside_a_backend_call_while_another_thread_resizes_it(pooled: bool) -> None:
+    """Thread A is inside a backend call when a finalizer closes a buffer; thread B holds
+    that buffer's lock (a resize) and waits for the backend's lock to map a page. close()
+    waited for the buffer's lock: a deadlock. It marks the buffer closed and finishes after
+    the call; B's resize completes, then the memory goes back."""
+    out = run_script(f"""
+pool = vmmpool.PagePool(dev, limit=32 * P) if {pooled} else None
+buf = vmmpool.GrowableBuffer(max_size=8 * P, pool=pool, device=dev, initial_size=P)
+backend = dev._backend
+inside = threading.Event()
+orig_enter = backend._enter
+def enter(op):  # B: inside the buffer's lock, about to need the backend's
+    if threading.current_thread() is not threading.main_thread():
+        inside.set()
+    return orig_enter(op)
+backend._enter = enter
+done = []
+def b_thread():
+    done.append(buf.resize(4 * P))
+with backend._lock:  # A, as if inside a backend call
+    t = threading.Thread(target=b_thread)
+    t.start()
+    assert inside.wait(10)
+    time.sleep(0.05)
+    buf.close()  # a user's __del__ would do this from the GC: must not wait
+    print("closed", buf.closed)
+t.join(10)
+assert not t.is_alive()
+backend._enter = orig_enter
+print("resized", len(done))
+dev.counters()  # the backend's next call runs what was deferred
+gc.collect()
+if pool is not None:
+    pool._check()
+    assert pool.stats().acquired_pages == 0
+    pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "closed True" in out and "resized 1" in out and "live (0, 0, 0)" in out, out

@@ -1212,6 +1212,16 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             if self._fin.alive:
                 self._lock.defer(self._close_after_operation)
             return
+        backend = self._state.device._backend
+        if backend.in_call():
+            # A finalizer inside a backend call of this thread: another thread may hold this
+            # buffer's lock while it waits for the backend's (a resize about to map), so
+            # waiting for ours here would deadlock. Closed for use now; the rest is done
+            # after the call (the backend's next call runs it, as the safety net does).
+            self._closed = True
+            if self._fin.alive:
+                backend.run_or_defer(self._close_after_operation)
+            return
         with self._lock:
             self._closed = True
             if not self._fin.alive:
@@ -1226,13 +1236,6 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             # Take over the release from the finalizer atomically (the last
             # view's finalizer may race with us); re-arm it if a step fails.
             if self._fin.detach() is None:
-                return
-            backend = self._state.device._backend
-            if backend.in_call():
-                # A finalizer (a user's __del__) inside a backend call of this thread: freeing
-                # here would call the driver inside that call (a pool refuses: ReentryError).
-                # Done after it, as the safety net does.
-                backend.run_or_defer(_release, self._state)
                 return
             try:
                 self._state.free()
