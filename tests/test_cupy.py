@@ -384,3 +384,17 @@ def test_memory_pool_cannot_be_copied_or_pickled(hostpool: vcupy.MemoryPool) -> 
         b = cupy.empty(1024, dtype=cupy.uint8)  # the pool is as it was
     assert hostpool.stats().n_malloc == 2
     del b
+
+
+def test_set_limit_fraction_takes_any_real_number(hostpool: vcupy.MemoryPool) -> None:
+    # numpy.float32(0.5) was refused as "fraction must be between 0 and 1, got 0.5".
+    dev = hostpool._pinned
+    assert dev is not None
+    total = dev.total_memory
+    for frac in (np.float32(0.5), np.float64(0.25), 1):
+        hostpool.set_limit(fraction=frac)
+        assert hostpool.get_limit() == int(total * float(frac))
+    for bad in (float("nan"), -0.1, np.float32(1.5), "0.5", None.__class__):
+        with pytest.raises(ValueError, match=r"fraction must be between 0 and 1 \(a real number\)"):
+            hostpool.set_limit(fraction=bad)
+    assert hostpool.get_limit() == total  # the last good limit (fraction 1) stays

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import os
 import threading
 import warnings
@@ -319,11 +320,15 @@ class MemoryPool(NoCopy):
             )
         key, dev = self._current()
         if fraction is not None:
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-                0 <= fraction <= 1
+            # Any real number (numpy.float32 too, as CuPy takes it); not a bool, not NaN.
+            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
+                0 <= float(fraction) <= 1
             ):
-                raise ValueError(f"fraction must be between 0 and 1, got {brief(fraction)}")
-            limit = int(dev.total_memory * fraction)
+                raise ValueError(
+                    f"fraction must be between 0 and 1 (a real number), got "
+                    f"{type(fraction).__name__} ({brief(fraction)})"
+                )
+            limit = int(dev.total_memory * float(fraction))
         elif size is not None:
             limit = check_int("size", size, maximum=dev.address_limit)
         else:
