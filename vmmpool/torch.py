@@ -321,13 +321,14 @@ def MemPool(pool: PagePool) -> Any:
         `pool` is closed.
     """
     torch = _torch()
-    pair = _pair(pool)
     cls = _mem_pool_class(torch)
-    if pool.device.is_host:
+    if isinstance(pool, PagePool) and pool.device.is_host:
+        # Before _pair(): a refused pool must not get a pair (its thunks live for the process).
         raise ValueError(
             f"vmmpool.torch.MemPool needs a pool on a CUDA device, got one on {pool.device} "
             "(the host emulator): CUDA tensors cannot live there. callbacks() works on any pool."
         )
+    pair = _pair(pool)
     with _LOCK:
         if pair.torch_allocator is None:
             pair.torch_allocator = torch._C._cuda_customAllocator(pair.alloc_address, pair.free_address)
