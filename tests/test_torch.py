@@ -624,6 +624,9 @@ def test_mempool_refusing_a_host_pool_makes_no_pair(
         for _ in range(3):
             with pytest.raises(ValueError, match="needs a pool on a CUDA device"):
                 vt.MemPool(pool)
+            with pytest.raises(ValueError, match="needs a pool on a CUDA device"):
+                with vt.use_pool(pool):
+                    pass
         assert len(vt._PAIRS) == pairs
     finally:
         pool.close()
