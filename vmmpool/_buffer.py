@@ -555,7 +555,9 @@ class _OpLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._is_owned: Callable[[], bool] = self._lock._is_owned  # type: ignore[attr-defined]
-        self._pending: list[Callable[[], None]] = []
+        #: Thread ident -> what runs when that thread's outermost holding ends. Only the
+        #: holder adds to its own list, and it takes the list back in one dict operation.
+        self._pending: dict[int, list[Callable[[], None]]] = {}
 
     def owned(self) -> bool:
         """True when the current thread holds the lock (is inside an operation)."""
@@ -563,7 +565,7 @@ class _OpLock:
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Run `fn` when the current thread's outermost holding ends (it holds the lock)."""
-        self._pending.append(fn)
+        self._pending.setdefault(threading.get_ident(), []).append(fn)
 
     def __enter__(self) -> _OpLock:
         self._lock.acquire()
@@ -571,13 +573,8 @@ class _OpLock:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-        pending = self._pending
-        if pending and not self._is_owned():
-            while pending:
-                try:
-                    fn = pending.pop()
-                except IndexError:  # another thread took it
-                    break
+        if self._pending and not self._is_owned():
+            for fn in self._pending.pop(threading.get_ident(), ()):
                 fn()
 
 
