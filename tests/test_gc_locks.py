@@ -677,3 +677,63 @@ if pool is not None:
 print("live", dev.counters().live)
 """, timeout=60)
     assert "closed True" in out and "resized 1" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_mapping_closed_by_a_finalizer_inside_its_own_view() -> None:
+    """A user's __del__ closing a SharedMapping, collected while this thread was inside the
+    mapping's view() (its plain lock held): close() waited for that lock forever. It is done
+    when the operation ends (here refused and logged: the new view is alive)."""
+    out = run_script("""
+import logging
+import vmmpool._share as share_mod
+logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+m = h.open()
+seen = []
+class Closer:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        m.close()
+        seen.append("close returned")
+real = share_mod.ArrayView
+def hooked(*a, **k):  # the collector runs inside view(), under the mapping's lock
+    share_mod.ArrayView = real
+    Closer()
+    gc.collect()
+    return real(*a, **k)
+share_mod.ArrayView = hooked
+v = m.view("uint8")
+print(seen, "closed", m.closed)
+del v
+gc.collect()
+m.close()
+print("closed", m.closed)
+h.close()
+buf.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "['close returned'] closed False" in out, out
+    assert "SharedMapping.close() requested by a finalizer failed: BufferError" in out, out
+    assert "closed True" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_mapping_closed_by_a_finalizer_inside_a_backend_call_unmaps_after_it() -> None:
+    out = run_script("""
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+m = h.open()
+where = m.device  # the receiver's device (the default host emulator, not `dev`)
+backend = where._backend
+live = where.counters().live
+with backend._lock:  # as if a finalizer ran inside a backend call
+    m.close()
+    print("inside", m.closed)
+freed = where.counters().live[0] == live[0] - 1  # the backend's next call runs the close
+print("after", m.closed, freed)
+h.close()
+buf.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "inside False" in out and "after True True" in out and "live (0, 0, 0)" in out, out

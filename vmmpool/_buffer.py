@@ -50,7 +50,6 @@ stays live while any array or DLPack capsule made from it does). The rule:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -68,6 +67,7 @@ from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
+    OpLock,
     PhysicalAllocation,
     check_peers,
     create,
@@ -539,45 +539,6 @@ def _growth_oom(
     )
 
 
-class _OpLock:
-    """The buffer's re-entrant lock, and what must wait until its outermost holder lets go.
-
-    A finalizer (a user's ``__del__``) that the garbage collector runs in the
-    middle of an operation of this buffer, in the same thread, re-enters the
-    lock: a ``close()`` there would free the memory under the half-done
-    operation (a resize then failed on the freed range, a sleep copied from
-    unmapped pages, or finished on a closed buffer and kept its backup). Such a
-    ``close()`` queues itself here and runs as the operation ends.
-    """
-
-    __slots__ = ("_lock", "_is_owned", "_pending")
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._is_owned: Callable[[], bool] = self._lock._is_owned  # type: ignore[attr-defined]
-        #: Thread ident -> what runs when that thread's outermost holding ends. Only the
-        #: holder adds to its own list, and it takes the list back in one dict operation.
-        self._pending: dict[int, list[Callable[[], None]]] = {}
-
-    def owned(self) -> bool:
-        """True when the current thread holds the lock (is inside an operation)."""
-        return self._is_owned()
-
-    def defer(self, fn: Callable[[], None]) -> None:
-        """Run `fn` when the current thread's outermost holding ends (it holds the lock)."""
-        self._pending.setdefault(threading.get_ident(), []).append(fn)
-
-    def __enter__(self) -> _OpLock:
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-        if self._pending and not self._is_owned():
-            for fn in self._pending.pop(threading.get_ident(), ()):
-                fn()
-
-
 def _release(state: _State) -> None:
     """The buffer's finalizer: free `state`, never blocking on a pool's lock.
 
@@ -710,7 +671,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
         self._state.shareable = shareable
-        self._lock = _OpLock()
+        self._lock = OpLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
