@@ -737,3 +737,34 @@ buf.close()
 print("live", dev.counters().live)
 """, timeout=60)
     assert "inside False" in out and "after True True" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_memory_handle_closed_by_a_finalizer_inside_its_own_open() -> None:
+    """A user's __del__ closing a SharedMemoryHandle, collected inside that handle's open()
+    (its plain lock held): close() waited for the lock forever. It is done as open() ends."""
+    out = run_script("""
+import vmmpool._share as share_mod
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+class Closer:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        h.close()
+real = share_mod.reserve
+def hooked(*a, **k):  # the collector runs inside open(), under the handle's lock
+    share_mod.reserve = real
+    Closer()
+    gc.collect()
+    return real(*a, **k)
+share_mod.reserve = hooked
+m = h.open()
+print("opened", m.nbytes == P, "handle closed", h.closed)
+m.write(b"x" * 8)
+print("read", bytes(m.read(8)) == bytes(buf.read(8)))
+m.close()
+buf.close()
+print("live", dev.counters().live, m.device.counters().live)
+""", timeout=60)
+    assert "opened True handle closed True" in out and "read True" in out, out
+    assert "live (0, 0, 0) (0, 0, 0)" in out, out

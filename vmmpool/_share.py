@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -204,7 +203,7 @@ class SharedMemoryHandle(ClosesOnExit):
     device_ordinal: int
     source: str
     _fds: list[int]
-    _lock: threading.Lock
+    _lock: OpLock
     _fin: weakref.finalize
 
     def __init__(self) -> None:  # pragma: no cover - made by share() and unpickling only
@@ -224,14 +223,14 @@ class SharedMemoryHandle(ClosesOnExit):
         self.n_pages = len(fds)
         self._fds = list(fds)
         self._fds.append(lease)  # the lease's write end, last
-        self._lock = threading.Lock()
+        self._lock = OpLock()
         self._fin = safety_finalizer(self, _close_fds, self._fds)
         track(self)  # a forked child may open its copy: it gets a lock of its own
         return self
 
     def _forked(self) -> None:
         """In a forked child: a new lock (a parent thread may have held this one at the fork)."""
-        self._lock = threading.Lock()
+        self._lock = OpLock()
 
     @classmethod
     def _make(
@@ -368,6 +367,13 @@ class SharedMemoryHandle(ClosesOnExit):
 
     def close(self) -> None:
         """Close the handle's descriptors (idempotent). Mappings opened from it stay valid."""
+        if self._lock.owned():
+            # A finalizer (a user's __del__) that interrupted open() or pickling of this
+            # handle in this thread: waiting for the lock hung forever, and closing the
+            # descriptors under them would break them. Done when that operation ends.
+            if self._fin.alive:
+                self._lock.defer(self.close)
+            return
         with self._lock:
             if self._fin.alive:
                 _close_fds(self._fds)
