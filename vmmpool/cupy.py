@@ -17,7 +17,6 @@ import contextlib
 import gc
 import numbers
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from types import TracebackType
@@ -37,6 +36,7 @@ from ._errors import OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
 from ._process import NoCopy
+from ._resources import OpLock
 from ._sizes import EXAMPLES, parse_fraction, parse_size
 
 __all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
@@ -159,7 +159,7 @@ class MemoryPool(NoCopy):
         # Device key -> its limit, for pools whose limit is below one page: no allocation
         # can succeed there (the page pool itself holds at least one page).
         self._below_a_page: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._lock = OpLock()
 
     # ------------------------------------------------------------ devices
     def _current(self) -> tuple[int, Device]:
@@ -361,6 +361,12 @@ class MemoryPool(NoCopy):
         Memory that live CuPy arrays still use stays mapped until the last of
         them is gone; everything else is released now.
         """
+        if self._lock.owned():
+            # A finalizer (a user's __del__) that interrupted this pool's first malloc on a
+            # device or its set_limit, in this thread: waiting for the lock hung forever.
+            # Done when that operation ends.
+            self._lock.defer(self.close)
+            return
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:
