@@ -483,7 +483,9 @@ def test_the_largest_empty_shape_exports_exactly(buf: GrowableBuffer) -> None:
 
 
 @pytest.mark.parametrize(
-    "dl_device", [(1.7, 0), "10", (1, 0, 5), (1,), (True, 0), 1, None.__class__, [1, "0"]]
+    "dl_device",
+    [(1.7, 0), "10", (1, 0, 5), (1,), (True, 0), 1, None.__class__, [1, "0"], (np.True_, 0),
+     (np.array([1, 2]), 0)],
 )
 def test_dl_device_must_be_two_ints(buf: GrowableBuffer, dl_device: Any) -> None:
     # (1.7, 0) and "10" were read as (1, 0) and accepted; (1, 0, 5) too.

@@ -741,16 +741,19 @@ def _parse_dl_device(dl_device: object) -> tuple[int, int]:
         if isinstance(dl_device, Sequence) and not isinstance(dl_device, (str, bytes))
         else None
     )
-    if (
-        items is None
-        or len(items) != 2
-        or not all(hasattr(v, "__index__") and not isinstance(v, bool) for v in items)
-    ):
-        raise TypeError(
-            "dl_device must be a (device_type, device_id) tuple of two ints such as (1, 0), "
-            f"got {type(dl_device).__name__} {brief(dl_device)}"
-        )
-    return (int(items[0].__index__()), int(items[1].__index__()))
+    try:
+        if (
+            items is not None
+            and len(items) == 2
+            and all(hasattr(v, "__index__") and not isinstance(v, bool) for v in items)
+        ):
+            return (int(items[0].__index__()), int(items[1].__index__()))
+    except TypeError:  # __index__ refused (numpy.bool, a NumPy array)
+        pass
+    raise TypeError(
+        "dl_device must be a (device_type, device_id) tuple of two ints such as (1, 0), "
+        f"got {type(dl_device).__name__} {brief(dl_device)}"
+    )
 
 
 def _check_stream(stream: object, kind: int) -> None:
