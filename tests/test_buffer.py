@@ -449,3 +449,64 @@ def test_default_device_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vmmpool._device._default", dev)
     with GrowableBuffer(max_size=MiB) as buf:
         assert buf.device is dev
+
+
+# ------------------------------------------------- close() from a finalizer mid-operation
+class _ClosesOnCollect:
+    """Garbage in a reference cycle whose ``__del__`` closes a buffer (a user's finalizer)."""
+
+    def __init__(self, buf: GrowableBuffer, seen: list[str]) -> None:
+        self.buf = buf
+        self.seen = seen
+        self.me = self
+
+    def __del__(self) -> None:
+        try:
+            self.buf.close()
+            self.seen.append("closed")
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            self.seen.append(repr(err))
+
+
+def _collect_at(monkeypatch: pytest.MonkeyPatch, name: str, buf: GrowableBuffer) -> list[str]:
+    """Make the garbage collector run (and close `buf`) when the buffer calls `name`."""
+    import vmmpool._buffer as mod
+
+    real = getattr(mod, name)
+    seen: list[str] = []
+    armed = [True]
+
+    def hooked(*args: object, **kwargs: object) -> object:
+        if armed[0]:
+            armed[0] = False
+            _ClosesOnCollect(buf, seen)
+            gc.collect()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, hooked)
+    return seen
+
+
+@pytest.mark.parametrize("op", ["grow", "sleep"])
+def test_close_from_a_finalizer_inside_an_operation_waits_for_it(
+    device: vmmpool.Device, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    # The collector runs a __del__ that closes the buffer between two steps of the same
+    # thread's resize (or sleep), outside any backend call. The re-entrant lock let
+    # close() free the memory under the operation: the resize then failed with
+    # "AddressReservation has been closed" and the sleep copied from unmapped pages
+    # (DriverError) or completed on a closed buffer, keeping its backup.
+    g = device.granularity
+    buf = GrowableBuffer(max_size=8 * g, device=device, initial_size=g)
+    buf.write(b"\x5a" * g)
+    seen = _collect_at(monkeypatch, "create" if op == "grow" else "host_array", buf)
+    if op == "grow":
+        buf.resize(3 * g)  # completes
+    else:
+        buf.sleep()  # completes
+    assert seen == ["closed"]
+    assert buf.closed
+    gc.collect()
+    assert device.counters().live == (0, 0, 0)  # freed once the operation ended
+    with pytest.raises(vmmpool.ClosedError):
+        buf.resize(0)

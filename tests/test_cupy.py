@@ -366,3 +366,78 @@ def test_bad_page_size_is_refused_at_construction() -> None:
     assert pool._pool().page_size == 4 << 20
     del mem
     pool.close()
+
+
+def test_memory_pool_cannot_be_copied_or_pickled(hostpool: vcupy.MemoryPool) -> None:
+    # A copy shared the page pools: closing it closed them under the original, whose
+    # every later malloc then raised ClosedError. deepcopy and pickle failed on a lock.
+    import copy
+    import pickle
+
+    with vcupy.using_pool(hostpool):
+        a = cupy.empty(1024, dtype=cupy.uint8)
+    for how, fn in (("copied", copy.copy), ("deep-copied", copy.deepcopy), ("pickled", pickle.dumps)):
+        with pytest.raises(TypeError, match=f"MemoryPool objects cannot be {how}"):
+            fn(hostpool)
+    del a
+    with vcupy.using_pool(hostpool):
+        b = cupy.empty(1024, dtype=cupy.uint8)  # the pool is as it was
+    assert hostpool.stats().n_malloc == 2
+    del b
+
+
+def test_set_limit_fraction_takes_any_real_number(hostpool: vcupy.MemoryPool) -> None:
+    # numpy.float32(0.5) was refused as "fraction must be between 0 and 1, got 0.5".
+    dev = hostpool._pinned
+    assert dev is not None
+    total = dev.total_memory
+    for frac in (np.float32(0.5), np.float64(0.25), 1):
+        hostpool.set_limit(fraction=frac)
+        assert hostpool.get_limit() == int(total * float(frac))
+    for bad in (float("nan"), -0.1, np.float32(1.5), "0.5", None.__class__):
+        with pytest.raises(ValueError, match=r"fraction must be between 0 and 1 \(a real number\)"):
+            hostpool.set_limit(fraction=bad)
+    assert hostpool.get_limit() == total  # the last good limit (fraction 1) stays
+
+
+def test_close_from_a_finalizer_inside_the_first_malloc_does_not_hang() -> None:
+    # A user's __del__ closing the pool, collected while this thread made the device's page
+    # pool inside malloc (the pool's plain lock held): close() waited for itself forever.
+    import os
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent("""
+        import gc, vmmpool, vmmpool.cupy as vc
+        dev = vmmpool.Device.emulated(capacity=32 << 20)
+        mp = vc.MemoryPool(dev)
+        class Closer:
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                mp.close()
+        real = vc.PagePool
+        def hooked(*a, **k):  # the collector runs under the pool's lock
+            vc.PagePool = real
+            Closer()
+            gc.collect()
+            return real(*a, **k)
+        vc.PagePool = hooked
+        try:
+            mp.malloc(1024)
+        except vmmpool.ClosedError:
+            print("refused: closed meanwhile")
+        mp.malloc(1024)  # a new page pool: the pool works after close(), as CuPy expects
+        mp.close()
+        gc.collect()
+        print("live", dev.counters().live)
+    """)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlock: MemoryPool.close() from a finalizer inside malloc hung")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "refused: closed meanwhile" in out.stdout and "live (0, 0, 0)" in out.stdout, out.stdout

@@ -415,3 +415,106 @@ def test_numpy_refuses_a_buffer_on_a_cuda_device_clearly(device: vmmpool.Device)
         else:
             with pytest.raises(TypeError, match=r"needs host memory, but this buffer is on .*from_dlpack"):
                 np.asarray(b)
+
+
+# ------------------------------------------------------------ hostile review (dlpack)
+_set_destructor = ctypes.pythonapi.PyCapsule_SetDestructor
+_set_destructor.restype = ctypes.c_int
+_set_destructor.argtypes = [ctypes.py_object, ctypes.c_void_p]
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_a_consumer_that_clears_the_destructor_leaves_no_record(
+    buf: GrowableBuffer, versioned: bool
+) -> None:
+    # JAX renames the capsule and sets its destructor to NULL as it takes it: the
+    # capsule's record (keyed by its id) was then never dropped, one per export.
+    records = len(_dlpack._capsules)
+    view = buf.view("uint8")
+    name = b"dltensor_versioned" if versioned else b"dltensor"
+    for _ in range(3):
+        cap = view.__dlpack__(max_version=(1, 0) if versioned else None)
+        address = _get_pointer(cap, name)
+        m: Any = (DLManagedTensorVersioned if versioned else DLManagedTensor).from_address(address)
+        assert _set_name(cap, b"used_" + name) == 0
+        assert _set_destructor(cap, None) == 0
+        del cap
+        m.deleter(address)
+        del m
+    assert len(_dlpack._capsules) == records
+    assert view.exports == 0
+
+
+def test_a_capsule_kept_after_its_deleter_ran_is_released_once(buf: GrowableBuffer) -> None:
+    view = buf.view("uint8")
+    start = export_stats()
+    cap = view.__dlpack__()
+    address = _get_pointer(cap, b"dltensor")
+    m = DLManagedTensor.from_address(address)
+    assert _set_name(cap, b"used_dltensor") == 0
+    m.deleter(address)  # the consumer is done, the capsule object lives on
+    del m
+    assert view.exports == 0
+    del cap  # its destructor finds nothing more to do
+    stats = export_stats()
+    assert stats["released"] - start["released"] == 1
+    assert stats["live"] == start["live"]
+
+
+@pytest.mark.parametrize(
+    "shape", [(2**64 - 1, 0), (2**63, 0), (0, 2**40, 2**40), (0, 2**62, 2)]
+)
+def test_shapes_beyond_int64_are_refused(buf: GrowableBuffer, shape: tuple[int, ...]) -> None:
+    # DLPack's shape and strides are int64: these were exported wrapped (NumPy raised
+    # SystemError, JAX read a dimension of -1 or -2**63).
+    with pytest.raises(ValueError, match=r"too large.*2\*\*63 - 1"):
+        buf.view("float32", shape=shape)
+
+
+def test_the_largest_empty_shape_exports_exactly(buf: GrowableBuffer) -> None:
+    dim = ((1 << 63) - 1) // 4
+    view = buf.view("float32", shape=(dim, 0))
+    cap = view.__dlpack__()
+    m = DLManagedTensor.from_address(_get_pointer(cap, b"dltensor"))
+    t = m.dl_tensor
+    assert (t.shape[0], t.shape[1]) == (dim, 0)
+    assert (t.strides[0], t.strides[1]) == (1, 1)
+    del m, cap
+
+
+@pytest.mark.parametrize(
+    "dl_device",
+    [(1.7, 0), "10", (1, 0, 5), (1,), (True, 0), 1, None.__class__, [1, "0"], (np.True_, 0),
+     (np.array([1, 2]), 0)],
+)
+def test_dl_device_must_be_two_ints(buf: GrowableBuffer, dl_device: Any) -> None:
+    # (1.7, 0) and "10" were read as (1, 0) and accepted; (1, 0, 5) too.
+    view = buf.view("uint8")
+    start = export_stats()
+    with pytest.raises(TypeError, match=r"dl_device must be a \(device_type, device_id\) tuple of two ints"):
+        view.__dlpack__(dl_device=dl_device)
+    assert export_stats() == start
+    assert view.exports == 0
+
+
+def test_dl_device_accepts_int_likes(buf: GrowableBuffer) -> None:
+    import enum
+
+    class DLDeviceType(enum.IntEnum):
+        kDLCPU = 1
+
+    view = buf.view("uint8")
+    for dl_device in ((DLDeviceType.kDLCPU, 0), [1, 0], (np.int32(1), np.int64(0))):
+        a = np.from_dlpack(Capsule(view.__dlpack__(dl_device=dl_device)))
+        assert a.ctypes.data == view.ptr
+        del a
+
+
+def test_shape_as_a_numpy_array(buf: GrowableBuffer) -> None:
+    view = buf.view("float32", shape=np.array([4, 8]))
+    assert view.shape == (4, 8) and all(type(d) is int for d in view.shape)
+    assert buf.view("float32", shape=np.int64(5)).shape == (5,)
+    with pytest.raises(TypeError, match="shape must be an int or a sequence of ints"):
+        buf.view("float32", shape=np.ones((2, 2), dtype=np.int64))
+    with pytest.raises(TypeError, match="shape entry must be an int"):
+        buf.view("float32", shape=np.array([2.0, 2.0]))

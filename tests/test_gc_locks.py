@@ -635,3 +635,136 @@ def test_pool_close_from_a_finalizer_inside_a_backend_call_is_done_after_it() ->
         assert not pool._core.closed
     assert dev.counters().live == (0, 0, 0)  # the backend's next call closed it
     assert pool._core.closed
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_buffer_close_inside_a_backend_call_while_another_thread_resizes_it(pooled: bool) -> None:
+    """Thread A is inside a backend call when a finalizer closes a buffer; thread B holds
+    that buffer's lock (a resize) and waits for the backend's lock to map a page. close()
+    waited for the buffer's lock: a deadlock. It marks the buffer closed and finishes after
+    the call; B's resize completes, then the memory goes back."""
+    out = run_script(f"""
+pool = vmmpool.PagePool(dev, limit=32 * P) if {pooled} else None
+buf = vmmpool.GrowableBuffer(max_size=8 * P, pool=pool, device=dev, initial_size=P)
+backend = dev._backend
+inside = threading.Event()
+orig_enter = backend._enter
+def enter(op):  # B: inside the buffer's lock, about to need the backend's
+    if threading.current_thread() is not threading.main_thread():
+        inside.set()
+    return orig_enter(op)
+backend._enter = enter
+done = []
+def b_thread():
+    done.append(buf.resize(4 * P))
+with backend._lock:  # A, as if inside a backend call
+    t = threading.Thread(target=b_thread)
+    t.start()
+    assert inside.wait(10)
+    time.sleep(0.05)
+    buf.close()  # a user's __del__ would do this from the GC: must not wait
+    print("closed", buf.closed)
+t.join(10)
+assert not t.is_alive()
+backend._enter = orig_enter
+print("resized", len(done))
+dev.counters()  # the backend's next call runs what was deferred
+gc.collect()
+if pool is not None:
+    pool._check()
+    assert pool.stats().acquired_pages == 0
+    pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "closed True" in out and "resized 1" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_mapping_closed_by_a_finalizer_inside_its_own_view() -> None:
+    """A user's __del__ closing a SharedMapping, collected while this thread was inside the
+    mapping's view() (its plain lock held): close() waited for that lock forever. It is done
+    when the operation ends (here refused and logged: the new view is alive)."""
+    out = run_script("""
+import logging
+import vmmpool._share as share_mod
+logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+m = h.open()
+seen = []
+class Closer:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        m.close()
+        seen.append("close returned")
+real = share_mod.ArrayView
+def hooked(*a, **k):  # the collector runs inside view(), under the mapping's lock
+    share_mod.ArrayView = real
+    Closer()
+    gc.collect()
+    return real(*a, **k)
+share_mod.ArrayView = hooked
+v = m.view("uint8")
+print(seen, "closed", m.closed)
+del v
+gc.collect()
+m.close()
+print("closed", m.closed)
+h.close()
+buf.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "['close returned'] closed False" in out, out
+    assert "SharedMapping.close() requested by a finalizer failed: BufferError" in out, out
+    assert "closed True" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_mapping_closed_by_a_finalizer_inside_a_backend_call_unmaps_after_it() -> None:
+    out = run_script("""
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+m = h.open()
+where = m.device  # the receiver's device (the default host emulator, not `dev`)
+backend = where._backend
+live = where.counters().live
+with backend._lock:  # as if a finalizer ran inside a backend call
+    m.close()
+    print("inside", m.closed)
+freed = where.counters().live[0] == live[0] - 1  # the backend's next call runs the close
+print("after", m.closed, freed)
+h.close()
+buf.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "inside False" in out and "after True True" in out and "live (0, 0, 0)" in out, out
+
+
+def test_shared_memory_handle_closed_by_a_finalizer_inside_its_own_open() -> None:
+    """A user's __del__ closing a SharedMemoryHandle, collected inside that handle's open()
+    (its plain lock held): close() waited for the lock forever. It is done as open() ends."""
+    out = run_script("""
+import vmmpool._share as share_mod
+buf = vmmpool.GrowableBuffer(max_size=4 * P, device=dev, initial_size=P, shareable=True)
+h = buf.share()
+class Closer:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        h.close()
+real = share_mod.reserve
+def hooked(*a, **k):  # the collector runs inside open(), under the handle's lock
+    share_mod.reserve = real
+    Closer()
+    gc.collect()
+    return real(*a, **k)
+share_mod.reserve = hooked
+m = h.open()
+print("opened", m.nbytes == P, "handle closed", h.closed)
+m.write(b"x" * 8)
+print("read", bytes(m.read(8)) == bytes(buf.read(8)))
+m.close()
+buf.close()
+print("live", dev.counters().live, m.device.counters().live)
+""", timeout=60)
+    assert "opened True handle closed True" in out and "read True" in out, out
+    assert "live (0, 0, 0) (0, 0, 0)" in out, out

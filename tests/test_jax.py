@@ -39,6 +39,15 @@ SCRIPT = """
     del x, v
     gc.collect()
     a.free()
+    # JAX clears the capsule's destructor as it takes it: the export's record must still go.
+    records = len(vmmpool._dlpack._capsules)
+    b = pool.malloc(4096)
+    for _ in range(3):
+        y = jax.dlpack.from_dlpack(b.view("float32"))
+        del y
+        gc.collect()
+    assert len(vmmpool._dlpack._capsules) == records, (records, len(vmmpool._dlpack._capsules))
+    b.free()
     pool.close()
     print("jax", jax.__version__, "live", host.counters().live)
 """

@@ -612,6 +612,26 @@ def test_mempool_validates_before_building(monkeypatch: pytest.MonkeyPatch, host
         pool.close()
 
 
+def test_mempool_refusing_a_host_pool_makes_no_pair(
+    monkeypatch: pytest.MonkeyPatch, host: vmmpool.Device
+) -> None:
+    # The pair (two ctypes thunks kept for the life of the process) was made before the
+    # host pool was refused: every refused call left one behind.
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch())
+    pool = vmmpool.PagePool(host, limit=4 * host.granularity)
+    pairs = len(vt._PAIRS)
+    try:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="needs a pool on a CUDA device"):
+                vt.MemPool(pool)
+            with pytest.raises(ValueError, match="needs a pool on a CUDA device"):
+                with vt.use_pool(pool):
+                    pass
+        assert len(vt._PAIRS) == pairs
+    finally:
+        pool.close()
+
+
 # ---------------------------------------------------------------------- GPU
 def test_replay_has_a_torch_on_vmmpool_peer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from vmmpool import replay as R

@@ -542,3 +542,28 @@ def test_a_limit_below_one_page_is_rejected(host: Device) -> None:
         assert pool.limit == P
     with pytest.raises(ValueError, match="larger than the device's memory"):
         PagePool(Device.emulated(capacity=4 * P), page_size=8 * P)
+
+
+def test_max_size_beyond_the_device_names_max_size(host: Device) -> None:
+    # It was refused by the reservation, as "nbytes must be <= ..." (no such argument).
+    before = host.counters()
+    for bad in (host.address_limit, host.address_limit + 1, (1 << 64) - 1):
+        with pytest.raises(ValueError, match=r"^max_size must be <= "):
+            GrowableBuffer(max_size=bad, device=host)
+    assert host.counters() == before
+
+
+def test_check_int_names_the_argument_when_index_is_refused() -> None:
+    # A NumPy array (and numpy.bool) has __index__ but refuses it with NumPy's own message.
+    for bad in (np.array([1, 2]), np.ones((2, 2), dtype=np.int64), np.True_):
+        with pytest.raises(TypeError, match=r"^n must be an int, got "):
+            check_int("n", bad)
+    assert check_int("n", np.array(7)) == 7
+
+
+def test_buffer_write_of_what_is_not_contiguous_bytes_says_so(buf: GrowableBuffer) -> None:
+    before = bytes(buf.read(16))
+    for bad in ("text", np.arange(10)[::2], 5):
+        with pytest.raises(TypeError, match=r"^data must be a C-contiguous bytes-like object"):
+            buf.write(bad)
+    assert bytes(buf.read(16)) == before

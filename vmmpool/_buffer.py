@@ -50,7 +50,6 @@ stays live while any array or DLPack capsule made from it does). The rule:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -62,12 +61,13 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
-from ._options import Access, check_int, event_handle, stream_key
+from ._options import Access, address_limit, check_int, event_handle, stream_key
 from ._prefault import discard
 from ._process import NoCopy
 from ._resources import (
     AddressReservation,
     ClosesOnExit,
+    OpLock,
     PhysicalAllocation,
     check_peers,
     create,
@@ -653,7 +653,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if max_size is None:
             limit = max(-(-dev.total_memory // page) * page, page)
         else:
-            limit = check_int("max_size", max_size, minimum=1)
+            most = address_limit(dev) // page * page  # the largest whole-page reservation
+            limit = check_int("max_size", max_size, minimum=1, maximum=most)
             limit = -(-limit // page) * page
         if initial > limit:
             raise ValueError(f"initial_size must be <= max_size ({limit} bytes), got {initial}")
@@ -670,7 +671,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         res = reserve(limit, dev)
         self._state = _State(dev, page, pool, others, stream, res)
         self._state.shareable = shareable
-        self._lock = threading.RLock()
+        self._lock = OpLock()
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
         self._closed = False
         self._deferred = False
@@ -978,7 +979,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
         self._owned()
-        mv = memoryview(data).cast("B")
+        try:
+            mv = memoryview(data).cast("B")
+        except TypeError as err:
+            raise TypeError(
+                "data must be a C-contiguous bytes-like object (bytes, bytearray, a NumPy "
+                f"array, anything with the buffer protocol), got {type(data).__name__} ({err})"
+            ) from None
         with self._lock:
             st = self._awake("write")
             off = self._range(offset, mv.nbytes, st.size)
@@ -1156,6 +1163,23 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """
         if self._fin.alive:
             self._owned()  # a forked child releases nothing
+        if self._lock.owned():
+            # A finalizer that interrupted an operation of this buffer in this thread: closed
+            # for use now, freed when that operation ends (not under it).
+            self._closed = True
+            if self._fin.alive:
+                self._lock.defer(self._close_after_operation)
+            return
+        backend = self._state.device._backend
+        if backend.in_call():
+            # A finalizer inside a backend call of this thread: another thread may hold this
+            # buffer's lock while it waits for the backend's (a resize about to map), so
+            # waiting for ours here would deadlock. Closed for use now; the rest is done
+            # after the call (the backend's next call runs it, as the safety net does).
+            self._closed = True
+            if self._fin.alive:
+                backend.run_or_defer(self._close_after_operation)
+            return
         with self._lock:
             self._closed = True
             if not self._fin.alive:
@@ -1171,18 +1195,19 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             # view's finalizer may race with us); re-arm it if a step fails.
             if self._fin.detach() is None:
                 return
-            backend = self._state.device._backend
-            if backend.in_call():
-                # A finalizer (a user's __del__) inside a backend call of this thread: freeing
-                # here would call the driver inside that call (a pool refuses: ReentryError).
-                # Done after it, as the safety net does.
-                backend.run_or_defer(_release, self._state)
-                return
             try:
                 self._state.free()
             except BaseException:
                 self._fin = safety_finalizer(self, _release, self._state, backend=self._state.device._backend)
                 raise
+
+    def _close_after_operation(self) -> None:
+        """A close() that re-entered an operation, done as it ends; errors are logged (the
+        finalizer that asked cannot see them) and the safety net stays armed."""
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - reported on the logger
+            _log.warning("GrowableBuffer.close() requested by a finalizer failed: %r", err)
 
     def _free_when_unused(self) -> None:
         """After a deferred close: free once the last view is gone (runs as a finalizer).

@@ -200,7 +200,7 @@ class _ErrorSlot:
 class _Export:
     """One exported tensor: the struct and everything it points to, until the deleter runs."""
 
-    __slots__ = ("managed", "shape", "strides", "view", "error")
+    __slots__ = ("managed", "shape", "strides", "view", "error", "capsule")
 
     def __init__(self, managed: ctypes.Structure, shape: Any, strides: Any, view: ArrayView) -> None:
         self.managed = managed
@@ -208,6 +208,8 @@ class _Export:
         self.strides = strides
         self.view = view
         self.error = _ErrorSlot()
+        #: ``id()`` of the capsule made for it (the key of its ``_capsules`` record), once made.
+        self.capsule: int | None = None
 
 
 class _CapsuleRecord:
@@ -263,6 +265,14 @@ def _release(address: int) -> None:
         if ex is not None:
             _stats["released"] += 1
             ex.view._exports -= 1
+            # A consumer may clear the capsule's destructor when it takes the capsule
+            # (JAX does), so the record would never be dropped by _destructor: drop it
+            # here. (A capsule still alive then finds no record and does nothing.)
+            key = ex.capsule
+            if key is not None:
+                rec = _capsules.get(key)
+                if rec is not None and rec.address == address:
+                    del _capsules[key]
     # Dropped outside the lock: this may be the view's, and then the owner's,
     # last reference, and the owner's finalizer may give memory back.
     del ex
@@ -299,7 +309,10 @@ def _destructor(
         (rec.error if rec is not None else _spare).drop()
         if rec is None or _finalizing():
             return
-        del _table[capsule]
+        with _lock:  # as _release, which drops the record when the deleter runs first
+            if _table.get(capsule) is not rec:
+                return  # the deleter ran: the export is released, its record gone
+            del _table[capsule]
         # A consumer renames the capsule ("used_dltensor...") when it takes
         # ownership; only an unconsumed capsule still owns the export.
         if _PyCapsule_IsValid(capsule, rec.name):
@@ -347,14 +360,18 @@ def _new_capsule(
     managed.manager_ctx = None
     managed.deleter = _DELETER
     address = ctypes.addressof(managed)
+    # Built before the lock: allocating may run the garbage collector, and its finalizers.
+    ex = _Export(managed, c_shape, c_strides, view)
+    rec = _CapsuleRecord(address, name)
     with _lock:
-        _exports[address] = _Export(managed, c_shape, c_strides, view)
+        _exports[address] = ex
         view._exports += 1
         try:
             capsule = _PyCapsule_New(address, name, _DESTRUCTOR)
-            _capsules[id(capsule)] = _CapsuleRecord(address, name)
+            ex.capsule = id(capsule)
+            _capsules[ex.capsule] = rec
         except BaseException:
-            ex = _exports.pop(address)
+            _exports.pop(address)
             view._exports -= 1
             del ex
             raise
@@ -493,10 +510,7 @@ class ArrayView(NoCopy):
         if shape is None:
             dims: tuple[int, ...] = ((avail - off) // item,)
         else:
-            seq = (shape,) if hasattr(shape, "__index__") else shape
-            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-                raise TypeError(f"shape must be an int or a sequence of ints, got {brief(shape)}")
-            dims = tuple(check_int("shape entry", d) for d in seq)
+            dims = _parse_shape(shape)
         count = 1
         for d in dims:
             count *= d
@@ -511,6 +525,14 @@ class ArrayView(NoCopy):
         for d in reversed(dims):
             strides.append(step)
             step *= max(d, 1)
+        if step > _INT64_MAX:
+            # DLPack's shape and strides are int64 (and NumPy's are ssize_t): larger values
+            # would be exported wrapped (an empty view of shape (2**64 - 1, 0) read as -1).
+            raise ValueError(
+                f"shape {dims} of {dt} is too large: its extents (empty dimensions counted as 1) "
+                f"span {step} bytes, but DLPack and NumPy shapes and strides must be "
+                f"<= {_INT64_MAX} (2**63 - 1)"
+            )
         self.owner = owner
         self.device = device
         self.ptr = base + off
@@ -620,12 +642,7 @@ class ArrayView(NoCopy):
             raise BufferError("copy=True is not supported: views export the memory itself")
         kind, ordinal = self.__dlpack_device__()
         if dl_device is not None:
-            try:
-                want = (int(dl_device[0]), int(dl_device[1]))
-            except (TypeError, ValueError, IndexError):
-                raise TypeError(
-                    f"dl_device must be a (device_type, device_id) tuple, got {brief(dl_device)}"
-                ) from None
+            want = _parse_dl_device(dl_device)
             if want != (kind, ordinal):
                 raise BufferError(
                     f"cannot export to dl_device {want}: the memory is on {(kind, ordinal)} "
@@ -695,6 +712,48 @@ class ArrayView(NoCopy):
             f"<ArrayView {self.dtype}{list(self.shape)} at {self.ptr:#x} on {self.device}, "
             f"owner {type(self.owner).__name__}>"
         )
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _parse_shape(shape: object) -> tuple[int, ...]:
+    """A view's shape: an int (1-D) or a sequence (or 1-D NumPy array) of ints >= 0."""
+    if isinstance(shape, np.ndarray) and shape.ndim:
+        if shape.ndim > 1:
+            raise TypeError(
+                f"shape must be an int or a sequence of ints, got a {shape.ndim}-D array"
+            )
+        seq: Any = list(shape)
+    elif hasattr(shape, "__index__"):
+        seq = (shape,)
+    else:
+        seq = shape
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {brief(shape)}")
+    return tuple(check_int("shape entry", d) for d in seq)
+
+
+def _parse_dl_device(dl_device: object) -> tuple[int, int]:
+    """``(device_type, device_id)`` from a consumer's `dl_device`: exactly two ints."""
+    items = (
+        tuple(dl_device)
+        if isinstance(dl_device, Sequence) and not isinstance(dl_device, (str, bytes))
+        else None
+    )
+    try:
+        if (
+            items is not None
+            and len(items) == 2
+            and all(hasattr(v, "__index__") and not isinstance(v, bool) for v in items)
+        ):
+            return (int(items[0].__index__()), int(items[1].__index__()))
+    except TypeError:  # __index__ refused (numpy.bool, a NumPy array)
+        pass
+    raise TypeError(
+        "dl_device must be a (device_type, device_id) tuple of two ints such as (1, 0), "
+        f"got {type(dl_device).__name__} {brief(dl_device)}"
+    )
 
 
 def _check_stream(stream: object, kind: int) -> None:

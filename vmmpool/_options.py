@@ -174,7 +174,14 @@ def check_int(
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         hint = " (floats are not accepted: pass an int)" if isinstance(value, float) else ""
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({brief(value)}){hint}")
-    n = int(value.__index__())
+    try:
+        n = int(value.__index__())
+    except TypeError:
+        # A NumPy array of ints (or numpy.bool) has __index__ but refuses it, with
+        # NumPy's own message that names neither the argument nor what was expected.
+        raise TypeError(
+            f"{name} must be an int, got {type(value).__name__} ({brief(value)})"
+        ) from None
     if minimum is not None and n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {brief(n)}")
     if maximum is not None and n > maximum:

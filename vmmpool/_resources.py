@@ -43,6 +43,7 @@ __all__ = [
     "check_peers",
     "safety_finalizer",
     "ClosesOnExit",
+    "OpLock",
 ]
 
 
@@ -97,6 +98,46 @@ def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:
         if p not in out:
             out.append(p)
     return tuple(out)
+
+
+class OpLock:
+    """An object's re-entrant operation lock, and what must wait until its outermost holder lets go.
+
+    A finalizer (a user's ``__del__``) that the garbage collector runs in the
+    middle of an operation of an object (``GrowableBuffer``, ``SharedMapping``),
+    in the same thread, re-enters the lock: a ``close()`` there would free the
+    memory under the half-done operation (a buffer's resize then failed on the
+    freed range, a sleep copied from unmapped pages), and with a plain lock it
+    waited for itself forever. Such a ``close()`` queues itself here and runs as
+    the operation ends.
+    """
+
+    __slots__ = ("_lock", "_is_owned", "_pending")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._is_owned: Callable[[], bool] = self._lock._is_owned  # type: ignore[attr-defined]
+        #: Thread ident -> what runs when that thread's outermost holding ends. Only the
+        #: holder adds to its own list, and it takes the list back in one dict operation.
+        self._pending: dict[int, list[Callable[[], None]]] = {}
+
+    def owned(self) -> bool:
+        """True when the current thread holds the lock (is inside an operation)."""
+        return self._is_owned()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the current thread's outermost holding ends (it holds the lock)."""
+        self._pending.setdefault(threading.get_ident(), []).append(fn)
+
+    def __enter__(self) -> OpLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if self._pending and not self._is_owned():
+            for fn in self._pending.pop(threading.get_ident(), ()):
+                fn()
 
 
 class ClosesOnExit:

@@ -32,8 +32,8 @@ to keep a shared allocation's bytes out of reuse until every receiver is done
 
 from __future__ import annotations
 
+import logging
 import os
-import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +45,9 @@ from ._dlpack import ArrayView
 from ._errors import ClosedError, ForkedError
 from ._options import check_int
 from ._process import track
-from ._resources import ClosesOnExit, PhysicalAllocation, reserve, safety_finalizer
+from ._resources import ClosesOnExit, OpLock, PhysicalAllocation, reserve, safety_finalizer
+
+_log = logging.getLogger("vmmpool")
 
 __all__ = ["SharedMemoryHandle", "SharedMapping", "Lease", "check_shareable", "not_shareable"]
 
@@ -201,7 +203,7 @@ class SharedMemoryHandle(ClosesOnExit):
     device_ordinal: int
     source: str
     _fds: list[int]
-    _lock: threading.Lock
+    _lock: OpLock
     _fin: weakref.finalize
 
     def __init__(self) -> None:  # pragma: no cover - made by share() and unpickling only
@@ -221,14 +223,14 @@ class SharedMemoryHandle(ClosesOnExit):
         self.n_pages = len(fds)
         self._fds = list(fds)
         self._fds.append(lease)  # the lease's write end, last
-        self._lock = threading.Lock()
+        self._lock = OpLock()
         self._fin = safety_finalizer(self, _close_fds, self._fds)
         track(self)  # a forked child may open its copy: it gets a lock of its own
         return self
 
     def _forked(self) -> None:
         """In a forked child: a new lock (a parent thread may have held this one at the fork)."""
-        self._lock = threading.Lock()
+        self._lock = OpLock()
 
     @classmethod
     def _make(
@@ -365,6 +367,13 @@ class SharedMemoryHandle(ClosesOnExit):
 
     def close(self) -> None:
         """Close the handle's descriptors (idempotent). Mappings opened from it stay valid."""
+        if self._lock.owned():
+            # A finalizer (a user's __del__) that interrupted open() or pickling of this
+            # handle in this thread: waiting for the lock hung forever, and closing the
+            # descriptors under them would break them. Done when that operation ends.
+            if self._fin.alive:
+                self._lock.defer(self.close)
+            return
         with self._lock:
             if self._fin.alive:
                 _close_fds(self._fds)
@@ -425,7 +434,7 @@ class SharedMapping(ClosesOnExit):
         self._address = res.address + handle.offset
         self._lease = [lease]
         self._views: weakref.WeakSet[ArrayView] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._lock = OpLock()
         self._pid = os.getpid()
         self._fin = safety_finalizer(
             self, _unmap, res, self._lease, self._pid, backend=device._backend
@@ -514,6 +523,19 @@ class SharedMapping(ClosesOnExit):
         """
         if os.getpid() != self._pid:  # a forked child never unmaps its parent's memory
             return
+        if self._lock.owned():
+            # A finalizer (a user's __del__) that interrupted an operation of this mapping in
+            # this thread: waiting for the lock hung forever, and closing under the operation
+            # would unmap what it uses. Done when the operation ends.
+            if self._fin.alive:
+                self._lock.defer(self._close_later)
+            return
+        if self.device._backend.in_call():
+            # A finalizer inside a backend call of this thread: unmapping there would call the
+            # driver inside the interrupted call. Done after it (the backend's next call).
+            if self._fin.alive:
+                self.device._backend.run_or_defer(self._close_later)
+            return
         with self._lock:
             if not self._fin.alive:
                 return
@@ -533,6 +555,14 @@ class SharedMapping(ClosesOnExit):
                 )
                 raise
             _close_fds(self._lease)
+
+    def _close_later(self) -> None:
+        """A close() a finalizer asked for inside an operation or a backend call; its errors
+        (a view still alive: BufferError) are logged, as the finalizer cannot see them."""
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - reported on the logger
+            _log.warning("SharedMapping.close() requested by a finalizer failed: %r", err)
 
     def __reduce__(self) -> Any:
         raise TypeError(

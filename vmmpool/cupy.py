@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from types import TracebackType
@@ -35,6 +35,8 @@ from ._device import Device, DeviceLike
 from ._errors import OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
+from ._process import NoCopy
+from ._resources import OpLock
 from ._sizes import EXAMPLES, parse_fraction, parse_size
 
 __all__ = ["MemoryPool", "set_allocator", "using_pool", "parse_limit"]
@@ -85,7 +87,7 @@ def parse_limit(text: str, total: int) -> int:
         ) from None
 
 
-class MemoryPool:
+class MemoryPool(NoCopy):
     """A drop-in replacement for ``cupy.cuda.MemoryPool`` backed by :class:`~vmmpool.PagePool`.
 
     Parameters
@@ -113,6 +115,9 @@ class MemoryPool:
     allocation's stream is CuPy's current stream at ``malloc``, so the page
     pool's stream rule (same-stream reuse is immediate; other streams wait)
     matches CuPy's own.
+
+    Not copyable or picklable (``TypeError``): it owns its page pools, and a
+    copy sharing them would close them under the original.
 
     The limit honours ``CUPY_GPU_MEMORY_LIMIT`` (bytes or ``"N%"``) as CuPy
     does (and sizes such as ``"4GiB"``, see :func:`parse_limit`), per device,
@@ -154,7 +159,7 @@ class MemoryPool:
         # Device key -> its limit, for pools whose limit is below one page: no allocation
         # can succeed there (the page pool itself holds at least one page).
         self._below_a_page: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._lock = OpLock()
 
     # ------------------------------------------------------------ devices
     def _current(self) -> tuple[int, Device]:
@@ -315,11 +320,15 @@ class MemoryPool:
             )
         key, dev = self._current()
         if fraction is not None:
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-                0 <= fraction <= 1
+            # Any real number (numpy.float32 too, as CuPy takes it); not a bool, not NaN.
+            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
+                0 <= float(fraction) <= 1
             ):
-                raise ValueError(f"fraction must be between 0 and 1, got {brief(fraction)}")
-            limit = int(dev.total_memory * fraction)
+                raise ValueError(
+                    f"fraction must be between 0 and 1 (a real number), got "
+                    f"{type(fraction).__name__} ({brief(fraction)})"
+                )
+            limit = int(dev.total_memory * float(fraction))
         elif size is not None:
             limit = check_int("size", size, maximum=dev.address_limit)
         else:
@@ -352,6 +361,12 @@ class MemoryPool:
         Memory that live CuPy arrays still use stays mapped until the last of
         them is gone; everything else is released now.
         """
+        if self._lock.owned():
+            # A finalizer (a user's __del__) that interrupted this pool's first malloc on a
+            # device or its set_limit, in this thread: waiting for the lock hung forever.
+            # Done when that operation ends.
+            self._lock.defer(self.close)
+            return
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:

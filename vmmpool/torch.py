@@ -321,13 +321,14 @@ def MemPool(pool: PagePool) -> Any:
         `pool` is closed.
     """
     torch = _torch()
-    pair = _pair(pool)
     cls = _mem_pool_class(torch)
-    if pool.device.is_host:
+    if isinstance(pool, PagePool) and pool.device.is_host:
+        # Before _pair(): a refused pool must not get a pair (its thunks live for the process).
         raise ValueError(
             f"vmmpool.torch.MemPool needs a pool on a CUDA device, got one on {pool.device} "
             "(the host emulator): CUDA tensors cannot live there. callbacks() works on any pool."
         )
+    pair = _pair(pool)
     with _LOCK:
         if pair.torch_allocator is None:
             pair.torch_allocator = torch._C._cuda_customAllocator(pair.alloc_address, pair.free_address)
@@ -360,7 +361,8 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
     backward threads allocate outside the pool; see the README).
     """
     torch = _torch()
-    pair = _pair(pool)
+    if not isinstance(pool, PagePool):
+        raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
     ordinal = pool.device.ordinal
     index = getattr(device, "index", device)  # a torch.device, an int or None
     other = isinstance(index, int) and not isinstance(index, bool) and index != ordinal
@@ -369,6 +371,9 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
             f"device must be the pool's device (cuda:{ordinal}), got {device!r}: the pool's "
             "callbacks answer NULL for any other device"
         )
+    if pool.device.is_host:
+        MemPool(pool)  # raises its ValueError before a pair is made
+    pair = _pair(pool)
     ref = pair.mem_pool
     mp = ref() if ref is not None else None
     if mp is None:
