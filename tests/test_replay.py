@@ -882,3 +882,37 @@ def test_the_peer_entry_point_runs_by_module_path(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit):
         peer_main(["--peer", "torch", "t.pickle", "--limit", "x"])
+
+
+def test_trace_files_are_bounded_before_they_are_parsed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A hostile pickle of empty containers costs up to 120x its size to scan: a file is read
+    # only up to the bound (default 1 GiB), one byte past it at most (a pipe or a device file
+    # has no size to ask first).
+    good = write_pickle(tmp_path, small_snapshot())
+    size = good.stat().st_size
+    assert R.load(good, max_bytes=size).n_slots == R.load(good).n_slots
+    with pytest.raises(R.TraceError, match=f"more than {size - 1} bytes.*--max-trace-bytes"):
+        R.load(good, max_bytes=size - 1)
+    lines = "Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,4096,0x0\n"
+    log = tmp_path / "t.csv"
+    log.write_text(lines)
+    with pytest.raises(R.TraceError, match="more than 10 bytes"):
+        R.load_csv(log, max_bytes=10)
+    assert R.load_csv(log, max_bytes=len(lines)).n_slots == 1
+    with pytest.raises(R.TraceError, match="zero: more than 4096 bytes"):
+        R.load_snapshot(_device_file(tmp_path), max_bytes=4096)  # never ends: read no further
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_bytes must be an int >= 1"):
+            R.load(good, max_bytes=bad)  # type: ignore[arg-type]
+    assert R.MAX_TRACE_BYTES == 1 << 30
+    assert main(["replay", str(good), "--max-trace-bytes", str(size - 1)]) == 2
+    assert "--max-trace-bytes" in capsys.readouterr().err
+    assert main(["replay", str(good), "--max-trace-bytes", "1MiB"]) == 0
+
+
+def _device_file(tmp_path: Path) -> Path:
+    link = tmp_path / "zero"
+    link.symlink_to("/dev/zero")
+    return link

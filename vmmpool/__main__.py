@@ -43,7 +43,7 @@ def info(out: TextIO | None = None) -> int:
 
 def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--snapshot-device N]
-    [--json PATH]``.
+    [--json PATH] [--max-trace-bytes SIZE]``.
 
     Replays each trace through a fresh :class:`~vmmpool.PagePool` and prints
     a table (see :data:`vmmpool.replay.COLUMNS`); on a GPU the peer allocators
@@ -77,6 +77,9 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
                    help="replay device N of a PyTorch snapshot (default: each device with events, "
                         "one row each)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--max-trace-bytes", type=positive_size_arg, default=None, metavar="SIZE",
+                   help="the largest trace file read, e.g. 4GiB (default 1GiB: memory grows with "
+                        "a file's size; raise it for a larger trace you trust)")
     try:
         args = p.parse_args(argv)
         device = None
@@ -86,7 +89,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             device = Device(args.device)
         traces = []
         for path in args.traces:
-            rows = _load_devices(path, args.snapshot_device)
+            rows = _load_devices(path, args.snapshot_device, args.max_trace_bytes)
             for t in rows:
                 if args.snapshot_device is not None or len(rows) > 1:
                     t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")

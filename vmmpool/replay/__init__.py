@@ -70,10 +70,11 @@ from ._search import MinLimit, min_limit
 from ._snapshot import load_snapshot, snapshot_to_trace
 from ._tables import COLUMNS, format_table, json_safe, record
 from ._timeline import Timeline, timeline
-from ._trace import Trace, TraceError, scaled
+from ._trace import MAX_TRACE_BYTES, Trace, TraceError, scaled
 
 __all__ = [
     "COLUMNS",
+    "MAX_TRACE_BYTES",
     "MinLimit",
     "PEERS",
     "PeerResult",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .._options import brief
-from ._trace import Trace, TraceError, _Builder, _cut
+from ._trace import Trace, TraceError, _Builder, _cut, _read_bounded
 
 __all__ = ["load_csv", "CSV_HEADER"]
 
@@ -36,7 +36,9 @@ def _parse_field(text: str, hex_only: bool) -> int:
     return n
 
 
-def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
+def load_csv(
+    path: str | os.PathLike[str], text: str | None = None, *, max_bytes: int | None = None
+) -> Trace:
     """Read an RMM ``logging_resource_adaptor`` CSV log.
 
     Parameters
@@ -50,6 +52,9 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
         resources return for 0 bytes) and frees of the null pointer are skipped.
     text : str, optional
         The file's contents, when already read (`path` then only names it).
+    max_bytes : int, optional
+        The largest file read (default :data:`MAX_TRACE_BYTES`, 1 GiB); a longer
+        one is a :class:`TraceError`, read no further.
 
     Returns
     -------
@@ -66,11 +71,9 @@ def load_csv(path: str | os.PathLike[str], text: str | None = None) -> Trace:
     name = p.name
     if text is None:
         try:
-            text = p.read_text(encoding="utf-8-sig")
+            text = _read_bounded(p, max_bytes).decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise TraceError(f"{name}: not a text file ({e})") from None
-        except OSError as e:
-            raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
     rows = csv.reader(io.StringIO(text.removeprefix("\ufeff")), strict=True)
     try:
         return _csv_rows(name, rows)

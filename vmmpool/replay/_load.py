@@ -13,10 +13,13 @@ from ._trace import Trace, TraceError
 __all__ = ["load"]
 
 
-def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
+def load(
+    path: str | os.PathLike[str], device: int | None = None, *, max_bytes: int | None = None
+) -> Trace:
     """Read a trace, choosing the reader by content (CSV header or pickle).
 
-    `device` picks a PyTorch snapshot's device (see :func:`load_snapshot`).
+    `device` picks a PyTorch snapshot's device (see :func:`load_snapshot`);
+    `max_bytes` bounds the file (default :data:`MAX_TRACE_BYTES`, 1 GiB).
 
     Raises
     ------
@@ -25,8 +28,8 @@ def load(path: str | os.PathLike[str], device: int | None = None) -> Trace:
     """
     p = Path(path)
     if _is_csv(p, device):
-        return load_csv(p)
-    return load_snapshot(p, device)
+        return load_csv(p, max_bytes=max_bytes)
+    return load_snapshot(p, device, max_bytes=max_bytes)
 
 
 def _is_csv(p: Path, device: int | None) -> bool:
@@ -48,14 +51,16 @@ def _is_csv(p: Path, device: int | None) -> bool:
     )
 
 
-def _load_devices(path: str | os.PathLike[str], device: int | None = None) -> list[Trace]:
+def _load_devices(
+    path: str | os.PathLike[str], device: int | None = None, max_bytes: int | None = None
+) -> list[Trace]:
     """What one file replays as: `device` of a PyTorch snapshot when given, else every device
     with events (one trace each: the file is read, scanned and loaded once), or the one
     trace of an RMM log."""
     p = Path(path)
     if device is not None or _is_csv(p, None):
-        return [load(p, device)]
-    data, name, size = _snapshot._read(p)
+        return [load(p, device, max_bytes=max_bytes)]
+    data, name, size = _snapshot._read(p, max_bytes)
     first = _snapshot.snapshot_to_trace(data, name, None, max_items=size)
     return [first, *(
         _snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in first.devices[1:]

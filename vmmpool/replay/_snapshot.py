@@ -10,7 +10,7 @@ from typing import Any
 
 from .._options import brief
 from ._pickle_scan import scan_pickle
-from ._trace import Trace, TraceError, _Builder, _cut, _int
+from ._trace import Trace, TraceError, _Builder, _cut, _int, _read_bounded
 
 __all__ = ["load_snapshot", "snapshot_to_trace"]
 
@@ -27,7 +27,9 @@ class _NoClasses(pickle.Unpickler):
         raise _Refused(f"{module}.{name}")
 
 
-def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Trace:
+def load_snapshot(
+    path: str | os.PathLike[str], device: int | None = None, *, max_bytes: int | None = None
+) -> Trace:
     """Read a PyTorch memory snapshot pickle.
 
     Parameters
@@ -37,6 +39,9 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
     device : int, optional
         Which CUDA device's trace to read; default: the first with events. A
         device given that has neither events nor segments is a :class:`TraceError`.
+    max_bytes : int, optional
+        The largest file read (default :data:`MAX_TRACE_BYTES`, 1 GiB); a longer
+        one is a :class:`TraceError`, read no further.
 
     Returns
     -------
@@ -49,17 +54,14 @@ def load_snapshot(path: str | os.PathLike[str], device: int | None = None) -> Tr
         of :func:`scan_pickle` (checked before anything is loaded), is
         truncated or malformed; the message names the file and the event index.
     """
-    data, name, size = _read(Path(path))
+    data, name, size = _read(Path(path), max_bytes)
     return snapshot_to_trace(data, name, device, max_items=size)
 
 
-def _read(p: Path) -> tuple[Any, str, int]:
+def _read(p: Path, max_bytes: int | None = None) -> tuple[Any, str, int]:
     """The loaded data of a snapshot file (see :func:`load_snapshot`), its name and size."""
     name = p.name
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
+    raw = _read_bounded(p, max_bytes)
     size = len(raw)
     scan_pickle(raw, name)
     fh = io.BytesIO(raw)

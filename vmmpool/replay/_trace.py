@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from .._options import brief
 
-__all__ = ["Trace", "TraceError", "scaled"]
+__all__ = ["MAX_TRACE_BYTES", "Trace", "TraceError", "scaled"]
+
+#: The largest trace file read by default (1 GiB). Memory grows with a file's size, by
+#: about 4x for a real snapshot and by up to 120x for a hostile one made only of empty
+#: containers (each within the pickle scan's other bounds): a file is bounded before it is
+#: parsed. The readers' `max_bytes` (the CLI's ``--max-trace-bytes``) raises it for a
+#: larger trace you trust.
+MAX_TRACE_BYTES = 1 << 30
 
 class TraceError(ValueError):
     """A trace file that cannot be read: the message names file and position."""
@@ -142,3 +150,26 @@ def scaled(trace: Trace, factor: float) -> Trace:
         trace, name=f"{trace.name} x{factor:g}", events=tuple(events),
         recorded_peak_reserved=None, recorded_peak_allocated=None, recorded_reserved=(),
     )
+
+
+def _read_bounded(p: Path, max_bytes: int | None) -> bytes:
+    """The bytes of file `p`, at most `max_bytes` (default :data:`MAX_TRACE_BYTES`).
+
+    Reads at most one byte past the bound (a device file or a pipe has no size
+    to ask for first); a longer file is a :class:`TraceError`, read no further.
+    """
+    limit = MAX_TRACE_BYTES if max_bytes is None else max_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_bytes must be an int >= 1, got {limit!r}")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as e:
+        raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise TraceError(
+            f"{p.name}: more than {limit} bytes, the most a trace file may have "
+            f"(max_bytes; the CLI's --max-trace-bytes): raise it for a larger trace you trust"
+        )
+    return raw
+
