@@ -84,6 +84,22 @@ def test_cli_rejects_unknown_command() -> None:
     assert "invalid choice" in out.stderr
 
 
+def test_cli_output_to_a_closed_pipe_ends_quietly() -> None:
+    # `python -m vmmpool demo | head -c1`: the reader goes away; the CLI ends with 141 (128 +
+    # SIGPIPE, as a shell reports it) and no BrokenPipeError traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmmpool", "demo", "--device", "host"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_every_object_names_its_first_byte_address() -> None:
     dev = vmmpool.Device.emulated(capacity=16 << 20)
     with vmmpool.PagePool(dev, limit=8 << 20) as pool:

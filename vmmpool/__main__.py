@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
 
@@ -173,5 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     return demo_main(rest)
 
 
+def _run() -> int:
+    """`main`, quiet when the reader of stdout goes away (``python -m vmmpool info | head -1``)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that says nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())
