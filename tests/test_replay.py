@@ -350,6 +350,35 @@ def test_replay_streams_are_destroyed_when_one_cannot_be_made() -> None:
         dev._backend.stream_destroy(12345)
 
 
+def test_replay_error_is_not_hidden_by_a_stream_that_cannot_be_destroyed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An interrupt (or any error) during the replay is the error raised: a stream_destroy
+    # failing on the way out replaced it (KeyboardInterrupt became a DriverError).
+    events, _peak = multi_stream_events(3, n=50)
+    tr = R.snapshot_to_trace(snapshot(events))
+    dev = vmmpool.Device.emulated(256 * MiB)
+    dev._backend.inject_fault("stream_destroy", 1, "CUDA_ERROR_INVALID_VALUE")
+
+    def interrupt(i: int, live: int, pool: object) -> None:
+        if i > 10:
+            raise KeyboardInterrupt("stop")
+
+    with caplog.at_level("WARNING", logger="vmmpool.replay"):
+        with pytest.raises(KeyboardInterrupt, match="stop"):
+            run_replay(tr, dev, None, {}, sampler=interrupt, own_streams=True)
+    assert "destroying replay stream" in caplog.text
+    assert dev._backend.live_streams() == 1  # the one the driver refused; the other went
+    assert dev.counters().live == (0, 0, 0)
+    # Without an error of its own, the replay raises the destroy failure (after destroying
+    # every other stream).
+    dev2 = vmmpool.Device.emulated(256 * MiB)
+    dev2._backend.inject_fault("stream_destroy", 1, "CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_INVALID_VALUE"):
+        run_replay(tr, dev2, None, {}, own_streams=True)
+    assert dev2._backend.live_streams() == 1 and dev2.counters().live == (0, 0, 0)
+
+
 def two_stream_small_trace() -> R.Trace:
     # 0.6 MiB on each of two streams: 1.2 MiB live (1 page), but small pages
     # belong to one stream, so 2 pages are needed; then 3 large on one stream.
