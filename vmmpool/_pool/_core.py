@@ -58,10 +58,11 @@ ARENA_MIN_PAGES = 64
 #: Without a limit, GROWTH's headroom is also rounded down to whole pages (but
 #: never below the peak's pages): on 40 generated ResNet-50-shaped traces
 #: (`benchmarks/replay.py --sweep`), the rows held above 1.05 x peak live went
-#: from 18 to 4, with no row of the shared traces worse. Measured on single passes:
-#: with the slack's floor at 1 page, part of that was remapping on every pass, forever
-#: (ResNet-50 batch 4 repeated: 1.044 x held, 108 backend calls a pass; with
-#: GROWTH_MIN_PAGES = 2 it settles at 1.073 x, 0 calls a pass, as when it rounded up).
+#: from 18 to 8, with no row of the shared traces worse. (To 4 with the slack's
+#: floor at 1 page, measured on single passes: part of that was remapping on every
+#: pass, forever; ResNet-50 batch 4 repeated held 1.044 x with 108 backend calls a
+#: pass. With GROWTH_MIN_PAGES = 2 it settles at 1.073 x, 0 calls a pass, as when the
+#: headroom rounded up.)
 GROWTH = 1.02
 GROWTH_PAGES = 2
 GROWTH_MAX_PAGES = 4
