@@ -18,6 +18,14 @@
 # figures, per-step status and seconds. Benchmark JSON is also written to
 # benchmarks/results/ (files named *-cuda.json).
 set -uo pipefail
+# $VMMPOOL_TRACES names a directory from where the check was started: resolved
+# before the cd below (a relative one was looked up under the repository and,
+# not found there, its traces were skipped without a word).
+if [ -n "${VMMPOOL_TRACES:-}" ]; then
+  traces_dir=$VMMPOOL_TRACES
+  VMMPOOL_TRACES=$(cd -- "$traces_dir" 2>/dev/null && pwd) || {
+    echo "gpu_check: VMMPOOL_TRACES=$traces_dir is not a directory" >&2; exit 2; }
+fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
@@ -103,6 +111,7 @@ for bench in "${benches[@]}"; do
     extra=(--synthetic)
     if [ -n "${VMMPOOL_TRACES:-}" ]; then
       for t in "$VMMPOOL_TRACES"/*.pickle; do [ -f "$t" ] && extra+=("$t"); done
+      [ "${#extra[@]}" -gt 1 ] || echo "gpu_check: no *.pickle in $VMMPOOL_TRACES" >&2
     fi
   fi
   echo "== benchmark $name on cuda:0 (at most ${share}s) =="

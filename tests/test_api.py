@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import vmmpool
 
@@ -90,6 +93,29 @@ def test_cli_output_to_a_closed_pipe_ends_quietly() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmmpool", "demo", "--device", "host"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_the_vmmpool_script_ends_quietly_on_a_closed_pipe_too() -> None:
+    # The `vmmpool` console script (pyproject's [project.scripts]) called main(), not the
+    # wrapper `python -m vmmpool` runs: `vmmpool demo | head -c1` printed a BrokenPipeError.
+    root = Path(__file__).resolve().parent.parent
+    found = re.search(r'^vmmpool = "(.+)"$', (root / "pyproject.toml").read_text(), re.M)
+    assert found is not None
+    target = found.group(1)
+    module, func = target.split(":")
+    code = f"import sys; from {module} import {func}; sys.argv[1:] = ['demo', '--device', 'host']; " \
+        f"sys.exit({func}())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.read(1)

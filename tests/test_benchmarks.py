@@ -104,3 +104,37 @@ def test_replay_quick_searches_no_limit_and_keeps_the_committed_results(tmp_path
     assert doc["quick"] is True and len(doc["traces"]) == 12
     assert all(t["min_limit"] is None and t["vmmpool"]["completed"] for t in doc["traces"])
     assert committed.read_bytes() == before
+
+
+def test_gpu_check_passes_the_traces_of_a_relative_vmmpool_traces(tmp_path: Path) -> None:
+    # scripts/gpu_check.sh cds to the repository first: VMMPOOL_TRACES relative to where the
+    # check was started was looked up under the repository, and its traces were skipped
+    # without a word. Run with a stand-in python that records its arguments.
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python-stub"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$CALLS"\n'
+                    'echo >> "$CALLS"\nexit 0\n')
+    stub.chmod(0o755)
+    traces = tmp_path / "my traces"
+    traces.mkdir()
+    for name in ("a b.pickle", "c.pickle", "notes.txt"):
+        (traces / name).write_bytes(b"\x80")
+    env = {**os.environ, "PYTHON": str(stub), "CALLS": str(log), "OUT": str(tmp_path / "out"),
+           "VMMPOOL_TRACES": "my traces", "GPU_CHECK_BUDGET_S": "60"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
+    replay = [c for c in calls if c and c[0].endswith("benchmarks/replay.py")]
+    assert replay, calls
+    assert replay[0][1:4] == ["--synthetic", str(traces / "a b.pickle"), str(traces / "c.pickle")]
+    (traces / "a b.pickle").unlink()
+    (traces / "c.pickle").unlink()
+    log.unlink()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "no *.pickle in" in run.stderr, run.stderr
+    env["VMMPOOL_TRACES"] = "missing"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "VMMPOOL_TRACES=missing is not a directory" in run.stderr

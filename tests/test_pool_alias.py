@@ -9,6 +9,7 @@ host emulator (the same memfd page mapped twice shows the same bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -223,12 +224,47 @@ def test_sweep_draws_the_same_traces_and_rejects_a_bad_count() -> None:
 
 def test_small_pools_default_held_within_five_percent() -> None:
     # ResNet-50-shaped inference of 35-105 pages live: rounded up, 1.02 x the peak added a
-    # page of headroom to every pool under 50 pages (default held 1.0731 x peak live at
-    # batch 4, 1.0562 at batch 32); rounded down, 1.0441 and 1.0466 (measured 2026-12-07).
-    for kw in ({"batch": 4, "train": False}, {"batch": 32, "train": False}):
+    # page of headroom to every pool under 50 pages (default held 1.0562 at batch 32);
+    # rounded down, 1.0466 (measured 2026-12-07). At batch 4 rounding down held 1.0441 only
+    # by remapping on every pass (test_a_recurring_small_pool_settles): 1.0731 x.
+    for kw, most in (({"batch": 4, "train": False}, 1.075), ({"batch": 32, "train": False}, 1.05)):
         res = R.replay(resnet50(**kw))  # type: ignore[arg-type]
         assert res.completed and res.syncs == 0
-        assert res.peak_held <= 1.05 * res.peak_live, (kw, res.peak_held / res.peak_live)
+        assert res.peak_held <= most * res.peak_live, (kw, res.peak_held / res.peak_live)
+
+
+def _repeated(tr: R.Trace, k: int) -> R.Trace:
+    """`tr` with its events after the prelude (weights, never freed) run `k` times."""
+    freed = {slot for is_free, slot, _n, _s in tr.events if is_free}
+    i = 0
+    while not tr.events[i][0] and tr.events[i][1] not in freed:
+        i += 1
+    body = tr.events[i:]
+    return dataclasses.replace(tr, events=tr.events[:i] + body * k)
+
+
+def test_a_recurring_small_pool_settles() -> None:
+    # A pool without a limit rounds its 2% headroom down to whole pages; with the slack
+    # capped at 1 page (2% of a pool under 50 pages), repeated ResNet-50-shaped inference at
+    # batch 4 remapped on every pass, forever (18 remaps, 108 backend calls a pass), and three
+    # streams taking a page each in turn remapped on every malloc. The slack grows to at least
+    # 2 pages: both settle, as they did when the headroom rounded up.
+    tr = resnet50(batch=4, train=False)
+    five, ten = R.replay(_repeated(tr, 5)), R.replay(_repeated(tr, 10))
+    assert five.completed and ten.completed
+    assert (ten.backend_calls, ten.remaps) == (five.backend_calls, five.remaps)
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev) as pool:
+        def rounds(n: int) -> None:
+            for _ in range(n):
+                for stream in (0x100, 0x200, 0x300):
+                    pool.malloc(P, stream).free()
+
+        rounds(20)
+        before = dev.counters()
+        rounds(20)
+        assert sum((dev.counters() - before).values()) == 0
+        assert pool.stats().total_pages == 3
 
 
 def test_resnet50_traces_are_well_formed() -> None:
@@ -295,17 +331,17 @@ def test_a_split_near_the_limit_leaves_the_rest_beside_unmapped_slots(
 
 def test_growth_headroom_depends_on_a_limit_being_set() -> None:
     # Without a limit the budget is 1.02 x the peak in use (+ a slack of at most 2% of it, at
-    # least a page); with one it keeps 2 more pages and a slack floor of 8 (see _core.GROWTH).
+    # least 2 pages); with one it keeps 2 more pages and a slack floor of 8 (see _core.GROWTH).
     dev = vmmpool.Device.emulated(capacity=256 * P, granularity=P)
     for limit in (None, 200 * P):
         with PagePool(dev, limit=limit) as pool:
             a = pool.malloc(50 * P)
             core = pool._core
-            fixed, floor = (2, 8) if limit is not None else (0, 1)
+            fixed, floor = (2, 8) if limit is not None else (0, 2)
             assert core.budget() == 51 + fixed
             assert core.max_slack() == min(4, floor)
             pool.set_limit(None if limit is not None else 200 * P)  # the other way round
-            fixed, floor = (2, 8) if limit is None else (0, 1)
+            fixed, floor = (2, 8) if limit is None else (0, 2)
             assert core.budget() == 51 + fixed
             assert core.max_slack() == min(4, floor)
             a.free()
@@ -313,7 +349,7 @@ def test_growth_headroom_depends_on_a_limit_being_set() -> None:
         core = pool._core  # no more than the rule without a limit allows
         core.slack = 4
         pool.set_limit(None)
-        assert core.slack == core.max_slack() <= 1
+        assert core.slack == core.max_slack() <= 2
 
 
 def test_growth_headroom_without_a_limit_counts_whole_pages() -> None:

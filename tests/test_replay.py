@@ -350,6 +350,35 @@ def test_replay_streams_are_destroyed_when_one_cannot_be_made() -> None:
         dev._backend.stream_destroy(12345)
 
 
+def test_replay_error_is_not_hidden_by_a_stream_that_cannot_be_destroyed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An interrupt (or any error) during the replay is the error raised: a stream_destroy
+    # failing on the way out replaced it (KeyboardInterrupt became a DriverError).
+    events, _peak = multi_stream_events(3, n=50)
+    tr = R.snapshot_to_trace(snapshot(events))
+    dev = vmmpool.Device.emulated(256 * MiB)
+    dev._backend.inject_fault("stream_destroy", 1, "CUDA_ERROR_INVALID_VALUE")
+
+    def interrupt(i: int, live: int, pool: object) -> None:
+        if i > 10:
+            raise KeyboardInterrupt("stop")
+
+    with caplog.at_level("WARNING", logger="vmmpool.replay"):
+        with pytest.raises(KeyboardInterrupt, match="stop"):
+            run_replay(tr, dev, None, {}, sampler=interrupt, own_streams=True)
+    assert "destroying replay stream" in caplog.text
+    assert dev._backend.live_streams() == 1  # the one the driver refused; the other went
+    assert dev.counters().live == (0, 0, 0)
+    # Without an error of its own, the replay raises the destroy failure (after destroying
+    # every other stream).
+    dev2 = vmmpool.Device.emulated(256 * MiB)
+    dev2._backend.inject_fault("stream_destroy", 1, "CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError, match="CUDA_ERROR_INVALID_VALUE"):
+        run_replay(tr, dev2, None, {}, own_streams=True)
+    assert dev2._backend.live_streams() == 1 and dev2.counters().live == (0, 0, 0)
+
+
 def two_stream_small_trace() -> R.Trace:
     # 0.6 MiB on each of two streams: 1.2 MiB live (1 page), but small pages
     # belong to one stream, so 2 pages are needed; then 3 large on one stream.
@@ -916,3 +945,87 @@ def _device_file(tmp_path: Path) -> Path:
     link = tmp_path / "zero"
     link.symlink_to("/dev/zero")
     return link
+
+
+def _fifo_with(tmp_path: Path, name: str, data: bytes) -> tuple[Path, Any]:
+    """A FIFO that a thread fills with `data` once a reader opens it."""
+    import threading
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(data)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return fifo, t
+
+
+def _read_fifo(fifo: Path, writer: Any, read: Any) -> Any:
+    """`read(fifo)` in a thread: its result, or its exception raised here; a read still
+    waiting after 30 s fails the test (and is let go: a writer is opened and closed)."""
+    import threading
+
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(read(fifo))
+        except BaseException as e:  # noqa: BLE001 - raised in the test thread
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    hung = t.is_alive()
+    for _ in range(2):  # let go of whichever side still waits for the other
+        for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+            if writer.is_alive() or t.is_alive():
+                try:
+                    os.close(os.open(fifo, flags))
+                except OSError:
+                    pass
+        writer.join(5)
+        t.join(5)
+    assert not hung, f"reading {fifo.name} waited forever"
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_trace_from_a_fifo_is_read_once(tmp_path: Path) -> None:
+    # The format was sniffed from a first opening of the file and the trace read from a
+    # second: a FIFO (`replay <(zcat t.pickle.gz)`) lost its first 64 bytes to the sniff, and
+    # the second open waited forever for a writer that had gone.
+    lines = b"Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,4096,0x0\n"
+    raw = pickle.dumps(small_snapshot())
+    want = R.load(write_pickle(tmp_path, small_snapshot())).n_slots
+    for name, data, n, read in (
+        ("a.csv", lines, 1, lambda f: R.load(f)),
+        ("b.pickle", raw, want, lambda f: R.load(f)),
+        ("c.pickle", raw, want, lambda f: R._load._load_devices(f)[0]),
+        ("d.csv", lines, 1, lambda f: R._load._load_devices(f)[0]),
+        ("e.pickle", raw, want, lambda f: R.load(f, 0, max_bytes=len(raw))),
+    ):
+        fifo, t = _fifo_with(tmp_path, name, data)
+        assert _read_fifo(fifo, t, read).n_slots == n
+    fifo, t = _fifo_with(tmp_path, "f.pickle", raw)
+    with pytest.raises(R.TraceError, match=f"f.pickle: more than {len(raw) - 1} bytes"):
+        _read_fifo(fifo, t, lambda f: R.load(f, max_bytes=len(raw) - 1))
+
+
+def test_a_bound_above_the_memory_reads_a_small_trace(tmp_path: Path) -> None:
+    # read(max_bytes + 1) allocated a buffer of the bound up front: --max-trace-bytes 1TiB
+    # on any trace was a MemoryError. A regular file is read at its size; one longer than
+    # the bound is refused by its size, unread, and the message says the size.
+    good = write_pickle(tmp_path, small_snapshot())
+    size = good.stat().st_size
+    assert R.load(good, max_bytes=1 << 50).n_slots == R.load(good).n_slots
+    assert main(["replay", str(good), "--max-trace-bytes", "1TiB"]) == 0
+    with pytest.raises(R.TraceError, match=f"t.pickle: {size} bytes, more than {size - 1} bytes"):
+        R.load(good, max_bytes=size - 1)
+    with pytest.raises(R.TraceError, match="zero: more than 100 bytes"):
+        R.load_snapshot(_device_file(tmp_path), max_bytes=100)

@@ -142,7 +142,7 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vmmpool`` and the ``vmmpool`` script.
+    """The command line (``python -m vmmpool`` and the ``vmmpool`` script run it through ``_run``).
 
     Returns 2, after one line on stderr, for bad arguments or settings (such
     as a malformed ``VMMPOOL_HOST_CAPACITY``).

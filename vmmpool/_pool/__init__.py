@@ -64,8 +64,8 @@ malloc(n, stream)
    *growth budget* (``GROWTH`` = 1.02 x its peak in-use bytes in whole
    pages, rounded down but never below the peak's own pages, + a slack
    that grows by a page with each remap below the limit, up to
-   ``GROWTH_MAX_PAGES`` = 4 per stream and at most 2% of the peak or 1
-   page: without it, streams whose recurring requests do not fit would
+   ``GROWTH_MAX_PAGES`` = 4 per stream and at most 2% of the peak or ``GROWTH_MIN_PAGES`` = 2
+   pages: without it, streams whose recurring requests do not fit would
    remap cached pages back and forth forever instead of reaching a steady
    state; a pool given a limit rounds up and keeps ``GROWTH_PAGES`` = 2 more
    pages and a slack of up to 8 pages however small it is, see

@@ -43,7 +43,7 @@ ARENA_MIN_PAGES = 64
 #: with a limit); beyond, it reuses cached pages (other streams' and then the
 #: stream's own) first. The slack starts at 0 and grows by a page with each
 #: remap made below the limit, up to GROWTH_MAX_PAGES pages per stream but no
-#: more than GROWTH_MAX_SHARE of the peak in-use bytes (at least 1 page; at
+#: more than GROWTH_MAX_SHARE of the peak in-use bytes (at least GROWTH_MIN_PAGES = 2; at
 #: least 2 x GROWTH_MAX_PAGES in a pool with a limit): a workload whose
 #: recurring requests do not fit the cache settles instead of remapping
 #: forever, and one that does not need the slack holds no more.
@@ -58,11 +58,17 @@ ARENA_MIN_PAGES = 64
 #: Without a limit, GROWTH's headroom is also rounded down to whole pages (but
 #: never below the peak's pages): on 40 generated ResNet-50-shaped traces
 #: (`benchmarks/replay.py --sweep`), the rows held above 1.05 x peak live went
-#: from 18 to 4, with no row of the shared traces worse.
+#: from 18 to 8, with no row of the shared traces worse. (To 4 with the slack's
+#: floor at 1 page, measured on single passes: part of that was remapping on every
+#: pass, forever; ResNet-50 batch 4 repeated held 1.044 x with 108 backend calls a
+#: pass. With GROWTH_MIN_PAGES = 2 it settles at 1.073 x, 0 calls a pass, as when the
+#: headroom rounded up.)
 GROWTH = 1.02
 GROWTH_PAGES = 2
 GROWTH_MAX_PAGES = 4
 GROWTH_MAX_SHARE = 0.02
+#: The least the slack may grow to in a pool without a limit (pages).
+GROWTH_MIN_PAGES = 2
 #: The open-side split (see :meth:`Core.split_at_end`) applies to blocks of at
 #: most SPLIT_OPEN_MAX_PAGES pages, in a pool with a limit that holds at least
 #: its limit's pages minus SPLIT_OPEN_MARGIN.
@@ -1253,7 +1259,11 @@ class Core:
     def max_slack(self) -> int:
         """The most the budget's slack grows to (pages): see ``GROWTH_MAX_PAGES``."""
         share = -(-int(max(self.peak_in_use, self.budget_peak) * GROWTH_MAX_SHARE) // self.P)
-        floor = 2 * GROWTH_MAX_PAGES if self.limited else 1
+        # Without a limit at least 2 pages: budget() rounds GROWTH's headroom down, and with
+        # 1 a recurring workload that settled when it rounded up remapped on every pass,
+        # forever (ResNet-50-shaped inference at batch 4: 108 backend calls a pass; three
+        # streams of a page each).
+        floor = 2 * GROWTH_MAX_PAGES if self.limited else GROWTH_MIN_PAGES
         return min(GROWTH_MAX_PAGES * len(self.streams), max(floor, share))
 
     def create_pages(self, got: list[Page], k: int) -> str:

@@ -70,15 +70,20 @@ def load_csv(
     p = Path(path)
     name = p.name
     if text is None:
-        try:
-            text = _read_bounded(p, max_bytes).decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise TraceError(f"{name}: not a text file ({e})") from None
+        text = _decode(name, _read_bounded(p, max_bytes))
     rows = csv.reader(io.StringIO(text.removeprefix("\ufeff")), strict=True)
     try:
         return _csv_rows(name, rows)
     except csv.Error as e:
         raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})") from None
+
+
+def _decode(name: str, raw: bytes) -> str:
+    """The text of an RMM log's bytes (UTF-8, with or without a BOM)."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{name}: not a text file ({e})") from None
 
 
 def _csv_rows(name: str, rows: Any) -> Trace:

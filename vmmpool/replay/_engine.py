@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from .._device import Device
 from .._errors import OutOfMemoryError
 from ._load import _as_trace
 from ._trace import Trace, TraceError
+
+logger = logging.getLogger("vmmpool.replay")
 
 __all__ = ["ReplayResult", "emulated_capacity", "replay", "run_replay", "run_events"]
 
@@ -181,7 +184,7 @@ def run_replay(
     `pool_options` for :class:`PagePool`; `sampler` (see :func:`run_events`) watches.
 
     With `own_streams` (default: on a GPU), each recorded stream other than the special
-    handles 0, 1 and 2 is replayed on a stream created for it (:func:`own_streams_for`):
+    handles 0, 1 and 2 is replayed on a stream created for it (destroyed after the pool closes):
     a recorded handle is a pointer of the process that recorded it, and an event recorded
     on it would be undefined behaviour. On the host emulator a handle is only a key.
     """
@@ -220,18 +223,29 @@ def _replay_own(
         events = tuple((f, slot, n, get(st, st)) for f, slot, n, st in tr.events)
         mapped = dataclasses.replace(tr, events=events, streams=tuple(get(s, s) for s in tr.streams))
         res = _replay_on(mapped, dev, limit, pool_options, sampler, every)
-    finally:
-        # After the pool closed (it recorded its last events then); events stay valid.
-        # Every stream is destroyed; the first failure is raised after.
-        failed: BaseException | None = None
-        for h in made.values():
-            try:
-                backend.stream_destroy(h)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                failed = failed or e
-        if failed is not None:
-            raise failed
+    except BaseException:
+        # The replay's own error (an interrupt, a driver error) is the one raised: a
+        # stream that cannot be destroyed now is only logged.
+        _destroy_streams(backend, made, raising=False)
+        raise
+    # After the pool closed (it recorded its last events then); events stay valid.
+    _destroy_streams(backend, made, raising=True)
     return res
+
+
+def _destroy_streams(backend: Any, made: dict[int, int], *, raising: bool) -> None:
+    """Destroy every stream in `made`; the first failure is raised after (with `raising`)
+    or logged."""
+    failed: BaseException | None = None
+    for h in made.values():
+        try:
+            backend.stream_destroy(h)
+        except BaseException as e:  # re-raised or logged below
+            if not raising:
+                logger.warning("destroying replay stream %#x failed", h, exc_info=True)
+            failed = failed or e
+    if failed is not None and raising:
+        raise failed
 
 
 def run_events(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import _snapshot
+from . import _csv, _snapshot
 from ._csv import CSV_HEADER, load_csv
-from ._snapshot import load_snapshot
-from ._trace import Trace, TraceError
+from ._trace import Trace, TraceError, _read_bounded
 
 __all__ = ["load"]
 
@@ -27,18 +26,24 @@ def load(
         Unreadable, unknown format, or malformed (see the readers).
     """
     p = Path(path)
-    if _is_csv(p, device):
-        return load_csv(p, max_bytes=max_bytes)
-    return load_snapshot(p, device, max_bytes=max_bytes)
+    is_csv, raw = _read_sniffed(p, device, max_bytes)
+    if is_csv:
+        return load_csv(p, _csv._decode(p.name, raw))
+    data, name, size = _snapshot._read(p, raw=raw)
+    return _snapshot.snapshot_to_trace(data, name, device, max_items=size)
 
 
-def _is_csv(p: Path, device: int | None) -> bool:
-    """True for an RMM log, False for a PyTorch snapshot; TraceError for neither."""
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(64)
-    except OSError as e:
-        raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
+def _read_sniffed(p: Path, device: int | None, max_bytes: int | None) -> tuple[bool, bytes]:
+    """Whether `p` is an RMM log (else a PyTorch snapshot), and its bytes: the file is opened
+    and read once (a pipe or FIFO has no second reading)."""
+    kind: list[bool] = []
+    raw = _read_bounded(p, max_bytes, lambda head: kind.append(_is_csv(p, head, device)))
+    return kind[0], raw
+
+
+def _is_csv(p: Path, head: bytes, device: int | None) -> bool:
+    """True for an RMM log, False for a PyTorch snapshot, by the file's first bytes `head`;
+    TraceError for neither."""
     if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
         if device is not None:
             raise TraceError(f"{p.name}: an RMM log has no devices to choose (device={device})")
@@ -58,9 +63,12 @@ def _load_devices(
     with events (one trace each: the file is read, scanned and loaded once), or the one
     trace of an RMM log."""
     p = Path(path)
-    if device is not None or _is_csv(p, None):
+    if device is not None:
         return [load(p, device, max_bytes=max_bytes)]
-    data, name, size = _snapshot._read(p, max_bytes)
+    is_csv, raw = _read_sniffed(p, None, max_bytes)
+    if is_csv:
+        return [load_csv(p, _csv._decode(p.name, raw))]
+    data, name, size = _snapshot._read(p, raw=raw)
     first = _snapshot.snapshot_to_trace(data, name, None, max_items=size)
     return [first, *(
         _snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in first.devices[1:]

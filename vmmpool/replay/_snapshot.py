@@ -58,10 +58,12 @@ def load_snapshot(
     return snapshot_to_trace(data, name, device, max_items=size)
 
 
-def _read(p: Path, max_bytes: int | None = None) -> tuple[Any, str, int]:
-    """The loaded data of a snapshot file (see :func:`load_snapshot`), its name and size."""
+def _read(p: Path, max_bytes: int | None = None, raw: bytes | None = None) -> tuple[Any, str, int]:
+    """The loaded data of a snapshot file (see :func:`load_snapshot`), its name and size
+    (`raw`: the file's bytes, when already read)."""
     name = p.name
-    raw = _read_bounded(p, max_bytes)
+    if raw is None:
+        raw = _read_bounded(p, max_bytes)
     size = len(raw)
     scan_pickle(raw, name)
     fh = io.BytesIO(raw)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,8 @@ __all__ = ["MAX_TRACE_BYTES", "Trace", "TraceError", "scaled"]
 #: parsed. The readers' `max_bytes` (the CLI's ``--max-trace-bytes``) raises it for a
 #: larger trace you trust.
 MAX_TRACE_BYTES = 1 << 30
+#: A file without a size (a pipe, a device file) is read in chunks of this many bytes.
+_CHUNK = 1 << 20
 
 class TraceError(ValueError):
     """A trace file that cannot be read: the message names file and position."""
@@ -152,24 +157,54 @@ def scaled(trace: Trace, factor: float) -> Trace:
     )
 
 
-def _read_bounded(p: Path, max_bytes: int | None) -> bytes:
+def _read_bounded(
+    p: Path, max_bytes: int | None, sniff: Callable[[bytes], object] | None = None
+) -> bytes:
     """The bytes of file `p`, at most `max_bytes` (default :data:`MAX_TRACE_BYTES`).
 
-    Reads at most one byte past the bound (a device file or a pipe has no size
-    to ask for first); a longer file is a :class:`TraceError`, read no further.
+    The file is opened once: `sniff`, when given, sees its first 64 bytes before the rest is
+    read (and may raise), so a pipe or FIFO is read whole by one reader. A regular file
+    longer than the bound is refused by its size, unread; another file (a pipe, a device
+    file: no size to ask) is read in chunks up to one byte past the bound. A longer file is
+    a :class:`TraceError`, read no further.
     """
     limit = MAX_TRACE_BYTES if max_bytes is None else max_bytes
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"max_bytes must be an int >= 1, got {limit!r}")
-    try:
-        with open(p, "rb") as fh:
-            raw = fh.read(limit + 1)
-    except OSError as e:
-        raise TraceError(f"{p.name}: cannot read: {e.strerror or e}") from None
-    if len(raw) > limit:
-        raise TraceError(
-            f"{p.name}: more than {limit} bytes, the most a trace file may have "
+    name = p.name
+
+    def too_long(size: str) -> TraceError:
+        return TraceError(
+            f"{name}: {size}more than {limit} bytes, the most a trace file may have "
             f"(max_bytes; the CLI's --max-trace-bytes): raise it for a larger trace you trust"
         )
-    return raw
 
+    try:
+        with open(p, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            regular = stat.S_ISREG(info.st_mode)
+            parts: list[bytes] = []
+            if sniff is not None:
+                head = fh.read(64)
+                sniff(head)
+                if not regular:
+                    parts.append(head)
+            if regular:
+                if info.st_size > limit:
+                    raise too_long(f"{info.st_size} bytes, ")
+                fh.seek(0)
+                # One read of the size the file has (a buffer of `limit` bytes would be
+                # allocated up front: MemoryError for a bound larger than the memory).
+                parts.append(fh.read(info.st_size + 1))
+            total = sum(map(len, parts))
+            while total <= limit:
+                chunk = fh.read(min(_CHUNK, limit + 1 - total))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+    except OSError as e:
+        raise TraceError(f"{name}: cannot read: {e.strerror or e}") from None
+    if total > limit:
+        raise too_long("")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
