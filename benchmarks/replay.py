@@ -32,7 +32,9 @@ drawn from a seeded generator (``vmmpool._workloads.sweep``): a placement rule
 is judged on many rows, not on the few it may have been tuned on. It prints
 one summary row per family (rows, held and smallest limit over peak live:
 mean and largest, rows held above 1.05, rows whose smallest limit is within
-1% or at the whole-page floor, remaps, syncs) and writes every row to
+1% or at the whole-page floor, remaps, syncs, and the steady state of a loop:
+rows still making backend calls in each pass, calls per pass, held after 4
+passes; see ``steady_state``) and writes every row to
 ``benchmarks/results/replay-sweep-<device kind>.json``.
 """
 
@@ -54,6 +56,7 @@ import vmmpool
 from vmmpool import replay as R
 from vmmpool._workloads import SWEEP_FAMILIES, gpt2_inference, gpt_inference, resnet50, sweep
 from vmmpool.replay._load import _load_devices
+from vmmpool.replay._trace import repeated
 
 #: The generated traces ``--synthetic`` adds: GPT-2-shaped inference (identical layers:
 #: medium at batch 4 and 8, small, and a small 8-layer model) and the stress test with
@@ -178,6 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def steady_state(
+    family: str, kwargs: dict[str, Any], tr: R.Trace, device: vmmpool.Device | None
+) -> dict[str, float]:
+    """Backend calls and remaps per pass once a loop has run a while (passes 3 and 4).
+
+    A pass is everything after the trace's prelude (an inference pass, which frees all it
+    allocates; `repeated`), or for a training trace one more step (`resnet50(steps=...)`:
+    the first step keeps the optimizer's state). A pool that kept every page would make 0
+    calls there; this one trades calls for memory (its growth budget).
+    """
+    two, four = repeated(tr, 2), repeated(tr, 4)
+    per = 2
+    if two is None or four is None:
+        if family != "resnet50":
+            raise ValueError(f"{tr.name}: no pass to repeat")
+        two, four = resnet50(**{**kwargs, "steps": 4}), resnet50(**{**kwargs, "steps": 6})
+    a, b = R.replay(two, device), R.replay(four, device)
+    return {
+        "steady_calls_per_pass": (b.backend_calls - a.backend_calls) / per,
+        "steady_remaps_per_pass": (b.remaps - a.remaps) / per,
+        "steady_held_ratio": b.peak_held / b.peak_live,
+    }
+
+
 def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
     """``--sweep N``: replay :func:`vmmpool._workloads.sweep`'s traces, one summary row per family."""
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
@@ -189,11 +216,12 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
             continue
         mn = R.min_limit(tr, device, default=res)
         P = res.page_size
+        steady = steady_state(family, kwargs, tr, device)
         rows.append({
             "family": family, "args": kwargs, "trace": tr.name, "peak_live": res.peak_live,
             "held_ratio": res.peak_held / res.peak_live, "min_limit_pages": mn.pages,
             "min_limit_ratio": mn.ratio, "floor_ratio": -(-res.peak_live // P) * P / res.peak_live,
-            "remaps": res.remaps, "syncs": res.syncs,
+            "remaps": res.remaps, "syncs": res.syncs, **steady,
         })
     summary = []
     for family in SWEEP_FAMILIES:
@@ -210,13 +238,20 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
             "min_limit_within_1%": sum(m <= 1.01 for m in mins),
             "min_limit_at_floor": sum(abs(r["min_limit_ratio"] - r["floor_ratio"]) < 1e-9 for r in done),
             "remaps": sum(r["remaps"] for r in done), "syncs": sum(r["syncs"] for r in done),
+            "steady_rows_calling": sum(r["steady_calls_per_pass"] > 0 for r in done),
+            "steady_calls_per_pass_mean": sum(r["steady_calls_per_pass"] for r in done) / len(done),
+            "steady_calls_per_pass_max": max(r["steady_calls_per_pass"] for r in done),
+            "steady_held_mean": sum(r["steady_held_ratio"] for r in done) / len(done),
         })
     print(_common.table(
         ["family", "rows", "held mean", "held max", "held > 1.05", "min limit mean", "min limit max",
-         "min <= 1.01", "min at floor", "remaps", "syncs"],
+         "min <= 1.01", "min at floor", "remaps", "syncs", "rows calling per pass",
+         "calls/pass mean", "calls/pass max", "held after 4 passes"],
         [[s["family"], s["rows"], f"{s['held_mean']:.4f}", f"{s['held_max']:.4f}", s["held_above_1.05"],
           f"{s['min_limit_mean']:.4f}", f"{s['min_limit_max']:.4f}", s["min_limit_within_1%"],
-          s["min_limit_at_floor"], s["remaps"], s["syncs"]] for s in summary],
+          s["min_limit_at_floor"], s["remaps"], s["syncs"], s["steady_rows_calling"],
+          f"{s['steady_calls_per_pass_mean']:.1f}", f"{s['steady_calls_per_pass_max']:.0f}",
+          f"{s['steady_held_mean']:.4f}"] for s in summary],
     ))
     failed = [r for r in rows if "error" in r]
     for r in failed:

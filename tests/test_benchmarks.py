@@ -67,6 +67,10 @@ def test_replay_sweep_summarizes_each_family(tmp_path: Path) -> None:
         # the smallest limit is whole pages, at or above the whole-page floor
         assert row["min_limit_ratio"] >= row["floor_ratio"] >= 1.0
         assert s["min_limit_at_floor"] == (abs(row["min_limit_ratio"] - row["floor_ratio"]) < 1e-9)
+        # the steady state of a loop: passes 3 and 4 of the trace (a training step for ResNet-50)
+        assert row["steady_calls_per_pass"] >= 0 and row["steady_remaps_per_pass"] >= 0
+        assert s["steady_rows_calling"] == (row["steady_calls_per_pass"] > 0)
+        assert s["steady_held_mean"] == row["steady_held_ratio"] >= 1.0
         assert s["family"] in run.stdout
     bad = subprocess.run(
         [sys.executable, str(BENCH / "replay.py"), "--sweep", "1", "--synthetic"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -1029,3 +1030,26 @@ def test_a_bound_above_the_memory_reads_a_small_trace(tmp_path: Path) -> None:
         R.load(good, max_bytes=size - 1)
     with pytest.raises(R.TraceError, match="zero: more than 100 bytes"):
         R.load_snapshot(_device_file(tmp_path), max_bytes=100)
+
+
+def test_repeated_runs_the_part_after_the_prelude_again_on_slots_of_its_own() -> None:
+    from vmmpool.replay._trace import repeated
+
+    # prelude: slot 0 (a weight, never freed); a pass: slots 1 and 2, both freed
+    body = ((False, 1, 3 * MiB, 0), (False, 2, MiB, 7), (True, 1, 3 * MiB, 0), (True, 2, MiB, 7))
+    tr = R.Trace(name="t", events=((False, 0, 5 * MiB, 0), *body), n_slots=3, n_prelude=1,
+                 streams=(0, 7))
+    three = repeated(tr, 3)
+    assert three is not None and three.n_slots == 1 + 3 * 2 and three.n_prelude == 1
+    assert three.events[:5] == tr.events
+    assert three.events[5:9] == tuple((f, s + 2, n, st) for f, s, n, st in body)
+    assert three.events[9:] == tuple((f, s + 4, n, st) for f, s, n, st in body)
+    res = R.replay(three)
+    assert res.completed and res.peak_live == 9 * MiB and res.events == 13
+    assert repeated(tr, 1) is not None and repeated(tr, 1).events == tr.events  # type: ignore[union-attr]
+    # a pass that keeps a block (an optimizer's state) cannot be repeated
+    kept = dataclasses.replace(tr, events=tr.events[:-1])
+    assert repeated(kept, 2) is None
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="times must be an int >= 1"):
+            repeated(tr, bad)  # type: ignore[arg-type]

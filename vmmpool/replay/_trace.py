@@ -157,6 +157,36 @@ def scaled(trace: Trace, factor: float) -> Trace:
     )
 
 
+def repeated(trace: Trace, times: int) -> Trace | None:
+    """`trace` with everything after its prelude run `times` times: a loop's steady state.
+
+    The part after the prelude must free every block it allocates (an inference pass);
+    each run gets slots of its own. Returns None when it does not (a training run keeps
+    the optimizer's state it makes in its first step): repeating it would only grow.
+    """
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be an int >= 1, got {brief(times)}")
+    first = trace.n_prelude  # the prelude's allocations come first
+    body = trace.events[first:]
+    made = {slot for is_free, slot, _n, _s in body if not is_free}
+    freed = {slot for is_free, slot, _n, _s in body if is_free}
+    if made != freed:
+        return None
+    lo = min(made, default=trace.n_slots)
+    span = trace.n_slots - lo
+    if any(slot < lo for slot in made):  # pragma: no cover - slots are numbered in order
+        return None
+    events = list(trace.events[:first])
+    for i in range(times):
+        off = i * span
+        events.extend((is_free, slot + off, n, st) for is_free, slot, n, st in body)
+    return dataclasses.replace(
+        trace, name=f"{trace.name} x{times} passes", events=tuple(events),
+        n_slots=trace.n_slots + (times - 1) * span,
+        recorded_peak_reserved=None, recorded_peak_allocated=None, recorded_reserved=(),
+    )
+
+
 def _read_bounded(
     p: Path, max_bytes: int | None, sniff: Callable[[bytes], object] | None = None
 ) -> bytes:
