@@ -89,6 +89,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("device", params, indirect=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_gpu_peers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the replay CLI's GPU peer allocators off, unless a test is marked ``gpu_peers``.
+
+    ``python -m vmmpool replay`` runs PyTorch's and CuPy's allocators (a subprocess each, a
+    dozen with ``--min-limit``) wherever a GPU is usable. Without this, each CLI replay test
+    spent up to a minute in them under ``scripts/gpu_check.sh`` (the run's test budget is
+    300 s), testing nothing it asserts. Tests that patch ``gpu_unavailable_reason``
+    themselves still do (their patch comes later).
+    """
+    if request.node.get_closest_marker("gpu_peers") is not None:
+        return
+    from vmmpool.replay import _peers
+
+    monkeypatch.setattr(
+        _peers, "gpu_unavailable_reason",
+        lambda: "the GPU peers are off in the test suite (mark a test gpu_peers)",
+    )
+
+
 def cuda_device_or_skip(ordinal: int = 0) -> vmmpool.Device:
     """``Device(ordinal)``, or skip (fail under VMMPOOL_REQUIRE_CUDA=1) with the probe's reason."""
     reason = _cuda.probe(ordinal)
