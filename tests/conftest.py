@@ -61,6 +61,14 @@ def pytest_configure(config: pytest.Config) -> None:
             )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that takes the ``cuda`` fixture is marked ``cuda`` (so ``-m cuda`` selects it:
+    scripts/gpu_check.sh runs the GPU tests first that way), as the ``device`` case is."""
+    if "cuda" in getattr(item, "fixturenames", ()) and item.get_closest_marker("cuda") is None:
+        item.add_marker(pytest.mark.cuda)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     standin = _standin_mode(config)
     keep, drop = [], []
