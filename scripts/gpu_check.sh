@@ -25,7 +25,7 @@
 # VMMPOOL_REQUIRE_CUDA=0 VMMPOOL_REQUIRE_TORCH=0 scripts/gpu_check.sh
 #
 # Output under $OUT (default: ./gpu-check-out): env.txt, pytest-cuda.log and
-# pytest.log (with tests-cuda.json / tests-rest.json: counts and every test
+# pytest.log (with cuda-tests.json / rest-tests.json: counts and every test
 # that failed, crashed or hung; junit-*.xml; hang-*.txt stacks),
 # torch.log (vmmpool.torch: PyTorch on the pool, verbose), demo.log,
 # bench-<name>.log, <name>-cuda.json, and summary.json: device, driver,
@@ -184,8 +184,9 @@ for bench in "${benches[@]}"; do
     --output "$OUT/$name-cuda-full.json" 2>&1 | tee -a "$OUT/bench-$name.log"
   rc=${PIPESTATUS[0]}
   mode=full
-  if [ "$rc" -eq 0 ] && [ -f "$OUT/$name-cuda-full.json" ]; then
-    mv "$OUT/$name-cuda-full.json" "$OUT/$name-cuda.json"
+  if [ "$rc" -eq 0 ]; then
+    # (A benchmark with nothing to measure on this device exits 0 and writes nothing.)
+    [ -f "$OUT/$name-cuda-full.json" ] && mv "$OUT/$name-cuda-full.json" "$OUT/$name-cuda.json"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     mode="full (out of time; quick figures kept)"
   else
@@ -234,7 +235,7 @@ except Exception as e:  # report only
 
 tests = {}
 for name in ("cuda", "rest"):
-    path = out / f"tests-{name}.json"
+    path = out / f"{name}-tests.json"
     if not path.exists():
         tests[name] = {"note": f"no {path.name} (the run did not start or was killed)"}
         continue

@@ -20,9 +20,10 @@ Usage::
     python scripts/gpu_tests.py --out DIR --name NAME --budget SECONDS [--per-test SECONDS] \\
         -- PYTEST_ARGS...
 
-Writes ``DIR/tests-NAME.json``: counts (passed, failed, errors, skipped, crashed, hung,
-not_run_at_deadline), the failed/crashed/hung test ids, every attempt's exit status and
-seconds; and per attempt ``DIR/junit-NAME-N.xml`` (when pytest got to write it) and
+Writes ``DIR/NAME-tests.json`` (not ``tests-NAME.json``: ``*-cuda.json`` are the
+benchmarks' results): counts (passed, failed, error, skipped, crashed, hung), the
+failed/crashed/hung test ids, the test running at the deadline, every attempt's exit
+status and seconds; and per attempt ``DIR/junit-NAME-N.xml`` (when pytest got to write it) and
 ``DIR/hang-NAME-N.txt`` (the stacks of a hung test). Exit status: 0 when every test
 passed or skipped; 1 on any failure, error, crash or hang; 124 when the budget ran out
 first (and nothing failed).
@@ -235,7 +236,7 @@ def run(out: Path, name: str, budget: float, per_test: float, pytest_args: list[
         "problems_outside_tests": after_tests,
         "attempts": attempts,
     }
-    (out / f"tests-{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"{name}-tests.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"== {name}: {json.dumps(counts)}; {len(attempts)} attempt(s)"
           + ("; OUT OF TIME" + (f" in {running_at_deadline}" if running_at_deadline else "")
              if timed_out else "") + " ==", flush=True)

@@ -46,7 +46,7 @@ def run(tmp_path: Path, budget: float, per_test: float, *args: str) -> tuple[int
          "t/test_fake.py", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
-    doc = json.loads((tmp_path / "out" / "tests-x.json").read_text())
+    doc = json.loads((tmp_path / "out" / "x-tests.json").read_text())
     return out.returncode, doc, out.stdout + out.stderr
 
 
