@@ -425,7 +425,8 @@ def test_peer_allocators_replay_a_trace_on_the_gpu(cuda: vmmpool.Device, tmp_pat
 
     events, peak = multi_stream_events(3, 200)
     p = write_pickle(tmp_path, snapshot(events), "ms.pickle")
-    got = {r.peer: r for r in R.peer_replays(p, search=False, timeout=180)}
+    # 40 s a peer (PyTorch starts in a few): all four inside the GPU check's 180 s watchdog.
+    got = {r.peer: r for r in R.peer_replays(p, search=False, timeout=40)}
     assert list(got) == list(R.PEERS)
     for name, r in got.items():
         mod = "cupy" if name == "cupy" else "torch"
