@@ -137,10 +137,11 @@ def run_vmmpool(device: vmmpool.Device, limit: int, frac: float, seed: int, mode
 def run_peer(
     name: str, device: vmmpool.Device, limit: int, frac: float, seed: int, mode: str
 ) -> dict[str, Any]:
-    """One GPU peer; any failure (not installed, driver error) becomes "n/a"."""
+    """One CuPy peer scenario; any failure (not installed, driver error) becomes "n/a".
+
+    The PyTorch peers run every scenario in one subprocess each: :func:`run_torch_subprocess`.
+    """
     try:
-        if name.startswith("torch"):
-            return run_torch_subprocess(name, device, limit, frac, seed, mode)
         ad: Any
         if name == "cupy.cuda.MemoryPool":
             ad = CupyPoolAdapter(device, limit, "MemoryPool")
@@ -156,9 +157,21 @@ def run_peer(
         return _result_dict(None, f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
+Scenario = tuple[float, int, str]  # (live fraction, seed, survivors mode)
+
+
 def run_torch_subprocess(
-    name: str, device: vmmpool.Device, limit: int, frac: float, seed: int, mode: str
-) -> dict[str, Any]:
+    name: str, device: vmmpool.Device, limit: int, scenarios: list[Scenario], timeout: float = 600
+) -> dict[Scenario, dict[str, Any]]:
+    """Every scenario through PyTorch's allocator, in ONE subprocess (``PYTORCH_ALLOC_CONF`` must
+    be set before CUDA starts, so not in this process).
+
+    One process per scenario paid PyTorch's import and CUDA start each time (48 of them in
+    a full run, 8 with ``--quick``: more than the GPU check gives this benchmark). The
+    allocator is emptied between scenarios (``empty_cache``), each of which frees everything
+    it allocated. A scenario the worker did not report (it crashed or ran out of time) is
+    "n/a" with the reason.
+    """
     env = dict(os.environ)
     for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # current name, older alias
         env.pop(var, None)
@@ -166,29 +179,49 @@ def run_torch_subprocess(
             env[var] = "expandable_segments:True"
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", "torch",
-        "--device", str(device), "--limit", str(limit), "--fraction", str(frac), "--seed", str(seed),
-        "--survivors", mode,
+        "--device", str(device), "--limit", str(limit), "--scenarios", json.dumps(scenarios),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    why = None
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        stdout, rc = proc.stdout, proc.returncode
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return _result_dict(None, f"torch worker failed (rc {proc.returncode}): {tail}")
-    out: dict[str, Any] = json.loads(lines[-1])
-    return out
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout
+        stdout = out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+        rc, tail = None, f"timed out after {timeout:.0f} s"
+    got: dict[Scenario, dict[str, Any]] = {}
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+            frac, seed, mode = rec["scenario"]
+            got[(float(frac), int(seed), str(mode))] = rec["result"]
+        except (ValueError, KeyError, TypeError):
+            continue  # cut short
+    if len(got) < len(scenarios):
+        why = f"torch worker failed (rc {rc}): {tail}"
+    return {sc: got.get(sc) or _result_dict(None, why) for sc in scenarios}
 
 
-def torch_worker(ordinal: int, limit: int, frac: float, seed: int, mode: str) -> int:
+def torch_worker(ordinal: int, limit: int, scenarios: list[Scenario]) -> int:
+    """Run `scenarios` on PyTorch's allocator; print one JSON line per scenario as it ends."""
     try:
         ad = TorchAdapter(ordinal, limit)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as n/a
-        print(json.dumps(_result_dict(None, f"{type(exc).__name__}: {exc}".splitlines()[0])))
+        for sc in scenarios:
+            res = _result_dict(None, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            print(json.dumps({"scenario": list(sc), "result": res}), flush=True)
         return 0
-    try:
-        r = run_scenario(ad, live_fraction=frac, seed=seed, survivors_from=mode)
-    finally:
-        ad.close()
-    print(json.dumps(_result_dict(r)))
+    for frac, seed, mode in scenarios:
+        try:
+            res = _result_dict(run_scenario(ad, live_fraction=frac, seed=seed, survivors_from=mode))
+        except Exception as exc:  # noqa: BLE001 - this scenario is n/a, the next ones still run
+            res = _result_dict(None, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        finally:
+            ad.close()
+        print(json.dumps({"scenario": [frac, seed, mode], "result": res}), flush=True)
     return 0
 
 
@@ -204,13 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a size such as 512MiB or 1GiB (default 1 GiB; 256 MiB with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per fraction (default 3; 1 with --quick)")
     p.add_argument("--worker", default=None, help=argparse_hidden())
-    p.add_argument("--fraction", type=float, default=None, help=argparse_hidden())
-    p.add_argument("--seed", type=int, default=0, help=argparse_hidden())
-    p.add_argument("--survivors", default="small", help=argparse_hidden())
+    p.add_argument("--scenarios", default="[]", help=argparse_hidden())
     args = p.parse_args(argv)
     if args.worker == "torch":  # no vmmpool device here: torch must be first to use CUDA
         ordinal = int(str(args.device).rsplit(":", 1)[-1]) if ":" in str(args.device) else 0
-        return torch_worker(ordinal, args.limit, args.fraction, args.seed, args.survivors)
+        scenarios = [(float(f), int(s), str(m)) for f, s, m in json.loads(args.scenarios)]
+        return torch_worker(ordinal, args.limit, scenarios)
     device = device_of(args.device)
     limit = args.limit or ((256 if args.quick else 1024) * MiB)
     limit -= limit % device.granularity
@@ -221,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         ["cupy.cuda.MemoryPool", "cupy.cuda.MemoryAsyncPool", "torch", "torch (expandable_segments)"]
     )
     print(f"fragmentation on {device} ({device.name}), limit {size(limit)}, seeds {seeds}")
+    # The PyTorch peers first, each in one subprocess for every scenario (see run_torch_subprocess).
+    scenarios = [(frac, seed, mode) for mode in MODES for frac in fractions for seed in seeds]
+    torch_results = {
+        peer: run_torch_subprocess(peer, device, limit, scenarios)
+        for peer in peers if peer.startswith("torch")
+    }
     runs: list[dict[str, Any]] = []
     for mode in MODES:
         for frac in fractions:
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                             "available": True, "largest": base,
                             "fraction_of_limit_minus_live": base / (limit - ours["live_bytes"]),
                         }
+                    elif peer in torch_results:
+                        entry[peer] = torch_results[peer][(frac, seed, mode)]
                     else:
                         entry[peer] = run_peer(peer, device, limit, frac, seed, mode)
                 runs.append(entry)

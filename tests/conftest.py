@@ -61,6 +61,14 @@ def pytest_configure(config: pytest.Config) -> None:
             )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that takes the ``cuda`` fixture is marked ``cuda`` (so ``-m cuda`` selects it:
+    scripts/gpu_check.sh runs the GPU tests first that way), as the ``device`` case is."""
+    if "cuda" in getattr(item, "fixturenames", ()) and item.get_closest_marker("cuda") is None:
+        item.add_marker(pytest.mark.cuda)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     standin = _standin_mode(config)
     keep, drop = [], []
@@ -87,6 +95,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
             ]
         metafunc.parametrize("device", params, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_peers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the replay CLI's GPU peer allocators off, unless a test is marked ``gpu_peers``.
+
+    ``python -m vmmpool replay`` runs PyTorch's and CuPy's allocators (a subprocess each, a
+    dozen with ``--min-limit``) wherever a GPU is usable. Without this, each CLI replay test
+    spent up to a minute in them under ``scripts/gpu_check.sh`` (the run's test budget is
+    300 s), testing nothing it asserts. Tests that patch ``gpu_unavailable_reason``
+    themselves still do (their patch comes later).
+    """
+    if request.node.get_closest_marker("gpu_peers") is not None:
+        return
+    from vmmpool.replay import _peers
+
+    monkeypatch.setattr(
+        _peers, "gpu_unavailable_reason",
+        lambda: "the GPU peers are off in the test suite (mark a test gpu_peers)",
+    )
 
 
 def cuda_device_or_skip(ordinal: int = 0) -> vmmpool.Device:

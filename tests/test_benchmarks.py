@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vmmpool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +144,136 @@ def test_gpu_check_passes_the_traces_of_a_relative_vmmpool_traces(tmp_path: Path
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "VMMPOOL_TRACES=missing is not a directory" in run.stderr
+
+
+#: Just what benchmarks/fragmentation.py's TorchAdapter uses of torch, on host memory, with
+#: set_per_process_memory_fraction enforced. `crash_after` (env) kills the worker after that
+#: many allocations, as a crash on a GPU would.
+FAKE_TORCH = '''
+import os
+import numpy as np
+
+uint8 = np.uint8
+_made = [0]
+_state = {"total": 1 << 30, "limit": 1 << 30, "live": 0}
+
+
+class device:
+    def __init__(self, kind, index):
+        self.type, self.index = kind, index
+
+
+class Tensor:
+    def __init__(self, arr, root=False):
+        self.arr, self.root = arr, root
+
+    def __getitem__(self, key):
+        return Tensor(self.arr[key])
+
+    def copy_(self, src):
+        self.arr[:] = src.arr
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.arr
+
+    def __del__(self):
+        if self.root:
+            _state["live"] -= self.arr.size
+
+
+class _Cuda:
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    @staticmethod
+    def get_device_properties(dev):
+        class P:
+            total_memory = _state["total"]
+        return P
+
+    @staticmethod
+    def set_per_process_memory_fraction(fraction, dev):
+        _state["limit"] = int(fraction * _state["total"])
+
+    @staticmethod
+    def memory_reserved(dev):
+        return _state["live"]
+
+    @staticmethod
+    def memory_allocated(dev):
+        return _state["live"]
+
+    @staticmethod
+    def empty_cache():
+        pass
+
+
+cuda = _Cuda
+
+
+def empty(n, dtype, device):
+    _made[0] += 1
+    if _made[0] > int(os.environ.get("FAKE_TORCH_CRASH_AFTER") or 1 << 62):
+        os._exit(139)
+    if _state["live"] + n > _state["limit"]:
+        raise cuda.OutOfMemoryError(f"{n} bytes over the limit")
+    _state["live"] += n
+    return Tensor(np.zeros(n, np.uint8), root=True)
+
+
+def frombuffer(buf, dtype):
+    return Tensor(np.frombuffer(buf, dtype))
+'''
+
+
+def _fragmentation_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fragmentation", BENCH / "fragmentation.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    return mod
+
+
+def test_fragmentation_runs_every_torch_scenario_in_one_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One subprocess per scenario paid PyTorch's import and CUDA start 8 times with --quick
+    # (48 in a full run): more than the GPU check's share for this benchmark. Now one per peer.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    frag: object = _fragmentation_module()
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    scenarios = [(0.05, 0, "small"), (0.25, 0, "bytes"), (0.05, 1, "small")]
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return real_run(cmd, **kw)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    monkeypatch.setattr(subprocess, "run", run)
+    got = frag.run_torch_subprocess("torch", dev, 64 << 20, scenarios)  # type: ignore[attr-defined]
+    assert len(calls) == 1
+    assert list(got) == scenarios
+    for sc, res in got.items():
+        assert res["available"], (sc, res)
+        assert (res["live_fraction"], res["survivors_from"], res["limit"]) == (sc[0], sc[2], 64 << 20)
+        assert res["verified"] and res["largest"] > 0
+    # A worker that dies part way: what it reported stays, the rest is n/a with the reason.
+    monkeypatch.setenv("FAKE_TORCH_CRASH_AFTER", "150")
+    got = frag.run_torch_subprocess("torch", dev, 64 << 20, scenarios)  # type: ignore[attr-defined]
+    assert list(got) == scenarios
+    done = [sc for sc, res in got.items() if res["available"]]
+    missing = [sc for sc, res in got.items() if not res["available"]]
+    assert done and missing, got
+    assert all("torch worker failed (rc 139)" in got[sc]["error"] for sc in missing)

@@ -441,3 +441,38 @@ def test_close_from_a_finalizer_inside_the_first_malloc_does_not_hang() -> None:
         pytest.fail("deadlock: MemoryPool.close() from a finalizer inside malloc hung")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "refused: closed meanwhile" in out.stdout and "live (0, 0, 0)" in out.stdout, out.stdout
+
+
+def test_a_cupy_stream_is_kept_while_the_pool_caches_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # malloc passed CuPy's current stream as its handle: CuPy destroys a Stream it no longer
+    # references, and cached memory of that stream leaving it later recorded an event on the
+    # destroyed handle (undefined behaviour on a GPU). The pool now holds the stream object
+    # while it holds memory freed on it; the null stream stays 0.
+    import weakref
+
+    class FakeStream:  # what malloc reads of a cupy.cuda.Stream
+        def __init__(self, ptr: int) -> None:
+            self.ptr = ptr
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = vcupy.MemoryPool("host")
+    page_pool = vmmpool.PagePool(dev, limit=8 * dev.granularity)
+    pool._pinned = None  # follow "CuPy's current device" (0), served by this host pool
+    pool._pools[0] = page_pool
+    current: list[FakeStream] = [FakeStream(0x5000)]
+    monkeypatch.setattr(vcupy._cupy.cuda.runtime, "getDevice", lambda: 0)
+    monkeypatch.setattr(vcupy._cupy.cuda, "get_current_stream", lambda *a: current[0])
+    mem = pool.malloc(4096)
+    assert mem.mem._owner.stream == 0x5000  # the handle, as before
+    alive = weakref.ref(current[0])
+    current[0] = FakeStream(0)  # the null stream is current now; the other is dropped
+    del mem
+    gc.collect()
+    assert alive() is not None, "the pool must keep the stream while it caches its memory"
+    null = pool.malloc(100)
+    assert null.mem._owner.stream == 0
+    del null
+    page_pool.trim()  # the cached memory leaves the stream: the pool lets it go
+    gc.collect()
+    assert alive() is None
+    pool.close()

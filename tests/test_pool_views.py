@@ -61,6 +61,7 @@ def test_view_bounds_are_checked(host: Device) -> None:
             del v
 
 
+@pytest.mark.cuda
 def test_cuda_libraries_consume_a_pool_allocation(cuda: vmmpool.Device) -> None:
     cupy = pytest.importorskip("cupy")
     with PagePool(cuda, limit=64 << 20) as pool:

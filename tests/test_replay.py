@@ -446,6 +446,31 @@ def test_peer_replays_without_gpu_are_skipped_with_reason(
     assert all(p.skipped == "no CUDA GPU (no driver here)" and p.completed is None for p in got)
 
 
+@pytest.mark.cuda
+@pytest.mark.gpu_peers
+def test_peer_allocators_replay_a_trace_on_the_gpu(cuda: vmmpool.Device, tmp_path: Path) -> None:
+    """Each peer subprocess (``_peer_main``: PyTorch's allocator, expandable segments, PyTorch on a
+    vmmpool MemPool, CuPy's pool) replays a small three-stream trace on the GPU and reports."""
+    import importlib.util
+
+    events, peak = multi_stream_events(3, 200)
+    p = write_pickle(tmp_path, snapshot(events), "ms.pickle")
+    # 40 s a peer (PyTorch starts in a few): all four inside the GPU check's 180 s watchdog.
+    got = {r.peer: r for r in R.peer_replays(p, search=False, timeout=40)}
+    assert list(got) == list(R.PEERS)
+    for name, r in got.items():
+        mod = "cupy" if name == "cupy" else "torch"
+        required = mod == "cupy" or os.environ.get("VMMPOOL_REQUIRE_TORCH", "") == "1"
+        if r.skipped == f"{mod} is not installed" and not required:
+            assert importlib.util.find_spec(mod) is None
+            continue
+        assert r.skipped is None, f"{name}: {r.skipped}"
+        assert r.completed, name
+        assert r.peak_allocated is not None and r.peak_reserved is not None, name
+        assert peak <= r.peak_allocated <= r.peak_reserved, (name, peak, r)
+        assert r.wall_s is not None and r.wall_s > 0, name
+
+
 # ---------------------------------------------------------------------- CLI
 def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     events, peak = multi_stream_events(3, 200)

@@ -222,14 +222,27 @@ class MemoryPool(NoCopy):
             defragmenting and a garbage collection.
         """
         pinned = self._pinned
+        # A CuPy stream other than the null stream is passed as the object, not its handle:
+        # the page pool keeps it referenced while memory freed on it is cached there. CuPy
+        # destroys a Stream it no longer references, and the pool records an event on the
+        # stream of cached memory that leaves it (a raw handle must be retired first; see
+        # PagePool.retire_stream): on a destroyed stream that is undefined behaviour.
+        stream: Any
         if pinned is None:  # the hot path: two dict lookups, no Device() construction
             key = _cupy.cuda.runtime.getDevice()
             pool = self._pools.get(key) or self._pool_for(key, Device(key))
-            stream = _cupy.cuda.get_current_stream().ptr
+            stream = _cupy.cuda.get_current_stream()
+            if not stream.ptr:
+                stream = 0
         else:
             key = -1
             pool = self._pools.get(-1) or self._pool_for(-1, pinned)
-            stream = 0 if pinned.is_host else _cupy.cuda.get_current_stream(pinned.ordinal).ptr
+            if pinned.is_host:
+                stream = 0
+            else:
+                stream = _cupy.cuda.get_current_stream(pinned.ordinal)
+                if not stream.ptr:
+                    stream = 0
         device_id = pool.device.ordinal
         if nbytes == 0:
             return _cupy.cuda.MemoryPointer(_cupy.cuda.UnownedMemory(0, 0, None, device_id), 0)
