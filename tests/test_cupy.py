@@ -476,3 +476,14 @@ def test_a_cupy_stream_is_kept_while_the_pool_caches_its_memory(monkeypatch: pyt
     gc.collect()
     assert alive() is None
     pool.close()
+
+
+def test_keep_cached_reaches_each_page_pool() -> None:
+    with pytest.raises(TypeError, match="keep_cached must be a bool, got int"):
+        vcupy.MemoryPool("host", keep_cached=1)  # type: ignore[arg-type]
+    for keep in (False, True):
+        pool = vcupy.MemoryPool("host", keep_cached=keep)
+        mem = pool.malloc(100)
+        assert pool._pool().keep_cached is keep
+        del mem
+        pool.close()

@@ -19,6 +19,7 @@ import vmmpool
 from vmmpool import replay as R
 from vmmpool._pool import PagePool
 from vmmpool._workloads import gpt2_inference, gpt_inference, resnet50, sweep
+from vmmpool.replay._engine import run_replay
 
 P = 64 << 10
 
@@ -364,6 +365,45 @@ def test_growth_headroom_without_a_limit_counts_whole_pages() -> None:
                 assert pool._core.slack == 0
                 assert pool._core.budget() == want, (size / P, limit)
                 a.free()
+
+
+def test_keep_cached_makes_a_loop_call_the_driver_only_while_it_warms_up() -> None:
+    # ResNet-50-shaped inference at batch 8, 160 px, repeated: by default the pool keeps to its
+    # growth budget by remapping cached pages in every pass (108 backend calls a pass, measured
+    # 2026-12-07); keeping them, passes 3 and 4 make no call, for more memory held.
+    from vmmpool.replay._trace import repeated
+
+    tr = resnet50(batch=8, image=160, train=False)
+    two, four = repeated(tr, 2), repeated(tr, 4)
+    assert two is not None and four is not None
+
+    def per_pass(keep: bool) -> tuple[float, float]:
+        a = run_replay(two, None, None, {"keep_cached": keep})
+        b = run_replay(four, None, None, {"keep_cached": keep})
+        assert a.completed and b.completed and a.syncs == b.syncs == 0
+        return (b.backend_calls - a.backend_calls) / 2, b.peak_held / b.peak_live
+
+    calls, held = per_pass(False)
+    assert calls > 0 and held <= 1.07
+    kept_calls, kept_held = per_pass(True)
+    assert kept_calls == 0 and kept_held >= held
+    dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
+    # A 3-page free range between live blocks, then a 4-page request: kept, 4 new pages are
+    # mapped (11 in all); by default (or at a limit of 8 pages) the 3 cached pages are remapped.
+    for keep, limit, pages in ((True, None, 11), (True, 8 * P, 8), (False, None, 8)):
+        with PagePool(dev, limit=limit, keep_cached=keep) as pool:
+            assert pool.keep_cached is keep
+            if keep:
+                assert pool._core.budget() == (16 if limit is None else 8)  # the limit
+            a, b, c = pool.malloc(2 * P), pool.malloc(3 * P), pool.malloc(2 * P)
+            b.free()
+            d = pool.malloc(4 * P)
+            st = pool.stats()
+            assert (st.total_pages, st.n_remaps > 0) == (pages, pages < 11), st
+            for x in (a, c, d):
+                x.free()
+    with pytest.raises(TypeError, match="keep_cached must be a bool, got str"):
+        PagePool(dev, keep_cached="yes")  # type: ignore[arg-type]
 
 
 def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:

@@ -105,6 +105,10 @@ class MemoryPool(NoCopy):
         Page size of each page pool (default: the device's granularity).
     preallocate : int
         Bytes each page pool takes up front.
+    keep_cached : bool
+        Each page pool keeps its cached pages mapped until its limit needs them
+        (see :class:`~vmmpool.PagePool`): no driver call in a loop once warm, as
+        ``cupy.cuda.MemoryPool`` does, for more memory held.
 
     Notes
     -----
@@ -125,8 +129,16 @@ class MemoryPool(NoCopy):
     """
 
     def __init__(
-        self, device: DeviceLike = None, *, page_size: int | None = None, preallocate: int = 0
+        self,
+        device: DeviceLike = None,
+        *,
+        page_size: int | None = None,
+        preallocate: int = 0,
+        keep_cached: bool = False,
     ) -> None:
+        if not isinstance(keep_cached, bool):
+            raise TypeError(f"keep_cached must be a bool, got {type(keep_cached).__name__}")
+        self._keep_cached = keep_cached
         probe: Device | None = None  # a device to check page_size against now
         if device is None:
             if not _cupy.cuda.is_available():
@@ -190,6 +202,7 @@ class MemoryPool(NoCopy):
                         limit=_pool_limit(limit, self._page_size or dev.granularity),
                         page_size=self._page_size,
                         preallocate=self._preallocate,
+                        keep_cached=self._keep_cached,
                     )
                     self._limits[key] = limit
                     self._note_limit(key, limit, pool.page_size)

@@ -69,7 +69,8 @@ malloc(n, stream)
    remap cached pages back and forth forever instead of reaching a steady
    state; a pool given a limit rounds up and keeps ``GROWTH_PAGES`` = 2 more
    pages and a slack of up to 8 pages however small it is, see
-   ``_core.GROWTH``);
+   ``_core.GROWTH``; with ``keep_cached=True`` the budget is the limit, so
+   no cached page is unmapped before the limit needs it);
    other streams' cached pages whose
    work is done; the stream's own cached pages whose work is done (unmapped
    and remapped: reuse before creation); new pages up to the limit; cached

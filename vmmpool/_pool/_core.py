@@ -172,6 +172,9 @@ class Core:
         #: True when the user set a limit (PagePool(limit=...), set_limit): the growth
         #: budget keeps a fixed headroom under it (see GROWTH).
         self.limited = False
+        #: Keep cached pages mapped until the limit needs them: the growth budget is the
+        #: limit (PagePool's keep_cached).
+        self.keep_cached = False
         #: Pages preallocated (mapped in stream 0's large heap) when the pool was made.
         self.prealloc = 0
         self.round_above = round_above
@@ -1248,6 +1251,8 @@ class Core:
 
     def budget(self) -> int:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
+        if self.keep_cached:
+            return self.max_pages
         P = self.P
         peak = max(self.peak_in_use, self.budget_peak)
         if self.limited:

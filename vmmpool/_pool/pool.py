@@ -484,6 +484,16 @@ class PagePool(ClosesOnExit, NoCopy):
         :meth:`~vmmpool.GrowableBuffer.share` of buffers on this pool work.
         Checked up front: a device without POSIX fd handles raises
         ``ValueError``.
+    keep_cached : bool
+        Keep every cached page (mapped, touched by no live block) until the
+        limit needs it, as a caching allocator does: a loop makes no driver
+        call once warm, and the pool holds the most it has mapped. By default
+        (False) the pool keeps to a growth budget (about 1.02 x its peak in-use
+        bytes) and, past it, unmaps cached pages to map them where a request
+        needs them: less memory, but a loop whose requests do not fit what it
+        freed remaps in every pass (stream-ordered; measured by
+        ``benchmarks/replay.py --sweep``: held 1.02-1.06 x peak live with 0-200
+        backend calls a pass, against 1.04-1.13 x with none).
 
     Raises
     ------
@@ -512,9 +522,12 @@ class PagePool(ClosesOnExit, NoCopy):
         *,
         small_threshold: int | None = None,
         shareable: bool = False,
+        keep_cached: bool = False,
     ) -> None:
         if not isinstance(shareable, bool):
             raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
+        if not isinstance(keep_cached, bool):
+            raise TypeError(f"keep_cached must be a bool, got {type(keep_cached).__name__}")
         dev = Device(device)
         gran = dev.granularity
         P = gran if page_size is None else check_int(
@@ -540,6 +553,7 @@ class PagePool(ClosesOnExit, NoCopy):
         self._core = core = Core(dev, P, max_pages, T, devs)
         core.limited = limit is not None
         core.shareable = shareable
+        core.keep_cached = keep_cached
         self._shares = Shares()
         self._fin = weakref.finalize(self, _close_quietly, core)
         self._fin.atexit = False
@@ -588,6 +602,11 @@ class PagePool(ClosesOnExit, NoCopy):
     def limit(self) -> int:
         """Most physical bytes the pool may hold (a multiple of `page_size`)."""
         return self._core.max_pages * self.page_size
+
+    @property
+    def keep_cached(self) -> bool:
+        """Whether cached pages stay mapped until the limit needs them (see the constructor)."""
+        return self._core.keep_cached
 
     @property
     def small_threshold(self) -> int | None:
