@@ -1078,3 +1078,19 @@ def test_repeated_runs_the_part_after_the_prelude_again_on_slots_of_its_own() ->
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="times must be an int >= 1"):
             repeated(tr, bad)  # type: ignore[arg-type]
+
+
+def test_replay_and_the_cli_take_keep_cached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Pages of 2 MiB: a 3-page free range between live blocks, then a 4-page request.
+    # By default the pool keeps to its budget and remaps the 3 cached pages; kept, it maps new ones.
+    events = [ev("alloc", BASE, 2 * P), ev("alloc", BASE + 16, 3 * P), ev("alloc", BASE + 32, 2 * P),
+              ev("free_requested", BASE + 16, 3 * P), ev("alloc", BASE + 48, 4 * P)]
+    path = write_pickle(tmp_path, snapshot(events))
+    default, kept = R.replay(path), R.replay(path, keep_cached=True)
+    assert (default.remaps, default.peak_held // P) == (1, 8)
+    assert (kept.remaps, kept.peak_held // P) == (0, 11)
+    out = tmp_path / "r.json"
+    assert main(["replay", str(path), "--keep-cached", "--json", str(out)]) == 0
+    capsys.readouterr()
+    (row,) = json.loads(out.read_text())["traces"]
+    assert row["vmmpool"]["remaps"] == 0 and row["vmmpool"]["peak_held"] == 11 * P

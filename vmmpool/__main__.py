@@ -44,7 +44,7 @@ def info(out: TextIO | None = None) -> int:
 
 def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """``python -m vmmpool replay TRACE... [--device D] [--limit N | --min-limit] [--snapshot-device N]
-    [--json PATH] [--max-trace-bytes SIZE]``.
+    [--json PATH] [--keep-cached] [--max-trace-bytes SIZE]``.
 
     Replays each trace through a fresh :class:`~vmmpool.PagePool` and prints
     a table (see :data:`vmmpool.replay.COLUMNS`); on a GPU the peer allocators
@@ -78,6 +78,9 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
                    help="replay device N of a PyTorch snapshot (default: each device with events, "
                         "one row each)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--keep-cached", action="store_true",
+                   help="replay through PagePool(keep_cached=True): cached pages stay mapped until the "
+                        "limit needs them (no driver call in a loop once warm, more memory held)")
     p.add_argument("--max-trace-bytes", type=positive_size_arg, default=None, metavar="SIZE",
                    help="the largest trace file read, e.g. 4GiB (default 1GiB: memory grows with "
                         "a file's size; raise it for a larger trace you trust)")
@@ -107,10 +110,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     status = 0
     for path, tr in traces:
         try:
-            res = R.replay(tr, device, args.limit)
+            res = R.replay(tr, device, args.limit, keep_cached=args.keep_cached)
             mn = None
             if res.completed and args.min_limit:
-                mn = R.min_limit(tr, device, default=res)
+                mn = R.min_limit(tr, device, default=res, keep_cached=args.keep_cached)
         except (R.TraceError, ValueError, TypeError) as e:
             # Not a replay failure: the trace or the arguments cannot be replayed as given
             # (a trace larger than the emulator replays, a limit no device can address).

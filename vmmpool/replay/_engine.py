@@ -140,6 +140,7 @@ def replay(
     page_size: int | None = None,
     small_threshold: int | None = None,
     capacity: int | None = None,
+    keep_cached: bool = False,
 ) -> ReplayResult:
     """Replay `trace` through a fresh :class:`PagePool`.
 
@@ -156,6 +157,8 @@ def replay(
         Passed to :class:`PagePool`.
     capacity : int, optional
         Capacity of the emulated device (only when `device` is None).
+    keep_cached : bool
+        Passed to :class:`PagePool`: cached pages stay mapped until the limit needs them.
 
     Returns
     -------
@@ -165,7 +168,7 @@ def replay(
         emulated device is closed (its memory files with it). The memory is
         never read or written.
     """
-    options = {"page_size": page_size, "small_threshold": small_threshold}
+    options = {"page_size": page_size, "small_threshold": small_threshold, "keep_cached": keep_cached}
     return run_replay(_as_trace(trace), device, limit, options, capacity=capacity)
 
 

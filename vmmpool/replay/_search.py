@@ -52,6 +52,7 @@ def min_limit(
     page_size: int | None = None,
     small_threshold: int | None = None,
     capacity: int | None = None,
+    keep_cached: bool = False,
 ) -> MinLimit:
     """Smallest pool limit, in whole pages, at which `trace` completes.
 
@@ -75,7 +76,9 @@ def min_limit(
     """
     tr = _as_trace(trace)
     t0 = time.perf_counter()
-    kw: dict[str, Any] = dict(page_size=page_size, small_threshold=small_threshold)
+    kw: dict[str, Any] = dict(
+        page_size=page_size, small_threshold=small_threshold, keep_cached=keep_cached
+    )
     if device is None:
         kw["capacity"] = emulated_capacity(tr) if capacity is None else capacity
     if default is None:
