@@ -422,6 +422,14 @@ def test_keep_cached_with_preallocate_serves_from_the_preallocated_pages() -> No
             pool._check()
 
 
+def test_memory_snapshot_says_whether_the_pool_keeps_cached_pages() -> None:
+    dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
+    for keep in (False, True):
+        with PagePool(dev, keep_cached=keep) as pool:
+            settings = pool.memory_snapshot()["allocator_settings"]
+            assert settings["keep_cached"] is keep and settings["page_size"] == P
+
+
 def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:
     # A block placed across an alias lies at the alias's addresses: the
     # snapshot's segments must hold it (PyTorch's viewer and the replay read
