@@ -406,6 +406,30 @@ def test_keep_cached_makes_a_loop_call_the_driver_only_while_it_warms_up() -> No
         PagePool(dev, keep_cached="yes")  # type: ignore[arg-type]
 
 
+def test_keep_cached_with_preallocate_serves_from_the_preallocated_pages() -> None:
+    # preallocate promises that a process allocating on the default stream never calls the
+    # driver again; keep_cached must not make small blocks create pages beside them.
+    for keep in (False, True):
+        dev = vmmpool.Device.emulated(capacity=32 * P, granularity=P)
+        with PagePool(dev, preallocate=4 * P, keep_cached=keep) as pool:
+            before = dev.counters()
+            for _ in range(2):
+                xs = [pool.malloc(1000) for _ in range(3)] + [pool.malloc(P), pool.malloc(P // 3)]
+                for x in xs:
+                    x.free()
+            assert dev.counters() - before == {}, keep
+            assert pool.stats().total_pages == 4
+            pool._check()
+
+
+def test_memory_snapshot_says_whether_the_pool_keeps_cached_pages() -> None:
+    dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
+    for keep in (False, True):
+        with PagePool(dev, keep_cached=keep) as pool:
+            settings = pool.memory_snapshot()["allocator_settings"]
+            assert settings["keep_cached"] is keep and settings["page_size"] == P
+
+
 def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:
     # A block placed across an alias lies at the alias's addresses: the
     # snapshot's segments must hold it (PyTorch's viewer and the replay read

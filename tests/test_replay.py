@@ -1094,3 +1094,25 @@ def test_replay_and_the_cli_take_keep_cached(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     (row,) = json.loads(out.read_text())["traces"]
     assert row["vmmpool"]["remaps"] == 0 and row["vmmpool"]["peak_held"] == 11 * P
+
+
+def test_a_replay_says_whether_it_kept_cached_pages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The figures of the two modes differ: the result and the CLI's JSON say which mode ran,
+    # and min_limit refuses a default run of the other mode (its peak held bounds the search).
+    events = [ev("alloc", BASE, 2 * P), ev("alloc", BASE + 16, 3 * P), ev("alloc", BASE + 32, 2 * P),
+              ev("free_requested", BASE + 16, 3 * P), ev("alloc", BASE + 48, 4 * P)]
+    path = write_pickle(tmp_path, snapshot(events))
+    default, kept = R.replay(path), R.replay(path, keep_cached=True)
+    assert (default.keep_cached, kept.keep_cached) == (False, True)
+    assert kept.to_dict()["keep_cached"] is True
+    for flag, want in (([], False), (["--keep-cached"], True)):
+        out = tmp_path / "r.json"
+        assert main(["replay", str(path), *flag, "--json", str(out)]) == 0
+        capsys.readouterr()
+        (row,) = json.loads(out.read_text())["traces"]
+        assert row["vmmpool"]["keep_cached"] is want
+    with pytest.raises(ValueError, match="keep_cached=False, the search asks keep_cached=True"):
+        R.min_limit(path, default=default, keep_cached=True)
+    assert R.min_limit(path, default=kept, keep_cached=True).result.keep_cached

@@ -694,8 +694,14 @@ class Core:
             return b
 
     def ready_pages(self) -> int:
-        """Pages a mapping can take without unmapping cached ones: free, or creatable in the budget."""
-        return len(self.free_pages) + max(0, min(self.budget(), self.max_pages) - len(self.pages))
+        """Pages a mapping can take without unmapping cached ones: free, or creatable in the budget.
+
+        The default growth budget, even with ``keep_cached``: a pool holding only its
+        preallocated pages serves from them rather than call the driver at all (creating
+        a page is a driver call too), as ``preallocate`` promises.
+        """
+        budget = self.growth_budget()
+        return len(self.free_pages) + max(0, min(budget, self.max_pages) - len(self.pages))
 
     def place_in(self, h: Heap, r: int, nbytes: int, other: Heap) -> Block:
         """Put an `r`-byte block in heap `h` where it pins the fewest pages.
@@ -1253,6 +1259,10 @@ class Core:
         """Pages the pool may hold before it reuses its streams' own cached pages."""
         if self.keep_cached:
             return self.max_pages
+        return self.growth_budget()
+
+    def growth_budget(self) -> int:
+        """The default growth budget (pages), ``keep_cached`` or not: see ``GROWTH``."""
         P = self.P
         peak = max(self.peak_in_use, self.budget_peak)
         if self.limited:

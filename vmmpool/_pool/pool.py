@@ -1423,7 +1423,10 @@ class PagePool(ClosesOnExit, NoCopy):
             pages = self._page_infos(core)
             hist = None if core.history is None else core.history.copy()
         ordinal = self.device.ordinal if self.device.kind == "cuda" else 0
-        settings = {"allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit}
+        settings = {
+            "allocator": "vmmpool.PagePool", "page_size": self.page_size, "limit": self.limit,
+            "keep_cached": core.keep_cached,  # what it holds (its segments) depends on it
+        }
         return torch_snapshot(pages, self.page_size, hist, ordinal, settings)
 
     def dump_snapshot(self, path: str | os.PathLike[str]) -> None:

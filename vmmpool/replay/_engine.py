@@ -63,6 +63,11 @@ class ReplayResult:
         Seconds the replay loop took.
     recorded_peak_reserved, recorded_peak_allocated : int or None
         The recorded run's figures (see :func:`load_snapshot`).
+    calls : dict of str to int
+        Backend calls by kind.
+    keep_cached : bool
+        The pool kept its cached pages mapped until the limit needed them
+        (``PagePool(keep_cached=True)``): figures of the two modes differ.
     """
 
     trace: str
@@ -85,6 +90,7 @@ class ReplayResult:
     recorded_peak_reserved: int | None = None
     recorded_peak_allocated: int | None = None
     calls: dict[str, int] = field(default_factory=dict)
+    keep_cached: bool = False
 
     @property
     def in_use_ratio(self) -> float:
@@ -341,6 +347,7 @@ def _replay_on(
         recorded_peak_reserved=tr.recorded_peak_reserved,
         recorded_peak_allocated=tr.recorded_peak_allocated,
         calls=calls,
+        keep_cached=pool.keep_cached,
     )
 
 

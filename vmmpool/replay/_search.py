@@ -73,6 +73,8 @@ def min_limit(
     ------
     OutOfMemoryError
         The trace does not complete even with the default limit.
+    ValueError
+        `default` was replayed with another `keep_cached`.
     """
     tr = _as_trace(trace)
     t0 = time.perf_counter()
@@ -83,6 +85,12 @@ def min_limit(
         kw["capacity"] = emulated_capacity(tr) if capacity is None else capacity
     if default is None:
         default = replay(tr, device, **kw)
+    elif default.keep_cached != keep_cached:
+        # Its peak held bounds the search: a run of the other mode bounds another pool.
+        raise ValueError(
+            f"default was replayed with keep_cached={default.keep_cached}, the search asks "
+            f"keep_cached={keep_cached}"
+        )
     if not default.completed:
         raise OutOfMemoryError(
             0, 0, default.limit,
