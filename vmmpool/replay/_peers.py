@@ -14,6 +14,7 @@ from typing import Any
 
 from .._options import brief
 from ._load import load
+from ._search import bisect_good
 from ._trace import _cut
 
 __all__ = [
@@ -195,13 +196,7 @@ def peer_replays(
             # The upper bound must complete under a limit too (else the search would report
             # a limit no run completed at): min_limit stays None when it does not.
             if done(good):
-                while good - bad > 1:
-                    mid = (bad + good) // 2
-                    if done(mid):
-                        good = mid
-                    else:
-                        bad = mid
-                res.min_limit = good * step
+                res.min_limit = bisect_good(bad, good, done) * step
         out.append(res)
     return out
 

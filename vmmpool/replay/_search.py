@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,17 @@ class MinLimit:
     probes: list[tuple[int, bool]]
     result: ReplayResult
     wall_s: float
+
+
+def bisect_good(bad: int, good: int, ok: Callable[[int], bool]) -> int:
+    """The smallest n in (bad, good] with ok(n), given not ok(bad) and ok(good) (monotonic)."""
+    while good - bad > 1:
+        mid = (bad + good) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
 
 
 def min_limit(
@@ -128,12 +140,7 @@ def min_limit(
         bad = n
         n = lo + step
         step *= 2
-    while hi - bad > 1:
-        mid = (bad + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            bad = mid
+    hi = bisect_good(bad, hi, ok)
     res = results[hi]
     return MinLimit(
         pages=hi,
