@@ -172,10 +172,7 @@ def repeated(trace: Trace, times: int) -> Trace | None:
     freed = {slot for is_free, slot, _n, _s in body if is_free}
     if made != freed:
         return None
-    lo = min(made, default=trace.n_slots)
-    span = trace.n_slots - lo
-    if any(slot < lo for slot in made):  # pragma: no cover - slots are numbered in order
-        return None
+    span = trace.n_slots - min(made, default=trace.n_slots)  # slots are numbered in order
     events = list(trace.events[:first])
     for i in range(times):
         off = i * span
