@@ -742,7 +742,8 @@ class Core:
 
         The default growth budget, even with ``keep_cached``: a pool holding only its
         preallocated pages serves from them rather than call the driver at all (creating
-        a page is a driver call too), as ``preallocate`` promises.
+        a page is a driver call too), as ``preallocate`` promises. Not past a device's
+        refusal while the pool does not ask it (:meth:`creatable`).
         """
         budget = self.growth_budget()
         return len(self.free_pages) + max(0, min(budget, self.creatable()) - len(self.pages))
@@ -1356,9 +1357,10 @@ class Core:
         - below the mark at any time: pages the pool gave back since (a trim,
           a lowered limit, sleep) are created again without waiting (the device
           held them for it); a refusal there sets a lower mark;
-        - by a request that would otherwise fail (:meth:`asking`): an
-          out-of-memory error always follows an answer of the device, so its
-          reason says the device is out of memory, as before.
+        - by a request that would otherwise fail (:meth:`asking`): no request
+          fails for pages the pool did not ask for, and a genuine out-of-memory
+          error still carries the device's own answer ("the device is out of
+          memory (...)"), as before.
         """
         if k <= 0:
             return ""
