@@ -410,6 +410,32 @@ def test_device_full_below_the_limit_recreates_what_the_pool_gave_back() -> None
     sh.close()
 
 
+def test_device_full_below_the_limit_survives_a_lowered_and_raised_limit() -> None:
+    """A lowered limit gives pages back under the device's refusal; raised again, the pool
+    recreates them without a refused call and keeps not asking for more."""
+    sh = Shared()
+    a, P = sh.a, sh.P
+    core = a._core
+    live = a.malloc(1000, stream=9)
+    fill(live, 4)
+    for i in range(2):
+        sh.request(i)
+    assert core.refused_at == 6 and core.refused_skips < core.refused_wait
+    a.set_limit(4 * P)
+    assert a.stats().total_pages <= 4 and core.refused_at == 6
+    a._check()
+    with pytest.raises(vmmpool.OutOfMemoryError, match="limit is reached"):
+        a.malloc(5 * P, stream=1)
+    a.set_limit(14 * P)
+    calls, made = sh.request(2)
+    assert calls.get("create", 0) == made > 0  # back up to the mark: no refusal
+    assert a.stats().total_pages == 6 and core.refused_at == 6
+    assert intact(live, 4)
+    live.free()
+    a._check()
+    sh.close()
+
+
 def test_limit_above_the_device_is_clamped() -> None:
     """Issue 8 item 8: largest_allocatable never promises more than the device has."""
     dev = vmmpool.Device.emulated(capacity=8 * (2 * MiB))
