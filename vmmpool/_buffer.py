@@ -60,7 +60,7 @@ from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
+from ._errors import AsleepError, ClosedError, ExportClosedError, OutOfMemoryError, VmmError
 from ._options import Access, address_limit, check_int, event_handle, stream_key
 from ._prefault import discard
 from ._process import NoCopy
@@ -916,8 +916,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
 
     # DLPack and NumPy on the buffer itself: a uint8 view of the current size.
     def __dlpack_device__(self) -> tuple[int, int]:
-        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`."""
-        return self._live().device.dlpack_device
+        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`.
+
+        Answered after :meth:`close` too (as :attr:`device` is, and as a view's is):
+        it is where the memory was; :meth:`__dlpack__` is what refuses.
+        """
+        self._owned()
+        return self._state.device.dlpack_device
 
     def __dlpack__(
         self,
@@ -933,8 +938,16 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ``torch.from_dlpack(buf)`` (GPU) is ``from_dlpack(buf.view())``: zero-copy,
         and the array keeps the memory alive and mapped like any view's. Arguments
         as :meth:`ArrayView.__dlpack__`; for another dtype or shape use :meth:`view`.
+        After :meth:`close` it raises a :class:`~vmmpool.ClosedError` that is also a
+        ``BufferError`` (the DLPack convention for "cannot export"), as a view of a
+        closed buffer does.
         """
-        return self.view().__dlpack__(
+        self._owned()  # a ForkedError stays one
+        try:
+            view = self.view()
+        except ClosedError:
+            raise ExportClosedError("GrowableBuffer") from None
+        return view.__dlpack__(
             stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
         )
 

@@ -57,6 +57,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ._device import KDL_CPU, KDL_CUDA, Device
+from ._errors import ExportClosedError
 from ._options import brief, check_int
 from ._process import NoCopy
 
@@ -432,7 +433,8 @@ class ArrayView(NoCopy):
         What keeps the memory valid (a buffer, a pool allocation). The view
         holds a strong reference to it, and so does every capsule exported from
         the view, until the consumer is done. If `owner` has a true ``closed``
-        or ``freed`` attribute, the view refuses new exports (``BufferError``).
+        or ``freed`` attribute, the view refuses new exports with a
+        ``BufferError`` that is also a :class:`~vmmpool.ClosedError`.
     device : Device
         Where the memory is.
     ptr : int
@@ -585,7 +587,7 @@ class ArrayView(NoCopy):
         self.device._backend.check_process("ArrayView")
         owner = self.owner
         if getattr(owner, "closed", False) or getattr(owner, "freed", False):
-            raise BufferError(f"{type(owner).__name__} has been closed; it exports nothing more")
+            raise ExportClosedError(type(owner).__name__)  # a ClosedError and a BufferError
 
     # ----------------------------------------------------------------- DLPack
     def __dlpack_device__(self) -> tuple[int, int]:
@@ -631,7 +633,8 @@ class ArrayView(NoCopy):
         ------
         BufferError
             A request this export cannot satisfy (copy, another device, stream
-            not allowed here, or a closed owner).
+            not allowed here, or a closed owner: then the error is also a
+            :class:`~vmmpool.ClosedError`).
         TypeError
             An argument of the wrong type.
         """

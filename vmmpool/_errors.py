@@ -177,6 +177,27 @@ class ClosedError(VmmError, ValueError):
         return (type(self), (self.what,))
 
 
+class ExportClosedError(ClosedError, BufferError):
+    """A DLPack export (``__dlpack__``) or array interface was asked of closed memory.
+
+    Raised by ``GrowableBuffer.__dlpack__`` after ``close()``, and by an
+    :class:`~vmmpool.ArrayView` whose owner was closed (or, for a pool
+    allocation, freed). It is both a :class:`ClosedError` (what vmmpool raises
+    for any use after ``close()``) and the ``BufferError`` that the DLPack
+    convention (array API standard) raises when memory cannot be exported, so
+    ``except ClosedError`` and ``except BufferError`` both catch it.
+
+    Parameters
+    ----------
+    what : str
+        The closed object, for example ``"GrowableBuffer"``.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        Exception.__init__(self, f"{what} has been closed; it exports nothing more")
+
+
 class ForkedError(ClosedError):
     """An object was used in a child process forked from the process that owns it.
 
