@@ -982,11 +982,25 @@ class CudaBackend(Backend):
     def event_destroy(self, event: int) -> None:
         """Destroy `event` (``cuEventDestroy``; legal while it is pending)."""
         self._enter("event_destroy")
-        ev = self._event_obj("event_destroy", event)
-        _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
+        # As stream_destroy: out of the table under the lock before the driver call (one
+        # cuEventDestroy per event, however many threads destroy it), back in on failure.
         with self._lock:
-            del self._events[event]
-            self._live_events = len(self._events)
+            events: dict[int, Any] = getattr(self, "_events", {})
+            ev = events.pop(event, None)
+            if ev is None:
+                raise DriverError(
+                    "CUDA_ERROR_INVALID_HANDLE", f"{event:#x} is not a live event", operation="event_destroy"
+                )
+            self._live_events = len(events)
+        destroyed = False
+        try:
+            _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
+            destroyed = True
+        finally:
+            if not destroyed:
+                with self._lock:
+                    events[event] = ev
+                    self._live_events = len(events)
 
     # ---------------------------------------------------------------- staging
     # cuMemHostAlloc(PORTABLE) / cuMemFreeHost / cuMemcpyDtoHAsync /
