@@ -35,7 +35,9 @@ mean and largest, rows held above 1.05, rows whose smallest limit is within
 1% or at the whole-page floor, remaps, syncs, and the steady state of a loop:
 rows still making backend calls in each pass, calls per pass, held after 4
 passes; see ``steady_state``) and writes every row to
-``benchmarks/results/replay-sweep-<device kind>.json``.
+``benchmarks/results/replay-sweep-<device kind>.json``. A row whose replay fails
+(out of memory, or an error as above) is written with its error, is left out of
+the summary, and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -210,13 +212,21 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     rows: list[dict[str, Any]] = []
     for family, kwargs, tr in sweep(n):
-        res = R.replay(tr, device)
-        if not res.completed:  # the device is too small: recorded, not summarized
-            rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": res.error})
+        try:
+            res = R.replay(tr, device)
+            if not res.completed:  # the device is too small: recorded, not summarized
+                rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": res.error})
+                continue
+            mn = R.min_limit(tr, device, default=res)
+            steady = steady_state(family, kwargs, tr, device)
+        except (OSError, vmmpool.VmmError) as e:
+            # As for a trace replayed one by one (an OS limit of the emulator, say): the
+            # row is recorded with its error, not summarized, and the sweep goes on.
+            error = f"{type(e).__name__}: {e}"
+            rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": error})
+            print(f"{tr.name}: replay failed: {error}", flush=True)
             continue
-        mn = R.min_limit(tr, device, default=res)
         P = res.page_size
-        steady = steady_state(family, kwargs, tr, device)
         rows.append({
             "family": family, "args": kwargs, "trace": tr.name, "peak_live": res.peak_live,
             "held_ratio": res.peak_held / res.peak_live, "min_limit_pages": mn.pages,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +82,57 @@ def test_replay_sweep_summarizes_each_family(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert bad.returncode == 2 and "--sweep replays only generated traces" in bad.stderr
+
+
+def _replay_benchmark(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """benchmarks/replay.py as a module (its name would clash with vmmpool.replay)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts benchmarks/ first
+    spec = importlib.util.spec_from_file_location("_bench_replay", BENCH / "replay.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(24, "Too many open files"), vmmpool.DriverError("CUDA_ERROR_INVALID_VALUE", "emulated")],
+    ids=["oserror", "vmmerror"],
+)
+def test_replay_sweep_records_a_failed_replay_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    error: Exception,
+) -> None:
+    # A replay that failed with an OSError (an OS limit of the emulator) or a VmmError was a
+    # traceback under --sweep, and the rows already replayed were lost; a trace replayed one
+    # by one was recorded with its error and the run went on.
+    bench = _replay_benchmark(monkeypatch)
+    real = bench.R.replay
+
+    def replay(tr: Any, *a: Any, **k: Any) -> Any:
+        if tr.name.startswith("resnet50"):
+            raise error
+        return real(tr, *a, **k)
+
+    monkeypatch.setattr(bench.R, "replay", replay)
+    out = tmp_path / "sweep.json"
+    assert bench.run_sweep(1, None, str(out)) == 1
+    doc = json.loads(out.read_text())
+    want = f"{type(error).__name__}: {error}"
+    assert [r["family"] for r in doc["rows"]] == ["gpt2", "resnet50", "stress"]
+    bad = doc["rows"][1]
+    assert bad["error"] == want and bad["trace"].startswith("resnet50") and "held_ratio" not in bad
+    assert [s["family"] for s in doc["summary"]] == ["gpt2", "stress"]
+    assert all("error" not in r for r in (doc["rows"][0], doc["rows"][2]))
+    stdout = capsys.readouterr().out
+    assert f"{bad['trace']}: replay failed: {want}" in stdout
+    # The normal path, for comparison: the same failure, recorded, exit status 1.
+    trace = tmp_path / "t.csv"
+    trace.write_text("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,100,0\n")
+    monkeypatch.setattr(bench.R, "replay", lambda *a, **k: (_ for _ in ()).throw(error))
+    assert bench.main([str(trace), "--no-peers", "--json", str(tmp_path / "r.json")]) == 1
+    failed = json.loads((tmp_path / "r.json").read_text())["failed"]
+    assert [f["error"] for f in failed] == [want]
 
 
 def test_every_benchmark_takes_the_gpu_checks_options() -> None:

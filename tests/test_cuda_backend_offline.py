@@ -1019,6 +1019,94 @@ def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver)
     assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"
 
 
+def test_two_threads_destroying_one_stream_call_the_driver_once(
+    backend: CudaBackend, fake: FakeDriver
+) -> None:
+    # stream_destroy looked the stream up without the lock and took it out of the table
+    # only after cuStreamDestroy: a second thread destroying the same stream meanwhile
+    # found it too and called cuStreamDestroy again, on a dead handle (or on a new stream
+    # the driver had given the same value). Now the second one is refused without a call.
+    h = backend.stream_create()
+    assert backend.live_streams() == 1 and h in fake.streams
+    second: list[BaseException | None] = []
+
+    def destroy_again() -> None:
+        try:
+            backend.stream_destroy(h)
+            second.append(None)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
+            second.append(e)
+
+    def during_the_first_destroy(*_args: object) -> None:
+        fake.after.pop("cuStreamDestroy")
+        t = threading.Thread(target=destroy_again)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "a second stream_destroy blocked on the first"
+
+    fake.after["cuStreamDestroy"] = during_the_first_destroy
+    backend.stream_destroy(h)
+    assert len(second) == 1 and isinstance(second[0], DriverError), second
+    assert second[0].name == "CUDA_ERROR_INVALID_HANDLE"
+    assert "is not a stream from stream_create" in str(second[0])
+    assert fake.calls["cuStreamDestroy"] == 1
+    assert backend.live_streams() == 0 and h not in fake.streams
+
+
+@pytest.mark.parametrize("call", ["cuStreamDestroy", "cuCtxPushCurrent"])
+def test_a_failed_stream_destroy_keeps_the_stream(
+    backend: CudaBackend, fake: FakeDriver, call: str
+) -> None:
+    h = backend.stream_create()
+    before = fake.calls["cuStreamDestroy"]
+    fake.fail(call, R.CUDA_ERROR_INVALID_VALUE)
+    with pytest.raises(DriverError):
+        backend.stream_destroy(h)
+    assert backend.live_streams() == 1 and h in fake.streams  # nothing changed
+    backend.stream_destroy(h)  # and it can be destroyed after all
+    assert backend.live_streams() == 0 and h not in fake.streams
+    assert fake.calls["cuStreamDestroy"] - before == (2 if call == "cuStreamDestroy" else 1)
+    with pytest.raises(DriverError, match="is not a stream from stream_create"):
+        backend.stream_destroy(h)
+
+
+def test_two_threads_destroying_one_event_call_the_driver_once(
+    backend: CudaBackend, fake: FakeDriver
+) -> None:
+    # The same race as stream_destroy's: the second destroy called cuEventDestroy again.
+    ev = backend.event_record(0)
+    second: list[BaseException | None] = []
+
+    def destroy_again() -> None:
+        try:
+            backend.event_destroy(ev)
+            second.append(None)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
+            second.append(e)
+
+    def during_the_first_destroy(*_args: object) -> None:
+        fake.after.pop("cuEventDestroy")
+        t = threading.Thread(target=destroy_again)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "a second event_destroy blocked on the first"
+
+    fake.after["cuEventDestroy"] = during_the_first_destroy
+    backend.event_destroy(ev)
+    assert len(second) == 1 and isinstance(second[0], DriverError), second
+    assert second[0].name == "CUDA_ERROR_INVALID_HANDLE" and "is not a live event" in str(second[0])
+    assert fake.calls["cuEventDestroy"] == 1
+    assert backend.live_events() == 0 and fake.events == {}
+    # A failed destroy keeps the event.
+    ev = backend.event_record(0)
+    fake.fail("cuEventDestroy", R.CUDA_ERROR_INVALID_VALUE)
+    with pytest.raises(DriverError):
+        backend.event_destroy(ev)
+    assert backend.live_events() == 1 and backend.event_query(ev) is True
+    backend.event_destroy(ev)
+    assert backend.live_events() == 0 and fake.events == {}
+
+
 def test_fake_accepts_what_the_real_binding_accepts(backend: CudaBackend, fake: FakeDriver) -> None:
     # Checked against cuda-bindings 13.5.0 on the stand-in driver: ints for
     # enums, "List is too small" past the list, a shorter count, aliased descs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -324,8 +325,9 @@ def test_view_of_any_owner(host: vmmpool.Device) -> None:
     assert np.from_dlpack(v).tolist() == [[2, 3, 4], [5, 6, 7]]
     assert "int32[2, 3]" in repr(v)
     owner.closed = True
-    with pytest.raises(BufferError, match="Owner has been closed"):
+    with pytest.raises(BufferError, match="Owner has been closed") as info:
         v.__dlpack__()
+    assert isinstance(info.value, vmmpool.ClosedError)
 
     class Allocation:  # a pool allocation says "freed"
         freed = True
@@ -405,6 +407,33 @@ def test_numpy_takes_the_buffer_itself_as_bytes(buf: GrowableBuffer) -> None:
         np.asarray(buf)
     with pytest.raises(vmmpool.ClosedError):
         np.from_dlpack(buf)
+    with pytest.raises(BufferError, match="GrowableBuffer has been closed"):
+        np.from_dlpack(buf)  # the DLPack convention: BufferError when it cannot export
+
+
+def test_a_closed_buffer_and_its_views_refuse_dlpack_alike(device: vmmpool.Device) -> None:
+    # GrowableBuffer.__dlpack__ raised ClosedError (a ValueError) after close(), while a view
+    # of the same closed buffer raised BufferError (the DLPack convention): a consumer had to
+    # catch both. Both now raise one error that is each.
+    buf = GrowableBuffer(max_size=device.granularity, device=device, initial_size=64)
+    v = buf.view("uint8")
+    buf.close()  # deferred: the view keeps the memory mapped
+    assert buf.closed
+    for obj in (buf, v):
+        # Where the memory is stays answerable (as buf.device is); __dlpack__ is what refuses.
+        assert obj.__dlpack_device__() == device.dlpack_device
+        for kwargs in ({}, {"max_version": (1, 0)}):
+            with pytest.raises(vmmpool.ClosedError, match="GrowableBuffer has been closed") as info:
+                obj.__dlpack__(**kwargs)
+            err = info.value
+            assert isinstance(err, BufferError) and not isinstance(err, vmmpool.ForkedError)
+            back = pickle.loads(pickle.dumps(err))
+            assert type(back) is type(err) and str(back) == str(err) and back.what == "GrowableBuffer"
+    with pytest.raises(vmmpool.ClosedError):
+        buf.view()  # view() itself is no DLPack export: a plain ClosedError, as before
+    assert v.exports == 0
+    del v
+    gc.collect()
 
 
 def test_numpy_refuses_a_buffer_on_a_cuda_device_clearly(device: vmmpool.Device) -> None:

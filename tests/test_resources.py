@@ -15,6 +15,7 @@ import pytest
 
 import vmmpool
 from vmmpool import Access, ClosedError, Device
+from vmmpool._errors import ExportAsleepError, ExportClosedError
 
 MiB = 1 << 20
 
@@ -390,6 +391,9 @@ def test_out_of_memory_is_a_memory_error(host: Device) -> None:
         vmmpool.DeviceUnavailableError("cuda:0", "no CUDA device"),
         ClosedError("Mapping"),
         vmmpool.ForkedError("PagePool", 100, 101),
+        vmmpool.AsleepError("PagePool", "malloc(1)"),
+        ExportClosedError("GrowableBuffer"),  # raised by DLPack exports: also BufferErrors
+        ExportAsleepError("Allocation", "an export (__dlpack__)"),
     ],
 )
 def test_errors_pickle_round_trip(err: Exception) -> None:

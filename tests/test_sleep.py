@@ -339,7 +339,8 @@ def test_numpy_copy_of_a_sleeping_buffer_is_refused_not_a_crash() -> None:
         for copy in (lambda: np.array(buf), lambda: np.asarray(buf, dtype=np.float32)):
             with pytest.raises(vmmpool.AsleepError, match="numpy.array"):
                 copy()
-        np.asarray(buf)  # no copy: an array over the (unmapped) addresses, as view() gives
+        with pytest.raises(vmmpool.AsleepError, match="numpy.asarray"):
+            np.asarray(buf)  # no copy: an array over the unmapped addresses (crashed at a touch)
         with pytest.raises(ValueError, match="a cast copies"):
             np.asarray(buf, dtype=np.float32, copy=False)
         buf.wake()
@@ -351,6 +352,61 @@ def test_numpy_copy_of_a_sleeping_buffer_is_refused_not_a_crash() -> None:
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stdout, out.stderr)
+
+
+def _export_calls(v: vmmpool.ArrayView) -> list[Callable[[], object]]:
+    interface = "__array_interface__" if v.device.is_host else "__cuda_array_interface__"
+    return [v.__dlpack__, lambda: v.__dlpack__(max_version=(1, 0)), lambda: getattr(v, interface)]
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["buffer", "allocation"])
+def test_asleep_memory_exports_nothing_new(device: vmmpool.Device, pooled: bool) -> None:
+    # An export of a sleeping buffer or pool allocation succeeded, and the array made from it
+    # crashed the process at its first touch (SIGSEGV on the host emulator; on a GPU an
+    # illegal address). Now every export from the buffer or any view of it is refused while
+    # asleep, views made before the sleep included; the views themselves are kept (and can
+    # still be made), and export again after wake().
+    pool = PagePool(device, limit=8 * P) if pooled else None
+    owner: GrowableBuffer | vmmpool.Allocation
+    if pool is not None:
+        owner = pool.malloc(P + 4096)
+        sleeper: GrowableBuffer | PagePool = pool
+    else:
+        owner = sleeper = GrowableBuffer(max_size=4 * P, device=device, initial_size=P + 4096)
+    what = type(owner).__name__
+    before = owner.view("int32")
+    kept = np.from_dlpack(before) if device.is_host else None  # exported before the sleep
+    if kept is not None:
+        kept[:4] = [1, 2, 3, 4]
+    sleeper.sleep()
+    assert owner.asleep
+    during = owner.view("int32")  # a view is only a pointer: made while asleep all the same
+    calls = [*_export_calls(before), *_export_calls(during)]
+    if isinstance(owner, GrowableBuffer):
+        calls += [owner.__dlpack__, lambda: owner.__dlpack__(max_version=(1, 0))]
+    for call in calls:
+        with pytest.raises(AsleepError, match=rf"{what} is asleep .* call wake\(\) first") as info:
+            call()
+        assert isinstance(info.value, BufferError)
+    if device.is_host:
+        with pytest.raises(BufferError):
+            np.from_dlpack(during)
+    assert (before.exports, during.exports) == (1 if kept is not None else 0, 0)  # nothing leaked
+    sleeper.wake()
+    assert not owner.asleep
+    for call in calls:
+        call()  # exports again (capsules dropped unconsumed)
+    if kept is not None:
+        assert kept[:4].tolist() == [1, 2, 3, 4]  # the array made before the sleep, restored
+        assert np.from_dlpack(during)[:4].tolist() == [1, 2, 3, 4]
+    del kept, before, during, calls, call, info  # closures and the traceback hold views too
+    gc.collect()
+    if isinstance(owner, GrowableBuffer):
+        owner.close()
+    else:
+        owner.free()
+    if pool is not None:
+        pool.close()
 
 
 def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:

@@ -60,7 +60,14 @@ from numpy.typing import DTypeLike
 
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
-from ._errors import AsleepError, ClosedError, OutOfMemoryError, VmmError
+from ._errors import (
+    AsleepError,
+    ClosedError,
+    ExportAsleepError,
+    ExportClosedError,
+    OutOfMemoryError,
+    VmmError,
+)
 from ._options import Access, address_limit, check_int, event_handle, stream_key
 from ._prefault import discard
 from ._process import NoCopy
@@ -902,6 +909,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ArrayView
             Keeps the buffer alive. While it (or an array or capsule made from
             it) lives, the buffer refuses to move and to unmap bytes under it.
+            While the buffer is asleep the view exports nothing
+            (:class:`~vmmpool.AsleepError`); it can be made all the same.
 
         Examples
         --------
@@ -916,8 +925,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
 
     # DLPack and NumPy on the buffer itself: a uint8 view of the current size.
     def __dlpack_device__(self) -> tuple[int, int]:
-        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`."""
-        return self._live().device.dlpack_device
+        """``(device_type, device_id)`` of the memory, as :meth:`ArrayView.__dlpack_device__`.
+
+        Answered after :meth:`close` too (as :attr:`device` is, and as a view's is):
+        it is where the memory was; :meth:`__dlpack__` is what refuses.
+        """
+        self._owned()
+        return self._state.device.dlpack_device
 
     def __dlpack__(
         self,
@@ -933,8 +947,17 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ``torch.from_dlpack(buf)`` (GPU) is ``from_dlpack(buf.view())``: zero-copy,
         and the array keeps the memory alive and mapped like any view's. Arguments
         as :meth:`ArrayView.__dlpack__`; for another dtype or shape use :meth:`view`.
+        After :meth:`close` it raises a :class:`~vmmpool.ClosedError` that is also a
+        ``BufferError`` (the DLPack convention for "cannot export"), as a view of a
+        closed buffer does; while asleep (:meth:`sleep`), an
+        :class:`~vmmpool.AsleepError` that is also a ``BufferError``.
         """
-        return self.view().__dlpack__(
+        self._owned()  # a ForkedError stays one
+        try:
+            view = self.view()
+        except ClosedError:
+            raise ExportClosedError("GrowableBuffer") from None
+        return view.__dlpack__(
             stream=stream, max_version=max_version, dl_device=dl_device, copy=copy
         )
 
@@ -944,8 +967,9 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         Shares the memory (no copy) unless ``copy=True`` or another `dtype` asks for one;
         the array keeps the memory mapped like any view. Memory on a CUDA device raises
         ``TypeError``: NumPy cannot read it; use ``cupy.from_dlpack(buf)`` or
-        ``torch.from_dlpack(buf)``. While asleep, a copy or a cast raises
-        :class:`~vmmpool.AsleepError` (the bytes are not mapped).
+        ``torch.from_dlpack(buf)``. While asleep it raises
+        :class:`~vmmpool.AsleepError` (the bytes are not mapped: a copy would read
+        them, an array over them would crash at its first touch).
         """
         import numpy as np
 
@@ -962,9 +986,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 "uint8 and a cast copies; use buf.view(dtype) for a typed view without a copy"
             )
         with self._lock:  # no sleep() between the check and the copy
-            if (copy or cast) and st.asleep is not None:
-                # A copy reads the bytes, which are not mapped (a segmentation fault on the host).
-                raise AsleepError("GrowableBuffer", "numpy.array() (a copy)")
+            if st.asleep is not None:
+                # The bytes are not mapped: a copy would read them, an array over them
+                # would crash at its first touch (a segmentation fault on the host).
+                if copy or cast:
+                    raise AsleepError("GrowableBuffer", "numpy.array() (a copy)")
+                raise ExportAsleepError("GrowableBuffer", "numpy.asarray() (an array over its bytes)")
             arr = np.from_dlpack(self.view())
             if cast:
                 return arr.astype(dtype)
@@ -1101,8 +1128,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         :attr:`capacity` and every view's pointer stay as they are; touching
         the memory while asleep is an error. While asleep, :meth:`resize`,
         :meth:`reserve`, :meth:`shrink_to_fit`, :meth:`read` and :meth:`write`
-        raise :class:`~vmmpool.AsleepError`; :meth:`view` and :meth:`close`
-        work. Sleeping again is a no-op.
+        raise :class:`~vmmpool.AsleepError`, and so do exports (DLPack, the
+        array interfaces, ``numpy.asarray``: then also a ``BufferError``) from
+        the buffer or any view of it, so no new array reaches the unmapped
+        addresses; arrays exported before the sleep cannot be stopped (leave
+        them alone until :meth:`wake`). :meth:`view` and :meth:`close` work.
+        Sleeping again is a no-op.
         """
         if not isinstance(backup, bool):
             raise TypeError(f"backup must be a bool, got {type(backup).__name__}")

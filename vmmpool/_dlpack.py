@@ -57,6 +57,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ._device import KDL_CPU, KDL_CUDA, Device
+from ._errors import ExportAsleepError, ExportClosedError
 from ._options import brief, check_int
 from ._process import NoCopy
 
@@ -432,7 +433,10 @@ class ArrayView(NoCopy):
         What keeps the memory valid (a buffer, a pool allocation). The view
         holds a strong reference to it, and so does every capsule exported from
         the view, until the consumer is done. If `owner` has a true ``closed``
-        or ``freed`` attribute, the view refuses new exports (``BufferError``).
+        or ``freed`` attribute, the view refuses new exports with a
+        ``BufferError`` that is also a :class:`~vmmpool.ClosedError`; while it
+        has a true ``asleep`` attribute (nothing is mapped there), with a
+        ``BufferError`` that is also an :class:`~vmmpool.AsleepError`.
     device : Device
         Where the memory is.
     ptr : int
@@ -581,11 +585,16 @@ class ArrayView(NoCopy):
         """DLPack capsules exported from this view whose deleter has not run yet."""
         return self._exports
 
-    def _check_owner(self) -> None:
+    def _check_owner(self, export: str) -> None:
         self.device._backend.check_process("ArrayView")
         owner = self.owner
         if getattr(owner, "closed", False) or getattr(owner, "freed", False):
-            raise BufferError(f"{type(owner).__name__} has been closed; it exports nothing more")
+            raise ExportClosedError(type(owner).__name__)  # a ClosedError and a BufferError
+        if getattr(owner, "asleep", False):
+            # Nothing is mapped at the addresses: an array made now would crash its
+            # process at the first touch. Exports made before the sleep are the
+            # caller's to leave alone until wake().
+            raise ExportAsleepError(type(owner).__name__, export)  # an AsleepError and a BufferError
 
     # ----------------------------------------------------------------- DLPack
     def __dlpack_device__(self) -> tuple[int, int]:
@@ -631,11 +640,13 @@ class ArrayView(NoCopy):
         ------
         BufferError
             A request this export cannot satisfy (copy, another device, stream
-            not allowed here, or a closed owner).
+            not allowed here, or a closed owner: then the error is also a
+            :class:`~vmmpool.ClosedError`; or an owner that is asleep: then it
+            is also an :class:`~vmmpool.AsleepError`).
         TypeError
             An argument of the wrong type.
         """
-        self._check_owner()
+        self._check_owner("an export (__dlpack__)")
         if copy is not None and not isinstance(copy, bool):
             raise TypeError(f"copy must be None, True or False, got {brief(copy)}")
         if copy:
@@ -675,8 +686,8 @@ class ArrayView(NoCopy):
         )
 
     # -------------------------------------------------------- array interfaces
-    def _interface(self) -> dict[str, Any]:
-        self._check_owner()
+    def _interface(self, name: str) -> dict[str, Any]:
+        self._check_owner(f"an export ({name})")
         return {
             "shape": self.shape,
             "typestr": self.dtype.str,
@@ -693,7 +704,7 @@ class ArrayView(NoCopy):
                 "__array_interface__ is for host memory; this view is on "
                 f"{self.device}: use __cuda_array_interface__ or DLPack"
             )
-        return self._interface()
+        return self._interface("__array_interface__")
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
@@ -703,7 +714,7 @@ class ArrayView(NoCopy):
                 "__cuda_array_interface__ is for CUDA memory; this view is on the host "
                 "emulator: use __array_interface__ or DLPack"
             )
-        desc = self._interface()
+        desc = self._interface("__cuda_array_interface__")
         desc["stream"] = None  # no producer work to wait for
         return desc
 

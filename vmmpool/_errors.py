@@ -177,6 +177,27 @@ class ClosedError(VmmError, ValueError):
         return (type(self), (self.what,))
 
 
+class ExportClosedError(ClosedError, BufferError):
+    """A DLPack export (``__dlpack__``) or array interface was asked of closed memory.
+
+    Raised by ``GrowableBuffer.__dlpack__`` after ``close()``, and by an
+    :class:`~vmmpool.ArrayView` whose owner was closed (or, for a pool
+    allocation, freed). It is both a :class:`ClosedError` (what vmmpool raises
+    for any use after ``close()``) and the ``BufferError`` that the DLPack
+    convention (array API standard) raises when memory cannot be exported, so
+    ``except ClosedError`` and ``except BufferError`` both catch it.
+
+    Parameters
+    ----------
+    what : str
+        The closed object, for example ``"GrowableBuffer"``.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        Exception.__init__(self, f"{what} has been closed; it exports nothing more")
+
+
 class ForkedError(ClosedError):
     """An object was used in a child process forked from the process that owns it.
 
@@ -221,8 +242,9 @@ class AsleepError(VmmError, RuntimeError):
     """An operation that needs physical memory was asked of a sleeping pool or buffer.
 
     Raised by :meth:`PagePool.malloc` (and ``acquire_pages``) while the pool is
-    asleep, and by a buffer's resize, read and write while it is asleep. Call
-    ``wake()`` first. Nothing changed.
+    asleep, by a buffer's resize, read and write while it is asleep, and by a
+    DLPack or array-interface export of asleep memory (then also a
+    ``BufferError``). Call ``wake()`` first. Nothing changed.
 
     Parameters
     ----------
@@ -242,3 +264,16 @@ class AsleepError(VmmError, RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.what, self.operation))
+
+
+class ExportAsleepError(AsleepError, BufferError):
+    """A DLPack export or array interface was asked of memory that is asleep.
+
+    While a :class:`~vmmpool.GrowableBuffer` or a :class:`~vmmpool.PagePool`
+    sleeps, its addresses are reserved but nothing is mapped there: an array
+    made then would crash its process at the first touch (a segmentation fault
+    on the host emulator, an illegal address on a GPU). So views export nothing
+    new until ``wake()``; arrays exported before the sleep are not affected
+    (they must not be touched until ``wake()``). Both an
+    :class:`AsleepError` and the ``BufferError`` of the DLPack convention.
+    """

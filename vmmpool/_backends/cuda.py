@@ -982,11 +982,25 @@ class CudaBackend(Backend):
     def event_destroy(self, event: int) -> None:
         """Destroy `event` (``cuEventDestroy``; legal while it is pending)."""
         self._enter("event_destroy")
-        ev = self._event_obj("event_destroy", event)
-        _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
+        # As stream_destroy: out of the table under the lock before the driver call (one
+        # cuEventDestroy per event, however many threads destroy it), back in on failure.
         with self._lock:
-            del self._events[event]
-            self._live_events = len(self._events)
+            events: dict[int, Any] = getattr(self, "_events", {})
+            ev = events.pop(event, None)
+            if ev is None:
+                raise DriverError(
+                    "CUDA_ERROR_INVALID_HANDLE", f"{event:#x} is not a live event", operation="event_destroy"
+                )
+            self._live_events = len(events)
+        destroyed = False
+        try:
+            _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
+            destroyed = True
+        finally:
+            if not destroyed:
+                with self._lock:
+                    events[event] = ev
+                    self._live_events = len(events)
 
     # ---------------------------------------------------------------- staging
     # cuMemHostAlloc(PORTABLE) / cuMemFreeHost / cuMemcpyDtoHAsync /
@@ -1086,18 +1100,30 @@ class CudaBackend(Backend):
     def stream_destroy(self, stream: int) -> None:
         """Destroy a stream from :meth:`stream_create` (``cuStreamDestroy``)."""
         self._enter("stream_destroy")
-        st = getattr(self, "_streams", {}).get(stream)
-        if st is None:
-            raise DriverError(
-                "CUDA_ERROR_INVALID_HANDLE", f"{stream!r} is not a stream from stream_create",
-                operation="stream_destroy",
-            )
-        self._push()
-        try:
-            _check(self._drv.cuStreamDestroy(st), "stream_destroy", self)
-        finally:
-            self._pop()
+        # Taken out of the table under the lock before the driver call: of two threads
+        # destroying one stream, only one calls cuStreamDestroy (a second call would be
+        # on a dead handle, or on a new stream the driver gave the same value); the
+        # other is refused here. A failed destroy puts it back: nothing changed.
         with self._lock:
-            del self._streams[stream]
-            self._live_streams = len(self._streams)
+            streams: dict[int, Any] = getattr(self, "_streams", {})
+            st = streams.pop(stream, None)
+            if st is None:
+                raise DriverError(
+                    "CUDA_ERROR_INVALID_HANDLE", f"{stream!r} is not a stream from stream_create",
+                    operation="stream_destroy",
+                )
+            self._live_streams = len(streams)
+        destroyed = False
+        try:
+            self._push()
+            try:
+                _check(self._drv.cuStreamDestroy(st), "stream_destroy", self)
+                destroyed = True
+            finally:
+                self._pop()
+        finally:
+            if not destroyed:
+                with self._lock:
+                    streams[stream] = st
+                    self._live_streams = len(streams)
 

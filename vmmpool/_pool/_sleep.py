@@ -37,6 +37,10 @@ While asleep: ``free`` works (bookkeeping only); ``malloc`` and
 ``trim`` do nothing (there is nothing mapped to give back); ``set_limit``
 changes the limit only (``wake`` fails with out-of-memory if the live pages
 do not fit under it); ``stats`` shows no pages held; ``close`` drops the backup.
+Views of allocations export nothing (``Allocation.asleep`` is true: DLPack
+and the array interfaces raise ``AsleepError``, also a ``BufferError``), as an
+array over the unmapped addresses would crash at its first touch; arrays
+exported before the sleep are the caller's to leave alone until ``wake``.
 """
 
 from __future__ import annotations

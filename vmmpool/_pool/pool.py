@@ -430,6 +430,16 @@ class Allocation(NoCopy):
         ref = self._ref
         return ref is None or ref.rec.ref is not ref or self.pool._core.closed
 
+    @property
+    def asleep(self) -> bool:
+        """True while the pool is asleep (:meth:`PagePool.sleep`): nothing is mapped at :attr:`ptr`.
+
+        Views of the allocation export nothing then (:class:`~vmmpool.AsleepError`,
+        also a ``BufferError``); arrays exported before the sleep must not be
+        touched until :meth:`PagePool.wake`.
+        """
+        return self.pool._core.asleep is not None
+
     def __int__(self) -> int:
         return self.ptr
 
@@ -1063,7 +1073,11 @@ class PagePool(ClosesOnExit, NoCopy):
         address space, the allocations and the free ranges stay: every
         :attr:`Allocation.address` and every view's pointer is valid again
         after :meth:`wake`. Touching the memory while asleep is an error (an
-        illegal address on a GPU; a segmentation fault on the host emulator).
+        illegal address on a GPU; a segmentation fault on the host emulator):
+        views export nothing while asleep (DLPack and the array interfaces raise
+        :class:`~vmmpool.AsleepError`, also a ``BufferError``), but arrays
+        exported before the sleep cannot be stopped; leave them alone until
+        :meth:`wake`.
 
         While asleep, :meth:`Allocation.free` works and needs no memory;
         :meth:`malloc` and :meth:`acquire_pages` raise
