@@ -20,6 +20,7 @@ import pytest
 import vmmpool
 from vmmpool._options import PER_THREAD_KEYS, pool_key, stream_key
 from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats
+from vmmpool._pool._core import REFUSED_MAX_WAIT
 
 MiB = 1 << 20
 
@@ -235,6 +236,204 @@ def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
         pool._check()
     for p in other:
         p.close()
+
+
+# ------------------------------------------- the device full below the limit
+def refusal_schedule(first: int, upto: int) -> list[int]:
+    """The requests (indexes below `upto`) that ask a refusing device for pages, from `first`."""
+    out, wait, i = [first], 1, first
+    while i + wait + 1 < upto:
+        i += wait + 1
+        out.append(i)
+        wait = min(2 * wait, REFUSED_MAX_WAIT)
+    return out
+
+
+class Shared:
+    """Two pools on one emulated device of 16 pages: B holds 10, so A (limit 14) fills it at 6."""
+
+    def __init__(self, **kw: object) -> None:
+        self.dev = vmmpool.Device.emulated(capacity=16 * (2 * MiB))
+        self.P = P = self.dev.granularity
+        self.b = PagePool(self.dev, limit=14 * P)
+        self.hog = [self.b.malloc(P) for _ in range(10)]
+        self.a = PagePool(self.dev, limit=14 * P, **kw)  # type: ignore[arg-type]
+
+    def request(self, i: int) -> tuple[dict[str, int], int]:
+        """A slow-path request of A (5 pages on alternate streams: each remaps the other's
+        cached pages while the device is full); returns its backend calls and pages created."""
+        before, made = self.dev.counters(), self.a.stats().n_page_creations
+        x = self.a.malloc(5 * self.P, stream=1 + i % 2)
+        calls = self.dev.counters() - before
+        x.free()
+        return calls, self.a.stats().n_page_creations - made
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+        assert self.dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"keep_cached": True}, {"preallocate": 6 * 2 * MiB}],
+    ids=["default", "keep_cached", "preallocate"],
+)
+def test_device_full_below_the_limit_stops_asking_until_the_backoff_allows(kw: dict[str, object]) -> None:
+    """A pool whose device runs out below its limit (another pool holds the rest) serves
+    from its cached pages without a failing create on every slow-path request (each one
+    a slow driver call on a GPU): it asks the device again after 1, 2, 4, ... requests,
+    and grows again at the first ask after the other pool gave its memory back."""
+    sh = Shared(**kw)
+    a = sh.a
+    live = a.malloc(1000, stream=9)  # live data on a page of A's
+    fill(live, 5)
+    failed: list[int] = []
+    asked: list[int] = []
+    for i in range(30):
+        calls, made = sh.request(i)
+        if calls.get("create", 0):
+            asked.append(i)
+        if calls.get("create", 0) > made:
+            assert calls["create"] == made + 1  # one refusal a request at most
+            failed.append(i)
+        assert intact(live, 5)
+    assert a.stats().total_pages == 6 and a.stats().n_ooms == 0
+    # Before the change: a failing create on every request from the first refusal on.
+    assert failed == refusal_schedule(failed[0], 30) and len(failed) == 5, failed
+    assert [i for i in asked if i > failed[0]] == failed[1:]  # no other create call after it
+    a._check()
+    # B gives its memory back: A grows at its next ask, not before.
+    for x in sh.hog:
+        x.free()
+    sh.b.trim()
+    grown = refusal_schedule(failed[0], 100)[len(failed)]
+    for i in range(30, grown):
+        calls, _made = sh.request(i)
+        assert "create" not in calls, (i, calls)
+    calls, made = sh.request(grown)
+    assert calls["create"] == made > 0  # past the mark, and no refusal
+    assert a.stats().total_pages > 6
+    for i in range(grown + 1, grown + 3):
+        sh.request(i)
+    for i in range(grown + 3, grown + 9):  # it settles: no backend call at all
+        assert sh.request(i)[0] == {}, i
+    assert intact(live, 5)
+    live.free()
+    a._check()
+    sh.close()
+
+
+def test_device_full_below_the_limit_asks_before_a_request_fails() -> None:
+    """A request that cannot be served without new pages asks the device even while the
+    pool is not asking it: a genuinely full device still raises OutOfMemoryError saying
+    so (and leaves the pool consistent), and memory given back is used at once."""
+    sh = Shared()
+    a, P = sh.a, sh.P
+    live = a.malloc(1000, stream=9)
+    fill(live, 7)
+    for i in range(4):  # A holds the 6 pages left (5 cached), and the device refused one
+        sh.request(i)
+    core = a._core
+    assert core.refused_at == 6 and core.refused_skips < core.refused_wait
+    s0 = a.stats()
+    before = sh.dev.counters()
+    with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory") as e:
+        a.malloc(6 * P, stream=3)  # 5 cached pages, 1 more the device does not have
+    assert (sh.dev.counters() - before).get("create") == 1  # asked it, once
+    assert "capacity exhausted" in str(e.value)
+    s1 = a.stats()
+    assert s1.n_ooms == s0.n_ooms + 1 and s1.total_pages == 6 and s1.live_allocations == 1
+    a._check()
+    before = sh.dev.counters()
+    with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
+        a.acquire_pages(6)
+    assert (sh.dev.counters() - before).get("create") == 1
+    assert a.stats().n_ooms == s0.n_ooms + 2
+    a._check()
+    sh.request(4)  # still serves from its cached pages
+    assert intact(live, 7)
+    # B frees 4 pages: the next request that needs them gets them, whatever the backoff says.
+    for x in sh.hog[:4]:
+        x.free()
+    sh.b.trim()
+    assert core.refused_at == 6 and core.refused_skips < core.refused_wait
+    big = a.malloc(7 * P, stream=4)
+    fill(big, 8)
+    assert 8 <= a.stats().total_pages <= 10 and core.refused_at == -1
+    assert intact(live, 7) and intact(big, 8)
+    big.free()
+    live.free()
+    a._check()
+    sh.close()
+
+
+def test_device_full_below_the_limit_recreates_what_the_pool_gave_back() -> None:
+    """Below the mark where the device refused, pages the pool released are created again
+    without waiting for the backoff; a refusal there (someone took them) lowers the mark."""
+    sh = Shared()
+    a, P = sh.a, sh.P
+    core = a._core
+    live = a.malloc(1000, stream=9)
+    fill(live, 3)
+    for i in range(3):
+        sh.request(i)
+    assert core.refused_at == 6
+    a.trim()  # gives the 5 cached pages back; the live one stays
+    assert a.stats().total_pages == 1
+    calls, made = sh.request(3)
+    assert calls["create"] == made == 5  # up to the mark, no refusal
+    a.trim()
+    taken = [sh.b.malloc(P) for _ in range(2)]  # B takes 2 of the 5
+    before, made = sh.dev.counters(), a.stats().n_page_creations
+    a.malloc(3 * P, stream=1).free()
+    assert (sh.dev.counters() - before)["create"] == a.stats().n_page_creations - made == 3
+    before = sh.dev.counters()
+    a.malloc(3 * P, stream=2).free()  # the device refuses at 4 pages: stream 1's are remapped
+    assert (sh.dev.counters() - before)["create"] == 1 and a.stats().n_page_creations == made + 3
+    assert core.refused_at == 4 and a.stats().total_pages == 4
+    wait = core.refused_wait
+    assert wait >= 2  # doubled: a refusal again
+    for i in range(wait + 1):  # the 3 cached pages serve; the device is asked after `wait`
+        before = sh.dev.counters()
+        a.malloc(3 * P, stream=1 + i % 2).free()
+        assert (sh.dev.counters() - before).get("create", 0) == (i == wait)
+    assert core.refused_wait == 2 * wait and a.stats().n_page_creations == made + 3
+    for x in taken:
+        x.free()
+    sh.b.trim()
+    calls, made = sh.request(5)  # would fail without 2 more pages: asks, and gets them
+    assert calls["create"] == made == 2 and core.refused_at == -1
+    assert intact(live, 3)
+    live.free()
+    a._check()
+    sh.close()
+
+
+def test_device_full_below_the_limit_survives_a_lowered_and_raised_limit() -> None:
+    """A lowered limit gives pages back under the device's refusal; raised again, the pool
+    recreates them without a refused call and keeps not asking for more."""
+    sh = Shared()
+    a, P = sh.a, sh.P
+    core = a._core
+    live = a.malloc(1000, stream=9)
+    fill(live, 4)
+    for i in range(2):
+        sh.request(i)
+    assert core.refused_at == 6 and core.refused_skips < core.refused_wait
+    a.set_limit(4 * P)
+    assert a.stats().total_pages <= 4 and core.refused_at == 6
+    a._check()
+    with pytest.raises(vmmpool.OutOfMemoryError, match="limit is reached"):
+        a.malloc(5 * P, stream=1)
+    a.set_limit(14 * P)
+    calls, made = sh.request(2)
+    assert calls.get("create", 0) == made > 0  # back up to the mark: no refusal
+    assert a.stats().total_pages == 6 and core.refused_at == 6
+    assert intact(live, 4)
+    live.free()
+    a._check()
+    sh.close()
 
 
 def test_limit_above_the_device_is_clamped() -> None:

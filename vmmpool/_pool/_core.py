@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from .. import _process
 from .._device import Device
@@ -74,10 +74,18 @@ GROWTH_MIN_PAGES = 2
 #: its limit's pages minus SPLIT_OPEN_MARGIN.
 SPLIT_OPEN_MAX_PAGES = 8
 SPLIT_OPEN_MARGIN = 2
+#: After the device refuses to create a page below the pool's limit (other pools
+#: or processes hold the rest), the pool does not ask it for pages beyond those
+#: it held then for 1, 2, 4, ... up to REFUSED_MAX_WAIT requests that need new
+#: pages (see :meth:`Core.create_pages`): on a GPU a failing ``cuMemCreate`` is a
+#: slow driver call, and a pool serving from its cached pages made one on every
+#: slow-path request.
+REFUSED_MAX_WAIT = 64
 
 _SHIFT = ALIGNMENT.bit_length() - 1
 
 _ident = threading.get_ident
+_T = TypeVar("_T")
 
 
 class _Marker:
@@ -235,6 +243,15 @@ class Core:
         self.n_released = 0
         self.n_remaps = 0
         self.slack = 0  # extra growth budget, pages (see GROWTH_MAX_PAGES)
+        # The device refused to create a page (see create_pages): the pages the pool held
+        # then (-1: no refusal in force), the reason (for the out-of-memory message), the
+        # requests needing pages to serve without asking it again (doubling up to
+        # REFUSED_MAX_WAIT) and those served so far; creations not asked for (counted).
+        self.refused_at = -1
+        self.refused_why = ""
+        self.refused_wait = 0
+        self.refused_skips = 0
+        self.n_unasked = 0
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
@@ -662,7 +679,34 @@ class Core:
         return open_lo and not open_hi
 
     def place(self, h: Heap, r: int, nbytes: int) -> Block:
-        """Slow path: put an `r`-byte block in heap `h`, mapping pages as needed.
+        """Slow path: put an `r`-byte block in heap `h`, mapping pages as needed (see :meth:`_place`).
+
+        A request that fails after the pool skipped asking the device for pages
+        (it refused one earlier: see :meth:`create_pages`) is tried once more,
+        asking the device this time: memory may have come back since.
+        """
+        return self.asking(lambda: self._place(h, r, nbytes))
+
+    def asking(self, fn: Callable[[], _T]) -> _T:
+        """Run `fn` (a request); if it runs out of memory without asking the device, once more asking it.
+
+        ``fn`` leaves the pool as it was when it raises (every request does), so
+        it can run again. The retry makes the device's refusal due (the next
+        creation asks it): a refusal again restarts the wait, doubled.
+        """
+        unasked = self.n_unasked
+        try:
+            return fn()
+        except OutOfMemoryError:
+            if self.n_unasked == unasked or self.refused_at < 0:
+                raise
+        self.n_ooms -= 1  # counted by the retry if it fails too
+        self.refused_skips = self.refused_wait
+        logger.debug("out of memory without asking the device: asking it")
+        return fn()
+
+    def _place(self, h: Heap, r: int, nbytes: int) -> Block:
+        """Put an `r`-byte block in heap `h`, mapping pages as needed.
 
         When `h` has no room within the limit (or the device), the best fit
         among the free ranges of the stream's other heap is returned instead
@@ -688,7 +732,7 @@ class Core:
                     # makes none).
                     if self.aliases and self.dissolve(st, True):
                         self.n_ooms -= 1
-                        return h.best_fit(r) or self.place(h, r, nbytes)
+                        return h.best_fit(r) or self._place(h, r, nbytes)
                     # Last: the free head or tail of a page that lends its
                     # other end to an alias already (a third mapping). Only
                     # here, where the request would fail otherwise: every
@@ -704,10 +748,11 @@ class Core:
 
         The default growth budget, even with ``keep_cached``: a pool holding only its
         preallocated pages serves from them rather than call the driver at all (creating
-        a page is a driver call too), as ``preallocate`` promises.
+        a page is a driver call too), as ``preallocate`` promises. Not past a device's
+        refusal while the pool does not ask it (:meth:`creatable`).
         """
         budget = self.growth_budget()
-        return len(self.free_pages) + max(0, min(budget, self.max_pages) - len(self.pages))
+        return len(self.free_pages) + max(0, min(budget, self.creatable()) - len(self.pages))
 
     def place_in(self, h: Heap, r: int, nbytes: int, other: Heap) -> Block:
         """Put an `r`-byte block in heap `h` where it pins the fewest pages.
@@ -1227,6 +1272,12 @@ class Core:
         In order: free pages; cached pages whose work is done (`st`'s first,
         then other streams'); new pages while under the limit; cached pages
         after waiting for their work; else OutOfMemoryError.
+
+        New pages are created while the pool stays within its growth budget,
+        and when the device refused one (the pool's limit is above what the
+        device has left: another pool or process holds the rest), only on the
+        schedule of :meth:`create_pages`: a gather makes at most one failing
+        create call, and most make none.
         """
         got: list[Page] = []
         why = ""
@@ -1298,22 +1349,88 @@ class Core:
         floor = 2 * GROWTH_MAX_PAGES if self.limited else GROWTH_MIN_PAGES
         return min(GROWTH_MAX_PAGES * len(self.streams), max(floor, share))
 
+    def creatable(self) -> int:
+        """The most pages the pool may hold by creating pages now (see :meth:`create_pages`)."""
+        if self.refused_at < 0 or self.refused_skips >= self.refused_wait:
+            return self.max_pages
+        return min(self.max_pages, self.refused_at)
+
     def create_pages(self, got: list[Page], k: int) -> str:
-        """Create up to `k` pages into `got`; a driver out-of-memory stops it (returns why)."""
-        made = 0
+        """Create up to `k` pages into `got`; a driver out-of-memory stops it (returns why).
+
+        When the device refuses a page (it is out of memory below the pool's
+        limit: another pool or process holds the rest), the pool remembers how
+        many pages it held then (the mark) and stops asking the device for
+        pages beyond the mark: the requests that need pages are served from
+        cached pages (remapped) instead, and no failing create call is made.
+        On a GPU a failing ``cuMemCreate`` is a slow driver call; before, a
+        pool in that state made one (or two) on every slow-path request.
+
+        The device is asked again, deterministically (no clock):
+
+        - after 1, 2, 4, ... up to ``REFUSED_MAX_WAIT`` calls that wanted pages
+          beyond the mark (each refusal doubles the wait; a creation past the
+          mark ends the refusal, and growth beyond it resumes at once);
+        - below the mark at any time: pages the pool gave back since (a trim,
+          a lowered limit, sleep) are created again without waiting (the device
+          held them for it); a refusal there sets a lower mark;
+        - by a request that would otherwise fail (:meth:`asking`): no request
+          fails for pages the pool did not ask for, and a genuine out-of-memory
+          error still carries the device's own answer ("the device is out of
+          memory (...)"), as before.
+        """
+        if k <= 0:
+            return ""
         why = ""
+        held = len(self.pages)
+        mark = self.refused_at
+        past = mark >= 0 and held + k > mark
+        if past and self.refused_skips < self.refused_wait:
+            self.refused_skips += 1
+            self.n_unasked += 1
+            left = self.refused_wait - self.refused_skips
+            why = (
+                f"{self.refused_why}; it refused a page when the pool held {mark}: asked for more "
+                f"after {left} more request(s) needing pages, or before one fails"
+            )
+            past = False
+            k = mark - held
+        made = 0
         try:
             for _ in range(k):
                 got.append(self.create_page())
                 made += 1
         except OutOfMemoryError as err:  # the driver, not the pool, is out
             why = f"the device is out of memory ({err})"
+            self.refused(why)
+        else:
+            if past:  # the device gave pages past its refusal: memory came back
+                logger.info("the device has memory again: %d page(s) held", len(self.pages))
+                self.refused_at = -1
+                self.refused_why = ""
+                self.refused_wait = self.refused_skips = 0
         if made:
             logger.debug(
                 "created %d page(s) of %d bytes (%d of %d pages)",
                 made, self.P, len(self.pages), self.max_pages,
             )
         return why
+
+    def refused(self, why: str) -> None:
+        """The device refused to create a page: set the mark and the wait (see :meth:`create_pages`)."""
+        held = len(self.pages)
+        mark = self.refused_at
+        if mark < 0 or held > mark:  # a first refusal, or the device gave pages past the last one
+            self.refused_wait = 1
+        else:
+            self.refused_wait = min(2 * self.refused_wait, REFUSED_MAX_WAIT)
+        self.refused_at = held
+        self.refused_why = why
+        self.refused_skips = 0
+        logger.info(
+            "the device refused a page at %d page(s) held (limit %d): not asked for more for %d request(s)",
+            held, self.max_pages, self.refused_wait,
+        )
 
     def create_page(self) -> Page:
         phys = create(self.P, self.device, handle_type="posix_fd" if self.shareable else "none")
@@ -1902,6 +2019,11 @@ class Core:
             )
         if len(self.pages) * P > self.peak_total:
             fail("the peak of pages held is below what is held")
+        if self.refused_at < 0:
+            if self.refused_wait or self.refused_skips or self.refused_why:
+                fail("no refusal of the device in force, but a wait is set")
+        elif not 0 <= self.refused_skips <= self.refused_wait <= REFUSED_MAX_WAIT or not self.refused_wait:
+            fail(f"refusal wait {self.refused_skips} of {self.refused_wait} is out of range")
 
     # ---------------------------------------------------------------- close
     def close(self) -> None:

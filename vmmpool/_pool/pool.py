@@ -901,7 +901,8 @@ class PagePool(ClosesOnExit, NoCopy):
             P = self.page_size
             if core.pinned() + n > core.max_pages:
                 raise core.oom(n * P, n, "the limit is reached", pin=n)
-            pages = core.gather(n, n * P, core.streams.get(key))
+            st = core.streams.get(key)
+            pages = core.asking(lambda: core.gather(n, n * P, st))
             if core.emptied:  # the stream itself may have given its last page
                 core.drop_emptied(None)
             for p in pages:
