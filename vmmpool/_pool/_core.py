@@ -217,7 +217,7 @@ class Core:
         self.free_pages: list[Page] = []
         self.acquired: dict[Page, None] = {}
         self.quarantine: dict[Page, None] = {}
-        # pages mapped a second time (see _pages.Alias), by page
+        # pages' other mappings (see _pages.Alias)
         self.aliases: dict[Alias, None] = {}  # (ordered set)
         self.n_aliases = 0  # aliases made so far
         # address space, streams, blocks
@@ -715,8 +715,10 @@ class Core:
         none fits, the stream's aliases whose bytes are all free are dissolved
         (their bytes merge with the free ranges of their pages' own slots, and
         those pages can be aliased again) and the request tries again: at the
-        limit only, so steady-state malloc makes no driver call. A request
-        fails only when nothing can hold it.
+        limit only, so steady-state malloc makes no driver call. Last, a page
+        that lends one end to an alias may lend its other end
+        (``place_alias(again=True)``). A request fails only when nothing can
+        hold it.
         """
         st = h.stream
         other = st.large if h is st.small else st.small
@@ -2007,7 +2009,7 @@ class Core:
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:
             fail(f"{self.mapped} mapped pages counted, {mapped} found")
-        # pinned: touched by a live block (through either mapping) or mapped twice
+        # pinned: touched by a live block (through any mapping) or mapped more than once
         pinned_touch = len({a.slots[s] for a, s in touching} | {al.page for al in self.aliases})
         if self.mapped - cached != pinned_touch:
             fail(f"{self.mapped - cached} pinned mapped pages counted, {pinned_touch} touched by live blocks")
