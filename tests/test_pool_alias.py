@@ -117,6 +117,69 @@ def test_a_request_at_the_limit_dissolves_free_aliases_first() -> None:
     assert dev.counters().live == (0, 0, 0)
 
 
+def test_a_page_lends_its_head_and_its_tail_to_two_aliases_as_a_last_resort() -> None:
+    # Five pages of quarter-page blocks at a limit of five. A block across the
+    # tail of page 3 and the head of page 1 aliases both. A second one needs
+    # the tail of page 1 and the head of page 4: page 1 lends its head already,
+    # so only the last resort (after dissolving free aliases: none here) places
+    # it, mapping page 1 three times. Every byte is used through one mapping.
+    dev = vmmpool.Device.emulated(capacity=32 * P, granularity=P)
+    q = P // 4
+    with PagePool(dev, limit=5 * P) as pool:
+        xs = [pool.malloc(q) for _ in range(20)]
+        base = min(x.ptr for x in xs)
+        assert sorted((x.ptr - base) // q for x in xs) == list(range(20))
+        for x in xs:
+            dev.write(x.ptr, pattern((x.ptr - base) // q, q))
+        by_off = {(x.ptr - base) // q: x for x in xs}
+        core = pool._core
+        by_off.pop(15).free()  # the tail of page 3
+        by_off.pop(4).free()  # the head of page 1
+        c1 = pool.malloc(P // 2)
+        assert core.n_aliases == 2 and len(core.aliases) == 2
+        by_off.pop(7).free()  # the tail of page 1 (its head is lent)
+        by_off.pop(16).free()  # the head of page 4
+        c2 = pool.malloc(P // 2)
+        pool._check()
+        assert core.n_aliases == 4 and len(core.aliases) == 4
+        s = pool.stats()
+        assert s.total_pages == 5 and s.pinned_pages == 5 and s.n_syncs == 0
+        page1 = next(p for p in pool.snapshot() if p.address == base + P)
+        assert len(page1.alias_addresses) == 2, page1
+        assert page1.alias_address == page1.alias_addresses[0]
+        assert {a.address for a in page1.allocations} == {by_off[5].ptr, by_off[6].ptr, c1.ptr, c2.ptr}
+        dev.write(c1.ptr, pattern(101, P // 2))
+        dev.write(c2.ptr, pattern(102, P // 2))
+
+        def intact() -> None:
+            for i, x in by_off.items():
+                assert bytes(dev.read(x.ptr, q)) == pattern(i, q), f"block {i} changed"
+            assert bytes(dev.read(c1.ptr, P // 2)) == pattern(101, P // 2)
+            assert bytes(dev.read(c2.ptr, P // 2)) == pattern(102, P // 2)
+
+        intact()
+        # Sleep copies page 1 once (through its own slot) and gives it back
+        # once; wake maps all three slots again.
+        pool.sleep()
+        pool._check()
+        pool.wake()
+        pool._check()
+        intact()
+        # Both aliases go once their bytes are free; page 1's head and tail
+        # are free again in its own slot.
+        c1.free()
+        c2.free()
+        pool.defragment()
+        pool._check()
+        assert not core.aliases
+        assert not any(p.alias_addresses for p in pool.snapshot())
+        for x in by_off.values():
+            x.free()
+        pool.trim()
+        pool._check()
+    assert dev.counters().live == (0, 0, 0)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_work_at_the_limit_keeps_every_live_byte(seed: int) -> None:
     # Random malloc / free at a limit a few pages above what is live: aliases

@@ -408,12 +408,14 @@ class PoolMachine(RuleBasedStateMachine):
         assert sum(p.state == "free" for p in snap) == s.free_pages
         assert sum(p.state == "acquired" for p in snap) == s.acquired_pages
         # A page is in use exactly when a live allocation touches it (through
-        # either of its mappings) or it is mapped twice; a mapped page no live
+        # any of its mappings) or it is mapped more than once; a mapped page no live
         # allocation touches is cached; an unmapped one is free.
         spans = [(a.ptr, a.ptr + rounded(a)) for a in allocs]
         core = pool._core
         with core.lock:
-            alias_at = {p.index: al.arena.base + al.slot * P for p, al in core.aliases.items()}
+            alias_at: dict[int, list[int]] = {}
+            for al in core.aliases:
+                alias_at.setdefault(al.page.index, []).append(al.arena.base + al.slot * P)
         self.n_aliased = max(getattr(self, "n_aliased", 0), core.n_aliases)
         for p in snap:
             if p.state in ("free", "acquired"):
@@ -421,13 +423,14 @@ class PoolMachine(RuleBasedStateMachine):
                 continue
             assert p.address is not None
             touched = []
-            for lo in (p.address, alias_at.get(p.index)):
+            for lo in (p.address, *alias_at.get(p.index, ())):
                 if lo is not None:
                     touched += [x for x, y in spans if x < lo + P and lo < y]
             touched.sort()
             in_use = bool(touched) or p.index in alias_at
             assert (p.state == "in_use") == in_use, f"page {p.index} is {p.state}"
             assert [x.address for x in p.allocations] == touched
+            assert sorted(p.alias_addresses) == sorted(alias_at.get(p.index, []))
         assert sum(p.state == "cached" for p in snap) == s.reclaimable_pages
         assert s.n_syncs == 0 and "synchronize" not in self.device.counters().calls
         for stream in pool._core.streams.values():  # retired and empty: forgotten

@@ -204,7 +204,7 @@ def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[di
         (addr, p)
         for p in pages
         if p.state != "asleep"
-        for addr in (p.address, p.alias_address)
+        for addr in (p.address, *p.alias_addresses)
         if addr is not None
     )
     runs: list[list[tuple[int, PageInfo]]] = []

@@ -87,8 +87,8 @@ malloc(n, stream)
    either heap fits and no free tail and head complete it:
    :class:`~vmmpool.OutOfMemoryError`, and the pool stays as it was.
 
-Aliases: a page may back two address ranges
---------------------------------------------
+Aliases: a page may back several address ranges
+------------------------------------------------
 A page mapped twice (its own slot and an alias slot of the same stream) lends
 its alias the bytes the block there uses, a tail or a head: each byte of the
 page is used through one mapping only, and a *fence* (neither live nor free)
@@ -99,8 +99,8 @@ aliased page is never cached; the alias is *dissolved* (its slot unmapped,
 the lent bytes free again in the page's own slot) at the next reclaim of its
 stream (a remap, :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`, or
 a request at the limit that fits nowhere else, which then tries again: an
-aliased page is not aliased again, so a free alias keeps its page's free bytes
-apart) once every byte it owns is free and the work that used them is done
+aliased page is not aliased again while that can succeed, so a free alias
+keeps its page's free bytes apart) once every byte it owns is free and the work that used them is done
 (the same events as any reclaim). Measured on the host emulator (2026-12-06):
 the shared traces scaled to 0.1x complete at 1.0060-1.0098 x peak live (was
 1.0064-1.0098), generated GPT-2-shaped inference (1-8 MiB tensors, KV caches

@@ -217,8 +217,8 @@ class Core:
         self.free_pages: list[Page] = []
         self.acquired: dict[Page, None] = {}
         self.quarantine: dict[Page, None] = {}
-        # pages mapped a second time (see _pages.Alias), by page
-        self.aliases: dict[Page, Alias] = {}
+        # pages' other mappings (see _pages.Alias)
+        self.aliases: dict[Alias, None] = {}  # (ordered set)
         self.n_aliases = 0  # aliases made so far
         # address space, streams, blocks
         self.arenas: list[Arena] = []
@@ -715,8 +715,10 @@ class Core:
         none fits, the stream's aliases whose bytes are all free are dissolved
         (their bytes merge with the free ranges of their pages' own slots, and
         those pages can be aliased again) and the request tries again: at the
-        limit only, so steady-state malloc makes no driver call. A request
-        fails only when nothing can hold it.
+        limit only, so steady-state malloc makes no driver call. Last, a page
+        that lends one end to an alias may lend its other end
+        (``place_alias(again=True)``). A request fails only when nothing can
+        hold it.
         """
         st = h.stream
         other = st.large if h is st.small else st.small
@@ -727,13 +729,19 @@ class Core:
             if b is None:
                 b = self.place_alias(h, r, nbytes)
                 if b is None:
-                    # Free aliases keep their pages' free bytes apart (a page
-                    # is aliased once): dissolve them and try again (each
-                    # round dissolves at least one and makes none).
-                    if not (self.aliases and self.dissolve(st, True)):
+                    # Free aliases keep their pages' free bytes apart: dissolve
+                    # them and try again (each round dissolves at least one and
+                    # makes none).
+                    if self.aliases and self.dissolve(st, True):
+                        self.n_ooms -= 1
+                        return h.best_fit(r) or self._place(h, r, nbytes)
+                    # Last: the free head or tail of a page that lends its
+                    # other end to an alias already (a third mapping). Only
+                    # here, where the request would fail otherwise: every
+                    # placement the pool made before stays as it was.
+                    b = self.place_alias(h, r, nbytes, again=True)
+                    if b is None:
                         raise
-                    self.n_ooms -= 1
-                    return h.best_fit(r) or self._place(h, r, nbytes)
             self.n_ooms -= 1  # not an out-of-memory after all
             return b
 
@@ -880,15 +888,17 @@ class Core:
             h.insert(b)
         return Block(arena, start, r)
 
-    def alias_sources(self, st: StreamState) -> tuple[list[Src], list[Src]]:
+    def alias_sources(self, st: StreamState, again: bool = False) -> tuple[list[Src], list[Src]]:
         """Free tails and free heads of the stream's partly used pages, by size.
 
         A tail is the part of a free range in its first page slot, when the
         range reaches that slot's end but does not start at its start; a head
         the part in its last slot, when the range starts at or before that
         slot's start but ends inside it. Each is ``(bytes, free range,
-        page)``. Only pages mapped once qualify (an aliased page is not
-        aliased again).
+        page)``. Only a page's own slot qualifies, and only a page with no
+        alias unless `again`. A page whose tail (head) an alias holds has none
+        in its own slot (the alias's fence covers it): a page lends at most
+        its head and its tail, to one alias each.
         """
         P = self.P
         tails: list[Src] = []
@@ -900,18 +910,22 @@ class Core:
             s = off // P
             if off > s * P and end >= (s + 1) * P:
                 p = a.slots[s]
-                if p is not None and p.alias is None and p.state is MAPPED and p.addr == a.base + s * P:
+                if p is not None and p.state is MAPPED and p.addr == a.base + s * P and (
+                    again or not p.aliases
+                ):
                     tails.append(((s + 1) * P - off, f, p))
             s = end // P
             if end > s * P and off <= s * P:
                 p = a.slots[s]
-                if p is not None and p.alias is None and p.state is MAPPED and p.addr == a.base + s * P:
+                if p is not None and p.state is MAPPED and p.addr == a.base + s * P and (
+                    again or not p.aliases
+                ):
                     heads.append((end - s * P, f, p))
         tails.sort(key=_first)
         heads.sort(key=_first)
         return tails, heads
 
-    def place_alias(self, h: Heap, r: int, nbytes: int) -> Block | None:
+    def place_alias(self, h: Heap, r: int, nbytes: int, again: bool = False) -> Block | None:
         """At the limit: put an `r`-byte block across free tails and heads of partly used pages.
 
         The block's range is new slots of heap `h`: a partly used page of the
@@ -921,8 +935,11 @@ class Core:
         between them pin as few pages as possible (none when a tail and a head
         hold the block). Every byte stays used by at most one live block: the
         bytes the block takes are fenced off in the pages' own slots (see
-        :class:`~._pages.Alias`). Returns None when no such placement fits the
-        limit (or the driver is out of memory); the pool is then unchanged.
+        :class:`~._pages.Alias`). Only pages with no alias lend bytes, unless
+        `again`: then a page that lends its head (tail) to an alias may lend
+        its tail (head) to this one too. Returns None when no such placement
+        fits the limit (or the driver is out of memory); the pool is then
+        unchanged.
         """
         P = self.P
         st = h.stream
@@ -930,7 +947,7 @@ class Core:
         fresh = -(-r // P)
         if avail < 0:
             return None
-        tails, heads = self.alias_sources(st)
+        tails, heads = self.alias_sources(st, again)
         if not tails and not heads:
             return None
         tsizes = [t[0] for t in tails]
@@ -1061,8 +1078,9 @@ class Core:
             afence = Block(arena, sa + hi, P - hi)
         else:
             afence = Block(arena, sa, lo if hi > lo else P)
-        p.alias = al = Alias(p, arena, slot, lo, hi, pfence, afence)
-        self.aliases[p] = al
+        al = Alias(p, arena, slot, lo, hi, pfence, afence)
+        p.aliases += (al,)
+        self.aliases[al] = None
 
     def dissolve(self, st: StreamState, wait: bool) -> int:
         """Unmap the stream's aliases whose bytes are all free and whose work is done.
@@ -1074,7 +1092,7 @@ class Core:
         """
         P = self.P
         done = 0
-        for al in [al for al in self.aliases.values() if al.arena.heap.stream is st]:
+        for al in [al for al in self.aliases if al.arena.heap.stream is st]:
             a = al.arena
             h = a.heap
             sa = a.base + al.slot * P
@@ -1110,8 +1128,9 @@ class Core:
             if pf is not None:
                 pf.seq = seq
                 pf.arena.heap.insert(pf)
-            al.page.alias = None
-            del self.aliases[al.page]
+            p = al.page
+            p.aliases = tuple(x for x in p.aliases if x is not al)
+            del self.aliases[al]
             done += 1
             if not a.mapped:
                 self.note_emptied(st)
@@ -1462,9 +1481,10 @@ class Core:
                                 # byte (fenced whole), dissolved later.
                                 arena.slots[slot + i] = p
                                 arena.mapped += 1
-                                p.alias = al = Alias(p, arena, slot + i, 0, 0, None, None)
+                                al = Alias(p, arena, slot + i, 0, 0, None, None)
                                 al.afence = Block(arena, arena.base + off + i * P, P)
-                                self.aliases[p] = al
+                                p.aliases += (al,)
+                                self.aliases[al] = None
                                 stuck += 1
                                 continue
                             p.state = QUARANTINED
@@ -1731,7 +1751,7 @@ class Core:
         if F >= 0:
             # across a free tail and a free head of partly used pages (place_alias)
             for st in self.streams.values():
-                tails, heads = self.alias_sources(st)
+                tails, heads = self.alias_sources(st, True)
                 for T in tails[-2:]:
                     best = max(best, T[0] + F * P)
                     for H in heads[-2:]:
@@ -1872,13 +1892,13 @@ class Core:
                     if s in cover:
                         fail(f"arena {arena.base:#x} slot {s}: a block lies on a quarantined page")
                     continue
-                al = p.alias
+                al = next((x for x in p.aliases if x.arena is arena and x.slot == s), None)
                 # while the pool sleeps its mapped pages are ASLEEP (same slots, no memory)
                 state_ok = p.state is MAPPED or (p.state is ASLEEP and self.asleep is not None)
-                if al is not None and al.arena is arena and al.slot == s:
-                    # the page's second mapping (its own slot is checked where it is)
+                if al is not None:
+                    # one of the page's other mappings (its own slot is checked where it is)
                     n_alias += 1
-                    if not state_ok or p.stream != key or self.aliases.get(p) is not al:
+                    if not state_ok or p.stream != key or al not in self.aliases:
                         fail(f"alias of page {p.index} in slot {s}: state {p.state}, stream {p.stream}")
                 else:
                     claim(p, f"arena {arena.base:#x} slot {s}")
@@ -1913,13 +1933,20 @@ class Core:
             return n_mapped
 
         fences: list[Block] = []
-        for p, al in self.aliases.items():
-            # a page mapped twice: each byte used through one mapping, fenced in the other
+        for al in self.aliases:
+            # a page mapped more than once: each byte used through one mapping, fenced in the others
+            p = al.page
             pa = p.addr
             a = al.arena
             awake_or_asleep = p.state is MAPPED or (p.state is ASLEEP and self.asleep is not None)
-            if p.alias is not al or not awake_or_asleep or pa is None or a.slots[al.slot] is not p:
+            if al not in p.aliases or not awake_or_asleep or pa is None or a.slots[al.slot] is not p:
                 fail(f"alias of page {p.index} is misfiled")
+            for other in p.aliases:
+                if other is not al and other.lo < al.hi and al.lo < other.hi:
+                    fail(
+                        f"aliases of page {p.index} lend overlapping bytes [{al.lo}, {al.hi}) "
+                        f"and [{other.lo}, {other.hi})"
+                    )
             if a.heap.stream.key != p.stream or not 0 <= al.lo <= al.hi <= P:
                 fail(f"alias of page {p.index}: stream {a.heap.stream.key}, bytes [{al.lo}, {al.hi})")
             sa = a.base + al.slot * P
@@ -1982,8 +2009,8 @@ class Core:
             fail(f"{len(self.pages)} pages owned but {len(seen)} accounted for")
         if mapped != self.mapped:
             fail(f"{self.mapped} mapped pages counted, {mapped} found")
-        # pinned: touched by a live block (through either mapping) or mapped twice
-        pinned_touch = len({a.slots[s] for a, s in touching} | set(self.aliases))
+        # pinned: touched by a live block (through any mapping) or mapped more than once
+        pinned_touch = len({a.slots[s] for a, s in touching} | {al.page for al in self.aliases})
         if self.mapped - cached != pinned_touch:
             fail(f"{self.mapped - cached} pinned mapped pages counted, {pinned_touch} touched by live blocks")
         in_use += len(self.acquired) * P
@@ -2136,8 +2163,8 @@ class Core:
         self.free_pages.clear()
         self.acquired.clear()
         self.quarantine.clear()
-        for p in self.aliases:
-            p.alias = None
+        for al in self.aliases:
+            al.page.aliases = ()
         self.aliases.clear()
         for st in self.streams.values():
             st.obj = None

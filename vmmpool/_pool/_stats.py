@@ -205,8 +205,11 @@ class PageInfo:
         Bytes of this page that live allocations asked for.
     alias_address : int or None
         Where the page is mapped a second time (an alias at the limit, see
-        :meth:`PagePool.malloc`), else ``None``. Its `allocations` are those
-        of both mappings.
+        :meth:`PagePool.malloc`), else ``None``: the first of
+        `alias_addresses`. Its `allocations` are those of every mapping.
+    alias_addresses : tuple of int
+        Every other address the page is mapped at (at most two that lend
+        bytes: its free head to one block's range, its free tail to another's).
     """
 
     index: int
@@ -217,3 +220,4 @@ class PageInfo:
     allocations: tuple[AllocationInfo, ...] = ()
     used_bytes: int = 0
     alias_address: int | None = None
+    alias_addresses: tuple[int, ...] = ()

@@ -1224,19 +1224,18 @@ class PagePool(ClosesOnExit, NoCopy):
             for s, p in enumerate(arena.slots):
                 if p is None or p.state is QUARANTINED:
                     continue
-                al = p.alias
-                if al is not None and al.arena is arena and al.slot == s:
-                    continue  # a page's second mapping: listed with the page
+                if any(x.arena is arena and x.slot == s for x in p.aliases):
+                    continue  # a page's other mapping: listed with the page
                 if p.state is ASLEEP:
                     info[p] = PageInfo(p.index, "asleep", p.addr, shown(arena.stream.key))
                     continue
                 blocks = touching.get((arena, s), [])
                 lo = arena.base + s * P
                 spans = [lo]
-                if al is not None:  # mapped twice: in use through either mapping
+                for al in p.aliases:  # mapped more than once: in use through any mapping
                     blocks = blocks + touching.get((al.arena, al.slot), [])
                     spans.append(al.arena.base + al.slot * P)
-                elif not blocks:
+                if not blocks and not p.aliases:
                     info[p] = PageInfo(p.index, "cached", p.addr, shown(arena.stream.key))
                     continue
                 hi = lo + P
@@ -1255,7 +1254,7 @@ class PagePool(ClosesOnExit, NoCopy):
                 )
                 info[p] = PageInfo(
                     p.index, "in_use", p.addr, key, "large" if whole else "small", allocs, used,
-                    None if al is None else spans[1],
+                    spans[1] if len(spans) > 1 else None, tuple(spans[1:]),
                 )
         for p in core.pages.values():
             if p not in info:
