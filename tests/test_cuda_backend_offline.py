@@ -1070,6 +1070,29 @@ def test_a_failed_stream_destroy_keeps_the_stream(
         backend.stream_destroy(h)
 
 
+@pytest.mark.parametrize("call", ["cuMemFreeHost", "cuCtxPushCurrent"])
+def test_host_free_refuses_what_host_alloc_did_not_give_and_a_failure_keeps_the_block(
+    backend: CudaBackend, fake: FakeDriver, call: str
+) -> None:
+    # host_free passed any address to cuMemFreeHost and forgot the block only after it:
+    # a second free of one block reached the driver again (freeing whatever it gave that
+    # address since). The host emulator refuses it; now the CUDA backend does too.
+    h = backend.host_alloc(4096)
+    before = fake.calls["cuMemFreeHost"]
+    fake.fail(call, R.CUDA_ERROR_INVALID_VALUE)
+    with pytest.raises(DriverError):
+        backend.host_free(h)
+    assert backend.live_host_allocations() == 1  # nothing changed: it can be freed after all
+    backend.host_free(h)
+    assert backend.live_host_allocations() == 0
+    assert fake.calls["cuMemFreeHost"] - before == (2 if call == "cuMemFreeHost" else 1)
+    for address in (h, h + 64):
+        with pytest.raises(DriverError, match="is not host memory from host_alloc") as info:
+            backend.host_free(address)
+        assert (info.value.name, info.value.operation) == ("CUDA_ERROR_INVALID_VALUE", "host_free")
+    assert fake.calls["cuMemFreeHost"] - before == (2 if call == "cuMemFreeHost" else 1)
+
+
 def test_two_threads_destroying_one_event_call_the_driver_once(
     backend: CudaBackend, fake: FakeDriver
 ) -> None:

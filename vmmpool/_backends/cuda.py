@@ -1033,15 +1033,33 @@ class CudaBackend(Backend):
         """Free page-locked host memory from :meth:`host_alloc` (``cuMemFreeHost``)."""
         self._enter("host_free")
         self._ctx()
-        self._push()
-        try:
-            _check(self._drv.cuMemFreeHost(int(address)), "host_free", self)
-        finally:
-            self._pop()
+        address = int(address)
+        # As the host emulator: only memory from host_alloc, taken out of the table under
+        # the lock before the driver call, so of two frees of one block only one reaches
+        # cuMemFreeHost (a second would free whatever the driver gave that address since);
+        # a failed free puts it back: nothing changed.
         with self._lock:
-            blocks = getattr(self, "_host_blocks", {})
-            blocks.pop(int(address), None)
+            blocks: dict[int, int] = getattr(self, "_host_blocks", {})
+            size = blocks.pop(address, None)
+            if size is None:
+                raise DriverError(
+                    "CUDA_ERROR_INVALID_VALUE", f"{address:#x} is not host memory from host_alloc",
+                    operation="host_free",
+                )
             self._live_host = len(blocks)
+        freed = False
+        try:
+            self._push()
+            try:
+                _check(self._drv.cuMemFreeHost(address), "host_free", self)
+                freed = True
+            finally:
+                self._pop()
+        finally:
+            if not freed:
+                with self._lock:
+                    blocks[address] = size
+                    self._live_host = len(blocks)
 
     def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
         """Queue ``cuMemcpyDtoHAsync(dst, src, size, stream)`` (`dst`: page-locked host memory)."""
