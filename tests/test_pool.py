@@ -238,6 +238,41 @@ def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
         p.close()
 
 
+def test_n_ooms_counts_requests_that_raised_a_driver_out_of_memory() -> None:
+    """A driver out-of-memory from a mapping (not from the pool's own refusal) is counted
+    once when the request raises it, and not at all (never below zero) when the request
+    is served elsewhere after it. Both used to be off: the pool decremented a count the
+    driver's error had never incremented (n_ooms went to -1 after a successful malloc),
+    and a request that raised the driver's error was not counted."""
+    P = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev) as pool:
+        a = pool.malloc(5 * P // 4)
+        b = pool.malloc(5 * P // 4)  # large heap: [1.25P, 2.5P) once freed, no whole page
+        keep = [pool.malloc(P // 2), pool.malloc(P // 2)]  # the small heap's page is full
+        b.free()
+        dev._backend.inject_fault("map", nth=1)  # the new small page's map fails
+        y = pool.malloc(P // 2)  # served from the large heap's free range instead
+        assert pool.stats().n_ooms == 0
+        pool._check()
+        y.free()
+        for x in keep:
+            x.free()
+        a.free()
+    dev2 = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev2) as pool:
+        keep = [pool.malloc(P // 2), pool.malloc(P // 2)]
+        dev2._backend.inject_fault("map", nth=1)
+        with pytest.raises(vmmpool.OutOfMemoryError, match="injected fault in map"):
+            pool.malloc(P // 2)
+        assert pool.stats().n_ooms == 1
+        pool._check()
+        keep.append(pool.malloc(P // 2))  # the map works again: served, not counted
+        assert pool.stats().n_ooms == 1
+        for x in keep:
+            x.free()
+
+
 # ------------------------------------------- the device full below the limit
 def refusal_schedule(first: int, upto: int) -> list[int]:
     """The requests (indexes below `upto`) that ask a refusing device for pages, from `first`."""
