@@ -273,6 +273,39 @@ def test_n_ooms_counts_requests_that_raised_a_driver_out_of_memory() -> None:
             x.free()
 
 
+def test_a_block_joining_two_free_ranges_can_use_the_cached_pages_it_leaves() -> None:
+    """A block placed across an unmapped slot, joining the free ranges on either side,
+    needs a page for that slot: the cached pages of the right range that the block does
+    not cover can be remapped there. They could not: both ranges left the free index
+    before the pages were gathered, so a request failed ("0 cached page(s) reclaimable")
+    with 5 pages cached and largest_allocatable above the request."""
+    P = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev, limit=6 * P) as pool:
+        x = pool.malloc(2 * P, stream=1)  # slots 0-1
+        y = pool.malloc(P + P // 2, stream=1)  # slots 2-3 (half)
+        z = pool.malloc(2 * P + P // 2, stream=1)  # slots 3 (half)-5
+        fill(x, 1)
+        y.free()
+        w = pool.malloc(P // 2, stream=2)  # at the limit: y's whole slot 2 is remapped here
+        fill(w, 2)
+        x.free()
+        z.free()  # stream 1: 2 cached pages, slot 2 unmapped, 3 cached pages
+        s = pool.stats()
+        assert s.total_pages == 6 and s.pinned_pages == 1
+        r = 4 * P + P // 4  # joins both ranges across slot 2; slot 5's page is left over
+        assert s.largest_allocatable >= r
+        big = pool.malloc(r, stream=1)
+        fill(big, 3)
+        pool._check()
+        assert pool.stats().total_pages == 6
+        assert intact(big, 3) and intact(w, 2)
+        big.free()
+        w.free()
+        pool._check()
+    assert dev.counters().live == (0, 0, 0)
+
+
 # ------------------------------------------- the device full below the limit
 def refusal_schedule(first: int, upto: int) -> list[int]:
     """The requests (indexes below `upto`) that ask a refusing device for pages, from `first`."""

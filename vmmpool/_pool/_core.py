@@ -873,7 +873,15 @@ class Core:
         if L1 is not None:
             h.remove(L1)
         if L2 is not None:
-            h.remove(L2)
+            if L1 is not None:
+                # Joining L1 and L2: the block covers L1 and the start of L2. What it
+                # leaves of L2 stays a free range in the index, so that its cached
+                # pages can be gathered for the slots between (before, the request
+                # failed with those pages cached); on failure the piece merges back.
+                L2 = self.carve(L2, L2.addr, end - L2.addr)
+                rest = []
+            else:
+                h.remove(L2)
         arena.take_at(m0, need)
         try:
             try:
@@ -901,7 +909,10 @@ class Core:
             if L1 is not None:
                 h.add(L1)
             if L2 is not None:
-                h.add(L2)
+                if L1 is not None:
+                    h.insert(L2)  # the carved piece: merges with what is left of L2
+                else:
+                    h.add(L2)
             raise
         for b in rest:
             h.insert(b)
