@@ -238,6 +238,74 @@ def test_driver_oom_below_the_pool_limit_reclaims_then_raises() -> None:
         p.close()
 
 
+def test_n_ooms_counts_requests_that_raised_a_driver_out_of_memory() -> None:
+    """A driver out-of-memory from a mapping (not from the pool's own refusal) is counted
+    once when the request raises it, and not at all (never below zero) when the request
+    is served elsewhere after it. Both used to be off: the pool decremented a count the
+    driver's error had never incremented (n_ooms went to -1 after a successful malloc),
+    and a request that raised the driver's error was not counted."""
+    P = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev) as pool:
+        a = pool.malloc(5 * P // 4)
+        b = pool.malloc(5 * P // 4)  # large heap: [1.25P, 2.5P) once freed, no whole page
+        keep = [pool.malloc(P // 2), pool.malloc(P // 2)]  # the small heap's page is full
+        b.free()
+        dev._backend.inject_fault("map", nth=1)  # the new small page's map fails
+        y = pool.malloc(P // 2)  # served from the large heap's free range instead
+        assert pool.stats().n_ooms == 0
+        pool._check()
+        y.free()
+        for x in keep:
+            x.free()
+        a.free()
+    dev2 = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev2) as pool:
+        keep = [pool.malloc(P // 2), pool.malloc(P // 2)]
+        dev2._backend.inject_fault("map", nth=1)
+        with pytest.raises(vmmpool.OutOfMemoryError, match="injected fault in map"):
+            pool.malloc(P // 2)
+        assert pool.stats().n_ooms == 1
+        pool._check()
+        keep.append(pool.malloc(P // 2))  # the map works again: served, not counted
+        assert pool.stats().n_ooms == 1
+        for x in keep:
+            x.free()
+
+
+def test_a_block_joining_two_free_ranges_can_use_the_cached_pages_it_leaves() -> None:
+    """A block placed across an unmapped slot, joining the free ranges on either side,
+    needs a page for that slot: the cached pages of the right range that the block does
+    not cover can be remapped there. They could not: both ranges left the free index
+    before the pages were gathered, so a request failed ("0 cached page(s) reclaimable")
+    with 5 pages cached and largest_allocatable above the request."""
+    P = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=64 * P, granularity=P)
+    with PagePool(dev, limit=6 * P) as pool:
+        x = pool.malloc(2 * P, stream=1)  # slots 0-1
+        y = pool.malloc(P + P // 2, stream=1)  # slots 2-3 (half)
+        z = pool.malloc(2 * P + P // 2, stream=1)  # slots 3 (half)-5
+        fill(x, 1)
+        y.free()
+        w = pool.malloc(P // 2, stream=2)  # at the limit: y's whole slot 2 is remapped here
+        fill(w, 2)
+        x.free()
+        z.free()  # stream 1: 2 cached pages, slot 2 unmapped, 3 cached pages
+        s = pool.stats()
+        assert s.total_pages == 6 and s.pinned_pages == 1
+        r = 4 * P + P // 4  # joins both ranges across slot 2; slot 5's page is left over
+        assert s.largest_allocatable >= r
+        big = pool.malloc(r, stream=1)
+        fill(big, 3)
+        pool._check()
+        assert pool.stats().total_pages == 6
+        assert intact(big, 3) and intact(w, 2)
+        big.free()
+        w.free()
+        pool._check()
+    assert dev.counters().live == (0, 0, 0)
+
+
 # ------------------------------------------- the device full below the limit
 def refusal_schedule(first: int, upto: int) -> list[int]:
     """The requests (indexes below `upto`) that ask a refusing device for pages, from `first`."""

@@ -525,3 +525,57 @@ def test_memory_snapshot_lists_blocks_placed_through_an_alias(tmp_path) -> None:
         c.free()
         for x in by_off.values():
             x.free()
+
+
+@pytest.mark.parametrize("nth", [3, 5, 8])
+def test_a_failed_sleep_that_stays_asleep_with_an_alias_slot_still_mapped_wakes(
+    nth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sleep unmaps slot by slot (pieces of one page here); the nth unmap fails, and so
+    # does the undo's first map: the pool stays asleep with its backup, and "wake()
+    # retries". An aliased page whose own slot was unmapped is asleep, but a slot of it
+    # the failed sleep did not reach is still mapped: wake mapped it again, which the
+    # driver refuses, so the pool could never wake (its data kept but out of reach).
+    from vmmpool._pool import _sleep
+
+    monkeypatch.setattr(_sleep, "SLEEP_GROUP", P)
+    dev = vmmpool.Device.emulated(capacity=32 * P, granularity=P)
+    backend = dev._backend
+    q = P // 4
+    with PagePool(dev, limit=5 * P) as pool:
+        xs = [pool.malloc(q) for _ in range(20)]
+        base = min(x.ptr for x in xs)
+        for x in xs:
+            dev.write(x.ptr, pattern((x.ptr - base) // q, q))
+        by_off = {(x.ptr - base) // q: x for x in xs}
+        by_off.pop(15).free()
+        by_off.pop(4).free()
+        c1 = pool.malloc(P // 2)
+        by_off.pop(7).free()
+        by_off.pop(16).free()
+        c2 = pool.malloc(P // 2)  # page 1 is mapped three times
+        assert pool._core.n_aliases == 4
+        dev.write(c1.ptr, pattern(101, P // 2))
+        dev.write(c2.ptr, pattern(102, P // 2))
+        backend.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+        backend.inject_fault("map", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.sleep()
+        backend.clear_faults()
+        assert pool.asleep
+        pool._check()
+        pool.wake()
+        pool._check()
+        for i, x in by_off.items():
+            assert bytes(dev.read(x.ptr, q)) == pattern(i, q), f"block {i} changed"
+        assert bytes(dev.read(c1.ptr, P // 2)) == pattern(101, P // 2)
+        assert bytes(dev.read(c2.ptr, P // 2)) == pattern(102, P // 2)
+        pool.sleep()  # and again, whole
+        pool.wake()
+        pool._check()
+        assert bytes(dev.read(c2.ptr, P // 2)) == pattern(102, P // 2)
+        for x in [*by_off.values(), c1, c2]:
+            x.free()
+        pool.defragment()
+        pool._check()
+    assert dev.counters().live == (0, 0, 0)

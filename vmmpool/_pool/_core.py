@@ -693,17 +693,36 @@ class Core:
         ``fn`` leaves the pool as it was when it raises (every request does), so
         it can run again. The retry makes the device's refusal due (the next
         creation asks it): a refusal again restarts the wait, doubled.
+
+        ``n_ooms`` counts the request once when it raises ``OutOfMemoryError``
+        and not at all otherwise, whatever its attempts counted: an
+        out-of-memory error from the driver (a failed map) is not made by
+        :meth:`oom`, and the steps that recover from one used to take back a
+        count it never added (``n_ooms`` went below zero), or counted nothing
+        when the request raised it.
         """
+        ooms = self.n_ooms
         unasked = self.n_unasked
         try:
-            return fn()
+            try:
+                out = fn()
+                retry = False
+            except OutOfMemoryError:
+                if self.n_unasked == unasked or self.refused_at < 0:
+                    raise
+                retry = True
+            if retry:  # (not inside the handler: the retry's error would chain to the first)
+                self.refused_skips = self.refused_wait
+                logger.debug("out of memory without asking the device: asking it")
+                out = fn()
         except OutOfMemoryError:
-            if self.n_unasked == unasked or self.refused_at < 0:
-                raise
-        self.n_ooms -= 1  # counted by the retry if it fails too
-        self.refused_skips = self.refused_wait
-        logger.debug("out of memory without asking the device: asking it")
-        return fn()
+            self.n_ooms = ooms + 1
+            raise
+        except BaseException:
+            self.n_ooms = ooms  # not an out-of-memory
+            raise
+        self.n_ooms = ooms
+        return out
 
     def _place(self, h: Heap, r: int, nbytes: int) -> Block:
         """Put an `r`-byte block in heap `h`, mapping pages as needed.
@@ -854,7 +873,15 @@ class Core:
         if L1 is not None:
             h.remove(L1)
         if L2 is not None:
-            h.remove(L2)
+            if L1 is not None:
+                # Joining L1 and L2: the block covers L1 and the start of L2. What it
+                # leaves of L2 stays a free range in the index, so that its cached
+                # pages can be gathered for the slots between (before, the request
+                # failed with those pages cached); on failure the piece merges back.
+                L2 = self.carve(L2, L2.addr, end - L2.addr)
+                rest = []
+            else:
+                h.remove(L2)
         arena.take_at(m0, need)
         try:
             try:
@@ -882,7 +909,10 @@ class Core:
             if L1 is not None:
                 h.add(L1)
             if L2 is not None:
-                h.add(L2)
+                if L1 is not None:
+                    h.insert(L2)  # the carved piece: merges with what is left of L2
+                else:
+                    h.add(L2)
             raise
         for b in rest:
             h.insert(b)

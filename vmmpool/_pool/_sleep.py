@@ -74,14 +74,21 @@ Run = tuple["Arena", int, list[Page]]
 
 
 class PoolSleep:
-    """A sleeping pool's backup: the bytes, and where each page's bytes are in them."""
+    """A sleeping pool's backup: the bytes, and where each page's bytes are in them.
 
-    __slots__ = ("backup", "offsets", "nbytes")
+    `kept`: slots of sleeping pages that are still mapped, ``(arena, slot)``. Only
+    after a sleep that failed and could not map back what it had unmapped: a page
+    mapped more than once (an alias) sleeps once one of its slots is unmapped, and
+    the others the sleep did not reach stay mapped; wake leaves them as they are.
+    """
+
+    __slots__ = ("backup", "offsets", "nbytes", "kept")
 
     def __init__(self, backup: np.ndarray | None, offsets: dict[Page, int], nbytes: int) -> None:
         self.backup = backup
         self.offsets = offsets
         self.nbytes = nbytes
+        self.kept: set[tuple[Arena, int]] = set()
 
 
 def runs_of(core: Core, state: str) -> list[Run]:
@@ -252,6 +259,15 @@ def sleep(core: Core, backup: bool) -> None:
         try:
             wake_runs(core, unmapped, asleep)
         except Exception as undo_err:
+            # Slots of now sleeping pages that the sleep did not reach (another mapping
+            # of an aliased page): still mapped, not to be mapped again by wake().
+            gone = {(a, s0 + i) for a, s0, pages in unmapped for i in range(len(pages))}
+            asleep.kept = {
+                (a, s0 + i)
+                for a, s0, pages in runs
+                for i, p in enumerate(pages)
+                if p.state is ASLEEP and (a, s0 + i) not in gone
+            }
             logger.error(
                 "sleep failed (%r) and mapping back failed too (%r): the pool stays asleep with "
                 "its backup; wake() retries",
@@ -411,6 +427,12 @@ def wake(core: Core) -> None:
     t0 = time.perf_counter()
     forget_freed(core)
     runs = runs_of(core, ASLEEP)
+    if sl.kept:  # still mapped (see PoolSleep): left out of the runs
+        runs = [
+            (a, s0 + i, pages[i:j])
+            for a, s0, pages in runs
+            for i, j in _spans(len(pages), [k for k in range(len(pages)) if (a, s0 + k) in sl.kept])
+        ]
     need = len({p for _a, _s, pages in runs for p in pages if p.phys.closed})
     over = len(core.pages) + need - core.max_pages
     if over > 0 and core.free_pages:
@@ -434,6 +456,17 @@ def wake(core: Core) -> None:
     c.wake_bytes += n * core.P if sl.backup is not None else 0
     c.wake_seconds += time.perf_counter() - t0
     logger.info("wake: mapped %d page(s) back in %d run(s)", n, len(runs))
+
+
+def _spans(n: int, cut: list[int]) -> list[tuple[int, int]]:
+    """The ``[i, j)`` spans of ``range(n)`` between the indexes in `cut` (sorted), non-empty."""
+    out = []
+    i = 0
+    for k in [*cut, n]:
+        if k > i:
+            out.append((i, k))
+        i = k + 1
+    return out
 
 
 def _record(core: Core, action: str, runs: list[Run]) -> None:
