@@ -873,19 +873,28 @@ class Core:
         if L1 is not None:
             h.remove(L1)
         if L2 is not None:
-            if L1 is not None:
-                # Joining L1 and L2: the block covers L1 and the start of L2. What it
-                # leaves of L2 stays a free range in the index, so that its cached
-                # pages can be gathered for the slots between (before, the request
-                # failed with those pages cached); on failure the piece merges back.
-                L2 = self.carve(L2, L2.addr, end - L2.addr)
-                rest = []
-            else:
-                h.remove(L2)
+            h.remove(L2)
+        carved = False
         arena.take_at(m0, need)
         try:
             try:
-                pages = self.gather(need, nbytes, st)
+                try:
+                    pages = self.gather(need, nbytes, st)
+                except OutOfMemoryError:
+                    if L1 is None or L2 is None:
+                        raise
+                    # Joining L1 and L2: the block covers L1 and the start of L2, and
+                    # the cached pages of what it leaves of L2 were out of the index.
+                    # When no other page is left (at the limit), they are gathered
+                    # too: that piece goes back to the index (on failure it merges
+                    # back). Only then: taken at every join, they made a loop that
+                    # settled remap every pass (ResNet-50-shaped inference at batch
+                    # 32: 228 backend calls a pass instead of 0).
+                    h.add(L2)
+                    L2 = self.carve(L2, L2.addr, end - L2.addr)
+                    carved = True
+                    rest = []
+                    pages = self.gather(need, nbytes, st)
             except BaseException:
                 arena.give(m0, need)
                 raise
@@ -909,7 +918,7 @@ class Core:
             if L1 is not None:
                 h.add(L1)
             if L2 is not None:
-                if L1 is not None:
+                if carved:
                     h.insert(L2)  # the carved piece: merges with what is left of L2
                 else:
                     h.add(L2)
