@@ -1,10 +1,11 @@
-"""A partly used page mapped a second time (an alias) at the limit.
+"""A partly used page mapped again (an alias) at the limit.
 
 At the limit, the free tail of a partly used page can become the first page of
 a new block's range and a free head its last page (``Core.place_alias``). The
 invariant becomes: every mapped byte is used by at most one live block, through
-one of the page's two mappings. These tests check it with real bytes on the
-host emulator (the same memfd page mapped twice shows the same bytes).
+one of the page's mappings (two, or three when it lends its head and its
+tail). These tests check it with real bytes on the host emulator (the same
+memfd page mapped twice shows the same bytes).
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def test_a_block_across_a_free_tail_and_a_free_head(
 
 def test_a_request_at_the_limit_dissolves_free_aliases_first() -> None:
     # An alias whose bytes are all free keeps its pages' free tail and head
-    # apart (an aliased page is not aliased again). At the limit, a request
-    # that fits nowhere else dissolves it (no defragment() needed) and is
-    # placed across the tail and head it gave back.
+    # apart (an aliased page is not aliased again before the last resort). At
+    # the limit, a request that fits nowhere else dissolves it (no defragment()
+    # needed) and is placed across the tail and head it gave back.
     dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
     with PagePool(dev, limit=4 * P) as pool:
         xs = [pool.malloc(P // 2) for _ in range(8)]

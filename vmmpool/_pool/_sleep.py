@@ -159,7 +159,7 @@ def staging(core: Core) -> Staging:
 def _device_runs(core: Core, runs: list[Run], offsets: dict[Page, int]) -> list[tuple[int, int, int]]:
     """(device address, bytes, backup offset) pieces: each run cut where the backup is not contiguous.
 
-    A page mapped twice (an alias, ``_pages.py``) is copied once, through its own slot.
+    A page mapped more than once (aliases, ``_pages.py``) is copied once, through its own slot.
     """
     P = core.P
     out: list[tuple[int, int, int]] = []
