@@ -737,7 +737,8 @@ class Core:
         limit only, so steady-state malloc makes no driver call. Last, a page
         that lends one end to an alias may lend its other end
         (``place_alias(again=True)``). A request fails only when nothing can
-        hold it.
+        hold it. Run through :meth:`asking` only, which counts ``n_ooms``
+        (the attempts that failed on the way are not counted here).
         """
         st = h.stream
         other = st.large if h is st.small else st.small
@@ -752,7 +753,6 @@ class Core:
                     # them and try again (each round dissolves at least one and
                     # makes none).
                     if self.aliases and self.dissolve(st, True):
-                        self.n_ooms -= 1
                         return h.best_fit(r) or self._place(h, r, nbytes)
                     # Last: the free head or tail of a page that lends its
                     # other end to an alias already (a third mapping). Only
@@ -761,7 +761,6 @@ class Core:
                     b = self.place_alias(h, r, nbytes, again=True)
                     if b is None:
                         raise
-            self.n_ooms -= 1  # not an out-of-memory after all
             return b
 
     def ready_pages(self) -> int:
@@ -1041,7 +1040,6 @@ class Core:
             try:
                 pages = self.gather(k, nbytes, st) if k else []
             except OutOfMemoryError:
-                self.n_ooms -= 1  # the caller reports its own
                 arena.give(s0, m)
                 for f in srcs:
                     f.arena.heap.insert(f)
