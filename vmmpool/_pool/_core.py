@@ -246,11 +246,14 @@ class Core:
         # The device refused to create a page (see create_pages): the pages the pool held
         # then (-1: no refusal in force), the reason (for the out-of-memory message), the
         # requests needing pages to serve without asking it again (doubling up to
-        # REFUSED_MAX_WAIT) and those served so far; creations not asked for (counted).
+        # REFUSED_MAX_WAIT) and those served so far.
         self.refused_at = -1
         self.refused_why = ""
         self.refused_wait = 0
         self.refused_skips = 0
+        # create_pages calls that did not ask the device for pages past the mark, ever
+        # (never reset: asking() compares it before and after a request to tell whether
+        # the request skipped asking, as refused_skips is reset by a new refusal).
         self.n_unasked = 0
         self.n_ooms = 0
         self.n_reclaimed = 0
