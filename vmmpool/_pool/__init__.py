@@ -73,8 +73,10 @@ malloc(n, stream)
    no cached page is unmapped before the limit needs it);
    other streams' cached pages whose
    work is done; the stream's own cached pages whose work is done (unmapped
-   and remapped: reuse before creation); new pages up to the limit; cached
-   pages after waiting on the events of their work. If that fails, the best
+   and remapped: reuse before creation); new pages up to the limit (past a
+   device's refusal below the limit, only on the schedule of
+   ``Core.create_pages``); cached pages after waiting on the events of their
+   work. If that fails, the best
    fit among the free ranges of the stream's other heap is taken (a pool
    that holds only its preallocated pages takes it before any remap).
 3. At the limit, failing that, the block may span the free *tail* of one
