@@ -970,7 +970,7 @@ class Core:
         """At the limit: put an `r`-byte block across free tails and heads of partly used pages.
 
         The block's range is new slots of heap `h`: a partly used page of the
-        stream whose tail is free is mapped a second time as the range's
+        stream whose tail is free is mapped again (an alias) as the range's
         first page (the block starts at its free tail), one whose head is free
         as its last page (the block ends in that head), and the new pages
         between them pin as few pages as possible (none when a tail and a head
