@@ -1444,7 +1444,7 @@ class Core:
                 made += 1
         except OutOfMemoryError as err:  # the driver, not the pool, is out
             why = f"the device is out of memory ({err})"
-            self.refused(why)
+            self.note_refusal(why)
         else:
             if past:  # the device gave pages past its refusal: memory came back
                 logger.info("the device has memory again: %d page(s) held", len(self.pages))
@@ -1458,7 +1458,7 @@ class Core:
             )
         return why
 
-    def refused(self, why: str) -> None:
+    def note_refusal(self, why: str) -> None:
         """The device refused to create a page: set the mark and the wait (see :meth:`create_pages`)."""
         held = len(self.pages)
         mark = self.refused_at
