@@ -162,6 +162,15 @@ def test_a_page_lends_its_head_and_its_tail_to_two_aliases_as_a_last_resort() ->
         assert len(page1.alias_addresses) == 2, page1
         assert page1.alias_address == page1.alias_addresses[0]
         assert {a.address for a in page1.allocations} == {by_off[5].ptr, by_off[6].ptr, c1.ptr, c2.ptr}
+        # The PyTorch-format snapshot counts address space: page 1 in three segments, and
+        # the blocks placed through both of its aliases are there.
+        segs = pool.memory_snapshot()["segments"]
+        assert sum(sg["total_size"] for sg in segs) == (5 + 4) * P  # 5 pages, 4 alias slots
+        active = {
+            b["address"]: b["size"] for sg in segs for b in sg["blocks"] if b["state"] == "active_allocated"
+        }
+        assert active.get(c1.ptr) == c1.size and active.get(c2.ptr) == c2.size
+        assert sum(active.values()) == s.allocated_bytes
         dev.write(c1.ptr, pattern(101, P // 2))
         dev.write(c2.ptr, pattern(102, P // 2))
 
