@@ -1,10 +1,11 @@
-"""A partly used page mapped a second time (an alias) at the limit.
+"""A partly used page mapped again (an alias) at the limit.
 
 At the limit, the free tail of a partly used page can become the first page of
 a new block's range and a free head its last page (``Core.place_alias``). The
 invariant becomes: every mapped byte is used by at most one live block, through
-one of the page's two mappings. These tests check it with real bytes on the
-host emulator (the same memfd page mapped twice shows the same bytes).
+one of the page's mappings (two, or three when it lends its head and its
+tail). These tests check it with real bytes on the host emulator (the same
+memfd page mapped twice shows the same bytes).
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def test_a_block_across_a_free_tail_and_a_free_head(
 
 def test_a_request_at_the_limit_dissolves_free_aliases_first() -> None:
     # An alias whose bytes are all free keeps its pages' free tail and head
-    # apart (an aliased page is not aliased again). At the limit, a request
-    # that fits nowhere else dissolves it (no defragment() needed) and is
-    # placed across the tail and head it gave back.
+    # apart (an aliased page is not aliased again before the last resort). At
+    # the limit, a request that fits nowhere else dissolves it (no defragment()
+    # needed) and is placed across the tail and head it gave back.
     dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
     with PagePool(dev, limit=4 * P) as pool:
         xs = [pool.malloc(P // 2) for _ in range(8)]
@@ -117,37 +118,59 @@ def test_a_request_at_the_limit_dissolves_free_aliases_first() -> None:
     assert dev.counters().live == (0, 0, 0)
 
 
+def three_mappings(
+    pool: PagePool, dev: vmmpool.Device
+) -> tuple[int, dict[int, vmmpool.Allocation], vmmpool.Allocation, vmmpool.Allocation]:
+    """Five pages of quarter-page blocks at a limit of five (each block's bytes a pattern
+    of its index), then page 1 mapped three times: returns the base address, the blocks
+    left by index, and the two blocks across aliases.
+
+    A block across the tail of page 3 and the head of page 1 aliases both. A second one
+    needs the tail of page 1 and the head of page 4: page 1 lends its head already, so
+    only the last resort (after dissolving free aliases: none here) places it.
+    """
+    q = P // 4
+    core = pool._core
+    xs = [pool.malloc(q) for _ in range(20)]
+    base = min(x.ptr for x in xs)
+    assert sorted((x.ptr - base) // q for x in xs) == list(range(20))
+    for x in xs:
+        dev.write(x.ptr, pattern((x.ptr - base) // q, q))
+    by_off = {(x.ptr - base) // q: x for x in xs}
+    by_off.pop(15).free()  # the tail of page 3
+    by_off.pop(4).free()  # the head of page 1
+    c1 = pool.malloc(P // 2)
+    assert core.n_aliases == 2 and len(core.aliases) == 2
+    by_off.pop(7).free()  # the tail of page 1 (its head is lent)
+    by_off.pop(16).free()  # the head of page 4
+    c2 = pool.malloc(P // 2)
+    assert core.n_aliases == 4 and len(core.aliases) == 4
+    return base, by_off, c1, c2
+
+
 def test_a_page_lends_its_head_and_its_tail_to_two_aliases_as_a_last_resort() -> None:
-    # Five pages of quarter-page blocks at a limit of five. A block across the
-    # tail of page 3 and the head of page 1 aliases both. A second one needs
-    # the tail of page 1 and the head of page 4: page 1 lends its head already,
-    # so only the last resort (after dissolving free aliases: none here) places
-    # it, mapping page 1 three times. Every byte is used through one mapping.
+    # Page 1 mapped three times (three_mappings): every byte is used through one mapping.
     dev = vmmpool.Device.emulated(capacity=32 * P, granularity=P)
     q = P // 4
     with PagePool(dev, limit=5 * P) as pool:
-        xs = [pool.malloc(q) for _ in range(20)]
-        base = min(x.ptr for x in xs)
-        assert sorted((x.ptr - base) // q for x in xs) == list(range(20))
-        for x in xs:
-            dev.write(x.ptr, pattern((x.ptr - base) // q, q))
-        by_off = {(x.ptr - base) // q: x for x in xs}
         core = pool._core
-        by_off.pop(15).free()  # the tail of page 3
-        by_off.pop(4).free()  # the head of page 1
-        c1 = pool.malloc(P // 2)
-        assert core.n_aliases == 2 and len(core.aliases) == 2
-        by_off.pop(7).free()  # the tail of page 1 (its head is lent)
-        by_off.pop(16).free()  # the head of page 4
-        c2 = pool.malloc(P // 2)
+        base, by_off, c1, c2 = three_mappings(pool, dev)
         pool._check()
-        assert core.n_aliases == 4 and len(core.aliases) == 4
         s = pool.stats()
         assert s.total_pages == 5 and s.pinned_pages == 5 and s.n_syncs == 0
         page1 = next(p for p in pool.snapshot() if p.address == base + P)
         assert len(page1.alias_addresses) == 2, page1
         assert page1.alias_address == page1.alias_addresses[0]
         assert {a.address for a in page1.allocations} == {by_off[5].ptr, by_off[6].ptr, c1.ptr, c2.ptr}
+        # The PyTorch-format snapshot counts address space: page 1 in three segments, and
+        # the blocks placed through both of its aliases are there.
+        segs = pool.memory_snapshot()["segments"]
+        assert sum(sg["total_size"] for sg in segs) == (5 + 4) * P  # 5 pages, 4 alias slots
+        active = {
+            b["address"]: b["size"] for sg in segs for b in sg["blocks"] if b["state"] == "active_allocated"
+        }
+        assert active.get(c1.ptr) == c1.size and active.get(c2.ptr) == c2.size
+        assert sum(active.values()) == s.allocated_bytes
         dev.write(c1.ptr, pattern(101, P // 2))
         dev.write(c2.ptr, pattern(102, P // 2))
 
@@ -555,18 +578,7 @@ def test_a_failed_sleep_that_stays_asleep_with_an_alias_slot_still_mapped_wakes(
     backend = dev._backend
     q = P // 4
     with PagePool(dev, limit=5 * P) as pool:
-        xs = [pool.malloc(q) for _ in range(20)]
-        base = min(x.ptr for x in xs)
-        for x in xs:
-            dev.write(x.ptr, pattern((x.ptr - base) // q, q))
-        by_off = {(x.ptr - base) // q: x for x in xs}
-        by_off.pop(15).free()
-        by_off.pop(4).free()
-        c1 = pool.malloc(P // 2)
-        by_off.pop(7).free()
-        by_off.pop(16).free()
-        c2 = pool.malloc(P // 2)  # page 1 is mapped three times
-        assert pool._core.n_aliases == 4
+        _base, by_off, c1, c2 = three_mappings(pool, dev)  # page 1 is mapped three times
         dev.write(c1.ptr, pattern(101, P // 2))
         dev.write(c2.ptr, pattern(102, P // 2))
         backend.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")

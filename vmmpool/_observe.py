@@ -20,10 +20,10 @@ Snapshot format (as PyTorch writes it; only plain dicts, lists, ints and strings
      "allocator_settings": {...}}
 
 vmmpool's segments are the runs of consecutively mapped pages of its address space: each page
-is mapped on its own, like the pages of PyTorch's expandable segments. A page mapped a second time
-at the limit (an alias) lies in two segments (as in the history's ``segment_map`` events), so the
-segments' total is address space mapped, which exceeds the physical bytes held
-(``reserved_bytes``) while aliases exist.
+is mapped on its own, like the pages of PyTorch's expandable segments. A page mapped again
+at the limit (an alias) lies in two segments, or three when it lends its head and its tail (as
+in the history's ``segment_map`` events), so the segments' total is address space mapped, which
+exceeds the physical bytes held (``reserved_bytes``) while aliases exist.
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ def format_summary(stats: PoolStats, where: str, abbreviated: bool = False) -> s
 
 
 def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[dict[str, Any]]:
-    # Address space, as the history's segment_map events: a page mapped a second
-    # time (an alias) is in two segments, and the blocks placed through its alias
-    # lie in the alias's segment. A sleeping pool's pages keep their addresses but
+    # Address space, as the history's segment_map events: a page mapped again (an
+    # alias) is in two or three segments, and the blocks placed through an alias
+    # lie in that alias's segment. A sleeping pool's pages keep their addresses but
     # hold no device memory (the history unmapped them): no segment.
     mapped = sorted(
         (addr, p)

@@ -44,7 +44,7 @@ import contextlib
 import dataclasses
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._errors import ClosedError, DeviceUnavailableError, DriverError, OutOfMemoryError
@@ -982,25 +982,35 @@ class CudaBackend(Backend):
     def event_destroy(self, event: int) -> None:
         """Destroy `event` (``cuEventDestroy``; legal while it is pending)."""
         self._enter("event_destroy")
-        # As stream_destroy: out of the table under the lock before the driver call (one
-        # cuEventDestroy per event, however many threads destroy it), back in on failure.
-        with self._lock:
-            events: dict[int, Any] = getattr(self, "_events", {})
-            ev = events.pop(event, None)
-            if ev is None:
-                raise DriverError(
-                    "CUDA_ERROR_INVALID_HANDLE", f"{event:#x} is not a live event", operation="event_destroy"
-                )
-            self._live_events = len(events)
-        destroyed = False
-        try:
+        with self._taken(
+            "_events", "_live_events", event, "CUDA_ERROR_INVALID_HANDLE",
+            f"{event:#x} is not a live event", "event_destroy",
+        ) as ev:
             _check(self._drv.cuEventDestroy(ev), "event_destroy", self)
-            destroyed = True
-        finally:
-            if not destroyed:
-                with self._lock:
-                    events[event] = ev
-                    self._live_events = len(events)
+
+    @contextlib.contextmanager
+    def _taken(self, table: str, live: str, key: int, code: str, message: str, op: str) -> Iterator[Any]:
+        """Take `key`'s object out of the table named `table` for the driver call that destroys it.
+
+        Out of the table under the lock before the call, so of two threads destroying one
+        object only one calls the driver (a second call would reach a dead handle, or a
+        new object the driver gave the same value): the other, and a key not in the table,
+        get ``DriverError(code, message)``. Put back if the body raises: a failed destroy
+        changes nothing. `live` names the count kept beside the table.
+        """
+        with self._lock:
+            items: dict[int, Any] = getattr(self, table, {})
+            obj = items.pop(key, None)
+            if obj is None:
+                raise DriverError(code, message, operation=op)
+            setattr(self, live, len(items))
+        try:
+            yield obj
+        except BaseException:
+            with self._lock:
+                items[key] = obj
+                setattr(self, live, len(items))
+            raise
 
     # ---------------------------------------------------------------- staging
     # cuMemHostAlloc(PORTABLE) / cuMemFreeHost / cuMemcpyDtoHAsync /
@@ -1034,32 +1044,18 @@ class CudaBackend(Backend):
         self._enter("host_free")
         self._ctx()
         address = int(address)
-        # As the host emulator: only memory from host_alloc, taken out of the table under
-        # the lock before the driver call, so of two frees of one block only one reaches
-        # cuMemFreeHost (a second would free whatever the driver gave that address since);
-        # a failed free puts it back: nothing changed.
-        with self._lock:
-            blocks: dict[int, int] = getattr(self, "_host_blocks", {})
-            size = blocks.pop(address, None)
-            if size is None:
-                raise DriverError(
-                    "CUDA_ERROR_INVALID_VALUE", f"{address:#x} is not host memory from host_alloc",
-                    operation="host_free",
-                )
-            self._live_host = len(blocks)
-        freed = False
-        try:
+        # As the host emulator: only memory from host_alloc; of two frees of one block only
+        # one reaches cuMemFreeHost (a second would free whatever the driver gave that
+        # address since); a failed free puts it back (see _taken).
+        with self._taken(
+            "_host_blocks", "_live_host", address, "CUDA_ERROR_INVALID_VALUE",
+            f"{address:#x} is not host memory from host_alloc", "host_free",
+        ):
             self._push()
             try:
                 _check(self._drv.cuMemFreeHost(address), "host_free", self)
-                freed = True
             finally:
                 self._pop()
-        finally:
-            if not freed:
-                with self._lock:
-                    blocks[address] = size
-                    self._live_host = len(blocks)
 
     def copy_dtoh_async(self, dst: int, src: int, size: int, stream: int) -> None:
         """Queue ``cuMemcpyDtoHAsync(dst, src, size, stream)`` (`dst`: page-locked host memory)."""
@@ -1118,30 +1114,15 @@ class CudaBackend(Backend):
     def stream_destroy(self, stream: int) -> None:
         """Destroy a stream from :meth:`stream_create` (``cuStreamDestroy``)."""
         self._enter("stream_destroy")
-        # Taken out of the table under the lock before the driver call: of two threads
-        # destroying one stream, only one calls cuStreamDestroy (a second call would be
-        # on a dead handle, or on a new stream the driver gave the same value); the
-        # other is refused here. A failed destroy puts it back: nothing changed.
-        with self._lock:
-            streams: dict[int, Any] = getattr(self, "_streams", {})
-            st = streams.pop(stream, None)
-            if st is None:
-                raise DriverError(
-                    "CUDA_ERROR_INVALID_HANDLE", f"{stream!r} is not a stream from stream_create",
-                    operation="stream_destroy",
-                )
-            self._live_streams = len(streams)
-        destroyed = False
-        try:
+        # Of two threads destroying one stream only one calls cuStreamDestroy; a failed
+        # destroy puts it back (see _taken).
+        with self._taken(
+            "_streams", "_live_streams", stream, "CUDA_ERROR_INVALID_HANDLE",
+            f"{stream!r} is not a stream from stream_create", "stream_destroy",
+        ) as st:
             self._push()
             try:
                 _check(self._drv.cuStreamDestroy(st), "stream_destroy", self)
-                destroyed = True
             finally:
                 self._pop()
-        finally:
-            if not destroyed:
-                with self._lock:
-                    streams[stream] = st
-                    self._live_streams = len(streams)
 

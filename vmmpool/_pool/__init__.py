@@ -73,15 +73,19 @@ malloc(n, stream)
    no cached page is unmapped before the limit needs it);
    other streams' cached pages whose
    work is done; the stream's own cached pages whose work is done (unmapped
-   and remapped: reuse before creation); new pages up to the limit; cached
-   pages after waiting on the events of their work. If that fails, the best
+   and remapped: reuse before creation); new pages up to the limit (past a
+   device's refusal below the limit, only on the schedule of
+   ``Core.create_pages``); cached pages after waiting on the events of their
+   work. If that fails, the best
    fit among the free ranges of the stream's other heap is taken (a pool
    that holds only its preallocated pages takes it before any remap).
 3. At the limit, failing that, the block may span the free *tail* of one
    partly used page of the stream and the free *head* of another: each is
    mapped a second time (an *alias*) as the first or last page of a new
    range of the heap, with as few new pages between them as the block
-   needs (none when a tail and a head hold it). A request therefore fails
+   needs (none when a tail and a head hold it); as a last resort (free
+   aliases dissolved first), a page that lends its head to one alias may
+   lend its tail to another. A request therefore fails
    only when the pages touched by live blocks plus the pages it needs
    exceed the limit (or the driver has no memory left), no free range of
    either heap fits and no free tail and head complete it:
@@ -89,19 +93,21 @@ malloc(n, stream)
 
 Aliases: a page may back several address ranges
 ------------------------------------------------
-A page mapped twice (its own slot and an alias slot of the same stream) lends
+A page mapped again (its own slot and an alias slot of the same stream) lends
 its alias the bytes the block there uses, a tail or a head: each byte of the
 page is used through one mapping only, and a *fence* (neither live nor free)
-covers it in the other. So the invariant is "every mapped byte is used by at
-most one live block", not "every page is in one slot". Freed bytes of an
-alias are free ranges like any other (reused at once, no driver call). An
-aliased page is never cached; the alias is *dissolved* (its slot unmapped,
-the lent bytes free again in the page's own slot) at the next reclaim of its
-stream (a remap, :meth:`~PagePool.defragment`, :meth:`~PagePool.trim`, or
-a request at the limit that fits nowhere else, which then tries again: an
-aliased page is not aliased again while that can succeed, so a free alias
-keeps its page's free bytes apart) once every byte it owns is free and the work that used them is done
-(the same events as any reclaim). Measured on the host emulator (2026-12-06):
+covers it in the others. A page lends at most its head to one alias and its
+tail to another (three mappings, only as a last resort: see step 3). So the
+invariant is "every mapped byte is used by at most one live block", not
+"every page is in one slot". Freed bytes of an alias are free ranges like any
+other (reused at once, no driver call). An aliased page is never cached; the
+alias is *dissolved* (its slot unmapped, the lent bytes free again in the
+page's own slot) at the next reclaim of its stream (a remap,
+:meth:`~PagePool.defragment`, :meth:`~PagePool.trim`, or a request at the
+limit that fits nowhere else, which then tries again: an aliased page is not
+aliased again while that can succeed, so a free alias keeps its page's free
+bytes apart) once every byte it owns is free and the work that used them is
+done (the same events as any reclaim). Measured on the host emulator (2026-12-06):
 the shared traces scaled to 0.1x complete at 1.0060-1.0098 x peak live (was
 1.0064-1.0098), generated GPT-2-shaped inference (1-8 MiB tensors, KV caches
 grown by concatenation) at 1.009-1.020 (was 1.020-1.034, with the split rule
@@ -159,7 +165,7 @@ Invariants (checked by ``PagePool._check``, after every step of
    slot (each byte used through one mapping only).
 4. A mapped page is cached exactly when no live block touches it and it is
    not aliased; pinned pages (``mapped - cached + acquired + quarantined``)
-   are exactly those touched by live blocks (through either mapping),
+   are exactly those touched by live blocks (through any mapping),
    aliased, lent or quarantined.
 5. A multi-step operation that fails (driver error, out of memory) changes no
    allocation; pages it created or unmapped stay free pages; nothing leaks, no

@@ -246,11 +246,14 @@ class Core:
         # The device refused to create a page (see create_pages): the pages the pool held
         # then (-1: no refusal in force), the reason (for the out-of-memory message), the
         # requests needing pages to serve without asking it again (doubling up to
-        # REFUSED_MAX_WAIT) and those served so far; creations not asked for (counted).
+        # REFUSED_MAX_WAIT) and those served so far.
         self.refused_at = -1
         self.refused_why = ""
         self.refused_wait = 0
         self.refused_skips = 0
+        # create_pages calls that did not ask the device for pages past the mark, ever
+        # (never reset: asking() compares it before and after a request to tell whether
+        # the request skipped asking, as refused_skips is reset by a new refusal).
         self.n_unasked = 0
         self.n_ooms = 0
         self.n_reclaimed = 0
@@ -737,7 +740,8 @@ class Core:
         limit only, so steady-state malloc makes no driver call. Last, a page
         that lends one end to an alias may lend its other end
         (``place_alias(again=True)``). A request fails only when nothing can
-        hold it.
+        hold it. Run through :meth:`asking` only, which counts ``n_ooms``
+        (the attempts that failed on the way are not counted here).
         """
         st = h.stream
         other = st.large if h is st.small else st.small
@@ -752,7 +756,6 @@ class Core:
                     # them and try again (each round dissolves at least one and
                     # makes none).
                     if self.aliases and self.dissolve(st, True):
-                        self.n_ooms -= 1
                         return h.best_fit(r) or self._place(h, r, nbytes)
                     # Last: the free head or tail of a page that lends its
                     # other end to an alias already (a third mapping). Only
@@ -761,7 +764,6 @@ class Core:
                     b = self.place_alias(h, r, nbytes, again=True)
                     if b is None:
                         raise
-            self.n_ooms -= 1  # not an out-of-memory after all
             return b
 
     def ready_pages(self) -> int:
@@ -968,7 +970,7 @@ class Core:
         """At the limit: put an `r`-byte block across free tails and heads of partly used pages.
 
         The block's range is new slots of heap `h`: a partly used page of the
-        stream whose tail is free is mapped a second time as the range's
+        stream whose tail is free is mapped again (an alias) as the range's
         first page (the block starts at its free tail), one whose head is free
         as its last page (the block ends in that head), and the new pages
         between them pin as few pages as possible (none when a tail and a head
@@ -1041,7 +1043,6 @@ class Core:
             try:
                 pages = self.gather(k, nbytes, st) if k else []
             except OutOfMemoryError:
-                self.n_ooms -= 1  # the caller reports its own
                 arena.give(s0, m)
                 for f in srcs:
                     f.arena.heap.insert(f)
@@ -1443,7 +1444,7 @@ class Core:
                 made += 1
         except OutOfMemoryError as err:  # the driver, not the pool, is out
             why = f"the device is out of memory ({err})"
-            self.refused(why)
+            self.note_refusal(why)
         else:
             if past:  # the device gave pages past its refusal: memory came back
                 logger.info("the device has memory again: %d page(s) held", len(self.pages))
@@ -1457,7 +1458,7 @@ class Core:
             )
         return why
 
-    def refused(self, why: str) -> None:
+    def note_refusal(self, why: str) -> None:
         """The device refused to create a page: set the mark and the wait (see :meth:`create_pages`)."""
         held = len(self.pages)
         mark = self.refused_at

@@ -159,7 +159,7 @@ def staging(core: Core) -> Staging:
 def _device_runs(core: Core, runs: list[Run], offsets: dict[Page, int]) -> list[tuple[int, int, int]]:
     """(device address, bytes, backup offset) pieces: each run cut where the backup is not contiguous.
 
-    A page mapped twice (an alias, ``_pages.py``) is copied once, through its own slot.
+    A page mapped more than once (aliases, ``_pages.py``) is copied once, through its own slot.
     """
     P = core.P
     out: list[tuple[int, int, int]] = []
@@ -224,19 +224,19 @@ def sleep(core: Core, backup: bool) -> None:
     off = 0
     for _arena, _s0, pages in runs:
         for p in pages:
-            if p not in offsets:  # an aliased page appears in two runs
+            if p not in offsets:  # an aliased page appears in two or three runs
                 offsets[p] = off
                 off += P
     nbytes = off
     data = host_array(nbytes) if backup and nbytes else None
     asleep = PoolSleep(data, offsets, nbytes)
     groups = _groups(core, runs)
-    # A page mapped at two slots is released once both are unmapped (at the end).
+    # A page mapped at several slots is released once all are unmapped (at the end).
     seen: set[Page] = set()
-    twice: set[Page] = set()
+    aliased: set[Page] = set()
     for _a, _s, pages in runs:
         for p in pages:
-            (twice if p in seen else seen).add(p)
+            (aliased if p in seen else seen).add(p)
     unmapped: list[Run] = []
     try:
         for group in groups:
@@ -249,7 +249,7 @@ def sleep(core: Core, backup: bool) -> None:
                     p.state = ASLEEP
                 unmapped.append(run)
             if len(groups) > 1:
-                _release(core, group, twice)
+                _release(core, group, aliased)
         _release(core, runs, set())
     except BaseException as err:
         if not unmapped:

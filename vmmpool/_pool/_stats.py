@@ -204,9 +204,10 @@ class PageInfo:
     used_bytes : int
         Bytes of this page that live allocations asked for.
     alias_address : int or None
-        Where the page is mapped a second time (an alias at the limit, see
+        Where the page is mapped again (an alias at the limit, see
         :meth:`PagePool.malloc`), else ``None``: the first of
-        `alias_addresses`. Its `allocations` are those of every mapping.
+        `alias_addresses` (kept for compatibility). Its `allocations` are
+        those of every mapping.
     alias_addresses : tuple of int
         Every other address the page is mapped at (at most two that lend
         bytes: its free head to one block's range, its free tail to another's).
