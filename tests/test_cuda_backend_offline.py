@@ -1019,6 +1019,35 @@ def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver)
     assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"
 
 
+def _destroy_twice(
+    fake: FakeDriver, call: str, destroy: Callable[[], None]
+) -> list[BaseException | None]:
+    """Run `destroy`; while its driver `call` runs, run it again in a second thread.
+
+    Returns what the second one did (None, or the exception it raised); the second
+    thread must not block on the first.
+    """
+    second: list[BaseException | None] = []
+
+    def destroy_again() -> None:
+        try:
+            destroy()
+            second.append(None)
+        except BaseException as e:  # noqa: BLE001 - recorded for the caller's assertions
+            second.append(e)
+
+    def during_the_first(*_args: object) -> None:
+        fake.after.pop(call)
+        t = threading.Thread(target=destroy_again)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), f"a second destroy blocked on the first ({call})"
+
+    fake.after[call] = during_the_first
+    destroy()
+    return second
+
+
 def test_two_threads_destroying_one_stream_call_the_driver_once(
     backend: CudaBackend, fake: FakeDriver
 ) -> None:
@@ -1028,24 +1057,7 @@ def test_two_threads_destroying_one_stream_call_the_driver_once(
     # the driver had given the same value). Now the second one is refused without a call.
     h = backend.stream_create()
     assert backend.live_streams() == 1 and h in fake.streams
-    second: list[BaseException | None] = []
-
-    def destroy_again() -> None:
-        try:
-            backend.stream_destroy(h)
-            second.append(None)
-        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
-            second.append(e)
-
-    def during_the_first_destroy(*_args: object) -> None:
-        fake.after.pop("cuStreamDestroy")
-        t = threading.Thread(target=destroy_again)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), "a second stream_destroy blocked on the first"
-
-    fake.after["cuStreamDestroy"] = during_the_first_destroy
-    backend.stream_destroy(h)
+    second = _destroy_twice(fake, "cuStreamDestroy", lambda: backend.stream_destroy(h))
     assert len(second) == 1 and isinstance(second[0], DriverError), second
     assert second[0].name == "CUDA_ERROR_INVALID_HANDLE"
     assert "is not a stream from stream_create" in str(second[0])
@@ -1098,24 +1110,7 @@ def test_two_threads_destroying_one_event_call_the_driver_once(
 ) -> None:
     # The same race as stream_destroy's: the second destroy called cuEventDestroy again.
     ev = backend.event_record(0)
-    second: list[BaseException | None] = []
-
-    def destroy_again() -> None:
-        try:
-            backend.event_destroy(ev)
-            second.append(None)
-        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
-            second.append(e)
-
-    def during_the_first_destroy(*_args: object) -> None:
-        fake.after.pop("cuEventDestroy")
-        t = threading.Thread(target=destroy_again)
-        t.start()
-        t.join(30)
-        assert not t.is_alive(), "a second event_destroy blocked on the first"
-
-    fake.after["cuEventDestroy"] = during_the_first_destroy
-    backend.event_destroy(ev)
+    second = _destroy_twice(fake, "cuEventDestroy", lambda: backend.event_destroy(ev))
     assert len(second) == 1 and isinstance(second[0], DriverError), second
     assert second[0].name == "CUDA_ERROR_INVALID_HANDLE" and "is not a live event" in str(second[0])
     assert fake.calls["cuEventDestroy"] == 1
