@@ -13,6 +13,7 @@ from vmmpool import AsleepError, GrowableBuffer, PagePool
 from vmmpool import _buffer as buffer_module
 from vmmpool._backends.base import EVENT_OPERATIONS, STAGING_OPERATIONS
 from vmmpool._pool import _sleep as sleep_module
+from vmmpool._pool._core import Core
 from vmmpool._staging import Staging
 
 P = 2 << 20
@@ -654,6 +655,137 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     assert rec[-1][1] - rec[0][1] == pool.stats().reserved_bytes - r0
     pool.close()
     assert host._backend.live_host_allocations() == 0
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["handles-kept", "handles-released"])
+@pytest.mark.parametrize("nth_map", [1, 2])
+@pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
+def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
+    grouping: str, released: bool, nth_map: int, unmaps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three faults in a row: a release fails mid-sleep, the undo's map fails (after it mapped
+    some slots back), and the undo's unmap of those slots fails too (and, "unmap-twice", its
+    unmap of the first slot alone). Those slots stayed mapped while their pages slept: wake()
+    mapped them again (refused, forever) and leaked what they held. Now a later wake() brings
+    every byte back and leaks nothing."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    s = pool.stats()
+    n = s.pinned_pages
+    cached = s.total_pages - n  # released first
+    be = dev._backend
+    # per page, each page is released as soon as it is unmapped: fail the second release
+    early = 2 if grouping == "per-page" else 1
+    be.inject_fault("release", nth=cached + (n - 1 if released else early), name="CUDA_ERROR_INVALID_VALUE")
+    undo = sleep_module.wake_runs
+
+    def failing_undo(core: Core, runs: list[sleep_module.Run], sl: sleep_module.PoolSleep) -> None:
+        monkeypatch.setattr(sleep_module, "wake_runs", undo)
+        k = sum(len(pages) for _a, _s, pages in runs)
+        assert k >= 2
+        be.inject_fault("map", nth=min(nth_map + 1, k), name="CUDA_ERROR_INVALID_VALUE")
+        for nth in range(1, unmaps + 1):
+            be.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+        undo(core, runs, sl)
+
+    monkeypatch.setattr(sleep_module, "wake_runs", failing_undo)
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    be.clear_faults()
+    assert pool.asleep
+    core = pool._core
+    awake_slots = sum(1 for a in core.arenas for p in a.slots if p is not None and p.state == "mapped")
+    # Unmapped one at a time after the first unmap failed: all but the one whose unmap failed too.
+    assert dev.counters().mappings == awake_slots + (unmaps - 1)
+    pool._check()
+    with pytest.raises(AsleepError):
+        pool.malloc(1)
+    pool.wake()
+    assert not pool.asleep
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)  # nothing leaked
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+    assert be.live_host_allocations() == 0
+
+
+@pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
+def test_wake_whose_undo_unmap_fails_too_wakes_at_the_next_call(grouping: str, unmaps: int) -> None:
+    """A map fails mid-wake and the undo's unmap of what wake mapped fails too: those slots stay
+    mapped (with handles the undo released), so the next wake() was refused forever. Now it
+    unmaps them first: every byte back, nothing leaked."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    be = dev._backend
+    be.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    for nth in range(1, unmaps + 1):
+        be.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    be.clear_faults()
+    assert pool.asleep
+    assert dev.counters().mappings == unmaps - 1  # the slot whose unmap failed twice
+    pool._check()
+    sl = pool._core.asleep
+    assert sl is not None and len(sl.mapped) == unmaps - 1
+    if sl.mapped:  # the record is what check() compares the slots with
+        saved = dict(sl.mapped)
+        sl.mapped.clear()
+        with pytest.raises(AssertionError, match="sleeps, its slot is mapped"):
+            pool._check()
+        sl.mapped.update(saved)
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+
+
+def test_check_sees_a_slot_whose_mapping_disagrees_with_its_page_state(host: vmmpool.Device) -> None:
+    """check() compares every slot with what its reservation maps: an awake page whose slot is
+    unmapped, a sleeping page whose slot is mapped though the sleep record says it is not."""
+    from vmmpool._resources import create
+
+    pool = PagePool(host, limit=8 * P)
+    a = pool.malloc(2 * P)
+    core = pool._core
+    arena = next(ar for ar in core.arenas if ar.mapped)
+    s = next(i for i, p in enumerate(arena.slots) if p is not None)
+    page = arena.slots[s]
+    assert page is not None
+    arena.res.unmap(s * P, P)  # behind the pool's back
+    with pytest.raises(AssertionError, match="is mapped, its slot unmapped"):
+        pool._check()
+    arena.res.map(page.phys, s * P, access="rw")
+    pool._check()
+    pool.sleep()
+    pool._check()
+    phys = create(P, host)
+    arena.res.map(phys, s * P)  # a sleeping page's slot mapped, not in the record
+    with pytest.raises(AssertionError, match="sleeps, its slot is mapped, the sleep record says unmapped"):
+        pool._check()
+    arena.res.unmap(s * P, P)
+    phys.close()
+    pool._check()
+    pool.wake()
+    a.free()
+    pool.close()
+    assert host.counters().live == (0, 0, 0)
 
 
 def test_free_pages_a_failed_sleep_kept_do_not_block_wake_under_a_lower_limit(host: vmmpool.Device) -> None:

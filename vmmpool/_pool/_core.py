@@ -29,7 +29,7 @@ from .._staging import SleepCounts, Staging
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
 from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Alias, Page
-from ._sleep import PoolSleep
+from ._sleep import KEPT, STALE, PoolSleep
 from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")
@@ -1913,18 +1913,33 @@ class Core:
                 prev_free = not live
                 cur = addr + size
             n_mapped = n_alias = 0
+            # what the reservation really maps: a slot is mapped exactly when its page is
+            # awake (or quarantined), or asleep where the sleep record says so
+            really = arena.res._state.records
             for s in range(arena.nslots):
                 q = arena.slots[s]
                 unm = arena.is_unmapped(s)
+                mapped_here = s * P in really
                 if q is None:
                     if not unm:
                         fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
                     if s in cover:
                         fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
+                    if mapped_here:
+                        fail(f"arena {arena.base:#x} slot {s}: no page, yet mapped")
                     continue
                 p = q
                 if unm:
                     fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
+                if p.state is ASLEEP:
+                    if self.asleep is not None and mapped_here != ((arena, s) in self.asleep.mapped):
+                        fail(
+                            f"arena {arena.base:#x} slot {s}: page {p.index} sleeps, its slot is "
+                            f"{'mapped' if mapped_here else 'unmapped'}, the sleep record says "
+                            f"{self.asleep.mapped.get((arena, s), 'unmapped')}"
+                        )
+                elif not mapped_here:
+                    fail(f"arena {arena.base:#x} slot {s}: page {p.index} is {p.state}, its slot unmapped")
                 if p.state is QUARANTINED:
                     claim_q = seen.get(p)
                     if claim_q != "quarantined":
@@ -2040,6 +2055,13 @@ class Core:
                     if arena.heap is not h:
                         fail(f"stream {key}: arena {arena.base:#x} names another heap")
                     mapped += check_arena(arena, key, binned)
+        if self.asleep is not None:
+            for (arena, s), how in self.asleep.mapped.items():
+                q = arena.slots[s] if arena in self.arenas and 0 <= s < arena.nslots else None
+                if q is None or q.state is not ASLEEP or how not in (KEPT, STALE):
+                    fail(f"sleep record: slot {s} of arena {arena.base:#x} is {how}; no page sleeps in it")
+                if how is KEPT and q.phys.closed:
+                    fail(f"slot {s} of arena {arena.base:#x} is kept mapped, its page's handle released")
         released = {p for p in asleep_seen if p.phys.closed}
         if released & set(self.pages.values()):
             fail("a page whose handle was released by sleep is still listed as owned")
