@@ -756,6 +756,24 @@ def test_wake_whose_undo_unmap_fails_too_wakes_at_the_next_call(grouping: str, u
     assert dev.counters().live == base
 
 
+def test_close_while_slots_of_sleeping_pages_stay_mapped_leaks_nothing() -> None:
+    """close() after a wake whose undo left a slot mapped (STALE): the reservation's close unmaps it."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    be = dev._backend
+    be.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault("unmap", nth=2, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    be.clear_faults()
+    assert dev.counters().mappings == 1
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == (0, 0, 0)
+
+
 def test_check_sees_a_slot_whose_mapping_disagrees_with_its_page_state(host: vmmpool.Device) -> None:
     """check() compares every slot with what its reservation maps: an awake page whose slot is
     unmapped, a sleeping page whose slot is mapped though the sleep record says it is not."""
