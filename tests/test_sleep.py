@@ -759,7 +759,7 @@ def test_wake_whose_undo_unmap_fails_too_wakes_at_the_next_call(grouping: str, u
 def test_close_while_slots_of_sleeping_pages_stay_mapped_leaks_nothing() -> None:
     """close() after a wake whose undo left a slot mapped (STALE): the reservation's close unmaps it."""
     dev = vmmpool.Device.emulated(capacity=64 << 20)
-    pool, live = _pool_world(dev)
+    pool, _live = _pool_world(dev)
     pool.sleep()
     be = dev._backend
     be.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")

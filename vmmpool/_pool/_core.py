@@ -255,6 +255,10 @@ class Core:
         # (never reset: asking() compares it before and after a request to tell whether
         # the request skipped asking, as refused_skips is reset by a new refusal).
         self.n_unasked = 0
+        # During one request (asking()): the device refused a page (it is not asked again
+        # before the request ends), and the request counted a skip (it counts one at most).
+        self.refused_now = False
+        self.skipped_now = False
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
@@ -697,6 +701,13 @@ class Core:
         it can run again. The retry makes the device's refusal due (the next
         creation asks it): a refusal again restarts the wait, doubled.
 
+        One request counts as one: once the device refused a page during it,
+        it is not asked again before the request ends (no retry, and no later
+        gather of the same attempt asks: at most one failing create and one
+        doubling of the wait per request; before, a request whose placement
+        gathered pages twice and then retried made three failing creates and
+        quadrupled the wait), and it counts as one skipped request at most.
+
         ``n_ooms`` counts the request once when it raises ``OutOfMemoryError``
         and not at all otherwise, whatever its attempts counted: an
         out-of-memory error from the driver (a failed map) is not made by
@@ -706,16 +717,18 @@ class Core:
         """
         ooms = self.n_ooms
         unasked = self.n_unasked
+        self.refused_now = self.skipped_now = False
         try:
             try:
                 out = fn()
                 retry = False
             except OutOfMemoryError:
-                if self.n_unasked == unasked or self.refused_at < 0:
+                if self.n_unasked == unasked or self.refused_at < 0 or self.refused_now:
                     raise
                 retry = True
             if retry:  # (not inside the handler: the retry's error would chain to the first)
                 self.refused_skips = self.refused_wait
+                self.skipped_now = False
                 logger.debug("out of memory without asking the device: asking it")
                 out = fn()
         except OutOfMemoryError:
@@ -724,6 +737,8 @@ class Core:
         except BaseException:
             self.n_ooms = ooms  # not an out-of-memory
             raise
+        finally:
+            self.refused_now = self.skipped_now = False
         self.n_ooms = ooms
         return out
 
@@ -1393,7 +1408,7 @@ class Core:
 
     def creatable(self) -> int:
         """The most pages the pool may hold by creating pages now (see :meth:`create_pages`)."""
-        if self.refused_at < 0 or self.refused_skips >= self.refused_wait:
+        if self.refused_at < 0 or (self.refused_skips >= self.refused_wait and not self.skipped_now):
             return self.max_pages
         return min(self.max_pages, self.refused_at)
 
@@ -1410,9 +1425,12 @@ class Core:
 
         The device is asked again, deterministically (no clock):
 
-        - after 1, 2, 4, ... up to ``REFUSED_MAX_WAIT`` calls that wanted pages
+        - after 1, 2, 4, ... up to ``REFUSED_MAX_WAIT`` requests that wanted pages
           beyond the mark (each refusal doubles the wait; a creation past the
-          mark ends the refusal, and growth beyond it resumes at once);
+          mark ends the refusal, and growth beyond it resumes at once). A
+          request (:meth:`asking`) counts once however many times it gathers
+          pages, and is not asked for beyond the mark after it skipped once
+          (but by its retry) or after the device refused it a page;
         - below the mark at any time: pages the pool gave back since (a trim,
           a lowered limit, sleep) are created again without waiting (the device
           held them for it); a refusal there sets a lower mark;
@@ -1423,12 +1441,16 @@ class Core:
         """
         if k <= 0:
             return ""
+        if self.refused_now:  # the device refused a page during this request: not asked again
+            return self.refused_why
         why = ""
         held = len(self.pages)
         mark = self.refused_at
         past = mark >= 0 and held + k > mark
-        if past and self.refused_skips < self.refused_wait:
-            self.refused_skips += 1
+        if past and (self.skipped_now or self.refused_skips < self.refused_wait):
+            if not self.skipped_now:  # a request counts once, and skips to its end (see asking())
+                self.refused_skips += 1
+                self.skipped_now = True
             self.n_unasked += 1
             left = self.refused_wait - self.refused_skips
             why = (
@@ -1445,6 +1467,7 @@ class Core:
         except OutOfMemoryError as err:  # the driver, not the pool, is out
             why = f"the device is out of memory ({err})"
             self.note_refusal(why)
+            self.refused_now = True
         else:
             if past:  # the device gave pages past its refusal: memory came back
                 logger.info("the device has memory again: %d page(s) held", len(self.pages))
