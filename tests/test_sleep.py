@@ -410,6 +410,47 @@ def test_asleep_memory_exports_nothing_new(device: vmmpool.Device, pooled: bool)
         pool.close()
 
 
+def test_an_export_racing_sleep_is_an_export_made_before_it(
+    host: vmmpool.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exports take no lock (documented choice, see _sleep.py): one run by another thread while
+    sleep() is under way, its pages already unmapped, is not held up and succeeds, as one made
+    just before the sleep: same pointer, touched by nobody until wake(), which restores its bytes.
+    Exports begun after sleep() returned are refused."""
+    import threading
+
+    pool = PagePool(host, limit=8 * P)
+    a = pool.malloc(P + 4096)
+    data = _fill(host, a.ptr, a.size, 7)
+    views = [a.view("uint8")]
+    got: list[object] = []
+    release = sleep_module._release
+
+    def racing(core: Core, runs: list[sleep_module.Run], keep: set[object]) -> None:
+        if not got:  # every run is unmapped now: another thread exports
+            assert host.counters().mappings == 0 and not a.asleep
+            t = threading.Thread(target=lambda: got.append(np.from_dlpack(views[0])))
+            t.start()
+            t.join(60)  # a deadlock detector, not a timing: the export waits for nothing
+            assert not t.is_alive() and len(got) == 1
+        release(core, runs, keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sleep_module, "_release", racing)
+    pool.sleep()
+    arr = got.pop()
+    assert isinstance(arr, np.ndarray) and arr.ctypes.data == a.ptr
+    assert a.asleep
+    with pytest.raises(AsleepError):
+        np.from_dlpack(views[0])  # begun after sleep() returned: refused
+    pool.wake()
+    assert arr.tobytes() == data  # the racing export's array, once awake, sees the restored bytes
+    del arr
+    views.clear()
+    gc.collect()
+    a.free()
+    pool.close()
+
+
 def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:
     base = host.counters().live
     buf = GrowableBuffer(max_size=8 * P, device=host, initial_size=2 * P)

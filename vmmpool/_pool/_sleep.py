@@ -47,6 +47,14 @@ Views of allocations export nothing (``Allocation.asleep`` is true: DLPack
 and the array interfaces raise ``AsleepError``, also a ``BufferError``), as an
 array over the unmapped addresses would crash at its first touch; arrays
 exported before the sleep are the caller's to leave alone until ``wake``.
+``core.asleep`` is set when sleep is done (or fails asleep) and cleared when
+wake is done, and exports read it without the lock (they may run where the
+lock must not be taken, and must not slow anything): an export racing sleep
+in another thread may succeed, and is then an export made just before the
+sleep. That is the same thing, not a weaker guarantee: an export touches no
+memory (the capsule or interface holds the address, which sleep keeps), and
+the array's first use comes after the export returns, where no lock inside
+the export could order it against the sleep; only the caller can.
 """
 
 from __future__ import annotations
