@@ -698,6 +698,26 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     assert host._backend.live_host_allocations() == 0
 
 
+def _failing_undo(
+    monkeypatch: pytest.MonkeyPatch, dev: vmmpool.Device, op: str,
+    nth: int | Callable[[int], int], unmaps: int,
+) -> None:
+    """Make the next undo (``wake_runs``) of a failing sleep fail: at the `nth` call of `op` (or
+    ``nth(pages to map back)``), and then its unmap of what it mapped, `unmaps` times in a row."""
+    be = dev._backend
+    undo = sleep_module.wake_runs
+
+    def failing(core: Core, runs: list[sleep_module.Run], sl: sleep_module.PoolSleep) -> None:
+        monkeypatch.setattr(sleep_module, "wake_runs", undo)
+        k = nth if isinstance(nth, int) else nth(sum(len(pages) for _a, _s, pages in runs))
+        be.inject_fault(op, nth=k, name="CUDA_ERROR_INVALID_VALUE")
+        for i in range(1, unmaps + 1):
+            be.inject_fault("unmap", nth=i, name="CUDA_ERROR_INVALID_VALUE")
+        undo(core, runs, sl)
+
+    monkeypatch.setattr(sleep_module, "wake_runs", failing)
+
+
 @pytest.mark.parametrize("released", [False, True], ids=["handles-kept", "handles-released"])
 @pytest.mark.parametrize("nth_map", [1, 2])
 @pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
@@ -719,18 +739,8 @@ def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
     # per page, each page is released as soon as it is unmapped: fail the second release
     early = 2 if grouping == "per-page" else 1
     be.inject_fault("release", nth=cached + (n - 1 if released else early), name="CUDA_ERROR_INVALID_VALUE")
-    undo = sleep_module.wake_runs
-
-    def failing_undo(core: Core, runs: list[sleep_module.Run], sl: sleep_module.PoolSleep) -> None:
-        monkeypatch.setattr(sleep_module, "wake_runs", undo)
-        k = sum(len(pages) for _a, _s, pages in runs)
-        assert k >= 2
-        be.inject_fault("map", nth=min(nth_map + 1, k), name="CUDA_ERROR_INVALID_VALUE")
-        for nth in range(1, unmaps + 1):
-            be.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
-        undo(core, runs, sl)
-
-    monkeypatch.setattr(sleep_module, "wake_runs", failing_undo)
+    # the map after the first (or second) one fails; every undo here maps back 2 pages or more
+    _failing_undo(monkeypatch, dev, "map", lambda k: min(nth_map + 1, k), unmaps)
     with pytest.raises(vmmpool.DriverError):
         pool.sleep()
     be.clear_faults()
@@ -755,6 +765,46 @@ def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
     gc.collect()
     assert dev.counters().live == base
     assert be.live_host_allocations() == 0
+
+
+def test_three_faults_at_any_call_of_the_undo_leave_the_pool_able_to_wake(
+    grouping: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep of the triple failure: a late release fails the sleep, then each call of the
+    undo in turn (create, map, set_access, the copy back) fails, and the undo's unmap fails
+    once or twice. Whatever stays mapped, wake() brings every byte back and leaks nothing."""
+    runs = 0
+    for op in ("create", "map", "set_access", "copy_htod_async"):
+        nth = 1
+        while True:
+            asleep = False
+            for unmaps in (1, 2):
+                dev = vmmpool.Device.emulated(capacity=64 << 20)
+                pool, live = _pool_world(dev)
+                undo = sleep_module.wake_runs
+                _failing_undo(monkeypatch, dev, op, nth, unmaps)
+                late = pool.stats().total_pages - 1  # the last but one release of the sleep
+                dev._backend.inject_fault("release", nth=late, name="CUDA_ERROR_INVALID_VALUE")
+                with pytest.raises(vmmpool.DriverError):
+                    pool.sleep()
+                monkeypatch.setattr(sleep_module, "wake_runs", undo)  # if the undo was not reached
+                dev._backend.clear_faults()
+                pool._check()
+                if pool.asleep:
+                    asleep = True
+                    runs += 1
+                    pool.wake()
+                    pool._check()
+                assert _bytes_ok(dev, live), (op, nth, unmaps)
+                s = pool.stats()
+                c = dev.counters()
+                assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages), (op, nth, unmaps)
+                pool.close()
+                assert dev.counters().live == (0, 0, 0), (op, nth, unmaps)
+            if not asleep:  # the undo made fewer calls than nth: next op
+                break
+            nth += 1
+    assert runs >= 10
 
 
 @pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
