@@ -342,7 +342,8 @@ def forget_freed(core: Core) -> None:
                 cuts: list[tuple[int, int]] = []
                 for s in range(s0, s1):
                     p = a.slots[s]
-                    if p is not None and p.state is ASLEEP:
+                    # (a KEPT slot is still mapped with a live page: left as it is, awake at wake)
+                    if p is not None and p.state is ASLEEP and (a, s) not in sl.mapped:
                         if cuts and cuts[-1][1] == s:
                             cuts[-1] = (cuts[-1][0], s + 1)
                         else:
@@ -484,7 +485,7 @@ def wake(core: Core) -> None:
         return
     t0 = time.perf_counter()
     unmap_stale(core, sl)
-    forget_freed(core)  # (never a KEPT slot: an alias slot always holds a fence)
+    forget_freed(core)
     runs = runs_of(core, ASLEEP)
     if sl.mapped:  # KEPT: still mapped with the page's handle (see PoolSleep), left out of the runs
         runs = [
