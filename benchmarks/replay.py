@@ -211,11 +211,13 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
     """``--sweep N``: replay :func:`vmmpool._workloads.sweep`'s traces, one summary row per family."""
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []  # a line per failed row, printed once, after the summary
     for family, kwargs, tr in sweep(n):
         try:
             res = R.replay(tr, device)
             if not res.completed:  # the device is too small: recorded, not summarized
                 rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": res.error})
+                failed.append(f"{tr.name}: did not complete: {res.error}")
                 continue
             mn = R.min_limit(tr, device, default=res)
             steady = steady_state(family, kwargs, tr, device)
@@ -224,7 +226,7 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
             # row is recorded with its error, not summarized, and the sweep goes on.
             error = f"{type(e).__name__}: {e}"
             rows.append({"family": family, "args": kwargs, "trace": tr.name, "error": error})
-            print(f"{tr.name}: replay failed: {error}", flush=True)
+            failed.append(f"{tr.name}: replay failed: {error}")
             continue
         P = res.page_size
         rows.append({
@@ -263,9 +265,8 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
           f"{s['steady_calls_per_pass_mean']:.1f}", f"{s['steady_calls_per_pass_max']:.0f}",
           f"{s['steady_held_mean']:.4f}"] for s in summary],
     ))
-    failed = [r for r in rows if "error" in r]
-    for r in failed:
-        print(f"{r['trace']}: did not complete: {r['error']}")
+    for line in failed:
+        print(line)
     out = _common.write_json("replay-sweep", shown, R.json_safe(
         {"n_per_family": n, "summary": summary, "rows": rows}), output)
     print(f"wrote {out}")

@@ -126,6 +126,7 @@ def test_replay_sweep_records_a_failed_replay_and_goes_on(
     assert all("error" not in r for r in (doc["rows"][0], doc["rows"][2]))
     stdout = capsys.readouterr().out
     assert f"{bad['trace']}: replay failed: {want}" in stdout
+    assert stdout.count(bad["trace"]) == 1, stdout  # was printed twice (when it failed, and after the table)
     # The normal path, for comparison: the same failure, recorded, exit status 1.
     trace = tmp_path / "t.csv"
     trace.write_text("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,100,0\n")
@@ -133,6 +134,31 @@ def test_replay_sweep_records_a_failed_replay_and_goes_on(
     assert bench.main([str(trace), "--no-peers", "--json", str(tmp_path / "r.json")]) == 1
     failed = json.loads((tmp_path / "r.json").read_text())["failed"]
     assert [f["error"] for f in failed] == [want]
+
+
+def test_replay_sweep_prints_a_row_that_did_not_complete_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A replay that ran out of memory (the device too small) is a failed row too: one line."""
+    import dataclasses
+
+    bench = _replay_benchmark(monkeypatch)
+    real = bench.R.replay
+
+    def replay(tr: Any, *a: Any, **k: Any) -> Any:
+        res = real(tr, *a, **k)
+        if tr.name.startswith("synthetic"):  # the stress family's
+            return dataclasses.replace(res, completed=False, error="out of memory: emulated")
+        return res
+
+    monkeypatch.setattr(bench.R, "replay", replay)
+    out = tmp_path / "sweep.json"
+    assert bench.run_sweep(1, None, str(out)) == 1
+    bad = json.loads(out.read_text())["rows"][2]
+    assert bad["error"] == "out of memory: emulated"
+    stdout = capsys.readouterr().out
+    assert stdout.count(bad["trace"]) == 1, stdout
+    assert f"{bad['trace']}: did not complete: out of memory: emulated" in stdout
 
 
 def test_every_benchmark_takes_the_gpu_checks_options() -> None:

@@ -436,6 +436,34 @@ def test_device_full_below_the_limit_asks_before_a_request_fails() -> None:
     sh.close()
 
 
+def test_device_full_one_request_counts_as_one_refusal() -> None:
+    """A request that gathers pages twice (its own slots, then across a free tail) and then
+    retries asking the device made up to three failing creates, each doubling the wait (a
+    refused 7-page request left it at 4, not 1). Now a request does not ask the device again
+    once it refused a page, and once a request skipped asking it does not ask again but in its
+    retry: one failing create and one doubling per request."""
+    sh = Shared()
+    a, P = sh.a, sh.P
+    core = a._core
+    live = a.malloc(1000, stream=9)  # its free tail is where a placement across pages looks
+    fill(live, 6)
+    waits = []
+    for _ in range(3):
+        before, made = sh.dev.counters(), a.stats().n_page_creations
+        with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
+            a.malloc(7 * P - 4096, stream=9)  # 5 more pages than the device has
+        failing = (sh.dev.counters() - before).get("create", 0) - (a.stats().n_page_creations - made)
+        assert failing == 1
+        waits.append(core.refused_wait)
+        a._check()
+    assert waits == [1, 2, 4] and core.refused_at == 6
+    sh.request(0)  # still serves from its cached pages
+    assert intact(live, 6)
+    live.free()
+    a._check()
+    sh.close()
+
+
 def test_device_full_below_the_limit_recreates_what_the_pool_gave_back() -> None:
     """Below the mark where the device refused, pages the pool released are created again
     without waiting for the backoff; a refusal there (someone took them) lowers the mark."""

@@ -13,6 +13,7 @@ from vmmpool import AsleepError, GrowableBuffer, PagePool
 from vmmpool import _buffer as buffer_module
 from vmmpool._backends.base import EVENT_OPERATIONS, STAGING_OPERATIONS
 from vmmpool._pool import _sleep as sleep_module
+from vmmpool._pool._core import Core
 from vmmpool._staging import Staging
 
 P = 2 << 20
@@ -409,6 +410,47 @@ def test_asleep_memory_exports_nothing_new(device: vmmpool.Device, pooled: bool)
         pool.close()
 
 
+def test_an_export_racing_sleep_is_an_export_made_before_it(
+    host: vmmpool.Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exports take no lock (documented choice, see _sleep.py): one run by another thread while
+    sleep() is under way, its pages already unmapped, is not held up and succeeds, as one made
+    just before the sleep: same pointer, touched by nobody until wake(), which restores its bytes.
+    Exports begun after sleep() returned are refused."""
+    import threading
+
+    pool = PagePool(host, limit=8 * P)
+    a = pool.malloc(P + 4096)
+    data = _fill(host, a.ptr, a.size, 7)
+    views = [a.view("uint8")]
+    got: list[object] = []
+    release = sleep_module._release
+
+    def racing(core: Core, runs: list[sleep_module.Run], keep: set[object]) -> None:
+        if not got:  # every run is unmapped now: another thread exports
+            assert host.counters().mappings == 0 and not a.asleep
+            t = threading.Thread(target=lambda: got.append(np.from_dlpack(views[0])))
+            t.start()
+            t.join(60)  # a deadlock detector, not a timing: the export waits for nothing
+            assert not t.is_alive() and len(got) == 1
+        release(core, runs, keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sleep_module, "_release", racing)
+    pool.sleep()
+    arr = got.pop()
+    assert isinstance(arr, np.ndarray) and arr.ctypes.data == a.ptr
+    assert a.asleep
+    with pytest.raises(AsleepError):
+        np.from_dlpack(views[0])  # begun after sleep() returned: refused
+    pool.wake()
+    assert arr.tobytes() == data  # the racing export's array, once awake, sees the restored bytes
+    del arr
+    views.clear()
+    gc.collect()
+    a.free()
+    pool.close()
+
+
 def test_buffer_backup_false_and_close_while_asleep(host: vmmpool.Device) -> None:
     base = host.counters().live
     buf = GrowableBuffer(max_size=8 * P, device=host, initial_size=2 * P)
@@ -654,6 +696,205 @@ def test_sleep_whose_undo_also_fails_leaves_the_pool_asleep_with_its_backup(
     assert rec[-1][1] - rec[0][1] == pool.stats().reserved_bytes - r0
     pool.close()
     assert host._backend.live_host_allocations() == 0
+
+
+def _failing_undo(
+    monkeypatch: pytest.MonkeyPatch, dev: vmmpool.Device, op: str,
+    nth: int | Callable[[int], int], unmaps: int,
+) -> None:
+    """Make the next undo (``wake_runs``) of a failing sleep fail: at the `nth` call of `op` (or
+    ``nth(pages to map back)``), and then its unmap of what it mapped, `unmaps` times in a row."""
+    be = dev._backend
+    undo = sleep_module.wake_runs
+
+    def failing(core: Core, runs: list[sleep_module.Run], sl: sleep_module.PoolSleep) -> None:
+        monkeypatch.setattr(sleep_module, "wake_runs", undo)
+        k = nth if isinstance(nth, int) else nth(sum(len(pages) for _a, _s, pages in runs))
+        be.inject_fault(op, nth=k, name="CUDA_ERROR_INVALID_VALUE")
+        for i in range(1, unmaps + 1):
+            be.inject_fault("unmap", nth=i, name="CUDA_ERROR_INVALID_VALUE")
+        undo(core, runs, sl)
+
+    monkeypatch.setattr(sleep_module, "wake_runs", failing)
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["handles-kept", "handles-released"])
+@pytest.mark.parametrize("nth_map", [1, 2])
+@pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
+def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
+    grouping: str, released: bool, nth_map: int, unmaps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three faults in a row: a release fails mid-sleep, the undo's map fails (after it mapped
+    some slots back), and the undo's unmap of those slots fails too (and, "unmap-twice", its
+    unmap of the first slot alone). Those slots stayed mapped while their pages slept: wake()
+    mapped them again (refused, forever) and leaked what they held. Now a later wake() brings
+    every byte back and leaks nothing."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    s = pool.stats()
+    n = s.pinned_pages
+    cached = s.total_pages - n  # released first
+    be = dev._backend
+    # per page, each page is released as soon as it is unmapped: fail the second release
+    early = 2 if grouping == "per-page" else 1
+    be.inject_fault("release", nth=cached + (n - 1 if released else early), name="CUDA_ERROR_INVALID_VALUE")
+    # the map after the first (or second) one fails; every undo here maps back 2 pages or more
+    _failing_undo(monkeypatch, dev, "map", lambda k: min(nth_map + 1, k), unmaps)
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep()
+    be.clear_faults()
+    assert pool.asleep
+    core = pool._core
+    awake_slots = sum(1 for a in core.arenas for p in a.slots if p is not None and p.state == "mapped")
+    # Unmapped one at a time after the first unmap failed: all but the one whose unmap failed too.
+    assert dev.counters().mappings == awake_slots + (unmaps - 1)
+    pool._check()
+    with pytest.raises(AsleepError):
+        pool.malloc(1)
+    pool.wake()
+    assert not pool.asleep
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)  # nothing leaked
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+    assert be.live_host_allocations() == 0
+
+
+def test_three_faults_at_any_call_of_the_undo_leave_the_pool_able_to_wake(
+    grouping: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep of the triple failure: a late release fails the sleep, then each call of the
+    undo in turn (create, map, set_access, the copy back) fails, and the undo's unmap fails
+    once or twice. Whatever stays mapped, wake() brings every byte back and leaks nothing."""
+    runs = 0
+    for op in ("create", "map", "set_access", "copy_htod_async"):
+        nth = 1
+        while True:
+            asleep = False
+            for unmaps in (1, 2):
+                dev = vmmpool.Device.emulated(capacity=64 << 20)
+                pool, live = _pool_world(dev)
+                undo = sleep_module.wake_runs
+                _failing_undo(monkeypatch, dev, op, nth, unmaps)
+                late = pool.stats().total_pages - 1  # the last but one release of the sleep
+                dev._backend.inject_fault("release", nth=late, name="CUDA_ERROR_INVALID_VALUE")
+                with pytest.raises(vmmpool.DriverError):
+                    pool.sleep()
+                monkeypatch.setattr(sleep_module, "wake_runs", undo)  # if the undo was not reached
+                dev._backend.clear_faults()
+                pool._check()
+                if pool.asleep:
+                    asleep = True
+                    runs += 1
+                    pool.wake()
+                    pool._check()
+                assert _bytes_ok(dev, live), (op, nth, unmaps)
+                s = pool.stats()
+                c = dev.counters()
+                assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages), (op, nth, unmaps)
+                pool.close()
+                assert dev.counters().live == (0, 0, 0), (op, nth, unmaps)
+            if not asleep:  # the undo made fewer calls than nth: next op
+                break
+            nth += 1
+    assert runs >= 10
+
+
+@pytest.mark.parametrize("unmaps", [1, 2], ids=["unmap-once", "unmap-twice"])
+def test_wake_whose_undo_unmap_fails_too_wakes_at_the_next_call(grouping: str, unmaps: int) -> None:
+    """A map fails mid-wake and the undo's unmap of what wake mapped fails too: those slots stay
+    mapped (with handles the undo released), so the next wake() was refused forever. Now it
+    unmaps them first: every byte back, nothing leaked."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    be = dev._backend
+    be.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    for nth in range(1, unmaps + 1):
+        be.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    be.clear_faults()
+    assert pool.asleep
+    assert dev.counters().mappings == unmaps - 1  # the slot whose unmap failed twice
+    pool._check()
+    sl = pool._core.asleep
+    assert sl is not None and len(sl.mapped) == unmaps - 1
+    if sl.mapped:  # the record is what check() compares the slots with
+        saved = dict(sl.mapped)
+        sl.mapped.clear()
+        with pytest.raises(AssertionError, match="sleeps, its slot is mapped"):
+            pool._check()
+        sl.mapped.update(saved)
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+
+
+def test_close_while_slots_of_sleeping_pages_stay_mapped_leaks_nothing() -> None:
+    """close() after a wake whose undo left a slot mapped (STALE): the reservation's close unmaps it."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool, _live = _pool_world(dev)
+    pool.sleep()
+    be = dev._backend
+    be.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault("unmap", nth=2, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    be.clear_faults()
+    assert dev.counters().mappings == 1
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_check_sees_a_slot_whose_mapping_disagrees_with_its_page_state(host: vmmpool.Device) -> None:
+    """check() compares every slot with what its reservation maps: an awake page whose slot is
+    unmapped, a sleeping page whose slot is mapped though the sleep record says it is not."""
+    from vmmpool._resources import create
+
+    pool = PagePool(host, limit=8 * P)
+    a = pool.malloc(2 * P)
+    core = pool._core
+    arena = next(ar for ar in core.arenas if ar.mapped)
+    s = next(i for i, p in enumerate(arena.slots) if p is not None)
+    page = arena.slots[s]
+    assert page is not None
+    arena.res.unmap(s * P, P)  # behind the pool's back
+    with pytest.raises(AssertionError, match="is mapped, its slot unmapped"):
+        pool._check()
+    arena.res.map(page.phys, s * P, access="rw")
+    pool._check()
+    pool.sleep()
+    pool._check()
+    phys = create(P, host)
+    arena.res.map(phys, s * P)  # a sleeping page's slot mapped, not in the record
+    with pytest.raises(AssertionError, match="sleeps, its slot is mapped, the sleep record says unmapped"):
+        pool._check()
+    arena.res.unmap(s * P, P)
+    phys.close()
+    pool._check()
+    pool.wake()
+    a.free()
+    pool.close()
+    assert host.counters().live == (0, 0, 0)
 
 
 def test_free_pages_a_failed_sleep_kept_do_not_block_wake_under_a_lower_limit(host: vmmpool.Device) -> None:

@@ -1132,7 +1132,9 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         array interfaces, ``numpy.asarray``: then also a ``BufferError``) from
         the buffer or any view of it, so no new array reaches the unmapped
         addresses; arrays exported before the sleep cannot be stopped (leave
-        them alone until :meth:`wake`). :meth:`view` and :meth:`close` work.
+        them alone until :meth:`wake`), and an export racing ``sleep()`` in
+        another thread is one of those (their asleep check takes no lock; see
+        :attr:`vmmpool.Allocation.asleep`). :meth:`view` and :meth:`close` work.
         Sleeping again is a no-op.
         """
         if not isinstance(backup, bool):

@@ -593,7 +593,9 @@ class ArrayView(NoCopy):
         if getattr(owner, "asleep", False):
             # Nothing is mapped at the addresses: an array made now would crash its
             # process at the first touch. Exports made before the sleep are the
-            # caller's to leave alone until wake().
+            # caller's to leave alone until wake(); so is one racing sleep() in
+            # another thread (no lock here: it touches no memory, and the array's
+            # use would race the sleep all the same; see _pool/_sleep.py).
             raise ExportAsleepError(type(owner).__name__, export)  # an AsleepError and a BufferError
 
     # ----------------------------------------------------------------- DLPack

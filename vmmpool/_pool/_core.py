@@ -29,7 +29,7 @@ from .._staging import SleepCounts, Staging
 from ._arena import Arena
 from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
 from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Alias, Page
-from ._sleep import PoolSleep
+from ._sleep import KEPT, STALE, PoolSleep
 from ._streams import EventCounts, Heap, StreamState
 
 logger = logging.getLogger("vmmpool.pool")
@@ -255,6 +255,10 @@ class Core:
         # (never reset: asking() compares it before and after a request to tell whether
         # the request skipped asking, as refused_skips is reset by a new refusal).
         self.n_unasked = 0
+        # During one request (asking()): the device refused a page (it is not asked again
+        # before the request ends), and the request counted a skip (it counts one at most).
+        self.refused_now = False
+        self.skipped_now = False
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
@@ -697,6 +701,13 @@ class Core:
         it can run again. The retry makes the device's refusal due (the next
         creation asks it): a refusal again restarts the wait, doubled.
 
+        One request counts as one: once the device refused a page during it,
+        it is not asked again before the request ends (no retry, and no later
+        gather of the same attempt asks: at most one failing create and one
+        doubling of the wait per request; before, a request whose placement
+        gathered pages twice and then retried made three failing creates and
+        quadrupled the wait), and it counts as one skipped request at most.
+
         ``n_ooms`` counts the request once when it raises ``OutOfMemoryError``
         and not at all otherwise, whatever its attempts counted: an
         out-of-memory error from the driver (a failed map) is not made by
@@ -706,16 +717,18 @@ class Core:
         """
         ooms = self.n_ooms
         unasked = self.n_unasked
+        self.refused_now = self.skipped_now = False
         try:
             try:
                 out = fn()
                 retry = False
             except OutOfMemoryError:
-                if self.n_unasked == unasked or self.refused_at < 0:
+                if self.n_unasked == unasked or self.refused_at < 0 or self.refused_now:
                     raise
                 retry = True
             if retry:  # (not inside the handler: the retry's error would chain to the first)
                 self.refused_skips = self.refused_wait
+                self.skipped_now = False
                 logger.debug("out of memory without asking the device: asking it")
                 out = fn()
         except OutOfMemoryError:
@@ -724,6 +737,8 @@ class Core:
         except BaseException:
             self.n_ooms = ooms  # not an out-of-memory
             raise
+        finally:
+            self.refused_now = self.skipped_now = False
         self.n_ooms = ooms
         return out
 
@@ -1393,7 +1408,7 @@ class Core:
 
     def creatable(self) -> int:
         """The most pages the pool may hold by creating pages now (see :meth:`create_pages`)."""
-        if self.refused_at < 0 or self.refused_skips >= self.refused_wait:
+        if self.refused_at < 0 or (self.refused_skips >= self.refused_wait and not self.skipped_now):
             return self.max_pages
         return min(self.max_pages, self.refused_at)
 
@@ -1410,9 +1425,12 @@ class Core:
 
         The device is asked again, deterministically (no clock):
 
-        - after 1, 2, 4, ... up to ``REFUSED_MAX_WAIT`` calls that wanted pages
+        - after 1, 2, 4, ... up to ``REFUSED_MAX_WAIT`` requests that wanted pages
           beyond the mark (each refusal doubles the wait; a creation past the
-          mark ends the refusal, and growth beyond it resumes at once);
+          mark ends the refusal, and growth beyond it resumes at once). A
+          request (:meth:`asking`) counts once however many times it gathers
+          pages, and is not asked for beyond the mark after it skipped once
+          (but by its retry) or after the device refused it a page;
         - below the mark at any time: pages the pool gave back since (a trim,
           a lowered limit, sleep) are created again without waiting (the device
           held them for it); a refusal there sets a lower mark;
@@ -1423,12 +1441,16 @@ class Core:
         """
         if k <= 0:
             return ""
+        if self.refused_now:  # the device refused a page during this request: not asked again
+            return self.refused_why
         why = ""
         held = len(self.pages)
         mark = self.refused_at
         past = mark >= 0 and held + k > mark
-        if past and self.refused_skips < self.refused_wait:
-            self.refused_skips += 1
+        if past and (self.skipped_now or self.refused_skips < self.refused_wait):
+            if not self.skipped_now:  # a request counts once, and skips to its end (see asking())
+                self.refused_skips += 1
+                self.skipped_now = True
             self.n_unasked += 1
             left = self.refused_wait - self.refused_skips
             why = (
@@ -1445,6 +1467,7 @@ class Core:
         except OutOfMemoryError as err:  # the driver, not the pool, is out
             why = f"the device is out of memory ({err})"
             self.note_refusal(why)
+            self.refused_now = True
         else:
             if past:  # the device gave pages past its refusal: memory came back
                 logger.info("the device has memory again: %d page(s) held", len(self.pages))
@@ -1913,18 +1936,33 @@ class Core:
                 prev_free = not live
                 cur = addr + size
             n_mapped = n_alias = 0
+            # what the reservation really maps: a slot is mapped exactly when its page is
+            # awake (or quarantined), or asleep where the sleep record says so
+            really = arena.res._state.records
             for s in range(arena.nslots):
                 q = arena.slots[s]
                 unm = arena.is_unmapped(s)
+                mapped_here = s * P in really
                 if q is None:
                     if not unm:
                         fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
                     if s in cover:
                         fail(f"arena {arena.base:#x} slot {s}: a block lies on an unmapped slot")
+                    if mapped_here:
+                        fail(f"arena {arena.base:#x} slot {s}: no page, yet mapped")
                     continue
                 p = q
                 if unm:
                     fail(f"arena {arena.base:#x} slot {s}: page {p.index} in an unmapped extent")
+                if p.state is ASLEEP:
+                    if self.asleep is not None and mapped_here != ((arena, s) in self.asleep.mapped):
+                        fail(
+                            f"arena {arena.base:#x} slot {s}: page {p.index} sleeps, its slot is "
+                            f"{'mapped' if mapped_here else 'unmapped'}, the sleep record says "
+                            f"{self.asleep.mapped.get((arena, s), 'unmapped')}"
+                        )
+                elif not mapped_here:
+                    fail(f"arena {arena.base:#x} slot {s}: page {p.index} is {p.state}, its slot unmapped")
                 if p.state is QUARANTINED:
                     claim_q = seen.get(p)
                     if claim_q != "quarantined":
@@ -2040,6 +2078,13 @@ class Core:
                     if arena.heap is not h:
                         fail(f"stream {key}: arena {arena.base:#x} names another heap")
                     mapped += check_arena(arena, key, binned)
+        if self.asleep is not None:
+            for (arena, s), how in self.asleep.mapped.items():
+                q = arena.slots[s] if arena in self.arenas and 0 <= s < arena.nslots else None
+                if q is None or q.state is not ASLEEP or how not in (KEPT, STALE):
+                    fail(f"sleep record: slot {s} of arena {arena.base:#x} is {how}; no page sleeps in it")
+                if how is KEPT and q.phys.closed:
+                    fail(f"slot {s} of arena {arena.base:#x} is kept mapped, its page's handle released")
         released = {p for p in asleep_seen if p.phys.closed}
         if released & set(self.pages.values()):
             fail("a page whose handle was released by sleep is still listed as owned")

@@ -24,13 +24,19 @@ If step 3 or 4 fails, what was unmapped is mapped back (the handles still hold
 the memory; pages already released are created again and their bytes copied
 back from the backup, which holds every unmapped page): the pool is awake and
 nothing is lost. Steps 1-2 change no allocation (pages given back in step 2
-are not needed by any).
+are not needed by any). If mapping back fails too, the pool stays asleep with
+its backup, and :attr:`PoolSleep.mapped` notes the slots of sleeping pages
+that are still mapped (an alias slot the sleep did not reach; a slot the undo
+mapped and then failed to unmap): ``wake()`` consults it (and ``check()``
+verifies it against the reservations) instead of assuming every sleeping
+slot is unmapped.
 
 ``wake()``: pages freed while asleep (slots no live block touches any more)
 are forgotten without a driver call; for each run of sleeping slots new pages
 are created, mapped at the same addresses, access is set once per run, and the
 bytes are copied back. A failure undoes what wake did: the pool stays asleep
-with its backup, and ``wake()`` can be called again.
+with its backup, and ``wake()`` can be called again (a slot the undo could
+not unmap is noted, and the next ``wake()`` unmaps it first).
 
 While asleep: ``free`` works (bookkeeping only); ``malloc`` and
 ``acquire_pages`` raise :class:`~vmmpool.AsleepError`; ``defragment`` and
@@ -41,6 +47,14 @@ Views of allocations export nothing (``Allocation.asleep`` is true: DLPack
 and the array interfaces raise ``AsleepError``, also a ``BufferError``), as an
 array over the unmapped addresses would crash at its first touch; arrays
 exported before the sleep are the caller's to leave alone until ``wake``.
+``core.asleep`` is set when sleep is done (or fails asleep) and cleared when
+wake is done, and exports read it without the lock (they may run where the
+lock must not be taken, and must not slow anything): an export racing sleep
+in another thread may succeed, and is then an export made just before the
+sleep. That is the same thing, not a weaker guarantee: an export touches no
+memory (the capsule or interface holds the address, which sleep keeps), and
+the array's first use comes after the export returns, where no lock inside
+the export could order it against the sleep; only the caller can.
 """
 
 from __future__ import annotations
@@ -73,22 +87,40 @@ SLEEP_GROUP = 64 << 20
 Run = tuple["Arena", int, list[Page]]
 
 
-class PoolSleep:
-    """A sleeping pool's backup: the bytes, and where each page's bytes are in them.
+#: A sleeping page's slot that a failed sleep did not reach (see :class:`PoolSleep`).
+KEPT = "kept"
+#: A sleeping page's slot that a failed undo mapped and could not unmap (see :class:`PoolSleep`).
+STALE = "stale"
 
-    `kept`: slots of sleeping pages that are still mapped, ``(arena, slot)``. Only
-    after a sleep that failed and could not map back what it had unmapped: a page
-    mapped more than once (an alias) sleeps once one of its slots is unmapped, and
-    the others the sleep did not reach stay mapped; wake leaves them as they are.
+
+class PoolSleep:
+    """A sleeping pool's backup: the bytes, where each page's bytes are in them, what stays mapped.
+
+    `mapped`: the slots of sleeping pages that are still mapped, ``(arena, slot)``
+    -> :data:`KEPT` or :data:`STALE`; every other slot of a sleeping page is
+    unmapped (``check()`` verifies both against the reservations). Whether a
+    sleeping page's handle is alive or released is ``page.phys.closed``. Empty
+    but after failures:
+
+    - :data:`KEPT`: a sleep failed and could not map back what it had unmapped.
+      A page mapped more than once (an alias) sleeps once one of its slots is
+      unmapped; the others the sleep did not reach stay mapped with the page's
+      live handle, access and bytes: wake leaves them as they are.
+    - :data:`STALE`: an undo (of a failed sleep, or of a failed wake) mapped the
+      slot, then failed, and unmapping it failed too. What is mapped there is
+      not to be trusted (maybe a handle the undo created and released since,
+      which the mapping keeps alive; no access, no bytes): wake unmaps it
+      first, then maps the page as any other. Unmapping it is what gives the
+      memory back; ``close()`` does it with the reservation.
     """
 
-    __slots__ = ("backup", "offsets", "nbytes", "kept")
+    __slots__ = ("backup", "offsets", "nbytes", "mapped")
 
     def __init__(self, backup: np.ndarray | None, offsets: dict[Page, int], nbytes: int) -> None:
         self.backup = backup
         self.offsets = offsets
         self.nbytes = nbytes
-        self.kept: set[tuple[Arena, int]] = set()
+        self.mapped: dict[tuple[Arena, int], str] = {}
 
 
 def runs_of(core: Core, state: str) -> list[Run]:
@@ -261,13 +293,12 @@ def sleep(core: Core, backup: bool) -> None:
         except Exception as undo_err:
             # Slots of now sleeping pages that the sleep did not reach (another mapping
             # of an aliased page): still mapped, not to be mapped again by wake().
+            # (The undo noted the slots it left mapped itself, STALE: all among `gone`.)
             gone = {(a, s0 + i) for a, s0, pages in unmapped for i in range(len(pages))}
-            asleep.kept = {
-                (a, s0 + i)
-                for a, s0, pages in runs
-                for i, p in enumerate(pages)
-                if p.state is ASLEEP and (a, s0 + i) not in gone
-            }
+            for a, s0, pages in runs:
+                for i, p in enumerate(pages):
+                    if p.state is ASLEEP and (a, s0 + i) not in gone:
+                        asleep.mapped[(a, s0 + i)] = KEPT
             logger.error(
                 "sleep failed (%r) and mapping back failed too (%r): the pool stays asleep with "
                 "its backup; wake() retries",
@@ -311,7 +342,8 @@ def forget_freed(core: Core) -> None:
                 cuts: list[tuple[int, int]] = []
                 for s in range(s0, s1):
                     p = a.slots[s]
-                    if p is not None and p.state is ASLEEP:
+                    # (a KEPT slot is still mapped with a live page: left as it is, awake at wake)
+                    if p is not None and p.state is ASLEEP and (a, s) not in sl.mapped:
                         if cuts and cuts[-1][1] == s:
                             cuts[-1] = (cuts[-1][0], s + 1)
                         else:
@@ -398,10 +430,7 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
                     "their bytes are lost", exc_info=True,
                 )
         for arena, s0, k in reversed(mapped):
-            try:
-                arena.res.unmap(s0 * P, k * P)
-            except Exception:
-                logger.error("undo of a failed wake: unmap failed", exc_info=True)
+            _unmap_back(core, arena, s0, k, sl)
         for p, old in reversed(made):
             try:
                 p.phys.close()
@@ -419,19 +448,50 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
         core.peak_total = total
 
 
+def _unmap_back(core: Core, arena: Arena, s0: int, k: int, sl: PoolSleep) -> None:
+    """Undo of a failed wake: unmap slots ``[s0, s0 + k)``; those that stay mapped are noted STALE.
+
+    One call for the run; if it fails, one per slot (each page is its own
+    mapping), so that only the slots that really stay mapped are noted: the
+    next wake unmaps them first (see :class:`PoolSleep`).
+    """
+    P = core.P
+    try:
+        arena.res.unmap(s0 * P, k * P)
+        return
+    except Exception:
+        logger.error("undo of a failed wake: unmap failed", exc_info=True)
+    for s in range(s0, s0 + k):
+        try:
+            arena.res.unmap(s * P, P)
+        except Exception:  # noqa: BLE001 - noted; wake() unmaps it first
+            sl.mapped[(arena, s)] = STALE
+            logger.error("undo of a failed wake: slot %d of arena %#x stays mapped", s, arena.base)
+
+
+def unmap_stale(core: Core, sl: PoolSleep) -> None:
+    """Unmap the STALE slots (see :class:`PoolSleep`); on failure the record still says what is mapped."""
+    P = core.P
+    for (arena, s), how in list(sl.mapped.items()):
+        if how is STALE:
+            arena.res.unmap(s * P, P)
+            del sl.mapped[(arena, s)]
+
+
 def wake(core: Core) -> None:
     """Map every sleeping page back at its address and restore its bytes (lock held)."""
     sl = core.asleep
     if sl is None:
         return
     t0 = time.perf_counter()
+    unmap_stale(core, sl)
     forget_freed(core)
     runs = runs_of(core, ASLEEP)
-    if sl.kept:  # still mapped (see PoolSleep): left out of the runs
+    if sl.mapped:  # KEPT: still mapped with the page's handle (see PoolSleep), left out of the runs
         runs = [
             (a, s0 + i, pages[i:j])
             for a, s0, pages in runs
-            for i, j in _spans(len(pages), [k for k in range(len(pages)) if (a, s0 + k) in sl.kept])
+            for i, j in _spans(len(pages), [k for k in range(len(pages)) if (a, s0 + k) in sl.mapped])
         ]
     need = len({p for _a, _s, pages in runs for p in pages if p.phys.closed})
     over = len(core.pages) + need - core.max_pages

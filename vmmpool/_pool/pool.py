@@ -437,6 +437,14 @@ class Allocation(NoCopy):
         Views of the allocation export nothing then (:class:`~vmmpool.AsleepError`,
         also a ``BufferError``); arrays exported before the sleep must not be
         touched until :meth:`PagePool.wake`.
+
+        It turns true when ``sleep()`` is done (or fails leaving the pool asleep)
+        and false when ``wake()`` is done, and it is read without the pool's lock:
+        an export racing ``sleep()`` in another thread (begun before ``sleep()``
+        returned) may succeed, and is an export made just before the sleep (the
+        same address; an export touches no memory). Its array, like any made
+        before the sleep, must not be touched until ``wake()``; order the
+        export and ``sleep()`` yourself where you need one refused.
         """
         return self.pool._core.asleep is not None
 
@@ -1077,7 +1085,11 @@ class PagePool(ClosesOnExit, NoCopy):
         views export nothing while asleep (DLPack and the array interfaces raise
         :class:`~vmmpool.AsleepError`, also a ``BufferError``), but arrays
         exported before the sleep cannot be stopped; leave them alone until
-        :meth:`wake`.
+        :meth:`wake`. Exports take no lock: one that races ``sleep()`` in
+        another thread is such an export made before the sleep (it may
+        succeed; only exports begun after ``sleep()`` returned are sure to be
+        refused). Locking them would not help: the export touches no memory,
+        and the array's use that follows would race the sleep all the same.
 
         While asleep, :meth:`Allocation.free` works and needs no memory;
         :meth:`malloc` and :meth:`acquire_pages` raise
