@@ -74,6 +74,13 @@ GROWTH_MIN_PAGES = 2
 #: its limit's pages minus SPLIT_OPEN_MARGIN.
 SPLIT_OPEN_MAX_PAGES = 8
 SPLIT_OPEN_MARGIN = 2
+#: The growth-side split (see :meth:`Core.split_beside_growing`): a live block is
+#: taken for one that grows by concatenation when it is at most SLIDE_GROWTH
+#: smaller than the request and at least SLIDE_PEERS live blocks (itself included)
+#: have its size, among the SLIDE_SCAN newest live blocks.
+SLIDE_GROWTH = 0.05
+SLIDE_PEERS = 4
+SLIDE_SCAN = 128
 #: After the device refuses to create a page below the pool's limit (other pools
 #: or processes hold the rest), the pool does not ask it for pages beyond those
 #: it held then for 1, 2, 4, ... up to REFUSED_MAX_WAIT requests that need new
@@ -591,7 +598,9 @@ class Core:
                     # so that the rest stays next to what the block's
                     # neighbours free (a KV cache grown by concatenation then
                     # fits there: GPT-2-shaped inference completes at 1.009 x
-                    # peak live instead of 1.017).
+                    # peak live instead of 1.017); near the limit at its end
+                    # when the block before it is the one it grows from
+                    # (split_beside_growing).
                     rest_size = b.size - r
                     P = self.P
                     at_end = False
@@ -604,6 +613,8 @@ class Core:
                         at_end = w_end > w_start
                         if w_end == w_start and self.limited:
                             at_end = self.split_at_end(b, lo, hi, r)
+                    elif self.limited and r <= P and rest_size < P:
+                        at_end = self.split_beside_growing(b, r)
                     spare = h.spare
                     if spare:
                         rest = spare.pop()
@@ -649,6 +660,60 @@ class Core:
             lock.release()
             if self.pending:
                 self.settle()
+
+    def split_beside_growing(self, b: Block, r: int) -> bool:
+        """Whether malloc splits a small `r`-byte block off the end of free range `b`.
+
+        Called for a block of at most a page whose rest is under a page, in a
+        pool with a limit; true only when the pool holds at least its limit's
+        pages minus ``SPLIT_OPEN_MARGIN`` and the live block just before `b`
+        looks like the one the request replaces, one that grows by
+        concatenation (a KV cache: ``torch.cat`` allocates the longer tensor,
+        then the old one is freed), while the block just after it does not.
+        The rest then lies beside that block and merges with the hole it
+        leaves when it is freed (a hole one growth step longer than the block,
+        so the next, longer one fits there); at the start of `b` (the rule
+        otherwise) it would stay between the new block and the live data
+        after it, a piece a few KiB short of the next request. "Looks like":
+        at most ``SLIDE_GROWTH`` smaller than the request, with at least
+        ``SLIDE_PEERS`` live blocks of its size (identical layers: every
+        layer's key and value caches have the same size), searched among the
+        ``SLIDE_SCAN`` newest live blocks (a bounded walk: the caches of a
+        model of up to about 60 layers; the weights allocated first are never
+        taken). The walk costs about 5 us a split near the limit (the exact
+        fits of the steady state never get here; pools without a limit never
+        do).
+
+        Measured on ``benchmarks/replay.py --sweep 40`` (host emulator,
+        smallest completing limit, 2026-12-07): GPT-2 shapes 7 rows better,
+        none worse (mean 1.0097 -> 1.0089 x peak live, 26 -> 27 rows within
+        1%); ResNet-50 shapes, the stress rows and the shared traces
+        unchanged; on two more sweeps (seeds 12, 13) 8 and 7 GPT-2 rows
+        better, 0 and 1 worse (by a page). Without the ``SLIDE_PEERS``
+        condition the stress rows (caches of a different size in every layer)
+        moved by whole pages either way (6-12 better, 9-13 worse a sweep), as
+        they do under any change to these splits (see
+        ``benchmarks/results/replay-before-after.md``, seventh pass).
+        """
+        if len(self.pages) < self.max_pages - SPLIT_OPEN_MARGIN:
+            return False
+        lo = b.addr
+        hi = lo + b.size
+        a = b.arena
+        low = r - r * SLIDE_GROWTH
+        before: Block | None = None
+        after: Block | None = None
+        counts: dict[int, int] = {}
+        for x in itertools.islice(reversed(self.live), SLIDE_SCAN):
+            n = x.size
+            if low <= n < r:
+                counts[n] = counts.get(n, 0) + 1
+                if x.arena is a:
+                    if x.addr + n == lo:
+                        before = x
+                    elif x.addr == hi:
+                        after = x
+        return before is not None and after is None and counts[before.size] >= SLIDE_PEERS
 
     def split_at_end(self, b: Block, lo: int, hi: int, r: int) -> bool:
         """Whether malloc splits an `r`-byte block off the end of free range `b`, on a tie.
