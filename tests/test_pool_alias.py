@@ -455,6 +455,42 @@ def test_a_split_near_the_limit_leaves_the_rest_beside_a_growing_block(
         del w
 
 
+class _WalkCount(dict):  # type: ignore[type-arg]
+    """``Core.live`` that counts the walks over its newest blocks (``reversed``)."""
+
+    walks = 0
+
+    def __reversed__(self):  # type: ignore[no-untyped-def]
+        type(self).walks += 1
+        return super().__reversed__()
+
+
+def test_a_split_near_the_limit_walks_the_live_blocks_only_beside_a_likely_growth() -> None:
+    # Split near the limit, split_beside_growing walks up to SLIDE_SCAN live blocks (about 9 us)
+    # only when the request is at most SLIDE_GROWTH above a size malloc gave on its slow path:
+    # a split of an unrelated size (a tenth of a page here) decides without the walk, and a cache
+    # one growth step longer than the quarter-page caches still walks, and goes at the range's end.
+    dev = vmmpool.Device.emulated(capacity=128 * P, granularity=P)
+    with PagePool(dev, limit=4 * P) as pool:
+        cs = [pool.malloc(P // 4) for _ in range(4)]
+        base = cs[0].ptr
+        x = pool.malloc(3 * P // 8)
+        w = pool.malloc(5 * P // 8)
+        x.free()
+        core = pool._core
+        core.live = _WalkCount(core.live)
+        _WalkCount.walks = 0
+        y = pool.malloc(P // 10)  # splits the free range [1, 1.375), its rest under a page
+        assert (y.ptr - base) / P == 1.0
+        assert _WalkCount.walks == 0
+        y.free()
+        k = pool.malloc(P // 4 + 512)
+        assert _WalkCount.walks == 1
+        assert (k.ptr - base) / P == 1.1171875
+        pool._check()
+        del w, k
+
+
 def test_a_cache_grown_at_the_limit_fits_where_its_predecessor_was() -> None:
     # The same at a limit of 2 pages, both held: the grown cache goes at the end of the free
     # range, so freeing the cache it replaces leaves [0.75, 1.117) pages, where the next,

@@ -233,6 +233,9 @@ class Core:
         # Streams whose last page a reclaim unmapped, to forget (see drop_stream).
         self.emptied: list[StreamState] = []
         self.live: dict[Block, None] = {}
+        # In a pool with a limit: sizes (at most a page) that malloc gave on its slow path,
+        # sorted (see note_slow_size): split_beside_growing's cheap first test.
+        self.slow_sizes: list[int] = []
         self.mapped = 0
         # accounting
         self.n_live = 0
@@ -637,6 +640,8 @@ class Core:
                         bins[rest_size] = rbin = {}
                         bisect.insort(h.sizes, rest_size)
                     rbin[rest] = None
+                if r <= self.P and self.limited:
+                    self.note_slow_size(r)
             b.live = True
             b.nbytes = nbytes
             self.live[b] = None
@@ -680,9 +685,12 @@ class Core:
         layer's key and value caches have the same size), searched among the
         ``SLIDE_SCAN`` newest live blocks (a bounded walk: the caches of a
         model of up to about 60 layers; the weights allocated first are never
-        taken). The walk costs about 5 us a split near the limit (the exact
-        fits of the steady state never get here; pools without a limit never
-        do).
+        taken). The walk costs 5-9 us, so it runs only when the request is
+        at most ``SLIDE_GROWTH`` above a size malloc gave on its slow path
+        (:meth:`note_slow_size`; without that test every small split near the
+        limit walked: 4 -> 13 us a malloc/free pair that splits, measured on
+        the host emulator). The exact fits of the steady state never get here;
+        pools without a limit never do.
 
         Measured on ``benchmarks/replay.py --sweep 40`` (host emulator,
         smallest completing limit, 2026-12-07): GPT-2 shapes 7 rows better,
@@ -701,6 +709,13 @@ class Core:
         hi = lo + b.size
         a = b.arena
         low = r - r * SLIDE_GROWTH
+        # The cheap test first, so that most splits near the limit do not walk (about 9 us):
+        # a block of the predecessor's size was given on the slow path (where every cache
+        # of a step but a few is placed; an exact fit, on the fast path, notes nothing).
+        sizes = self.slow_sizes
+        i = bisect.bisect_left(sizes, low)
+        if i == len(sizes) or sizes[i] >= r:
+            return False
         before: Block | None = None
         after: Block | None = None
         counts: dict[int, int] = {}
@@ -714,6 +729,22 @@ class Core:
                     elif x.addr == hi:
                         after = x
         return before is not None and after is None and counts[before.size] >= SLIDE_PEERS
+
+    def note_slow_size(self, r: int) -> None:
+        """Note size `r` (at most a page) given on malloc's slow path in a pool with a limit.
+
+        For :meth:`split_beside_growing`'s first test. The sorted list keeps
+        at most ``SLIDE_SCAN`` sizes: past that it is emptied and starts again
+        (a size noted before that is then missed until it is given again).
+        """
+        sizes = self.slow_sizes
+        i = bisect.bisect_left(sizes, r)
+        if i < len(sizes) and sizes[i] == r:
+            return
+        if len(sizes) >= SLIDE_SCAN:
+            sizes.clear()
+            i = 0
+        sizes.insert(i, r)
 
     def split_at_end(self, b: Block, lo: int, hi: int, r: int) -> bool:
         """Whether malloc splits an `r`-byte block off the end of free range `b`, on a tie.
@@ -2310,6 +2341,7 @@ class Core:
             b.live = False
             b.ref = None
         self.live.clear()
+        self.slow_sizes.clear()
         self.free_pages.clear()
         self.acquired.clear()
         self.quarantine.clear()
