@@ -1201,3 +1201,57 @@ def test_on_the_host_a_buffer_sleeps_and_wakes_by_pieces(
     if pool is not None:
         pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("op", ["copy_dtoh_async", "event_record", "event_wait"])
+@pytest.mark.parametrize("nth_create", [2, 3, 5])
+def test_a_failed_wake_whose_copy_back_fails_keeps_the_restored_pages_mapped(
+    op: str, nth_create: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where device memory is host RAM, wake restores piece by piece and gives each piece's
+    backup bytes back to the OS; a failure later copies the restored pieces back into the
+    backup before it unmaps them. When that copy failed too, the undo unmapped and released
+    them anyway ("their bytes are lost"): the next wake() brought zeros back. Now the pieces
+    stay mapped with their pages (noted KEPT in the sleep record), and wake() finishes them."""
+    monkeypatch.setattr(sleep_module, "SLEEP_GROUP", 1)  # one page a piece
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    be = dev._backend
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    core = pool._core
+    save = Staging.save
+
+    def failing_save(self: Staging, *args: object, **kwargs: object) -> None:
+        be.inject_fault(op, nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo's copy back fails
+        save(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    be.inject_fault("create", nth=nth_create, name="CUDA_ERROR_INVALID_VALUE")  # a later piece
+    monkeypatch.setattr(Staging, "save", failing_save)
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    monkeypatch.setattr(Staging, "save", save)
+    be.clear_faults()
+    assert pool.asleep
+    kept = dict(core.asleep.mapped) if core.asleep is not None else {}
+    assert kept and set(kept.values()) == {sleep_module.KEPT}
+    pool._check()
+    c = dev.counters()
+    assert c.mappings == len(kept)
+    pool.wake()
+    assert not pool.asleep
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)  # nothing leaked
+    # sleeps and wakes again as any pool
+    pool.sleep()
+    pool.wake()
+    assert _bytes_ok(dev, live)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+    assert be.live_host_allocations() == 0
