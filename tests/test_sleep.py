@@ -1255,3 +1255,41 @@ def test_a_failed_wake_whose_copy_back_fails_keeps_the_restored_pages_mapped(
     gc.collect()
     assert dev.counters().live == base
     assert be.live_host_allocations() == 0
+
+
+@pytest.mark.parametrize("nth_release", [1, 2])
+def test_a_failed_wake_whose_release_fails_keeps_the_handle_in_the_pool(
+    grouping: str, nth_release: int
+) -> None:
+    """A wake fails (a create), and its undo's release of a page it had created fails too.
+    The undo dropped that handle (left to its finalizer, or leaked when that release failed
+    as well): the device held a page the pool did not count. Now the sleeping page keeps
+    the handle; the next wake() maps it, and close() releases everything."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    be = dev._backend
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    core = pool._core
+    be.inject_fault("create", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    for i in range(nth_release, 3):  # the undo's release, and the finalizer's if it gets one
+        be.inject_fault("release", nth=i, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    gc.collect()
+    be.clear_faults()
+    assert pool.asleep
+    pool._check()
+    assert dev.counters().allocations == len(core.pages)  # every handle the device holds is counted
+    assert dev.counters().mappings == 0
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base

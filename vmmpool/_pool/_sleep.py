@@ -450,7 +450,13 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
             try:
                 p.phys.close()
             except Exception:
-                logger.error("undo of a failed wake: release failed", exc_info=True)
+                # The page keeps the handle (a sleeping page with a live handle, as a failed
+                # sleep leaves some): the next wake() maps it, close() releases it. (Dropping
+                # it left the release to its finalizer, a handle the pool no longer counted.)
+                logger.error("undo of a failed wake: release failed; the page keeps it", exc_info=True)
+                core.pages[p.phys] = p
+                core.n_created += 1
+                continue
             p.phys = old  # type: ignore[assignment]
         raise
     for _arena, _s0, pages in runs:
