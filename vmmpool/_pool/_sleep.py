@@ -105,7 +105,10 @@ class PoolSleep:
     - :data:`KEPT`: a sleep failed and could not map back what it had unmapped.
       A page mapped more than once (an alias) sleeps once one of its slots is
       unmapped; the others the sleep did not reach stay mapped with the page's
-      live handle, access and bytes: wake leaves them as they are.
+      live handle, access and bytes: wake leaves them as they are. Also the
+      pieces a failed wake had restored and could not copy back into the
+      backup (host RAM only, see :func:`wake_runs`): their bytes are on the
+      device only, so they stay mapped.
     - :data:`STALE`: an undo (of a failed sleep, or of a failed wake) mapped the
       slot, then failed, and unmapping it failed too. What is mapped there is
       not to be trusted (maybe a handle the undo created and released since,
