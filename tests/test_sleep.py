@@ -1293,3 +1293,31 @@ def test_a_failed_wake_whose_release_fails_keeps_the_handle_in_the_pool(
     pool.close()
     gc.collect()
     assert dev.counters().live == base
+
+
+def test_a_failed_sleep_without_backup_is_awake_and_usable_its_given_back_pages_undefined(
+    grouping: str,
+) -> None:
+    """sleep(backup=False) whose late release fails: pages it had given back are created again
+    for the undo, with nothing to restore them from (documented: their allocations hold
+    undefined bytes, as after a wake). The pool is awake, consistent, and leaks nothing."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    n = pool.stats().total_pages
+    dev._backend.inject_fault("release", nth=n - 1, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep(backup=False)
+    assert not pool.asleep
+    pool._check()
+    for a, d in live:  # every allocation is mapped and usable again
+        dev.write(a.ptr, d)
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
