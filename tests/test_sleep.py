@@ -1201,3 +1201,123 @@ def test_on_the_host_a_buffer_sleeps_and_wakes_by_pieces(
     if pool is not None:
         pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("op", ["copy_dtoh_async", "event_record", "event_wait"])
+@pytest.mark.parametrize("nth_create", [2, 3, 5])
+def test_a_failed_wake_whose_copy_back_fails_keeps_the_restored_pages_mapped(
+    op: str, nth_create: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where device memory is host RAM, wake restores piece by piece and gives each piece's
+    backup bytes back to the OS; a failure later copies the restored pieces back into the
+    backup before it unmaps them. When that copy failed too, the undo unmapped and released
+    them anyway ("their bytes are lost"): the next wake() brought zeros back. Now the pieces
+    stay mapped with their pages (noted KEPT in the sleep record), and wake() finishes them."""
+    monkeypatch.setattr(sleep_module, "SLEEP_GROUP", 1)  # one page a piece
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    be = dev._backend
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    core = pool._core
+    save = Staging.save
+
+    def failing_save(self: Staging, *args: object, **kwargs: object) -> None:
+        be.inject_fault(op, nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the undo's copy back fails
+        save(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    be.inject_fault("create", nth=nth_create, name="CUDA_ERROR_INVALID_VALUE")  # a later piece
+    monkeypatch.setattr(Staging, "save", failing_save)
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    monkeypatch.setattr(Staging, "save", save)
+    be.clear_faults()
+    assert pool.asleep
+    kept = dict(core.asleep.mapped) if core.asleep is not None else {}
+    assert kept and set(kept.values()) == {sleep_module.KEPT}
+    pool._check()
+    c = dev.counters()
+    assert c.mappings == len(kept)
+    pool.wake()
+    assert not pool.asleep
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)  # nothing leaked
+    # sleeps and wakes again as any pool
+    pool.sleep()
+    pool.wake()
+    assert _bytes_ok(dev, live)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+    assert be.live_host_allocations() == 0
+
+
+@pytest.mark.parametrize("nth_release", [1, 2])
+def test_a_failed_wake_whose_release_fails_keeps_the_handle_in_the_pool(
+    grouping: str, nth_release: int
+) -> None:
+    """A wake fails (a create), and its undo's release of a page it had created fails too.
+    The undo dropped that handle (left to its finalizer, or leaked when that release failed
+    as well): the device held a page the pool did not count. Now the sleeping page keeps
+    the handle; the next wake() maps it, and close() releases everything."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    be = dev._backend
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    core = pool._core
+    be.inject_fault("create", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    for i in range(nth_release, 3):  # the undo's release, and the finalizer's if it gets one
+        be.inject_fault("release", nth=i, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.wake()
+    gc.collect()
+    be.clear_faults()
+    assert pool.asleep
+    pool._check()
+    assert dev.counters().allocations == len(core.pages)  # every handle the device holds is counted
+    assert dev.counters().mappings == 0
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+
+
+def test_a_failed_sleep_without_backup_is_awake_and_usable_its_given_back_pages_undefined(
+    grouping: str,
+) -> None:
+    """sleep(backup=False) whose late release fails: pages it had given back are created again
+    for the undo, with nothing to restore them from (documented: their allocations hold
+    undefined bytes, as after a wake). The pool is awake, consistent, and leaks nothing."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    n = pool.stats().total_pages
+    dev._backend.inject_fault("release", nth=n - 1, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.sleep(backup=False)
+    assert not pool.asleep
+    pool._check()
+    for a, d in live:  # every allocation is mapped and usable again
+        dev.write(a.ptr, d)
+    assert _bytes_ok(dev, live)
+    s = pool.stats()
+    c = dev.counters()
+    assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base

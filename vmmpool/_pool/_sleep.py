@@ -105,7 +105,10 @@ class PoolSleep:
     - :data:`KEPT`: a sleep failed and could not map back what it had unmapped.
       A page mapped more than once (an alias) sleeps once one of its slots is
       unmapped; the others the sleep did not reach stay mapped with the page's
-      live handle, access and bytes: wake leaves them as they are.
+      live handle, access and bytes: wake leaves them as they are. Also the
+      pieces a failed wake had restored and could not copy back into the
+      backup (host RAM only, see :func:`wake_runs`): their bytes are on the
+      device only, so they stay mapped.
     - :data:`STALE`: an undo (of a failed sleep, or of a failed wake) mapped the
       slot, then failed, and unmapping it failed too. What is mapped there is
       not to be trusted (maybe a handle the undo created and released since,
@@ -420,22 +423,43 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
                     for _addr, n, off in pieces:
                         discard(base + off, n)
     except BaseException:
+        keep: set[tuple[Arena, int]] = set()  # restored runs left mapped: (arena, first slot)
         if dropped:
             assert sl.backup is not None
             try:
                 staging(core).save(_device_runs(core, dropped, sl.offsets), sl.backup, COPY_STREAM)
             except Exception:
+                # Their bytes are on the device only: they stay mapped with their pages
+                # (access set, bytes restored), noted KEPT; the next wake() leaves them as
+                # they are. (Unmapping them here lost those bytes.)
                 logger.error(
                     "undo of a failed wake: copying restored pages back to the backup failed; "
-                    "their bytes are lost", exc_info=True,
+                    "they stay mapped", exc_info=True,
                 )
+                keep = {(a, s0) for a, s0, _pages in dropped}
+                kept = {p for _a, _s0, pages in dropped for p in pages}
+                for a, s0, pages in dropped:
+                    for i in range(len(pages)):
+                        sl.mapped[(a, s0 + i)] = KEPT
+                for p, _old in made:
+                    if p in kept:
+                        core.pages[p.phys] = p  # a live handle the pool owns again
+                        core.n_created += 1
+                made = [(p, old) for p, old in made if p not in kept]
         for arena, s0, k in reversed(mapped):
-            _unmap_back(core, arena, s0, k, sl)
+            if (arena, s0) not in keep:
+                _unmap_back(core, arena, s0, k, sl)
         for p, old in reversed(made):
             try:
                 p.phys.close()
             except Exception:
-                logger.error("undo of a failed wake: release failed", exc_info=True)
+                # The page keeps the handle (a sleeping page with a live handle, as a failed
+                # sleep leaves some): the next wake() maps it, close() releases it. (Dropping
+                # it left the release to its finalizer, a handle the pool no longer counted.)
+                logger.error("undo of a failed wake: release failed; the page keeps it", exc_info=True)
+                core.pages[p.phys] = p
+                core.n_created += 1
+                continue
             p.phys = old  # type: ignore[assignment]
         raise
     for _arena, _s0, pages in runs:
@@ -505,6 +529,10 @@ def wake(core: Core) -> None:
             f"{core.max_pages - len(core.pages)} more (raise it with set_limit)",
         )
     wake_runs(core, runs, sl)
+    for (a, s), _how in sl.mapped.items():  # KEPT (unmap_stale removed the STALE): awake as they are
+        p = a.slots[s]
+        assert p is not None
+        p.state = MAPPED
     _record(core, "segment_map", runs)
     n = len({p for r in runs for p in r[2]})
     core.asleep = None

@@ -1068,6 +1068,10 @@ class PagePool(ClosesOnExit, NoCopy):
             addresses and bytes (pages that hold no live data may have been
             given back, as :meth:`trim` does). Only if mapping back failed too
             is it left asleep with its backup; :meth:`wake` then retries.
+            With ``backup=False`` there is nothing to restore from: pages the
+            sleep had already given back (a release failed late) come back
+            new, and the allocations on them hold undefined bytes, as after a
+            :meth:`wake`.
         ClosedError
             The pool was closed.
 
