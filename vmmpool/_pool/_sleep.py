@@ -42,7 +42,8 @@ While asleep: ``free`` works (bookkeeping only); ``malloc`` and
 ``acquire_pages`` raise :class:`~vmmpool.AsleepError`; ``defragment`` and
 ``trim`` do nothing (there is nothing mapped to give back); ``set_limit``
 changes the limit only (``wake`` fails with out-of-memory if the live pages
-do not fit under it); ``stats`` shows no pages held; ``close`` drops the backup.
+do not fit under it); ``stats`` shows no pages held (but
+those whose handles a failed sleep or wake kept); ``close`` drops the backup.
 Views of allocations export nothing (``Allocation.asleep`` is true: DLPack
 and the array interfaces raise ``AsleepError``, also a ``BufferError``), as an
 array over the unmapped addresses would crash at its first touch; arrays
