@@ -102,13 +102,21 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(target=allocs, nbytes=sizes, stream=streams)
     def malloc(self, nbytes: int, stream: int) -> object:
         must = self._must_succeed(nbytes)
-        pinned = self.pool.stats().pinned_pages
+        before = self.pool.stats()
         try:
             a = self.pool.malloc(nbytes, stream=stream)
         except vmmpool.OutOfMemoryError:
             assert not must, f"malloc({nbytes}) failed though the limit allowed it"
             return None
-        assert self.pool.stats().pinned_pages <= max(pinned, self.limit_pages), (
+        after = self.pool.stats()
+        # A request never makes the pool hold more than the limit, or than it held already
+        # (after a lowered limit, pages above it wait for their streams' work); it pins pages
+        # above the limit only among those it held (a stream reusing the blocks it freed
+        # there while its work is pending, see PagePool.set_limit).
+        assert after.total_pages <= max(before.total_pages, self.limit_pages), (
+            "a request made the pool hold more than its limit"
+        )
+        assert after.pinned_pages <= max(before.pinned_pages, self.limit_pages, before.total_pages), (
             "a request exceeded the limit"
         )
         self.seed += 1
@@ -473,3 +481,27 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestPagePoolStateful = PoolMachine.TestCase
+
+
+def test_a_stream_reuses_what_it_freed_above_a_lowered_limit_while_its_work_is_pending() -> None:
+    # Found by the machine above (2026-12-07): a 4-page block and three small ones on a fifth
+    # page, the stream's work held, the limit lowered to 4 pages, the small ones freed (their
+    # page cannot be given back: its work is pending), then a small request of that stream.
+    # It reuses the fifth page (no wait, no new page); once the work is done and the blocks
+    # are freed, the pool is back at its limit.
+    m = PoolMachine()
+    toks = [m.malloc(n, 0) for n in (201616, 0, 0)]
+    m.hold(0)
+    t3 = m.malloc(0, 0)
+    m.set_limit(4)
+    m.free_in_threads(t3, toks[2], toks[1])
+    assert m.pool.stats().total_pages == 5
+    assert m.malloc(0, 0) is not None
+    s = m.pool.stats()
+    assert (s.total_pages, s.pinned_pages, s.n_page_creations) == (5, 5, 5)
+    m.consistent()
+    m.complete(0)
+    for t in list(m.live):
+        m.free(t)
+    assert m.pool.stats().total_pages == 4
+    m.teardown()

@@ -677,7 +677,11 @@ class PagePool(ClosesOnExit, NoCopy):
         complete; the pool waits on them if it must). Pages touched by live
         blocks stay; when they are freed later, those above the limit are
         given back at once (the cache never keeps the pool above its limit
-        once usage drops).
+        once usage drops), or, while the work of their streams is pending, as
+        soon as it is done. Until then, a request of a stream may reuse the
+        blocks it freed there (no wait, and no page beyond those held): a
+        request never makes the pool hold more pages than its limit or than
+        it held already.
 
         If a driver call fails, the error propagates and the old limit stays
         in force: no allocation changed, pages already given back (free ones)
