@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vmmpool
 
 PUBLIC = {
@@ -31,6 +33,8 @@ PUBLIC = {
     "Device",
     "DeviceUnavailableError",
     "DriverError",
+    "ExportAsleepError",
+    "ExportClosedError",
     "ForkedError",
     "HandleType",
     "Mapping",
@@ -52,6 +56,19 @@ def test_all_is_pinned() -> None:
     for name in names:
         assert hasattr(vmmpool, name), name
     assert len(vmmpool.__all__) == len(names), "duplicates in __all__"
+
+
+def test_export_errors_are_public_and_caught_by_both_bases() -> None:
+    # A DLPack export of closed or sleeping memory raises these; code that wants to tell
+    # them from other BufferErrors imports them from the package, not a private module.
+    assert issubclass(vmmpool.ExportClosedError, vmmpool.ClosedError)
+    assert issubclass(vmmpool.ExportClosedError, BufferError)
+    assert issubclass(vmmpool.ExportAsleepError, vmmpool.AsleepError)
+    assert issubclass(vmmpool.ExportAsleepError, BufferError)
+    buf = vmmpool.GrowableBuffer(1 << 20, device=vmmpool.Device.emulated(capacity=64 << 20))
+    buf.close()
+    with pytest.raises(vmmpool.ExportClosedError, match="closed"):
+        buf.__dlpack__()
 
 
 def test_dir_shows_only_public_names() -> None:
