@@ -73,7 +73,9 @@ class PoolStats:
         Pages that cannot be reclaimed: touched by a live block, acquired or
         quarantined.
     reclaimable_pages : int
-        Cached pages: mapped, touched by no live block.
+        Cached pages: mapped, touched by no live block (a page mapped a second
+        time near the limit included, once no live block touches it in either
+        mapping: :meth:`PagePool.trim` unmaps both).
     acquired_pages : int
         Pages lent by :meth:`PagePool.acquire_pages`.
     small_pages : int
