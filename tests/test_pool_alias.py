@@ -28,6 +28,22 @@ P = 64 << 10
 def pattern(seed: int, n: int) -> bytes:
     return ((np.arange(n, dtype=np.uint32) * 7 + seed * 13 + 3) % 251).astype(np.uint8).tobytes()
 
+def half_page_blocks_with_a_tail_and_a_head(
+    pool: PagePool, dev: vmmpool.Device
+) -> dict[int, vmmpool.Allocation]:
+    """Four pages of half-page blocks, each written; the second half of page 0 (a free
+    tail) and the first half of page 2 (a free head) freed. Returns the rest by half-page."""
+    xs = [pool.malloc(P // 2) for _ in range(8)]
+    base = min(x.ptr for x in xs)
+    assert sorted((x.ptr - base) // (P // 2) for x in xs) == list(range(8))
+    by_off = {(x.ptr - base) // (P // 2): x for x in xs}
+    for i, x in by_off.items():
+        dev.write(x.ptr, pattern(i, x.size))
+    by_off.pop(1).free()
+    by_off.pop(4).free()
+    return by_off
+
+
 
 @pytest.mark.parametrize(("limit", "request_pages", "new_pages"), [(4, 0.75, 0), (5, 1.75, 1)])
 def test_a_block_across_a_free_tail_and_a_free_head(
@@ -86,13 +102,7 @@ def test_an_aliased_page_no_live_block_touches_is_reclaimable_not_pinned(take: s
     # alias and unmaps it.
     dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
     with PagePool(dev, limit=4 * P) as pool:
-        xs = [pool.malloc(P // 2) for _ in range(8)]
-        base = min(x.ptr for x in xs)
-        for i, x in enumerate(xs):
-            dev.write(x.ptr, pattern(i, x.size))
-        by_off = {(x.ptr - base) // (P // 2): x for x in xs}
-        by_off.pop(1).free()  # page 0's free tail
-        by_off.pop(4).free()  # page 2's free head
+        by_off = half_page_blocks_with_a_tail_and_a_head(pool, dev)
         c = pool.malloc(3 * P // 4)  # across both: page 0 lends its tail, page 2 its head
         assert pool._core.n_aliases == 2 and pool.stats().pinned_pages == 4
         c.free()
@@ -134,13 +144,7 @@ def test_a_request_at_the_limit_dissolves_free_aliases_first() -> None:
     # needed) and is placed across the tail and head it gave back.
     dev = vmmpool.Device.emulated(capacity=16 * P, granularity=P)
     with PagePool(dev, limit=4 * P) as pool:
-        xs = [pool.malloc(P // 2) for _ in range(8)]
-        base = min(x.ptr for x in xs)
-        for i, x in enumerate(xs):
-            dev.write(x.ptr, pattern(i, x.size))
-        by_off = {(x.ptr - base) // (P // 2): x for x in xs}
-        by_off.pop(1).free()  # the tail of page 0
-        by_off.pop(4).free()  # the head of page 2
+        by_off = half_page_blocks_with_a_tail_and_a_head(pool, dev)
         c = pool.malloc(3 * P // 4)  # across both: two aliases
         core = pool._core
         assert len(core.aliases) == 2
