@@ -351,7 +351,11 @@ class _State:
         try:
             backend.event_wait(ev)
         finally:
-            backend.event_destroy(ev)
+            try:
+                backend.event_destroy(ev)
+            except Exception:  # noqa: BLE001 - the wait is what counts; close() destroys it
+                _log.warning("destroying a buffer's event failed; close() retries", exc_info=True)
+                self._staging().stale.append(ev)
 
     def _staging(self) -> Staging:
         if self.staging is None:
@@ -509,7 +513,7 @@ class _State:
         """
         if (
             self.res.closed and not self.debris_res and not self.pages and not self.debris_pages
-            and not (self.staging is not None and self.staging.address is not None)
+            and not (self.staging is not None and self.staging.busy)
             and not self.leases
         ):
             return
