@@ -291,3 +291,88 @@ def test_a_sleep_whose_stream_event_destroy_fails_sleeps_and_leaks_nothing() -> 
     assert bytes(buf.read(6)) == b"stream"
     buf.close()
     assert dev._backend.live_events() == 0 and dev.counters().live == (0, 0, 0)
+
+
+# ------------------------------------------------------------ threads and fork
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_sleep_and_wake_racing_resize_read_views_and_close(pooled: bool) -> None:
+    """Four threads sleep, wake, resize, read, make views and read stats at random, then one
+    closes the buffer under the others: no error but AsleepError / ClosedError, the first
+    bytes always read back, and nothing left on the device."""
+    import random
+    import threading
+    import time
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool = PagePool(dev, limit=24 * P) if pooled else None
+    buf = GrowableBuffer(max_size=8 * P, device=None if pooled else dev, pool=pool, initial_size=P)
+    buf.write(b"head")
+    stop = time.monotonic() + 1.0
+    errors: list[BaseException] = []
+    ops: list[Callable[[random.Random], object]] = [
+        lambda r: buf.sleep(backup=True),
+        lambda r: buf.wake(),
+        lambda r: buf.resize(r.randrange(4, 6 * P)),
+        lambda r: bytes(buf.read(4)) == b"head" or errors.append(AssertionError("bytes lost")),
+        lambda r: buf.sleep_stats(),
+        lambda r: buf.view(),
+    ]
+
+    def worker(seed: int, closer: bool) -> None:
+        r = random.Random(seed)
+        while time.monotonic() < stop + (0.5 if not closer else 0):
+            try:
+                r.choice(ops)(r)
+            except (vmmpool.AsleepError, vmmpool.ClosedError):
+                pass
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+                return
+        if closer:
+            buf.close()
+
+    threads = [threading.Thread(target=worker, args=(i, i == 0)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert buf.closed and buf.sleep_stats().n_sleeps > 0
+    gc.collect()
+    if pool is not None:
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)
+    assert dev._backend.live_events() == 0 and dev._backend.live_host_allocations() == 0
+
+
+def test_a_forked_child_of_a_buffer_asleep_after_a_failed_sleep_touches_nothing() -> None:
+    """After a sleep whose undo failed (asleep, two pages kept mapped), a forked child is
+    refused every call and drops the buffer without a driver call; the parent wakes it with
+    every byte and close() leaks nothing."""
+    import os
+
+    dev, buf, _pool, data = _world(False, asleep=False, backup=True)
+    _inject(dev, ("release", 2), ("retain", 1), ("create", 1))
+    with pytest.raises(vmmpool.DriverError):
+        buf.sleep()
+    dev._backend.clear_faults()
+    assert buf.asleep and sorted(buf._state.kept) == [1, 2]
+    live = dev.counters().live
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        for call in (buf.wake, buf.close, buf.sleep_stats, buf.sleep):
+            try:
+                call()
+                code = 1
+            except vmmpool.ForkedError:
+                pass
+            except BaseException:  # noqa: BLE001
+                code = 2
+        del buf
+        gc.collect()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert dev.counters().live == live
+    _finish(dev, buf, data)
