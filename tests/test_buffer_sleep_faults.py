@@ -376,3 +376,12 @@ def test_a_forked_child_of_a_buffer_asleep_after_a_failed_sleep_touches_nothing(
     assert os.waitstatus_to_exitcode(status) == 0
     assert dev.counters().live == live
     _finish(dev, buf, data)
+
+
+def test_repr_of_a_sleeping_buffer_says_asleep_with_its_capacity() -> None:
+    """repr() said "capacity 0" while asleep, where capacity is what wake maps back."""
+    dev, buf, _pool, data = _world(False, asleep=True, backup=True)
+    assert f"capacity {PAGES * P}," in repr(buf) and "asleep" in repr(buf)
+    buf.wake()
+    assert "asleep" not in repr(buf) and f"capacity {PAGES * P}," in repr(buf)
+    _finish(dev, buf, data)

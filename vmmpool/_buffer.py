@@ -1480,8 +1480,9 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if self._closed:
             return f"<GrowableBuffer on {self._state.device} closed>"
         st = self._state
-        state = " unusable" if st.unusable else ""
+        state = " unusable" if st.unusable else " asleep" if st.asleep is not None else ""
+        pages = len(st.pages) if st.asleep is None else st.asleep
         return (
-            f"<GrowableBuffer {st.size} bytes, capacity {len(st.pages) * st.page}, "
+            f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "
             f"max_size {st.res.size} at {st.res.address:#x} on {st.device}{state}>"
         )
