@@ -35,6 +35,12 @@ resource the operation had created, and becomes *unusable*: every call except
 mappings left behind. The original error is raised (with a note naming the
 undo failure) and the undo failure is logged on the ``vmmpool`` logger.
 
+Sleep and wake are the exception: they have a backup, so a failed undo leaves
+the buffer asleep with it (never unusable), recording what the reservation
+really maps (``_State.settle``: slots *kept* with the buffer's page and bytes,
+*stale* slots to unmap first, *spare* pages held); the next ``wake()`` starts
+from that record, and ``close()`` frees it all.
+
 Views. ``view()`` returns an :class:`~vmmpool._dlpack.ArrayView`, which keeps
 the buffer alive, and the buffer tracks its live views in a weak set (a view
 stays live while any array or DLPack capsule made from it does). The rule:
@@ -151,6 +157,9 @@ class _State:
         "debris_pages",
         "asleep",
         "backup",
+        "kept",
+        "stale",
+        "spare",
         "staging",
         "sleeps",
         "shareable",
@@ -183,6 +192,12 @@ class _State:
         # the host backup, the reusable pinned staging buffer, the numbers.
         self.asleep: int | None = None
         self.backup: np.ndarray | None = None
+        # After a failed sleep or wake (see settle()): page indexes still mapped with the
+        # buffer's page and bytes (kept), mapped with something to unmap first (stale: the
+        # page to give back once unmapped, or None), and unmapped pages held (spare).
+        self.kept: dict[int, PhysicalAllocation] = {}
+        self.stale: dict[int, PhysicalAllocation | None] = {}
+        self.spare: list[PhysicalAllocation] = []
         self.staging: Staging | None = None
         self.sleeps = SleepCounts()
         #: Pages are created exportable (shareable=True).
@@ -351,7 +366,11 @@ class _State:
         try:
             backend.event_wait(ev)
         finally:
-            backend.event_destroy(ev)
+            try:
+                backend.event_destroy(ev)
+            except Exception:  # noqa: BLE001 - the wait is what counts; close() destroys it
+                _log.warning("destroying a buffer's event failed; close() retries", exc_info=True)
+                self._staging().stale.append(ev)
 
     def _staging(self) -> Staging:
         if self.staging is None:
@@ -366,7 +385,9 @@ class _State:
         ``SLEEP_PIECE`` bytes, each copied, unmapped and given back before the
         next is copied, so that RAM peaks near the buffer's bytes, not twice
         them (as ``PagePool.sleep``). All or nothing: a failure maps new pages
-        for the pieces given back and restores their bytes from the backup.
+        for the pieces given back and restores their bytes from the backup
+        (:meth:`sleep_failed`); if that fails too, the buffer stays asleep
+        with its backup, and :meth:`wake` retries.
         """
         t0 = time.perf_counter()
         n = len(self.pages)
@@ -384,11 +405,10 @@ class _State:
                     self._staging().save(
                         [(self.res.address + done * g, m * g, done * g)], data, self.stream or 0
                     )
-                self.give_piece(done, m)
+                self.sleep_piece(done, m)
                 done += m
         except BaseException as err:
-            if done:
-                self.take_back(done, data, err)
+            self.sleep_failed(n, done, data, err)
             raise
         self.pages = []
         self.asleep = n
@@ -421,78 +441,250 @@ class _State:
             undo.run(self, err)
             raise
 
-    def take_back(self, n: int, data: np.ndarray | None, err: BaseException) -> None:
-        """Undo of a sleep that gave pages ``[0, n)`` back: new pages there, bytes restored."""
+    def sleep_piece(self, first: int, m: int) -> None:
+        """Sleep's step: :meth:`give_piece`, whose undo, if it fails, leaves things as they are.
+
+        A failed undo stops where it failed (never making the buffer unusable):
+        :meth:`sleep_failed` then reads what is mapped from the reservation.
+        """
         g = self.page
-        undo = _Undo()
-        try:
-            pages = self.acquire(undo, n)
-            self.map_pages(undo, self.res, 0, pages)
-            if data is not None:
-                self._staging().load([(self.res.address, n * g, 0)], data, self.stream or 0)
-        except Exception as undo_err:  # noqa: BLE001 - reported through `err`
-            undo.run(self, undo_err)
-            # Pages [0, n) are gone and [n, ...) still mapped: only free() works now, and it
-            # must give back only the pages the buffer still has.
-            self.pages = self.pages[n:]
-            self.make_unusable(err, undo_err, _Undo())
+        pages = self.pages[first : first + m]
+        if self.pool is None:
+            released: list[int] = []
+            try:
+                for i, p in enumerate(pages):
+                    p.close()
+                    released.append(i)
+                self.res.unmap(first * g, m * g)
+            except BaseException:
+                try:
+                    self.retain_back(first, released)
+                except Exception:  # noqa: BLE001 - the original error wins; sleep_failed settles
+                    _log.error("undo of a failed sleep: retain failed", exc_info=True)
+                raise
+        else:
+            self.res.unmap(first * g, m * g)
+            try:
+                self.give_back(pages)  # shared pages as discarded
+            except BaseException:
+                try:
+                    for i, p in enumerate(pages):
+                        self.res.map(p, (first + i) * g)
+                    self.res.set_access(first * g, m * g, Access.READWRITE, self.peers)
+                except Exception:  # noqa: BLE001 - the original error wins; sleep_failed settles
+                    _log.error("undo of a failed sleep: mapping back failed", exc_info=True)
+                raise
+
+    def sleep_failed(self, n: int, done: int, data: np.ndarray | None, err: BaseException) -> None:
+        """Undo of a failed sleep: pages ``[0, done)`` were given back, ``[done, n)`` are the
+        buffer's (maybe unmapped, or with a released handle, after a failed undo step).
+
+        Everything as it was: awake. Else the buffer is recorded asleep as it is
+        (:meth:`settle`) and woken: new pages for what was given back, bytes
+        from the backup (with ``backup=False`` those pages hold undefined
+        bytes). If that wake fails too, the buffer stays asleep with its backup.
+        """
+        cand = {i: self.pages[i] for i in range(done, n)}
+        if done:
+            self.pages = self.pages[done:]  # what is still the buffer's, should settle fail
+        self.settle(n, data, cand, set(cand), [], may_wake=True)
+        if self.asleep is None:
             return
-        self.pages[:n] = pages
+        try:
+            self.wake(undo=True)
+        except Exception as undo_err:  # noqa: BLE001 - reported through `err`
+            _log.error(
+                "sleep failed (%r) and waking back failed too (%r): the buffer stays asleep with "
+                "its backup; wake() retries", err, undo_err,
+            )
+            if hasattr(err, "add_note"):
+                err.add_note(f"vmmpool: waking back also failed ({undo_err!r}); the buffer is asleep")
 
-    def wake(self) -> None:
-        """Map `asleep` new pages from offset 0, set access once, copy the backup back.
+    def settle(
+        self,
+        n: int,
+        data: np.ndarray | None,
+        cand: dict[int, PhysicalAllocation],
+        trusted: set[int],
+        spare: list[PhysicalAllocation],
+        may_wake: bool,
+    ) -> None:
+        """After a failure: record the buffer as the reservation shows it.
 
-        Where device memory is host RAM, the backup goes back by pieces of
-        ``SLEEP_PIECE`` bytes, each piece's backup bytes given back to the OS
-        once restored (new pages take RAM only as they are written), so RAM
-        peaks near the buffer's bytes. On failure the restored pieces are
-        copied back into the backup before the pages go: the buffer stays
-        asleep with its backup, and ``wake()`` can be retried.
+        `cand`: the page the buffer holds for page index ``i`` (mapped there or
+        not; never one given back); `trusted`: the indexes whose mapped page
+        holds the buffer's bytes; `spare`: other unmapped pages it holds. A
+        slot mapped with a live trusted page is *kept* (:meth:`wake` leaves it
+        as it is), any other mapped slot is *stale* (wake unmaps it first), an
+        unmapped candidate page is *spare* (the next wake maps it). With
+        `may_wake` and every page mapped as before, the buffer is awake.
+        """
+        g = self.page
+        recs = self.res._state.records
+        kept: dict[int, PhysicalAllocation] = {}
+        stale: dict[int, PhysicalAllocation | None] = {}
+        spare = list(spare)
+        for i in range(n):
+            p = cand.get(i)
+            live = p is not None and not p.closed
+            if i * g in recs:
+                if live and i in trusted:
+                    kept[i] = p  # type: ignore[assignment]
+                else:
+                    stale[i] = p if live else None
+            elif live:
+                spare.append(p)  # type: ignore[arg-type]
+        if may_wake and len(kept) == n and not spare and all(
+            recs[i * g].access is Access.READWRITE for i in range(n)
+        ):
+            self.pages = [kept[i] for i in range(n)]
+            return
+        self.pages = []
+        self.asleep = n
+        self.backup = data
+        self.kept = kept
+        self.stale = stale
+        self.spare = spare
+
+    def wake(self, undo: bool = False) -> None:
+        """Map new pages at the sleeping page indexes, set access, copy the backup back.
+
+        Pages a failed sleep or wake left mapped are handled first: *stale*
+        slots are unmapped, *kept* ones stay as they are (see :meth:`settle`);
+        *spare* pages are mapped before new ones are taken. Where device
+        memory is host RAM, the backup goes back by pieces of ``SLEEP_PIECE``
+        bytes, each piece's backup bytes given back to the OS once restored
+        (new pages take RAM only as they are written), so RAM peaks near the
+        buffer's bytes. On failure (:meth:`wake_failed`) the buffer stays
+        asleep with its backup, and ``wake()`` can be retried. `undo`: a
+        failed sleep's undo (not counted as a wake).
         """
         n = self.asleep
         assert n is not None
         t0 = time.perf_counter()
         g = self.page
         data = self.backup
-        undo = _Undo()
+        kept = self.kept
+        for i in sorted(self.stale):  # one call each: a failure leaves the record true
+            self.res.unmap(i * g, g)
+            p = self.stale.pop(i)
+            if p is not None:
+                self.spare.append(p)
+        recs = self.res._state.records
+        need = [i for i in range(n) if i not in kept]
+        fix = [i for i in kept if recs[i * g].access is not Access.READWRITE]
+        new: dict[int, PhysicalAllocation] = {}
+        taken: list[PhysicalAllocation] = []  # the pages this wake holds (spare ones first)
+        restored: list[tuple[int, int]] = []  # pieces restored whose backup bytes went to the OS
         try:
-            pages = self.acquire(undo, n)
-            self.map_pages(undo, self.res, 0, pages)
-            if data is not None and self.device._backend.device_memory_is_host_ram:
-                restored = [0]
-                undo.push(self.save_back, data, restored)
-                self.load_pieces(data, n, restored)
-            elif data is not None:
-                self._staging().load([(self.res.address, n * g, 0)], data, self.stream or 0)
-        except BaseException as err:
-            undo.run(self, err)
+            use = self.spare[: len(need)]
+            del self.spare[: len(use)]
+            taken.extend(use)
+            if len(need) > len(use):
+                more = _Undo()
+                try:
+                    self.acquire(more, len(need) - len(use))
+                finally:
+                    taken.extend(more.pages)
+            new = dict(zip(need, taken, strict=True))
+            for first, count in _runs(sorted(need + fix)):
+                for i in range(first, first + count):
+                    if i in new:
+                        self.res.map(new[i], i * g)
+                self.res.set_access(first * g, count * g, Access.READWRITE, self.peers)
+            if data is not None and need:
+                runs = _runs(need)
+                if self.device._backend.device_memory_is_host_ram:
+                    k = max(1, SLEEP_PIECE // g)
+                    for first, count in runs:
+                        for f in range(first, first + count, k):
+                            m = min(k, first + count - f)
+                            piece = [(self.res.address + f * g, m * g, f * g)]
+                            self._staging().load(piece, data, self.stream or 0)
+                            restored.append((f, m))
+                            discard(data.ctypes.data + f * g, m * g)
+                else:
+                    pieces = [(self.res.address + f * g, c * g, f * g) for f, c in runs]
+                    self._staging().load(pieces, data, self.stream or 0)
+        except BaseException:
+            self.wake_failed(n, data, new, taken, restored)
             raise
-        self.pages = list(pages)
-        c = self.sleeps
-        c.n_wakes += 1
-        c.wake_bytes += self.backup.nbytes if self.backup is not None else 0
-        c.wake_seconds += time.perf_counter() - t0
+        if self.spare:  # more than this wake needed: given back (best effort)
+            extra, self.spare = self.spare, []
+            try:
+                self.give_back(extra)
+            except Exception:  # noqa: BLE001 - kept until close()
+                _log.warning("wake: giving back spare pages failed; close() does", exc_info=True)
+                self.debris_pages.extend(p for p in extra if not p.closed)
+        self.pages = [kept[i] if i in kept else new[i] for i in range(n)]
+        self.kept = {}
         self.asleep = None
         self.backup = None
+        if not undo:
+            c = self.sleeps
+            c.n_wakes += 1
+            c.wake_bytes += data.nbytes if data is not None else 0
+            c.wake_seconds += time.perf_counter() - t0
 
-    def load_pieces(self, data: np.ndarray, n: int, restored: list[int]) -> None:
-        """Restore `n` pages from `data` by pieces, giving each piece's backup bytes back to the
-        OS once restored; ``restored[0]`` counts the pages restored so far (for the undo)."""
+    def wake_failed(
+        self,
+        n: int,
+        data: np.ndarray | None,
+        new: dict[int, PhysicalAllocation],
+        taken: list[PhysicalAllocation],
+        restored: list[tuple[int, int]],
+    ) -> None:
+        """Undo of a failed wake; never raises: the buffer stays asleep with its backup.
+
+        Restored pieces whose backup bytes were given back are copied back
+        into the backup first; if that fails they stay mapped (kept: their
+        bytes are on the device only). What the wake mapped is unmapped (a
+        slot that will not unmap stays, stale) and its pages given back (a
+        page that will not go back stays with the buffer, spare).
+        """
         g = self.page
-        k = max(1, SLEEP_PIECE // g)
-        while restored[0] < n:
-            first = restored[0]
-            m = min(k, n - first)
-            self._staging().load(
-                [(self.res.address + first * g, m * g, first * g)], data, self.stream or 0
-            )
-            restored[0] = first + m
-            discard(data.ctypes.data + first * g, m * g)
-
-    def save_back(self, data: np.ndarray, restored: list[int]) -> None:
-        """Undo step of a wake by pieces: copy the restored pages back into the backup."""
-        if restored[0]:
-            self._staging().save([(self.res.address, restored[0] * self.page, 0)], data, self.stream or 0)
+        trusted = set(self.kept)
+        if restored:
+            assert data is not None
+            try:
+                self._staging().save(
+                    [(self.res.address + f * g, m * g, f * g) for f, m in restored], data, self.stream or 0
+                )
+            except Exception:  # noqa: BLE001 - the original error wins
+                _log.error("undo of a failed wake: copying restored pages back failed; they stay mapped",
+                           exc_info=True)
+                trusted.update(i for f, m in restored for i in range(f, f + m))
+        recs = self.res._state.records
+        for first, count in _runs(sorted(i for i in new if i * g in recs and i not in trusted)):
+            try:
+                self.res.unmap(first * g, count * g)
+            except Exception:  # noqa: BLE001 - one slot at a time; what stays mapped is stale
+                _log.error("undo of a failed wake: unmap failed", exc_info=True)
+                for i in range(first, first + count):
+                    try:
+                        self.res.unmap(i * g, g)
+                    except Exception:  # noqa: BLE001 - settle() notes it stale
+                        pass
+        mapped = {id(p) for i, p in new.items() if i * g in recs}
+        back = [p for p in taken if id(p) not in mapped]
+        spare: list[PhysicalAllocation] = []
+        if self.pool is None:
+            for p in back:
+                try:
+                    p.close()
+                except Exception:  # noqa: BLE001 - the buffer keeps the handle
+                    _log.error("undo of a failed wake: release failed; the buffer keeps it", exc_info=True)
+                    spare.append(p)
+        elif back:
+            try:
+                self.give_back(back)
+            except Exception:  # noqa: BLE001 - the buffer keeps the pages
+                _log.error("undo of a failed wake: giving pages back failed; the buffer keeps them",
+                           exc_info=True)
+                spare.extend(back)
+        cand = {i: p for i, p in new.items() if id(p) in mapped}
+        cand.update(self.kept)
+        self.settle(n, data, cand, trusted, spare + self.spare, may_wake=False)
 
     def make_unusable(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
         self.unusable = f"undoing a failed operation ({err!r}) also failed ({undo_err!r})"
@@ -507,9 +699,13 @@ class _State:
 
         Each step is idempotent, so calling this again after a failure resumes.
         """
+        held = [
+            *self.pages, *self.debris_pages, *self.kept.values(), *self.spare,
+            *(p for p in self.stale.values() if p is not None),
+        ]
         if (
-            self.res.closed and not self.debris_res and not self.pages and not self.debris_pages
-            and not (self.staging is not None and self.staging.address is not None)
+            self.res.closed and not self.debris_res and not held
+            and not (self.staging is not None and self.staging.busy)
             and not self.leases
         ):
             return
@@ -517,15 +713,29 @@ class _State:
         for res in (self.res, *self.debris_res):
             res.close()
         self.debris_res.clear()
-        self.give_back(self.pages + self.debris_pages)
+        self.give_back(held)
         self.pages = []
         self.debris_pages = []
+        self.kept = {}
+        self.stale = {}
+        self.spare = []
         self.size = 0
         self.asleep = None
         self.backup = None
         if self.staging is not None:
             self.staging.close()
         self.close_leases()
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive numbers in sorted `indexes`."""
+    out: list[tuple[int, int]] = []
+    for i in indexes:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
 
 
 def _growth_oom(
@@ -1114,6 +1324,11 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             one is closed, everywhere, the buffer sleeps again).
         OutOfMemoryError, DriverError
             A driver call failed; the buffer is as it was (awake, bytes intact).
+            If undoing the failure fails too (the driver failed twice in a row),
+            the buffer is asleep with its backup instead, and :meth:`wake`
+            restores every byte (with ``backup=False``: the pages the sleep had
+            given back hold undefined bytes once mapped again, as after a
+            wake). It is never left unusable.
         ClosedError
             The buffer was closed.
 
@@ -1166,7 +1381,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             The buffer's pool is asleep: wake the pool first.
         DriverError
             A driver call failed; what wake did is undone, the buffer stays
-            asleep with its backup and ``wake()`` can be called again.
+            asleep with its backup and ``wake()`` can be called again. If the
+            undo fails too, what it could not undo stays with the buffer
+            (pages it could not give back, slots it could not unmap, restored
+            pieces it could not copy back into the backup, which keep their
+            bytes mapped) and the next ``wake()`` uses it; nothing is lost, and
+            :meth:`close` frees it all.
         """
         self._owned()  # before the lock: a parent thread may have held it at a fork
         with self._lock:
@@ -1260,8 +1480,9 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if self._closed:
             return f"<GrowableBuffer on {self._state.device} closed>"
         st = self._state
-        state = " unusable" if st.unusable else ""
+        state = " unusable" if st.unusable else " asleep" if st.asleep is not None else ""
+        pages = len(st.pages) if st.asleep is None else st.asleep
         return (
-            f"<GrowableBuffer {st.size} bytes, capacity {len(st.pages) * st.page}, "
+            f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "
             f"max_size {st.res.size} at {st.res.address:#x} on {st.device}{state}>"
         )

@@ -150,13 +150,15 @@ class Staging:
         the largest copy asked for so far, up to this.
     """
 
-    __slots__ = ("backend", "chunk", "address", "half")
+    __slots__ = ("backend", "chunk", "address", "half", "stale")
 
     def __init__(self, backend: Backend, chunk: int = STAGING_CHUNK) -> None:
         self.backend = backend
         self.chunk = chunk
         self.address: int | None = None
         self.half = 0
+        #: Events whose destroy failed (after a failure): destroyed again by :meth:`close`.
+        self.stale: list[int] = []
 
     # ----------------------------------------------------------------- memory
     def _ensure(self, nbytes: int) -> tuple[int, int]:
@@ -171,8 +173,17 @@ class Staging:
         self.half = want
         return self.address, want
 
+    @property
+    def busy(self) -> bool:
+        """Whether :meth:`close` has something to free (the pinned buffer, stale events)."""
+        return self.address is not None or bool(self.stale)
+
     def close(self) -> None:
-        """Free the pinned buffer (idempotent; a failure propagates and a retry frees it)."""
+        """Free the pinned buffer and the stale events (idempotent; a failure propagates and a
+        retry frees what is left)."""
+        while self.stale:
+            self.backend.event_destroy(self.stale[-1])
+            self.stale.pop()
         if self.address is not None:
             self.backend.host_free(self.address)
             self.address = None
@@ -212,7 +223,8 @@ class Staging:
                 try:
                     self.backend.event_destroy(p[0])
                 except Exception:  # noqa: BLE001 - the original error wins
-                    _log.warning("destroying a staging event failed", exc_info=True)
+                    _log.warning("destroying a staging event failed; close() retries", exc_info=True)
+                    self.stale.append(p[0])
 
     def save(self, runs: list[tuple[int, int, int]], out: np.ndarray, stream: int) -> None:
         """Copy device ranges ``runs`` (device address, bytes, offset in `out`) into `out`.
