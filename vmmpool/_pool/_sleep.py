@@ -246,7 +246,9 @@ def sleep(core: Core, backup: bool) -> None:
     if core.acquired:
         raise ValueError(
             f"cannot sleep: {len(core.acquired)} page(s) are lent by acquire_pages() (to growable "
-            "buffers); sleep() those buffers (or release the pages) first"
+            "buffers); sleep() those buffers (or release the pages) first (a buffer whose failed "
+            "sleep or wake could not be undone is asleep yet holds some: wake() it, then sleep "
+            "it again)"
         )
     t0 = time.perf_counter()
     P = core.P
