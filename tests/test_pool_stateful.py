@@ -416,8 +416,9 @@ class PoolMachine(RuleBasedStateMachine):
         assert sum(p.state == "free" for p in snap) == s.free_pages
         assert sum(p.state == "acquired" for p in snap) == s.acquired_pages
         # A page is in use exactly when a live allocation touches it (through
-        # any of its mappings) or it is mapped more than once; a mapped page no live
-        # allocation touches is cached; an unmapped one is free.
+        # any of its mappings); a mapped page no live allocation touches is cached
+        # (a page mapped more than once too: a reclaim dissolves its aliases);
+        # an unmapped one is free.
         spans = [(a.ptr, a.ptr + rounded(a)) for a in allocs]
         core = pool._core
         with core.lock:
@@ -435,7 +436,7 @@ class PoolMachine(RuleBasedStateMachine):
                 if lo is not None:
                     touched += [x for x, y in spans if x < lo + P and lo < y]
             touched.sort()
-            in_use = bool(touched) or p.index in alias_at
+            in_use = bool(touched)
             assert (p.state == "in_use") == in_use, f"page {p.index} is {p.state}"
             assert [x.address for x in p.allocations] == touched
             assert sorted(p.alias_addresses) == sorted(alias_at.get(p.index, []))

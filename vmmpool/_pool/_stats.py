@@ -187,8 +187,8 @@ class PageInfo:
         The physical page: its creation number (stable for its life).
     state : str
         ``"free"`` (unmapped), ``"in_use"`` (touched by a live block),
-        ``"cached"`` (mapped, touched by no live block, reusable at once by
-        its stream), ``"acquired"`` (lent out by :meth:`PagePool.acquire_pages`)
+        ``"cached"`` (mapped, touched by no live block through any of its
+        mappings, reusable at once by its stream), ``"acquired"`` (lent out by :meth:`PagePool.acquire_pages`)
         or ``"quarantined"``.
     address : int or None
         The virtual address where it is mapped in the pool's address space;

@@ -1255,8 +1255,12 @@ class PagePool(ClosesOnExit, NoCopy):
                 for al in p.aliases:  # mapped more than once: in use through any mapping
                     blocks = blocks + touching.get((al.arena, al.slot), [])
                     spans.append(al.arena.base + al.slot * P)
-                if not blocks and not p.aliases:
-                    info[p] = PageInfo(p.index, "cached", p.addr, shown(arena.stream.key))
+                if not blocks:  # an aliased page too, once its bytes are all free (reclaimable)
+                    info[p] = PageInfo(
+                        p.index, "cached", p.addr, shown(arena.stream.key),
+                        alias_address=spans[1] if len(spans) > 1 else None,
+                        alias_addresses=tuple(spans[1:]),
+                    )
                     continue
                 hi = lo + P
                 used = sum(
