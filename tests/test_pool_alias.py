@@ -466,7 +466,8 @@ class _WalkCount(dict):  # type: ignore[type-arg]
 
 
 def test_a_split_near_the_limit_walks_the_live_blocks_only_beside_a_likely_growth() -> None:
-    # Split near the limit, split_beside_growing walks up to SLIDE_SCAN live blocks (about 9 us)
+    # Split near the limit, split_beside_growing (and fit_after_growing, for the same small
+    # request) walks up to SLIDE_SCAN live blocks (about 9 us)
     # only when the request is at most SLIDE_GROWTH above a size malloc gave on its slow path:
     # a split of an unrelated size (a tenth of a page here) decides without the walk, and a cache
     # one growth step longer than the quarter-page caches still walks, and goes at the range's end.
@@ -485,7 +486,9 @@ def test_a_split_near_the_limit_walks_the_live_blocks_only_beside_a_likely_growt
         assert _WalkCount.walks == 0
         y.free()
         k = pool.malloc(P // 4 + 512)
-        assert _WalkCount.walks == 1
+        # two walks: Core.fit_after_growing's (the range after the newest cache, [1, 1.375),
+        # holds it) and split_beside_growing's (which end of that range)
+        assert _WalkCount.walks == 2
         assert (k.ptr - base) / P == 1.1171875
         pool._check()
         del w, k
@@ -608,6 +611,23 @@ def test_gpt2_shaped_caches_over_a_page_grow_in_a_ring() -> None:
     res = R.replay(tr, None, 484 * (2 << 20))
     assert res.completed and res.syncs == 0
     assert res.remaps <= 120, res.remaps
+
+
+@pytest.mark.parametrize(
+    ("layers", "batch", "prompt", "before", "now"), [(6, 4, 128, 88, 87), (12, 1, 256, 127, 126)]
+)
+def test_gpt2_shaped_caches_of_at_most_a_page_grow_in_a_ring(
+    layers: int, batch: int, prompt: int, before: int, now: int
+) -> None:
+    # GPT-2-shaped inference, d_model 768, bf16, 64 new tokens, KV caches of at most a page.
+    # Measured 2026-12-07: `before` pages with the ring for caches of more than a page only
+    # (their growth-side split, Core.split_beside_growing, alone), `now` (the whole-page
+    # floor) since near the limit a small one goes after the newest one too.
+    tr = gpt2_inference(layers=layers, d_model=768, heads=8, batch=batch, prompt=prompt,
+                        new_tokens=64)
+    mn = R.min_limit(tr)
+    assert mn.result.syncs == 0
+    assert mn.pages <= now < before, f"{mn.pages} pages, {mn.ratio:.4f} x peak live"
 
 
 def test_growth_headroom_depends_on_a_limit_being_set() -> None:
