@@ -464,6 +464,42 @@ def test_device_full_one_request_counts_as_one_refusal() -> None:
     sh.close()
 
 
+def test_device_full_near_the_limit_a_growing_block_counts_as_one_refusal() -> None:
+    """Near the limit, a request like a set of growing blocks first tries the pages after the
+    newest of them (fit_after_growing), then the usual placement: two steps of one request.
+    Each ran as a request of its own, so a device that ran out just below the limit got two
+    failing creates a request and the wait doubled twice (1 -> 2 -> 8 -> 32). Now the first
+    step's refusal carries into the second: one failing create and one doubling a request."""
+    dev = vmmpool.Device.emulated(capacity=16 * (2 * MiB))
+    P = dev.granularity
+    b = PagePool(dev, limit=14 * P)
+    hog = [b.malloc(P) for _ in range(3)]  # the device has 13 pages for A
+    a = PagePool(dev, limit=14 * P)
+    core = a._core
+    filler = [a.malloc(P) for _ in range(6)]
+    caches = [a.malloc(3 * P // 2) for _ in range(4)]  # four alike: a growing set
+    for i, x in enumerate(caches):
+        fill(x, i)
+    assert a.stats().total_pages == 12  # within SPLIT_OPEN_MARGIN of the limit: the rule applies
+    waits = []
+    for _ in range(3):
+        before, made = dev.counters(), a.stats().n_page_creations
+        with pytest.raises(vmmpool.OutOfMemoryError, match="device is out of memory"):
+            a.malloc(3 * P // 2 + 16384)  # one grown: 2 pages after the newest, the device has 1
+        failing = (dev.counters() - before).get("create", 0) - (a.stats().n_page_creations - made)
+        assert failing == 1
+        waits.append(core.refused_wait)
+        assert core.carry is None
+        a._check()
+    assert waits == [1, 2, 4] and core.refused_at == 13
+    assert all(intact(x, i) for i, x in enumerate(caches))
+    for x in caches + filler + hog:
+        x.free()
+    a.close()
+    b.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
 def test_device_full_below_the_limit_recreates_what_the_pool_gave_back() -> None:
     """Below the mark where the device refused, pages the pool released are created again
     without waiting for the backoff; a refusal there (someone took them) lowers the mark."""

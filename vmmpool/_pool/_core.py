@@ -271,6 +271,9 @@ class Core:
         # before the request ends), and the request counted a skip (it counts one at most).
         self.refused_now = False
         self.skipped_now = False
+        #: The flags above, kept from a failed attempt of this request (fit_after_growing's
+        #: mapping) for its next step (place): one refusal and one skip a request.
+        self.carry: tuple[bool, bool] | None = None
         self.n_ooms = 0
         self.n_reclaimed = 0
         self.n_syncs = 0
@@ -671,10 +674,12 @@ class Core:
                     fit = h.best_fit(r, False)
                 if fit is None:
                     if self.backend.in_call():  # placing may call the driver: never from inside it
+                        self.carry = None
                         self.check_backend_reentry(held=True)
                     b = self.place(h, r, nbytes)
                     h = b.arena.heap  # the other heap when only its free ranges had room
                 else:
+                    self.carry = None  # (a failed mapping attempt's flags: the request is done)
                     b = fit
                 if b.size > r:
                     # Split: a large block goes at the end of `b` that leaves
@@ -931,7 +936,8 @@ class Core:
         other = st.large if h is st.small else st.small
         ooms = self.n_ooms
         try:
-            return self.asking(lambda: self.place_in(h, r, nbytes, other, (a, s, head)))
+            # one request with malloc's place() after it, should this fail (carry)
+            return self.asking(lambda: self.place_in(h, r, nbytes, other, (a, s, head)), carry=True)
         except OutOfMemoryError:
             self.n_ooms = ooms  # not the request's failure: malloc goes on with the best fit
             return None
@@ -1006,7 +1012,7 @@ class Core:
         """
         return self.asking(lambda: self._place(h, r, nbytes))
 
-    def asking(self, fn: Callable[[], _T]) -> _T:
+    def asking(self, fn: Callable[[], _T], carry: bool = False) -> _T:
         """Run `fn` (a request); if it runs out of memory without asking the device, once more asking it.
 
         ``fn`` leaves the pool as it was when it raises (every request does), so
@@ -1026,10 +1032,17 @@ class Core:
         :meth:`oom`, and the steps that recover from one used to take back a
         count it never added (``n_ooms`` went below zero), or counted nothing
         when the request raised it.
+
+        With `carry`, `fn` is a first attempt of a request whose next step runs
+        through another call (:meth:`fit_after_growing`, then :meth:`place`):
+        when it runs out of memory, whether the device refused a page or was
+        skipped is kept (``carry``) for that call, which starts from it (before,
+        such a request made two failing creates and doubled the wait twice).
         """
         ooms = self.n_ooms
         unasked = self.n_unasked
-        self.refused_now = self.skipped_now = False
+        carried, self.carry = self.carry, None
+        self.refused_now, self.skipped_now = carried if carried is not None else (False, False)
         try:
             try:
                 out = fn()
@@ -1045,6 +1058,8 @@ class Core:
                 out = fn()
         except OutOfMemoryError:
             self.n_ooms = ooms + 1
+            if carry:
+                self.carry = (self.refused_now, self.skipped_now)
             raise
         except BaseException:
             self.n_ooms = ooms  # not an out-of-memory
