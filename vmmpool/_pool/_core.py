@@ -166,6 +166,20 @@ class Section:
 Src = tuple[int, Block, Page]
 
 
+
+def fenced_free(arena: Arena, lo: int, hi: int, at_start: bool) -> Block | None:
+    """The free range of `arena` holding bytes ``[lo, hi)``, else None.
+
+    A fence (an alias's bytes seen from the page's other mapping) bounds those
+    bytes on one side, so such a range starts at `lo` (`at_start`: a fence
+    ends there) or ends at `hi`: one lookup in the heap's address index.
+    """
+    h = arena.heap
+    g = h.by_start.get(lo) if at_start else h.by_end.get(hi)
+    if g is None or g.arena is not arena or g.addr > lo or g.addr + g.size < hi:
+        return None
+    return g
+
 class Core:
     """All state of a pool."""
 
@@ -322,6 +336,10 @@ class Core:
         """Pages no reclaim can free: touched by a live block, acquired or quarantined."""
         return self.held_pinned() - self.idle_aliased()
 
+    def reclaimable(self) -> int:
+        """Mapped pages no live block touches: cached, or aliased with every byte free."""
+        return self.cached() + self.idle_aliased()
+
     def held_pinned(self) -> int:
         """:meth:`pinned`, counting every aliased page as pinned (placement's figure).
 
@@ -355,12 +373,8 @@ class Core:
             lent: list[tuple[int, int]] = []
             idle = True
             for al in p.aliases:
-                a = al.arena
-                sa = a.base + al.slot * P
-                # a fence bounds the alias's bytes on one side: a free range holding them
-                # starts at their start (a lent tail) or ends at their end (a lent head)
-                g = a.heap.by_start.get(sa + al.lo) if al.lo else a.heap.by_end.get(sa + al.hi)
-                if g is None or g.arena is not a or g.addr > sa + al.lo or g.addr + g.size < sa + al.hi:
+                sa = al.arena.base + al.slot * P
+                if fenced_free(al.arena, sa + al.lo, sa + al.hi, al.lo > 0) is None:
                     idle = False
                     break
                 lent.append((al.lo, al.hi))
@@ -374,14 +388,9 @@ class Core:
             # the page's own bytes that no alias holds, each bounded by a fence
             x = 0
             for lo, hi in [*sorted(lent), (P, P)]:
-                if x < lo:
-                    if x:
-                        g = home.heap.by_start.get(pa + x)
-                    else:
-                        g = home.heap.by_end.get(pa + lo)
-                    if g is None or g.arena is not home or g.addr > pa + x or g.addr + g.size < pa + lo:
-                        idle = False
-                        break
+                if x < lo and fenced_free(home, pa + x, pa + lo, x > 0) is None:
+                    idle = False
+                    break
                 x = max(x, hi)
             if idle:
                 n += 1
@@ -411,7 +420,7 @@ class Core:
         P = self.P
         if pinned is None:
             pinned = self.pinned()
-        reclaimable = self.cached() + self.idle_aliased()
+        reclaimable = self.reclaimable()
         cached = self.cached_bytes()
         if pin is not None:
             head = (
@@ -1503,9 +1512,8 @@ class Core:
             g: Block | None = None
             seq = 0
             if al.hi > al.lo:
-                lo, hi = sa + al.lo, sa + al.hi
-                g = h.by_start.get(lo) if al.lo else h.by_end.get(hi)
-                if g is None or g.arena is not a or g.addr > lo or g.addr + g.size < hi:
+                g = fenced_free(a, sa + al.lo, sa + al.hi, al.lo > 0)
+                if g is None:
                     continue  # a live block still uses the alias
                 seq = g.seq
             if seq > st.done_seq:

@@ -1169,7 +1169,7 @@ class PagePool(ClosesOnExit, NoCopy):
             pinned = core.pinned()
             largest = biggest if core.closed else core.largest_block()
             mapped = core.mapped
-            reclaimable = core.cached() + core.idle_aliased()
+            reclaimable = core.reclaimable()
             sl = core.asleep
             if sl is not None:  # only what is still held counts (see PoolStats.asleep)
                 mapped -= core.n_asleep
