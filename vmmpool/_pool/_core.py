@@ -669,7 +669,7 @@ class Core:
                 del h.by_start[b.addr]
                 del h.by_end[b.addr + r]
             else:
-                fit = None
+                after = False
                 # Near the limit, a block like a set of growing ones (KV caches) goes after
                 # the newest of them, not in the best-fitting hole (fit_after_growing); a
                 # small one only when a size just below it was given here (no walk else).
@@ -678,8 +678,13 @@ class Core:
                     and (r > self.P or self.slow_size_below(r))
                 ):
                     fit = self.fit_after_growing(h, r, nbytes)
-                after = fit is not None
-                if fit is None:
+                    if fit is not None:
+                        after = True
+                    else:
+                        fit = h.best_fit(r, False)
+                        if fit is not None:  # a failed mapping attempt's flags: the request is done
+                            self.carry = None
+                else:
                     fit = h.best_fit(r, False)
                 if fit is None:
                     if self.backend.in_call():  # placing may call the driver: never from inside it
@@ -688,7 +693,6 @@ class Core:
                     b = self.place(h, r, nbytes)
                     h = b.arena.heap  # the other heap when only its free ranges had room
                 else:
-                    self.carry = None  # (a failed mapping attempt's flags: the request is done)
                     b = fit
                 if b.size > r:
                     # Split: a large block goes at the end of `b` that leaves
