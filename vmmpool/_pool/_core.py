@@ -83,6 +83,12 @@ SPLIT_OPEN_MARGIN = 2
 SLIDE_GROWTH = 0.05
 SLIDE_PEERS = 4
 SLIDE_SCAN = 128
+#: For a block of at most a page, :meth:`Core.fit_after_growing` also wants at
+#: least SLIDE_SMALL_SET live blocks of the set's sizes (the set's size or the
+#: request's, among the SLIDE_SCAN newest): the key and value caches of 4 layers,
+#: either side of their growth step. Without it, in ResNet-50-shaped training a
+#: 0.574-page request beside six activations of 0.5625 page was taken for one.
+SLIDE_SMALL_SET = 8
 #: After the device refuses to create a page below the pool's limit (other pools
 #: or processes hold the rest), the pool does not ask it for pages beyond those
 #: it held then for 1, 2, 4, ... up to REFUSED_MAX_WAIT requests that need new
@@ -846,7 +852,10 @@ class Core:
         replaced, in turn, by one a token longer) when, among the
         ``SLIDE_SCAN`` newest live blocks, at least ``SLIDE_PEERS`` have one
         size at most ``SLIDE_GROWTH`` below `r` (or `r`) and one is smaller
-        than `r` (one it replaces). Then the block goes, in heap `h`, first
+        than `r` (one it replaces); for a block of at most a page, also when
+        at least ``SLIDE_SMALL_SET`` of them have sizes in that range (a
+        bigger set: small blocks of nearly one size are common). Then the
+        block goes, in heap `h`, first
         at the start of the free range right after the newest of them (the
         ring's head); else at the start of the free range right before the
         oldest smaller one (the ring wraps round, into bytes that are still
@@ -895,7 +904,14 @@ class Core:
         4, 224 px: 176 -> 177; a 0.574-page request beside six of 0.5625),
         the stress rows and the shared traces unchanged. Without keeping
         :meth:`split_beside_growing`'s end for a small block, 2 rows fewer
-        better on seed 12.
+        better on seed 12. Since ``SLIDE_SMALL_SET`` (a small block wants 8
+        live blocks of the two sizes, 2026-12-07, later): that ResNet-50 row
+        back at 176, every other row of the three sweeps of GPT-2, ResNet-50
+        and stress shapes and of ``replay-scaled-host.json`` unchanged.
+        Asking for 8 of one size instead lost a GPT-2 row a page (6 layers,
+        87 -> 88: mid-step its 12 caches are split between the two sizes);
+        asking for one of the request's size already live lost 3-4 rows a
+        sweep (the first cache of each step has none).
         """
         low = r - r * SLIDE_GROWTH
         newest: Block | None = None
@@ -914,6 +930,8 @@ class Core:
                     oldest = x
         if newest is None or not smaller or max(counts.values()) < SLIDE_PEERS:
             return None
+        if r <= self.P and sum(counts.values()) < SLIDE_SMALL_SET:
+            return None  # a small block: too few alike to be a set of caches (see SLIDE_SMALL_SET)
         a = newest.arena
         head = newest.addr + newest.size
         f = h.by_start.get(head)
