@@ -77,6 +77,60 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
         pool._check()
 
 
+def test_check_compares_each_slot_with_what_the_backend_maps(device: vmmpool.Device) -> None:
+    # PagePool._check() asks the backend what backs each slot (Backend.mapped_at: the
+    # emulated device's page tables, or the CUDA backend's record of its cuMemMap calls):
+    # a slot mapping another page's handle, one with the wrong access, or a mapping the
+    # pool does not know of is an invariant broken. Each corruption is undone afterwards.
+    P = device.granularity
+    backend = device._backend
+    with pool_of(device) as pool:
+        a, b = pool.malloc(P), pool.malloc(P)
+        core = pool._core
+        arena = next(x for x in core.arenas if any(q is not None for q in x.slots))
+        sa, sb = ((x.ptr - arena.base) // P for x in (a, b))
+        pa, pb = arena.slots[sa], arena.slots[sb]
+        assert pa is not None and pb is not None
+        start, size, handle, acc = backend.mapped_at(a.ptr)
+        assert (start, size, handle) == (a.ptr, P, pa.phys.handle)
+        assert acc in (vmmpool.Access.READWRITE, None)  # None: CUDA, not known without a call
+        assert backend.mapped_at(a.ptr + P // 2)[:3] == (a.ptr, P, pa.phys.handle)
+        pool._check()
+
+        def remap(h: int) -> None:
+            backend.unmap(a.ptr, P)
+            backend.map(a.ptr, P, h)
+            backend.set_access(a.ptr, P, vmmpool.Access.READWRITE, (device.ordinal,))
+
+        remap(pb.phys.handle)  # slot of `a` now maps b's page
+        with pytest.raises(AssertionError, match=f"slot {sa}: page {pa.index} .* of handle"):
+            pool._check()
+        remap(pa.phys.handle)
+        pool._check()
+
+        if acc is not None:  # the backend knows the access: take write away
+            backend.set_access(a.ptr, P, vmmpool.Access.READ, (device.ordinal,))
+            with pytest.raises(AssertionError, match=f"slot {sa}: page {pa.index} is mapped with access"):
+                pool._check()
+            backend.set_access(a.ptr, P, vmmpool.Access.READWRITE, (device.ordinal,))
+            pool._check()
+
+        free = next((s for s in range(arena.nslots) if arena.slots[s] is None), None)
+        if free is not None:  # a mapping behind the pool's back, on a slot it has not mapped
+            addr = arena.base + free * P
+            assert backend.mapped_at(addr) is None
+            h = backend.create(P)
+            backend.map(addr, P, h)
+            with pytest.raises(AssertionError, match=f"slot {free}: the backend maps it"):
+                pool._check()
+            backend.unmap(addr, P)
+            backend.release(h)
+            pool._check()
+        a.free()
+        b.free()
+    assert backend.mapped_at(a.ptr) is None  # closed: nothing mapped there
+
+
 def test_zero_size_allocations_are_valid_unique_and_non_null(device: vmmpool.Device) -> None:
     with pool_of(device) as pool:
         zs = [pool.malloc(0) for _ in range(10)]

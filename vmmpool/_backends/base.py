@@ -417,6 +417,16 @@ class Backend(abc.ABC):
         """Return the access `device` has at `address`."""
 
     @abc.abstractmethod
+    def mapped_at(self, address: int) -> tuple[int, int, int, Access | None] | None:
+        """What backs `address`: ``(start, size, handle, access)`` of the mapping holding it.
+
+        None when nothing is mapped there. For invariant checks (``PagePool._check``):
+        neither a driver call nor counted, and it takes no lock but the backend's own.
+        `access` is the owning device's, or None where the backend cannot tell without
+        asking the driver.
+        """
+
+    @abc.abstractmethod
     def retain(self, address: int) -> int:
         """Return the handle mapped at `address`, adding one reference."""
 

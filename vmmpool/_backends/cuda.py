@@ -738,6 +738,21 @@ class CudaBackend(Backend):
         flags = _check(self._drv.cuMemGetAccess(location, address), "get_access", self)
         return self._access_of.get(int(flags), Access.NONE)
 
+    def mapped_at(self, address: int) -> tuple[int, int, int, Access | None] | None:
+        """The mapping holding `address`, from this backend's record of the ``cuMemMap``
+        calls that succeeded (no driver call; the access is not known without one: None)."""
+        address = int(address)
+        with self._lock:
+            entry = self._mappings.get(address)
+            start = address
+            if entry is None:
+                for start, entry in self._mappings.items():
+                    if start <= address < start + entry[0]:
+                        break
+                else:
+                    return None
+            return start, entry[0], entry[1], None
+
     def retain(self, address: int) -> int:
         """Return the handle mapped at `address`, adding one reference.
 

@@ -724,6 +724,19 @@ class HostBackend(Backend):
                 raise _invalid("get_access", f"{address:#x} is not mapped")
             return r.maps[start].access
 
+    def mapped_at(self, address: int) -> tuple[int, int, int, Access | None] | None:
+        # The emulated device's own state (its page tables), not a record of calls.
+        with self._lock:
+            i = bisect.bisect_right(self._res_starts, address) - 1
+            if i < 0:
+                return None
+            r = self._reservations[self._res_starts[i]]
+            start = r.covering(address) if address < r.address + r.size else None
+            if start is None:
+                return None
+            m = r.maps[start]
+            return start, m.size, m.handle, m.access
+
     def retain(self, address: int) -> int:
         self._enter("retain")
         self.check_value("retain", "address", address)

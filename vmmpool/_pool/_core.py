@@ -23,7 +23,7 @@ from .._device import Device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
 from .._observe import History
-from .._options import PER_THREAD_KEYS, shown, watch_thread
+from .._options import PER_THREAD_KEYS, Access, shown, watch_thread
 from .._resources import PhysicalAllocation, create, reserve
 from .._staging import SleepCounts, Staging
 from ._arena import Arena
@@ -2278,6 +2278,7 @@ class Core:
         if sorted(map(id, self.arenas)) != sorted(id(a) for st in self.streams.values() for a in st.arenas):
             fail("the arenas of the streams are not the pool's arenas")
         touching = self.touching()
+        mapped_at = self.backend.mapped_at
         mapped = 0
         cached = 0
         in_use = requested = n_live = 0
@@ -2322,6 +2323,24 @@ class Core:
                 q = arena.slots[s]
                 unm = arena.is_unmapped(s)
                 mapped_here = s * P in really
+                # and what the backend maps there: one page's mapping of its handle
+                got = mapped_at(arena.base + s * P)
+                if (got is not None) != mapped_here:
+                    fail(
+                        f"arena {arena.base:#x} slot {s}: the backend "
+                        f"{'maps' if got is not None else 'does not map'} it, the reservation "
+                        f"{'does' if mapped_here else 'does not'}"
+                    )
+                if got is not None and q is not None:
+                    start, size, handle, acc = got
+                    if start != arena.base + s * P or size != P or handle != q.phys.handle:
+                        fail(
+                            f"arena {arena.base:#x} slot {s}: page {q.index} (handle "
+                            f"{q.phys.handle:#x}), the backend maps [{start:#x}, {start + size:#x}) "
+                            f"of handle {handle:#x}"
+                        )
+                    if q.state is MAPPED and acc is not None and acc is not Access.READWRITE:
+                        fail(f"arena {arena.base:#x} slot {s}: page {q.index} is mapped with access {acc}")
                 if q is None:
                     if not unm:
                         fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
