@@ -93,6 +93,23 @@ def test_mapping_grants_no_access_until_set_access(device: Device) -> None:
         assert m2.get_access() is Access.NONE
 
 
+def test_access_at_reports_the_mapping_starting_at_an_offset(device: Device) -> None:
+    g = device.granularity
+    with vmmpool.reserve(3 * g, device) as res, vmmpool.create(2 * g, device) as a:
+        assert [res.access_at(k * g) for k in range(3)] == [None, None, None]
+        m = res.map(a, g)  # two pages' worth at offset g: one mapping
+        assert res.access_at(g) is Access.NONE
+        assert res.access_at(2 * g) is None  # inside the mapping, not its start
+        assert res.access_at(0) is None
+        m.set_access("r")
+        assert res.access_at(g) is Access.READ
+        m.unmap()
+        assert res.access_at(g) is None
+        calls = device.counters().calls
+        res.access_at(g)
+        assert device.counters().calls == calls  # no driver call
+
+
 def test_host_emulator_enforces_access_in_another_process() -> None:
     # Reading a mapping without set_access must fault, as on a GPU. Faulting
     # kills the process, so the read happens in a child.

@@ -520,14 +520,14 @@ class _State:
         `may_wake` and every page mapped as before, the buffer is awake.
         """
         g = self.page
-        recs = self.res._state.records
+        at = self.res.access_at
         kept: dict[int, PhysicalAllocation] = {}
         stale: dict[int, PhysicalAllocation | None] = {}
         spare = list(spare)
         for i in range(n):
             p = cand.get(i)
             live = p is not None and not p.closed
-            if i * g in recs:
+            if at(i * g) is not None:
                 if live and i in trusted:
                     kept[i] = p  # type: ignore[assignment]
                 else:
@@ -535,7 +535,7 @@ class _State:
             elif live:
                 spare.append(p)  # type: ignore[arg-type]
         if may_wake and len(kept) == n and not spare and all(
-            recs[i * g].access is Access.READWRITE for i in range(n)
+            at(i * g) is Access.READWRITE for i in range(n)
         ):
             self.pages = [kept[i] for i in range(n)]
             return
@@ -570,9 +570,9 @@ class _State:
             p = self.stale.pop(i)
             if p is not None:
                 self.spare.append(p)
-        recs = self.res._state.records
+        at = self.res.access_at
         need = [i for i in range(n) if i not in kept]
-        fix = [i for i in kept if recs[i * g].access is not Access.READWRITE]
+        fix = [i for i in kept if at(i * g) is not Access.READWRITE]
         new: dict[int, PhysicalAllocation] = {}
         taken: list[PhysicalAllocation] = []  # the pages this wake holds (spare ones first)
         restored: list[tuple[int, int]] = []  # pieces restored whose backup bytes went to the OS
@@ -654,8 +654,8 @@ class _State:
                 _log.error("undo of a failed wake: copying restored pages back failed; they stay mapped",
                            exc_info=True)
                 trusted.update(i for f, m in restored for i in range(f, f + m))
-        recs = self.res._state.records
-        for first, count in _runs(sorted(i for i in new if i * g in recs and i not in trusted)):
+        at = self.res.access_at
+        for first, count in _runs(sorted(i for i in new if at(i * g) is not None and i not in trusted)):
             try:
                 self.res.unmap(first * g, count * g)
             except Exception:  # noqa: BLE001 - one slot at a time; what stays mapped is stale
@@ -665,7 +665,7 @@ class _State:
                         self.res.unmap(i * g, g)
                     except Exception:  # noqa: BLE001 - settle() notes it stale
                         pass
-        mapped = {id(p) for i, p in new.items() if i * g in recs}
+        mapped = {id(p) for i, p in new.items() if at(i * g) is not None}
         back = [p for p in taken if id(p) not in mapped]
         spare: list[PhysicalAllocation] = []
         if self.pool is None:

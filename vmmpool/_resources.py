@@ -501,6 +501,25 @@ class AddressReservation(_Closable):
         with self._state.lock:
             return [self._mappings[off] for off in sorted(self._mappings)]
 
+    def access_at(self, offset: int) -> Access | None:
+        """The access of the mapping that starts at `offset`, or None when none starts there.
+
+        Parameters
+        ----------
+        offset : int
+            Bytes from the reservation's start.
+
+        Returns
+        -------
+        Access or None
+            What was last granted to the owning device through vmmpool
+            (``Access.NONE`` until :meth:`set_access`); None when no live
+            mapping starts at `offset` (nothing mapped there, or inside a
+            larger mapping). No driver call.
+        """
+        rec = self._state.records.get(offset)
+        return None if rec is None else rec.access
+
     def _check_range(self, offset: object, size: object) -> tuple[int, int]:
         g = self.device.granularity
         off = check_int("offset", offset, multiple=g)

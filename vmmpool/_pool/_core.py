@@ -2318,11 +2318,11 @@ class Core:
             n_mapped = n_alias = 0
             # what the reservation really maps: a slot is mapped exactly when its page is
             # awake (or quarantined), or asleep where the sleep record says so
-            really = arena.res._state.records
+            at = arena.res.access_at
             for s in range(arena.nslots):
                 q = arena.slots[s]
                 unm = arena.is_unmapped(s)
-                mapped_here = s * P in really
+                mapped_here = at(s * P) is not None
                 # and what the backend maps there: one page's mapping of its handle
                 got = mapped_at(arena.base + s * P)
                 if (got is not None) != mapped_here:
@@ -2331,16 +2331,6 @@ class Core:
                         f"{'maps' if got is not None else 'does not map'} it, the reservation "
                         f"{'does' if mapped_here else 'does not'}"
                     )
-                if got is not None and q is not None:
-                    start, size, handle, acc = got
-                    if start != arena.base + s * P or size != P or handle != q.phys.handle:
-                        fail(
-                            f"arena {arena.base:#x} slot {s}: page {q.index} (handle "
-                            f"{q.phys.handle:#x}), the backend maps [{start:#x}, {start + size:#x}) "
-                            f"of handle {handle:#x}"
-                        )
-                    if q.state is MAPPED and acc is not None and acc is not Access.READWRITE:
-                        fail(f"arena {arena.base:#x} slot {s}: page {q.index} is mapped with access {acc}")
                 if q is None:
                     if not unm:
                         fail(f"arena {arena.base:#x} slot {s}: no page, yet not unmapped")
@@ -2361,6 +2351,20 @@ class Core:
                         )
                 elif not mapped_here:
                     fail(f"arena {arena.base:#x} slot {s}: page {p.index} is {p.state}, its slot unmapped")
+                stale = (
+                    p.state is ASLEEP and self.asleep is not None
+                    and self.asleep.mapped.get((arena, s)) is STALE
+                )  # (a failed undo's mapping: what backs it is not the page's, see PoolSleep)
+                if got is not None and not stale:
+                    start, size, handle, acc = got
+                    if start != arena.base + s * P or size != P or handle != p.phys.handle:
+                        fail(
+                            f"arena {arena.base:#x} slot {s}: page {p.index} (handle "
+                            f"{p.phys.handle:#x}), the backend maps [{start:#x}, {start + size:#x}) "
+                            f"of handle {handle:#x}"
+                        )
+                    if p.state is MAPPED and acc is not None and acc is not Access.READWRITE:
+                        fail(f"arena {arena.base:#x} slot {s}: page {p.index} is mapped with access {acc}")
                 if p.state is QUARANTINED:
                     claim_q = seen.get(p)
                     if claim_q != "quarantined":
