@@ -103,6 +103,8 @@ def _sweep(pooled: bool, sleeping: bool, backup: bool, pattern: str) -> int:
                 assert len(seen) >= n
         where = f"{pattern} at call {n} ({seen[n - 1] if len(seen) >= n else '-'}) of {seen}"
         assert buf._state.unusable is None, f"{where}: unusable: {buf._state.unusable}"
+        st = buf.sleep_stats()  # a failed sleep that left it asleep counts as a sleep
+        assert st.n_sleeps - st.n_wakes == (1 if buf.asleep else 0), f"{where}: {st}"
         if not ok:
             failures += 1
             if not buf.asleep:
@@ -114,6 +116,8 @@ def _sweep(pooled: bool, sleeping: bool, backup: bool, pattern: str) -> int:
                 _held(dev, buf, pool)
         if buf.asleep:
             buf.wake()
+        st = buf.sleep_stats()
+        assert st.n_sleeps == st.n_wakes, f"{where}: {st}"
         if backup:
             assert bytes(buf.read()) == data, f"{where}: bytes lost after wake"
         _held(dev, buf, pool)

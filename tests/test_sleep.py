@@ -745,6 +745,8 @@ def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
         pool.sleep()
     be.clear_faults()
     assert pool.asleep
+    st = pool.stats()  # left asleep by the failed sleep: it went to sleep all the same
+    assert (st.n_sleeps, st.n_wakes) == (1, 0)
     core = pool._core
     awake_slots = sum(1 for a in core.arenas for p in a.slots if p is not None and p.state == "mapped")
     # Unmapped one at a time after the first unmap failed: all but the one whose unmap failed too.
@@ -757,6 +759,7 @@ def test_sleep_whose_undo_fails_and_whose_undo_unmap_fails_too_can_still_wake(
     pool._check()
     assert _bytes_ok(dev, live)
     s = pool.stats()
+    assert (s.n_sleeps, s.n_wakes) == (1, 1)
     c = dev.counters()
     assert (c.allocations, c.mappings) == (s.total_pages, s.mapped_pages)  # nothing leaked
     for a, _d in live:

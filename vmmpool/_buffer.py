@@ -409,10 +409,15 @@ class _State:
                 done += m
         except BaseException as err:
             self.sleep_failed(n, done, data, err)
+            if self.asleep is not None:  # left asleep (its undo failed): it went to sleep
+                self.count_sleep(data, t0)
             raise
         self.pages = []
         self.asleep = n
         self.backup = data
+        self.count_sleep(data, t0)
+
+    def count_sleep(self, data: np.ndarray | None, t0: float) -> None:
         c = self.sleeps
         c.n_sleeps += 1
         c.sleep_bytes += data.nbytes if data is not None else 0

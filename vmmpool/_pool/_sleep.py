@@ -311,6 +311,7 @@ def sleep(core: Core, backup: bool) -> None:
                 err, undo_err, exc_info=True,
             )
             _record(core, "segment_unmap", unmapped)  # what stays unmapped: wake() maps it back
+            _count_sleep(core, nbytes if backup else 0, t0)  # it went to sleep all the same
             raise
         core.asleep = None
         core.n_asleep = 0
@@ -318,10 +319,7 @@ def sleep(core: Core, backup: bool) -> None:
     core.asleep = asleep
     core.n_asleep = len(offsets)
     _record(core, "segment_unmap", runs)
-    c = core.sleeps
-    c.n_sleeps += 1
-    c.sleep_bytes += nbytes if backup else 0
-    c.sleep_seconds += time.perf_counter() - t0
+    _count_sleep(core, nbytes if backup else 0, t0)
     logger.info(
         "sleep: gave %d page(s) back, %d byte(s) backed up in %d run(s)",
         len(offsets), nbytes if backup else 0, len(runs),
@@ -382,6 +380,14 @@ def forget_freed(core: Core) -> None:
                     h.add(Block(a, lo, end - lo, b.seq))
                 if not a.mapped:
                     core.note_emptied(st)  # a retired stream left with nothing: forgotten at wake
+
+
+def _count_sleep(core: Core, nbytes: int, t0: float) -> None:
+    """Count a sleep: the pool went to sleep (also when a failed sleep's undo left it asleep)."""
+    c = core.sleeps
+    c.n_sleeps += 1
+    c.sleep_bytes += nbytes
+    c.sleep_seconds += time.perf_counter() - t0
 
 
 def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:

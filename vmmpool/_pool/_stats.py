@@ -108,7 +108,9 @@ class PoolStats:
         Bytes of host memory holding the sleeping pool's live pages (0 awake,
         or asleep with ``backup=False``).
     n_sleeps, n_wakes : int
-        Completed sleeps and wakes.
+        Times it went to sleep and woke: a ``sleep()`` that failed and left
+        it asleep (its undo failed too) counts as a sleep, so ``n_sleeps -
+        n_wakes`` is 1 while asleep and 0 while awake.
     sleep_bytes, wake_bytes : int
         Bytes copied to host memory by all sleeps, and back by all wakes.
     sleep_seconds, wake_seconds : float
