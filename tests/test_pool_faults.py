@@ -348,3 +348,31 @@ def test_failed_undo_quarantines_only_what_stays_mapped() -> None:
         assert s.free_pages == 4
         pool._check()
         pool.malloc(4 * P).free()
+
+
+def test_an_alias_a_failed_undo_leaves_mapped_passes_the_check_without_access() -> None:
+    """A placement across a page's free tail (an alias) fails at set_access and every unmap of
+    its undo fails too: the alias slot stays mapped, lending no byte and with no access. That
+    is a legitimate state: check() compares access only on slots that lend bytes."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with PagePool(dev, limit=5 * P) as pool:
+        blocks = [pool.malloc(P // 4) for _ in range(20)]  # five pages, all in use
+        for i in (15, 4):
+            blocks[i].free()
+        be = dev._backend
+        be.inject_fault("set_access", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+        for nth in (1, 2, 3):
+            be.inject_fault("unmap", nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.malloc(P // 2)
+        be.clear_faults()
+        core = pool._core
+        stuck = [al for al in core.aliases if al.lo == al.hi]
+        assert stuck, "no alias left mapped: the scenario changed"
+        al = stuck[0]
+        assert be.mapped_at(al.arena.base + al.slot * P)[3] is vmmpool.Access.NONE
+        pool._check()
+        for i, b in enumerate(blocks):
+            if i not in (15, 4):
+                b.free()
+        pool._check()

@@ -1324,3 +1324,40 @@ def test_a_failed_sleep_without_backup_is_awake_and_usable_its_given_back_pages_
     pool.close()
     gc.collect()
     assert dev.counters().live == base
+
+
+def test_a_sleep_interrupted_in_its_undo_is_recorded_asleep_and_wakes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release fails mid-sleep and an interrupt (KeyboardInterrupt) hits the undo's mapping
+    back: the pool is asleep, recorded as such (slots the sleep did not reach KEPT, the sleep
+    counted), check() holds, and wake() restores every byte."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    s = pool.stats()
+    dev._backend.inject_fault("release", nth=s.total_pages - s.pinned_pages + 2,
+                              name="CUDA_ERROR_INVALID_VALUE")
+
+    def interrupted(*_a: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sleep_module, "wake_runs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pool.sleep()
+    dev._backend.clear_faults()
+    assert pool.asleep
+    st = pool.stats()
+    assert (st.n_sleeps, st.n_wakes) == (1, 0)
+    pool._check()
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    st = pool.stats()
+    assert (st.n_sleeps, st.n_wakes) == (1, 1)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base

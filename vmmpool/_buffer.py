@@ -408,9 +408,11 @@ class _State:
                 self.sleep_piece(done, m)
                 done += m
         except BaseException as err:
-            self.sleep_failed(n, done, data, err)
-            if self.asleep is not None:  # left asleep (its undo failed): it went to sleep
-                self.count_sleep(data, t0)
+            try:
+                self.sleep_failed(n, done, data, err)
+            finally:
+                if self.asleep is not None:  # left asleep (its undo failed): it went to sleep
+                    self.count_sleep(data, t0)
             raise
         self.pages = []
         self.asleep = n

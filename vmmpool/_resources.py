@@ -517,8 +517,10 @@ class AddressReservation(_Closable):
             mapping starts at `offset` (nothing mapped there, or inside a
             larger mapping). No driver call.
         """
-        rec = self._state.records.get(offset)
-        return None if rec is None else rec.access
+        off = check_int("offset", offset)
+        with self._state.lock:
+            rec = self._state.records.get(off)
+            return None if rec is None else rec.access
 
     def _check_range(self, offset: object, size: object) -> tuple[int, int]:
         g = self.device.granularity

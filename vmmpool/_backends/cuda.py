@@ -40,6 +40,7 @@ Rules of the driver this module relies on (numbers refer to
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import re
@@ -440,6 +441,8 @@ class CudaBackend(Backend):
         # Physical allocations by handle, and mappings by address -> (size, handle).
         self._allocs: dict[int, _Allocation] = {}
         self._mappings: dict[int, tuple[int, int]] = {}
+        #: Sorted starts of `_mappings` for mapped_at's lookups; None after a change (rebuilt there).
+        self._starts: list[int] | None = None
 
         gran = drv.CUmemAllocationGranularity_flags
         minimum = int(
@@ -653,6 +656,7 @@ class CudaBackend(Backend):
         with self._lock:
             handle = int(handle)
             self._mappings[int(address)] = (int(size), handle)
+            self._starts = None
             self._live_mappings += 1
             rec = self._allocs.get(handle)
             if rec is not None:
@@ -674,6 +678,7 @@ class CudaBackend(Backend):
                 entry = self._mappings.pop(cursor, None)
                 if entry is None:  # mapped outside this backend: nothing to count
                     break
+                self._starts = None
                 msize, handle = entry
                 self._live_mappings -= 1
                 rec = self._allocs.get(handle)
@@ -745,11 +750,16 @@ class CudaBackend(Backend):
         with self._lock:
             entry = self._mappings.get(address)
             start = address
-            if entry is None:
-                for start, entry in self._mappings.items():
-                    if start <= address < start + entry[0]:
-                        break
-                else:
+            if entry is None:  # inside a mapping, or none: the last start at or below it
+                starts = self._starts
+                if starts is None:
+                    starts = self._starts = sorted(self._mappings)
+                i = bisect.bisect_right(starts, address) - 1
+                if i < 0:
+                    return None
+                start = starts[i]
+                entry = self._mappings[start]
+                if address >= start + entry[0]:
                     return None
             return start, entry[0], entry[1], None
 

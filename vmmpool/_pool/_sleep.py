@@ -296,7 +296,7 @@ def sleep(core: Core, backup: bool) -> None:
         core.n_asleep = len({p for r in unmapped for p in r[2]})
         try:
             wake_runs(core, unmapped, asleep)
-        except Exception as undo_err:
+        except BaseException as undo_err:  # (an interrupt too: the pool is asleep, recorded so)
             # Slots of now sleeping pages that the sleep did not reach (another mapping
             # of an aliased page): still mapped, not to be mapped again by wake().
             # (The undo noted the slots it left mapped itself, STALE: all among `gone`.)
