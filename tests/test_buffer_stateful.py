@@ -17,6 +17,7 @@ n_wakes`` is 1 asleep and 0 awake. At the end ``close()`` leaves nothing live.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -111,6 +112,14 @@ class BufferMachine(RuleBasedStateMachine):
             self.dev._backend.clear_faults()
         return True
 
+    @staticmethod
+    def refused(call: Callable[[], object], exc: type[BaseException], what: str) -> None:
+        try:
+            call()
+        except exc:
+            return
+        raise AssertionError(f"{what} did not raise {exc.__name__}")
+
     faults = st.none() | st.tuples(st.sampled_from(FAULT_OPS), st.integers(1, 4))
 
     # ------------------------------------------------------------------ rules
@@ -122,20 +131,15 @@ class BufferMachine(RuleBasedStateMachine):
         old_ptr, old_size, old_max = b.ptr, b.size, b.max_size
         target = max(_pages(n), self.floor)
         if n > old_max and not move:
-            try:
-                b.resize(n)
-            except ValueError:
-                return
-            raise AssertionError("resize past max_size without allow_move did not raise")
+            self.refused(lambda: b.resize(n), ValueError, "resize past max_size without allow_move")
+            return
         if self.views and (
             n > old_max or any(off + ln > target * P for _v, off, ln in self.views)
         ):
-            try:
-                b.resize(n, allow_move=move)
-            except BufferError:
-                assert self.state()[:2] == (old_ptr, old_size)
-                return
-            raise AssertionError("a resize that unmaps (or moves) bytes under a live view did not raise")
+            self.refused(lambda: b.resize(n, allow_move=move), BufferError,
+                         "a resize that unmaps (or moves) bytes under a live view")
+            assert self.state()[:2] == (old_ptr, old_size)
+            return
         if not self.attempt(fault, lambda: b.resize(n, allow_move=move)):
             return
         assert b.size == n
@@ -155,17 +159,11 @@ class BufferMachine(RuleBasedStateMachine):
         assert b is not None
         old_ptr, old_max, have = b.ptr, b.max_size, self.capacity_pages()
         if n > old_max and not move:
-            try:
-                b.reserve(n)
-            except ValueError:
-                return
-            raise AssertionError("reserve past max_size without allow_move did not raise")
+            self.refused(lambda: b.reserve(n), ValueError, "reserve past max_size without allow_move")
+            return
         if n > old_max and self.views:
-            try:
-                b.reserve(n, allow_move=True)
-            except BufferError:
-                return
-            raise AssertionError("a move with live views did not raise")
+            self.refused(lambda: b.reserve(n, allow_move=True), BufferError, "a move with live views")
+            return
         if not self.attempt(fault, lambda: b.reserve(n, allow_move=move)):
             return
         assert b.capacity == max(_pages(n), have) * P
@@ -180,11 +178,8 @@ class BufferMachine(RuleBasedStateMachine):
         assert b is not None
         target = _pages(b.size)
         if any(off + ln > target * P for _v, off, ln in self.views):
-            try:
-                b.shrink_to_fit()
-            except BufferError:
-                return
-            raise AssertionError("shrink_to_fit under a live view did not raise")
+            self.refused(b.shrink_to_fit, BufferError, "shrink_to_fit under a live view")
+            return
         if not self.attempt(fault, b.shrink_to_fit):
             return
         assert b.capacity == target * P
@@ -256,11 +251,7 @@ class BufferMachine(RuleBasedStateMachine):
         b = self.buf
         assert b is not None
         for call in (lambda: b.resize(0), lambda: b.reserve(P), b.shrink_to_fit, lambda: b.write(b"x")):
-            try:
-                call()
-            except vmmpool.AsleepError:
-                continue
-            raise AssertionError("an operation on a sleeping buffer did not raise AsleepError")
+            self.refused(call, vmmpool.AsleepError, "an operation on a sleeping buffer")
 
     # ------------------------------------------------------------- invariants
     @invariant()
