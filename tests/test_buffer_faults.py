@@ -50,6 +50,11 @@ class Snapshot:
         )
 
 
+def unchanged(buf: GrowableBuffer, snap: Snapshot) -> bool:
+    """Pointer, size, capacity, max_size and contents as in `snap` (live counts aside)."""
+    return Snapshot.of(buf).__dict__ | {"live": snap.live} == snap.__dict__
+
+
 def all_or_nothing(
     device: vmmpool.Device,
     setup: Callable[[], GrowableBuffer],
@@ -179,25 +184,108 @@ def test_fault_at_every_call_of_construction(device: vmmpool.Device) -> None:
 
 
 # --------------------------------------------------------- when undo fails too
-def test_failed_undo_makes_the_buffer_unusable_but_close_frees_everything(
+def test_a_growth_whose_undo_fails_leaves_the_buffer_as_it_was(
     device: vmmpool.Device, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Growth fails at its third page and unmapping the two it mapped fails too: the buffer
+    is as it was (usable, every byte), the two pages stay mapped past its capacity, and the
+    next growth unmaps them first (once more failing: raises, nothing changed)."""
     g = device.granularity
     live = device.counters().live
     backend = device._backend
     buf = grown(device, [2], 8)()
+    snap = Snapshot.of(buf)
     backend.inject_fault("map", nth=3)  # growth fails at its third page...
     backend.inject_fault("unmap", nth=1)  # ...and unmapping the first two fails too
     with pytest.raises(vmmpool.OutOfMemoryError) as info:
         buf.resize(6 * g)
     backend.clear_faults()
-    assert "undoing it also failed" in "".join(getattr(info.value, "__notes__", ["undoing it also failed"]))
-    assert "GrowableBuffer is unusable" in caplog.text
-    with pytest.raises(vmmpool.VmmError, match="GrowableBuffer is unusable"):
-        buf.resize(g)
-    assert "unusable" in repr(buf)
+    notes = "".join(getattr(info.value, "__notes__", ["the buffer is as it was"]))
+    assert "the buffer is as it was" in notes
+    assert "undoing it failed too" in caplog.text
+    assert unchanged(buf, snap)
+    assert buf._state.unusable is None and sorted(buf._state.tail) == [2, 3]
+    c = device.counters()
+    assert c.mappings - live[2] == 4 and c.allocations - live[1] == 4  # 2 + the 2 left mapped
+    backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the next growth's
+    # unmap of them fails: nothing changes
+    with pytest.raises(vmmpool.DriverError):
+        buf.resize(3 * g)
+    backend.clear_faults()
+    assert Snapshot.of(buf).data == snap.data and sorted(buf._state.tail) == [2, 3]
+    assert buf.resize(5 * g) == snap.ptr  # unmaps them, then grows in place
+    assert buf._state.tail == {} and bytes(buf.read(snap.size)) == snap.data
+    c = device.counters()
+    assert c.mappings - live[2] == 5 and c.allocations - live[1] == 5
     buf.close()
     assert device.counters().live == live
+
+
+@pytest.mark.parametrize("then", ["sleep", "move", "close"])
+def test_pages_a_failed_growth_left_mapped_go_at_sleep_move_or_close(
+    device: vmmpool.Device, then: str
+) -> None:
+    g = device.granularity
+    live = device.counters().live
+    backend = device._backend
+    buf = grown(device, [2], 4)()
+    data = bytes(buf.read())
+    bad = "CUDA_ERROR_INVALID_VALUE"
+    backend.inject_fault("set_access", nth=1, name=bad)  # growth maps 2 pages, granting access
+    backend.inject_fault("unmap", nth=1, name=bad)  # fails, and unmapping them fails too
+    with pytest.raises(vmmpool.DriverError):
+        buf.resize(4 * g)
+    backend.clear_faults()
+    assert sorted(buf._state.tail) == [2, 3]
+    if then == "sleep":
+        buf.sleep()
+        assert device.counters().mappings == live[2] and buf._state.tail == {}
+        buf.wake()
+    elif then == "move":
+        buf.resize(6 * g, allow_move=True)
+        assert buf._state.tail == {} and device.counters().mappings - live[2] == 6
+    if then != "close":
+        assert bytes(buf.read(len(data))) == data
+    buf.close()
+    assert device.counters().live == live
+
+
+def _double_faults() -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """A growth of 3 pages failing at one call, then its undo failing at another."""
+    first = [("create", 2), ("map", 1), ("map", 3), ("set_access", 1)]
+    second = [("unmap", 1), ("unmap", 2), ("release", 1), ("release", 2)]
+    return [(a, b) for a in first for b in second]
+
+
+@pytest.mark.parametrize(("first", "second"), _double_faults())
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_double_faults_in_a_growth_never_lose_a_byte_or_leak(
+    first: tuple[str, int], second: tuple[str, int], pooled: bool
+) -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    g = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=16 * g) if pooled else None
+    buf = GrowableBuffer(max_size=8 * g, device=None if pooled else dev, pool=pool)
+    buf.resize(2 * g - 5)
+    fill(buf, 3)
+    snap = Snapshot.of(buf)
+    be = dev._backend
+    be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault(second[0], nth=second[1], name="CUDA_ERROR_INVALID_VALUE")
+    try:
+        buf.resize(5 * g)
+    except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
+        assert unchanged(buf, snap)
+    be.clear_faults()
+    assert buf._state.unusable is None
+    buf.resize(6 * g)
+    assert buf.ptr == snap.ptr and bytes(buf.read(snap.size)) == snap.data
+    c = dev.counters()
+    assert c.mappings == 6 and buf._state.tail == {}
+    buf.close()
+    if pool is not None:
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)
 
 
 def test_failed_undo_of_a_move_frees_both_ranges_on_close(device: vmmpool.Device) -> None:

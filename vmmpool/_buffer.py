@@ -27,7 +27,14 @@ the original error is raised, leaving ``ptr``, ``size``, ``capacity``, the
 contents and the backend's live counts exactly as they were. An injected fault
 fires once, so the undo steps themselves run clean.
 
-If an undo step itself fails (the driver failed twice in a row), the buffer
+If an undo step of a growth in place fails (the driver failed twice in a
+row: a map or access grant, then the unmap that undoes it), the buffer is
+still as it was (``ptr``, ``size``, ``capacity``, contents): only pages past
+its capacity stay mapped (``_State.tail``). Its next growth, move or sleep
+unmaps them first (raising, with nothing changed, if that fails again), and
+``close()`` frees them. The original error is raised with a note.
+
+If an undo step of a shrink or a move fails, the buffer
 cannot promise its old state any more. It then stops undoing, keeps every
 resource the operation had created, and becomes *unusable*: every call except
 ``close()`` and the plain properties raises :class:`~vmmpool.VmmError`
@@ -128,14 +135,20 @@ class _Undo:
     def push(self, fn: Callable[..., Any], *args: Any) -> None:
         self.steps.append((fn, args))
 
-    def run(self, state: _State, err: BaseException) -> None:
-        """Run the steps newest first; on a failure, stop and make the buffer unusable."""
+    def run(
+        self,
+        state: _State,
+        err: BaseException,
+        failed: Callable[[BaseException, BaseException, _Undo], None] | None = None,
+    ) -> None:
+        """Run the steps newest first; on a failure, stop and call `failed` (by default
+        make the buffer unusable)."""
         while self.steps:
             fn, args = self.steps.pop()
             try:
                 fn(*args)
             except Exception as undo_err:  # noqa: BLE001 - reported through `err`
-                state.make_unusable(err, undo_err, self)
+                (failed or state.make_unusable)(err, undo_err, self)
                 return
 
 
@@ -165,6 +178,7 @@ class _State:
         "shareable",
         "exported",
         "leases",
+        "tail",
     )
 
     def __init__(
@@ -208,6 +222,9 @@ class _State:
         #: Each share()'s lease and pages: once every receiver of a share is done (its
         #: handles and mappings closed, everywhere), its pages are no longer exported.
         self.leases: list[tuple[Lease, list[PhysicalAllocation]]] = []
+        #: Slots past the capacity that a growth whose undo failed left mapped -> the
+        #: page mapped there (never part of the buffer: unmapped by clear_tail()).
+        self.tail: dict[int, PhysicalAllocation] = {}
 
     def reap_leases(self) -> None:
         """Forget the shares whose receivers are all done (pages they alone exported included)."""
@@ -316,14 +333,66 @@ class _State:
     # ------------------------------------------------------------ operations
     def grow(self, count: int) -> None:
         """Map `count` more pages in place."""
+        self.clear_tail()
         undo = _Undo()
         try:
             new = self.acquire(undo, count)
             self.map_pages(undo, self.res, len(self.pages), new)
         except BaseException as err:
-            undo.run(self, err)
+            undo.run(self, err, self.grow_failed)
             raise
         self.pages.extend(new)
+
+    def grow_failed(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
+        """A growth's undo failed: the buffer is as it was; note what stays mapped past it.
+
+        The slots the reservation still maps past the capacity go to `tail`
+        with their pages (the growth mapped ``undo.pages`` in order from the
+        capacity on); the other pages it acquired are given back (kept until
+        ``close()`` if that fails too).
+        """
+        g = self.page
+        n0 = len(self.pages)
+        at = self.res.access_at
+        loose = []
+        for j, p in enumerate(undo.pages):
+            if at((n0 + j) * g) is not None:
+                self.tail[n0 + j] = p
+            elif not p.closed:
+                loose.append(p)
+        try:
+            self.give_back(loose)
+        except Exception:  # noqa: BLE001 - close() gives them back
+            _log.warning("undo of a failed growth: giving pages back failed; close() does", exc_info=True)
+            self.debris_pages.extend(loose)
+        _log.error(
+            "growth failed (%r) and undoing it failed too (%r): the buffer is as it was; %d page(s) "
+            "stay mapped past its capacity until its next growth, move, sleep or close()",
+            err, undo_err, len(self.tail),
+        )
+        if hasattr(err, "add_note"):
+            err.add_note(
+                f"vmmpool: undoing it also failed ({undo_err!r}); the buffer is as it was, "
+                f"{len(self.tail)} page(s) stay mapped past its capacity until its next growth"
+            )
+
+    def clear_tail(self) -> None:
+        """Unmap the slots a failed growth left mapped past the capacity, give their pages back.
+
+        Raises what the unmap raises; what it did not unmap stays in `tail`.
+        """
+        if not self.tail:
+            return
+        g = self.page
+        for first, count in _runs(sorted(self.tail)):
+            self.res.unmap(first * g, count * g)  # never used by the buffer: no wait needed
+            pages = [self.tail.pop(i) for i in range(first, first + count)]
+            try:
+                self.give_back(pages)
+            except Exception:  # noqa: BLE001 - close() gives them back
+                _log.warning("giving back pages a failed growth left mapped failed; close() does",
+                             exc_info=True)
+                self.debris_pages.extend(p for p in pages if not p.closed)
 
     def shrink(self, keep: int) -> None:
         """Unmap and give back every page from index `keep` on."""
@@ -333,6 +402,7 @@ class _State:
 
     def move(self, new_size: int, target: int) -> None:
         """Map every page (plus new ones up to `target`) into a new range of `new_size` bytes."""
+        self.clear_tail()
         old = self.res
         undo = _Undo()
         try:
@@ -390,6 +460,7 @@ class _State:
         with its backup, and :meth:`wake` retries.
         """
         t0 = time.perf_counter()
+        self.clear_tail()
         n = len(self.pages)
         g = self.page
         self.quiesce()
@@ -708,7 +779,7 @@ class _State:
         """
         held = [
             *self.pages, *self.debris_pages, *self.kept.values(), *self.spare,
-            *(p for p in self.stale.values() if p is not None),
+            *(p for p in self.stale.values() if p is not None), *self.tail.values(),
         ]
         if (
             self.res.closed and not self.debris_res and not held
@@ -726,6 +797,7 @@ class _State:
         self.kept = {}
         self.stale = {}
         self.spare = []
+        self.tail = {}
         self.size = 0
         self.asleep = None
         self.backup = None
