@@ -31,8 +31,9 @@ If an undo step of a growth in place fails (the driver failed twice in a
 row: a map or access grant, then the unmap that undoes it), the buffer is
 still as it was (``ptr``, ``size``, ``capacity``, contents): only pages past
 its capacity stay mapped (``_State.tail``). Its next growth, move or sleep
-unmaps them first (raising, with nothing changed, if that fails again), and
-``close()`` frees them. The original error is raised with a note.
+unmaps them first (raising, with nothing changed, if that fails again), a
+resize, reserve or shrink that maps nothing tries too (logging a failure),
+and ``close()`` frees them. The original error is raised with a note.
 
 If an undo step of a shrink or a move fails, the buffer
 cannot promise its old state any more. It then stops undoing, keeps every
@@ -375,6 +376,15 @@ class _State:
                 f"vmmpool: undoing it also failed ({undo_err!r}); the buffer is as it was, "
                 f"{len(self.tail)} page(s) stay mapped past its capacity until its next growth"
             )
+
+    def clear_tail_quietly(self) -> None:
+        """:meth:`clear_tail` where nothing else needs it to succeed (a shrink): a failure is logged."""
+        if self.tail:
+            try:
+                self.clear_tail()
+            except Exception:  # noqa: BLE001 - the next growth, move, sleep or close() retries
+                _log.warning("unmapping pages a failed growth left mapped failed; retried later",
+                             exc_info=True)
 
     def clear_tail(self) -> None:
         """Unmap the slots a failed growth left mapped past the capacity, give their pages back.
@@ -822,7 +832,7 @@ def _growth_oom(
 ) -> OutOfMemoryError:
     """The out-of-memory error of a growth, naming the user's request, not the failing page."""
     detail = err.message or str(err)
-    return OutOfMemoryError(
+    out = OutOfMemoryError(
         nbytes,
         err.in_use,
         err.limit,
@@ -833,6 +843,10 @@ def _growth_oom(
         ),
         status=err.status,
     )
+    if hasattr(out, "add_note"):  # Python >= 3.11: an undo's failure, noted on `err`
+        for note in getattr(err, "__notes__", ()):
+            out.add_note(note)
+    return out
 
 
 def _release(state: _State) -> None:
@@ -1063,6 +1077,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
     def _apply(self, st: _State, target: int, nbytes: int, allow_move: bool, what: str) -> None:
         """Bring the mapped pages to `target`, growing, moving or shrinking."""
         have = len(st.pages)
+        if target <= have:
+            st.clear_tail_quietly()  # (a growth or a move clears it first, raising on failure)
         if target > have:
             if target * st.page > st.res.size:
                 if not allow_move:
