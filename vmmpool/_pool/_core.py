@@ -915,24 +915,34 @@ class Core:
         sweep (the first cache of each step has none).
         """
         low = r - r * SLIDE_GROWTH
+        need = SLIDE_SMALL_SET if r <= self.P else 0  # (a small block: a bigger set)
         newest: Block | None = None
         oldest: Block | None = None  # the oldest smaller one in `h`: the next one freed
         counts: dict[int, int] = {}
+        top = total = 0
         smaller = False
-        for x in itertools.islice(reversed(self.live), SLIDE_SCAN):
+        # The walk stops once the test passes (it stays passed: the newest of `h` comes
+        # first, the counts only grow); the rest of it is walked only for the wrap round.
+        walk = itertools.islice(reversed(self.live), SLIDE_SCAN)
+        for x in walk:
             n = x.size
             if low <= n <= r:
-                counts[n] = counts.get(n, 0) + 1
+                c = counts[n] = counts.get(n, 0) + 1
+                if c > top:
+                    top = c
+                total += 1
                 if n < r:
                     smaller = True
-                if newest is None and x.arena.heap is h:
-                    newest = x
-                if x.arena.heap is h and n < r:
-                    oldest = x
-        if newest is None or not smaller or max(counts.values()) < SLIDE_PEERS:
+                if x.arena.heap is h:
+                    if newest is None:
+                        newest = x
+                    if n < r:
+                        oldest = x
+                if newest is not None and smaller and top >= SLIDE_PEERS and total >= need:
+                    break
+        else:
             return None
-        if r <= self.P and sum(counts.values()) < SLIDE_SMALL_SET:
-            return None  # a small block: too few alike to be a set of caches (see SLIDE_SMALL_SET)
+        assert newest is not None
         a = newest.arena
         head = newest.addr + newest.size
         f = h.by_start.get(head)
@@ -941,6 +951,9 @@ class Core:
         if f is not None and f.size >= r:
             h.remove(f)
             return f
+        for x in walk:  # the rest of the walk: the oldest smaller one in `h`
+            if x.arena.heap is h and low <= x.size < r:
+                oldest = x
         if oldest is not None:  # wrap round: the free range just before the oldest
             f0 = h.by_end.get(oldest.addr)
             if f0 is not None and f0.arena is oldest.arena and f0.size >= r:
