@@ -206,6 +206,7 @@ def test_a_growth_whose_undo_fails_leaves_the_buffer_as_it_was(
     assert "undoing it failed too" in caplog.text
     assert unchanged(buf, snap)
     assert buf._state.unusable is None and sorted(buf._state.tail) == [2, 3]
+    assert "2 page(s) a failed growth left mapped past the capacity" in repr(buf)
     c = device.counters()
     assert c.mappings - live[2] == 4 and c.allocations - live[1] == 4  # 2 + the 2 left mapped
     backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")  # the next growth's
@@ -216,6 +217,7 @@ def test_a_growth_whose_undo_fails_leaves_the_buffer_as_it_was(
     assert Snapshot.of(buf).data == snap.data and sorted(buf._state.tail) == [2, 3]
     assert buf.resize(5 * g) == snap.ptr  # unmaps them, then grows in place
     assert buf._state.tail == {} and bytes(buf.read(snap.size)) == snap.data
+    assert "failed growth" not in repr(buf)
     c = device.counters()
     assert c.mappings - live[2] == 5 and c.allocations - live[1] == 5
     buf.close()

@@ -1576,6 +1576,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             return f"<GrowableBuffer on {self._state.device} closed>"
         st = self._state
         state = " unusable" if st.unusable else " asleep" if st.asleep is not None else ""
+        if st.tail:  # (see _State.grow_failed)
+            state += f", {len(st.tail)} page(s) a failed growth left mapped past the capacity"
         pages = len(st.pages) if st.asleep is None else st.asleep
         return (
             f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "
