@@ -330,16 +330,48 @@ def test_failed_undo_of_a_move_frees_both_ranges_on_close(device: vmmpool.Device
     assert device.counters().live == live
 
 
-def test_failed_undo_of_a_shrink(device: vmmpool.Device) -> None:
+@pytest.mark.parametrize(
+    "faults", [(("unmap", 1), ("retain", 2)), (("release", 2), ("retain", 1)), (("unmap", 1), ("retain", 1))]
+)
+@pytest.mark.parametrize("then", ["move", "sleep", "shrink", "share", "close"])
+def test_a_shrink_whose_undo_fails_leaves_the_buffer_as_it_was(
+    device: vmmpool.Device, faults: tuple[tuple[str, int], ...], then: str
+) -> None:
+    """Without a pool a shrink releases the handles of the pages it drops, then unmaps them.
+    The unmap (or a release) fails and taking a handle back fails too: the buffer is as it
+    was, those pages keep their memory through their mappings, and a move, sleep or share
+    takes their handles back first; nothing leaks."""
     g = device.granularity
     live = device.counters().live
     backend = device._backend
-    buf = grown(device, [4], 4)()
-    backend.inject_fault("unmap", nth=1)
-    backend.inject_fault("retain", nth=2)
-    with pytest.raises(vmmpool.OutOfMemoryError):
+    shareable = then == "share"
+    buf = GrowableBuffer(max_size=4 * g, device=device, shareable=shareable)
+    buf.resize(4 * g)
+    fill(buf, 5)
+    snap = Snapshot.of(buf)
+    for op, nth in faults:
+        backend.inject_fault(op, nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
         buf.resize(g)
     backend.clear_faults()
+    st = buf._state
+    assert st.unusable is None and st.released, st.released
+    assert unchanged(buf, snap)
+    if then == "move":
+        buf.resize(6 * g, allow_move=True)
+        assert not st.released and bytes(buf.read(snap.size)) == snap.data
+    elif then == "sleep":
+        buf.sleep()
+        assert not st.released
+        buf.wake()
+        assert bytes(buf.read()) == snap.data
+    elif then == "shrink":
+        buf.resize(g)
+        assert not st.released and bytes(buf.read()) == snap.data[:g]
+    elif then == "share":
+        handle = buf.share()
+        assert not st.released
+        handle.close()
     buf.close()
     assert device.counters().live == live
 

@@ -35,7 +35,13 @@ unmaps them first (raising, with nothing changed, if that fails again), a
 resize, reserve or shrink that maps nothing tries too (logging a failure),
 and ``close()`` frees them. The original error is raised with a note.
 
-If an undo step of a shrink or a move fails, the buffer
+Without a pool, a shrink releases the handles of the pages it drops, then
+unmaps them; if that fails and taking a handle back fails too, the buffer is
+still as it was: those pages keep their memory through their mappings
+(``_State.released``), and a move, share or sleep takes their handles back
+first (raising, with nothing changed, if that fails again).
+
+If an undo step of a shrink with a pool, or of a move, fails, the buffer
 cannot promise its old state any more. It then stops undoing, keeps every
 resource the operation had created, and becomes *unusable*: every call except
 ``close()`` and the plain properties raises :class:`~vmmpool.VmmError`
@@ -180,6 +186,7 @@ class _State:
         "exported",
         "leases",
         "tail",
+        "released",
     )
 
     def __init__(
@@ -226,6 +233,9 @@ class _State:
         #: Slots past the capacity that a growth whose undo failed left mapped -> the
         #: page mapped there (never part of the buffer: unmapped by clear_tail()).
         self.tail: dict[int, PhysicalAllocation] = {}
+        #: Page indexes whose handle a failed shrink released while they stayed mapped (no
+        #: pool): their memory lives through the mapping; retain_released() takes them back.
+        self.released: set[int] = set()
 
     def reap_leases(self) -> None:
         """Forget the shares whose receivers are all done (pages they alone exported included)."""
@@ -329,6 +339,7 @@ class _State:
             i = first + indices[-1]
             handle = backend.retain(self.res.address + i * self.page)
             self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
+            self.released.discard(i)
             indices.pop()
 
     # ------------------------------------------------------------ operations
@@ -366,16 +377,9 @@ class _State:
         except Exception:  # noqa: BLE001 - close() gives them back
             _log.warning("undo of a failed growth: giving pages back failed; close() does", exc_info=True)
             self.debris_pages.extend(loose)
-        _log.error(
-            "growth failed (%r) and undoing it failed too (%r): the buffer is as it was; %d page(s) "
-            "stay mapped past its capacity until its next growth, move, sleep or close()",
-            err, undo_err, len(self.tail),
-        )
-        if hasattr(err, "add_note"):
-            err.add_note(
-                f"vmmpool: undoing it also failed ({undo_err!r}); the buffer is as it was, "
-                f"{len(self.tail)} page(s) stay mapped past its capacity until its next growth"
-            )
+        n = len(self.tail)
+        _undo_failed("growth", err, undo_err, f"{n} page(s) stay mapped past its capacity until "
+                     "its next growth, move, sleep or close()")
 
     def clear_tail_quietly(self) -> None:
         """:meth:`clear_tail` where nothing else needs it to succeed (a shrink): a failure is logged."""
@@ -407,12 +411,37 @@ class _State:
     def shrink(self, keep: int) -> None:
         """Unmap and give back every page from index `keep` on."""
         self.sync()
-        self.give_piece(keep, len(self.pages) - keep)
+        self.give_piece(keep, len(self.pages) - keep, self.shrink_failed)
         del self.pages[keep:]
+        if self.released:
+            self.released = {i for i in self.released if i < keep}
+
+    def shrink_failed(self, err: BaseException, undo_err: BaseException, first: int,
+                      released: list[int]) -> None:
+        """A shrink without a pool failed and taking back a handle it released failed too.
+
+        Nothing was unmapped (the unmap is the shrink's last step), so the
+        buffer is as it was: the pages ``first + i`` for `released` keep their
+        memory through their mappings, with released handles, until
+        :meth:`retain_released` (a move, share or sleep) or an unmap.
+        """
+        self.released.update(first + i for i in released)
+        _undo_failed("shrink", err, undo_err, f"{len(released)} page(s) keep their memory through "
+                     "their mappings, their handles released, until a move, share or sleep")
+
+    def retain_released(self) -> None:
+        """Take back the handles a failed shrink released (raises what retain raises)."""
+        if self.released:
+            left = sorted(self.released)
+            try:
+                self.retain_back(0, left)
+            finally:
+                self.released = set(left)
 
     def move(self, new_size: int, target: int) -> None:
         """Map every page (plus new ones up to `target`) into a new range of `new_size` bytes."""
         self.clear_tail()
+        self.retain_released()
         old = self.res
         undo = _Undo()
         try:
@@ -471,6 +500,7 @@ class _State:
         """
         t0 = time.perf_counter()
         self.clear_tail()
+        self.retain_released()
         n = len(self.pages)
         g = self.page
         self.quiesce()
@@ -506,16 +536,29 @@ class _State:
         c.sleep_bytes += data.nbytes if data is not None else 0
         c.sleep_seconds += time.perf_counter() - t0
 
-    def give_piece(self, first: int, m: int) -> None:
-        """Unmap pages ``[first, first + m)`` and give them back (all or nothing)."""
+    def give_piece(
+        self,
+        first: int,
+        m: int,
+        failed: Callable[[BaseException, BaseException, int, list[int]], None] | None = None,
+    ) -> None:
+        """Unmap pages ``[first, first + m)`` and give them back (all or nothing).
+
+        Without a pool, `failed` (if given) handles an undo that fails: it gets the
+        indexes (from `first`) whose handles stay released.
+        """
         g = self.page
         pages = self.pages[first : first + m]
         undo = _Undo()
+        released: list[int] = []
+        on_fail = None
+        if failed is not None and self.pool is None:
+            def on_fail(e: BaseException, u: BaseException, _undo: _Undo) -> None:
+                failed(e, u, first, released)
         try:
             if self.pool is None:
                 # Release while still mapped (legal, rule 7) so that a failure
                 # can be undone with retain; the unmap then frees the memory.
-                released: list[int] = []
                 undo.push(self.retain_back, first, released)
                 for i, p in enumerate(pages):
                     p.close()
@@ -526,7 +569,7 @@ class _State:
                 undo.push(self.remap, self.res, first, pages)
                 self.give_back(pages)  # shared pages as discarded
         except BaseException as err:
-            undo.run(self, err)
+            undo.run(self, err, on_fail)
             raise
 
     def sleep_piece(self, first: int, m: int) -> None:
@@ -808,12 +851,21 @@ class _State:
         self.stale = {}
         self.spare = []
         self.tail = {}
+        self.released = set()
         self.size = 0
         self.asleep = None
         self.backup = None
         if self.staging is not None:
             self.staging.close()
         self.close_leases()
+
+
+def _undo_failed(what: str, err: BaseException, undo_err: BaseException, detail: str) -> None:
+    """Report an operation whose undo failed too, the buffer being as it was: log, note on `err`."""
+    _log.error("%s failed (%r) and undoing it failed too (%r): the buffer is as it was; %s",
+               what, err, undo_err, detail)
+    if hasattr(err, "add_note"):  # Python >= 3.11
+        err.add_note(f"vmmpool: undoing it also failed ({undo_err!r}); the buffer is as it was, {detail}")
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -1387,6 +1439,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 raise AsleepError("GrowableBuffer", "share()")  # its pages were given back
             if st.size == 0:
                 raise ValueError("cannot share a GrowableBuffer of size 0: resize() it first")
+            st.retain_released()  # (handles a failed shrink released: exported below)
             pages = st.pages[: self._pages_for(st.size)]
             handle, lease = SharedMemoryHandle._make(
                 st.device, "GrowableBuffer", pages, st.size, 0, st.page
