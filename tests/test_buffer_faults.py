@@ -10,6 +10,7 @@ must be exactly what they were.
 from __future__ import annotations
 
 import ctypes
+import gc
 import random
 import sys
 from collections.abc import Callable
@@ -421,3 +422,32 @@ def test_thousand_random_resizes() -> None:
             size = n
         assert buf.ptr == ptr
     assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("faults", [(("unmap", 1),), (("unmap", 1), ("retain", 1))])
+def test_a_shared_page_taken_back_after_a_failed_shrink_stays_shared(
+    device: vmmpool.Device, faults: tuple[tuple[str, int], ...]
+) -> None:
+    """A failed shrink takes the handles it released back as new objects (at once, or at the
+    next move): pages a share exported stay exported, so a sleep is refused while the
+    receiver maps them (it was not: the share was tracked by the old objects)."""
+    g = device.granularity
+    live = device.counters().live
+    buf = GrowableBuffer(max_size=4 * g, device=device, shareable=True)
+    buf.resize(4 * g)
+    handle = buf.share()
+    mapped = handle.open(device)
+    for op, nth in faults:
+        device._backend.inject_fault(op, nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        buf.resize(0)
+    device._backend.clear_faults()
+    buf.resize(6 * g, allow_move=True)  # takes back what stayed released
+    assert not buf._state.released
+    with pytest.raises(ValueError, match="shared"):
+        buf.sleep()
+    mapped.close()
+    handle.close()
+    buf.close()
+    gc.collect()
+    assert device.counters().live == live

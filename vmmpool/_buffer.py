@@ -338,7 +338,13 @@ class _State:
         while indices:
             i = first + indices[-1]
             handle = backend.retain(self.res.address + i * self.page)
-            self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
+            old = self.pages[i]
+            new = self.pages[i] = PhysicalAllocation(self.device, handle, self.page, self.shareable)
+            if old in self.exported:  # a share's page: the new object stands for it there too
+                self.exported.discard(old)
+                self.exported.add(new)
+                for _lease, shared in self.leases:
+                    shared[:] = [new if q is old else q for q in shared]
             self.released.discard(i)
             indices.pop()
 
@@ -1631,6 +1637,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         state = " unusable" if st.unusable else " asleep" if st.asleep is not None else ""
         if st.tail:  # (see _State.grow_failed)
             state += f", {len(st.tail)} page(s) a failed growth left mapped past the capacity"
+        if st.released:  # (see _State.shrink_failed)
+            state += f", {len(st.released)} page(s) whose handles a failed shrink released"
         pages = len(st.pages) if st.asleep is None else st.asleep
         return (
             f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "
