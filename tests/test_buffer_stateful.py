@@ -2,15 +2,19 @@
 
 Random resize / reserve / shrink_to_fit (moving past ``max_size`` or not) /
 write / sleep (with and without a backup) / wake / views kept alive across
-steps / one injected driver fault before an operation, on a buffer of 64 KiB
-pages with or without a PagePool behind it. A model holds the bytes the
+steps / up to two injected driver faults in an operation (the second often
+in the undo of the first), on a buffer of 64 KiB pages with or without a
+PagePool behind it. A model holds the bytes the
 buffer must hold (those it was given, never the undefined bytes of new pages).
 After every step: pointer, size and capacity are what the documented rules
 say (capacity: the smallest page multiple holding the size, never below what
 ``reserve`` asked for until ``shrink_to_fit``; the pointer moves only past
 ``max_size``), every known byte survived (read through ``read()`` and through
-each live view), a failed operation changed nothing, the device holds exactly
-the buffer's mapped pages (and the pool's cached ones), and ``n_sleeps -
+each live view), a failed operation changed nothing (where the documentation
+allows it, a double fault left a sleep asleep with its backup, or made a move
+or a pooled shrink unusable: the buffer is then closed and a new one made),
+the device holds exactly the buffer's mapped pages (plus those a failed growth
+left mapped, and the pool's cached ones), and ``n_sleeps -
 n_wakes`` is 1 asleep and 0 awake. At the end ``close()`` leaves nothing live.
 """
 
@@ -59,13 +63,24 @@ class BufferMachine(RuleBasedStateMachine):
     def start(self, pooled: bool, max_pages: int, initial: int) -> None:
         if pooled:
             self.pool = PagePool(self.dev, limit=LIMIT * P)
+        self.new_buffer(max_pages, initial)
+
+    def new_buffer(self, max_pages: int, initial: int) -> None:
         initial = min(initial, max_pages * P)
         self.buf = GrowableBuffer(
-            max_size=max_pages * P, device=None if pooled else self.dev, pool=self.pool,
-            initial_size=initial,
+            max_size=max_pages * P, device=None if self.pool is not None else self.dev,
+            pool=self.pool, initial_size=initial,
         )
         self.max_pages = max_pages
+        self.known = bytearray()
+        self.floor = 0
         self.fill(0, initial)
+
+    @precondition(lambda self: self.buf is None)
+    @rule(max_pages=st.integers(1, 8), initial=st.integers(0, 3 * P))
+    def restart(self, max_pages: int, initial: int) -> None:
+        """After a documented double fault made the buffer unusable (it was closed): a new one."""
+        self.new_buffer(max_pages, initial)
 
     def fill(self, lo: int, hi: int) -> None:
         """Write fresh bytes to [lo, hi) and note them."""
@@ -92,20 +107,29 @@ class BufferMachine(RuleBasedStateMachine):
         """Bytes past the capacity are gone; those past the size in mapped pages stay."""
         del self.known[capacity:]
 
-    def arm(self, fault: tuple[str, int] | None) -> None:
-        if fault is not None:
-            op, nth = fault
+    def arm(self, faults: list[tuple[str, int]]) -> None:
+        for op, nth in faults:
             self.dev._backend.inject_fault(op, nth=nth, name="CUDA_ERROR_INVALID_VALUE")
 
-    def attempt(self, fault: tuple[str, int] | None, call: object) -> bool:
-        """Run `call` with `fault` armed: True if it succeeded; a failure changed nothing."""
+    def attempt(self, faults: list[tuple[str, int]], call: object, may_break: bool = False) -> bool:
+        """Run `call` with `faults` armed: True if it succeeded. A failure changed nothing, but
+        where the documentation allows it (`may_break`: a move, or a shrink with a pool, whose
+        undo failed too) it made the buffer unusable: then it is closed and the run goes on
+        without it."""
         before = self.state()
-        self.arm(fault)
+        self.arm(faults)
         try:
             call()  # type: ignore[operator]
         except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
-            assert fault is not None or self.pool is not None, "failed without a fault"
-            assert self.buf is not None and self.buf._state.unusable is None
+            assert faults or self.pool is not None, "failed without a fault"
+            assert self.buf is not None
+            if self.buf._state.unusable is not None:
+                assert may_break and len(faults) == 2, self.buf._state.unusable
+                self.views.clear()
+                gc.collect()
+                self.buf.close()
+                self.buf = None
+                return False
             assert self.state() == before, "a failed operation changed the buffer"
             return False
         finally:
@@ -120,12 +144,13 @@ class BufferMachine(RuleBasedStateMachine):
             return
         raise AssertionError(f"{what} did not raise {exc.__name__}")
 
-    faults = st.none() | st.tuples(st.sampled_from(FAULT_OPS), st.integers(1, 4))
+    #: None, one or two faults (the second often in the undo of the first's failure)
+    faults = st.lists(st.tuples(st.sampled_from(FAULT_OPS), st.integers(1, 4)), max_size=2)
 
     # ------------------------------------------------------------------ rules
     @precondition(lambda self: self.buf is not None and not self.asleep)
     @rule(n=st.integers(0, 10 * P), move=st.booleans(), fault=faults)
-    def resize(self, n: int, move: bool, fault: tuple[str, int] | None) -> None:
+    def resize(self, n: int, move: bool, fault: list[tuple[str, int]]) -> None:
         b = self.buf
         assert b is not None
         old_ptr, old_size, old_max = b.ptr, b.size, b.max_size
@@ -140,7 +165,8 @@ class BufferMachine(RuleBasedStateMachine):
                          "a resize that unmaps (or moves) bytes under a live view")
             assert self.state()[:2] == (old_ptr, old_size)
             return
-        if not self.attempt(fault, lambda: b.resize(n, allow_move=move)):
+        breaks = n > old_max or (self.pool is not None and target < self.capacity_pages())
+        if not self.attempt(fault, lambda: b.resize(n, allow_move=move), breaks):
             return
         assert b.size == n
         assert b.capacity == target * P, (b.capacity, target)
@@ -154,7 +180,7 @@ class BufferMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.buf is not None and not self.asleep)
     @rule(n=st.integers(0, 10 * P), move=st.booleans(), fault=faults)
-    def reserve(self, n: int, move: bool, fault: tuple[str, int] | None) -> None:
+    def reserve(self, n: int, move: bool, fault: list[tuple[str, int]]) -> None:
         b = self.buf
         assert b is not None
         old_ptr, old_max, have = b.ptr, b.max_size, self.capacity_pages()
@@ -164,7 +190,7 @@ class BufferMachine(RuleBasedStateMachine):
         if n > old_max and self.views:
             self.refused(lambda: b.reserve(n, allow_move=True), BufferError, "a move with live views")
             return
-        if not self.attempt(fault, lambda: b.reserve(n, allow_move=move)):
+        if not self.attempt(fault, lambda: b.reserve(n, allow_move=move), n > old_max):
             return
         assert b.capacity == max(_pages(n), have) * P
         if n <= old_max:
@@ -173,14 +199,15 @@ class BufferMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.buf is not None and not self.asleep)
     @rule(fault=faults)
-    def shrink_to_fit(self, fault: tuple[str, int] | None) -> None:
+    def shrink_to_fit(self, fault: list[tuple[str, int]]) -> None:
         b = self.buf
         assert b is not None
         target = _pages(b.size)
         if any(off + ln > target * P for _v, off, ln in self.views):
             self.refused(b.shrink_to_fit, BufferError, "shrink_to_fit under a live view")
             return
-        if not self.attempt(fault, b.shrink_to_fit):
+        breaks = self.pool is not None and target < self.capacity_pages()
+        if not self.attempt(fault, b.shrink_to_fit, breaks):
             return
         assert b.capacity == target * P
         self.floor = 0
@@ -213,27 +240,40 @@ class BufferMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.buf is not None and not self.asleep and not self.views)
     @rule(backup=st.booleans(), fault=faults)
-    def sleep(self, backup: bool, fault: tuple[str, int] | None) -> None:
+    def sleep(self, backup: bool, fault: list[tuple[str, int]]) -> None:
         b = self.buf
         assert b is not None
         cap = b.capacity
-        if not self.attempt(fault, lambda: b.sleep(backup)):
-            assert not b.asleep
+        before = self.state()
+        self.arm(fault)
+        try:
+            b.sleep(backup)
+        except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
+            assert fault or self.pool is not None, "failed without a fault"
+            assert b._state.unusable is None  # sleep never leaves it unusable
+            if b.asleep:  # its undo failed too: asleep with its backup (documented)
+                assert len(fault) == 2
+                self.asleep = True
+                self.lost = not backup
+            else:
+                assert self.state() == before, "a failed sleep changed the buffer"
             return
+        finally:
+            self.dev._backend.clear_faults()
         assert b.asleep and b.capacity == cap
         self.asleep = True
         self.lost = not backup
 
     @precondition(lambda self: self.asleep)
     @rule(fault=faults)
-    def wake(self, fault: tuple[str, int] | None) -> None:
+    def wake(self, fault: list[tuple[str, int]]) -> None:
         b = self.buf
         assert b is not None
         self.arm(fault)
         try:
             b.wake()
         except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
-            assert fault is not None or self.pool is not None
+            assert fault or self.pool is not None
             assert b.asleep and b._state.unusable is None  # a failed wake: still asleep
             return
         finally:
@@ -263,8 +303,8 @@ class BufferMachine(RuleBasedStateMachine):
         assert s.n_sleeps - s.n_wakes == (1 if b.asleep else 0), s
         assert b.asleep == self.asleep
         c = self.dev.counters()
-        if self.asleep:
-            assert c.mappings == 0, c
+        if self.asleep:  # (a failed sleep or wake may leave slots mapped: kept or stale)
+            assert c.mappings == len(b._state.kept) + len(b._state.stale), (c, b._state.kept)
             return
         assert b.capacity == max(_pages(b.size), self.floor, b.capacity // P) * P
         assert b.capacity >= _pages(b.size) * P and b.capacity // P >= self.floor
@@ -272,9 +312,11 @@ class BufferMachine(RuleBasedStateMachine):
         assert bytes(b.read(n)) == bytes(self.known[:n]), "bytes lost"
         for arr, off, ln in self.views:
             assert bytes(np.asarray(arr).tobytes()) == bytes(self.known[off : off + ln]), "view bytes lost"
-        assert c.mappings == b.capacity // P, (c, b.capacity)
+        st_ = b._state  # pages a failed growth left mapped past the capacity are mapped too
+        assert c.mappings == b.capacity // P + len(st_.tail), (c, b.capacity, st_.tail)
         if self.pool is None:
-            assert c.allocations == b.capacity // P, c
+            debris = sum(1 for p in st_.debris_pages if not p.closed)
+            assert c.allocations == b.capacity // P + len(st_.tail) + debris, c
         else:
             assert c.allocations == self.pool.stats().total_pages, (c, self.pool.stats())
 
