@@ -213,22 +213,25 @@ class BufferMachine(RuleBasedStateMachine):
         self.floor = 0
         self.unmapped_from(b.capacity)
 
-    @precondition(lambda self: self.buf is not None and not self.asleep and self.buf.size > 0)
-    @rule(data=st.data())
-    def write(self, data: st.DataObject) -> None:
+    def span(self, data: st.DataObject, most: int | None) -> tuple[int, int]:
+        """A non-empty byte range [lo, hi) inside the size, at most `most` long."""
         assert self.buf is not None
         size = self.buf.size
         lo = data.draw(st.integers(0, size - 1))
-        hi = data.draw(st.integers(lo + 1, min(size, lo + 3 * P)))
+        return lo, data.draw(st.integers(lo + 1, size if most is None else min(size, lo + most)))
+
+    @precondition(lambda self: self.buf is not None and not self.asleep and self.buf.size > 0)
+    @rule(data=st.data())
+    def write(self, data: st.DataObject) -> None:
+        lo, hi = self.span(data, 3 * P)
         self.fill(lo, hi)
 
     @precondition(lambda self: self.buf is not None and not self.asleep and self.buf.size > 0)
     @rule(data=st.data())
     def take_view(self, data: st.DataObject) -> None:
+        off, end = self.span(data, None)
+        ln = end - off
         assert self.buf is not None
-        size = self.buf.size
-        off = data.draw(st.integers(0, size - 1))
-        ln = data.draw(st.integers(1, size - off))
         arr = np.from_dlpack(self.buf.view(shape=ln, offset=off))
         self.views.append((arr, off, ln))
 

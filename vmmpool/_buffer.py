@@ -529,18 +529,12 @@ class _State:
                 self.sleep_failed(n, done, data, err)
             finally:
                 if self.asleep is not None:  # left asleep (its undo failed): it went to sleep
-                    self.count_sleep(data, t0)
+                    self.sleeps.slept(data.nbytes if data is not None else 0, t0)
             raise
         self.pages = []
         self.asleep = n
         self.backup = data
-        self.count_sleep(data, t0)
-
-    def count_sleep(self, data: np.ndarray | None, t0: float) -> None:
-        c = self.sleeps
-        c.n_sleeps += 1
-        c.sleep_bytes += data.nbytes if data is not None else 0
-        c.sleep_seconds += time.perf_counter() - t0
+        self.sleeps.slept(data.nbytes if data is not None else 0, t0)
 
     def give_piece(
         self,
@@ -758,10 +752,7 @@ class _State:
         self.asleep = None
         self.backup = None
         if not undo:
-            c = self.sleeps
-            c.n_wakes += 1
-            c.wake_bytes += data.nbytes if data is not None else 0
-            c.wake_seconds += time.perf_counter() - t0
+            self.sleeps.woke(data.nbytes if data is not None else 0, t0)
 
     def wake_failed(
         self,

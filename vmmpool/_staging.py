@@ -30,6 +30,7 @@ import ctypes
 import logging
 import mmap
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,19 @@ class SleepCounts:
         self.wake_bytes = 0
         self.sleep_seconds = 0.0
         self.wake_seconds = 0.0
+
+    def slept(self, nbytes: int, t0: float) -> None:
+        """Count a sleep that began at ``time.perf_counter()`` `t0` and backed up `nbytes`
+        (also one that failed and left its object asleep: it went to sleep)."""
+        self.n_sleeps += 1
+        self.sleep_bytes += nbytes
+        self.sleep_seconds += time.perf_counter() - t0
+
+    def woke(self, nbytes: int, t0: float) -> None:
+        """Count a wake that began at `t0` and copied `nbytes` back."""
+        self.n_wakes += 1
+        self.wake_bytes += nbytes
+        self.wake_seconds += time.perf_counter() - t0
 
 
 @dataclass(frozen=True)

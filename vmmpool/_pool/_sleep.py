@@ -311,7 +311,7 @@ def sleep(core: Core, backup: bool) -> None:
                 err, undo_err, exc_info=True,
             )
             _record(core, "segment_unmap", unmapped)  # what stays unmapped: wake() maps it back
-            _count_sleep(core, nbytes if backup else 0, t0)  # it went to sleep all the same
+            core.sleeps.slept(nbytes if backup else 0, t0)  # it went to sleep all the same
             raise
         core.asleep = None
         core.n_asleep = 0
@@ -319,7 +319,7 @@ def sleep(core: Core, backup: bool) -> None:
     core.asleep = asleep
     core.n_asleep = len(offsets)
     _record(core, "segment_unmap", runs)
-    _count_sleep(core, nbytes if backup else 0, t0)
+    core.sleeps.slept(nbytes if backup else 0, t0)
     logger.info(
         "sleep: gave %d page(s) back, %d byte(s) backed up in %d run(s)",
         len(offsets), nbytes if backup else 0, len(runs),
@@ -380,14 +380,6 @@ def forget_freed(core: Core) -> None:
                     h.add(Block(a, lo, end - lo, b.seq))
                 if not a.mapped:
                     core.note_emptied(st)  # a retired stream left with nothing: forgotten at wake
-
-
-def _count_sleep(core: Core, nbytes: int, t0: float) -> None:
-    """Count a sleep: the pool went to sleep (also when a failed sleep's undo left it asleep)."""
-    c = core.sleeps
-    c.n_sleeps += 1
-    c.sleep_bytes += nbytes
-    c.sleep_seconds += time.perf_counter() - t0
 
 
 def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
@@ -548,10 +540,7 @@ def wake(core: Core) -> None:
     core.n_asleep = 0
     if core.emptied:
         core.drop_emptied(None)  # best effort, as after a reclaim
-    c = core.sleeps
-    c.n_wakes += 1
-    c.wake_bytes += n * core.P if sl.backup is not None else 0
-    c.wake_seconds += time.perf_counter() - t0
+    core.sleeps.woke(n * core.P if sl.backup is not None else 0, t0)
     logger.info("wake: mapped %d page(s) back in %d run(s)", n, len(runs))
 
 
