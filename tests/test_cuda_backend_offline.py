@@ -419,6 +419,40 @@ def test_counters_one_unmap_over_adjacent_mappings(backend: CudaBackend, fake: F
     backend.free_address(addr, 8 * G)
 
 
+def test_mapped_at_reports_the_owners_access_from_the_recorded_grants(
+    backend: CudaBackend, fake: FakeDriver
+) -> None:
+    # mapped_at (PagePool._check's view, no driver call) knows the access the backend granted
+    # its own device: none after cuMemMap, what cuMemSetAccess gave it after, and a grant to
+    # another device alone changes nothing; an unmap forgets it.
+    addr = backend.reserve(4 * G)
+    handles = [backend.create(G) for _ in range(3)]
+    for i, h in enumerate(handles):
+        backend.map(addr + i * G, G, h)
+    assert [backend.mapped_at(addr + i * G + 5)[3] for i in range(3)] == [Access.NONE] * 3
+    before = dict(fake.calls)
+    backend.set_access(addr, 2 * G, Access.READWRITE, (0, 1))
+    backend.set_access(addr + 2 * G, G, Access.READ, (1,))  # a peer's grant: not the owner's
+    assert _calls_since(fake, before) == {"cuMemSetAccess": 2}
+    before = dict(fake.calls)
+    got = [backend.mapped_at(addr + i * G) for i in range(3)]
+    assert _calls_since(fake, before) == {}
+    want = (Access.READWRITE, Access.READWRITE, Access.NONE)
+    assert got == [(addr + i * G, G, handles[i], want[i]) for i in range(3)]
+    assert [backend.get_access(addr + i * G, 0) for i in range(3)] == [g[3] for g in got]
+    backend.set_access(addr + G, G, Access.READ, (0,))
+    assert backend.mapped_at(addr + G + 1)[3] is Access.READ
+    backend.unmap(addr + G, G)
+    assert backend.mapped_at(addr + G) is None
+    backend.map(addr + G, G, handles[1])
+    assert backend.mapped_at(addr + G)[3] is Access.NONE
+    assert backend.mapped_at(addr + 3 * G) is None
+    backend.unmap(addr, 3 * G)
+    for h in handles:
+        backend.release(h)
+    backend.free_address(addr, 4 * G)
+
+
 def test_counters_retain(backend: CudaBackend, fake: FakeDriver) -> None:
     addr = backend.reserve(2 * G)
     h = backend.create(G)

@@ -79,7 +79,8 @@ def test_malloc_small_and_large(device: vmmpool.Device) -> None:
 
 def test_check_compares_each_slot_with_what_the_backend_maps(device: vmmpool.Device) -> None:
     # PagePool._check() asks the backend what backs each slot (Backend.mapped_at: the
-    # emulated device's page tables, or the CUDA backend's record of its cuMemMap calls):
+    # emulated device's page tables, or the CUDA backend's record of its cuMemMap and
+    # cuMemSetAccess calls):
     # a slot mapping another page's handle, one with the wrong access, or a mapping the
     # pool does not know of is an invariant broken. Each corruption is undone afterwards.
     P = device.granularity
@@ -93,7 +94,7 @@ def test_check_compares_each_slot_with_what_the_backend_maps(device: vmmpool.Dev
         assert pa is not None and pb is not None
         start, size, handle, acc = backend.mapped_at(a.ptr)
         assert (start, size, handle) == (a.ptr, P, pa.phys.handle)
-        assert acc in (vmmpool.Access.READWRITE, None)  # None: CUDA, not known without a call
+        assert acc is vmmpool.Access.READWRITE
         assert backend.mapped_at(a.ptr + P // 2)[:3] == (a.ptr, P, pa.phys.handle)
         pool._check()
 
@@ -108,12 +109,19 @@ def test_check_compares_each_slot_with_what_the_backend_maps(device: vmmpool.Dev
         remap(pa.phys.handle)
         pool._check()
 
-        if acc is not None:  # the backend knows the access: take write away
-            backend.set_access(a.ptr, P, vmmpool.Access.READ, (device.ordinal,))
-            with pytest.raises(AssertionError, match=f"slot {sa}: page {pa.index} is mapped with access"):
-                pool._check()
-            backend.set_access(a.ptr, P, vmmpool.Access.READWRITE, (device.ordinal,))
+        # take write away
+        backend.set_access(a.ptr, P, vmmpool.Access.READ, (device.ordinal,))
+        with pytest.raises(AssertionError, match=f"slot {sa}: page {pa.index} is mapped with access"):
             pool._check()
+        backend.set_access(a.ptr, P, vmmpool.Access.READWRITE, (device.ordinal,))
+        pool._check()
+        backend.unmap(a.ptr, P)  # mapped again without access: none until granted
+        backend.map(a.ptr, P, pa.phys.handle)
+        assert backend.mapped_at(a.ptr)[3] is vmmpool.Access.NONE
+        with pytest.raises(AssertionError, match=f"slot {sa}: page {pa.index} is mapped with access"):
+            pool._check()
+        backend.set_access(a.ptr, P, vmmpool.Access.READWRITE, (device.ordinal,))
+        pool._check()
 
         free = next((s for s in range(arena.nslots) if arena.slots[s] is None), None)
         if free is not None:  # a mapping behind the pool's back, on a slot it has not mapped

@@ -443,6 +443,8 @@ class CudaBackend(Backend):
         self._mappings: dict[int, tuple[int, int]] = {}
         #: Sorted starts of `_mappings` for mapped_at's lookups; None after a change (rebuilt there).
         self._starts: list[int] | None = None
+        #: The owning device's access granted (set_access) per mapping start; absent: none.
+        self._access: dict[int, Access] = {}
 
         gran = drv.CUmemAllocationGranularity_flags
         minimum = int(
@@ -515,15 +517,21 @@ class CudaBackend(Backend):
 
     def _record_of_address(self, address: int) -> _Allocation | None:
         """Return the allocation mapped at `address` (inside any mapping). Lock held."""
-        entry = self._mappings.get(address)
-        if entry is None:
-            for start, (size, handle) in self._mappings.items():
-                if start <= address < start + size:
-                    entry = (size, handle)
-                    break
-            else:
-                return None
-        return self._allocs.get(entry[1])
+        start = self._mapping_start(address)
+        return None if start is None else self._allocs.get(self._mappings[start][1])
+
+    def _mapping_start(self, address: int) -> int | None:
+        """The start of the recorded mapping holding `address`, or None. Lock held."""
+        if address in self._mappings:
+            return address
+        starts = self._starts
+        if starts is None:
+            starts = self._starts = sorted(self._mappings)
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0:
+            return None
+        start = starts[i]
+        return start if address < start + self._mappings[start][0] else None
 
     # --------------------------------------------------------------- interface
     def reserve(self, size: int, alignment: int = 0, hint: int = 0) -> int:
@@ -679,6 +687,7 @@ class CudaBackend(Backend):
                 if entry is None:  # mapped outside this backend: nothing to count
                     break
                 self._starts = None
+                self._access.pop(cursor, None)
                 msize, handle = entry
                 self._live_mappings -= 1
                 rec = self._allocs.get(handle)
@@ -727,6 +736,17 @@ class CudaBackend(Backend):
             "set_access",
             self,
         )
+        if self._ordinal in key[1]:  # the owner's access, for mapped_at (no driver call there)
+            granted = Access.parse(access)
+            with self._lock:
+                cursor = int(address)
+                end = cursor + int(size)
+                while cursor < end:
+                    entry = self._mappings.get(cursor)
+                    if entry is None:  # mapped outside this backend: nothing recorded
+                        break
+                    self._access[cursor] = granted
+                    cursor += entry[0]
 
     def get_access(self, address: int, device: int) -> Access:
         """Return the access `device` has at `address` (``cuMemGetAccess``)."""
@@ -744,24 +764,15 @@ class CudaBackend(Backend):
         return self._access_of.get(int(flags), Access.NONE)
 
     def mapped_at(self, address: int) -> tuple[int, int, int, Access | None] | None:
-        """The mapping holding `address`, from this backend's record of the ``cuMemMap``
-        calls that succeeded (no driver call; the access is not known without one: None)."""
-        address = int(address)
+        """The mapping holding `address`, from this backend's record of the ``cuMemMap`` and
+        ``cuMemSetAccess`` calls that succeeded (no driver call): the access is what this
+        backend granted the owning device there (none until :meth:`set_access`)."""
         with self._lock:
-            entry = self._mappings.get(address)
-            start = address
-            if entry is None:  # inside a mapping, or none: the last start at or below it
-                starts = self._starts
-                if starts is None:
-                    starts = self._starts = sorted(self._mappings)
-                i = bisect.bisect_right(starts, address) - 1
-                if i < 0:
-                    return None
-                start = starts[i]
-                entry = self._mappings[start]
-                if address >= start + entry[0]:
-                    return None
-            return start, entry[0], entry[1], None
+            start = self._mapping_start(int(address))
+            if start is None:
+                return None
+            size, handle = self._mappings[start]
+            return start, size, handle, self._access.get(start, Access.NONE)
 
     def retain(self, address: int) -> int:
         """Return the handle mapped at `address`, adding one reference.
