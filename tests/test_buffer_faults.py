@@ -315,6 +315,117 @@ def test_double_faults_in_a_growth_never_lose_a_byte_or_leak(
     assert dev.counters().live == (0, 0, 0)
 
 
+def _move_double_faults() -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """A move failing at one call (creating, reserving, mapping, granting, unmapping or freeing
+    the old range), then its undo failing at another."""
+    first = [("create", 2), ("reserve", 1), ("map", 2), ("set_access", 1), ("unmap", 1),
+             ("free_address", 1)]
+    second = [("unmap", 1), ("unmap", 2), ("free_address", 1), ("free_address", 2), ("release", 1),
+              ("map", 1), ("map", 4), ("set_access", 1), ("set_access", 2)]
+    return [(a, b) for a in first for b in second]
+
+
+@pytest.mark.parametrize(("first", "second"), _move_double_faults())
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_double_faults_in_a_move_leave_it_as_it_was_unless_the_old_range_is_gone(
+    first: tuple[str, int], second: tuple[str, int], pooled: bool
+) -> None:
+    """A move whose undo fails too leaves the buffer as it was (usable, every byte) while its
+    old range still maps the pages; only when that range was unmapped (its free failed) and
+    mapping it back failed is it unusable. Either way nothing leaks once it is closed, and a
+    usable one moves on the next try, clearing what the failed undo left first."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    g = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=24 * g) if pooled else None
+    buf = GrowableBuffer(max_size=2 * g, device=None if pooled else dev, pool=pool)
+    buf.resize(2 * g - 5)
+    fill(buf, 4)
+    snap = Snapshot.of(buf)
+    be = dev._backend
+    be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
+    be.inject_fault(second[0], nth=second[1], name="CUDA_ERROR_INVALID_VALUE")
+    try:
+        buf.resize(3 * g, allow_move=True)
+    except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
+        if buf._state.unusable is not None:
+            assert first == ("free_address", 1) and second[0] in ("map", "set_access")
+        else:
+            assert unchanged(buf, snap)
+    be.clear_faults()
+    if buf._state.unusable is None:
+        if buf.ptr == snap.ptr:  # failed: moves now
+            left = len(buf._state.debris_res)
+            assert ("range(s) a failed move left reserved" in repr(buf)) == (left > 0)
+            buf.resize(3 * g, allow_move=True)
+            assert buf._state.debris_res == [] and buf._state.debris_pages == []
+        assert buf.ptr != snap.ptr and bytes(buf.read(snap.size)) == snap.data
+        c = dev.counters()
+        assert (c.mappings, c.reservations) == (3, 1)
+    buf.close()
+    if pool is not None:
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("then", ["grow", "move", "sleep", "shrink", "close"])
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_a_range_a_failed_move_could_not_close_goes_at_the_next_operation(
+    then: str, pooled: bool
+) -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    g = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=24 * g) if pooled else None
+    buf = GrowableBuffer(max_size=2 * g, device=None if pooled else dev, pool=pool)
+    buf.resize(2 * g)
+    fill(buf, 5)
+    snap = Snapshot.of(buf)
+    be = dev._backend
+    bad = "CUDA_ERROR_INVALID_VALUE"
+    be.inject_fault("set_access", nth=1, name=bad)  # the move maps 3 pages into its new range...
+    be.inject_fault("unmap", nth=1, name=bad)  # ...and neither its undo...
+    be.inject_fault("unmap", nth=2, name=bad)  # ...nor the second try unmaps them
+    with pytest.raises(vmmpool.DriverError) as info:
+        buf.resize(3 * g, allow_move=True)
+    be.clear_faults()
+    if sys.version_info >= (3, 11):
+        assert "stays reserved and mapped" in "".join(info.value.__notes__)
+    assert unchanged(buf, snap) and buf._state.unusable is None
+    assert len(buf._state.debris_res) == 1 and len(buf._state.debris_pages) == 1
+    assert "1 range(s) a failed move left reserved" in repr(buf)
+    c = dev.counters()
+    assert (c.mappings, c.reservations) == (2 + 3, 2)  # the new range maps the 2 pages and 1 new
+    be.inject_fault("unmap", nth=1, name=bad)
+    if then in ("grow", "move", "sleep"):  # they clear it first: fails again, nothing changes
+        with pytest.raises(vmmpool.DriverError):
+            if then == "sleep":
+                buf.sleep()
+            else:
+                buf.resize(3 * g, allow_move=True)
+        assert unchanged(buf, snap) and len(buf._state.debris_res) == 1
+    be.clear_faults()
+    if then == "grow":
+        buf.resize(2 * g)  # within max_size: nothing to map; clears it (best effort)
+        assert buf._state.debris_res == []
+    elif then == "move":
+        buf.resize(3 * g, allow_move=True)
+        assert buf.ptr != snap.ptr and bytes(buf.read(snap.size)) == snap.data
+    elif then == "sleep":
+        buf.sleep()
+        assert dev.counters().mappings == 0
+        buf.wake()
+    elif then == "shrink":
+        buf.resize(g)
+        assert bytes(buf.read()) == snap.data[:g]
+    if then != "close":
+        assert buf._state.debris_res == [] and buf._state.debris_pages == []
+        c = dev.counters()
+        assert c.reservations == 1 and c.mappings == buf.capacity // g
+    buf.close()
+    if pool is not None:
+        pool.close()
+    assert dev.counters().live == (0, 0, 0)
+
+
 def test_failed_undo_of_a_move_frees_both_ranges_on_close(device: vmmpool.Device) -> None:
     g = device.granularity
     live = device.counters().live

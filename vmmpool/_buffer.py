@@ -41,8 +41,16 @@ still as it was: those pages keep their memory through their mappings
 (``_State.released``), and a move, share or sleep takes their handles back
 first (raising, with nothing changed, if that fails again).
 
-If an undo step of a shrink with a pool, or of a move, fails, the buffer
-cannot promise its old state any more. It then stops undoing, keeps every
+A move maps the pages into a new range and unmaps the old one last. If
+undoing it fails before that (unmapping or freeing the new range, giving back
+the pages acquired for it), the buffer is as it was: the new range is closed
+once more, and if that fails too it stays reserved (``_State.debris_res``,
+with those pages when it still maps them) until the buffer's next growth,
+move, sleep or ``close()``. The original error is raised with a note.
+
+If an undo step of a shrink with a pool fails, or the old range of a move was
+unmapped (its free failed) and mapping it back fails, the buffer cannot
+promise its old state any more. It then stops undoing, keeps every
 resource the operation had created, and becomes *unusable*: every call except
 ``close()`` and the plain properties raises :class:`~vmmpool.VmmError`
 ("unusable"), and ``close()`` frees everything it ever held, including
@@ -132,12 +140,14 @@ class PageSource(Protocol):
 class _Undo:
     """Undo steps of one operation, and what it created (kept if an undo step fails)."""
 
-    __slots__ = ("steps", "reservations", "pages")
+    __slots__ = ("steps", "reservations", "pages", "failed_step")
 
     def __init__(self) -> None:
         self.steps: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.reservations: list[AddressReservation] = []
         self.pages: list[PhysicalAllocation] = []
+        #: The undo step that failed (for `failed`), or None.
+        self.failed_step: Callable[..., Any] | None = None
 
     def push(self, fn: Callable[..., Any], *args: Any) -> None:
         self.steps.append((fn, args))
@@ -155,6 +165,7 @@ class _Undo:
             try:
                 fn(*args)
             except Exception as undo_err:  # noqa: BLE001 - reported through `err`
+                self.failed_step = fn
                 (failed or state.make_unusable)(err, undo_err, self)
                 return
 
@@ -351,7 +362,7 @@ class _State:
     # ------------------------------------------------------------ operations
     def grow(self, count: int) -> None:
         """Map `count` more pages in place."""
-        self.clear_tail()
+        self.clear_leftovers()
         undo = _Undo()
         try:
             new = self.acquire(undo, count)
@@ -387,14 +398,37 @@ class _State:
         _undo_failed("growth", err, undo_err, f"{n} page(s) stay mapped past its capacity until "
                      "its next growth, move, sleep or close()")
 
-    def clear_tail_quietly(self) -> None:
-        """:meth:`clear_tail` where nothing else needs it to succeed (a shrink): a failure is logged."""
-        if self.tail:
+    def clear_leftovers_quietly(self) -> None:
+        """:meth:`clear_leftovers` where nothing else needs it to succeed (a shrink): a failure
+        is logged."""
+        if self.tail or self.debris_res:
             try:
-                self.clear_tail()
+                self.clear_leftovers()
             except Exception:  # noqa: BLE001 - the next growth, move, sleep or close() retries
-                _log.warning("unmapping pages a failed growth left mapped failed; retried later",
+                _log.warning("unmapping what a failed undo left mapped failed; retried later",
                              exc_info=True)
+
+    def clear_leftovers(self) -> None:
+        """Unmap what a failed undo left mapped outside the buffer's pages: the slots past the
+        capacity a growth left (:meth:`clear_tail`) and the ranges a move had made
+        (`debris_res`, :meth:`move_failed`; the pages acquired for them go back then).
+
+        Raises what the unmap raises; what it did not unmap stays. Neither was ever
+        handed out, so nothing can still use them: no wait.
+        """
+        self.clear_tail()
+        if not self.debris_res:
+            return
+        while self.debris_res:
+            self.debris_res[-1].close()  # unmap (one call) and free
+            self.debris_res.pop()
+        pages = [p for p in self.debris_pages if not p.closed]
+        self.debris_pages = []
+        try:
+            self.give_back(pages)
+        except Exception:  # noqa: BLE001 - close() gives them back
+            _log.warning("giving back pages a failed move left failed; close() does", exc_info=True)
+            self.debris_pages.extend(pages)
 
     def clear_tail(self) -> None:
         """Unmap the slots a failed growth left mapped past the capacity, give their pages back.
@@ -446,7 +480,7 @@ class _State:
 
     def move(self, new_size: int, target: int) -> None:
         """Map every page (plus new ones up to `target`) into a new range of `new_size` bytes."""
-        self.clear_tail()
+        self.clear_leftovers()
         self.retain_released()
         old = self.res
         undo = _Undo()
@@ -466,10 +500,54 @@ class _State:
                     undo.push(self.remap, old, 0, self.pages)
                 raise
         except BaseException as err:
-            undo.run(self, err)
+            undo.run(self, err, self.move_failed)
             raise
         self.res = res
         self.pages.extend(new)
+
+    def move_failed(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
+        """A move failed and undoing it failed too.
+
+        If the old range had been unmapped (its free failed) and mapping it
+        back failed, the buffer cannot be as it was: it becomes unusable.
+        Otherwise the old range still maps every page (its unmap is the move's
+        last step), so the buffer is as it was; the new range is closed here
+        and the pages acquired for it given back. A range whose close fails
+        again stays in `debris_res` (with the pages acquired for it in
+        `debris_pages`, when it still maps them) until the next growth, move,
+        sleep or ``close()`` (:meth:`clear_leftovers`); it may still map the
+        buffer's pages too, which is harmless: nothing uses its addresses.
+        """
+        if undo.failed_step == self.remap:
+            self.make_unusable(err, undo_err, undo)
+            return
+        mapped = False
+        for res in undo.reservations:
+            if res.closed:
+                continue
+            try:
+                res.close()
+            except Exception:  # noqa: BLE001 - reported with `err`; retried later
+                _log.warning("undo of a failed move: closing its new range failed again",
+                             exc_info=True)
+                self.debris_res.append(res)
+                mapped = mapped or any(not m.closed for m in res.mappings())
+        pages = [p for p in undo.pages if not p.closed]
+        if mapped:
+            self.debris_pages.extend(pages)
+        else:
+            try:
+                self.give_back(pages)
+            except Exception:  # noqa: BLE001 - close() gives them back
+                _log.warning("undo of a failed move: giving pages back failed; close() does",
+                             exc_info=True)
+                self.debris_pages.extend(pages)
+        if self.debris_res:
+            left = (f"its new range stays reserved{' and mapped' if mapped else ''} until the "
+                    "buffer's next growth, move, sleep or close()")
+        else:
+            left = "the move's new range was closed on a second try"
+        _undo_failed("move", err, undo_err, left)
 
     def quiesce(self) -> None:
         """Wait for the work that may use the pages: an event on the buffer's stream, else a sync."""
@@ -505,7 +583,7 @@ class _State:
         with its backup, and :meth:`wake` retries.
         """
         t0 = time.perf_counter()
-        self.clear_tail()
+        self.clear_leftovers()
         self.retain_released()
         n = len(self.pages)
         g = self.page
@@ -1127,7 +1205,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         """Bring the mapped pages to `target`, growing, moving or shrinking."""
         have = len(st.pages)
         if target <= have:
-            st.clear_tail_quietly()  # (a growth or a move clears it first, raising on failure)
+            st.clear_leftovers_quietly()  # (a growth or a move clears them first, raising on failure)
         if target > have:
             if target * st.page > st.res.size:
                 if not allow_move:
@@ -1630,6 +1708,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             state += f", {len(st.tail)} page(s) a failed growth left mapped past the capacity"
         if st.released:  # (see _State.shrink_failed)
             state += f", {len(st.released)} page(s) whose handles a failed shrink released"
+        if st.debris_res and not st.unusable:  # (see _State.move_failed)
+            state += f", {len(st.debris_res)} range(s) a failed move left reserved"
         pages = len(st.pages) if st.asleep is None else st.asleep
         return (
             f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "
