@@ -19,7 +19,9 @@ subprocess; without one they are listed as skipped, with the reason.
 Writes ``benchmarks/results/replay-<device kind>.json`` (``replay-host.json``
 on the host emulator) with the date, the machine and every figure. A trace
 whose replay fails for a reason other than out of memory (an OS limit of the
-emulator, say) is recorded with its error and the run goes on.
+emulator, say) is recorded with its error and the run goes on. Of several
+traces, one that cannot be read (or is too large for the emulator) is named,
+recorded under ``unreadable`` and skipped; the exit status is 2 then.
 
 ``--synthetic`` adds generated traces of 1-8 MiB tensors (``vmmpool._workloads``,
 one stream): transformer inference (GPT-2-shaped models of 110-780 MiB live,
@@ -115,23 +117,35 @@ def main(argv: list[str] | None = None) -> int:
     # Bad input is one line and exit status 2 (argparse's own), before anything runs.
     try:
         device = None if args.device is None else vmmpool.Device(args.device)
-        jobs = []
-        for path in args.traces:
+    except vmmpool.DeviceUnavailableError as e:
+        p.error(f"device {e.device!r} is unavailable: {e.reason}")
+    except (ValueError, TypeError, vmmpool.VmmError) as e:
+        p.error(str(e))
+    jobs: list[tuple[str, R.Trace, bool]] = []
+    unreadable: list[dict[str, Any]] = []
+    for path in args.traces:
+        try:
             # A PyTorch snapshot with events on several devices: one row per device.
             bases = _load_devices(path)
+            mine = []
             for base in bases:
                 if len(bases) > 1:
                     base = dataclasses.replace(base, name=f"{base.name} [device {base.device}]")
-                jobs.append((path, base, False))
+                mine.append((path, base, False))
                 for f in args.scale or ():
-                    jobs.append((path, R.scaled(base, f), True))
-        if device is None:
-            for _path, tr, _s in jobs:
-                R.emulated_capacity(tr)
-    except vmmpool.DeviceUnavailableError as e:
-        p.error(f"device {e.device!r} is unavailable: {e.reason}")
-    except (R.TraceError, ValueError, TypeError, vmmpool.VmmError) as e:
-        p.error(str(e))
+                    mine.append((path, R.scaled(base, f), True))
+            if device is None:
+                for _path, tr, _s in mine:
+                    R.emulated_capacity(tr)
+        except (R.TraceError, ValueError, TypeError, vmmpool.VmmError) as e:
+            if len(args.traces) == 1:
+                p.error(str(e))  # nothing else to replay: one line, exit 2
+            unreadable.append({"trace": str(path), "error": " ".join(str(e).split())})
+            print(f"{path}: not read: {unreadable[-1]['error']}", file=sys.stderr, flush=True)
+            continue
+        jobs.extend(mine)
+    if unreadable and not jobs and not args.synthetic:
+        p.error(unreadable[0]["error"])
     if args.sweep is not None:
         return run_sweep(args.sweep, device, args.json)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
@@ -175,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         "open_files_limit": [soft, hard],
         "traces": records,
         "failed": failures,
+        "unreadable": unreadable,
     }
     out = _common.write_json(
         "replay", shown, R.json_safe(payload), args.json, quick=args.quick, save=args.save
     )
     print(f"wrote {out}")
-    return 1 if failures else 0
+    return 2 if unreadable else 1 if failures else 0
 
 
 def steady_state(

@@ -101,6 +101,47 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     assert tr.recorded_peak_allocated == 14 * MiB + 3 * MiB + 512 + 1024
 
 
+def test_a_pytorch_2_0_snapshot_places_blocks_by_size_and_reads_requests_from_history(
+    tmp_path: Path,
+) -> None:
+    # PyTorch 2.0 wrote blocks with only size and state (plus a history, newest entry first,
+    # with each allocation's real_size): no address, no requested_size. A block starts where
+    # the one before it in its segment ends, as in PyTorch's own memory viewer.
+    seg0, seg1 = BASE, BASE + (1 << 30)
+    legacy = {"device": 0, "address": seg0, "total_size": 20 * MiB, "stream": 0,
+              "segment_type": "large", "blocks": [
+                  {"size": 4 * MiB, "state": "active_allocated",
+                   "history": [{"addr": seg0, "real_size": 3 * MiB, "frames": []},
+                               {"addr": seg0, "real_size": 4 * MiB - 7, "frames": []}]},
+                  {"size": 6 * MiB, "state": "inactive"},
+                  {"size": 2 * MiB, "state": "active_allocated"},  # no history: its size
+                  {"size": 8 * MiB, "state": "active_pending_free"}]}
+    # A newer segment alongside (addresses given) keeps its own.
+    newer = segment(seg1, 2 * MiB, [(seg1 + MiB, MiB, 1000, "active_allocated")])
+    events = [ev("alloc", seg0 + 4 * MiB, 5 * MiB), ev("free_requested", seg0 + 10 * MiB, 2 * MiB)]
+    tr = R.load(write_pickle(tmp_path, snapshot(events, [legacy, newer])))
+    assert tr.n_prelude == 3
+    assert [n for _f, _s, n, _st in tr.events[:3]] == [3 * MiB, 2 * MiB, 1000]  # address order
+    assert [(f, n) for f, _s, n, _st in tr.events[3:]] == [(False, 5 * MiB), (True, 2 * MiB)]
+    assert tr.events[4][1] == 1  # the free is of the block at seg0 + 10 MiB: the 2nd prelude slot
+    assert tr.peak_live == 3 * MiB + 2 * MiB + 1000 + 5 * MiB
+    assert R.replay(tr).completed
+
+
+def test_without_events_the_default_device_is_the_first_with_segments(tmp_path: Path) -> None:
+    # A snapshot taken without recording history, in a process that used only cuda:1: its
+    # live blocks are the whole trace (device 0 has nothing).
+    seg = segment(BASE, 40 * MiB, [(BASE, 30 * MiB, 30 * MiB - 5, "active_allocated"),
+                                   (BASE + 30 * MiB, 10 * MiB, 10 * MiB, "inactive")])
+    seg["device"] = 1
+    p = write_pickle(tmp_path, {"segments": [seg], "device_traces": [[], []]})
+    tr = R.load(p)
+    assert (tr.device, tr.n_prelude, tr.peak_live) == (1, 1, 30 * MiB - 5)
+    assert tr.recorded_peak_reserved == 40 * MiB
+    with pytest.raises(R.TraceError, match="device 0 has no events and no segments"):
+        R.load(p, 0)  # asked for: nothing there is an error, not an empty row
+
+
 def test_free_of_a_block_allocated_before_recording_is_a_prelude_block(tmp_path: Path) -> None:
     # Its alloc was not recorded (recording started later, or max_entries dropped it): the
     # free's size says what was live at the start.
@@ -484,6 +525,27 @@ def test_cli_replay_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
     (rec,) = data["traces"]
     assert rec["peak_live"] == peak and rec["vmmpool"]["completed"]
     assert rec["min_limit"]["pages"] * P == rec["min_limit"]["bytes"]
+
+
+def test_cli_replays_the_readable_traces_of_several_and_names_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events, _peak = multi_stream_events(3, 100)
+    good = write_pickle(tmp_path, snapshot(events), "good.pickle")
+    bad = tmp_path / "bad.pickle"
+    bad.write_bytes(b"not a pickle\nat all")
+    out = tmp_path / "r.json"
+    assert main(["replay", str(good), str(bad), str(good), "--json", str(out)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out.count("good.pickle") == 2
+    (line,) = cap.err.splitlines()
+    assert "bad.pickle" in line and "skipped" in line
+    data = json.loads(out.read_text())
+    assert len(data["traces"]) == 2 and len(data["unreadable"]) == 1
+    # Only unreadable ones (or a single one): the one line and exit 2, nothing replayed.
+    assert main(["replay", str(bad), str(bad)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,7 @@ def test_cli_refuses_a_trace_too_large_for_the_emulator_before_any_replay(
 ) -> None:
     # The second trace needs more than the emulator replays: the error came after the first
     # trace's replay (which can take minutes), and that replay's figures were thrown away.
+    # Now it is named before any replay, and the first trace is replayed.
     ok = tmp_path / "ok.csv"
     ok.write_text(CSV_HEAD + "1,0,allocate,0x10,100,0\n")
     big = tmp_path / "big.csv"
@@ -146,10 +147,15 @@ def test_cli_refuses_a_trace_too_large_for_the_emulator_before_any_replay(
     ran: list[str] = []
     real = R.replay
     monkeypatch.setattr(R, "replay", lambda tr, *a, **k: ran.append(tr.name) or real(tr, *a, **k))
+    monkeypatch.setattr(R, "emulated_capacity", lambda tr, real=R.emulated_capacity: (
+        ran.append("checked " + tr.name), real(tr))[1])
     assert main(["replay", str(ok), str(big)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "big.csv: peak live 1000000000000 bytes" in err
-    assert ran == []
+    cap = capsys.readouterr()
+    assert cap.err.count("\n") == 1 and "big.csv: peak live 1000000000000 bytes" in cap.err
+    assert "skipped" in cap.err and "ok.csv" in cap.out
+    assert ran[:2] == ["checked ok.csv", "checked big.csv"] and ran.count("ok.csv") == 1
+    assert main(["replay", str(big)]) == 2  # alone: the one line, nothing replayed
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_device_of_a_snapshot_without_device_traces(

@@ -52,7 +52,9 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     device (``--snapshot-device N`` replays only device N); allocations the
     recorded run failed (``oom`` events) are counted in the row. Returns 0,
     1 when a replay ran out of memory, or 2 (one line on stderr) for bad
-    arguments or unreadable traces.
+    arguments or unreadable traces. Of several traces, those that cannot be
+    read are named (a line each) and the others replayed, table and JSON
+    included; the status is 2 then.
     """
     import dataclasses
     import json
@@ -91,23 +93,35 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             from ._device import Device
 
             device = Device(args.device)
-        traces = []
-        for path in args.traces:
+    except UsageError as e:
+        return fail(prog, f"{e} (see --help)")
+    except DeviceUnavailableError as e:
+        return fail(prog, device_advice(e))
+    except (ValueError, TypeError, VmmError) as e:
+        return fail(prog, e)
+    traces = []
+    unreadable: list[BaseException] = []
+    for path in args.traces:
+        try:
             rows = _load_devices(path, args.snapshot_device, args.max_trace_bytes)
+            named = []
             for t in rows:
                 if args.snapshot_device is not None or len(rows) > 1:
                     t = dataclasses.replace(t, name=f"{t.name} [device {t.device}]")
                 if device is None:
                     R.emulated_capacity(t)  # too large for the emulator: say so before any replay
-                traces.append((path, t))
-    except UsageError as e:
-        return fail(prog, f"{e} (see --help)")
-    except DeviceUnavailableError as e:
-        return fail(prog, device_advice(e))
-    except (R.TraceError, ValueError, TypeError, VmmError) as e:
-        return fail(prog, e)
+                named.append((path, t))
+        except (R.TraceError, ValueError, TypeError, VmmError) as e:
+            unreadable.append(e)
+            continue
+        traces.extend(named)
+    if unreadable and (not traces or len(args.traces) == 1):
+        return fail(prog, unreadable[0])  # nothing to replay: the one line, as for bad arguments
+    skipped = [" ".join(str(e).split()) for e in unreadable]  # one line each
+    for text in skipped:  # several traces, some readable: say which were not, replay the rest
+        sys.stderr.write(f"{prog}: error: {text} (skipped; the other traces are replayed)\n")
     records = []
-    status = 0
+    status = 2 if unreadable else 0
     for path, tr in traces:
         try:
             res = R.replay(tr, device, args.limit, keep_cached=args.keep_cached)
@@ -122,10 +136,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             # Not out of memory: the device itself failed (an OS limit of the
             # host emulator, a driver error). Say so and go on.
             sys.stderr.write(f"{prog}: {tr.name}: replay failed: {type(e).__name__}: {e}\n")
-            status = 1
+            status = max(status, 1)
             continue
         if not res.completed:
-            status = 1
+            status = max(status, 1)
         peers = (
             R.peer_replays(path, search=args.min_limit, device=tr.device)
             if device is None or not device.is_host else []
@@ -138,7 +152,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     if args.json:
         try:
             with open(args.json, "w") as fh:
-                json.dump(R.json_safe({"traces": records}), fh, indent=1, allow_nan=False)
+                payload: dict[str, object] = {"traces": records}
+                if skipped:
+                    payload["unreadable"] = skipped
+                json.dump(R.json_safe(payload), fh, indent=1, allow_nan=False)
         except OSError as e:
             return fail(prog, f"cannot write {args.json}: {e.strerror or e}")
     return status

@@ -145,9 +145,10 @@ def peer_replays(
     is set with ``torch.cuda.set_per_process_memory_fraction`` or
     ``cupy.cuda.MemoryPool.set_limit`` (for ``torch-vmmpool``: the page
     pool's limit). `device` picks a PyTorch snapshot's device, as for
-    :func:`~vmmpool.replay.load` (default: the first with events). With `search`, the smallest limit at
-    which each completes is searched by bisection in 2 MiB steps between the
-    peak live bytes and the peer's own peak reserved.
+    :func:`~vmmpool.replay.load` (default: the first with events, else with
+    segments). With `search`, the smallest limit at which each completes is
+    searched by bisection in 2 MiB steps between the peak live bytes and the
+    peer's own peak reserved.
 
     Returns
     -------

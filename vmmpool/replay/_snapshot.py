@@ -37,8 +37,9 @@ def load_snapshot(
     path : path-like
         A file written by ``torch.cuda.memory._dump_snapshot``.
     device : int, optional
-        Which CUDA device's trace to read; default: the first with events. A
-        device given that has neither events nor segments is a :class:`TraceError`.
+        Which CUDA device's trace to read; default: the first with events, or
+        without any events the first with segments. A device given that has
+        neither events nor segments is a :class:`TraceError`.
     max_bytes : int, optional
         The largest file read (default :data:`MAX_TRACE_BYTES`, 1 GiB); a longer
         one is a :class:`TraceError`, read no further.
@@ -85,6 +86,25 @@ def _read(p: Path, max_bytes: int | None = None, raw: bytes | None = None) -> tu
     return data, name, size
 
 
+def _first_segment_device(segments: list[Any]) -> int:
+    """The smallest ``device`` of the snapshot's segments (0 without any)."""
+    found = [d for seg in segments if isinstance(seg, dict)
+             for d in (seg.get("device", 0),) if type(d) is int and d >= 0]
+    return min(found, default=0)
+
+
+def _requested(b: dict[str, Any], size: int, name: str, where: str) -> int:
+    """A live block's requested bytes: ``requested_size`` (PyTorch >= 2.1), else the newest
+    entry of its ``history`` (2.0: ``real_size``, newest first), else its size."""
+    if "requested_size" in b:
+        return _int(b["requested_size"], name, "requested_size", where)
+    history = b.get("history")
+    if isinstance(history, list) and history and isinstance(history[0], dict) \
+            and "real_size" in history[0]:
+        return _int(history[0]["real_size"], name, "history real_size", where)
+    return size
+
+
 def snapshot_to_trace(
     data: object, name: str = "snapshot", device: int | None = None, *, max_items: int | None = None
 ) -> Trace:
@@ -118,7 +138,9 @@ def snapshot_to_trace(
     with_events = tuple(i for i, t in enumerate(traces) if t)
     explicit = device is not None
     if device is None:
-        device = with_events[0] if with_events else 0
+        # The first device with events; without any (a snapshot taken without recording
+        # history), the first one with segments: its live blocks are the whole trace.
+        device = with_events[0] if with_events else _first_segment_device(segments)
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
     if not 0 <= device < max(len(traces), 1):
@@ -155,12 +177,15 @@ def snapshot_to_trace(
             addr = _int(seg["address"], name, "address", where)
             final_segs[addr] = _int(seg["total_size"], name, "total_size", where)
             sstream = _int(seg.get("stream", 0), name, "stream", where)
+            at = addr  # a block without an address (PyTorch 2.0) starts where the one before ends
             for j, b in enumerate(seg.get("blocks", ())):
+                w = f"{where} block {j}"
+                size = _int(b["size"], name, "size", w)
+                if "address" in b:
+                    at = _int(b["address"], name, "address", w)
                 if b.get("state") == "active_allocated":
-                    w = f"{where} block {j}"
-                    size = _int(b["size"], name, "size", w)
-                    req = _int(b.get("requested_size", size), name, "requested_size", w)
-                    final_active[_int(b["address"], name, "address", w)] = (req, size, sstream)
+                    final_active[at] = (_requested(b, size, name, w), size, sstream)
+                at += size
         except (KeyError, AttributeError, TypeError) as e:
             raise TraceError(
                 f"{name}: {where}: malformed segment ({type(e).__name__}: {_cut(str(e), 80)})"
