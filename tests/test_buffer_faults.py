@@ -284,17 +284,27 @@ def _double_faults() -> list[tuple[tuple[str, int], tuple[str, int]]]:
     return [(a, b) for a in first for b in second]
 
 
+def _emulated_buffer(
+    pooled: bool, max_pages: int, pages: int, short: int, seed: int, limit_pages: int = 24
+) -> tuple[vmmpool.Device, vmmpool.PagePool | None, GrowableBuffer]:
+    """A fresh emulated device, a PagePool on it if `pooled`, and a buffer of `pages` pages
+    less `short` bytes, filled."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    g = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=limit_pages * g) if pooled else None
+    buf = GrowableBuffer(max_size=max_pages * g, device=None if pooled else dev, pool=pool)
+    buf.resize(pages * g - short)
+    fill(buf, seed)
+    return dev, pool, buf
+
+
 @pytest.mark.parametrize(("first", "second"), _double_faults())
 @pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
 def test_double_faults_in_a_growth_never_lose_a_byte_or_leak(
     first: tuple[str, int], second: tuple[str, int], pooled: bool
 ) -> None:
-    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    dev, pool, buf = _emulated_buffer(pooled, 8, 2, 5, 3, limit_pages=16)
     g = dev.granularity
-    pool = vmmpool.PagePool(dev, limit=16 * g) if pooled else None
-    buf = GrowableBuffer(max_size=8 * g, device=None if pooled else dev, pool=pool)
-    buf.resize(2 * g - 5)
-    fill(buf, 3)
     snap = Snapshot.of(buf)
     be = dev._backend
     be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
@@ -334,12 +344,8 @@ def test_double_faults_in_a_move_leave_it_as_it_was_unless_the_old_range_is_gone
     old range still maps the pages; only when that range was unmapped (its free failed) and
     mapping it back failed is it unusable. Either way nothing leaks once it is closed, and a
     usable one moves on the next try, clearing what the failed undo left first."""
-    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    dev, pool, buf = _emulated_buffer(pooled, 2, 2, 5, 4)
     g = dev.granularity
-    pool = vmmpool.PagePool(dev, limit=24 * g) if pooled else None
-    buf = GrowableBuffer(max_size=2 * g, device=None if pooled else dev, pool=pool)
-    buf.resize(2 * g - 5)
-    fill(buf, 4)
     snap = Snapshot.of(buf)
     be = dev._backend
     be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
@@ -372,12 +378,8 @@ def test_double_faults_in_a_move_leave_it_as_it_was_unless_the_old_range_is_gone
 def test_a_range_a_failed_move_could_not_close_goes_at_the_next_operation(
     then: str, pooled: bool
 ) -> None:
-    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    dev, pool, buf = _emulated_buffer(pooled, 2, 2, 0, 5)
     g = dev.granularity
-    pool = vmmpool.PagePool(dev, limit=24 * g) if pooled else None
-    buf = GrowableBuffer(max_size=2 * g, device=None if pooled else dev, pool=pool)
-    buf.resize(2 * g)
-    fill(buf, 5)
     snap = Snapshot.of(buf)
     be = dev._backend
     bad = "CUDA_ERROR_INVALID_VALUE"
