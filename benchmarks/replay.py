@@ -138,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                 for _path, tr, _s in mine:
                     R.emulated_capacity(tr)
         except (R.TraceError, ValueError, TypeError, vmmpool.VmmError) as e:
-            if len(args.traces) == 1:
+            if len(args.traces) == 1 and not args.synthetic:
                 p.error(str(e))  # nothing else to replay: one line, exit 2
             unreadable.append({"trace": str(path), "error": " ".join(str(e).split())})
             print(f"{path}: not read: {unreadable[-1]['error']}", file=sys.stderr, flush=True)
             continue
         jobs.extend(mine)
     if unreadable and not jobs and not args.synthetic:
-        p.error(unreadable[0]["error"])
+        return 2  # each was named above; nothing to replay
     if args.sweep is not None:
         return run_sweep(args.sweep, device, args.json)
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)

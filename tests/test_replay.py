@@ -142,6 +142,28 @@ def test_without_events_the_default_device_is_the_first_with_segments(tmp_path: 
         R.load(p, 0)  # asked for: nothing there is an error, not an empty row
 
 
+def test_without_events_each_device_with_live_blocks_is_a_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Device 0 holds only cached memory, devices 1 and 3 live blocks: the default is device 1
+    # (not 0, an empty row), and the command line gives devices 1 and 3 a row each.
+    def seg(device: int, addr: int, blocks: list[tuple[int, int, int, str]]) -> dict[str, Any]:
+        d = segment(addr, 8 * MiB, blocks)
+        d["device"] = device
+        return d
+
+    segs = [seg(0, BASE, [(BASE, 8 * MiB, 8 * MiB, "inactive")]),
+            seg(3, BASE + (2 << 30), [(BASE + (2 << 30), MiB, 1000, "active_allocated")]),
+            seg(1, BASE + (1 << 30), [(BASE + (1 << 30), 6 * MiB, 5 * MiB, "active_allocated")])]
+    p = write_pickle(tmp_path, {"segments": segs, "device_traces": [[], [], [], []]}, "nh.pickle")
+    tr = R.load(p)
+    assert (tr.device, tr.peak_live) == (1, 5 * MiB)
+    assert main(["replay", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "nh.pickle [device 1]" in out and "nh.pickle [device 3]" in out
+    assert "[device 0]" not in out
+
+
 def test_free_of_a_block_allocated_before_recording_is_a_prelude_block(tmp_path: Path) -> None:
     # Its alloc was not recorded (recording started later, or max_entries dropped it): the
     # free's size says what was live at the start.
@@ -542,10 +564,10 @@ def test_cli_replays_the_readable_traces_of_several_and_names_the_others(
     assert "bad.pickle" in line and "skipped" in line
     data = json.loads(out.read_text())
     assert len(data["traces"]) == 2 and len(data["unreadable"]) == 1
-    # Only unreadable ones (or a single one): the one line and exit 2, nothing replayed.
-    assert main(["replay", str(bad), str(bad)]) == 2
+    # Only unreadable ones: a line for each and exit 2, nothing replayed.
+    assert main(["replay", str(bad), str(bad), str(tmp_path / "missing.pickle")]) == 2
     cap = capsys.readouterr()
-    assert cap.out == "" and len(cap.err.splitlines()) == 1
+    assert cap.out == "" and len(cap.err.splitlines()) == 3 and "missing.pickle" in cap.err
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,8 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
     device (``--snapshot-device N`` replays only device N); allocations the
     recorded run failed (``oom`` events) are counted in the row. Returns 0,
     1 when a replay ran out of memory, or 2 (one line on stderr) for bad
-    arguments or unreadable traces. Of several traces, those that cannot be
-    read are named (a line each) and the others replayed, table and JSON
+    arguments or unreadable traces (a line each). Of several traces, those
+    that cannot be read are named and the others replayed, table and JSON
     included; the status is 2 then.
     """
     import dataclasses
@@ -115,8 +115,10 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
             unreadable.append(e)
             continue
         traces.extend(named)
-    if unreadable and (not traces or len(args.traces) == 1):
-        return fail(prog, unreadable[0])  # nothing to replay: the one line, as for bad arguments
+    if unreadable and not traces:  # nothing to replay: a line for each, as for bad arguments
+        for bad in unreadable:
+            fail(prog, bad)
+        return 2
     skipped = [" ".join(str(e).split()) for e in unreadable]  # one line each
     for text in skipped:  # several traces, some readable: say which were not, replay the rest
         sys.stderr.write(f"{prog}: error: {text} (skipped; the other traces are replayed)\n")

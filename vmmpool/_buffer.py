@@ -46,7 +46,7 @@ undoing it fails before that (unmapping or freeing the new range, giving back
 the pages acquired for it), the buffer is as it was: the new range is closed
 once more, and if that fails too it stays reserved (``_State.debris_res``,
 with those pages when it still maps them) until the buffer's next growth,
-move, sleep or ``close()``. The original error is raised with a note.
+move, shrink, sleep or ``close()``. The original error is raised with a note.
 
 If an undo step of a shrink with a pool fails, or the old range of a move was
 unmapped (its free failed) and mapping it back fails, the buffer cannot
@@ -399,9 +399,9 @@ class _State:
                      "its next growth, move, sleep or close()")
 
     def clear_leftovers_quietly(self) -> None:
-        """:meth:`clear_leftovers` where nothing else needs it to succeed (a shrink): a failure
-        is logged."""
-        if self.tail or self.debris_res:
+        """:meth:`clear_leftovers` where nothing else needs it to succeed (a resize that maps
+        and unmaps nothing): a failure is logged."""
+        if self.tail or self.debris_res or self.debris_pages:
             try:
                 self.clear_leftovers()
             except Exception:  # noqa: BLE001 - the next growth, move, sleep or close() retries
@@ -417,18 +417,24 @@ class _State:
         handed out, so nothing can still use them: no wait.
         """
         self.clear_tail()
-        if not self.debris_res:
-            return
+        self.clear_debris()
+
+    def clear_debris(self) -> None:
+        """Close the ranges a failed move left (`debris_res`: raises what closing raises, the
+        rest staying), then give back the pages a failed undo kept (`debris_pages`, best
+        effort: kept for ``close()`` if that fails)."""
         while self.debris_res:
             self.debris_res[-1].close()  # unmap (one call) and free
             self.debris_res.pop()
         pages = [p for p in self.debris_pages if not p.closed]
         self.debris_pages = []
-        try:
-            self.give_back(pages)
-        except Exception:  # noqa: BLE001 - close() gives them back
-            _log.warning("giving back pages a failed move left failed; close() does", exc_info=True)
-            self.debris_pages.extend(pages)
+        if pages:
+            try:
+                self.give_back(pages)
+            except Exception:  # noqa: BLE001 - close() gives them back
+                _log.warning("giving back pages a failed undo kept failed; close() does",
+                             exc_info=True)
+                self.debris_pages.extend(pages)
 
     def clear_tail(self) -> None:
         """Unmap the slots a failed growth left mapped past the capacity, give their pages back.
@@ -449,7 +455,13 @@ class _State:
                 self.debris_pages.extend(p for p in pages if not p.closed)
 
     def shrink(self, keep: int) -> None:
-        """Unmap and give back every page from index `keep` on."""
+        """Unmap and give back every page from index `keep` on.
+
+        A range a failed move left may still map those pages: it is closed first
+        (raising, with nothing changed, if that fails again), so that no page goes
+        back to a pool, or to the driver, while mapped there.
+        """
+        self.clear_debris()
         self.sync()
         self.give_piece(keep, len(self.pages) - keep, self.shrink_failed)
         del self.pages[keep:]
@@ -515,8 +527,9 @@ class _State:
         and the pages acquired for it given back. A range whose close fails
         again stays in `debris_res` (with the pages acquired for it in
         `debris_pages`, when it still maps them) until the next growth, move,
-        sleep or ``close()`` (:meth:`clear_leftovers`); it may still map the
-        buffer's pages too, which is harmless: nothing uses its addresses.
+        shrink, sleep or ``close()`` (:meth:`clear_debris`); it may still map
+        the buffer's pages too, which is harmless: nothing uses its addresses,
+        and a shrink closes it before giving pages back.
         """
         if undo.failed_step == self.remap:
             self.make_unusable(err, undo_err, undo)
@@ -544,9 +557,14 @@ class _State:
                 self.debris_pages.extend(pages)
         if self.debris_res:
             left = (f"its new range stays reserved{' and mapped' if mapped else ''} until the "
-                    "buffer's next growth, move, sleep or close()")
-        else:
+                    "buffer's next growth, move, shrink, sleep or close()")
+        elif self.debris_pages:
+            left = (f"{len(self.debris_pages)} page(s) acquired for it are given back at the "
+                    "buffer's next growth, move, resize, sleep or close()")
+        elif undo.reservations:
             left = "the move's new range was closed on a second try"
+        else:
+            left = "nothing of the move is left"
         _undo_failed("move", err, undo_err, left)
 
     def quiesce(self) -> None:
@@ -1710,6 +1728,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             state += f", {len(st.released)} page(s) whose handles a failed shrink released"
         if st.debris_res and not st.unusable:  # (see _State.move_failed)
             state += f", {len(st.debris_res)} range(s) a failed move left reserved"
+        if st.debris_pages and not st.unusable:  # (see _State.clear_debris)
+            state += f", {len(st.debris_pages)} page(s) a failed undo could not give back"
         pages = len(st.pages) if st.asleep is None else st.asleep
         return (
             f"<GrowableBuffer {st.size} bytes, capacity {pages * st.page}, "

@@ -660,8 +660,8 @@ class CudaBackend(Backend):
         """
         self._enter("map")
         self._ctx()
-        _check(self._drv.cuMemMap(address, size, offset, handle, 0), "map", self, size)
-        with self._lock:
+        with self._lock:  # spans the driver call, as in unmap(): the record is of this mapping
+            _check(self._drv.cuMemMap(address, size, offset, handle, 0), "map", self, size)
             handle = int(handle)
             self._mappings[int(address)] = (int(size), handle)
             self._starts = None
@@ -731,14 +731,17 @@ class CudaBackend(Backend):
                 if len(self._descs) >= 64:
                     self._descs.clear()
                 self._descs[key] = descs
-        _check(
-            self._drv.cuMemSetAccess(address, size, descs, len(descs)),
-            "set_access",
-            self,
-        )
-        if self._ordinal in key[1]:  # the owner's access, for mapped_at (no driver call there)
-            granted = Access.parse(access)
-            with self._lock:
+        owner = self._ordinal in key[1]
+        granted = Access.parse(access)
+        # The lock spans the driver call, as in unmap(): the access recorded for mapped_at
+        # (no driver call there) is the owner's, for the mapping the grant went to.
+        with self._lock:
+            _check(
+                self._drv.cuMemSetAccess(address, size, descs, len(descs)),
+                "set_access",
+                self,
+            )
+            if owner:
                 cursor = int(address)
                 end = cursor + int(size)
                 while cursor < end:

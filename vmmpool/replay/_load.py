@@ -60,8 +60,8 @@ def _load_devices(
     path: str | os.PathLike[str], device: int | None = None, max_bytes: int | None = None
 ) -> list[Trace]:
     """What one file replays as: `device` of a PyTorch snapshot when given, else every device
-    with events (one trace each: the file is read, scanned and loaded once), or the one
-    trace of an RMM log."""
+    with events (one trace each: the file is read, scanned and loaded once), or without any
+    events every device with live blocks, or the one trace of an RMM log."""
     p = Path(path)
     if device is not None:
         return [load(p, device, max_bytes=max_bytes)]
@@ -70,9 +70,11 @@ def _load_devices(
         return [load_csv(p, _csv._decode(p.name, raw))]
     data, name, size = _snapshot._read(p, raw=raw)
     first = _snapshot.snapshot_to_trace(data, name, None, max_items=size)
-    return [first, *(
-        _snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in first.devices[1:]
-    )]
+    others: list[int] = list(first.devices[1:])
+    if not first.devices:  # no events (history was not recorded): each device's live blocks
+        segments = data["segments"] if isinstance(data, dict) else []
+        others = [d for d in _snapshot._segment_devices(segments, True) if d != first.device]
+    return [first, *(_snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in others)]
 
 
 def _as_trace(trace: Trace | str | os.PathLike[str]) -> Trace:

@@ -38,8 +38,8 @@ def load_snapshot(
         A file written by ``torch.cuda.memory._dump_snapshot``.
     device : int, optional
         Which CUDA device's trace to read; default: the first with events, or
-        without any events the first with segments. A device given that has
-        neither events nor segments is a :class:`TraceError`.
+        without any events the first with live blocks (else with segments). A
+        device given that has neither events nor segments is a :class:`TraceError`.
     max_bytes : int, optional
         The largest file read (default :data:`MAX_TRACE_BYTES`, 1 GiB); a longer
         one is a :class:`TraceError`, read no further.
@@ -86,11 +86,29 @@ def _read(p: Path, max_bytes: int | None = None, raw: bytes | None = None) -> tu
     return data, name, size
 
 
+def _segment_devices(segments: list[Any], live_only: bool) -> list[int]:
+    """The ``device`` of the snapshot's segments, sorted (with `live_only`, of those holding an
+    ``active_allocated`` block); malformed entries are skipped (the reader reports them)."""
+    found = set()
+    for seg in segments:
+        if not isinstance(seg, dict):
+            continue
+        d = seg.get("device", 0)
+        if type(d) is not int or d < 0:
+            continue
+        blocks = seg.get("blocks", ())
+        if live_only and not (isinstance(blocks, (list, tuple)) and any(
+            isinstance(b, dict) and b.get("state") == "active_allocated" for b in blocks
+        )):
+            continue
+        found.add(d)
+    return sorted(found)
+
+
 def _first_segment_device(segments: list[Any]) -> int:
-    """The smallest ``device`` of the snapshot's segments (0 without any)."""
-    found = [d for seg in segments if isinstance(seg, dict)
-             for d in (seg.get("device", 0),) if type(d) is int and d >= 0]
-    return min(found, default=0)
+    """A snapshot without events: the first device with live blocks, else with segments, else 0."""
+    found = _segment_devices(segments, True) or _segment_devices(segments, False)
+    return found[0] if found else 0
 
 
 def _requested(b: dict[str, Any], size: int, name: str, where: str) -> int:
@@ -139,7 +157,7 @@ def snapshot_to_trace(
     explicit = device is not None
     if device is None:
         # The first device with events; without any (a snapshot taken without recording
-        # history), the first one with segments: its live blocks are the whole trace.
+        # history), the first one with live blocks (its whole trace), else with segments.
         device = with_events[0] if with_events else _first_segment_device(segments)
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
