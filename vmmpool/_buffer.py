@@ -389,11 +389,7 @@ class _State:
                 self.tail[n0 + j] = p
             elif not p.closed:
                 loose.append(p)
-        try:
-            self.give_back(loose)
-        except Exception:  # noqa: BLE001 - close() gives them back
-            _log.warning("undo of a failed growth: giving pages back failed; close() does", exc_info=True)
-            self.debris_pages.extend(loose)
+        self.give_back_or_keep(loose, "undo of a failed growth")
         n = len(self.tail)
         _undo_failed("growth", err, undo_err, f"{n} page(s) stay mapped past its capacity until "
                      "its next growth, move, sleep or close()")
@@ -426,15 +422,20 @@ class _State:
         while self.debris_res:
             self.debris_res[-1].close()  # unmap (one call) and free
             self.debris_res.pop()
-        pages = [p for p in self.debris_pages if not p.closed]
-        self.debris_pages = []
-        if pages:
-            try:
-                self.give_back(pages)
-            except Exception:  # noqa: BLE001 - close() gives them back
-                _log.warning("giving back pages a failed undo kept failed; close() does",
-                             exc_info=True)
-                self.debris_pages.extend(pages)
+        pages, self.debris_pages = self.debris_pages, []
+        self.give_back_or_keep(pages, "pages a failed undo kept")
+
+    def give_back_or_keep(self, pages: Sequence[PhysicalAllocation], what: str) -> None:
+        """:meth:`give_back` the open ones of `pages`; on a failure (logged) keep them in
+        `debris_pages`: the next growth, move, resize, sleep or ``close()`` retries."""
+        pages = [p for p in pages if not p.closed]
+        if not pages:
+            return
+        try:
+            self.give_back(pages)
+        except Exception:  # noqa: BLE001 - retried later
+            _log.warning("%s: giving pages back failed; retried later", what, exc_info=True)
+            self.debris_pages.extend(pages)
 
     def clear_tail(self) -> None:
         """Unmap the slots a failed growth left mapped past the capacity, give their pages back.
@@ -447,12 +448,7 @@ class _State:
         for first, count in _runs(sorted(self.tail)):
             self.res.unmap(first * g, count * g)  # never used by the buffer: no wait needed
             pages = [self.tail.pop(i) for i in range(first, first + count)]
-            try:
-                self.give_back(pages)
-            except Exception:  # noqa: BLE001 - close() gives them back
-                _log.warning("giving back pages a failed growth left mapped failed; close() does",
-                             exc_info=True)
-                self.debris_pages.extend(p for p in pages if not p.closed)
+            self.give_back_or_keep(pages, "pages a failed growth left mapped")
 
     def shrink(self, keep: int) -> None:
         """Unmap and give back every page from index `keep` on.
@@ -545,16 +541,10 @@ class _State:
                              exc_info=True)
                 self.debris_res.append(res)
                 mapped = mapped or any(not m.closed for m in res.mappings())
-        pages = [p for p in undo.pages if not p.closed]
         if mapped:
-            self.debris_pages.extend(pages)
+            self.debris_pages.extend(p for p in undo.pages if not p.closed)
         else:
-            try:
-                self.give_back(pages)
-            except Exception:  # noqa: BLE001 - close() gives them back
-                _log.warning("undo of a failed move: giving pages back failed; close() does",
-                             exc_info=True)
-                self.debris_pages.extend(pages)
+            self.give_back_or_keep(undo.pages, "undo of a failed move")
         if self.debris_res:
             left = (f"its new range stays reserved{' and mapped' if mapped else ''} until the "
                     "buffer's next growth, move, shrink, sleep or close()")
@@ -838,11 +828,7 @@ class _State:
             raise
         if self.spare:  # more than this wake needed: given back (best effort)
             extra, self.spare = self.spare, []
-            try:
-                self.give_back(extra)
-            except Exception:  # noqa: BLE001 - kept until close()
-                _log.warning("wake: giving back spare pages failed; close() does", exc_info=True)
-                self.debris_pages.extend(p for p in extra if not p.closed)
+            self.give_back_or_keep(extra, "wake's spare pages")
         self.pages = [kept[i] if i in kept else new[i] for i in range(n)]
         self.kept = {}
         self.asleep = None
