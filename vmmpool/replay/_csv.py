@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from .._options import brief
 from ._trace import Trace, TraceError, _Builder, _cut, _read_bounded
 
 __all__ = ["load_csv", "CSV_HEADER"]
 
+_log = logging.getLogger("vmmpool")
+
 #: The header an RMM log starts with.
 CSV_HEADER = ("Thread", "Time", "Action", "Pointer", "Size", "Stream")
+#: The header of RMM's logs before the thread column (RMM 0.14 and earlier, mid-2020).
+CSV_HEADER_NO_THREAD = CSV_HEADER[1:]
 
 
 #: A pointer or stream field: hex, with or without ``0x`` (RMM wrote ``fmt::ptr``, ``0x7f...``,
-#: up to 24.x and ``%llx``, ``7f...``, since). A size field: decimal (``%zu``), or ``0x`` hex.
-#: int() alone also takes a sign, ``_`` separators and non-ASCII digits: not these.
+#: up to 24.x, ``%llx``, ``7f...``, in one 2024 revision, and ``%p`` since: ``0x7f...``, and
+#: ``(nil)`` for the null pointer of an ``allocate failure``, glibc's ``%p`` of null). A size
+#: field: decimal (``%zu``), or ``0x`` hex. int() alone also takes a sign, ``_`` separators
+#: and non-ASCII digits: not these.
 _HEX = re.compile(r"(?:0[xX])?[0-9a-fA-F]+")
 _SIZE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
 
@@ -28,6 +34,8 @@ _SIZE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
 def _parse_field(text: str, hex_only: bool) -> int:
     """A pointer or stream (`hex_only`) or a size of an RMM log, in [0, 2**64)."""
     t = text.strip()
+    if hex_only and t == "(nil)":
+        return 0
     if len(t) > 24 or not (_HEX if hex_only else _SIZE).fullmatch(t):
         raise ValueError(t)  # 2**64 takes 20 digits: no int() of a long field
     n = int(t, 16) if hex_only or t[1:2] in ("x", "X") else int(t)
@@ -44,12 +52,18 @@ def load_csv(
     Parameters
     ----------
     path : path-like
-        The log file (``Thread,Time,Action,Pointer,Size,Stream``). Pointers and
-        streams are hex, with or without ``0x`` (RMM 25.x writes ``%llx``, earlier
-        versions ``0x...``); sizes are decimal (or ``0x`` hex). Actions are
-        ``allocate``, ``free`` and ``allocate failure`` (skipped, counted in
-        :attr:`Trace.n_failed`). 0-byte allocations at the null pointer (what RMM's
-        resources return for 0 bytes) and frees of the null pointer are skipped.
+        The log file (``Thread,Time,Action,Pointer,Size,Stream``, or without
+        ``Thread,`` as RMM wrote before mid-2020). Pointers and streams are hex,
+        with or without ``0x`` (``0x...`` from ``fmt::ptr`` and ``%p``, ``%llx``
+        in one 2024 revision; ``(nil)``, glibc's null ``%p``, is 0); sizes are
+        decimal (or ``0x`` hex). Actions are ``allocate``, ``free`` and ``allocate
+        failure`` (skipped, counted in :attr:`Trace.n_failed`). 0-byte allocations
+        at the null pointer (what RMM's resources return for 0 bytes) and frees of
+        the null pointer are skipped. A free of an address the log never allocated
+        (logging began after it: ``rmm.enable_logging()`` mid-run) is a block live
+        at the start, of the free's size: a prelude block, as for PyTorch
+        snapshots. A last line without its newline that is short or malformed is
+        dropped, with a warning (RMM buffers its log: a crash cuts it anywhere).
     text : str, optional
         The file's contents, when already read (`path` then only names it).
     max_bytes : int, optional
@@ -59,23 +73,36 @@ def load_csv(
     Returns
     -------
     Trace
-        No prelude and no recorded peaks (the log holds neither).
+        No recorded peaks (the log holds none).
 
     Raises
     ------
     TraceError
-        Bad header, a short or malformed line, a free of an unknown address;
-        the message names the file and the line.
+        Bad header, a short or malformed line (but the last, unterminated one),
+        an allocation at a live address, a second free of an address; the
+        message names the file and the line.
     """
     p = Path(path)
     name = p.name
     if text is None:
         text = _decode(name, _read_bounded(p, max_bytes))
-    rows = csv.reader(io.StringIO(text.removeprefix("\ufeff")), strict=True)
+    text = text.removeprefix("\ufeff")
+    rows = csv.reader(io.StringIO(text), strict=True)
+    # RMM ends every line with a newline: a last line without one was cut (a crash).
+    last = text.count("\n") + (0 if text.endswith("\n") else 1)
+    cut = bool(text) and not text.endswith(("\n", "\r"))
+    lines: list[tuple[int, list[str]]] = []
     try:
-        return _csv_rows(name, rows)
+        for row in rows:
+            lines.append((rows.line_num, row))
     except csv.Error as e:
-        raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})") from None
+        if not (cut and rows.line_num >= last):
+            raise TraceError(
+                f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})"
+            ) from None
+        _log.warning("%s: line %d, the last, has no newline and is malformed CSV: dropped (a "
+                     "log cut short)", name, rows.line_num)
+    return _csv_rows(name, lines, last if cut else 0)
 
 
 def _decode(name: str, raw: bytes) -> str:
@@ -86,53 +113,97 @@ def _decode(name: str, raw: bytes) -> str:
         raise TraceError(f"{name}: not a text file ({e})") from None
 
 
-def _csv_rows(name: str, rows: Any) -> Trace:
-    header = next(rows, None)
-    if header is None or tuple(h.strip() for h in header[:6]) != CSV_HEADER:
+def _csv_rows(name: str, lines: list[tuple[int, list[str]]], cut_line: int) -> Trace:
+    """The trace of an RMM log's rows (``(line number, fields)``); `cut_line`: the number of a
+    last line without its newline (0: none), dropped if it is short or malformed."""
+    header = lines[0][1] if lines else None
+    fields = tuple(h.strip() for h in header[:6]) if header else ()
+    if fields == CSV_HEADER:
+        c = 0  # the column of Time; Action, Pointer, Size and Stream follow
+    elif fields[:5] == CSV_HEADER_NO_THREAD:
+        c = -1
+    else:
         raise TraceError(
-            f"{name}: line 1: expected the header {','.join(CSV_HEADER)}, got "
+            f"{name}: line 1: expected the header {','.join(CSV_HEADER)} (or, before RMM 0.15, "
+            f"{','.join(CSV_HEADER_NO_THREAD)}), got "
             f"{_cut(','.join(header), 80) if header else 'an empty file'}"
         )
-    b = _Builder(name)
+    width = 6 + c
+    parsed: list[tuple[int, int, int, int, str]] = []  # (kind, addr, size, stream, where)
     failed = 0
-    for row in rows:
-        line = rows.line_num
+    for line, row in lines[1:]:
         where = f"line {line}"
         if not row:
             continue
-        if len(row) < 6:
-            raise TraceError(f"{name}: {where}: expected 6 fields, got {len(row)} (truncated?)")
-        action = row[2].strip().lower()
         try:
-            addr = _parse_field(row[3], True)
-            size = _parse_field(row[4], False)
-            stream = _parse_field(row[5], True)
-        except ValueError:
-            got = ", ".join(brief(f.strip(), 24) for f in row[3:6])
-            raise TraceError(
-                f"{name}: {where}: expected a pointer, a size and a stream, each an integer in "
-                f"[0, 2**64) (pointer and stream in hex, 0x optional; size in decimal), got {got}"
-            ) from None
+            if len(row) < width:
+                raise TraceError(
+                    f"{name}: {where}: expected {width} fields, got {len(row)} (truncated?)"
+                )
+            action = row[2 + c].strip().lower()
+            try:
+                addr = _parse_field(row[3 + c], True)
+                size = _parse_field(row[4 + c], False)
+                stream = _parse_field(row[5 + c], True)
+            except ValueError:
+                got = ", ".join(brief(f.strip(), 24) for f in row[3 + c : 6 + c])
+                raise TraceError(
+                    f"{name}: {where}: expected a pointer, a size and a stream, each an integer "
+                    f"in [0, 2**64) (pointer and stream in hex, 0x optional; size in decimal), "
+                    f"got {got}"
+                ) from None
+        except TraceError as e:
+            if line != cut_line:
+                raise
+            _log.warning("%s: dropped line %d, the last, cut short (no newline): %s", name,
+                         line, e)
+            break
         if addr == 0 and action in ("allocate", "free") and (size == 0 or action == "free"):
             # RMM resources return nullptr for 0 bytes, and the adaptor logs it; freeing
             # nullptr does nothing. Neither is an allocation (two would share address 0).
             continue
         if action == "allocate":
-            b.alloc(addr, size, stream, where)
+            parsed.append((0, addr, size, stream, where))
         elif action == "free":
-            b.free(addr, where)
+            parsed.append((1, addr, size, stream, where))
         elif action == "allocate failure":
             failed += 1
         else:
             raise TraceError(
-                f"{name}: {where}: unknown action {brief(row[2])} (expected allocate, free or "
+                f"{name}: {where}: unknown action {brief(row[2 + c])} (expected allocate, free or "
                 f"allocate failure)"
             )
+    # Frees of addresses the log never allocated: live before logging began (a prelude).
+    live: set[int] = set()
+    traced: set[int] = set()
+    prelude: dict[int, tuple[int, int]] = {}  # addr -> (size, stream), from the free
+    for kind, addr, size, stream, where in parsed:
+        if kind == 0:
+            if addr in live:
+                raise TraceError(f"{name}: {where}: allocation at {addr:#x}, which is already live")
+            live.add(addr)
+            traced.add(addr)
+        elif addr in live:
+            live.discard(addr)
+        elif addr not in traced and addr not in prelude:
+            prelude[addr] = (size, stream)
+        else:
+            raise TraceError(f"{name}: {where}: free of {addr:#x}, which is not live (freed twice)")
+    b = _Builder(name)
+    for addr in sorted(prelude):
+        size, stream = prelude[addr]
+        b.alloc(addr, size, stream, f"prelude block {addr:#x}")
+    n_prelude = b.n_slots
+    for kind, addr, size, stream, where in parsed:
+        if kind == 0:
+            b.alloc(addr, size, stream, where)
+        else:
+            b.free(addr, where)
     return Trace(
         name=name,
         events=tuple(b.events),
         n_slots=b.n_slots,
-        n_prelude=0,
+        n_prelude=n_prelude,
         streams=tuple(b.streams),
         source="rmm-csv",
         n_failed=failed,

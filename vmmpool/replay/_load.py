@@ -44,7 +44,7 @@ def _read_sniffed(p: Path, device: int | None, max_bytes: int | None) -> tuple[b
 def _is_csv(p: Path, head: bytes, device: int | None) -> bool:
     """True for an RMM log, False for a PyTorch snapshot, by the file's first bytes `head`;
     TraceError for neither."""
-    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"Thread"):
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith((b"Thread", b"Time,")):
         if device is not None:
             raise TraceError(f"{p.name}: an RMM log has no devices to choose (device={device})")
         return True
