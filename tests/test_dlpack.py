@@ -247,6 +247,47 @@ def test_exports_at_interpreter_shutdown_are_left_alone() -> None:
     assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "ok", "")
 
 
+def test_at_exit_the_deleter_of_an_export_still_held_is_null() -> None:
+    # A C or C++ consumer may keep a tensor past Py_Finalize and call its deleter then: the
+    # ctypes callback could not run. At exit (atexit) the deleter of each export still held
+    # becomes NULL, which DLPack allows and consumers check. The check below is registered
+    # before vmmpool is imported, so it runs after vmmpool's own exit handler.
+    code = textwrap.dedent(
+        """
+        import atexit, ctypes
+        held = []
+        def look():
+            for addr, off in held:
+                ptr = ctypes.c_void_p.from_address(addr + off).value
+                print("deleter", "null" if not ptr else "set")
+        atexit.register(look)
+        import numpy as np, vmmpool
+        from vmmpool._buffer import GrowableBuffer
+        from vmmpool._dlpack import DLManagedTensor, DLManagedTensorVersioned
+        getp = ctypes.pythonapi.PyCapsule_GetPointer
+        getp.restype, getp.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        setn = ctypes.pythonapi.PyCapsule_SetName
+        setn.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        used = [ctypes.create_string_buffer(n) for n in (b"used_dltensor", b"used_dltensor_versioned")]
+        dev = vmmpool.Device.emulated(capacity=8 << 20)
+        buf = GrowableBuffer(max_size=4 << 20, device=dev, initial_size=1 << 20)
+        for i, (name, cls) in enumerate(((b"dltensor", DLManagedTensor),
+                                         (b"dltensor_versioned", DLManagedTensorVersioned))):
+            cap = buf.view("int8").__dlpack__(max_version=(1, 0) if i else None)
+            held.append((getp(cap, name), cls.deleter.offset))
+            setn(cap, used[i])  # taken by a consumer that never lets go
+            del cap
+        print("ok")
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-X", "dev", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert (run.returncode, run.stdout.split(), run.stderr) == (
+        0, ["ok", "deleter", "null", "deleter", "null"], ""
+    )
+
+
 # ------------------------------------------------------------------ validation
 def test_dlpack_device_and_interfaces_on_host(buf: GrowableBuffer) -> None:
     view = buf.view("float32")

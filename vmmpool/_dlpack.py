@@ -26,7 +26,10 @@ this safe (``VMM-FACTS.md``, "DLPack facts"):
 2. The deleter and the capsule destructor are ``ctypes.CFUNCTYPE`` callbacks,
    which take the GIL, so consumers may call them from any thread. They are
    created once and given an extra reference, so they outlive module teardown.
-   They do nothing at interpreter shutdown.
+   They do nothing at interpreter shutdown, and at exit (``atexit``) the
+   deleter of every export still held is set to NULL, which DLPack allows and
+   consumers check: a consumer that outlives the interpreter (a C++ static)
+   would otherwise call a callback that can no longer run.
 3. The deleter releases an export at most once; a second call (a consumer bug)
    is a no-op. The capsule destructor calls it only when the capsule was never
    consumed (its name is still ``"dltensor"`` / ``"dltensor_versioned"``).
@@ -45,6 +48,7 @@ that is not a multiple of 256 is legal but slower for some CUDA kernels.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
@@ -239,6 +243,25 @@ def _new_lock_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def _disarm() -> None:
+    """At interpreter exit: clear the deleter of every export a consumer still holds.
+
+    A C or C++ consumer may keep a tensor past ``Py_Finalize`` (a static) and
+    call its deleter then; a ctypes callback cannot run without the interpreter
+    and the process would crash. DLPack allows a NULL deleter ("if there is no
+    way for the caller to provide a reasonable destructor") and consumers check
+    it, so such an export is leaked at exit instead, as NumPy's deleter does
+    when Python is gone. Registered with ``atexit``: consumers running after it
+    (module teardown) skip the call, which at shutdown released nothing anyway.
+    """
+    with _lock:
+        for ex in _exports.values():
+            ex.managed.deleter = _DELETER_T()  # NULL
+
+
+atexit.register(_disarm)
 
 
 def export_stats() -> dict[str, int]:
