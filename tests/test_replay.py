@@ -302,6 +302,13 @@ def test_csv_round_trip(tmp_path: Path) -> None:
         (CSV + "1,2,free,0x7f0000400000,1000,0x55\n", r"line 8: free of 0x7f0000400000, which is "
          r"not live \(freed twice\)"),
         (CSV + "1,2,resize,0x1234,12,0x0\n", r"line 8: unknown action 'resize'"),
+        # a stray quote swallows the rest of a file without a final newline: an error at the
+        # line it starts on, not the last line dropped as cut short
+        (CSV + '1,"2,allocate,0x1,1,0x0\n' + CSV.splitlines()[1],
+         r"line 8: malformed CSV \(unexpected end of data, to line 9\)"),
+        # the first error in the file is the one reported
+        (CSV + "1,2,allocate,0x7f0000000000,5,0x0\n1,2,resize,0x1,1,0x0\n",
+         r"line 8: allocation at 0x7f0000000000, which is already live"),
     ],
 )
 def test_malformed_csv(tmp_path: Path, text: str, pattern: str) -> None:

@@ -435,7 +435,8 @@ class _State:
             self.give_back(pages)
         except Exception:  # noqa: BLE001 - retried later
             _log.warning("%s: giving pages back failed; retried later", what, exc_info=True)
-            self.debris_pages.extend(pages)
+            # without a pool give_back closes them one by one: keep those still open
+            self.debris_pages.extend(p for p in pages if not p.closed)
 
     def clear_tail(self) -> None:
         """Unmap the slots a failed growth left mapped past the capacity, give their pages back.

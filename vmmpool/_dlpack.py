@@ -254,13 +254,21 @@ def _disarm() -> None:
     way for the caller to provide a reasonable destructor") and consumers check
     it, so such an export is leaked at exit instead, as NumPy's deleter does
     when Python is gone. Registered with ``atexit``: consumers running after it
-    (module teardown) skip the call, which at shutdown released nothing anyway.
+    (module teardown) skip the call, which at shutdown released nothing anyway;
+    so do exit handlers registered before vmmpool was imported (they run after
+    this one): an array they drop keeps its memory until the process ends.
     """
+    global _disarmed
     with _lock:
-        for ex in _exports.values():
+        _disarmed = True
+        # A copy: a collection during the loop may free an array whose deleter runs here
+        # (the lock is re-entrant) and releases its export.
+        for ex in list(_exports.values()):
             ex.managed.deleter = _DELETER_T()  # NULL
 
 
+#: Set by :func:`_disarm`: exports made after it (in a later exit handler) get no deleter.
+_disarmed = False
 atexit.register(_disarm)
 
 
@@ -388,6 +396,8 @@ def _new_capsule(
     ex = _Export(managed, c_shape, c_strides, view)
     rec = _CapsuleRecord(address, name)
     with _lock:
+        if _disarmed:  # made in an exit handler after _disarm: no deleter either
+            managed.deleter = _DELETER_T()
         _exports[address] = ex
         view._exports += 1
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import array
 import csv
 import io
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from .._options import brief
 from ._trace import Trace, TraceError, _Builder, _cut, _read_bounded
@@ -90,19 +92,11 @@ def load_csv(
     rows = csv.reader(io.StringIO(text), strict=True)
     # RMM ends every line with a newline: a last line without one was cut (a crash).
     last = text.count("\n") + (0 if text.endswith("\n") else 1)
-    cut = bool(text) and not text.endswith(("\n", "\r"))
-    lines: list[tuple[int, list[str]]] = []
+    cut_line = last if text and not text.endswith(("\n", "\r")) else 0
     try:
-        for row in rows:
-            lines.append((rows.line_num, row))
+        return _csv_rows(name, rows, cut_line)
     except csv.Error as e:
-        if not (cut and rows.line_num >= last):
-            raise TraceError(
-                f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})"
-            ) from None
-        _log.warning("%s: line %d, the last, has no newline and is malformed CSV: dropped (a "
-                     "log cut short)", name, rows.line_num)
-    return _csv_rows(name, lines, last if cut else 0)
+        raise TraceError(f"{name}: line {rows.line_num}: malformed CSV ({_cut(str(e))})") from None
 
 
 def _decode(name: str, raw: bytes) -> str:
@@ -113,10 +107,15 @@ def _decode(name: str, raw: bytes) -> str:
         raise TraceError(f"{name}: not a text file ({e})") from None
 
 
-def _csv_rows(name: str, lines: list[tuple[int, list[str]]], cut_line: int) -> Trace:
-    """The trace of an RMM log's rows (``(line number, fields)``); `cut_line`: the number of a
-    last line without its newline (0: none), dropped if it is short or malformed."""
-    header = lines[0][1] if lines else None
+def _csv_rows(name: str, rows: Any, cut_line: int) -> Trace:
+    """The trace of an RMM log's rows (a ``csv.reader``); `cut_line`: the number of a last
+    line without its newline (0: none), dropped if it is short or malformed.
+
+    One pass parses every row into compact arrays and checks them in line order (the
+    first error in the file is the one reported); the frees of addresses the log never
+    allocated are found on the way and allocated first, as the prelude.
+    """
+    header = next(rows, None)
     fields = tuple(h.strip() for h in header[:6]) if header else ()
     if fields == CSV_HEADER:
         c = 0  # the column of Time; Action, Pointer, Size and Stream follow
@@ -129,9 +128,33 @@ def _csv_rows(name: str, lines: list[tuple[int, list[str]]], cut_line: int) -> T
             f"{_cut(','.join(header), 80) if header else 'an empty file'}"
         )
     width = 6 + c
-    parsed: list[tuple[int, int, int, int, str]] = []  # (kind, addr, size, stream, where)
+    # Parsed events, compact (a raw row costs ten times more): kind 0 alloc, 1 free.
+    kinds = array.array("B")
+    addrs, sizes, streams = array.array("Q"), array.array("Q"), array.array("Q")
+    lines = array.array("Q")
+    live: set[int] = set()
+    traced: set[int] = set()
+    prelude: dict[int, tuple[int, int]] = {}  # addr -> (size, stream), from the free
     failed = 0
-    for line, row in lines[1:]:
+    start = rows.line_num + 1  # the line the next record starts on
+    while True:
+        try:
+            row = next(rows, None)
+        except csv.Error as e:
+            # Dropped only when the broken record starts on the cut last line (a stray
+            # quote earlier would swallow the rest of the file into one field).
+            if start != cut_line:
+                to = f", to line {rows.line_num}" if rows.line_num > start else ""
+                raise TraceError(
+                    f"{name}: line {start}: malformed CSV ({_cut(str(e))}{to})"
+                ) from None
+            _log.warning("%s: dropped line %d, the last, cut short (no newline): malformed CSV "
+                         "(%s)", name, start, _cut(str(e)))
+            break
+        if row is None:
+            break
+        line = rows.line_num
+        start = line + 1
         where = f"line {line}"
         if not row:
             continue
@@ -163,42 +186,45 @@ def _csv_rows(name: str, lines: list[tuple[int, list[str]]], cut_line: int) -> T
             # nullptr does nothing. Neither is an allocation (two would share address 0).
             continue
         if action == "allocate":
-            parsed.append((0, addr, size, stream, where))
+            if addr in live:
+                raise TraceError(f"{name}: {where}: allocation at {addr:#x}, which is already live")
+            live.add(addr)
+            traced.add(addr)
+            kind = 0
         elif action == "free":
-            parsed.append((1, addr, size, stream, where))
+            if addr in live:
+                live.discard(addr)
+            elif addr not in traced and addr not in prelude:
+                # Allocated before logging began: live at the start (a prelude block).
+                prelude[addr] = (size, stream)
+            else:
+                raise TraceError(
+                    f"{name}: {where}: free of {addr:#x}, which is not live (freed twice)"
+                )
+            kind = 1
         elif action == "allocate failure":
             failed += 1
+            continue
         else:
             raise TraceError(
                 f"{name}: {where}: unknown action {brief(row[2 + c])} (expected allocate, free or "
                 f"allocate failure)"
             )
-    # Frees of addresses the log never allocated: live before logging began (a prelude).
-    live: set[int] = set()
-    traced: set[int] = set()
-    prelude: dict[int, tuple[int, int]] = {}  # addr -> (size, stream), from the free
-    for kind, addr, size, stream, where in parsed:
-        if kind == 0:
-            if addr in live:
-                raise TraceError(f"{name}: {where}: allocation at {addr:#x}, which is already live")
-            live.add(addr)
-            traced.add(addr)
-        elif addr in live:
-            live.discard(addr)
-        elif addr not in traced and addr not in prelude:
-            prelude[addr] = (size, stream)
-        else:
-            raise TraceError(f"{name}: {where}: free of {addr:#x}, which is not live (freed twice)")
+        kinds.append(kind)
+        addrs.append(addr)
+        sizes.append(size)
+        streams.append(stream)
+        lines.append(line)
     b = _Builder(name)
     for addr in sorted(prelude):
         size, stream = prelude[addr]
         b.alloc(addr, size, stream, f"prelude block {addr:#x}")
     n_prelude = b.n_slots
-    for kind, addr, size, stream, where in parsed:
-        if kind == 0:
-            b.alloc(addr, size, stream, where)
+    for k in range(len(kinds)):
+        if kinds[k] == 0:
+            b.alloc(addrs[k], sizes[k], streams[k], f"line {lines[k]}")
         else:
-            b.free(addr, where)
+            b.free(addrs[k], f"line {lines[k]}")
     return Trace(
         name=name,
         events=tuple(b.events),
