@@ -15,6 +15,7 @@ import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -284,6 +285,12 @@ def _double_faults() -> list[tuple[tuple[str, int], tuple[str, int]]]:
     return [(a, b) for a in first for b in second]
 
 
+def _arm(backend: Any, *faults: tuple[str, int]) -> None:
+    """Inject each ``(op, nth)`` fault (an invalid-value driver error)."""
+    for op, nth in faults:
+        backend.inject_fault(op, nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+
+
 def _emulated_buffer(
     pooled: bool, max_pages: int, pages: int, short: int, seed: int, limit_pages: int = 24
 ) -> tuple[vmmpool.Device, vmmpool.PagePool | None, GrowableBuffer]:
@@ -307,8 +314,7 @@ def test_double_faults_in_a_growth_never_lose_a_byte_or_leak(
     g = dev.granularity
     snap = Snapshot.of(buf)
     be = dev._backend
-    be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
-    be.inject_fault(second[0], nth=second[1], name="CUDA_ERROR_INVALID_VALUE")
+    _arm(be, first, second)
     try:
         buf.resize(5 * g)
     except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
@@ -348,8 +354,7 @@ def test_double_faults_in_a_move_leave_it_as_it_was_unless_the_old_range_is_gone
     g = dev.granularity
     snap = Snapshot.of(buf)
     be = dev._backend
-    be.inject_fault(first[0], nth=first[1], name="CUDA_ERROR_INVALID_VALUE")
-    be.inject_fault(second[0], nth=second[1], name="CUDA_ERROR_INVALID_VALUE")
+    _arm(be, first, second)
     try:
         buf.resize(3 * g, allow_move=True)
     except (vmmpool.OutOfMemoryError, vmmpool.DriverError):
@@ -382,10 +387,9 @@ def test_a_range_a_failed_move_could_not_close_goes_at_the_next_operation(
     g = dev.granularity
     snap = Snapshot.of(buf)
     be = dev._backend
-    bad = "CUDA_ERROR_INVALID_VALUE"
-    be.inject_fault("set_access", nth=1, name=bad)  # the move maps 3 pages into its new range...
-    be.inject_fault("unmap", nth=1, name=bad)  # ...and neither its undo...
-    be.inject_fault("unmap", nth=2, name=bad)  # ...nor the second try unmaps them
+    # the move maps 3 pages into its new range, and neither its undo nor the second try
+    # unmaps them
+    _arm(be, ("set_access", 1), ("unmap", 1), ("unmap", 2))
     with pytest.raises(vmmpool.DriverError) as info:
         buf.resize(3 * g, allow_move=True)
     be.clear_faults()
@@ -396,8 +400,7 @@ def test_a_range_a_failed_move_could_not_close_goes_at_the_next_operation(
     assert "1 range(s) a failed move left reserved" in repr(buf)
     c = dev.counters()
     assert (c.mappings, c.reservations) == (2 + 3, 2)  # the new range maps the 2 pages and 1 new
-    be.inject_fault("unmap", nth=1, name=bad)
-    be.inject_fault("unmap", nth=2, name=bad)  # (a shrink tries twice: quietly, then for real)
+    _arm(be, ("unmap", 1), ("unmap", 2))  # (a shrink tries twice: quietly, then for real)
     if then in ("grow", "move", "sleep", "shrink"):  # they close it first: fails again, no change
         with pytest.raises(vmmpool.DriverError):
             if then == "sleep":
@@ -443,8 +446,7 @@ def test_pages_a_failed_move_could_not_give_back_go_at_the_next_resize(
     g = dev.granularity
     snap = Snapshot.of(buf)
     be = dev._backend
-    for op, nth in (("reserve", 1), ("release", 1), ("release", 2)):
-        be.inject_fault(op, nth=nth, name="CUDA_ERROR_INVALID_VALUE")
+    _arm(be, ("reserve", 1), ("release", 1), ("release", 2))
     with pytest.raises(vmmpool.DriverError) as info:
         buf.resize(3 * g, allow_move=True)
     be.clear_faults()
