@@ -487,3 +487,131 @@ def test_keep_cached_reaches_each_page_pool() -> None:
         assert pool._pool().keep_cached is keep
         del mem
         pool.close()
+
+
+def test_a_failed_close_is_resumed_by_the_next_close() -> None:
+    # close() dropped a page pool whose close() raised: a retry released nothing, and its
+    # pages stayed live (outside any limit) until the garbage collector found it.
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev)
+    with vcupy.using_pool(pool):
+        arrays = [cupy.empty(3 * MiB, dtype=cupy.uint8) for _ in range(2)]
+        del arrays  # cached
+    (pp,) = pool.page_pools().values()
+    dev._backend.inject_fault("unmap", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+    with pytest.raises(vmmpool.DriverError):
+        pool.close()
+    pool.close()  # resumes
+    assert dev.counters().live == (0, 0, 0)
+    del pp
+
+
+def test_statistics_are_the_current_devices_as_cupys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CuPy's MemoryPool answers used_bytes() ... free_all_blocks() for the current device;
+    # these summed (and trimmed) every device.
+    class NullStream:
+        ptr = 0
+
+    current = [0]
+    monkeypatch.setattr(vcupy._cupy.cuda.runtime, "getDevice", lambda: current[0])
+    monkeypatch.setattr(vcupy._cupy.cuda, "get_current_stream", lambda *a: NullStream())
+    devs = [vmmpool.Device.emulated(capacity=64 * MiB) for _ in range(2)]
+    pool = vcupy.MemoryPool("host")
+    pool._pinned = None
+    pool._pools = {0: vmmpool.PagePool(devs[0]), 1: vmmpool.PagePool(devs[1])}
+    x = pool.malloc(4 * MiB)
+    current[0] = 1
+    y, z = pool.malloc(8 * MiB), pool.malloc(2 * MiB)
+    del z
+    current[0] = 0
+    assert pool.used_bytes() == 4 * MiB
+    assert pool.total_bytes() == pool.used_bytes() + pool.free_bytes() == 4 * MiB
+    assert pool.n_free_blocks() == 0
+    pool.free_all_blocks()
+    assert pool._pools[1].stats().cached_bytes > 0  # another device's cache is left alone
+    current[0] = 1
+    assert pool.used_bytes() == 8 * MiB and pool.n_free_blocks() == 1
+    current[0] = 2  # no pool there yet: nothing, and none is made
+    assert (pool.used_bytes(), pool.free_bytes(), pool.total_bytes(), pool.n_free_blocks()) == (0,) * 4
+    pool.free_all_blocks()
+    assert sorted(pool._pools) == [0, 1]
+    del x, y
+    pool.close()
+    assert [d.counters().live for d in devs] == [(0, 0, 0)] * 2
+
+
+def test_statistics_while_another_thread_adds_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # used_bytes() iterated the page pools while a first malloc on another device added
+    # one: "dictionary changed size during iteration".
+    import threading
+
+    class NullStream:
+        ptr = 0
+
+    local = threading.local()
+    monkeypatch.setattr(vcupy._cupy.cuda.runtime, "getDevice", lambda: getattr(local, "dev", 0))
+    monkeypatch.setattr(vcupy._cupy.cuda, "get_current_stream", lambda *a: NullStream())
+    monkeypatch.setattr(vcupy, "Device", lambda key: vmmpool.Device.emulated(capacity=8 * MiB))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows in a few hundred tries
+    pool = vcupy.MemoryPool("host")
+    pool._pinned = None
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                pool.page_pools()
+            except RuntimeError as err:  # pragma: no cover - the bug
+                errors.append(err)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    keep = []
+    try:
+        for key in range(200):
+            local.dev = key
+            keep.append(pool.malloc(100))
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert not errors
+    del keep
+    pool.close()
+
+
+def test_malloc_refuses_bad_sizes_before_a_limit_below_one_page(hostpool: vcupy.MemoryPool) -> None:
+    # With a limit below one page, malloc(-1) said "Out of memory allocating -1 bytes" and
+    # malloc("x") raised "Cannot specify ',' with 's'" while formatting CuPy's error.
+    hostpool.set_limit(size=1000)
+    with pytest.raises(ValueError, match="nbytes must be >= 0, got -1"):
+        hostpool.malloc(-1)
+    with pytest.raises(TypeError, match="nbytes must be an int, got str"):
+        hostpool.malloc("x")  # type: ignore[arg-type]
+
+
+def test_out_of_memory_reports_the_limit_as_set(hostpool: vcupy.MemoryPool) -> None:
+    # With no limit CuPy says nothing of one; this said "limit set to: <device size>".
+    with pytest.raises(cupy.cuda.memory.OutOfMemoryError) as info:
+        hostpool.malloc(64 * MiB)
+    assert "limit set to" not in str(info.value)
+    hostpool.set_limit(size=3 * MiB)  # in force: 2 MiB (whole pages); reported as set
+    with pytest.raises(cupy.cuda.memory.OutOfMemoryError, match="limit set to: 3,145,728 bytes"):
+        hostpool.malloc(3 * MiB)
+
+
+def test_a_limit_below_preallocate_before_the_first_malloc() -> None:
+    # set_limit (or CUPY_GPU_MEMORY_LIMIT) below `preallocate` before the first malloc made
+    # every malloc, inside CuPy's calls, raise ValueError; after it, the limit just applies.
+    dev = vmmpool.Device.emulated(capacity=32 * MiB)
+    pool = vcupy.MemoryPool(dev, preallocate=8 * MiB)
+    pool.set_limit(size=4 * MiB)
+    mem = pool.malloc(100)
+    assert pool.stats().limit == 4 * MiB and pool.total_bytes() <= 4 * MiB
+    del mem
+    pool.close()
+    with pytest.raises(ValueError, match="preallocate must not exceed the device's memory"):
+        vcupy.MemoryPool(dev, preallocate=64 * MiB)
+    assert dev.counters().live == (0, 0, 0)

@@ -166,12 +166,21 @@ class MemoryPool(NoCopy):
             page_size = check_int("page_size", page_size, minimum=g, multiple=g)
         self._page_size = page_size
         self._preallocate = check_int("preallocate", preallocate)
+        dev = self._pinned if self._pinned is not None else probe
+        if dev is not None and self._preallocate > dev.total_memory:
+            # Here, not at the first malloc (inside CuPy's call, every one of which failed).
+            raise ValueError(
+                f"preallocate must not exceed the device's memory ({dev.total_memory} bytes), "
+                f"got {self._preallocate}"
+            )
         self._pools: dict[int, PagePool] = {}
         self._limits: dict[int, int] = {}  # device key -> explicit limit (0 = none)
         # Device key -> its limit, for pools whose limit is below one page: no allocation
         # can succeed there (the page pool itself holds at least one page).
         self._below_a_page: dict[int, int] = {}
         self._lock = OpLock()
+        #: Page pools whose close() failed: the next close() resumes them.
+        self._closing: list[PagePool] = []
 
     # ------------------------------------------------------------ devices
     def _current(self) -> tuple[int, Device]:
@@ -197,16 +206,27 @@ class MemoryPool(NoCopy):
                 pool = self._pools.get(key)
                 if pool is None:
                     limit = self._limit_for(key, dev)
+                    P = self._page_size or dev.granularity
+                    pool_limit = _pool_limit(limit, P)
+                    pre = self._preallocate
+                    if pool_limit is not None:
+                        # A limit below `preallocate` (set_limit before the first malloc, or
+                        # CUPY_GPU_MEMORY_LIMIT) takes what it allows, as set_limit after the
+                        # first malloc gives the pages above it back; it used to make every
+                        # malloc raise ValueError.
+                        pre = min(pre, pool_limit // P * P)
                     pool = PagePool(
                         dev,
-                        limit=_pool_limit(limit, self._page_size or dev.granularity),
+                        limit=pool_limit,
                         page_size=self._page_size,
-                        preallocate=self._preallocate,
+                        preallocate=pre,
                         keep_cached=self._keep_cached,
                     )
                     self._limits[key] = limit
                     self._note_limit(key, limit, pool.page_size)
-                    self._pools[key] = pool
+                    # Copy on write: readers (used_bytes(), page_pools()) iterate the dict
+                    # without the lock; inserting into it under them raised RuntimeError.
+                    self._pools = {**self._pools, key: pool}
         return pool
 
     def _note_limit(self, key: int, limit: int, page_size: int) -> None:
@@ -257,6 +277,10 @@ class MemoryPool(NoCopy):
                 if not stream.ptr:
                     stream = 0
         device_id = pool.device.ordinal
+        if type(nbytes) is not int:
+            nbytes = check_int("nbytes", nbytes)  # a clear error, not a refusal that quotes it
+        elif nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         if nbytes == 0:
             return _cupy.cuda.MemoryPointer(_cupy.cuda.UnownedMemory(0, 0, None, device_id), 0)
         if self._below_a_page:
@@ -274,8 +298,10 @@ class MemoryPool(NoCopy):
             try:
                 alloc = pool.malloc(nbytes, stream)
             except OutOfMemoryError as err:
+                # The limit as set (0: none, as CuPy reports it), not the page pool's
+                # (the device's memory when no limit is set, or the limit rounded down).
                 raise _cupy.cuda.memory.OutOfMemoryError(
-                    nbytes, err.in_use, pool.limit
+                    nbytes, err.in_use, self._limits.get(key, 0)
                 ) from err
         alloc._hold = True  # CuPy arrays use it while it lives: close() keeps it mapped
         if pool.closed:
@@ -289,35 +315,48 @@ class MemoryPool(NoCopy):
     __call__ = malloc
 
     # ------------------------------------------------------ cupy's methods
-    def free_all_blocks(self, stream: object = None) -> None:
-        """Give cached free memory back to the driver.
+    def _current_pool(self) -> PagePool | None:
+        """The current device's page pool, if made yet (none is made here)."""
+        if self._pinned is not None:
+            return self._pools.get(-1)
+        return self._pools.get(_cupy.cuda.runtime.getDevice())
 
-        Unlike CuPy's pool, this releases the free memory of every stream
-        (the `stream` argument is accepted for compatibility): cached ranges
-        are unmapped and their pages released (``PagePool.trim``).
+    def free_all_blocks(self, stream: object = None) -> None:
+        """Give the current device's cached free memory back to the driver.
+
+        As ``cupy.cuda.MemoryPool.free_all_blocks``, only the current device's
+        pool; unlike it, the free memory of every stream is released (the
+        `stream` argument is accepted for compatibility): cached ranges are
+        unmapped and their pages released (``PagePool.trim``).
         """
-        for pool in list(self._pools.values()):
+        pool = self._current_pool()
+        if pool is not None:
             pool.trim()
 
     def used_bytes(self) -> int:
-        """Bytes held by live allocations (with rounding), over all devices."""
-        return sum(p.stats().allocated_bytes for p in self._pools.values())
+        """Bytes held by live allocations (with rounding) on the current device, as CuPy."""
+        pool = self._current_pool()
+        return 0 if pool is None else pool.stats().allocated_bytes
 
     def free_bytes(self) -> int:
-        """Bytes the pools hold but no allocation uses (cached ranges and free pages)."""
-        total = 0
-        for p in self._pools.values():
-            s = p.stats()
-            total += s.cached_bytes + s.free_pages * s.page_size
-        return total
+        """Bytes the current device's pool holds but no allocation uses (cached ranges and
+        free pages)."""
+        pool = self._current_pool()
+        if pool is None:
+            return 0
+        s = pool.stats()
+        return s.cached_bytes + s.free_pages * s.page_size
 
     def total_bytes(self) -> int:
-        """Bytes of physical pages the pools hold (``used_bytes() + free_bytes()``)."""
-        return sum(p.stats().total_pages * p.page_size for p in self._pools.values())
+        """Bytes of physical pages the current device's pool holds
+        (``used_bytes() + free_bytes()``)."""
+        pool = self._current_pool()
+        return 0 if pool is None else pool.stats().total_pages * pool.page_size
 
     def n_free_blocks(self) -> int:
-        """Number of cached free blocks, over all devices."""
-        return sum(p.stats().cached_blocks for p in self._pools.values())
+        """Number of cached free blocks on the current device, as CuPy."""
+        pool = self._current_pool()
+        return 0 if pool is None else pool.stats().cached_blocks
 
     def set_limit(self, size: int | None = None, fraction: float | None = None) -> None:
         """Limit the current device's pool, as ``cupy.cuda.MemoryPool.set_limit``.
@@ -385,7 +424,9 @@ class MemoryPool(NoCopy):
         """Close every page pool.
 
         Memory that live CuPy arrays still use stays mapped until the last of
-        them is gone; everything else is released now.
+        them is gone; everything else is released now. If a page pool's close
+        fails, the error propagates after the others are closed, and calling
+        ``close()`` again resumes it. A later ``malloc`` makes fresh page pools.
         """
         if self._lock.owned():
             # A finalizer (a user's __del__) that interrupted this pool's first malloc on a
@@ -394,9 +435,21 @@ class MemoryPool(NoCopy):
             self._lock.defer(self.close)
             return
         with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
+            pools = self._closing + list(self._pools.values())
+            self._pools, self._closing = {}, []
+        errors: list[BaseException] = []
+        left: list[PagePool] = []
         for p in pools:
-            p.close()
+            try:
+                p.close()
+            except BaseException as err:  # noqa: BLE001 - close the others, then raise
+                errors.append(err)
+                left.append(p)  # kept for a retry (dropping it left its pages live)
+        if left:
+            with self._lock:
+                self._closing.extend(left)
+        if errors:
+            raise errors[0]
 
     def __repr__(self) -> str:
         where = "current CuPy device" if self._pinned is None else str(self._pinned)
