@@ -373,8 +373,8 @@ class MemoryPool(NoCopy):
         -----
         The page pool holds whole pages: the limit in force is rounded down
         to the page size, and a limit below one page (but above 0) makes every
-        allocation fail with CuPy's ``OutOfMemoryError``, as CuPy's pool does
-        when no request fits. All or nothing: when this raises (a bad value,
+        allocation fail with CuPy's ``OutOfMemoryError`` (CuPy's pool, of
+        512-byte blocks, still serves requests that fit). All or nothing: when this raises (a bad value,
         or a driver error while pages above the new limit are given back),
         the old limit stays in force and :meth:`get_limit` reports it.
         """
