@@ -15,6 +15,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -525,6 +526,9 @@ class FakeTorch(types.ModuleType):
         self.__version__ = "fake"
         self.allocators: list[Any] = []
         self.used: list[tuple[Any, object]] = []
+        self.current = 0  # torch.cuda.current_device()
+        #: device -> {MemPool id: allocator or None}: where PyTorch registered each pool
+        self.registered: dict[int, dict[int, Any]] = {}
         torch = self
 
         class Allocator:
@@ -536,19 +540,46 @@ class FakeTorch(types.ModuleType):
         class MemPool:
             def __init__(self, allocator: Allocator) -> None:
                 self.allocator = allocator
+                # MemPool::MemPool registers on the current device
+                torch.registered.setdefault(torch.current, {})[id(self)] = allocator
 
         class use_mem_pool:  # torch's spelling
             def __init__(self, mp: MemPool, device: object = None) -> None:
                 self.mp, self.device = mp, device
 
             def __enter__(self) -> None:
+                # beginAllocateToPool: one MemPool is entered once at a time, by any thread
+                if any(mp is self.mp for mp, _ in torch.used):
+                    raise RuntimeError("beginAllocateToPool: already recording to mempool_id")
+                d = torch.current if self.device is None else self.device
+                assert isinstance(d, int)
+                # an id unknown on that device: a private pool with no allocator (plain cudaMalloc)
+                torch.registered.setdefault(d, {}).setdefault(id(self.mp), None)
                 torch.used.append((self.mp, self.device))
 
             def __exit__(self, *exc: object) -> None:
-                torch.used.pop()
+                torch.used.remove(next(u for u in torch.used if u[0] is self.mp))
 
+        class device:
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def __enter__(self) -> None:
+                self.prev, torch.current = torch.current, self.index
+
+            def __exit__(self, *exc: object) -> None:
+                torch.current = self.prev
+
+        def torch_device(spec: str) -> Any:  # torch.device("cuda:1") / torch.device("cuda")
+            kind, _, index = spec.partition(":")
+            return types.SimpleNamespace(type=kind, index=int(index) if index else None)
+
+        self.device = torch_device
         self._C = types.SimpleNamespace(_cuda_customAllocator=Allocator)
-        self.cuda = types.SimpleNamespace(MemPool=MemPool, use_mem_pool=use_mem_pool)
+        self.cuda = types.SimpleNamespace(
+            MemPool=MemPool, use_mem_pool=use_mem_pool, device=device,
+            current_device=lambda: torch.current,
+        )
 
 
 def test_mempool_and_use_pool_wiring(device: vmmpool.Device, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -571,12 +602,15 @@ def test_mempool_and_use_pool_wiring(device: vmmpool.Device, monkeypatch: pytest
         assert pool.stats().live_allocations == 0
         with vt.use_pool(pool) as used:
             assert fake.used == [(used, device.ordinal)]
-            with vt.use_pool(pool) as again:
-                assert again is used  # still referenced: reused
+            # PyTorch refuses to enter one MemPool twice at once: a nested block gets another
+            with vt.use_pool(pool) as inner:
+                assert inner is not used and inner.allocator is used.allocator
         assert fake.used == []
+        with vt.use_pool(pool) as again:
+            assert again is inner  # the last one made, still referenced, no block inside: reused
         where = types.SimpleNamespace(index=device.ordinal)  # a torch.device
-        with vt.use_pool(pool, device=where):
-            assert fake.used[0][1] is where
+        with vt.use_pool(pool, device=where) as again:
+            assert fake.used == [(again, device.ordinal)]
         with pytest.raises(ValueError, match=rf"must be the pool's device \(cuda:{device.ordinal}\), got 3"):
             with vt.use_pool(pool, device=3):
                 pass
@@ -584,7 +618,7 @@ def test_mempool_and_use_pool_wiring(device: vmmpool.Device, monkeypatch: pytest
         # PyTorch's allocator object outlives the pool object and every MemPool wrapper.
         p = allocator.alloc(MiB, device.ordinal, None)
         alive = weakref.ref(pool)
-        del pool, mp, mp2, used, again
+        del pool, mp, mp2, used, again, inner
         gc.collect()
         assert alive() is not None  # the block PyTorch holds keeps the pool
         allocator.free(p, MiB, device.ordinal, None)
@@ -630,6 +664,94 @@ def test_mempool_refusing_a_host_pool_makes_no_pair(
         assert len(vt._PAIRS) == pairs
     finally:
         pool.close()
+
+
+def test_mempool_is_registered_on_the_pools_device(
+    standin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PyTorch registers a MemPool (and its allocator) on the device current when it is
+    # made: built while cuda:0 was current, a pool on cuda:1 got nothing, and use_pool's
+    # use_mem_pool(mp, 1) made a plain cudaMalloc private pool on cuda:1 for the same id.
+    fake = FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    pool = vmmpool.PagePool(vmmpool.Device(1), limit=8 * MiB)
+    try:
+        with vt.use_pool(pool) as mp:
+            assert fake.current == 0  # the caller's current device is left alone
+            assert fake.registered[1][id(mp)] is mp.allocator
+            assert id(mp) not in fake.registered.get(0, {})
+        for bad in (0, "cuda:0", types.SimpleNamespace(index=0), "cuda", "cpu"):  # "cuda": current (0)
+            with pytest.raises(ValueError, match=r"must be the pool's device \(cuda:1\)"):
+                with vt.use_pool(pool, device=bad):
+                    pass
+        with vt.use_pool(pool, device="cuda:1"):
+            assert fake.used[0][1] == 1
+    finally:
+        pool.close()
+
+
+def test_use_pool_in_two_threads_at_once(device: vmmpool.Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # use_mem_pool routes one thread; two threads each in `with use_pool(pool)` got the same
+    # MemPool, and PyTorch refused the second ("already recording to mempool_id").
+    if device.is_host:
+        pytest.skip("MemPool needs a CUDA pool")
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch())
+    pool = vmmpool.PagePool(device, limit=8 * device.granularity)
+    errors: list[BaseException] = []
+    inside = threading.Barrier(2, timeout=10)
+
+    def worker() -> None:
+        try:
+            with vt.use_pool(pool):
+                inside.wait()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    try:
+        assert not errors, errors
+        assert vt._pair(pool).entered == {}
+    finally:
+        pool.close()
+
+
+def test_mempool_refuses_torch_before_2_8(device: vmmpool.Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before 2.8 PyTorch frees a custom MemPool's segments with cudaFree outside its
+    # use_mem_pool block (pytorch/pytorch#146431): cudaFree of vmmpool memory.
+    pool = vmmpool.PagePool(device, limit=4 * device.granularity)
+    try:
+        for version, ok in (("2.5.1+cu124", False), ("2.7.0", False), ("2.8.0+cu128", True),
+                            ("2.10.0a0+git1234", True), ("3.0", True)):
+            fake = FakeTorch()
+            fake.__version__ = version
+            monkeypatch.setitem(sys.modules, "torch", fake)
+            if device.is_host:
+                continue  # refused as a host pool whatever the version (tested above)
+            if ok:
+                vt.MemPool(pool)
+            else:
+                wanted = r"needs PyTorch 2\.8 or later, got " + re.escape(version)
+                with pytest.raises(ImportError, match=wanted):
+                    vt.MemPool(pool)
+    finally:
+        pool.close()
+
+
+def test_free_with_another_size_is_logged(
+    pool: vmmpool.PagePool, device: vmmpool.Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    alloc, free = c_functions(pool)
+    d = ordinal(device)
+    p = alloc(MiB, d, None)
+    with caplog.at_level(logging.WARNING, logger="vmmpool.torch"):
+        free(p, 12345, d, None)
+    assert any("12345 bytes" in r.getMessage() and f"allocated as {MiB} bytes" in r.getMessage()
+               for r in caplog.records), caplog.records
+    assert pool.stats().live_allocations == 0
 
 
 # ---------------------------------------------------------------------- GPU

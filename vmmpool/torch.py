@@ -13,8 +13,10 @@ nothing needs compiling:
 
 * ``void* alloc(size_t size, int device, cudaStream_t stream)``: a block of the
   page pool on `stream` (``PagePool.malloc(size, stream)``), or NULL when the
-  pool cannot serve it (PyTorch then frees its cached segments, retries, and
-  raises ``torch.cuda.OutOfMemoryError``). ``size == 0`` returns NULL without
+  pool cannot serve it (PyTorch then frees the cached segments of its default
+  pool and of MemPools no longer in use, retries, and raises
+  ``torch.cuda.OutOfMemoryError``; the cached segments of a MemPool still alive
+  are *not* given back: delete the MemPool for that). ``size == 0`` returns NULL without
   allocating (PyTorch's own allocator returns a null pointer for zero bytes; the
   caching allocator never asks a pool for 0), and ``free(NULL, ...)`` does nothing.
 * ``void free(void* ptr, size_t size, int device, cudaStream_t stream)``: gives
@@ -50,6 +52,16 @@ holds its allocator mutex: it never blocks on the pool's lock. It hands the
 block to the pool's finalizer path (the same one a garbage-collected
 :class:`~vmmpool.Allocation` takes): freed at once when the lock is free,
 otherwise queued and freed by the thread holding the lock as it lets go.
+
+The callbacks are Python: each call takes the GIL, and PyTorch makes them while it
+holds its device allocator's mutex. PyTorch's own rule is the opposite order (GIL,
+then allocator mutex: a thread that holds the GIL and frees a CUDA tensor, or calls
+into the allocator without releasing the GIL, waits for the mutex). So while one
+thread allocates a new segment in a vmmpool MemPool, another thread that holds the
+GIL and touches the CUDA allocator deadlocks both. Use the MemPool where a single
+Python thread does CUDA work, or where the other threads' CUDA frees cannot overlap
+a segment allocation; a free-threaded build or a compiled shim would be needed
+otherwise.
 
 In a forked child, the pair refuses to allocate (NULL) and never frees: the
 memory belongs to the parent.
@@ -128,6 +140,8 @@ class _Pair:
         #: The torch allocator object made from this pair (MemPool), once made.
         self.torch_allocator: Any = None
         self.mem_pool: Any = None  # weakref to the last MemPool use_pool made
+        #: id() -> how many use_pool blocks (any thread) are inside that MemPool now.
+        self.entered: dict[int, int] = {}
         self.alloc_fn = ALLOC_FN(self._alloc)
         self.free_fn = FREE_FN(self._free)
         self.alloc_address = int(ctypes.cast(self.alloc_fn, ctypes.c_void_p).value or 0)
@@ -159,8 +173,9 @@ class _Pair:
                 a = pool.malloc(size, stream or 0)
             except OutOfMemoryError as err:
                 _quiet(logging.INFO, "vmmpool.torch alloc of %d bytes on stream %#x: %s; returning "
-                       "NULL (PyTorch frees its cached segments and retries, or raises its "
-                       "OutOfMemoryError)", size, stream or 0, err)
+                       "NULL (PyTorch frees the cached segments of its default pool and of "
+                       "MemPools no longer in use and retries, or raises its OutOfMemoryError)",
+                       size, stream or 0, err)
                 return None
             except ClosedError:
                 _quiet(logging.WARNING, "vmmpool.torch alloc of %d bytes: the pool on %s is "
@@ -197,6 +212,10 @@ class _Pair:
                 _quiet(logging.WARNING, "vmmpool.torch free of %#x (%d bytes): not allocated by this "
                        "allocator, or freed twice; ignored", ptr, size)
                 return
+            if size != a.size or (self.ordinal is not None and device != self.ordinal):
+                _quiet(logging.WARNING, "vmmpool.torch free of %#x: %d bytes on device %d, but it was "
+                       "allocated as %d bytes on %s; freed anyway", ptr, size, device, a.size,
+                       self.device)
             if self.ordinal is not None and not a.pool.closed:
                 _enter(a.pool)
             # Dropping the last reference hands the block to the pool's finalizer
@@ -283,11 +302,31 @@ def _torch() -> Any:
     return torch
 
 
+def _torch_version(torch: Any) -> tuple[int, int] | None:
+    """(major, minor) of ``torch.__version__``, or None when it does not parse."""
+    parts = str(getattr(torch, "__version__", "")).split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
+    except (IndexError, ValueError):
+        return None
+
+
 def _mem_pool_class(torch: Any) -> Any:
+    version = getattr(torch, "__version__", "?")
+    known = _torch_version(torch)
+    if known is not None and known < (2, 8):
+        # Before 2.8 (MemPoolContext, removed by pytorch/pytorch#154746) PyTorch frees a
+        # custom-allocator MemPool's segment with the custom free only while that MemPool
+        # is the thread's active one (2.6, 2.7) or never (2.5); otherwise it calls
+        # cudaFree on the pool's memory (pytorch/pytorch#146431).
+        raise ImportError(
+            f"vmmpool.torch.MemPool needs PyTorch 2.8 or later, got {version}: older versions "
+            "free a custom MemPool's segments with cudaFree outside its use_mem_pool block"
+        )
     cls = getattr(torch.cuda, "MemPool", None) or getattr(torch.cuda.memory, "MemPool", None)
     if cls is None:
         raise ImportError(
-            f"torch {getattr(torch, '__version__', '?')} has no torch.cuda.MemPool "
+            f"torch {version} has no torch.cuda.MemPool "
             "(added in PyTorch 2.5): upgrade PyTorch"
         )
     return cls
@@ -312,7 +351,8 @@ def MemPool(pool: PagePool) -> Any:
     ------
     ImportError
         PyTorch is not installed (the message names ``vmmpool[torch]``), or is
-        older than 2.5 (no ``MemPool``).
+        older than 2.8 (before 2.8 PyTorch frees a custom MemPool's segments with
+        ``cudaFree`` outside its ``use_mem_pool`` block).
     TypeError
         `pool` is not a :class:`~vmmpool.PagePool`.
     ValueError
@@ -333,7 +373,12 @@ def MemPool(pool: PagePool) -> Any:
         if pair.torch_allocator is None:
             pair.torch_allocator = torch._C._cuda_customAllocator(pair.alloc_address, pair.free_address)
         allocator = pair.torch_allocator
-    return cls(allocator)
+    # PyTorch registers a MemPool's allocator on the device current at construction
+    # (MemPool::MemPool: device_ = current_device(); createOrIncrefPool(device_, ...)):
+    # built while another device is current, the pool's own device would get a plain
+    # cudaMalloc private pool for the same id, and nothing would come from `pool`.
+    with torch.cuda.device(pool.device.ordinal):
+        return cls(allocator)
 
 
 @contextlib.contextmanager
@@ -344,16 +389,19 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
     ----------
     pool : PagePool
         An open pool on a CUDA device.
-    device : torch.device, int or None
-        Passed to ``torch.cuda.use_mem_pool``; ``None`` (default) means the
-        pool's device. Another device is refused (``ValueError``).
+    device : torch.device, str, int or None
+        ``None`` (default) means the pool's device; anything that names another
+        device (``"cuda"`` and ``torch.device("cuda")`` name the current one) is
+        refused (``ValueError``). ``torch.cuda.use_mem_pool`` gets the pool's ordinal.
 
     Yields
     ------
     torch.cuda.MemPool
         The MemPool in use: the one the previous ``use_pool`` of this pool
-        yielded if it is still referenced, else a new :func:`MemPool`. Keep it to
-        reuse its cached segments in a later block.
+        yielded if it is still referenced and no ``use_pool`` block (of any
+        thread) is inside it now, else a new :func:`MemPool` (PyTorch refuses to
+        enter one MemPool twice at once). Keep it to reuse its cached segments in
+        a later block.
 
     Notes
     -----
@@ -363,27 +411,48 @@ def use_pool(pool: PagePool, device: object = None) -> Iterator[Any]:
     torch = _torch()
     if not isinstance(pool, PagePool):
         raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
-    ordinal = pool.device.ordinal
-    index = getattr(device, "index", device)  # a torch.device, an int or None
-    other = isinstance(index, int) and not isinstance(index, bool) and index != ordinal
-    if other and not pool.device.is_host:
-        raise ValueError(
-            f"device must be the pool's device (cuda:{ordinal}), got {device!r}: the pool's "
-            "callbacks answer NULL for any other device"
-        )
     if pool.device.is_host:
         MemPool(pool)  # raises its ValueError before a pair is made
+    ordinal = pool.device.ordinal
+    if device is not None:
+        dev = torch.device(device) if isinstance(device, str) else device
+        index = getattr(dev, "index", dev)  # a torch.device or an int
+        kind = getattr(dev, "type", "cuda")  # torch.device("cpu") names no CUDA device
+        if index is None and kind == "cuda":  # torch.device("cuda"): the current device
+            index = torch.cuda.current_device()
+        if kind != "cuda" or isinstance(index, bool) or not isinstance(index, int) or index != ordinal:
+            raise ValueError(
+                f"device must be the pool's device (cuda:{ordinal}), got {device!r}: the pool's "
+                "callbacks answer NULL for any other device"
+            )
     pair = _pair(pool)
-    ref = pair.mem_pool
-    mp = ref() if ref is not None else None
+    with _LOCK:
+        # PyTorch refuses to enter a MemPool that is already entered on the device, by any
+        # thread ("beginAllocateToPool: already recording to mempool_id", after counting a
+        # use it never gives back): reuse the last MemPool only while no block is inside it.
+        ref = pair.mem_pool
+        mp = ref() if ref is not None else None
+        if mp is not None and pair.entered.get(id(mp)):
+            mp = None
     if mp is None:
         mp = MemPool(pool)
         try:
-            pair.mem_pool = weakref.ref(mp)
+            ref = weakref.ref(mp)
         except TypeError:  # a MemPool type without weak references: no reuse
-            pair.mem_pool = None
-    if device is None:
-        device = ordinal
-    use = getattr(torch.cuda, "use_mem_pool", None) or torch.cuda.memory.use_mem_pool
-    with use(mp, device):
-        yield mp
+            ref = None
+        with _LOCK:
+            pair.mem_pool = ref
+    key = id(mp)
+    with _LOCK:
+        pair.entered[key] = pair.entered.get(key, 0) + 1
+    try:
+        use = getattr(torch.cuda, "use_mem_pool", None) or torch.cuda.memory.use_mem_pool
+        with use(mp, ordinal):
+            yield mp
+    finally:
+        with _LOCK:
+            left = pair.entered[key] - 1
+            if left:
+                pair.entered[key] = left
+            else:
+                del pair.entered[key]
