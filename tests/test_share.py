@@ -752,3 +752,99 @@ def test_repeated_buffer_shares_keep_one_descriptor_per_share_in_use(host: vmmpo
     assert len(buf._state.leases) <= 1
     assert len(os.listdir("/proc/self/fd")) <= n0 + 2
     buf.close()
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("nbytes", 4 * 2 * MiB, "must fit in its 1 page"),
+        ("nbytes", -5, "must fit in its 1 page"),
+        ("nbytes", 10.5, "nbytes must be an int"),
+        ("offset", 3 * 2 * MiB, "offset must be in [0, page_size"),
+        ("offset", -4096, "offset must be in [0, page_size"),
+        ("page_size", 0, "page_size must be > 0"),
+        ("device_kind", "weird", "device kind must be 'host' or 'cuda'"),
+        ("source", "Something", "source must be one of"),
+    ],
+)
+def test_a_malformed_received_handle_is_refused_and_its_descriptors_closed(
+    host: vmmpool.Device, field: str, value: object, says: str
+) -> None:
+    """A handle's sizes come from the sender: beyond its pages, views reached unmapped memory."""
+    from multiprocessing.reduction import ForkingPickler
+
+    with GrowableBuffer(max_size=4 * MiB, device=host, initial_size=2 * MiB, shareable=True) as buf:
+        with buf.share() as h:
+            pickle.loads(ForkingPickler.dumps(h)).close()  # the resource sharer, once
+            gc.collect()
+            base = fd_count()
+            setattr(h, field, value)
+            with pytest.raises(ValueError, match="malformed SharedMemoryHandle") as info:
+                pickle.loads(ForkingPickler.dumps(h))
+            assert says in str(info.value)
+            assert _settle(base, fd_count) == base
+
+
+def _inheritable_fds(conn: Any) -> None:
+    h = conn.recv()
+    conn.send([os.get_inheritable(fd) for fd in h._fds])
+    h.close()
+
+
+def test_received_descriptors_are_not_inherited_by_programs_the_receiver_runs(host: vmmpool.Device) -> None:
+    """SCM_RIGHTS descriptors arrive inheritable: an os.system() child held the lease and pages."""
+    ctx = mp.get_context("spawn")
+    conn, other = ctx.Pipe()
+    with GrowableBuffer(max_size=4 * MiB, device=host, initial_size=3 * MiB, shareable=True) as buf:
+        p = ctx.Process(target=_inheritable_fds, args=(other,), daemon=True)
+        p.start()
+        with buf.share() as h:
+            assert not any(os.get_inheritable(fd) for fd in h._fds)
+            conn.send(h)
+            assert conn.poll(TIMEOUT)
+            assert conn.recv() == [False, False, False]
+        p.join(TIMEOUT)
+    p.close()
+    other.close()
+    conn.close()
+
+
+def test_acquire_pages_retries_once_a_finished_share_gives_memory_back(host: vmmpool.Device) -> None:
+    with PagePool(host, limit=4 * MiB, shareable=True) as pool:
+        a = pool.malloc(4 * MiB)
+        h = a.share()
+        a.free()  # leased: kept
+        h.close()  # the last receiver is done; nothing looked yet
+        pages = pool.acquire_pages(2)  # was OutOfMemoryError: reaped, then not retried
+        assert pool.stats().n_ooms == 0
+        pool.release_pages(pages)
+        b = pool.malloc(4 * MiB)
+        h = b.share()
+        b.free()
+        h.close()
+        pool.malloc(4 * MiB).free()
+        assert pool.stats().n_ooms == 0  # the attempt the reap superseded is not counted
+
+
+def test_bytes_written_into_the_lease_do_not_hold_it(host: vmmpool.Device) -> None:
+    with PagePool(host, shareable=True) as pool:
+        a = pool.malloc(4096)
+        h = a.share()
+        os.write(h._fds[-1], b"x" * 1000)  # a receiver holds a writable end
+        h.close()
+        a.free()
+        assert pool.stats().live_allocations == 0
+
+
+def test_a_pickled_handle_received_twice_says_why(host: vmmpool.Device) -> None:
+    # multiprocessing's resource sharer hands a descriptor out once: the second receipt of
+    # the same bytes raised an EOFError with no message.
+    g = host.granularity
+    with GrowableBuffer(max_size=2 * g, device=host, initial_size=g, shareable=True) as buf:
+        data = pickle.dumps(buf.share())
+        before = fd_count()
+        with pickle.loads(data):
+            pass
+        with pytest.raises(EOFError, match="a pickled handle can be received once"):
+            pickle.loads(data)
+        assert fd_count() <= before  # nothing received is left open (the sender closes its copies)

@@ -123,11 +123,17 @@ class Lease:
         """True once every handle and mapping of this share is closed, everywhere."""
         if not self._fds:
             return True
-        try:
-            data = os.read(self._fds[0], 1)
-        except BlockingIOError:
-            return False
-        return data == b""
+        # Nobody should write, but a receiver holds a writable end: bytes written there are
+        # drained (a pipe holds 64 KiB by default), not read one per call, which kept the
+        # lease alive for as many calls as bytes were written after every receiver was done.
+        for _ in range(4):
+            try:
+                data = os.read(self._fds[0], 1 << 16)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+        return False
 
     def close(self) -> None:
         """Close the read end (idempotent)."""
@@ -142,16 +148,92 @@ class Lease:
         return False
 
 
+_SOURCES = ("GrowableBuffer", "Allocation")
+
+
+def _check_meta(meta: object, n_pages: int) -> tuple[Any, ...]:
+    """Raise ``ValueError`` unless `meta` describes `n_pages` pages consistently (a received handle).
+
+    A handle arrives from another process: its sizes decide what ``open()`` maps and what
+    ``read``/``write``/``view`` reach, so bytes claimed beyond the pages it carries would
+    reach memory outside the mapping (a view of them crashes the process).
+    """
+    if not isinstance(meta, tuple) or len(meta) != 6:
+        raise ValueError(
+            f"malformed SharedMemoryHandle: metadata must be a 6-tuple, got {meta!r:.80}"
+        )
+    nbytes, offset, page_size, kind, ordinal, source = meta
+
+    def _int(name: str, v: object) -> int:
+        if type(v) is not int:
+            raise ValueError(
+                f"malformed SharedMemoryHandle: {name} must be an int, got {type(v).__name__}"
+            )
+        return v
+
+    nbytes = _int("nbytes", nbytes)
+    offset = _int("offset", offset)
+    page_size = _int("page_size", page_size)
+    ordinal = _int("device_ordinal", ordinal)
+    if n_pages < 1:
+        raise ValueError("malformed SharedMemoryHandle: it carries no page descriptor")
+    if page_size <= 0:
+        raise ValueError(f"malformed SharedMemoryHandle: page_size must be > 0, got {page_size}")
+    if not 0 <= offset < page_size:
+        raise ValueError(
+            f"malformed SharedMemoryHandle: offset must be in [0, page_size={page_size}), got {offset}"
+        )
+    if nbytes < 0 or offset + nbytes > n_pages * page_size:
+        raise ValueError(
+            f"malformed SharedMemoryHandle: {nbytes} bytes at offset {offset} must fit in its "
+            f"{n_pages} page(s) of {page_size} bytes ({n_pages * page_size} bytes)"
+        )
+    if kind not in ("host", "cuda"):
+        raise ValueError(
+            f"malformed SharedMemoryHandle: device kind must be 'host' or 'cuda', got {kind!r:.40}"
+        )
+    if ordinal < 0:
+        raise ValueError(f"malformed SharedMemoryHandle: device_ordinal must be >= 0, got {ordinal}")
+    if source not in _SOURCES:
+        raise ValueError(
+            f"malformed SharedMemoryHandle: source must be one of {_SOURCES}, got {source!r:.40}"
+        )
+    return (nbytes, offset, page_size, kind, ordinal, source)
+
+
 def _rebuild_handle(meta: tuple[Any, ...], dup_fds: Sequence[Any], dup_lease: Any) -> SharedMemoryHandle:
-    """Unpickle a handle: receive its descriptors (SCM_RIGHTS) and own them."""
+    """Unpickle a handle: receive its descriptors (SCM_RIGHTS), check it and own them.
+
+    Received descriptors are made non-inheritable (SCM_RIGHTS and a spawned child's
+    inherited ones are inheritable): a program the receiver runs (``os.system``,
+    ``subprocess`` with ``close_fds=False``) would otherwise hold the lease and the pages
+    for as long as it runs.
+    """
     got: list[int] = []
     try:
-        for d in dup_fds:
-            got.append(d.detach())
-        lease = dup_lease.detach()
+        n = len(dup_fds)
+        try:
+            for d in dup_fds:
+                got.append(d.detach())
+            got.append(dup_lease.detach())
+        except EOFError as err:  # multiprocessing's own words are empty here
+            raise EOFError(
+                "SharedMemoryHandle: the sending process has no descriptors for these bytes: "
+                "a pickled handle can be received once (send it again for another receiver)"
+            ) from err
+        except ConnectionError as err:
+            raise type(err)(
+                err.errno,
+                "SharedMemoryHandle: cannot receive the descriptors: the sending process "
+                f"has exited (a handle is received while its sender lives): {err.strerror}",
+            ) from err
+        for fd in got:
+            os.set_inheritable(fd, False)
+        meta = _check_meta(meta, n)
     except BaseException:
         _close_fds(got)
         raise
+    lease = got.pop()
     return SharedMemoryHandle._from_fds(meta, got, lease)
 
 
@@ -247,6 +329,7 @@ class SharedMemoryHandle(ClosesOnExit):
         try:
             for p in pages:
                 fds.append(p.export())
+                os.set_inheritable(fds[-1], False)  # a driver's export may be inheritable
             lease = Lease()
         except BaseException:
             _close_fds(fds)

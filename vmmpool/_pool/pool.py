@@ -790,6 +790,8 @@ class PagePool(ClosesOnExit, NoCopy):
             before = core.n_live
             self._reap_shares()
             if core.n_live != before:
+                with _locked(core, open_only=False):
+                    core.n_ooms -= 1  # the retry counts for the request, if it fails (as after GC)
                 try:
                     return core.malloc(nbytes, key, stream)
                 except OutOfMemoryError as e:
@@ -902,14 +904,25 @@ class PagePool(ClosesOnExit, NoCopy):
         """
         n = check_int("count", count)
         key = 0 if stream is None else pool_key(stream_key(stream))
+        core = self._core
         for attempt in range(_GC_RETRIES + 1):
-            mark = self._core.n_garbage
+            mark = core.n_garbage
             try:
                 return self._acquire(n, key)
             except OutOfMemoryError:
                 if self._shares and attempt == 0:
+                    # Shared allocations freed by their owner whose receivers are done:
+                    # freed now, and tried again (as malloc does), whatever garbage says.
+                    before = core.n_live
                     self._reap_shares()
-                if attempt == _GC_RETRIES or not _collect_garbage(self._core, mark):
+                    if core.n_live != before:
+                        with _locked(core, open_only=False):
+                            core.n_ooms -= 1  # the retry counts for the request, if it fails
+                        try:
+                            return self._acquire(n, key)
+                        except OutOfMemoryError:
+                            pass
+                if attempt == _GC_RETRIES or not _collect_garbage(core, mark):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
