@@ -275,6 +275,9 @@ class FakeDriver:
         self.syncs: list[tuple[Any, ...]] = []
         #: Stream handles (> 2) that exist; others fail with CUDA_ERROR_INVALID_HANDLE.
         self.streams: set[int] = set()
+        #: The device (primary context) each stream of `streams` belongs to; a stream added to
+        #: `streams` by a test without an entry here is taken to be device 0's.
+        self.stream_device: dict[int, int] = {}
         self.created_streams = 0  # by cuStreamCreate
         #: Live events: handle -> [stream recorded on, device, flags]; streams whose work is pending.
         self.events: dict[int, list[Any]] = {}
@@ -869,13 +872,25 @@ class FakeDriver:
     # A created stream joins `streams` (events may be recorded on it) until destroyed.
     @_api(1)
     def cuStreamCreate(self, flags: Any) -> tuple[Any, ...]:
-        self._need_context()
+        device = self._need_context()
         _size("Flags", flags)
         with self._lock:
             self._next_event += 0x10
             self.streams.add(self._next_event)
+            self.stream_device[self._next_event] = device
             self.created_streams += 1
             return (real.CUstream(self._next_event),)
+
+    @_api(1)
+    def cuStreamGetCtx(self, hStream: Any) -> tuple[Any, ...]:
+        s = _int(hStream)
+        if s <= 2:  # the special handles name the current context's stream
+            device = self._need_context()
+        elif s not in self.streams:
+            raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
+        else:
+            device = self.stream_device.get(s, 0)
+        return (real.CUcontext(self._ctx_value[device]),)
 
     @_api(0)
     def cuStreamDestroy(self, hStream: Any) -> tuple[Any, ...]:
@@ -884,6 +899,7 @@ class FakeDriver:
             if s not in self.streams:
                 raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
             self.streams.discard(s)
+            self.stream_device.pop(s, None)
             self.busy_streams.discard(s)
         return ()
 
@@ -910,9 +926,18 @@ class FakeDriver:
         rec = self._live_event(hEvent)
         s = _int(hStream)
         if s <= 2:
-            self._need_context()
+            stream_device = self._need_context()  # the current context's default stream
         elif s not in self.streams:
             raise FakeDriverError(R.CUDA_ERROR_INVALID_HANDLE, f"stream {s:#x} does not exist")
+        else:
+            stream_device = self.stream_device.get(s, 0)
+        # "hEvent and hStream must be from the same context otherwise
+        # CUDA_ERROR_INVALID_HANDLE is returned" (cuEventRecord, Driver API docs).
+        if stream_device != rec[1]:
+            raise FakeDriverError(
+                R.CUDA_ERROR_INVALID_HANDLE,
+                f"event of device {rec[1]}'s context recorded on a stream of device {stream_device}'s",
+            )
         rec[0] = s
         return ()
 

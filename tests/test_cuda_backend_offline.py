@@ -1053,6 +1053,32 @@ def test_events_through_the_cuda_backend(backend: CudaBackend, fake: FakeDriver)
     assert info.value.name == "CUDA_ERROR_INVALID_HANDLE"
 
 
+def test_an_event_is_recorded_in_its_streams_context(backend: CudaBackend, fake: FakeDriver) -> None:
+    # cuEventRecord: "hEvent and hStream must be from the same context otherwise
+    # CUDA_ERROR_INVALID_HANDLE is returned". A pool with peers serves streams of its peer
+    # devices: the event goes to the stream's context (cuStreamGetCtx), not device 0's.
+    peer = CudaBackend(1)
+    try:
+        s1 = peer.stream_create()
+        try:
+            ev = backend.event_record(s1)
+            assert fake.events[ev][1] == 1  # created in device 1's context
+            assert backend.event_query(ev) is True
+            backend.event_wait(ev)
+            backend.event_destroy(ev)
+            dev = vmmpool.Device._from_backend(backend)
+            pool = vmmpool.PagePool(dev, limit=4 * MiB, peers=[1])
+            a = pool.malloc(4 * MiB, stream=s1)
+            pool.free(a)
+            b = pool.malloc(4 * MiB, stream=0)  # takes the pages from s1: records on s1 first
+            pool.free(b)
+            pool.close()
+        finally:
+            peer.stream_destroy(s1)
+    finally:
+        peer.close()
+
+
 def _destroy_twice(
     fake: FakeDriver, call: str, destroy: Callable[[], None]
 ) -> list[BaseException | None]:

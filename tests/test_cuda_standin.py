@@ -213,6 +213,32 @@ def test_streams_and_events_through_the_bindings(standin: StandinDriver, device:
     assert standin.calls("cuEventDestroy") >= 1
 
 
+def test_a_peer_devices_stream_takes_events_in_its_own_context(
+    standin: StandinDriver, device: vmmpool.Device
+) -> None:
+    # The stand-in refuses cuEventRecord across contexts, as the driver documents.
+    from vmmpool._backends.cuda import CudaBackend
+
+    if _cuda.device_count() < 2:
+        pytest.skip("needs the stand-in's second device")
+    peer = CudaBackend(1)
+    try:
+        s1 = peer.stream_create()
+        try:
+            pool = vmmpool.PagePool(device, limit=2 * device.granularity, peers=[1])
+            a = pool.malloc(2 * device.granularity, stream=s1)
+            pool.free(a)
+            b = pool.malloc(2 * device.granularity, stream=0)  # records an event on s1 first
+            pool.free(b)
+            assert pool.trim() == 2 * device.granularity
+            pool.close()
+        finally:
+            peer.stream_destroy(s1)
+    finally:
+        peer.close()
+    assert standin.calls("cuStreamGetCtx") >= 1
+
+
 def test_notebook_01s_raw_cuda_bindings_cell_runs(standin: StandinDriver, device: vmmpool.Device) -> None:
     """Notebook 01's "the same in raw cuda.bindings" cell, run as the notebook runs it on a GPU."""
     import contextlib

@@ -550,6 +550,21 @@ EXPORT CUresult cuStreamDestroy_v2(void *s) {
     RETURN(SUCCESS);
 }
 
+/* The context a stream belongs to: the current one for the special handles. */
+EXPORT CUresult cuStreamGetCtx(void *s, void **pctx) {
+    ENTER_INIT("cuStreamGetCtx");
+    if (!pctx) RETURN(E_INVALID_VALUE);
+    if ((uintptr_t)s <= 2) {
+        Ctx *c = current();
+        if (!c || !valid_ctx(c)) RETURN(E_INVALID_CONTEXT);
+        *pctx = c;
+        RETURN(SUCCESS);
+    }
+    if (((Handle *)s)->magic != STREAM_MAGIC) RETURN(E_INVALID_HANDLE);
+    *pctx = &primary[((Handle *)s)->device];
+    RETURN(SUCCESS);
+}
+
 EXPORT CUresult cuStreamSynchronize(void *s) {
     ENTER_INIT("cuStreamSynchronize");
     if (!valid_stream(s, 1)) RETURN((uintptr_t)s <= 2 ? E_INVALID_CONTEXT : E_INVALID_HANDLE);
@@ -575,6 +590,11 @@ EXPORT CUresult cuEventRecord(void *e, void *s) {
     ENTER_INIT("cuEventRecord");
     if (!valid_event(e)) RETURN(E_INVALID_HANDLE);
     if (!valid_stream(s, 1)) RETURN((uintptr_t)s <= 2 ? E_INVALID_CONTEXT : E_INVALID_HANDLE);
+    /* "hEvent and hStream must be from the same context otherwise
+     * CUDA_ERROR_INVALID_HANDLE is returned" (the special handles name the
+     * current context's stream). */
+    int stream_device = (uintptr_t)s <= 2 ? current()->device : ((Handle *)s)->device;
+    if (stream_device != ((Handle *)e)->device) RETURN(E_INVALID_HANDLE);
     RETURN(SUCCESS); /* work is synchronous: the event completes at once */
 }
 
@@ -1125,6 +1145,7 @@ static const struct {
     {"cuStreamCreate", 2000, FN(cuStreamCreate)},
     {"cuStreamDestroy", 4000, FN(cuStreamDestroy_v2)},
     {"cuStreamSynchronize", 2000, FN(cuStreamSynchronize)},
+    {"cuStreamGetCtx", 9020, FN(cuStreamGetCtx)},
     {"cuEventCreate", 2000, FN(cuEventCreate)},
     {"cuEventRecord", 2000, FN(cuEventRecord)},
     {"cuEventQuery", 2000, FN(cuEventQuery)},

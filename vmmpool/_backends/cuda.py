@@ -489,8 +489,9 @@ class CudaBackend(Backend):
             _check(drv.cuCtxSetCurrent(self._pctx), "cuCtxSetCurrent", self)
         tls.ready = True
 
-    def _push(self) -> None:
-        _check(self._drv.cuCtxPushCurrent(self._pctx), "cuCtxPushCurrent", self)
+    def _push(self, ctx: Any = None) -> None:
+        """Push `ctx` (default: this device's primary context); pair with :meth:`_pop`."""
+        _check(self._drv.cuCtxPushCurrent(self._pctx if ctx is None else ctx), "cuCtxPushCurrent", self)
 
     def _pop(self) -> None:
         _check(self._drv.cuCtxPopCurrent(), "cuCtxPopCurrent", self)
@@ -967,17 +968,29 @@ class CudaBackend(Backend):
 
     # ---------------------------------------------------------------- events
     # cuEventCreate(CU_EVENT_DISABLE_TIMING) / cuEventRecord / cuEventQuery /
-    # cuEventSynchronize / cuEventDestroy, made with this device's primary
-    # context pushed (the events belong to the device that owns the memory).
+    # cuEventSynchronize / cuEventDestroy. An event is created and recorded in
+    # its stream's context: "hEvent and hStream must be from the same context
+    # otherwise CUDA_ERROR_INVALID_HANDLE is returned" (cuEventRecord). That is
+    # this device's primary context for the special handles 0, 1 and 2, and
+    # cuStreamGetCtx's answer for a stream handle (a stream of a peer device
+    # using memory of a pool with peers, or of a context other than the primary
+    # one). Querying, waiting and destroying need no current context.
     _events: dict[int, Any]
     _live_events: int
 
     def event_record(self, stream: int) -> int:
-        """Create a timing-free event and record it on `stream` (0/1 legacy, 2 per-thread)."""
+        """Create a timing-free event and record it on `stream` (0/1 legacy, 2 per-thread).
+
+        The event is created in `stream`'s context (``cuStreamGetCtx``), which may be
+        another device's: a pool with peers serves streams of its peer devices too.
+        """
         self._enter("event_record")
         self._ctx()
         drv = self._drv
-        self._push()
+        ctx = None
+        if int(stream) > 2:
+            ctx = _check(drv.cuStreamGetCtx(int(stream)), "event_record", self)
+        self._push(ctx)
         try:
             flags = drv.CUevent_flags.CU_EVENT_DISABLE_TIMING
             ev = _check(drv.cuEventCreate(int(flags)), "event_record", self)

@@ -489,7 +489,10 @@ class PagePool(ClosesOnExit, NoCopy):
         construction as one free range of the default stream, so a process
         that allocates on the default stream never calls the driver again.
     peers : iterable of int
-        Other CUDA devices granted read-write access to every mapping.
+        Other CUDA devices granted read-write access to every mapping. Work of
+        a peer device is ordered by its stream: pass that stream (a handle of
+        the peer device's context) to ``malloc``/``free``. The handles 0, 1 and
+        2 name the pool's own device's default streams, not the peer's.
     small_threshold : int or None, optional
         Requests larger than this many bytes are rounded up to whole pages
         (their size; they are placed like any block). ``None`` (the default):
