@@ -373,6 +373,9 @@ def test_sizes_beyond_64_bits_rejected_before_any_driver_call(host: Device) -> N
     for name, call in cases:
         with pytest.raises(ValueError, match=f"^{name} must be <= "):
             call()
+    # a hint off the granularity: refused up front (the driver may refuse it; the emulator rounded it)
+    with pytest.raises(ValueError, match=f"^hint must be a multiple of {g}"):
+        vmmpool.reserve(2 * g, host, hint=(1 << 40) + 12345)
     assert host.counters() == before
 
 

@@ -683,8 +683,9 @@ def reserve(
     alignment : int
         0 (the granularity) or a power of two.
     hint : int
-        Preferred address. Only a hint: the result may be elsewhere (driver
-        rule 6), so compare :attr:`AddressReservation.address`.
+        Preferred address, a multiple of ``device.granularity`` (0: none).
+        Only a hint: the result may be elsewhere (driver rule 6), so compare
+        :attr:`AddressReservation.address`.
 
     Returns
     -------
@@ -696,7 +697,8 @@ def reserve(
     align = check_int("alignment", alignment, maximum=limit)
     if align & (align - 1):
         raise ValueError(f"alignment must be 0 or a power of two, got {align}")
-    hint = check_int("hint", hint, maximum=limit)
+    # cuMemAddressReserve wants a hint aligned as the range; the emulator rounded an odd one
+    hint = check_int("hint", hint, maximum=limit, multiple=dev.granularity)
     if hint and hint + size - 1 > limit:
         raise ValueError(
             f"hint + nbytes must be <= {limit} (the largest the device can address), "
