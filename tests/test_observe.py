@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,3 +326,153 @@ def test_memory_snapshot_takes_pages_and_history_in_one_hold_of_the_lock(
         assert counting.n == 1, counting.n
         assert sum(s["total_size"] for s in snap["segments"]) == pool.stats().reserved_bytes
         a.free()
+
+
+def test_close_of_a_sleeping_pool_does_not_unmap_twice(tmp_path: Path) -> None:
+    """sleep() recorded the unmap of its pages; close() must not record it again (the
+    replay's recorded reserved bytes started above zero, its peak a page too high)."""
+    from vmmpool import replay as R
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P)
+    pool.record_history(context=None)
+    a = pool.malloc(P)
+    b = pool.malloc(P)
+    pool.sleep()
+    pool.close()
+    path = tmp_path / "closed_asleep.pickle"
+    pool.dump_snapshot(path)
+    trace = pickle.loads(path.read_bytes())["device_traces"][0]
+    mapped = sum(e["size"] for e in trace if e["action"] == "segment_map")
+    unmapped = sum(e["size"] for e in trace if e["action"] == "segment_unmap")
+    assert mapped == unmapped == 2 * P, [(e["action"], e["size"]) for e in trace]
+    tr = R.load(str(path))
+    assert tr.recorded_reserved[0] == (0, 0), tr.recorded_reserved
+    assert max(r for _, r in tr.recorded_reserved) == 2 * P
+    del a, b
+
+
+def test_dump_snapshot_refuses_a_file_descriptor(tmp_path: Path) -> None:
+    """open() takes an int as a file descriptor: dump_snapshot(3) wrote into and closed a
+    file the caller never meant to hand over."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with vmmpool.PagePool(dev) as pool, open(tmp_path / "other", "wb") as other:
+        with pytest.raises(TypeError, match=r"path must be a str, bytes or os\.PathLike, got int"):
+            pool.dump_snapshot(other.fileno())  # type: ignore[arg-type]
+        other.write(b"still open")
+        pool.dump_snapshot(str(tmp_path / "s.pickle"))
+        pool.dump_snapshot(tmp_path / "s.pickle")
+
+
+def test_snapshots_do_not_share_frames_with_the_history() -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with vmmpool.PagePool(dev) as pool:
+        pool.record_history()
+        a = pool.malloc(100)
+        first = pool.memory_snapshot()["device_traces"][0]
+        for e in first:
+            e["frames"].clear()  # a caller filtering frames in place
+        again = pool.memory_snapshot()["device_traces"][0]
+        assert all(e["frames"] for e in again)
+        keys = {"filename", "line", "name"}
+        assert all(isinstance(f, dict) and set(f) == keys for f in again[-1]["frames"])
+        a.free()
+
+
+def _blocks_outside_segments(trace: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Walk a recorded trace as PyTorch's memory viewer does: (event index, action) of every
+    event after which a live block lies outside the mapped segments, or a free or unmap
+    does not match what is live or mapped."""
+    mapped: set[int] = set()  # bytes' page starts, at the trace's page size below
+    live: dict[int, int] = {}
+    bad = []
+    P = min(e["size"] for e in trace if e["action"].startswith("segment"))
+    for i, e in enumerate(trace):
+        act, addr, size = e["action"], e["addr"], e["size"]
+        pages = set(range(addr - addr % P, addr + size, P))
+        if act == "segment_map":
+            mapped |= pages
+        elif act == "segment_unmap":
+            if not pages <= mapped:
+                bad.append((i, act))
+            mapped -= pages
+        elif act == "alloc":
+            live[addr] = size
+        elif act == "free_requested" and live.pop(addr, None) != size:
+            bad.append((i, act))
+        if any(not set(range(a - a % P, a + s, P)) <= mapped for a, s in live.items()):
+            bad.append((i, act))
+    return bad
+
+
+def test_sleep_and_wake_record_frees_and_allocs_around_their_unmaps_and_maps(tmp_path: Path) -> None:
+    """sleep() recorded the unmap of pages that live blocks used: PyTorch's viewer, which
+    never sees a block outside a segment, crashed on every event while the pool slept
+    (and at a free while asleep). Now the sleep records the frees of the live blocks
+    before its unmaps and wake() their allocs after its maps; a free while asleep records
+    nothing, and neither does close() for what the sleep recorded."""
+    from vmmpool import replay as R
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    pool = vmmpool.PagePool(dev, limit=8 * P)
+    pool.record_history(context=None)
+    a, b, c = pool.malloc(P // 2), pool.malloc(P), pool.malloc(3 * P // 2)
+    pool.sleep()
+    asleep = pool.memory_snapshot()
+    assert asleep["segments"] == []  # as the trace says: nothing mapped, nothing live
+    b.free()  # while asleep
+    pool.wake()
+    woke = pool.memory_snapshot()
+    assert sorted(blk["address"] for s in woke["segments"] for blk in s["blocks"]
+                  if blk["state"] == "active_allocated") == sorted([a.address, c.address])
+    pool.sleep()
+    pool.close()  # while asleep
+    path = tmp_path / "slept.pickle"
+    pool.dump_snapshot(path)
+    trace = pickle.loads(path.read_bytes())["device_traces"][0]
+    assert _blocks_outside_segments(trace) == []
+    actions = [e["action"] for e in trace]
+    assert actions.count("alloc") == 3 + 2 and actions.count("free_requested") == 3 + 2
+    assert sum(e["size"] for e in trace if e["action"] == "segment_map") == sum(
+        e["size"] for e in trace if e["action"] == "segment_unmap")
+    tr = R.load(str(path))
+    assert tr.recorded_reserved[-1][1] == 0
+    del a, b, c
+
+
+def test_adjacent_pages_of_two_streams_are_two_segments() -> None:
+    # Two arenas' reservations may abut on a driver: their pages made one segment,
+    # labelled with the smaller stream, where PyTorch never merges across streams.
+    from vmmpool._observe import AllocationInfo, torch_snapshot
+    from vmmpool._pool._stats import PageInfo
+
+    P = 2 << 20
+    base = 0x7F0000000000
+    pages = [PageInfo(0, "in_use", base - P, 7, "large", (AllocationInfo(base - P, P, P, 7),), P),
+             PageInfo(1, "in_use", base, 0, "large", (AllocationInfo(base, P, P, 0),), P),
+             PageInfo(2, "in_use", base + P, 0, "large", (AllocationInfo(base + P, P, P, 0),), P)]
+    segs = torch_snapshot(pages, P, None)["segments"]
+    assert [(s["address"], s["total_size"], s["stream"]) for s in segs] == [
+        (base - P, P, 7), (base, 2 * P, 0)]
+
+
+def test_counters_after_close_add_up() -> None:
+    # close() released every page and freed every live block without counting either:
+    # memory_stats() said segment.all current 0, allocated 3, freed 0.
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    for sleep in (False, True):
+        pool = vmmpool.PagePool(dev, limit=8 * P)
+        a, b = pool.malloc(3 * P), pool.malloc(P // 2)
+        if sleep:
+            pool.sleep()
+        pool.close()
+        m = pool.memory_stats()
+        for k in ("segment", "allocation"):
+            assert m[f"{k}.all.current"] == 0
+            assert m[f"{k}.all.allocated"] == m[f"{k}.all.freed"] > 0, (k, sleep, m)
+        assert m["reserved_bytes.all.allocated"] == m["reserved_bytes.all.freed"]
+        assert dev.counters().live == (0, 0, 0)
+        del a, b

@@ -101,22 +101,24 @@ class History:
 
     def __init__(self, max_entries: int, context: str | None) -> None:
         n = check_max_entries(max_entries)
-        self.events: collections.deque[tuple[str, int, int, int, int, list[dict[str, Any]]]] = (
+        # Frames are kept as tuples (filename, line, name): immutable, so a snapshot's
+        # dicts, built afresh by trace(), never share a list with the history.
+        self.events: collections.deque[tuple[str, int, int, int, int, tuple[tuple[str, int, str], ...]]] = (
             collections.deque(maxlen=n)
         )
         #: Which events carry a stack: "all", "alloc" or None (as PyTorch's ``context``).
         self.context = context
 
     def record(self, action: str, addr: int, size: int, stream: int) -> None:
-        frames: list[dict[str, Any]] = []
+        frames: list[tuple[str, int, str]] = []
         context = self.context
         if context == "all" or (context == "alloc" and action == "alloc"):
             f = sys._getframe(2)
             while f is not None and len(frames) < 32:
                 code = f.f_code
-                frames.append({"filename": code.co_filename, "line": f.f_lineno, "name": code.co_name})
+                frames.append((code.co_filename, f.f_lineno, code.co_name))
                 f = f.f_back  # type: ignore[assignment]
-        self.events.append((action, addr, size, shown(stream), time.time_ns() // 1000, frames))
+        self.events.append((action, addr, size, shown(stream), time.time_ns() // 1000, tuple(frames)))
 
     def copy(self) -> History:
         """The events so far, in a history of their own.
@@ -130,7 +132,8 @@ class History:
 
     def trace(self) -> list[dict[str, Any]]:
         return [
-            {"action": a, "addr": addr, "size": size, "stream": stream, "time_us": t, "frames": frames}
+            {"action": a, "addr": addr, "size": size, "stream": stream, "time_us": t,
+             "frames": [{"filename": fn, "line": line, "name": name} for fn, line, name in frames]}
             for a, addr, size, stream, t, frames in self.events
         ]
 
@@ -209,7 +212,12 @@ def _segments(pages: Sequence[PageInfo], page_size: int, device: int) -> list[di
     )
     runs: list[list[tuple[int, PageInfo]]] = []
     for addr, p in mapped:
-        if runs and runs[-1][-1][0] + page_size == addr:
+        prev = runs[-1][-1] if runs else None
+        # Adjacent pages of two streams are two segments (PyTorch never merges across
+        # streams; two arenas' reservations may abut on a driver).
+        if prev is not None and prev[0] + page_size == addr and (
+            prev[1].stream is None or p.stream is None or prev[1].stream == p.stream
+        ):
             runs[-1].append((addr, p))
         else:
             runs.append([(addr, p)])

@@ -1603,8 +1603,9 @@ class Core:
         st = h.stream
         st.seq += 1
         b.seq = st.seq
-        if self.history is not None:
+        if self.history is not None and self.asleep is None:
             # Freed memory is reused in stream order at once: requested and completed together.
+            # (Asleep: the sleep recorded the frees of every live block; wake() their allocs.)
             self.history.record("free_requested", b.addr, b.nbytes, st.key)
             self.history.record("free_completed", b.addr, b.nbytes, st.key)
         h.insert(b)
@@ -1655,7 +1656,7 @@ class Core:
             st = h.stream
             st.seq += 1
             b.seq = st.seq
-            if self.history is not None:
+            if self.history is not None and self.asleep is None:  # (asleep: see above)
                 self.history.record("free_requested", b.addr, b.nbytes, st.key)
                 self.history.record("free_completed", b.addr, b.nbytes, st.key)
             h.insert(b)
@@ -2607,6 +2608,7 @@ class Core:
                 errors.append(err)
             else:
                 del self.pages[phys]
+                self.n_released += 1  # memory_stats: segment.all.freed (current = allocated - freed)
         # Releases of buffers collected before the pool, queued for the pool's next
         # call, which will not come when a finalizer closes it: done now (a closed
         # pool takes pages back without its lock), or by the backend after the call
@@ -2621,6 +2623,25 @@ class Core:
         if errors:
             raise errors[0]
 
+    def record_frees(self) -> None:
+        """History: every live block freed (``close()``, and ``sleep()``: PyTorch's viewer
+        draws no block without a segment, and sleep unmaps the pages of live blocks)."""
+        hist = self.history
+        if hist is None:
+            return
+        for b in self.live:
+            key = b.arena.heap.stream.key
+            hist.record("free_requested", b.addr, b.nbytes, key)
+            hist.record("free_completed", b.addr, b.nbytes, key)
+
+    def record_allocs(self) -> None:
+        """History: every live block allocated again (``wake()``, after its pages are mapped)."""
+        hist = self.history
+        if hist is None:
+            return
+        for b in self.live:
+            hist.record("alloc", b.addr, b.nbytes, b.arena.heap.stream.key)
+
     def record_close(self) -> None:
         """History: close() frees every live block and unmaps every page.
 
@@ -2632,21 +2653,29 @@ class Core:
         hist = self.history
         if hist is None:
             return
-        for b in self.live:
-            key = b.arena.heap.stream.key
-            hist.record("free_requested", b.addr, b.nbytes, key)
-            hist.record("free_completed", b.addr, b.nbytes, key)
         P = self.P
+        sl = self.asleep
+        if sl is None:  # asleep: the sleep recorded the frees of the live blocks
+            self.record_frees()
+
+        def mapped(a: Arena, s: int) -> bool:
+            # A sleeping page's slot: the history holds the sleep's segment_unmap, not to be
+            # repeated, unless a failed sleep kept it mapped (KEPT). A STALE slot is
+            # unusable, and the history never mapped it back.
+            p = a.slots[s]
+            if p is None:
+                return False
+            return not (sl is not None and p.state is ASLEEP and sl.mapped.get((a, s)) is not KEPT)
+
         for a in self.arenas:
             key = a.heap.stream.key
-            slots = a.slots
-            s, n = 0, len(slots)
+            s, n = 0, len(a.slots)
             while s < n:
-                if slots[s] is None:
+                if not mapped(a, s):
                     s += 1
                     continue
                 e = s + 1
-                while e < n and slots[e] is not None:
+                while e < n and mapped(a, e):
                     e += 1
                 hist.record("segment_unmap", a.base + s * P, (e - s) * P, key)
                 s = e
@@ -2681,6 +2710,7 @@ class Core:
             st.obj = None
         self.streams.clear()
         self.emptied.clear()
+        self.n_free += self.n_live  # freed by the close (as the history records)
         self.mapped = self.n_live = self.requested = self.in_use = 0
         self.n_asleep = 0
         if views:

@@ -310,12 +310,14 @@ def sleep(core: Core, backup: bool) -> None:
                 "its backup; wake() retries",
                 err, undo_err, exc_info=True,
             )
+            core.record_frees()  # the live blocks are asleep: freed, as far as the history goes
             _record(core, "segment_unmap", unmapped)  # what stays unmapped: wake() maps it back
             core.sleeps.slept(nbytes if backup else 0, t0)  # it went to sleep all the same
             raise
         core.asleep = None
         core.n_asleep = 0
         raise
+    core.record_frees()  # before asleep is set (a free while asleep records nothing)
     core.asleep = asleep
     core.n_asleep = len(offsets)
     _record(core, "segment_unmap", runs)
@@ -535,6 +537,7 @@ def wake(core: Core) -> None:
         assert p is not None
         p.state = MAPPED
     _record(core, "segment_map", runs)
+    core.record_allocs()
     n = len({p for r in runs for p in r[2]})
     core.asleep = None
     core.n_asleep = 0

@@ -1489,6 +1489,10 @@ class PagePool(ClosesOnExit, NoCopy):
         The file holds only plain dicts, lists, tuples, ints and strings: it opens in PyTorch's
         memory viewer (https://pytorch.org/memory_viz) and in ``python -m vmmpool replay``.
         """
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            # open() would take an int as a file descriptor: write into and close a file
+            # the caller never meant to hand over.
+            raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}")
         snap = self.memory_snapshot()
         with open(path, "wb") as f:
             pickle.dump(snap, f, protocol=4)
