@@ -134,7 +134,8 @@ def test_record_history_as_pytorch_spells_it(device: vmmpool.Device) -> None:
         pool.record_history("all", context="alloc", stacks="python")
         pool.malloc(100).free()
         trace = pool.memory_snapshot()["device_traces"][-1]
-        assert [bool(e["frames"]) for e in trace] == [True, False, False]  # only the alloc
+        # the first four kept (as PyTorch keeps them), then stacks on the alloc only
+        assert [bool(e["frames"]) for e in trace] == [False] * 4 + [True, False, False]
         pool.record_history(enabled=None)
         assert pool.memory_snapshot()["device_traces"][-1] == []
 
@@ -476,3 +477,30 @@ def test_counters_after_close_add_up() -> None:
         assert m["reserved_bytes.all.allocated"] == m["reserved_bytes.all.freed"]
         assert dev.counters().live == (0, 0, 0)
         del a, b
+
+
+def test_record_history_takes_pytorchs_device_and_clear_history() -> None:
+    # torch.cuda.memory._record_memory_history(..., device=None, clear_history=False): enabling
+    # again keeps the events so far unless clear_history; these keywords raised TypeError.
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    with vmmpool.PagePool(dev) as pool:
+        pool.record_history(context=None)
+        a = pool.malloc(100)
+        pool.record_history("all", context=None, device=None)  # again: kept
+        b = pool.malloc(200)
+        actions = [(e["action"], e["size"]) for e in pool.memory_snapshot()["device_traces"][0]]
+        assert ("alloc", 100) in actions and ("alloc", 200) in actions
+        pool.record_history("all", context=None, max_entries=1)  # kept, the newest only
+        assert [e["size"] for e in pool.memory_snapshot()["device_traces"][0]] == [200]
+        pool.record_history("all", clear_history=True, device=dev)
+        assert pool.memory_snapshot()["device_traces"] == [[]]
+        pool.record_history(None)
+        assert pool.memory_snapshot()["device_traces"] == [[]]
+        for bad in ("cuda:0", 0):
+            with pytest.raises(ValueError, match="device must be None or this pool's device"):
+                pool.record_history(device=bad)
+        with pytest.raises(ValueError, match="device must be None or this pool's device"):
+            pool.record_history(device=vmmpool.Device.emulated(capacity=64 << 20))
+        with pytest.raises(TypeError, match="clear_history must be a bool"):
+            pool.record_history(clear_history=1)  # type: ignore[arg-type]
+        a.free(), b.free()

@@ -25,6 +25,7 @@ from typing import Any
 from numpy.typing import DTypeLike
 
 from .._device import Device, DeviceLike
+from .._device import _parse as _parse_device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
@@ -1391,14 +1392,18 @@ class PagePool(ClosesOnExit, NoCopy):
         context: str | None = "all",
         stacks: str | bool = "python",
         max_entries: int = 100_000,
+        device: object = None,
+        clear_history: bool = False,
     ) -> None:
         """Start or stop recording events, as ``torch.cuda.memory._record_memory_history``.
 
         Parameters
         ----------
         enabled : {"all", None}
-            ``"all"`` starts a new history (dropping the old one); ``None`` stops and drops
-            it. ``True`` and ``False`` (the older form) mean the same. PyTorch's ``"state"``
+            ``"all"`` records events: a pool already recording keeps the events so far (as
+            PyTorch does) unless `clear_history`, under the new `context` and `max_entries`
+            (the oldest dropped beyond it); ``None`` stops and drops the history. ``True``
+            and ``False`` (the older form) mean the same. PyTorch's ``"state"``
             (stacks of live blocks, no history) is not supported: vmmpool keeps no per-block
             stacks.
         context : {"all", "alloc", None}
@@ -1410,6 +1415,11 @@ class PagePool(ClosesOnExit, NoCopy):
             ``True`` is ``"all"``, ``False`` is ``None``.
         max_entries : int
             Events kept; the oldest are dropped beyond this many.
+        device : int, str, Device or None
+            PyTorch's argument, accepted for the same calls: ``None`` or this pool's device
+            (a pool records its own events); another device is refused (``ValueError``).
+        clear_history : bool
+            Drop the events recorded so far when recording starts again (PyTorch's keyword).
 
         Notes
         -----
@@ -1443,10 +1453,29 @@ class PagePool(ClosesOnExit, NoCopy):
                 + (" (vmmpool keeps no per-block stacks)" if context == "state" else "")
             )
         n = check_max_entries(max_entries)
+        if not isinstance(clear_history, bool):
+            raise TypeError(f"clear_history must be a bool, got {type(clear_history).__name__}")
+        if device is not None:
+            dev = self.device
+            same = device is dev if isinstance(device, Device) else (
+                _parse_device(device) == (dev.kind, dev.ordinal)
+            )
+            if not same:
+                raise ValueError(
+                    f"device must be None or this pool's device ({self.device}), got {brief(device)}"
+                )
         self._check_process()
         core = self._core
         with core.section:
-            core.history = History(n, context) if on else None
+            old = core.history
+            if not on:
+                core.history = None
+            elif old is None or clear_history:
+                core.history = History(n, context)
+            else:
+                kept = History(n, context)
+                kept.events.extend(old.events)  # the newest n of them
+                core.history = kept
 
     def memory_summary(self, abbreviated: bool = False) -> str:
         """A text table of :meth:`stats`, like ``torch.cuda.memory_summary()``.
