@@ -504,3 +504,23 @@ def test_record_history_takes_pytorchs_device_and_clear_history() -> None:
         with pytest.raises(TypeError, match="clear_history must be a bool"):
             pool.record_history(clear_history=1)  # type: ignore[arg-type]
         a.free(), b.free()
+
+
+def test_a_failed_request_is_recorded_once_as_pytorchs_oom_entry(tmp_path: Path) -> None:
+    from vmmpool import replay as R
+
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    with vmmpool.PagePool(dev, limit=2 * P) as pool:
+        pool.record_history(context=None)
+        a = pool.malloc(P)
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(2 * P)
+        trace = pool.memory_snapshot()["device_traces"][0]
+        ooms = [e for e in trace if e["action"] == "oom"]
+        assert len(ooms) == 1 and ooms[0]["size"] == 2 * P and "addr" not in ooms[0]
+        assert 0 < ooms[0]["device_free"] <= dev.total_memory
+        assert pool.memory_stats()["num_ooms"] == 1
+        pool.dump_snapshot(tmp_path / "oom.pickle")
+        assert R.load(str(tmp_path / "oom.pickle")).n_failed == 1
+        a.free()

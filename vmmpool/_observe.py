@@ -131,8 +131,11 @@ class History:
         return h
 
     def trace(self) -> list[dict[str, Any]]:
+        # An "oom" entry holds the device's free bytes where others hold an address, under
+        # PyTorch's key for it ("device_free").
         return [
-            {"action": a, "addr": addr, "size": size, "stream": stream, "time_us": t,
+            {"action": a, "device_free" if a == "oom" else "addr": addr, "size": size,
+             "stream": stream, "time_us": t,
              "frames": [{"filename": fn, "line": line, "name": name} for fn, line, name in frames]}
             for a, addr, size, stream, t, frames in self.events
         ]

@@ -808,7 +808,21 @@ class PagePool(ClosesOnExit, NoCopy):
                 return core.malloc(nbytes, key, stream)
             except OutOfMemoryError as e:  # other threads may have taken it first: again
                 err = e
+        if core.history is not None:
+            self._record_oom(nbytes, key)
         raise err
+
+    def _record_oom(self, nbytes: int, key: int) -> None:
+        """History: a request that failed (PyTorch's ``oom`` trace entry, whose ``addr`` is
+        the device's free bytes), once per request the caller sees fail."""
+        try:
+            free = self.device.free_memory
+        except Exception:  # noqa: BLE001 - the record says 0; the out-of-memory error stands
+            free = 0
+        core = self._core
+        with _locked(core, open_only=False):
+            if core.history is not None:
+                core.history.record("oom", free, nbytes, key)
 
     def free(self, allocation: Allocation) -> None:
         """Free `allocation` (same as ``allocation.free()``).
