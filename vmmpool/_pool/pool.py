@@ -1441,8 +1441,11 @@ class PagePool(ClosesOnExit, NoCopy):
         asked for, stream, time) and, for the pool's pages, ``segment_map`` (pages mapped
         into the pool's address space: new pages and remapped ones) and ``segment_unmap``
         (cached pages unmapped: for a remap, a limit, :meth:`defragment` or :meth:`trim`),
-        the actions PyTorch's memory viewer draws as segments growing and shrinking.
-        :meth:`memory_snapshot` and :meth:`dump_snapshot` export them as ``device_traces``.
+        the actions PyTorch's memory viewer draws as segments growing and shrinking, and
+        ``oom`` for a request that failed (``device_free``: the device's free bytes).
+        :meth:`sleep` records the frees of the live blocks and its unmaps, :meth:`wake` its
+        maps and the allocs again. :meth:`memory_snapshot` and :meth:`dump_snapshot` export
+        them as ``device_traces``.
         Recording costs one tuple append per event, plus a stack walk where `context` asks.
         """
         if enabled is True or enabled == "all":
