@@ -768,3 +768,36 @@ print("live", dev.counters().live, m.device.counters().live)
 """, timeout=60)
     assert "opened True handle closed True" in out and "read True" in out, out
     assert "live (0, 0, 0) (0, 0, 0)" in out, out
+
+
+def test_user_del_freeing_collected_right_after_a_locked_call_took_the_lock() -> None:
+    """The collector can run between taking the lock and noting its owner (Section.__enter__
+    asks the backend whether this thread is inside a call, which allocates): a ``__del__``
+    freeing an allocation there must queue its free, not wait for its own thread. Swept:
+    the collection is forced at every allocation of the first steps of ``stats()``."""
+    out = run_script("""
+        pool = vmmpool.PagePool(dev, limit=8 * P)
+        class Cyc:
+            def __init__(self, a):
+                self.a = a
+                self.me = self
+            def __del__(self):
+                self.a.free()
+        for k in range(1, 120):
+            gc.collect()
+            gc.disable()
+            Cyc(pool.malloc(100))
+            stats = pool.stats
+            gc.set_threshold(gc.get_count()[0] + k)
+            gc.enable()
+            try:
+                stats()
+            finally:
+                gc.set_threshold(700, 10, 10)
+        gc.collect()
+        assert pool.stats().live_allocations == 0
+        pool._check()
+        pool.close()
+        print("ok")
+    """, timeout=60)
+    assert "ok" in out

@@ -1604,3 +1604,16 @@ def test_scenario_generic_path_and_comparison(survivors_from: str) -> None:
     assert ours.largest > theirs.largest
     with pytest.raises(ValueError, match="survivors_from"):
         run_scenario(ff, survivors_from="large")
+
+
+def test_largest_allocatable_counts_the_whole_page_rounding_of_small_threshold() -> None:
+    """Requests above small_threshold are rounded up to whole pages: largest_allocatable is
+    a request malloc serves, not one whose rounding goes past the limit."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    P = dev.granularity
+    with PagePool(dev, limit=14 * P, small_threshold=P) as pool:
+        a = pool.malloc(25088)  # a small page with a free tail
+        largest = pool.stats().largest_allocatable
+        assert largest == 13 * P
+        pool.malloc(largest).free()
+        a.free()

@@ -376,3 +376,41 @@ def test_an_alias_a_failed_undo_leaves_mapped_passes_the_check_without_access() 
             if i not in (15, 4):
                 b.free()
         pool._check()
+
+
+def test_a_map_out_of_memory_retry_keeps_the_stream_it_serves() -> None:
+    """place_in retries a map that ran out of memory after reclaiming every cached page: that
+    reclaim empties the (retired) stream being served, whose fresh arena is empty until the
+    retry maps it. The stream must stay: forgetting it freed that arena and the retry raised
+    ClosedError ("AddressReservation has been closed") instead of mapping."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool = PagePool(dev, limit=16 * P, keep_cached=True)
+    pool.malloc(100, stream=3).free()  # a cached small page: stream 3's only memory
+    pool.retire_stream(3)
+    dev._backend.inject_fault("map", nth=1, name="CUDA_ERROR_OUT_OF_MEMORY")
+    a = pool.malloc(3 * P, stream=3)  # a fresh large arena; the first map fails
+    dev._backend.clear_faults()
+    dev.write(a.ptr, b"ok")
+    pool._check()
+    a.free()
+    pool.close()
+    assert dev.counters().live == base
+
+
+def test_a_failed_request_frees_the_arena_it_reserved() -> None:
+    """A request that reserved a fresh arena and then failed keeps no address space."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool = PagePool(dev, limit=16 * P)
+    for s in range(1, 6):
+        dev._backend.inject_fault("create", nth=1, name="CUDA_ERROR_INVALID_VALUE")
+        with pytest.raises(vmmpool.DriverError):
+            pool.malloc(3 * P, stream=s)
+        dev._backend.clear_faults()
+        assert dev.counters().live == base
+        assert pool.stats().address_space_bytes == 0
+    pool._check()
+    pool.malloc(3 * P, stream=1).free()
+    pool.close()
+    assert dev.counters().live == base

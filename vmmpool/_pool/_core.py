@@ -147,10 +147,19 @@ class Section:
             core.check_reentry()
             core.check_backend_reentry()
             lock.acquire()
-        elif core.backend.in_call():
-            lock.release()
-            core.check_backend_reentry(held=True)
+            core.owner = _ident()
+            return core
+        # The owner first, before anything that allocates: the garbage collector may
+        # run a finalizer right here (backend.in_call() makes a bound method), and a
+        # free() there must see this thread as the holder and queue itself, not wait
+        # for the lock this thread holds (a deadlock of the thread, then of the pool).
         core.owner = _ident()
+        if core.backend.in_call():
+            core.owner = 0
+            lock.release()
+            if core.pending:
+                core.settle()
+            core.check_backend_reentry(held=True)
         return core
 
     def __exit__(
@@ -370,10 +379,14 @@ class Core:
         pinned. Aliases exist only near the limit; this walks them (slow paths
         and ``stats()`` only).
         """
+        return len(self.idle_aliased_pages())
+
+    def idle_aliased_pages(self) -> list[Page]:
+        """The pages :meth:`idle_aliased` counts."""
         if not self.aliases:
-            return 0
+            return []
         P = self.P
-        n = 0
+        n: list[Page] = []
         for p in {al.page: None for al in self.aliases}:
             if p.state is not MAPPED or p.addr is None:
                 continue
@@ -400,7 +413,7 @@ class Core:
                     break
                 x = max(x, hi)
             if idle:
-                n += 1
+                n.append(p)
         return n
 
     def cached_bytes(self) -> int:
@@ -1315,8 +1328,11 @@ class Core:
                 except OutOfMemoryError:
                     # The driver (or the OS under the emulator) ran out of what a
                     # mapping needs: give the cached mappings back, try once more.
+                    # `st` first: reclaim() keeps the stream being served (its arena
+                    # is empty until this map succeeds) rather than forget it and free
+                    # the arena the retry maps into.
                     if any(p.state is not FREE for p in pages) or not self.reclaim(
-                        None, None, wait=True
+                        None, st, wait=True
                     ):
                         raise
                     logger.info("map ran out of memory: reclaimed cached pages, retrying")
@@ -1333,6 +1349,8 @@ class Core:
                     h.insert(L2)  # the carved piece: merges with what is left of L2
                 else:
                     h.add(L2)
+            if fresh_arena:
+                self.discard_arena(arena)  # made for this request: not kept after its failure
             raise
         for b in rest:
             h.insert(b)
@@ -1436,6 +1454,7 @@ class Core:
         k, T, H = pick
         m = k + (T is not None) + (H is not None)
         arena = next((a for a in h.arenas for s, n in a.runs() if n >= m), None)
+        made = arena is None
         if arena is None:
             arena = self.new_arena(h, m)
         s0 = next(s for s, n in arena.runs() if n >= m)
@@ -1455,6 +1474,8 @@ class Core:
                 arena.give(s0, m)
                 for f in srcs:
                     f.arena.heap.insert(f)
+                if made:
+                    self.discard_arena(arena)
                 return None
             except BaseException:
                 arena.give(s0, m)
@@ -1472,6 +1493,8 @@ class Core:
         except BaseException:
             for f in srcs:
                 f.arena.heap.insert(f)
+            if made:
+                self.discard_arena(arena)
             raise
         base = arena.base + s0 * P
         start = base + (P - T[0] if T is not None else 0)
@@ -1991,6 +2014,22 @@ class Core:
         )
         return arena
 
+    def discard_arena(self, arena: Arena) -> None:
+        """Free the address space of an arena a failed request reserved (best effort).
+
+        Only when nothing is mapped in it (a failed map may have quarantined a page
+        there); a failure to free it keeps it (``trim()`` and ``close()`` retry).
+        """
+        if not arena.empty or arena not in self.arenas:
+            return
+        try:
+            arena.res.close()
+        except Exception:  # the request's own error wins
+            logger.warning("freeing the arena of a failed request failed; kept", exc_info=True)
+            return
+        self.arenas.remove(arena)
+        arena.heap.arenas.remove(arena)
+
     def _order(self, first: StreamState | None) -> Iterator[StreamState]:
         if first is not None and first.key in self.streams:
             yield first
@@ -2199,7 +2238,10 @@ class Core:
         is.
         """
         P = self.P
-        F = self.max_pages - self.pinned()
+        # An idle aliased page counts as reclaimable in F (pinned() leaves it out), but a
+        # block on its free bytes (a tail, a head, a free range's partial slot) pins it.
+        idle = set(self.idle_aliased_pages())
+        F = self.max_pages - self.held_pinned() + len(idle)
         best = 0
         for st in self.streams.values():
             for h in st.heaps:
@@ -2210,15 +2252,30 @@ class Core:
             for st in self.streams.values():
                 tails, heads = self.alias_sources(st, True)
                 for T in tails[-2:]:
-                    best = max(best, T[0] + F * P)
+                    ft = F - (T[2] in idle)
+                    if ft >= 0:
+                        best = max(best, T[0] + ft * P)
                     for H in heads[-2:]:
-                        if H[2] is not T[2] and H[1] is not T[1]:
-                            best = max(best, T[0] + F * P + H[0])
+                        fth = ft - (H[2] in idle)
+                        if H[2] is not T[2] and H[1] is not T[1] and fth >= 0:
+                            best = max(best, T[0] + fth * P + H[0])
                 for H in heads[-1:]:
-                    best = max(best, H[0] + F * P)
+                    fh = F - (H[2] in idle)
+                    if fh >= 0:
+                        best = max(best, H[0] + fh * P)
         if F <= 0:
             return best
         best = max(best, F * P)
+
+        def aliased(arena: Arena, addr: int) -> int:
+            # 1 when `addr` lies inside a slot whose page is mapped elsewhere too: a free
+            # range's partial slot is on a pinned page, except such a page when it is
+            # idle (idle_aliased: counted in F), which a block there pins again.
+            off = addr - arena.base
+            if not off % P or not idle:
+                return 0
+            return 1 if arena.slots[off // P] in idle else 0
+
         for st in self.streams.values():
             large = st.large
             for arena in large.arenas:
@@ -2228,8 +2285,14 @@ class Core:
                     a1 = a0 + k * P
                     L1 = large.by_end.get(a0)
                     L2 = large.by_start.get(a1)
-                    w1 = n_whole(L1) if L1 is not None and L1.arena is arena else -1
-                    w2 = n_whole(L2) if L2 is not None and L2.arena is arena else -1
+                    w1 = (
+                        n_whole(L1) + aliased(arena, L1.addr)
+                        if L1 is not None and L1.arena is arena else -1
+                    )
+                    w2 = (
+                        n_whole(L2) + aliased(arena, L2.addr + L2.size)
+                        if L2 is not None and L2.arena is arena else -1
+                    )
                     if w1 >= 0 and L1 is not None and F > w1:
                         best = max(best, L1.size + min(k, F - w1) * P)
                     if w2 >= 0 and L2 is not None and F > w2:

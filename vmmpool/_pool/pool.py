@@ -1199,6 +1199,12 @@ class PagePool(ClosesOnExit, NoCopy):
                             biggest = max(biggest, sz)
             pinned = core.pinned()
             largest = biggest if core.closed else core.largest_block()
+            T = core.round_above
+            if T is not None and largest > T:
+                # Requests above small_threshold are rounded up to whole pages: past T, only
+                # a request of whole pages that fit is served as asked.
+                whole = largest // P * P
+                largest = whole if whole > T else T
             mapped = core.mapped
             reclaimable = core.reclaimable()
             sl = core.asleep
