@@ -570,3 +570,15 @@ def test_buffer_write_of_what_is_not_contiguous_bytes_says_so(buf: GrowableBuffe
         with pytest.raises(TypeError, match=r"^data must be a C-contiguous bytes-like object"):
             buf.write(bad)
     assert bytes(buf.read(16)) == before
+
+
+def test_arguments_that_must_be_iterables_say_so(host: Device) -> None:
+    # "'int' object is not iterable" named no argument.
+    with pytest.raises(TypeError, match="peers must be an iterable of device ordinals"):
+        PagePool(host, peers=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="peers must be an iterable of device ordinals"):
+        PagePool(host, peers="01")  # type: ignore[arg-type]
+    with PagePool(host) as pool:
+        with pytest.raises(TypeError, match="pages must be an iterable of PhysicalAllocations"):
+            pool.release_pages(None)  # type: ignore[arg-type]
+    assert host.counters().live == (0, 0, 0)

@@ -91,6 +91,10 @@ def safety_finalizer(
 def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:
     """Validate peer ordinals; return ``(owner, *peers)`` for ``set_access``."""
     out = [device.ordinal]
+    if isinstance(peers, (str, bytes)) or not hasattr(peers, "__iter__"):
+        raise TypeError(
+            f"peers must be an iterable of device ordinals (ints), got {type(peers).__name__}"
+        )
     for p in peers:
         p = check_int("peer", p)
         if device.is_host:

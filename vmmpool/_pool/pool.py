@@ -109,6 +109,19 @@ def _free_shared(ref: _Ref) -> None:
     core.free(ref, a)
 
 
+def _items(name: str, value: object, what: str) -> list[Any]:
+    """`value` as a list, or a ``TypeError`` that names the argument (not "object is not
+    iterable")."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of {what}, got {type(value).__name__}")
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an iterable of {what}, got {type(value).__name__}"
+        ) from None
+
+
 @contextlib.contextmanager
 def _locked(core: Core, *, open_only: bool = True) -> Iterator[Core]:
     """The prologue of every public pool method that takes the pool's lock, as one context.
@@ -980,7 +993,7 @@ class PagePool(ClosesOnExit, NoCopy):
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
         self._check_process()
-        items = list(pages)
+        items = _items("pages", pages, "PhysicalAllocations from acquire_pages()")
         core = self._core
         if core.closed:
             return  # closed is final: no lock needed (a closing pool runs its buffers' releases)
