@@ -139,6 +139,48 @@ def test_beyond_max_size_without_allow_move_raises_before_any_call(device: vmmpo
         assert (buf.size, buf.capacity) == (g, g)
 
 
+def test_a_move_beyond_what_the_device_addresses_raises_before_any_call(device: vmmpool.Device) -> None:
+    """An impossible move target is a ValueError up front: no page is created first (without
+    a pool that meant creating pages until the device ran out of memory)."""
+    g = device.granularity
+    most = device.address_limit // g * g  # the largest whole-page range
+    with GrowableBuffer(max_size=g, device=device, initial_size=g) as buf:
+        buf.write(b"kept")
+        before = device.counters()
+        for n in (most + 1, (1 << 64) - 1):
+            with pytest.raises(ValueError, match=r"needs .* bytes of address space, but the device"):
+                buf.resize(n, allow_move=True)
+            with pytest.raises(ValueError, match=r"needs .* bytes of address space, but the device"):
+                buf.reserve(n, allow_move=True)
+        assert device.counters() - before == {}
+        assert (buf.size, buf.capacity, buf.max_size) == (g, g, g)
+        assert bytes(buf.read(4)) == b"kept"
+
+
+def test_sleep_is_refused_once_the_pool_is_closed(host: vmmpool.Device) -> None:
+    """A closed pool can never hand pages back to wake(): the backup would be unreachable."""
+    g = host.granularity
+    pool = vmmpool.PagePool(host, limit=4 * g)
+    with GrowableBuffer(max_size=2 * g, pool=pool, initial_size=g) as buf:
+        buf.write(b"precious")
+        pool.close()
+        with pytest.raises(vmmpool.ClosedError, match="PagePool has been closed"):
+            buf.sleep()
+        assert not buf.asleep
+        assert bytes(buf.read(8)) == b"precious"
+    assert host.counters().live == (0, 0, 0)
+
+
+@pytest.mark.parametrize("peers", [None, 5, "ab", b"\x00"])
+def test_peers_that_are_not_an_iterable_of_ints_are_named(host: vmmpool.Device, peers: object) -> None:
+    with pytest.raises(TypeError, match="peers must be an iterable of device ordinals"):
+        GrowableBuffer(max_size=1, device=host, peers=peers)  # type: ignore[arg-type]
+    with vmmpool.PagePool(host, limit=host.granularity) as pool:
+        with pytest.raises(TypeError, match="peers must be an iterable of device ordinals"):
+            GrowableBuffer(max_size=1, pool=pool, peers=peers)  # type: ignore[arg-type]
+    assert host.counters().live == (0, 0, 0)
+
+
 def test_move_after_many_growth_steps_keeps_every_byte(device: vmmpool.Device) -> None:
     """cuda.core 1.2.2 remapped only the first chunk: every page must follow."""
     g = device.granularity

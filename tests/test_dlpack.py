@@ -492,6 +492,26 @@ def test_numpy_refuses_a_buffer_on_a_cuda_device_clearly(device: vmmpool.Device)
                 np.asarray(b)
 
 
+def test_an_empty_view_exports_a_null_cuda_array_interface_pointer(device: vmmpool.Device) -> None:
+    """CUDA Array Interface v3: "For zero-size arrays, use 0 here" (an empty view's address may
+    lie past the last mapped page, or in a range that maps nothing at all)."""
+    g = device.granularity
+    with GrowableBuffer(max_size=2 * g, device=device) as b:
+        views = [b.view()]  # size 0: nothing mapped
+        b.resize(g)
+        views += [b.view(offset=g), b.view("float32", shape=(0, 3))]
+        for v in views:
+            if device.is_host:
+                assert v.__array_interface__["data"] == (v.ptr, False)
+            else:
+                assert v.__cuda_array_interface__["data"] == (0, False)
+        full = b.view()
+        if not device.is_host:
+            assert full.__cuda_array_interface__["data"] == (b.ptr, False)
+        del views, v, full
+        gc.collect()
+
+
 # ------------------------------------------------------------ hostile review (dlpack)
 _set_destructor = ctypes.pythonapi.PyCapsule_SetDestructor
 _set_destructor.restype = ctypes.c_int

@@ -106,6 +106,7 @@ from ._resources import (
     PhysicalAllocation,
     check_peers,
     create,
+    peer_list,
     reserve,
     safety_finalizer,
 )
@@ -1076,6 +1077,7 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
     ) -> None:
         if not isinstance(shareable, bool):
             raise TypeError(f"shareable must be a bool, got {type(shareable).__name__}")
+        peers = peer_list(peers)  # (before anything unpacks it)
         if pool is not None:
             if not callable(getattr(pool, "acquire_pages", None)):
                 raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
@@ -1083,12 +1085,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             if device is not None and Device(device) is not dev:
                 raise ValueError(f"device {Device(device)} differs from the pool's device {dev}")
             page = check_int("pool.page_size", pool.page_size, minimum=1, multiple=dev.granularity)
-            peer_list = [*pool.peers, *peers]
+            wanted = [*pool.peers, *peers]
         else:
             dev = Device(device)
             page = dev.granularity
-            peer_list = list(peers)
-        others = check_peers(dev, peer_list)[1:]
+            wanted = peers
+        others = check_peers(dev, wanted)[1:]
         initial = check_int("initial_size", initial_size)
         if stream is not None:
             stream = stream_key(stream)
@@ -1218,6 +1220,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                         f"{what} {nbytes} bytes exceeds max_size {st.res.size}; pass allow_move=True "
                         "to remap the buffer into a larger range (its pointer changes)"
                     )
+                most = address_limit(st.device) // st.page * st.page  # largest whole-page range
+                if target * st.page > most:
+                    raise ValueError(
+                        f"{what} {nbytes} bytes needs {target * st.page} bytes of address space, but "
+                        f"the device addresses at most {most} bytes in one range (whole pages of "
+                        f"{st.page} bytes)"
+                    )
                 views = list(self._views)
                 if views:
                     raise BufferError(
@@ -1225,7 +1234,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                         "are alive (their pointers would dangle); drop them first"
                     )
                 try:
-                    st.move(max(target * st.page, 2 * st.res.size), target)
+                    # At least twice the old range, but never more than the device can address.
+                    st.move(min(max(target * st.page, 2 * st.res.size), most), target)
                 except OutOfMemoryError as err:
                     raise _growth_oom(err, what, nbytes, have, target, st.page) from err
             else:
@@ -1264,7 +1274,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         ------
         TypeError, ValueError
             `nbytes` is not a non-negative int, or exceeds :attr:`max_size`
-            without `allow_move` (before any driver call).
+            without `allow_move`, or (with it) needs more address space than
+            the device has in one range (before any driver call).
         BufferError
             Shrinking would unmap bytes a live view uses, or a move with live views.
         OutOfMemoryError, DriverError
@@ -1460,9 +1471,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         self._owned()
         with self._lock:
             st = self._awake("read")
-            off = self._range(offset, 0, st.size)
-            n = st.size - off if nbytes is None else check_int("nbytes", nbytes)
-            self._range(off, n, st.size)
+            if nbytes is None:
+                off = self._range(offset, 0, st.size)
+                n = st.size - off
+            else:  # (checked together: the error names the whole range asked for)
+                n = check_int("nbytes", nbytes)
+                off = self._range(offset, n, st.size)
             return st.device.read(st.res.address + off, n)
 
     # ---------------------------------------------------------------- sharing
@@ -1558,7 +1572,8 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             given back hold undefined bytes once mapped again, as after a
             wake). It is never left unusable.
         ClosedError
-            The buffer was closed.
+            The buffer was closed, or its pool was (:meth:`wake` could never
+            map the pages back); nothing changed.
 
         Notes
         -----
@@ -1587,6 +1602,13 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             st = self._usable()
             if st.asleep is not None:
                 return
+            if st.pool is not None and getattr(st.pool, "closed", False):
+                # Its pages would go back to nothing, and wake() could never acquire new
+                # ones: the backup would be unreachable (read() refuses while asleep).
+                err = ClosedError("this GrowableBuffer's PagePool")
+                if hasattr(err, "add_note"):  # Python >= 3.11
+                    err.add_note("vmmpool: sleep() refused: wake() could never map its pages back")
+                raise err
             st.reap_leases()
             shared = sum(1 for p in st.pages if p in st.exported) if st.exported else 0
             if shared:

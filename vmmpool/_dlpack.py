@@ -750,6 +750,10 @@ class ArrayView(NoCopy):
                 "emulator: use __array_interface__ or DLPack"
             )
         desc = self._interface("__cuda_array_interface__")
+        if not self.nbytes:
+            # The CUDA Array Interface: "For zero-size arrays, use 0 here". An empty view's
+            # address may lie past the last mapped page (or in a range that maps nothing).
+            desc["data"] = (0, False)
         desc["stream"] = None  # no producer work to wait for
         return desc
 

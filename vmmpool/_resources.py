@@ -88,14 +88,19 @@ def safety_finalizer(
     return fin
 
 
-def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:
-    """Validate peer ordinals; return ``(owner, *peers)`` for ``set_access``."""
-    out = [device.ordinal]
+def peer_list(peers: object) -> list[Any]:
+    """`peers` as a list, or a ``TypeError`` that names the argument (a str is refused)."""
     if isinstance(peers, (str, bytes)) or not hasattr(peers, "__iter__"):
         raise TypeError(
             f"peers must be an iterable of device ordinals (ints), got {type(peers).__name__}"
         )
-    for p in peers:
+    return list(peers)
+
+
+def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:
+    """Validate peer ordinals; return ``(owner, *peers)`` for ``set_access``."""
+    out = [device.ordinal]
+    for p in peer_list(peers):
         p = check_int("peer", p)
         if device.is_host:
             raise ValueError(f"the host device has no peers, got peer {p}")
