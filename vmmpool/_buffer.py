@@ -96,7 +96,7 @@ from ._errors import (
     OutOfMemoryError,
     VmmError,
 )
-from ._options import Access, address_limit, check_int, event_handle, stream_key
+from ._options import Access, address_limit, check_int, event_handle, host_bytes, stream_key
 from ._prefault import discard
 from ._process import NoCopy
 from ._resources import (
@@ -1452,15 +1452,12 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         return off
 
     def write(self, data: Any, offset: int = 0) -> None:
-        """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`."""
+        """Copy host bytes (anything with the buffer protocol) into the buffer at `offset`.
+
+        Strided input (a sliced or Fortran-order NumPy array) is copied in C order.
+        """
         self._owned()
-        try:
-            mv = memoryview(data).cast("B")
-        except TypeError as err:
-            raise TypeError(
-                "data must be a C-contiguous bytes-like object (bytes, bytearray, a NumPy "
-                f"array, anything with the buffer protocol), got {type(data).__name__} ({err})"
-            ) from None
+        mv = host_bytes(data)
         with self._lock:
             st = self._awake("write")
             off = self._range(offset, mv.nbytes, st.size)

@@ -14,7 +14,7 @@ from typing import Union
 
 from ._backends.base import Backend, BackendCounters
 from ._backends.host import HostBackend
-from ._options import address_limit, brief, check_int, stream_key
+from ._options import address_limit, brief, check_int, host_bytes, stream_key
 
 __all__ = ["Device", "DeviceLike", "devices", "default_device", "KDL_CPU", "KDL_CUDA"]
 
@@ -286,10 +286,11 @@ class Device:
         address : int
             Destination; must be mapped with write access.
         data : bytes-like
-            Anything exposing the buffer protocol (bytes, bytearray, a NumPy array).
+            Anything exposing the buffer protocol (bytes, bytearray, a NumPy array);
+            strided input is copied in C order.
         """
         self._backend.check_process("Device")
-        mv = memoryview(data).cast("B")  # type: ignore[arg-type]
+        mv = host_bytes(data)
         if mv.nbytes:
             addr = check_int("address", address, minimum=1, maximum=self.address_limit)
             self._backend.check_transfer(addr, mv.nbytes, write=True)

@@ -87,6 +87,25 @@ def address_limit(device: object) -> int:
     return ADDRESS_LIMIT
 
 
+def host_bytes(data: object) -> memoryview:
+    """`data` (anything with the buffer protocol) as a flat byte view for a copy to the device.
+
+    Strided input (a NumPy slice with a step, a Fortran-order array, a strided memoryview)
+    is copied into C order first; what the buffer protocol cannot export is refused with a
+    ``TypeError`` that names the type.
+    """
+    try:
+        mv = memoryview(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:  # ValueError: NumPy's datetime64, for one
+        raise TypeError(
+            "data must be a bytes-like object (bytes, bytearray, a NumPy array, anything with "
+            f"the buffer protocol), got {type(data).__name__} ({err})"
+        ) from None
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())  # C order, as the source's own indexing reads it
+    return mv.cast("B")
+
+
 def brief(value: object, limit: int = BRIEF_CHARS) -> str:
     """A short, safe description of `value` for an error message (issue 17).
 

@@ -43,7 +43,7 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, ForkedError
-from ._options import check_int
+from ._options import check_int, host_bytes
 from ._process import track
 from ._resources import ClosesOnExit, OpLock, PhysicalAllocation, reserve, safety_finalizer
 
@@ -562,9 +562,10 @@ class SharedMapping(ClosesOnExit):
         return off
 
     def write(self, data: Any, offset: int = 0) -> None:
-        """Copy host bytes (anything with the buffer protocol) into the shared memory at `offset`."""
+        """Copy host bytes (anything with the buffer protocol; strided input in C order) into
+        the shared memory at `offset`."""
         self._owned()
-        mv = memoryview(data).cast("B")
+        mv = host_bytes(data)
         with self._lock:
             self._live()
             off = self._range(offset, mv.nbytes)
