@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -27,13 +28,14 @@ from vmmpool._demo import format_size as size  # noqa: F401 - re-exported for th
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark takes."""
+def parser(
+    description: str,
+    device_help: str = "host or cuda:N (default: vmmpool.default_device(): cuda:0 if usable, else host)",
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes (`device_help`: what
+    ``--device`` defaults to, where a benchmark picks its own default)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument(
-        "--device", default=None,
-        help="host or cuda:N (default: vmmpool.default_device(): cuda:0 if usable, else host)",
-    )
+    p.add_argument("--device", default=None, help=device_help)
     p.add_argument(
         "--quick", action="store_true",
         help="a smaller, faster run (smoke test); its JSON goes to a temporary directory unless --save",
@@ -50,8 +52,48 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def device_of(spec: str | None) -> vmmpool.Device:
-    return vmmpool.default_device() if spec is None else vmmpool.Device(spec)
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (a count of pairs, seeds, pages, repeats)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text[:40]!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a size in GiB)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text[:40]!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text[:40]!r}")
+    return x
+
+
+def device_of(spec: str | None, p: argparse.ArgumentParser | None = None) -> vmmpool.Device:
+    """The device `spec` names (default: :func:`vmmpool.default_device`); with a parser, a bad
+    or unusable ``--device`` is a usage error (one line, exit status 2), not a traceback."""
+    try:
+        return vmmpool.default_device() if spec is None else vmmpool.Device(spec)
+    except vmmpool.DeviceUnavailableError as e:
+        if p is None:
+            raise
+        p.error(f"device {e.device!r} is unavailable: {e.reason}; pass --device host for the host emulator")
+    except (ValueError, TypeError, vmmpool.VmmError) as e:
+        if p is None:
+            raise
+        p.error(f"--device: {e}")
+
+
+def check_output(p: argparse.ArgumentParser, output: str | None, option: str = "--output") -> None:
+    """Refuse an ``--output`` that cannot be written before the run, not after it (the
+    figures of a long run were lost to a traceback at the end)."""
+    if output and Path(output).is_dir():
+        p.error(f"{option} {output!r} is a directory: give a file name")
 
 
 def machine_info() -> dict[str, Any]:
@@ -116,15 +158,18 @@ def write_json(
 ) -> Path:
     """Write ``payload`` with machine and device facts (see :func:`result_path`); return the path."""
     path = result_path(name, device, output, quick, save)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
         "machine": machine_info(),
         "device": device_info(device),
         "peers": peer_versions(),
         "quick": quick,
-        **payload,
     }
+    clash = sorted(k for k in payload if k in doc)
+    if clash:  # a payload key replaced the machine facts (fragmentation's "peers" did)
+        raise ValueError(f"payload keys {clash} would replace the facts write_json records")
+    doc.update(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     return path
 

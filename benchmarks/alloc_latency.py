@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from _common import device_of, parser, size, table, write_json
+from _common import check_output, device_of, parser, positive_int, size, table, write_json
 
 import vmmpool
 from vmmpool._pool import PagePool
@@ -117,9 +117,11 @@ def torch_callbacks(pool: PagePool, device: vmmpool.Device, n: int, repeats: int
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=None, help="pairs per repeat (default 50000; 5000 --quick)")
+    p.add_argument("--pairs", type=positive_int, default=None,
+                   help="pairs per repeat (default 50000; 5000 --quick)")
     args = p.parse_args(argv)
-    device = device_of(args.device)
+    check_output(p, args.output)
+    device = device_of(args.device, p)
     n = args.pairs or (5000 if args.quick else 50000)
     repeats = 3 if args.quick else 5
     limit = 1 << 30

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from _common import parser, table, write_json
+from _common import check_output, parser, table, write_json
 
 SIZES = [512, 4096, 65536, 1 << 20, 3 << 20, 8 << 20, 24 << 20, 100_000, 777, 16 << 10]
 SHAPES = [(1024,), (512, 512), (1000, 37), (2048, 1024), (333, 333), (4096, 256)]
@@ -57,8 +57,9 @@ def _time_workload(cp: Any, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], "cuda:N (default: cuda:0; host has nothing to measure)")
     args = p.parse_args(argv)
+    check_output(p, args.output)
     if args.device is None:
         args.device = "cuda:0"
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except vmmpool.DeviceUnavailableError as err:
         print(f"cupy_pool: no usable GPU here ({err.reason}); nothing to measure. Exiting 0.")
         return 0
+    except (ValueError, TypeError, vmmpool.VmmError) as err:
+        p.error(f"--device: {err}")
     try:
         import cupy as cp
     except ImportError:
@@ -79,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import vmmpool.cupy as vcupy
 
-    cp.cuda.Device(dev.ordinal).use()
+    try:
+        cp.cuda.Device(dev.ordinal).use()
+    except Exception as err:  # noqa: BLE001 - CuPy without a usable runtime (too old a driver, say)
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        print(f"cupy_pool: CuPy cannot use {dev} ({reason}); nothing to measure. Exiting 0.")
+        return 0
     alloc_rounds = 200 if args.quick else 2000
     work_rounds = 20 if args.quick else 200
 

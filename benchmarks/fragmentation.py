@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from _common import device_of, parser, size, table, write_json
+from _common import check_output, device_of, parser, positive_int, size, table, write_json
 
 import vmmpool
 from vmmpool._demo import (
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--limit", type=positive_size_arg, default=None,
                    help="a size such as 512MiB or 1GiB (default 1 GiB; 256 MiB with --quick)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per fraction (default 3; 1 with --quick)")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="seeds per fraction (default 3; 1 with --quick)")
     p.add_argument("--worker", default=None, help=argparse_hidden())
     p.add_argument("--scenarios", default="[]", help=argparse_hidden())
     args = p.parse_args(argv)
@@ -243,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         ordinal = int(str(args.device).rsplit(":", 1)[-1]) if ":" in str(args.device) else 0
         scenarios = [(float(f), int(s), str(m)) for f, s, m in json.loads(args.scenarios)]
         return torch_worker(ordinal, args.limit, scenarios)
-    device = device_of(args.device)
+    check_output(p, args.output)
+    device = device_of(args.device, p)
     limit = args.limit or ((256 if args.quick else 1024) * MiB)
     limit -= limit % device.granularity
+    if limit < 16 * device.granularity:
+        p.error(f"--limit must be at least {size(16 * device.granularity)} (16 pages), "
+                f"got {size(args.limit)}")
     fractions = [0.05, 0.25] if args.quick else [0.01, 0.05, 0.10, 0.25]
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     peers = (
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n/a: {peer}: {err}")
     path = write_json(
         "fragmentation", device,
-        {"limit": limit, "fractions": fractions, "seeds": seeds, "modes": MODES, "peers": peers,
+        {"limit": limit, "fractions": fractions, "seeds": seeds, "modes": MODES, "compared": peers,
          "summary": summary, "runs": runs},
         args.output,
         quick=args.quick,

@@ -1,4 +1,5 @@
-"""Growing a buffer from 0 to several GiB: GrowableBuffer (map new pages) versus allocate + copy + free.
+"""Growing a buffer from 0 to several GiB: GrowableBuffer (map new pages) versus allocate + copy
+(the old array is freed after the timed region).
 
 For each schedule (constant 2 MiB steps, constant 64 MiB steps, doubling from
 2 MiB) a fresh :class:`vmmpool.GrowableBuffer` is grown from 0 to ``--max-gib``
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import parser, size, table, write_json
+from _common import check_output, device_of, parser, positive_float, size, table, write_json
 
 import vmmpool
 from vmmpool._buffer import GrowableBuffer
@@ -174,17 +175,19 @@ def window(steps: list[dict[str, Any]], old_bytes: int, width: int = 9) -> float
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument(
-        "--max-gib", type=float, default=None, help="grow to this many GiB (default 4; 1 with --quick)"
+        "--max-gib", type=positive_float, default=None,
+        help="grow to this many GiB (default 4; 1 with --quick)"
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the copy baseline")
     args = p.parse_args(argv)
+    check_output(p, args.output)
 
     max_gib = args.max_gib if args.max_gib is not None else (1.0 if args.quick else 4.0)
     spec = str(args.device) if args.device is not None else str(vmmpool.default_device())
     if spec.strip().lower() == "host":
         device = None
     else:
-        device = vmmpool.Device(spec)
+        device = device_of(spec, p)
     probe = device if device is not None else vmmpool.Device("host")
     g = probe.granularity
     max_bytes = max(int(max_gib * GiB) // (64 * MiB) * 64 * MiB, 64 * MiB)
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if compare_rows:
         print()
-        print(f"one growth step: GrowableBuffer vs allocate + copy + free ({copier_note})")
+        print(f"one growth step: GrowableBuffer vs allocate + copy, free untimed ({copier_note})")
         print(table(["schedule", "old contents", "step", "buffer us", "copy us", "speedup"], compare_rows))
 
     targets: dict[str, Any] = {}
@@ -318,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "max_bytes": max_bytes,
-        "quick": bool(args.quick),
         "baseline": copier_note,
         "notes": (
             "host emulator: growth touches no page, so buffer steps measure mapping only; "

@@ -26,7 +26,7 @@ import resource
 import time
 from typing import Any
 
-from _common import parser, table, write_json
+from _common import check_output, device_of, parser, positive_int, table, write_json
 
 import vmmpool
 from vmmpool import Access
@@ -88,17 +88,18 @@ def run(dev: vmmpool.Device, pages: int, shuffled: bool, seed: int) -> dict[str,
     }
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--pages", type=int, default=None, help="pages (default 40960; --quick 4096)")
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0], "host or cuda:N (default: host, an emulated device of --pages pages)")
+    p.add_argument("--pages", type=positive_int, default=None, help="pages (default 40960; --quick 4096)")
     p.add_argument("--seed", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_output(p, args.output)
     pages = args.pages or (4096 if args.quick else 40960)
     g = 2 << 20
     if args.device in (None, "host"):
         dev = vmmpool.Device.emulated(capacity=pages * g)
     else:
-        dev = vmmpool.Device(args.device)
+        dev = device_of(args.device, p)
         pages = min(pages, int(dev.free_memory * 0.9) // dev.granularity)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     results = [run(dev, pages, shuffled, args.seed) for shuffled in (False, True)]

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", type=int, default=None, metavar="N",
                    help="replay N generated traces of each family instead, and summarize")
     args = p.parse_args(argv)
+    _common.check_output(p, args.json, "--json")
     if args.sweep is not None:
         if args.traces or args.synthetic or args.scale:
             p.error("--sweep replays only generated traces: give no TRACE, --synthetic or --scale")

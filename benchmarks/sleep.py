@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import parser, size, table, write_json
+from _common import check_output, device_of, parser, positive_float, positive_int, size, table, write_json
 
 import vmmpool
 
@@ -189,20 +189,24 @@ def run_baseline(dev: vmmpool.Device, nbytes: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--max-gib", type=float, default=8.0, help="largest live size (default 8)")
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0], "host or cuda:N (default: host, an emulated device sized to the run)")
+    p.add_argument("--max-gib", type=positive_float, default=8.0, help="largest live size (default 8)")
     p.add_argument("--min-gib", type=float, default=0.0, help="smallest live size (default: all)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per size; the best is kept (default 2)")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=positive_int, default=2,
+                   help="runs per size; the best is kept (default 2)")
+    args = p.parse_args(argv)
+    check_output(p, args.output)
     sizes = [256 * MiB, 512 * MiB, GiB, 2 * GiB, 4 * GiB, 8 * GiB]
     sizes = [s for s in sizes if args.min_gib * GiB <= s <= args.max_gib * GiB]
+    if not sizes:
+        p.error(f"no size from 256 MiB to 8 GiB lies in [--min-gib {args.min_gib}, --max-gib {args.max_gib}]")
     if args.quick:
         sizes = sizes[:2]
     top = max(sizes)
     capacity = top + 128 * MiB  # set explicitly: the emulator's default is a quarter of RAM, at most 8 GiB
     host = args.device in (None, "host")
-    dev = vmmpool.Device.emulated(capacity=capacity) if host else vmmpool.Device(args.device)
+    dev = vmmpool.Device.emulated(capacity=capacity) if host else device_of(args.device, p)
     rows, pools, bases, skipped = [], [], [], []
     for n in sizes:
         need = 2 * n + 256 * MiB

@@ -357,3 +357,52 @@ def test_fragmentation_runs_every_torch_scenario_in_one_worker(
     missing = [sc for sc, res in got.items() if not res["available"]]
     assert done and missing, got
     assert all("torch worker failed (rc 139)" in got[sc]["error"] for sc in missing)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [
+        ("alloc_latency.py", ["--device", "bogus"], "--device: device must be"),
+        ("alloc_latency.py", ["--pairs", "-5"], "argument --pairs: expected an integer >= 1, got -5"),
+        ("alloc_latency.py", ["--output", "."], "is a directory"),
+        ("fragmentation.py", ["--seeds", "-1"], "argument --seeds: expected an integer >= 1"),
+        ("fragmentation.py", ["--limit", "1MiB"], "--limit must be at least"),
+        ("growth.py", ["--max-gib", "nan"], "argument --max-gib: expected a finite number > 0"),
+        ("growth.py", ["--device", "cuda:x"], "--device: device must be"),
+        ("sleep.py", ["--max-gib", "0.1"], "no size from 256 MiB to 8 GiB lies in"),
+        ("sleep.py", ["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
+        ("host_scale.py", ["--pages", "-1"], "argument --pages: expected an integer >= 1"),
+        ("cupy_pool.py", ["--device", "bogus"], "--device: device must be"),
+        ("replay.py", ["--synthetic", "--json", "."], "--json '.' is a directory"),
+    ],
+)
+def test_a_benchmark_refuses_bad_arguments_in_one_line(script: str, args: list[str], says: str) -> None:
+    # Each was a traceback (exit status 1), or for --pairs -5 negative microseconds per pair
+    # and "target met"; an --output directory failed only after the whole run, losing it.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr and says in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
+
+
+def test_write_json_keeps_the_machine_facts(tmp_path: Path) -> None:
+    # fragmentation.py's payload key "peers" (the allocators it compared) replaced the peers'
+    # versions in every fragmentation result file.
+    dev = vmmpool.Device.emulated(capacity=4 << 20)
+    with pytest.raises(ValueError, match=r"payload keys \['peers'\]"):
+        _common.write_json("x", dev, {"peers": ["a"]}, str(tmp_path / "x.json"))
+    assert not (tmp_path / "x.json").exists()
+    out = tmp_path / "frag.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, str(BENCH / "fragmentation.py"), "--quick", "--limit", "32MiB",
+         "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    doc = json.loads(out.read_text())
+    assert set(doc["peers"]) == {"numpy", "cupy", "torch"}
+    assert doc["compared"] == ["contiguous (same layout)"]
