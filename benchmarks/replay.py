@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = device if device is not None else vmmpool.Device.emulated(2 << 20)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    skipped: dict[str, list[str]] = {}  # why the peers did not run -> the rows
     if args.synthetic:
         for kw in SYNTHETIC_GPT2:
             jobs.append(("", gpt2_inference(**kw), True))
@@ -173,15 +174,22 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(f"{tr.name}: replay failed: {type(e).__name__}: {e}", flush=True)
             continue
-        skip = args.no_peers or args.quick or is_scaled or (device is not None and device.is_host)
-        peers = [] if skip else (
-            R.peer_replays(path, device=tr.device)
+        why = (
+            "--no-peers" if args.no_peers else "--quick" if args.quick
+            else "a scaled or generated trace (the peers replay trace files)" if is_scaled
+            else "the host emulator (the peers need a GPU)" if device is not None and device.is_host
+            else None
         )
+        if why is not None:
+            skipped.setdefault(why, []).append(tr.name)
+        peers = [] if why is not None else R.peer_replays(path, device=tr.device)
         rec = R.record(tr, res, mn, peers)
         rec["total_wall_s"] = time.perf_counter() - t0
         records.append(rec)
         print(f"{tr.name}: done in {rec['total_wall_s']:.1f} s", flush=True)
     print(R.format_table(records))
+    for why, names in skipped.items():
+        print(f"peer allocators not run on {len(names)} row(s): {why}")
     for f in failures:
         print(f"{f['trace']}: not replayed: {f['error']}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "traces": records,
         "failed": failures,
         "unreadable": unreadable,
+        "peers_skipped": skipped,
     }
     out = _common.write_json(
         "replay", shown, R.json_safe(payload), args.json, quick=args.quick, save=args.save

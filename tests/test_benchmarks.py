@@ -406,3 +406,18 @@ def test_write_json_keeps_the_machine_facts(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert set(doc["peers"]) == {"numpy", "cupy", "torch"}
     assert doc["compared"] == ["contiguous (same layout)"]
+
+
+def test_replay_says_why_the_peers_did_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # --quick, --no-peers and scaled rows skipped the peer allocators without a word.
+    bench = _replay_benchmark(monkeypatch)
+    trace = tmp_path / "t.csv"
+    trace.write_text("Thread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,100,0\n1,1,free,0x10,100,0\n")
+    assert bench.main([str(trace), "--no-peers", "--scale", "0.5", "--json", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["peers_skipped"] == {
+        "--no-peers": ["t.csv", "t.csv x0.5"],
+    }
+    assert "peer allocators not run on 2 row(s): --no-peers" in capsys.readouterr().out
