@@ -78,8 +78,15 @@ def test_page_size_and_device_come_from_the_pool(device: vmmpool.Device) -> None
             assert buf.capacity == 2 * g
             buf.resize(4 * g)
             assert pool.stats().acquired_pages == 2
-        with pytest.raises(ValueError, match="differs from the pool's device"):
-            GrowableBuffer(max_size=g, device=vmmpool.Device.emulated(capacity=4 * g), pool=pool)
+        other = vmmpool.Device.emulated(capacity=4 * g)
+        with pytest.raises(ValueError, match="differs from the pool's device") as info:
+            GrowableBuffer(max_size=g, device=other, pool=pool)
+        assert repr(other) in str(info.value) and repr(device) in str(info.value)  # told apart
+    # A closed pool: refused up front (it was accepted, and every growth raised ClosedError).
+    before = device.counters().live
+    with pytest.raises(vmmpool.ClosedError):
+        GrowableBuffer(max_size=g, pool=pool)
+    assert device.counters().live == before
 
 
 def test_move_with_pool_pages(device: vmmpool.Device) -> None:

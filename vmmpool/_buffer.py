@@ -1081,9 +1081,15 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         if pool is not None:
             if not callable(getattr(pool, "acquire_pages", None)):
                 raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")
+            if getattr(pool, "closed", False):  # every growth would raise: refused up front
+                check = getattr(pool, "_check_process", None)
+                if check is not None:
+                    check()  # a forked child's pool: ForkedError (a ClosedError)
+                raise ClosedError("PagePool")
             dev = pool.device
             if device is not None and Device(device) is not dev:
-                raise ValueError(f"device {Device(device)} differs from the pool's device {dev}")
+                # repr: two emulated devices both print as "host"
+                raise ValueError(f"device {Device(device)!r} differs from the pool's device {dev!r}")
             page = check_int("pool.page_size", pool.page_size, minimum=1, multiple=dev.granularity)
             wanted = [*pool.peers, *peers]
         else:
