@@ -80,5 +80,9 @@ def build(directory: str | os.PathLike[str]) -> Path:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1].startswith("-")):
+        # ("--help" was taken for a directory name, and a library built into ./--help/)
+        print(f"usage: python {sys.argv[0]} [DIRECTORY]\n\n{__doc__}", file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     target = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="standin-cuda-")
     print(build(target))
