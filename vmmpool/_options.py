@@ -106,6 +106,17 @@ def host_bytes(data: object) -> memoryview:
     return mv.cast("B")
 
 
+def check_iterable(name: str, value: object, what: str) -> list[Any]:
+    """`value` (an iterable, not a str) as a list, or a ``TypeError`` that names the
+    argument and what it holds (not "'int' object is not iterable")."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return list(value)  # type: ignore[call-overload]
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an iterable of {what}, got {type(value).__name__}")
+
+
 def brief(value: object, limit: int = BRIEF_CHARS) -> str:
     """A short, safe description of `value` for an error message (issue 17).
 

@@ -31,7 +31,7 @@ from typing import Any
 from ._backends.base import Backend
 from ._device import Device, DeviceLike
 from ._errors import ClosedError
-from ._options import Access, HandleType, address_limit, brief, check_int
+from ._options import Access, HandleType, address_limit, brief, check_int, check_iterable
 from ._process import NoCopy
 
 __all__ = [
@@ -90,11 +90,7 @@ def safety_finalizer(
 
 def peer_list(peers: object) -> list[Any]:
     """`peers` as a list, or a ``TypeError`` that names the argument (a str is refused)."""
-    if isinstance(peers, (str, bytes)) or not hasattr(peers, "__iter__"):
-        raise TypeError(
-            f"peers must be an iterable of device ordinals (ints), got {type(peers).__name__}"
-        )
-    return list(peers)
+    return check_iterable("peers", peers, "device ordinals (ints)")
 
 
 def check_peers(device: Device, peers: Iterable[int]) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from .._device import _parse as _parse_device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
-from .._options import PER_THREAD, brief, check_int, pool_key, shown, stream_key
+from .._options import PER_THREAD, brief, check_int, check_iterable, pool_key, shown, stream_key
 from .._process import NoCopy
 from .._resources import ClosesOnExit, PhysicalAllocation, check_peers
 from .._share import SharedMemoryHandle, check_shareable, not_shareable
@@ -107,19 +107,6 @@ def _free_shared(ref: _Ref) -> None:
         pool._reap_shares()
         return
     core.free(ref, a)
-
-
-def _items(name: str, value: object, what: str) -> list[Any]:
-    """`value` as a list, or a ``TypeError`` that names the argument (not "object is not
-    iterable")."""
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be an iterable of {what}, got {type(value).__name__}")
-    try:
-        return list(value)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an iterable of {what}, got {type(value).__name__}"
-        ) from None
 
 
 @contextlib.contextmanager
@@ -658,6 +645,21 @@ class PagePool(ClosesOnExit, NoCopy):
         """Whether pages are exportable (``shareable=True``): see :meth:`Allocation.share`."""
         return self._core.shareable
 
+    def _reaped_for_retry(self) -> bool:
+        """After an out-of-memory: free the shared allocations whose receivers are all done
+        and say whether any was (lock NOT held). When one was, the failed attempt is taken
+        out of ``n_ooms``: the retry counts for the request, if it fails (as after GC)."""
+        if not self._shares:
+            return False
+        core = self._core
+        before = core.n_live
+        self._reap_shares()
+        if core.n_live == before:
+            return False
+        with _locked(core, open_only=False):
+            core.n_ooms -= 1
+        return True
+
     def _reap_shares(self) -> None:
         """Free the shared allocations whose receivers are all done (lock NOT held)."""
         shares = self._shares
@@ -802,17 +804,11 @@ class PagePool(ClosesOnExit, NoCopy):
     ) -> Block:
         """After an out-of-memory: retry while garbage collection gives memory back."""
         core = self._core
-        if self._shares:
-            # Shared allocations freed by their owner whose receivers are done.
-            before = core.n_live
-            self._reap_shares()
-            if core.n_live != before:
-                with _locked(core, open_only=False):
-                    core.n_ooms -= 1  # the retry counts for the request, if it fails (as after GC)
-                try:
-                    return core.malloc(nbytes, key, stream)
-                except OutOfMemoryError as e:
-                    err = e
+        if self._reaped_for_retry():
+            try:
+                return core.malloc(nbytes, key, stream)
+            except OutOfMemoryError as e:
+                err = e
         for _ in range(_GC_RETRIES):
             if not _collect_garbage(core, mark):
                 break
@@ -941,18 +937,11 @@ class PagePool(ClosesOnExit, NoCopy):
             try:
                 return self._acquire(n, key)
             except OutOfMemoryError:
-                if self._shares and attempt == 0:
-                    # Shared allocations freed by their owner whose receivers are done:
-                    # freed now, and tried again (as malloc does), whatever garbage says.
-                    before = core.n_live
-                    self._reap_shares()
-                    if core.n_live != before:
-                        with _locked(core, open_only=False):
-                            core.n_ooms -= 1  # the retry counts for the request, if it fails
-                        try:
-                            return self._acquire(n, key)
-                        except OutOfMemoryError:
-                            pass
+                if attempt == 0 and self._reaped_for_retry():  # tried again, as malloc does
+                    try:
+                        return self._acquire(n, key)
+                    except OutOfMemoryError:
+                        pass
                 if attempt == _GC_RETRIES or not _collect_garbage(core, mark):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -993,7 +982,7 @@ class PagePool(ClosesOnExit, NoCopy):
             An item is not a page of this pool, is not acquired, or is listed twice.
         """
         self._check_process()
-        items = _items("pages", pages, "PhysicalAllocations from acquire_pages()")
+        items = check_iterable("pages", pages, "PhysicalAllocations from acquire_pages()")
         core = self._core
         if core.closed:
             return  # closed is final: no lock needed (a closing pool runs its buffers' releases)
