@@ -32,7 +32,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
     ) from _err
 
 from ._device import Device, DeviceLike
-from ._errors import OutOfMemoryError
+from ._errors import ClosedError, ForkedError, OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
 from ._process import NoCopy
@@ -292,6 +292,20 @@ class MemoryPool(NoCopy):
                 )
         try:
             alloc = pool.malloc(nbytes, stream)
+        except ForkedError:
+            raise
+        except ClosedError:
+            # The page pool was closed directly (``page_pools()[dev].close()``): a fresh one
+            # serves this malloc and the next, as after this pool's own close(). Checked
+            # here, not before the malloc, to keep the hot path free of it.
+            if not pool.closed:
+                raise
+            with self._lock:
+                if self._pools.get(key) is pool:
+                    pools = dict(self._pools)
+                    del pools[key]
+                    self._pools = pools
+            return self.malloc(nbytes)
         except OutOfMemoryError:
             # Arrays awaiting collection may hold memory, as CuPy's own pool assumes.
             gc.collect()
@@ -417,7 +431,11 @@ class MemoryPool(NoCopy):
         return self._pool().stats()
 
     def page_pools(self) -> dict[Device, PagePool]:
-        """The page pools created so far, by device."""
+        """The page pools created so far, by device.
+
+        Closing one of them directly is allowed: the next ``malloc`` on its
+        device makes a fresh page pool (as after :meth:`close`).
+        """
         return {p.device: p for p in self._pools.values()}
 
     def close(self) -> None:
