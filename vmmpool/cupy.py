@@ -427,7 +427,12 @@ class MemoryPool(NoCopy):
 
     # ----------------------------------------------------------- vmmpool
     def stats(self) -> PoolStats:
-        """Statistics of the current device's page pool (see :class:`~vmmpool.PoolStats`)."""
+        """Statistics of the current device's page pool (see :class:`~vmmpool.PoolStats`).
+
+        The page pool is made if this device has none yet (with its
+        ``preallocate`` pages), as a first ``malloc`` would make it;
+        :meth:`used_bytes` and the other CuPy methods make none.
+        """
         return self._pool().stats()
 
     def page_pools(self) -> dict[Device, PagePool]:
