@@ -628,6 +628,9 @@ def test_cli_replays_the_readable_traces_of_several_and_names_the_others(
         (["{good}", "--limit", "8MiB", "--min-limit"], "not allowed with argument"),
         (["{good}", "--device", "gpu7"], "device must be"),
         (["{bad}"], "bad.csv: line 1: expected the header"),
+        # Refused before any replay (a --min-limit search can run for minutes), not after it.
+        (["{good}", "--min-limit", "--json", "{dir}"], "argument --json: '{dir}' is a directory"),
+        (["{good}", "--json", "{missing}/r.json"], "argument --json: cannot write"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(
@@ -636,12 +639,15 @@ def test_cli_bad_input_exits_2_with_one_line(
     good = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 100)]), "good.pickle")
     bad = tmp_path / "bad.csv"
     bad.write_text("Thread,Nope\n")
-    names = {"good": str(good), "bad": str(bad), "missing": str(tmp_path / "missing.pickle")}
+    names = {"good": str(good), "bad": str(bad), "missing": str(tmp_path / "missing.pickle"),
+             "dir": str(tmp_path)}
     argv = ["replay"] + [a.format(**names) for a in args]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and message in err and len(err) < 300
+    cap = capsys.readouterr()
+    err = cap.err
+    assert len(err.strip().splitlines()) == 1 and message.format(**names) in err and len(err) < 300
     assert "Traceback" not in err
+    assert cap.out == ""  # nothing was replayed
 
 
 def test_cli_limit_too_small_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

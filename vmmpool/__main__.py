@@ -88,6 +88,16 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
                         "a file's size; raise it for a larger trace you trust)")
     try:
         args = p.parse_args(argv)
+        if args.json:
+            # Refuse a path that cannot be written before the replays, not after them: a
+            # --min-limit search of a large trace runs for minutes.
+            where = os.path.dirname(os.path.abspath(args.json))
+            if os.path.isdir(args.json):
+                raise UsageError(short(f"argument --json: {args.json!r} is a directory: give a file name"))
+            if not os.path.isdir(where):
+                raise UsageError(
+                    short(f"argument --json: cannot write {args.json!r}: no directory {where!r}")
+                )
         device = None
         if args.device is not None:
             from ._device import Device

@@ -27,7 +27,8 @@ MiB = 1 << 20
 
 
 def page_map(pool):
-    """One character per page: # live large, s small page, c cached, . free."""
+    """One character per page: # wholly covered by one live block, s partly used (the page's
+    kind is "small": several blocks, or part of one), c cached, . free."""
     mark = {"in_use": "#", "cached": "c", "free": ".", "acquired": "a", "quarantined": "x"}
     return "".join("s" if p.kind == "small" and p.state == "in_use" else mark[p.state]
                    for p in pool.snapshot())
@@ -40,6 +41,8 @@ print("limit:", pool.limit // MiB, "MiB;", "page size:", pool.page_size // MiB, 
 # Five rounds of a 4 MiB block and a block just over 2 MiB fill the 16 pages (blocks of a page or
 # less would come from the small-block heap, apart from these). Then we free everything
 # except three of the just-over-2 MiB blocks, which now sit between the free ranges and pin their pages.
+# In the text maps, `#` is a page one live block covers wholly and `s` a page only partly used (here
+# the ends of the blocks just over 2 MiB: none of these blocks is small), `c` cached and `.` free.
 
 # %%
 large, pins = [], []

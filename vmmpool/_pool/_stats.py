@@ -102,7 +102,7 @@ class PoolStats:
         ``total_pages``, ``mapped_pages``, ``pinned_pages``,
         ``reclaimable_pages``, ``cached_bytes`` and ``largest_allocatable``
         count only memory still held (none, unless pages are quarantined),
-        while ``allocated_bytes``, ``in_use_bytes`` and ``live_allocations``
+        while ``allocated_bytes``, ``requested_bytes`` and ``live_allocations``
         still describe the live allocations, whose bytes are in the backup.
     backup_bytes : int
         Bytes of host memory holding the sleeping pool's live pages (0 awake,
@@ -198,9 +198,11 @@ class PageInfo:
     stream : int or None
         Stream key of the arena (or the acquirer) that has the page.
     kind : str or None
-        For an in-use page: ``"small"`` when it holds parts of several live
-        blocks or one block smaller than a page, ``"large"`` when one block
-        covers it wholly; ``None`` otherwise.
+        For an in-use page: ``"large"`` when one live block covers it
+        wholly, ``"small"`` otherwise (parts of several blocks, or only part
+        of one: a block smaller than a page, or the first or last page of a
+        larger block that does not fill it); ``None`` for a page not in use.
+        It describes the page, not the heap the blocks came from.
     allocations : tuple of AllocationInfo
         The live allocations touching this page, by address: address, size
         (with rounding), requested size and stream. A block spanning pages is
