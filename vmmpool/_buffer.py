@@ -1,6 +1,6 @@
 """GrowableBuffer: one virtual address range that grows by mapping pages, never by copying.
 
-Design (the driver rules are numbered as in ``VMM-FACTS.md``):
+Design (the driver rules are numbered as in ``VMM_DESIGN.md``):
 
 * The buffer reserves ``max_size`` bytes of address space once and maps one
   physical page (one ``cuMemCreate`` handle, rule 2) per page of capacity, in

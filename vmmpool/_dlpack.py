@@ -16,7 +16,7 @@ Only the interface that applies exists: the other raises ``AttributeError``,
 so ``hasattr`` tells consumers which one to use.
 
 Everything is done with ctypes (no compiled extension). The rules that keeps
-this safe (``VMM-FACTS.md``, "DLPack facts"):
+this safe (the DLPack contract, as dlpack.h states it):
 
 1. The structs (``DLManagedTensor[Versioned]`` with its shape and strides
    arrays) live in a module-level table keyed by their address, together with

@@ -12,7 +12,7 @@ containers that deny both. :meth:`SharedMemoryHandle.open` imports the pages
 (``cuMemImportFromShareableHandle``), reserves an address range of its own,
 maps them and grants read-write access: a :class:`SharedMapping`.
 
-Lifetimes (driver rule 7 in ``VMM-FACTS.md``). Physical memory lives while any
+Lifetimes (driver rule 7 in ``VMM_DESIGN.md``). Physical memory lives while any
 handle or mapping of it exists, in any process: the receiver keeps what it
 maps when the owner frees, shrinks, closes or exits, and the owner keeps its
 memory when the receiver closes or exits. Shareable memory is therefore

@@ -7,7 +7,7 @@ installed; :func:`probe` and :func:`device_count` say whether a device is usable
 without raising.
 
 Rules of the driver this module relies on (numbers refer to
-``VMM-FACTS.md``, "The driver's rules"):
+``vmmpool/VMM_DESIGN.md``, "Driver rules relied on"):
 
 * Context: CuPy and PyTorch use each device's *primary* context, so the backend
   retains it and makes it current on a thread that has no current context
