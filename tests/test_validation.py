@@ -592,3 +592,11 @@ def test_arguments_that_must_be_iterables_say_so(host: Device) -> None:
         with pytest.raises(TypeError, match="pages must be an iterable of PhysicalAllocations"):
             pool.release_pages(None)  # type: ignore[arg-type]
     assert host.counters().live == (0, 0, 0)
+
+
+def test_a_numpy_scalar_size_is_refused_with_its_value() -> None:
+    # "got float64 (a float64)" named the type twice and hid the value the caller passed.
+    with pytest.raises(TypeError, match=r"got float64 \(float64\(4096\.5\)\)"):
+        check_int("nbytes", np.float64(4096.5))
+    with pytest.raises(TypeError, match=r"got ndarray \(a ndarray\)"):
+        check_int("nbytes", np.array([4096, 1]))  # an array shows no values

@@ -152,6 +152,11 @@ def brief(value: object, limit: int = BRIEF_CHARS) -> str:
     if t in (dict, list, tuple, set, frozenset):
         n = len(value)  # type: ignore[arg-type]
         return f"a {t.__name__} of {n} item{'' if n == 1 else 's'}"
+    if t.__module__ == "numpy" and getattr(value, "shape", None) == ():
+        # A NumPy scalar (numpy.float64(4096.0)): its value is a Python number, safe to show.
+        item = value.item()  # type: ignore[attr-defined]
+        if type(item) in (int, float, bool):
+            return f"{t.__name__}({brief(item, limit)})"
     return f"a {t.__name__}"
 
 
