@@ -313,8 +313,6 @@ def test_dlpack_device_and_interfaces_on_host(buf: GrowableBuffer) -> None:
 
 def test_unsupported_requests_raise_buffer_error(buf: GrowableBuffer) -> None:
     view = buf.view("uint8")
-    with pytest.raises(BufferError, match="copy=True is not supported"):
-        view.__dlpack__(copy=True)
     with pytest.raises(BufferError, match=r"cannot export to dl_device \(2, 0\)"):
         view.__dlpack__(dl_device=(2, 0))
     with pytest.raises(BufferError, match="stream must be None for host memory"):
@@ -613,3 +611,90 @@ def test_shape_as_a_numpy_array(buf: GrowableBuffer) -> None:
         buf.view("float32", shape=np.ones((2, 2), dtype=np.int64))
     with pytest.raises(TypeError, match="shape entry must be an int"):
         buf.view("float32", shape=np.array([2.0, 2.0]))
+
+
+# ------------------------------------------------------ hostile review (dlpack, views)
+def test_a_views_range_and_type_are_read_only(host: vmmpool.Device) -> None:
+    # `view.shape = (8, 8)` reads like NumPy's in-place reshape; it was accepted and the
+    # export then read strides past its one-entry array, or (a larger shape) reached the
+    # next allocation's bytes, which could then be freed under the array.
+    with vmmpool.PagePool(host, limit=16 * MiB) as pool:
+        a = pool.malloc(256)
+        v = a.view("float32")
+        for name, value in [("shape", (8, 8)), ("ptr", v.ptr + 256), ("offset", 4), ("dtype", np.dtype("f8")),
+                            ("strides", (4, 4)), ("owner", None), ("device", host)]:
+            with pytest.raises(AttributeError, match=f"ArrayView.{name} is read-only"):
+                setattr(v, name, value)
+            with pytest.raises(AttributeError, match=f"ArrayView.{name} is read-only"):
+                delattr(v, name)
+        assert v.shape == (64,) and v.owner is a
+        assert np.from_dlpack(v).shape == (64,)
+        del v
+        gc.collect()
+        a.free()
+
+
+def test_more_than_64_dimensions_are_refused_when_the_view_is_made(buf: GrowableBuffer) -> None:
+    # NumPy took the capsule, then refused it with its error pending: a SystemError.
+    assert np.from_dlpack(buf.view("uint8", shape=(1,) * 64)).ndim == 64
+    with pytest.raises(ValueError, match=r"at most 64 dimensions .* got 65"):
+        buf.view("uint8", shape=(1,) * 65)
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_copy_true_exports_a_host_copy(buf: GrowableBuffer, versioned: bool) -> None:
+    data = np.arange(12, dtype=np.float32)
+    buf.write(data)
+    view = buf.view("float32", shape=(3, 4))
+    start = export_stats()
+    cap = view.__dlpack__(copy=True, max_version=(1, 0) if versioned else None)
+    assert view.exports == 0  # the capsule owns a copy, not the view's memory
+    if versioned:
+        m = DLManagedTensorVersioned.from_address(_get_pointer(cap, b"dltensor_versioned"))
+        assert m.flags == 2  # DLPACK_FLAG_BITMASK_IS_COPIED
+        del m
+    del cap
+    c = np.from_dlpack(view, copy=True)
+    assert np.array_equal(c, data.reshape(3, 4)) and c.flags.writeable
+    c[:] = -1
+    assert np.array_equal(np.frombuffer(buf.read(48), np.float32), data)  # not shared
+    assert np.from_dlpack(buf.view("float32", shape=(0, 3)), copy=np.True_).shape == (0, 3)
+    del c
+    gc.collect()
+    stats = export_stats()
+    assert stats["exported"] - start["exported"] == stats["released"] - start["released"] == 3
+
+
+def test_a_view_in_cuda_memory_exports_a_host_copy_and_refuses_asarray(device: vmmpool.Device) -> None:
+    with GrowableBuffer(max_size=8 * MiB, device=device, initial_size=MiB) as b:
+        data = np.arange(16, dtype=np.int32)
+        b.write(data)
+        v = b.view("int32", shape=(4, 4))
+        c = np.from_dlpack(v, device="cpu")  # dl_device=(1, 0), copy=None: a host copy
+        assert np.array_equal(c, data.reshape(4, 4))
+        if device.is_host:
+            assert np.shares_memory(c, np.asarray(v))
+        else:
+            with pytest.raises(BufferError, match="with copy=False"):
+                v.__dlpack__(dl_device=(1, 0), copy=False)
+            with pytest.raises(BufferError, match=r"copy=True on .* not supported"):
+                v.__dlpack__(copy=True)
+            with pytest.raises(BufferError, match="stream must be None for host memory"):
+                v.__dlpack__(dl_device=(1, 0), stream=1)
+            # NumPy made a 0-d object array holding the view.
+            with pytest.raises(TypeError, match="needs host memory, but this view is on"):
+                np.asarray(v)
+            assert v.exports == 0
+        del c, v
+        gc.collect()
+
+
+def test_argument_errors_show_what_was_given(buf: GrowableBuffer) -> None:
+    view = buf.view()
+    with pytest.raises(TypeError, match=r"got tuple \(-1, 0\)"):
+        view.__dlpack__(max_version=(-1, 0))
+    with pytest.raises(TypeError, match=r"got tuple \(1,\)"):
+        view.__dlpack__(max_version=(1,))
+    with pytest.raises(TypeError, match=r"got int 1"):
+        view.__dlpack__(copy=1)  # type: ignore[arg-type]
+    assert np.from_dlpack(view, copy=np.False_).size == view.size  # NumPy passes copy as given

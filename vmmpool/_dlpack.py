@@ -44,6 +44,12 @@ this safe (the DLPack contract, as dlpack.h states it):
 
 Data pointers are exported as is (``byte_offset`` 0); a view at a byte offset
 that is not a multiple of 256 is legal but slower for some CUDA kernels.
+
+``copy=True`` (or ``dl_device=(1, 0)`` for CUDA memory) exports a host copy
+that the capsule owns (a :class:`_Copy`); the view's memory is then not
+exported at all. A view's range, dtype and shape are fixed when it is made
+(its owner's checks trust them), and a view has at most :data:`MAX_NDIM`
+dimensions: NumPy refuses more only after taking the capsule (rule 4).
 """
 
 from __future__ import annotations
@@ -71,6 +77,13 @@ _log = logging.getLogger("vmmpool")
 
 #: DLPack ABI version of the versioned capsules this module produces.
 DLPACK_VERSION: tuple[int, int] = (1, 0)
+
+# DLManagedTensorVersioned.flags bits.
+_FLAG_IS_COPIED = 1 << 1
+
+#: The most dimensions a view may have: NumPy's (NPY_MAXDIMS) and CuPy's limit. NumPy checks
+#: it only after it took the capsule, while its error is pending, so the user saw a SystemError.
+MAX_NDIM = 64
 
 # DLDataTypeCode values.
 _KDL_INT, _KDL_UINT, _KDL_FLOAT, _KDL_COMPLEX, _KDL_BOOL = 0, 1, 2, 5, 6
@@ -207,7 +220,9 @@ class _Export:
 
     __slots__ = ("managed", "shape", "strides", "view", "error", "capsule")
 
-    def __init__(self, managed: ctypes.Structure, shape: Any, strides: Any, view: ArrayView) -> None:
+    def __init__(
+        self, managed: ctypes.Structure, shape: Any, strides: Any, view: ArrayView | _Copy
+    ) -> None:
         self.managed = managed
         self.shape = shape
         self.strides = strides
@@ -360,15 +375,20 @@ _DELETER_ADDRESS = ctypes.cast(_DELETER, ctypes.c_void_p).value
 
 
 def _new_capsule(
-    view: ArrayView,
+    view: ArrayView | _Copy,
     data: int,
     device: tuple[int, int],
     dtype: tuple[int, int, int],
     shape: Sequence[int],
     strides: Sequence[int],
     versioned: bool,
+    flags: int = 0,
 ) -> Any:
-    """Build the managed tensor for `view` and wrap it in a capsule the consumer owns."""
+    """Build the managed tensor for `view` and wrap it in a capsule the consumer owns.
+
+    `view` is what the export keeps alive (an :class:`ArrayView`, or a :class:`_Copy`);
+    `flags` are the versioned capsule's (``DLPACK_FLAG_BITMASK_*``).
+    """
     ndim = len(shape)
     c_shape = (ctypes.c_int64 * max(ndim, 1))(*shape)
     c_strides = (ctypes.c_int64 * max(ndim, 1))(*strides)
@@ -376,7 +396,7 @@ def _new_capsule(
     if versioned:
         managed = DLManagedTensorVersioned()
         managed.version.major, managed.version.minor = DLPACK_VERSION
-        managed.flags = 0  # writable, not a copy
+        managed.flags = flags  # 0: writable, not a copy
         name = _NAME_VERSIONED
     else:
         managed = DLManagedTensor()
@@ -411,6 +431,16 @@ def _new_capsule(
             raise
         _stats["exported"] += 1
     return capsule
+
+
+class _Copy:
+    """What a copying export (``copy=True``) keeps alive: a host array of its own."""
+
+    __slots__ = ("array", "_exports")
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self._exports = 0
 
 
 # ------------------------------------------------------------------------ dtypes
@@ -513,6 +543,15 @@ class ArrayView(NoCopy):
     exist). Constructing one directly is for owners of other memory.
     """
 
+    owner: object
+    device: Device
+    ptr: int
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    _exports: int
+
     def __init__(
         self,
         owner: object,
@@ -548,6 +587,13 @@ class ArrayView(NoCopy):
             dims: tuple[int, ...] = ((avail - off) // item,)
         else:
             dims = _parse_shape(shape)
+            if len(dims) > MAX_NDIM:
+                # NumPy and CuPy refuse more, but only after taking the capsule (their error is
+                # then lost: the user saw a SystemError); refused here, with the reason.
+                raise ValueError(
+                    f"shape must have at most {MAX_NDIM} dimensions (NumPy's and CuPy's limit), "
+                    f"got {len(dims)}"
+                )
         count = 1
         for d in dims:
             count *= d
@@ -570,14 +616,34 @@ class ArrayView(NoCopy):
                 f"span {step} bytes, but DLPack and NumPy shapes and strides must be "
                 f"<= {_INT64_MAX} (2**63 - 1)"
             )
-        self.owner = owner
-        self.device = device
-        self.ptr = base + off
-        self.offset = off
-        self.dtype = dt
-        self.shape = dims
-        self.strides = tuple(reversed(strides))
+        # Set once: the owner's checks (a buffer's shrink and move, a free) and every
+        # export trust them (see __setattr__).
+        init = object.__setattr__
+        init(self, "owner", owner)
+        init(self, "device", device)
+        init(self, "ptr", base + off)
+        init(self, "offset", off)
+        init(self, "dtype", dt)
+        init(self, "shape", dims)
+        init(self, "strides", tuple(reversed(strides)))
         self._exports = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIXED:
+            # `view.shape = (4, 8)` reads like NumPy's in-place reshape, but a view's
+            # range is checked once, when it is made: a new shape would export memory
+            # past it (another allocation's) or shape and strides that disagree.
+            raise AttributeError(
+                f"ArrayView.{name} is read-only: a view's memory, dtype and shape are fixed when "
+                "it is made; make another view (view(dtype, shape, offset)) or reshape the array "
+                "a consumer made from it"
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _FIXED:
+            raise AttributeError(f"ArrayView.{name} is read-only")
+        object.__delattr__(self, name)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -660,41 +726,60 @@ class ArrayView(NoCopy):
             :data:`DLPACK_VERSION`); ``None`` or ``(0, x)`` a legacy
             ``"dltensor"`` capsule.
         dl_device : tuple of int, optional
-            Must equal :meth:`__dlpack_device__` (no cross-device export).
+            :meth:`__dlpack_device__` (or ``None``): the memory itself. ``(1, 0)``
+            (kDLCPU) for a view in CUDA memory: a host copy (not with
+            ``copy=False``). Any other device raises ``BufferError``.
         copy : bool, optional
-            ``True`` is refused (the point is sharing); ``None`` or ``False``
-            share the memory.
+            ``None`` or ``False``: share the memory (``False`` never copies).
+            ``True``: export a host copy of the view's bytes, which the capsule
+            owns (a versioned capsule says so: ``DLPACK_FLAG_BITMASK_IS_COPIED``);
+            for a view in CUDA memory only with ``dl_device=(1, 0)``, as vmmpool
+            allocates no device memory for a copy.
 
         Returns
         -------
         PyCapsule
-            Owns one reference to this view (and so to its owner) until the
-            consumer calls the deleter, or until the capsule is dropped unconsumed.
+            Owns one reference to this view (and so to its owner), or to its
+            copy, until the consumer calls the deleter, or until the capsule is
+            dropped unconsumed.
 
         Raises
         ------
         BufferError
-            A request this export cannot satisfy (copy, another device, stream
-            not allowed here, or a closed owner: then the error is also a
-            :class:`~vmmpool.ClosedError`; or an owner that is asleep: then it
-            is also an :class:`~vmmpool.AsleepError`).
+            A request this export cannot satisfy (another device, a device copy,
+            a copy to the host with ``copy=False``, a stream not allowed here, or
+            a closed owner: then the error is also a :class:`~vmmpool.ClosedError`;
+            or an owner that is asleep: then it is also an :class:`~vmmpool.AsleepError`).
         TypeError
             An argument of the wrong type.
         """
         self._check_owner("an export (__dlpack__)")
+        if isinstance(copy, np.bool_):
+            copy = bool(copy)  # NumPy passes its `copy` argument through as given
         if copy is not None and not isinstance(copy, bool):
-            raise TypeError(f"copy must be None, True or False, got {brief(copy)}")
-        if copy:
-            raise BufferError("copy=True is not supported: views export the memory itself")
-        kind, ordinal = self.__dlpack_device__()
-        if dl_device is not None:
-            want = _parse_dl_device(dl_device)
-            if want != (kind, ordinal):
+            raise TypeError(
+                f"copy must be None, True or False, got {type(copy).__name__} {brief(copy)}"
+            )
+        here = self.__dlpack_device__()
+        target = here if dl_device is None else _parse_dl_device(dl_device)
+        if target != here:
+            if target != (KDL_CPU, 0):
                 raise BufferError(
-                    f"cannot export to dl_device {want}: the memory is on {(kind, ordinal)} "
-                    "and views never copy"
+                    f"cannot export to dl_device {target}: the memory is on {here}, and a view "
+                    "copies only to the host, dl_device (1, 0)"
                 )
-        _check_stream(stream, kind)
+            if copy is False:
+                raise BufferError(
+                    f"cannot export to dl_device {target} with copy=False: the memory is on "
+                    f"{here}, and only a copy reaches the host"
+                )
+            copy = True  # None: "copy if needed" (array API standard)
+        elif copy and here[0] != KDL_CPU:
+            raise BufferError(
+                f"copy=True on {here} is not supported (vmmpool allocates no device memory for "
+                "a copy): pass dl_device=(1, 0) for a host copy, or copy in the consumer"
+            )
+        _check_stream(stream, target[0])
         versioned = False
         if max_version is not None:
             if (
@@ -706,19 +791,49 @@ class ArrayView(NoCopy):
             ):
                 raise TypeError(
                     "max_version must be a (major, minor) tuple of two ints >= 0 such as "
-                    f"(1, 0), or None, got {type(max_version).__name__} {brief(max_version)}"
+                    f"(1, 0), or None, got {_brief_items(max_version)}"
                 )
             versioned = max_version[0] >= 1
         item = self.dtype.itemsize
-        return _new_capsule(
-            self,
-            self.ptr,
-            (kind, ordinal),
-            dlpack_dtype(self.dtype),
-            self.shape,
-            [s // item for s in self.strides],
-            versioned,
-        )
+        strides = [s // item for s in self.strides]
+        code = dlpack_dtype(self.dtype)
+        if copy:
+            # Read now (synchronous): the capsule owns bytes of its own, in host memory.
+            n = self.nbytes
+            raw = self.device.read(self.ptr, n) if n else bytearray(0)
+            arr = np.frombuffer(raw, dtype=self.dtype, count=self.size).reshape(self.shape)
+            return _new_capsule(
+                _Copy(arr),
+                arr.ctypes.data,
+                (KDL_CPU, 0),
+                code,
+                self.shape,
+                strides,
+                versioned,
+                _FLAG_IS_COPIED if versioned else 0,
+            )
+        return _new_capsule(self, self.ptr, here, code, self.shape, strides, versioned)
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
+        """``numpy.asarray(view)``. NumPy reads :attr:`__array_interface__` first (host memory);
+        this is what it falls back on for a view in CUDA memory, which it cannot read: a
+        ``TypeError`` naming the consumers that can (NumPy would otherwise make a 0-d
+        object array holding the view)."""
+        if not self.device.is_host:
+            raise TypeError(
+                f"numpy.asarray(ArrayView) needs host memory, but this view is on {self.device}: "
+                "use cupy.from_dlpack(view) or torch.from_dlpack(view), or "
+                "numpy.from_dlpack(view, device='cpu') for a host copy"
+            )
+        arr = np.from_dlpack(self)
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"numpy.asarray(ArrayView, dtype={np.dtype(dtype)}, copy=False): the view is "
+                    f"{arr.dtype} and a cast copies"
+                )
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
 
     # -------------------------------------------------------- array interfaces
     def _interface(self, name: str) -> dict[str, Any]:
@@ -766,6 +881,9 @@ class ArrayView(NoCopy):
 
 _INT64_MAX = (1 << 63) - 1
 
+#: ArrayView attributes fixed at construction (ArrayView.__setattr__).
+_FIXED = frozenset(("owner", "device", "ptr", "offset", "dtype", "shape", "strides"))
+
 
 def _parse_shape(shape: object) -> tuple[int, ...]:
     """A view's shape: an int (1-D) or a sequence (or 1-D NumPy array) of ints >= 0."""
@@ -782,6 +900,16 @@ def _parse_shape(shape: object) -> tuple[int, ...]:
     if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
         raise TypeError(f"shape must be an int or a sequence of ints, got {brief(shape)}")
     return tuple(check_int("shape entry", d) for d in seq)
+
+
+def _brief_items(value: object) -> str:
+    """`brief` of a short tuple or list with its items shown (``tuple (-1, 0)``), else `brief`."""
+    if isinstance(value, (tuple, list)) and len(value) <= 4:
+        inner = ", ".join(brief(v) for v in value)
+        if isinstance(value, tuple) and len(value) == 1:
+            inner += ","
+        return f"{type(value).__name__} ({inner})"
+    return f"{type(value).__name__} {brief(value)}"
 
 
 def _parse_dl_device(dl_device: object) -> tuple[int, int]:
@@ -802,7 +930,7 @@ def _parse_dl_device(dl_device: object) -> tuple[int, int]:
         pass
     raise TypeError(
         "dl_device must be a (device_type, device_id) tuple of two ints such as (1, 0), "
-        f"got {type(dl_device).__name__} {brief(dl_device)}"
+        f"got {_brief_items(dl_device)}"
     )
 
 
