@@ -53,7 +53,7 @@ def test_peer_entry_point_accepts_the_snapshot_device(
     seen: list[tuple[Any, ...]] = []
     monkeypatch.setattr(peer_entry, "_peer_main", lambda *a: seen.append(a) or 0)
     assert peer_entry.main(["--peer", "cupy", "t.pickle", "--snapshot-device", "2"]) == 0
-    assert seen == [("cupy", "t.pickle", None, 2)]
+    assert seen == [("cupy", "t.pickle", None, 2, None)]
 
 
 def test_cli_peers_replay_the_rows_device(
@@ -404,8 +404,8 @@ def fake_peers(monkeypatch: pytest.MonkeyPatch, completes: Any) -> list[int | No
 
     limits: list[int | None] = []
 
-    def run(peer: str, path: str, limit: int | None, timeout: float, device: int | None = None
-            ) -> dict[str, Any]:
+    def run(peer: str, path: str, limit: int | None, timeout: float, device: int | None = None,
+            max_bytes: int | None = None) -> dict[str, Any]:
         limits.append(limit)
         return {"completed": completes(limit), "peak_reserved": 10 * MiB, "peak_allocated": MiB,
                 "wall_s": 0.0}
@@ -455,3 +455,104 @@ def test_table_has_no_ratios_for_a_replay_that_ran_out_of_memory(
         assert row[head.index(col):].split()[0] == "-"
     (rec,) = json.loads(out.read_text())["traces"]
     assert rec["vmmpool"]["peak_in_use"] == MiB and rec["vmmpool"]["completed"] is False
+
+
+# ------------------------------------------- second review: bounds across devices, figures
+def test_an_events_list_shared_by_many_devices_is_bounded_by_the_file_size(tmp_path: Path) -> None:
+    # One list of events, shared through the memo by 100 devices: each device was read on
+    # its own (and bounded alone), so a 40 KB file read 2,000,000 events (10,000x its size
+    # in memory).
+    L = [ev("alloc", BASE, 512), ev("free_requested", BASE, 512)] * 10_000
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [L] * 100}, "shared.pickle")
+    with pytest.raises(R.TraceError, match=r"shared\.pickle: refused: the snapshot lists more than"):
+        R.load(p)
+    assert main(["replay", str(p)]) == 2
+
+
+def test_many_devices_each_walking_every_segment_is_refused(tmp_path: Path) -> None:
+    # 1,000 devices x 1,000 (shared) segments: each device's read walked every segment, so
+    # reading took time quadratic in the file's size.
+    seg = {"device": 99, "address": 0, "total_size": 0, "blocks": []}
+    data = {"segments": [seg] * 1000, "device_traces": [[ev("alloc", BASE, 512)]] * 1000}
+    p = write_pickle(tmp_path, data, "quad.pickle")
+    with pytest.raises(R.TraceError, match=r"read for 1000 devices"):
+        R._load._load_devices(p)
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [[]] * 2000}, "devs.pickle")
+    with pytest.raises(R.TraceError, match=r"lists 2,000 devices, more than 1024"):
+        R.load(p)
+
+
+def test_a_device_past_device_traces_with_live_blocks_is_read(tmp_path: Path) -> None:
+    # device_traces shorter than the segments' devices: the default device (the first with
+    # live blocks) was chosen, then refused as "not in the snapshot".
+    blocks = [{"address": BASE, "size": 2 * MiB, "requested_size": MiB, "state": "active_allocated"}]
+    seg = {"device": 1, "address": BASE, "total_size": 2 * MiB, "stream": 0, "blocks": blocks}
+    p = write_pickle(tmp_path, {"segments": [seg], "device_traces": []}, "d1.pickle")
+    tr = R.load(p)
+    assert tr.device == 1 and tr.n_prelude == 1 and tr.peak_live == MiB
+    assert R.load(p, 1).peak_live == MiB
+    with pytest.raises(R.TraceError, match="device 2 not in the snapshot"):
+        R.load(p, 2)
+
+
+def test_a_block_freed_before_any_alloc_counts_512_byte_rounded(tmp_path: Path) -> None:
+    # PyTorch rounds every request to 512 bytes; a prelude block known only from its free
+    # was counted at its requested bytes in the recorded peak allocated (612, not 1024).
+    events = [ev("alloc", BASE, 100), ev("free_requested", BASE + MiB, 100)]
+    data = {"segments": [], "device_traces": [events]}
+    tr = R.load(write_pickle(tmp_path, data))
+    assert tr.n_prelude == 1 and tr.peak_live == 200
+    assert tr.recorded_peak_allocated == 1024
+
+
+def test_the_peers_read_the_trace_with_the_clis_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `replay --max-trace-bytes` raised the bound for the CLI only: peer_replays re-read the
+    # file with the default (a TraceError traceback with --min-limit) and so did each peer.
+    import vmmpool.replay._trace as trace_mod
+
+    argv, _env = R.peer_command("cupy", tmp_path / "t.pickle", None, None, 5 * MiB)
+    assert argv[-2:] == ["--max-trace-bytes", str(5 * MiB)]
+    p = write_pickle(tmp_path, {"segments": [], "device_traces": [[ev("alloc", BASE, MiB)]]})
+    monkeypatch.setattr(trace_mod, "MAX_TRACE_BYTES", 16)  # this file is over the default
+    limits = fake_peers(monkeypatch, lambda limit: True)
+    assert main(["replay", str(p), "--min-limit", "--max-trace-bytes", "1MiB"]) == 0
+    assert limits and "skipped" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("events, n_slots, pattern", [
+    (((False, 0, 10, 0),), 0, "event 0: an allocation in slot 0, but the trace has no slots"),
+    (((True, 0, 10, 0),), 1, "event 0: a free of slot 0, which is not live"),
+    (((False, 0, 10, 0), (True, 0, 10, 0), (True, 0, 10, 0)), 1,
+     "event 2: a free of slot 0, which is not live"),
+    (((False, 0, 10, 0), (False, 0, 10, 0)), 1, "event 1: an allocation in slot 0, which is still live"),
+])
+def test_a_hand_built_trace_whose_slots_do_not_add_up_is_a_trace_error(
+    events: tuple[tuple[bool, int, int, int], ...], n_slots: int, pattern: str
+) -> None:
+    # An IndexError, an AttributeError on None, or a live allocation silently dropped.
+    dev = R._engine.Device.emulated(64 * MiB)
+    tr = R.Trace("hand", events, n_slots=n_slots, n_prelude=0, streams=(0,))
+    with pytest.raises(R.TraceError, match=f"hand: {pattern}"):
+        R.replay(tr, dev)
+    assert dev.counters().live == (0, 0, 0)
+
+
+def test_the_default_device_has_pages_for_every_stream() -> None:
+    # 600 streams of one 512-byte block each: a page each, 600 pages, more than the 1 GiB
+    # (512 pages) the default device had: "out of memory" at the default limit.
+    events = [ev("alloc", BASE + 512 * i, 512, 0x10000 + i) for i in range(600)]
+    tr = R.snapshot_to_trace({"segments": [], "device_traces": [events]})
+    assert R.emulated_capacity(tr) >= 600 * 8 * 2 * MiB
+    assert R.replay(tr).completed
+
+
+def test_csv_blank_lines_before_the_header(tmp_path: Path) -> None:
+    # The format was sniffed past leading whitespace, then the reader said "got an empty file".
+    p = tmp_path / "b.csv"
+    p.write_text("\n  \nThread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,16,0x0\n1,0,free,0x10\n")
+    with pytest.raises(R.TraceError, match=r"b\.csv: line 5: expected 6 fields"):
+        R.load(p)
+    p.write_text("\n  \nThread,Time,Action,Pointer,Size,Stream\n1,0,allocate,0x10,16,0x0\n")
+    assert R.load(p).events == ((False, 0, 16, 0),)

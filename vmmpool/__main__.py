@@ -153,7 +153,8 @@ def replay_main(argv: list[str] | None = None, out: TextIO | None = None) -> int
         if not res.completed:
             status = max(status, 1)
         peers = (
-            R.peer_replays(path, search=args.min_limit, device=tr.device)
+            R.peer_replays(path, search=args.min_limit, device=tr.device,
+                           max_bytes=args.max_trace_bytes)
             if device is None or not device.is_host else []
         )
         records.append(R.record(tr, res, mn, peers))

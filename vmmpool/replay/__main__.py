@@ -1,5 +1,5 @@
 """The peer subprocess: ``python -m vmmpool.replay --peer NAME TRACE [--limit BYTES]
-[--snapshot-device N]`` (see :func:`vmmpool.replay.peer_replays`)."""
+[--snapshot-device N] [--max-trace-bytes BYTES]`` (see :func:`vmmpool.replay.peer_replays`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("trace")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--snapshot-device", type=int, default=None)
+    ap.add_argument("--max-trace-bytes", type=int, default=None)
     a = ap.parse_args(argv)
-    return _peer_main(a.peer, a.trace, a.limit, a.snapshot_device)
+    return _peer_main(a.peer, a.trace, a.limit, a.snapshot_device, a.max_trace_bytes)
 
 
 if __name__ == "__main__":  # pragma: no cover - the peer subprocess

@@ -116,16 +116,20 @@ def _csv_rows(name: str, rows: Any, cut_line: int) -> Trace:
     allocated are found on the way and allocated first, as the prelude.
     """
     header = next(rows, None)
+    # Blank lines before the header (the format sniffing skips leading whitespace too).
+    while header is not None and not any(h.strip() for h in header):
+        header = next(rows, None)
     fields = tuple(h.strip() for h in header[:6]) if header else ()
+    got = "an empty file" if rows.line_num == 0 else "only blank lines"
     if fields == CSV_HEADER:
         c = 0  # the column of Time; Action, Pointer, Size and Stream follow
     elif fields[:5] == CSV_HEADER_NO_THREAD:
         c = -1
     else:
         raise TraceError(
-            f"{name}: line 1: expected the header {','.join(CSV_HEADER)} (or, before RMM 0.15, "
-            f"{','.join(CSV_HEADER_NO_THREAD)}), got "
-            f"{_cut(','.join(header), 80) if header else 'an empty file'}"
+            f"{name}: line {max(rows.line_num, 1)}: expected the header {','.join(CSV_HEADER)} "
+            f"(or, before RMM 0.15, {','.join(CSV_HEADER_NO_THREAD)}), got "
+            f"{_cut(','.join(header), 80) if header else got}"
         )
     width = 6 + c
     # Parsed events, compact (a raw row costs ten times more): kind 0 alloc, 1 free.

@@ -24,6 +24,9 @@ _GIB = 1 << 30
 #: Largest emulated device replay makes (1 TiB: far beyond any GPU, far below what the
 #: emulator's bookkeeping can map in seconds).
 _EMULATOR_MAX = 1 << 40
+#: Pages of the default emulated device for each stream of a trace: a stream's blocks never
+#: share a page with another stream's, and each keeps a few cached pages of its own.
+_PAGES_PER_STREAM = 8
 
 
 @dataclass
@@ -119,10 +122,12 @@ class ReplayResult:
 def emulated_capacity(trace: Trace, page_size: int = 2 << 20) -> int:
     """Capacity of the host-emulated device :func:`replay` makes for `trace`.
 
-    Twice the trace's peak live bytes plus 1 GiB, in whole GiB: room for any
-    reasonable pool overhead (memfd pages are committed only when touched).
+    Twice the trace's peak live bytes plus 1 GiB (or, when more, 8 pages for
+    each of its streams: every stream holds pages of its own), in whole GiB:
+    room for any reasonable pool overhead (memfd pages are committed only when
+    touched).
     """
-    want = 2 * trace.peak_live + _GIB
+    want = 2 * trace.peak_live + max(_GIB, _PAGES_PER_STREAM * page_size * len(trace.streams))
     gib = -(-want // _GIB) * _GIB
     cap = -(-gib // page_size) * page_size
     if cap > _EMULATOR_MAX:
@@ -280,11 +285,16 @@ def run_events(
     i = 0
     try:
         for i, (is_free, slot, nbytes, stream) in enumerate(events):
+            h = handles[slot] if 0 <= slot < len(handles) else _NO_SLOT
             if is_free:
-                handles[slot].free()
+                if h is None or h is _NO_SLOT:
+                    raise _bad_event(tr, i, slot, "a free of", h)
+                h.free()
                 handles[slot] = None
                 live -= nbytes
             else:
+                if h is not None:
+                    raise _bad_event(tr, i, slot, "an allocation in", h)
                 handles[slot] = malloc(nbytes, stream)
                 live += nbytes
             if i == at:
@@ -293,6 +303,19 @@ def run_events(
     except OutOfMemoryError as e:
         return i, str(e)
     return len(events), None
+
+
+#: What :func:`run_events` sees for a slot outside ``0 .. n_slots - 1``.
+_NO_SLOT: Any = object()
+
+
+def _bad_event(tr: Trace, i: int, slot: int, what: str, h: Any) -> TraceError:
+    """The error for event `i` of a trace built by hand whose slots do not add up."""
+    if h is _NO_SLOT:
+        why = f"not in 0..{tr.n_slots - 1}" if tr.n_slots > 0 else "but the trace has no slots"
+    else:
+        why = "which is not live" if h is None else "which is still live"
+    return TraceError(f"{tr.name}: event {i}: {what} slot {slot!r}, {why}")
 
 
 def _replay_on(

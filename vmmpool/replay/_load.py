@@ -74,6 +74,8 @@ def _load_devices(
     if not first.devices:  # no events (history was not recorded): each device's live blocks
         segments = data["segments"] if isinstance(data, dict) else []
         others = [d for d in _snapshot._segment_devices(segments, True) if d != first.device]
+    if others:  # each device read walks every segment again
+        _snapshot._check_items(name, data["segments"], data["device_traces"], size, 1 + len(others))
     return [first, *(_snapshot.snapshot_to_trace(data, name, d, max_items=size) for d in others)]
 
 

@@ -64,12 +64,13 @@ class PeerResult:
 
 def peer_command(
     peer: str, trace_path: str | os.PathLike[str], limit: int | None = None,
-    device: int | None = None,
+    device: int | None = None, max_bytes: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The subprocess command line and environment that replay through `peer`.
 
     `device` picks a PyTorch snapshot's device (see :func:`~vmmpool.replay.load`); the peer
-    replays it on its own GPU 0.
+    replays it on its own GPU 0. `max_bytes` is the largest trace file the peer reads
+    (default :data:`~vmmpool.replay.MAX_TRACE_BYTES`).
 
     Returns
     -------
@@ -85,6 +86,8 @@ def peer_command(
         argv += ["--limit", str(int(limit))]
     if device is not None:
         argv += ["--snapshot-device", str(int(device))]
+    if max_bytes is not None:
+        argv += ["--max-trace-bytes", str(int(max_bytes))]
     env = dict(os.environ)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     if peer == "torch-expandable":
@@ -114,9 +117,10 @@ def parse_peer_output(peer: str, stdout: str, returncode: int = 0) -> dict[str, 
 
 
 def _peer_run(
-    peer: str, path: str, limit: int | None, timeout: float, device: int | None = None
+    peer: str, path: str, limit: int | None, timeout: float, device: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
-    argv, env = peer_command(peer, path, limit, device)
+    argv, env = peer_command(peer, path, limit, device, max_bytes)
     proc = subprocess.run(
         argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -137,6 +141,7 @@ def peer_replays(
     search: bool = True,
     timeout: float = 600.0,
     device: int | None = None,
+    max_bytes: int | None = None,
 ) -> list[PeerResult]:
     """Replay a trace file through PyTorch's caching allocator (also on vmmpool) and CuPy's pool.
 
@@ -146,7 +151,8 @@ def peer_replays(
     ``cupy.cuda.MemoryPool.set_limit`` (for ``torch-vmmpool``: the page
     pool's limit). `device` picks a PyTorch snapshot's device, as for
     :func:`~vmmpool.replay.load` (default: the first with events, else with
-    segments). With `search`, the smallest limit at which each completes is
+    segments); `max_bytes` bounds the file, as there (the peers read it with the
+    same bound). With `search`, the smallest limit at which each completes is
     searched by bisection in 2 MiB steps between the peak live bytes and the
     peer's own peak reserved.
 
@@ -163,7 +169,7 @@ def peer_replays(
     reason = gpu_unavailable_reason()
     out = []
     path = os.fspath(trace_path)
-    peak_live = load(path, device).peak_live if search and reason is None else 0
+    peak_live = load(path, device, max_bytes=max_bytes).peak_live if search and reason is None else 0
     for peer in peers:
         if reason is not None:
             out.append(PeerResult(peer, skipped=f"no CUDA GPU ({reason})"))
@@ -175,7 +181,7 @@ def peer_replays(
             out.append(PeerResult(peer, skipped=f"{mod} is not installed"))
             continue
         try:
-            r = _peer_run(peer, path, None, timeout, device)
+            r = _peer_run(peer, path, None, timeout, device, max_bytes)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             out.append(PeerResult(peer, skipped=str(e)))
             continue
@@ -188,7 +194,9 @@ def peer_replays(
 
             def done(n: int, peer: str = peer) -> bool:
                 try:
-                    return bool(_peer_run(peer, path, n * _PEER_STEP, timeout, device)["completed"])
+                    return bool(_peer_run(
+                        peer, path, n * _PEER_STEP, timeout, device, max_bytes
+                    )["completed"])
                 except (RuntimeError, subprocess.TimeoutExpired):
                     return False
 
@@ -224,10 +232,11 @@ def _torch_events(torch: Any, tr: Any, handles: list[Any]) -> tuple[bool, float]
 
 
 def _peer_main(
-    peer: str, path: str, limit: int | None, device: int | None = None
+    peer: str, path: str, limit: int | None, device: int | None = None,
+    max_bytes: int | None = None,
 ) -> int:  # pragma: no cover - GPU only
     """Inside the subprocess: replay through one peer, print one result line."""
-    tr = load(path, device)
+    tr = load(path, device, max_bytes=max_bytes)
     handles: list[Any] = [None] * tr.n_slots
     completed = True
     if peer == "cupy":

@@ -16,6 +16,35 @@ __all__ = ["load_snapshot", "snapshot_to_trace"]
 
 #: PyTorch's rounding of every request (for the recorded peak allocated).
 _TORCH_ROUND = 512
+#: Most entries of a snapshot's ``device_traces`` (one per CUDA device of the process that
+#: recorded it; c10's ``DeviceIndex`` is an 8-bit integer): each device with events is a row
+#: read and replayed on its own.
+MAX_SNAPSHOT_DEVICES = 1024
+
+
+def _check_items(
+    name: str, segments: list[Any], traces: list[Any], max_items: int, reads: int = 1
+) -> None:
+    """Refuse a snapshot whose segments and blocks, walked `reads` times (once for each device
+    read), and the events of every device come to more than `max_items` (the file's size:
+    each takes at least a byte unless the pickle's memo repeats it, which a snapshot never
+    does; counted over every device, so that one list of events shared by many devices, or
+    many devices each walking every segment, is refused too)."""
+    n_items = sum(len(t) for t in traces if isinstance(t, list))
+    n_seg = len(segments)
+    for seg in segments:
+        if n_items + reads * n_seg > max_items:
+            break
+        blocks = seg.get("blocks") if isinstance(seg, dict) else None
+        if isinstance(blocks, (list, tuple)):
+            n_seg += len(blocks)
+    if n_items + reads * n_seg > max_items:
+        what = "segments, blocks" if reads == 1 else f"segments and blocks (read for {reads} devices)"
+        raise TraceError(
+            f"{name}: refused: the snapshot lists more than {max_items:,} {what} "
+            f"and events, more than a file of {max_items:,} bytes holds unless it repeats "
+            "them through the pickle's memo (a snapshot never does)"
+        )
 
 
 class _Refused(pickle.UnpicklingError):
@@ -133,10 +162,11 @@ def snapshot_to_trace(
     Parameters
     ----------
     max_items : int, optional
-        Most segments, blocks and events to read (checked before any is read).
-        :func:`load_snapshot` passes the file's size in bytes: a snapshot never
-        shares one of them through the pickle's memo, so each takes at least
-        a byte; a file that lists more shares them, to make the reading long.
+        Most segments, blocks and events (of every device) to read, checked
+        before any is read. :func:`load_snapshot` passes the file's size in
+        bytes: a snapshot never shares one of them through the pickle's memo,
+        so each takes at least a byte; a file that lists more shares them, to
+        make the reading long.
     """
     if not isinstance(data, dict) or "device_traces" not in data or "segments" not in data:
         if isinstance(data, dict):
@@ -153,6 +183,11 @@ def snapshot_to_trace(
     segments = data["segments"]
     if not isinstance(traces, list) or not isinstance(segments, list):
         raise TraceError(f"{name}: 'device_traces' and 'segments' must be lists")
+    if len(traces) > MAX_SNAPSHOT_DEVICES:
+        raise TraceError(
+            f"{name}: refused: 'device_traces' lists {len(traces):,} devices, more than "
+            f"{MAX_SNAPSHOT_DEVICES} (a process sees at most 128 CUDA devices)"
+        )
     with_events = tuple(i for i, t in enumerate(traces) if t)
     explicit = device is not None
     if device is None:
@@ -161,26 +196,16 @@ def snapshot_to_trace(
         device = with_events[0] if with_events else _first_segment_device(segments)
     elif isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int (a CUDA device index), got {type(device).__name__}")
-    if not 0 <= device < max(len(traces), 1):
+    # A device past the end of `device_traces` (a file that lists none, or fewer than its
+    # segments' devices) has no events; it is in the snapshot if its segments are.
+    if not 0 <= device < max(len(traces), 1) and device not in _segment_devices(segments, False):
         have = f"devices 0..{len(traces) - 1}" if traces else "no device traces"
         raise TraceError(f"{name}: device {device} not in the snapshot, which has {have}")
-    events = traces[device] if traces else []
+    events = traces[device] if device < len(traces) else []
     if not isinstance(events, list):
         raise TraceError(f"{name}: device_traces[{device}] must be a list")
     if max_items is not None:
-        n_items = len(segments) + len(events)
-        for seg in segments:
-            if n_items > max_items:
-                break
-            blocks = seg.get("blocks") if isinstance(seg, dict) else None
-            if isinstance(blocks, (list, tuple)):
-                n_items += len(blocks)
-        if n_items > max_items:
-            raise TraceError(
-                f"{name}: refused: the snapshot lists more than {max_items:,} segments, blocks "
-                f"and events, more than a file of {max_items:,} bytes holds unless it repeats "
-                "them through the pickle's memo (a snapshot never does)"
-            )
+        _check_items(name, segments, traces, max_items)
 
     # Final segments and their blocks.
     final_segs: dict[int, int] = {}
@@ -281,7 +306,11 @@ def snapshot_to_trace(
                     f"{name}: event {i}: free_requested of {addr:#x}, which is not live "
                     f"(freed twice, never allocated again)"
                 )
-    prelude: dict[int, tuple[int, int, int]] = {a: (s, s, st) for a, s, st in early}
+    # (requested, block size, stream): a block freed before any alloc of it has no block size
+    # in the file; PyTorch rounds every request to 512 bytes (a free's size is the request's).
+    prelude: dict[int, tuple[int, int, int]] = {
+        a: (s, -(-s // _TORCH_ROUND) * _TORCH_ROUND, st) for a, s, st in early
+    }
     for addr, blk in final_active.items():
         if addr not in live and addr not in prelude:
             prelude[addr] = blk
