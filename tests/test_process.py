@@ -473,8 +473,11 @@ def test_lifetime_objects_refuse_copy_and_pickle(device: vmmpool.Device, how: st
         }
         for obj in objs:
             cls = type(obj).__name__
-            with pytest.raises(TypeError, match=f"^{cls} objects cannot be {done}:"):
+            with pytest.raises(TypeError, match=f"^{cls} objects cannot be {done}:") as err:
                 fn(obj)
+            if how == "pickle" and cls in ("Allocation", "GrowableBuffer"):
+                # Pickling is how objects reach another process: the error says how memory does.
+                assert f"send {cls}.share()'s handle" in str(err.value)
             if how != "copy":  # a shallow copy of a container does not copy its items
                 with pytest.raises(TypeError, match=f"^{cls} objects cannot be {done}:"):
                     fn({"inside": [obj]})
@@ -556,6 +559,132 @@ t.join()
 verify("a child forked while a thread held the sharing locks")
 assert bytes(sm.read(1000)) == pat(6, 1000) and bytes(sbuf.read()) == pat(7, P)
 sm.close(); h.close(); sa.free(); sbuf.close(); spool.close()
+print("OK")
+""")
+    assert out.strip().endswith("OK")
+
+
+def test_forked_child_refuses_with_other_locks_held_by_a_parent_thread() -> None:
+    """The locks the fork hooks did not replace: a reservation's (``access_at`` took it
+    without checking the process), ``vmmpool.torch``'s module lock (a pool the child
+    makes must still get its callbacks) and a ``vmmpool.cupy.MemoryPool``'s."""
+    out = run_script(WORLD + """
+import vmmpool.torch as vt
+try:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import vmmpool.cupy as vc
+    cpool = vc.MemoryPool(device=dev)
+    cpool.malloc(100)
+    cpool_lock = cpool._lock._lock
+except ImportError:
+    cpool = None
+    cpool_lock = threading.RLock()
+counters0 = dev.counters()  # verify() counts the cupy pool's page too
+held = threading.Event()
+done = threading.Event()
+def holder():
+    with res._state.lock, vt._LOCK, cpool_lock:
+        held.set()
+        done.wait()
+t = threading.Thread(target=holder)
+t.start()
+held.wait()
+
+def locked(attempt):
+    attempt("AddressReservation.access_at", lambda: res.access_at(0))
+    def own_pool_callbacks():
+        d2 = vmmpool.Device.emulated(capacity=16 << 20)
+        with vmmpool.PagePool(d2) as p2:
+            assert all(vt.callbacks(p2))
+    attempt("torch callbacks of the child's own pool", own_pool_callbacks, works=True)
+    if cpool is not None:
+        attempt("cupy MemoryPool.close", cpool.close)
+        attempt("cupy MemoryPool.malloc", lambda: cpool.malloc(100))
+
+if fork(locked):
+    os._exit(0)
+done.set()
+t.join()
+verify("a child forked while a thread held the reservation, torch and cupy locks")
+print("OK")
+""")
+    assert out.strip().endswith("OK")
+
+
+def test_forked_child_garbage_collection_never_closes_descriptor_numbers_it_reused() -> None:
+    """A child that closed its inherited descriptors and opened files of its own (a daemon,
+    a worker that sanitises its descriptors) keeps them when the inherited device, share
+    handle, lease and mapping are collected: their safety nets used to close by number."""
+    out = run_script("""
+import gc, os
+import vmmpool
+dev = vmmpool.Device.emulated(capacity=64 << 20)
+P = dev.granularity
+pool = vmmpool.PagePool(dev, shareable=True)
+a = pool.malloc(P)
+h = a.share()
+m = h.open(dev)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.closerange(3, 4096)
+    mine = [os.open(os.devnull, os.O_RDONLY) for _ in range(16)]
+    del a, h, m, pool, dev
+    gc.collect()
+    lost = []
+    for fd in mine:
+        try:
+            os.fstat(fd)
+        except OSError:
+            lost.append(fd)
+    os._exit(0 if not lost else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the child's own descriptors were closed"
+# An untouched child still stops counting as a receiver when it drops its copies.
+pid = os.fork()
+if pid == 0:
+    del h, m
+    gc.collect()
+    os._exit(0)
+os.waitpid(pid, 0)
+m.close(); h.close(); a.free()
+assert pool.stats().allocated_bytes == 0, pool.stats()
+pool.close()
+print("OK")
+""")
+    assert out.strip().endswith("OK")
+
+
+def test_memory_the_parent_releases_is_not_kept_by_a_forked_child() -> None:
+    """The host emulator's memory files are shared with a forked child, whose inherited
+    mappings keep a file alive: memory released by closing its file (a shareable page that
+    was never exported, a chunk closed) stayed committed while the child lived. On a GPU a
+    child holds none of its parent's memory."""
+    out = run_script("""
+import os, signal, time
+import vmmpool
+dev = vmmpool.Device.emulated(capacity=256 << 20)
+P = dev.granularity
+buf = vmmpool.GrowableBuffer(max_size=8 * P, device=dev, initial_size=8 * P, shareable=True)
+buf.write(b"\\x01" * (8 * P))
+fds = [p.fd for p in dev._backend._physical.values()]
+assert len(fds) == 8
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, b"x")
+    time.sleep(60)
+    os._exit(0)
+os.read(r, 1)
+buf.close()
+try:
+    kept = sum(os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512 for fd in fds)
+finally:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+assert kept == 0, f"{kept} bytes the parent released are still committed"
 print("OK")
 """)
     assert out.strip().endswith("OK")

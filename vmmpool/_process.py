@@ -58,9 +58,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _refuse(obj: object, how: str) -> NoReturn:
     name = type(obj).__name__
+    if how == "pickled" and callable(getattr(type(obj), "share", None)):
+        # Pickling is how objects reach another process: say how memory gets there.
+        advice = f"to use its memory in another process, send {name}.share()'s handle"
+    elif how == "pickled":
+        advice = f"use the {name} in the process that made it (or send its bytes)"
+    else:
+        advice = f"pass the {name} itself (or copy its bytes)"
     raise TypeError(
         f"{name} objects cannot be {how}: they own device memory or track its lifetime, and a "
-        f"copy would escape that tracking; pass the {name} itself (or copy its bytes)"
+        f"copy would escape that tracking; {advice}"
     )
 
 

@@ -523,6 +523,8 @@ class AddressReservation(_Closable):
             larger mapping). No driver call.
         """
         off = check_int("offset", offset)
+        # Before the lock: a parent thread may have held it at a fork.
+        self.device._backend.check_process("AddressReservation")
         with self._state.lock:
             rec = self._state.records.get(off)
             return None if rec is None else rec.access

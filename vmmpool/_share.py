@@ -62,6 +62,45 @@ def _close_fds(fds: list[int]) -> None:
             pass
 
 
+def _fd_ids(fds: list[int]) -> list[tuple[int, int] | None]:
+    """What each descriptor of `fds` refers to now (device and inode; None when closed)."""
+    out: list[tuple[int, int] | None] = []
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino))
+    return out
+
+
+def _close_same_fds(fds: list[int], ids: list[tuple[int, int] | None]) -> None:
+    """In a forked child: close the descriptors of `fds` that still refer to what they did at
+    the fork, and empty the list.
+
+    The child may have closed its inherited descriptors and reused their numbers for files
+    of its own (a daemon, a worker that sanitises its descriptors): closing by number from
+    a finalizer would close those.
+    """
+    want = dict(zip(fds, ids, strict=False))
+    while fds:
+        fd = fds.pop()
+        ident = want.get(fd)
+        if ident is not None and _fd_ids([fd])[0] == ident:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _guard_fds_in_child(obj: Any, fds: list[int]) -> None:
+    """In a forked child (the fork hook): make `obj`'s safety net close `fds` only while each
+    still refers to what it did at the fork (see :func:`_close_same_fds`)."""
+    if obj._fin.detach() is not None:
+        obj._fin = safety_finalizer(obj, _close_same_fds, fds, _fd_ids(fds))
+
+
 def not_shareable(what: str) -> ValueError:
     """The error of ``share()`` on memory that was not created shareable."""
     return ValueError(
@@ -118,6 +157,11 @@ class Lease:
         self._fin = safety_finalizer(self, _close_fds, self._fds)
         #: The write end: owned by the handle made with this lease.
         self.writer = w
+        track(self)
+
+    def _forked(self) -> None:
+        """In a forked child: never close a descriptor number the child may have reused."""
+        _guard_fds_in_child(self, self._fds)
 
     def done(self) -> bool:
         """True once every handle and mapping of this share is closed, everywhere."""
@@ -137,8 +181,7 @@ class Lease:
 
     def close(self) -> None:
         """Close the read end (idempotent)."""
-        _close_fds(self._fds)
-        self._fin.detach()
+        self._fin()  # its safety net's work (in a forked child, the guarded one)
 
     def ended(self) -> bool:
         """:meth:`done`, and then the read end closed (the owner needs it no more)."""
@@ -311,8 +354,10 @@ class SharedMemoryHandle(ClosesOnExit):
         return self
 
     def _forked(self) -> None:
-        """In a forked child: a new lock (a parent thread may have held this one at the fork)."""
+        """In a forked child: a new lock (a parent thread may have held this one at the fork),
+        and a safety net that never closes a descriptor number the child reused."""
         self._lock = OpLock()
+        _guard_fds_in_child(self, self._fds)
 
     @classmethod
     def _make(
@@ -458,9 +503,7 @@ class SharedMemoryHandle(ClosesOnExit):
                 self._lock.defer(self.close)
             return
         with self._lock:
-            if self._fin.alive:
-                _close_fds(self._fds)
-                self._fin.detach()
+            self._fin()  # closes the descriptors once (in a forked child, the guarded way)
 
     def __enter__(self) -> SharedMemoryHandle:
         self._check_open()
@@ -522,6 +565,12 @@ class SharedMapping(ClosesOnExit):
         self._fin = safety_finalizer(
             self, _unmap, res, self._lease, self._pid, backend=device._backend
         )
+        track(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the safety net only closes the lease copy, and only while its
+        number still refers to it (the child may have reused the number)."""
+        _guard_fds_in_child(self, self._lease)
 
     @property
     def closed(self) -> bool:

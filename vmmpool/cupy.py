@@ -35,7 +35,7 @@ from ._device import Device, DeviceLike
 from ._errors import ClosedError, ForkedError, OutOfMemoryError
 from ._options import brief, check_int
 from ._pool import PagePool, PoolStats
-from ._process import NoCopy
+from ._process import NoCopy, track
 from ._resources import OpLock
 from ._sizes import EXAMPLES, parse_fraction, parse_size
 
@@ -181,6 +181,14 @@ class MemoryPool(NoCopy):
         self._lock = OpLock()
         #: Page pools whose close() failed: the next close() resumes them.
         self._closing: list[PagePool] = []
+        track(self)  # a forked child gets a lock of its own
+
+    def _forked(self) -> None:
+        """In a forked child: a new lock (a parent thread may have held this one at the fork).
+
+        The page pools stay: they are the parent's and refuse use (``ForkedError``).
+        """
+        self._lock = OpLock()
 
     # ------------------------------------------------------------ devices
     def _current(self) -> tuple[int, Device]:

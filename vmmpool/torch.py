@@ -236,6 +236,16 @@ _BY_POOL: weakref.WeakKeyDictionary[PagePool, _Pair] = weakref.WeakKeyDictionary
 _LOCK = threading.Lock()
 
 
+def _new_lock_in_child() -> None:
+    # After os.fork(), in the child: a parent thread may have held the lock at the fork,
+    # and the child's own pools must still get their callbacks (issue 17).
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _pair(pool: PagePool) -> _Pair:
     if not isinstance(pool, PagePool):
         raise TypeError(f"pool must be a vmmpool.PagePool, got {type(pool).__name__}")

@@ -242,7 +242,9 @@ class _Chunk:
 
 
 class _Physical:
-    __slots__ = ("fd", "offset", "chunk", "size", "refs", "mapped", "exportable", "charged")
+    __slots__ = (
+        "fd", "offset", "chunk", "size", "refs", "mapped", "exportable", "charged", "exported"
+    )
 
     def __init__(
         self,
@@ -261,6 +263,8 @@ class _Physical:
         self.mapped = 0
         self.exportable = exportable
         self.charged = charged
+        #: An fd was handed out (export_fd): another process may hold the memory.
+        self.exported = False
 
 
 class _Mapped:
@@ -406,6 +410,16 @@ class HostBackend(Backend):
         self._finalizer = weakref.finalize(self, _close_files, self._chunks, self._physical)
         self._finalizer.atexit = False
 
+    def _forked(self) -> None:
+        """In a forked child: refuse everything, and never close the memory files.
+
+        The descriptors are the child's copies, but the child may have closed them and
+        reused their numbers for files of its own: closing them by number from the safety
+        net would close the child's files. They go when the child exits.
+        """
+        super()._forked()
+        self._finalizer.detach()
+
     # ------------------------------------------------------------- helpers
     def _fail(self, op: str, what: str, requested: int = 0) -> Exception:
         """The driver's error for the OS call `what` that just failed (errno)."""
@@ -440,6 +454,11 @@ class HostBackend(Backend):
         if p.refs == 0 and p.mapped == 0:
             del self._physical[handle]
             if p.chunk is None:
+                if p.charged and not p.exported:
+                    # Nobody else may hold this memory (never exported): give it back now.
+                    # Closing the file alone left it to a forked child's inherited mappings
+                    # (they keep the file), committed for as long as the child lived.
+                    _fallocate(p.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, p.size)
                 os.close(p.fd)
             else:
                 self._give_slot(p.chunk, p.offset, p.size)
@@ -451,15 +470,15 @@ class HostBackend(Backend):
         """Return a slot; its memory goes back to the OS (a hole is punched)."""
         chunk.give(offset, size)
         self._nonfull[chunk] = None
+        # Releasing never fails: a hole that cannot be punched (it cannot on
+        # memfds) only keeps the memory until the slot is reused. Punched also when the
+        # chunk is closed next: a forked child's inherited mappings keep the file.
+        _fallocate(chunk.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size)
         if chunk.empty:
             self._empties[chunk] = None
             if len(self._empties) > 1 or self._closed:
                 # Keep one empty chunk for the next create (none once closed); close the others.
                 self._forget_chunk(chunk)
-                return
-        # Releasing never fails: a hole that cannot be punched (it cannot on
-        # memfds) only keeps the memory until the slot is reused.
-        _fallocate(chunk.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size)
 
     def _forget_chunk(self, chunk: _Chunk) -> None:
         self._chunks.remove(chunk)
@@ -759,9 +778,11 @@ class HostBackend(Backend):
                     "allocation was not created exportable (request the posix_fd handle type)",
                 )
             try:
-                return os.dup(p.fd)
+                fd = os.dup(p.fd)
             except OSError as exc:
                 raise self._from_oserror("export_fd", "dup", exc) from None
+            p.exported = True
+            return fd
 
     def import_fd(self, fd: int) -> int:
         self._enter("import_fd")
