@@ -74,3 +74,20 @@ def test_cuda_libraries_consume_a_pool_allocation(cuda: vmmpool.Device) -> None:
         del x
         gc.collect()
         a.free()
+
+
+def test_a_view_covers_the_block_even_after_ptr_or_size_is_assigned(device: Device) -> None:
+    # Allocation.ptr and .size are plain attributes; view() trusted them, so after
+    # `a.size = 4096` a view exported (and writes through it reached) the next block.
+    with PagePool(device, limit=8 * device.granularity) as pool:
+        a = pool.malloc(16)
+        b = pool.malloc(16)
+        where = a.ptr
+        a.size = 1 << 20
+        a.ptr = b.ptr
+        v = a.view()
+        assert (v.ptr, v.nbytes) == (where, 16)
+        del v
+        a.ptr, a.size = where, 16
+        a.free()
+        b.free()

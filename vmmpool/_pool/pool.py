@@ -333,7 +333,12 @@ class Allocation(NoCopy):
             raise core.closed_error()
         if self.freed:
             raise ValueError(f"allocation at {self.ptr:#x} was freed; it has no views")
-        v = ArrayView(self, self.device, self.ptr, self.size, dtype, shape, offset)
+        ref = self._ref
+        assert ref is not None
+        rec = ref.rec
+        # The block's own address and size, not the attributes (a caller may assign them:
+        # a view past the block would export, and let free() release, another's bytes).
+        v = ArrayView(self, self.device, rec.addr, rec.nbytes, dtype, shape, offset)
         views = self._views
         if views is None:
             # Made lazily (a set per malloc would cost the hot path), but never
@@ -409,14 +414,15 @@ class Allocation(NoCopy):
             arena = rec.arena
             P = core.P
             first = (rec.addr - arena.base) // P
-            last = (rec.addr + max(self.size, 1) - 1 - arena.base) // P
+            size = rec.nbytes  # the block's, not the attribute (a caller may assign it)
+            last = (rec.addr + max(size, 1) - 1 - arena.base) // P
             pages = []
             for s in range(first, last + 1):
                 page = arena.slots[s]
                 assert page is not None, "a live block lies on an unmapped slot"
                 pages.append(page.phys)
             handle, lease = SharedMemoryHandle._make(
-                self.device, "Allocation", pages, self.size, rec.addr - arena.base - first * P, P
+                self.device, "Allocation", pages, size, rec.addr - arena.base - first * P, P
             )
             pool._shares.add(rec, self, lease)
         return handle
