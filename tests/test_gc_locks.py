@@ -801,3 +801,197 @@ def test_user_del_freeing_collected_right_after_a_locked_call_took_the_lock() ->
         print("ok")
     """, timeout=60)
     assert "ok" in out
+
+
+# A collection forced at one point of a pool's locked section: Core.stream() of a new stream
+# (malloc runs it under the lock; any allocation there may run the garbage collector).
+_GC_IN_POOL_LOCK = """
+import vmmpool._pool._core as C
+def collect_inside_the_pool_lock(pool, key):
+    fired = []
+    orig = C.Core.stream
+    def stream(self, k):
+        if not fired:
+            fired.append(1)
+            assert self.lock.locked() and not dev._backend.in_call()
+            gc.collect()
+        return orig(self, k)
+    C.Core.stream = stream
+    try:
+        return pool.malloc(1000, stream=key)
+    finally:
+        C.Core.stream = orig
+lost = []
+sys.unraisablehook = lambda u: lost.append(repr(u.exc_value))
+"""
+
+
+def test_buffer_closed_by_a_finalizer_inside_its_pools_lock_is_freed_by_the_next_call() -> None:
+    """A user's __del__ closing a pooled buffer (referenced elsewhere too), collected inside
+    the pool's locked section: close() raised ReentryError (lost in __del__) and the buffer
+    said closed while its page stayed acquired until it was collected."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+pool = vmmpool.PagePool(dev, limit=32 * P)
+class Owner:
+    def __init__(self, buf):
+        self.buf = buf
+        self.me = self
+    def __del__(self):
+        self.buf.close()
+keep = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=P)
+gc.disable()
+Owner(keep)
+a = collect_inside_the_pool_lock(pool, 7)
+gc.enable()
+assert not lost, lost
+assert keep.closed
+assert pool.stats().acquired_pages == 0  # the next call freed it
+a.free()
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_buffer_closed_inside_its_pools_lock_while_another_thread_resizes_it() -> None:
+    """Thread A holds the pool's lock (not in a driver call) when a finalizer closes buffer X;
+    thread B holds X's lock in a resize that waits for the pool's lock: close() waited for
+    X's lock (a deadlock). It is deferred to the pool's next call instead."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+pool = vmmpool.PagePool(dev, limit=32 * P)
+X = vmmpool.GrowableBuffer(max_size=8 * P, pool=pool, initial_size=P)
+started = []
+class Owner:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        B = threading.Thread(target=X.resize, args=(4 * P,))
+        B.start()
+        started.append(B)
+        time.sleep(0.3)  # B holds X's lock and waits for the pool's
+        X.close()
+gc.disable()
+Owner()
+a = collect_inside_the_pool_lock(pool, 7)
+gc.enable()
+for t in started:
+    t.join()
+assert not lost, lost
+assert X.closed
+assert pool.stats().acquired_pages == 0
+a.free()
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_pool_closed_by_a_finalizer_inside_its_own_lock_closes_as_the_holder_lets_go() -> None:
+    """A user's __del__ closing a pool, collected inside that pool's locked section (not in a
+    driver call): close() raised ReentryError (lost in __del__) and the pool stayed open."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+pool = vmmpool.PagePool(dev, limit=32 * P)
+pool.malloc(3 * P).free()
+class Owner:
+    def __init__(self, pool):
+        self.pool = pool
+        self.me = self
+    def __del__(self):
+        self.pool.close()
+gc.disable()
+Owner(pool)
+collect_inside_the_pool_lock(pool, 7)
+gc.enable()
+assert not lost, lost
+assert pool.closed
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_shareable_free_from_a_finalizer_inside_the_leases_lock() -> None:
+    """Thread A is in Shares.done() (the leases' lock, from stats()) when a finalizer frees a
+    shareable allocation: free() waited for the pool's lock, held by thread B's free() of a
+    leased allocation, which waits for the leases' lock (a deadlock). Deferred instead."""
+    out = run_script("""
+from vmmpool import _share
+pool = vmmpool.PagePool(dev, shareable=True)
+a1 = pool.malloc(1000); h1 = a1.share()
+b = pool.malloc(1000); hb = b.share()
+started = []
+class Req:
+    def __init__(self, a):
+        self.a = a
+        self.me = self
+    def __del__(self):
+        t = threading.Thread(target=b.free)  # B: the pool's lock, then the leases'
+        t.start()
+        started.append(t)
+        time.sleep(0.3)
+        self.a.free()
+gc.disable()
+Req(pool.malloc(2000))
+fired = []
+orig = _share.Lease.ended
+def ended(self):
+    if not fired:
+        fired.append(1)
+        gc.collect()  # as an allocation in done()'s comprehension may
+    return orig(self)
+_share.Lease.ended = ended
+pool.stats()
+_share.Lease.ended = orig
+gc.enable()
+for t in started:
+    t.join()
+assert b.freed
+assert pool.stats().live_allocations == 2  # a1, and b (leased); Req's was freed
+h1.close(); hb.close(); a1.free()
+pool.stats()
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_free_from_a_signal_handler_between_taking_the_lock_and_noting_the_owner() -> None:
+    """A signal handler that frees, run right after a pool call's lock.acquire(False) and
+    before it notes its owner: free() saw no owner and waited for its own thread. Forced:
+    the handler runs from inside the lock's acquire (a wrapper lock) of a malloc."""
+    out = run_script("""
+import signal
+pool = vmmpool.PagePool(dev)
+core = pool._core
+victim = pool.malloc(100)
+class Lock:
+    def __init__(self):
+        self.inner = threading.Lock()
+        self.armed = False
+    def acquire(self, blocking=True, timeout=-1):
+        got = self.inner.acquire(blocking, timeout)
+        if got and self.armed:
+            self.armed = False
+            assert core.owner == 0
+            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs before acquire returns
+        return got
+    def release(self):
+        self.inner.release()
+    def locked(self):
+        return self.inner.locked()
+import os
+signal.signal(signal.SIGUSR1, lambda *a: victim.free())
+core.lock = Lock()
+core.lock.armed = True
+a = pool.malloc(200)
+assert victim.freed
+core.lock = threading.Lock()
+a.free()
+assert pool.stats().live_allocations == 0
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=30)
+    assert "live (0, 0, 0)" in out, out

@@ -224,9 +224,13 @@ def test_a_thread_that_held_the_pool_lock_before_is_not_taken_for_a_reentry(call
             elif call == "malloc":
                 pool.malloc(5 * P).free()  # the slow path
             else:
+                # Done, or (in the window where the holder noted no owner, which may be this
+                # thread interrupted by a signal handler) queued for the holder: never an error.
                 a.free()
-                assert core.n_live == 0 and not core.pending  # done, not queued
         finally:
             go.set()
             t.join()
+        if call == "free":
+            pool.stats()  # (the raw holder above let go without settling: a real one settles)
+            assert core.n_live == 0 and not core.pending
         pool._check()

@@ -1676,6 +1676,17 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             if self._fin.alive:
                 self._lock.defer(self._close_after_operation)
             return
+        held_here = getattr(self._state.pool, "_held_here", None)
+        if held_here is not None and self._fin.alive and held_here():
+            # A finalizer that interrupted this thread inside its pool's locked section (the
+            # garbage collector runs at any allocation there): giving the pages back there
+            # raised ReentryError (lost in __del__, the pages kept until the buffer died), and
+            # waiting for this buffer's lock deadlocked with a thread that holds it while it
+            # waits for the pool's (a resize). Closed for use now, freed by the pool's next
+            # call (as the safety net of a collected buffer is).
+            self._closed = True
+            self._state.pool._defer(self._close_after_operation)  # type: ignore[union-attr]
+            return
         backend = self._state.device._backend
         if backend.in_call():
             # A finalizer inside a backend call of this thread: another thread may hold this

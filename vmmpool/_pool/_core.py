@@ -101,6 +101,7 @@ REFUSED_MAX_WAIT = 64
 _SHIFT = ALIGNMENT.bit_length() - 1
 
 _ident = threading.get_ident
+
 _T = TypeVar("_T")
 
 
@@ -1714,6 +1715,16 @@ class Core:
             if self.backend.in_call():
                 self.queue_free(ref)
                 self.settle()  # the holder may have let go meanwhile
+                return False
+            if not self.owner:
+                # No owner noted while the lock is busy: its holder is between taking the
+                # lock and noting itself (or between clearing it and letting go), and that
+                # may be this very thread, interrupted there by a signal handler (or, from
+                # Python 3.12, a collection at the eval breaker) that frees: waiting would
+                # never end. Queued, the holder does it as it lets go (Section.__exit__ and
+                # free() settle), or settle() does it now if the lock was let go meanwhile.
+                self.queue_free(ref)
+                self.settle()
                 return False
             lock.acquire()
         return True

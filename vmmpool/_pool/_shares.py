@@ -49,6 +49,10 @@ class Shares:
         self.lock = threading.RLock()  # never held while calling the pool
         self.entries: dict[Block, _Entry] = {}
 
+    def held_here(self) -> bool:
+        """True when this thread holds the lock (a finalizer that interrupted a method here)."""
+        return bool(self.lock._is_owned())  # type: ignore[attr-defined]
+
     def __bool__(self) -> bool:
         return bool(self.entries)
 

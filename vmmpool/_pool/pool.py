@@ -284,10 +284,12 @@ class Allocation(NoCopy):
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
-            elif core.backend.in_call():
+            elif core.backend.in_call() or shares.held_here():
                 # A finalizer inside a backend call of this thread: the pool's lock
                 # may be held by a thread waiting for the backend's; waiting for it
-                # here would deadlock. The pool's next call frees it (as below).
+                # here would deadlock. Likewise inside the leases' lock (a collection in
+                # Shares.done()): a free() in another thread holds the pool's lock and
+                # waits for that one. The pool's next call frees it (as below).
                 self.pool._defer(functools.partial(_free_shared, ref))
                 return
             else:
@@ -857,6 +859,12 @@ class PagePool(ClosesOnExit, NoCopy):
                 f"({allocation.pool!r}), not this one ({self!r})"
             )
         allocation.free()
+
+    def _held_here(self) -> bool:
+        """True when this thread holds the pool's lock: only code that interrupted it there
+        (a finalizer, a signal handler) can call anything then."""
+        core = self._core
+        return core.owner == threading.get_ident() and core.lock.locked()
 
     def _defer(self, fn: Callable[[], object]) -> None:
         """Queue `fn` for the next pool call (safe from finalizers: never blocks).
@@ -1598,6 +1606,12 @@ class PagePool(ClosesOnExit, NoCopy):
         core = self._core
         if core.backend.in_call() and not core.forked:
             core.backend.run_or_defer(self.close)
+            return
+        if self._held_here() and not core.forked:
+            # A finalizer that interrupted this thread inside this pool's locked section:
+            # closing there raised ReentryError (lost in __del__; the pool stayed open).
+            # Queued as the pool's own finalizer queues it: done as the holder lets go.
+            core.pending.append(CLOSE)
             return
         if core.tasks:
             core.run_tasks()
