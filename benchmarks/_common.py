@@ -155,13 +155,18 @@ def write_json(
     *,
     quick: bool = False,
     save: bool = False,
+    device_facts: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``payload`` with machine and device facts (see :func:`result_path`); return the path."""
+    """Write ``payload`` with machine and device facts (see :func:`result_path`); return the path.
+
+    `device_facts` replace or add to the facts of `device` (a run on devices made per
+    trace describes them, not the stand-in `device` that names the file).
+    """
     path = result_path(name, device, output, quick, save)
     doc = {
         "benchmark": name,
         "machine": machine_info(),
-        "device": device_info(device),
+        "device": {**device_info(device), **(device_facts or {})},
         "peers": peer_versions(),
         "quick": quick,
     }

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "peers_skipped": skipped,
     }
     out = _common.write_json(
-        "replay", shown, R.json_safe(payload), args.json, quick=args.quick, save=args.save
+        "replay", shown, R.json_safe(payload), args.json, quick=args.quick, save=args.save,
+        device_facts=per_trace_device(device),
     )
     print(f"wrote {out}")
     return 2 if unreadable else 1 if failures else 0
@@ -229,6 +230,18 @@ def steady_state(
         "steady_calls_per_pass": (b.backend_calls - a.backend_calls) / per,
         "steady_remaps_per_pass": (b.remaps - a.remaps) / per,
         "steady_held_ratio": b.peak_held / b.peak_live,
+    }
+
+
+def per_trace_device(device: vmmpool.Device | None) -> dict[str, Any] | None:
+    """The JSON's device facts without ``--device``: a fresh emulated device per trace."""
+    if device is not None:
+        return None
+    return {
+        "device": "host (emulated, one per trace)",
+        "total_memory": None,
+        "sized": "a fresh host-emulated device per trace: vmmpool.replay.emulated_capacity "
+                 "(2 x peak live + 1 GiB, or + 8 pages per stream when more)",
     }
 
 
@@ -293,7 +306,8 @@ def run_sweep(n: int, device: vmmpool.Device | None, output: str | None) -> int:
     for line in failed:
         print(line)
     out = _common.write_json("replay-sweep", shown, R.json_safe(
-        {"n_per_family": n, "summary": summary, "rows": rows}), output)
+        {"n_per_family": n, "summary": summary, "rows": rows}), output,
+        device_facts=per_trace_device(device))
     print(f"wrote {out}")
     return 1 if failed else 0
 

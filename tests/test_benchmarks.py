@@ -65,6 +65,8 @@ def test_replay_sweep_summarizes_each_family(tmp_path: Path) -> None:
     )
     doc = json.loads(out.read_text())
     assert doc["n_per_family"] == 1 and len(doc["rows"]) == 3
+    # A device per trace, described as such (it described a 2 MiB stand-in device).
+    assert doc["device"]["total_memory"] is None and "per trace" in doc["device"]["sized"]
     assert [s["family"] for s in doc["summary"]] == ["gpt2", "resnet50", "stress"]
     for s, row in zip(doc["summary"], doc["rows"], strict=True):
         assert s["rows"] == 1 and s["syncs"] == 0
