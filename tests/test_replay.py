@@ -658,6 +658,22 @@ def test_cli_limit_too_small_exits_1(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["replay", str(p), "--limit", "6MiB"]) == 0
 
 
+def test_cli_warnings_are_one_line(tmp_path: Path) -> None:
+    # A limit above the device is clamped with a VmmWarning; the command printed Python's
+    # warning format (a path, a line number and a source excerpt) on two lines.
+    p = write_pickle(tmp_path, snapshot([ev("alloc", BASE, 5 * MiB)]), "five.pickle")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(
+        [sys.executable, "-m", "vmmpool", "replay", str(p), "--device", "host", "--limit", "100TiB"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m vmmpool: warning: PagePool limit")
+    assert "clamped" in lines[0]
+
+
 def test_timeline_samples_live_and_held_bytes_and_the_recorded_reserved(tmp_path: Path) -> None:
     P = 2 << 20
     events = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import TextIO
 
 from ._cli import PROG, Parser, UsageError, device_advice, fail, short
@@ -207,8 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     return demo_main(rest)
 
 
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int,
+    file: TextIO | None = None, line: str | None = None,
+) -> None:
+    """vmmpool's own warnings as one line in the command's style, not a source excerpt."""
+    from ._errors import VmmWarning
+
+    if issubclass(category, VmmWarning):
+        text = " ".join(str(message).split())
+        (file or sys.stderr).write(f"{PROG}: warning: {text}\n")
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def _run() -> int:
     """`main`, quiet when the reader of stdout goes away (``python -m vmmpool info | head -1``)."""
+    warnings.showwarning = _show_warning
     try:
         code = main()
         sys.stdout.flush()
