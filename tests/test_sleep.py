@@ -1361,3 +1361,88 @@ def test_a_sleep_interrupted_in_its_undo_is_recorded_asleep_and_wakes(
     pool.close()
     gc.collect()
     assert dev.counters().live == base
+
+
+def _interrupt_before(dev: vmmpool.Device, monkeypatch: pytest.MonkeyPatch, op: str, nth: int = 1) -> None:
+    """A KeyboardInterrupt before the `nth` next backend call of `op` (it does not run)."""
+    be = dev._backend
+    orig = type(be)._enter
+    left = [nth]
+
+    def enter(self: object, o: str) -> None:
+        if o == op:
+            left[0] -= 1
+            if left[0] == 0:
+                raise KeyboardInterrupt(f"before {o}")
+        orig(self, o)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(be, "_enter", enter.__get__(be))
+
+
+@pytest.mark.parametrize("op", ["unmap", "release"])
+def test_a_wake_interrupted_in_its_undo_stays_asleep_recorded_and_wakes(
+    op: str, grouping: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map fails mid-wake and an interrupt hits the undo: the undo still runs to its end (the
+    interrupt is raised after it), so check() holds, the retry does not map onto a mapped slot
+    (it raised ValueError for ever), every byte comes back and close() leaks no page."""
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool, live = _pool_world(dev)
+    pool.sleep()
+    dev._backend.inject_fault("map", nth=3, name="CUDA_ERROR_INVALID_VALUE")
+    with monkeypatch.context() as mp:
+        _interrupt_before(dev, mp, op)
+        with pytest.raises(KeyboardInterrupt):
+            pool.wake()
+    dev._backend.clear_faults()
+    assert pool.asleep
+    pool._check()
+    pool.wake()
+    pool._check()
+    assert _bytes_ok(dev, live)
+    for a, _d in live:
+        a.free()
+    pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["driver", "pool"])
+def test_a_buffer_wake_interrupted_in_its_undo_settles_and_the_retry_wakes(
+    pooled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    base = dev.counters().live
+    pool = PagePool(dev, limit=16 * P) if pooled else None
+    buf = GrowableBuffer(max_size=8 * P, device=None if pooled else dev, pool=pool, initial_size=4 * P)
+    data = _fill(dev, buf.ptr, 4 * P, 3)
+    buf.sleep()
+    dev._backend.inject_fault("map", nth=2, name="CUDA_ERROR_INVALID_VALUE")
+    with monkeypatch.context() as mp:
+        _interrupt_before(dev, mp, "unmap")
+        with pytest.raises(KeyboardInterrupt):
+            buf.wake()
+    dev._backend.clear_faults()
+    assert buf.asleep
+    buf.wake()  # the first retry works (it raised ValueError: a map onto a slot left mapped)
+    assert bytes(buf.read()) == data
+    buf.close()
+    if pool is not None:
+        pool.close()
+    gc.collect()
+    assert dev.counters().live == base
+
+
+def test_an_interrupt_at_a_sleep_events_destroy_keeps_the_event_for_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dev = vmmpool.Device.emulated(capacity=64 << 20)
+    pool, live = _pool_world(dev)
+    with monkeypatch.context() as mp:
+        _interrupt_before(dev, mp, "event_destroy")
+        with pytest.raises(KeyboardInterrupt):
+            pool.sleep()
+    assert not pool.asleep and _bytes_ok(dev, live)
+    pool.close()
+    assert dev._backend.live_events() == 0

@@ -571,9 +571,11 @@ class _State:
         finally:
             try:
                 backend.event_destroy(ev)
-            except Exception:  # noqa: BLE001 - the wait is what counts; close() destroys it
+            except BaseException as e:  # the wait is what counts; close() destroys it
+                self._staging().stale.append(ev)  # (an interrupt too, or the event leaks)
+                if not isinstance(e, Exception):
+                    raise
                 _log.warning("destroying a buffer's event failed; close() retries", exc_info=True)
-                self._staging().stale.append(ev)
 
     def _staging(self) -> Staging:
         if self.staging is None:
@@ -856,13 +858,23 @@ class _State:
         """
         g = self.page
         trusted = set(self.kept)
+        # Each step runs even if an earlier one was interrupted (KeyboardInterrupt): settle()
+        # must record what is left, or the next wake() maps onto mapped slots. The first
+        # interrupt is raised at the end (the caller then re-raises nothing else).
+        interrupt: list[BaseException] = []
+
+        def note(e: BaseException) -> None:
+            if not isinstance(e, Exception) and not interrupt:
+                interrupt.append(e)
+
         if restored:
             assert data is not None
             try:
                 self._staging().save(
                     [(self.res.address + f * g, m * g, f * g) for f, m in restored], data, self.stream or 0
                 )
-            except Exception:  # noqa: BLE001 - the original error wins
+            except BaseException as e:  # noqa: BLE001 - the original error wins
+                note(e)
                 _log.error("undo of a failed wake: copying restored pages back failed; they stay mapped",
                            exc_info=True)
                 trusted.update(i for f, m in restored for i in range(f, f + m))
@@ -870,13 +882,16 @@ class _State:
         for first, count in _runs(sorted(i for i in new if at(i * g) is not None and i not in trusted)):
             try:
                 self.res.unmap(first * g, count * g)
-            except Exception:  # noqa: BLE001 - one slot at a time; what stays mapped is stale
+            except BaseException as e:  # noqa: BLE001 - one slot at a time; what stays mapped is stale
+                note(e)
                 _log.error("undo of a failed wake: unmap failed", exc_info=True)
                 for i in range(first, first + count):
+                    if at(i * g) is None:
+                        continue
                     try:
                         self.res.unmap(i * g, g)
-                    except Exception:  # noqa: BLE001 - settle() notes it stale
-                        pass
+                    except BaseException as e2:  # noqa: BLE001 - settle() notes it stale
+                        note(e2)
         mapped = {id(p) for i, p in new.items() if at(i * g) is not None}
         back = [p for p in taken if id(p) not in mapped]
         spare: list[PhysicalAllocation] = []
@@ -884,19 +899,25 @@ class _State:
             for p in back:
                 try:
                     p.close()
-                except Exception:  # noqa: BLE001 - the buffer keeps the handle
+                except BaseException as e:  # noqa: BLE001 - the buffer keeps the handle
+                    note(e)
+                    if p.closed:
+                        continue
                     _log.error("undo of a failed wake: release failed; the buffer keeps it", exc_info=True)
                     spare.append(p)
         elif back:
             try:
                 self.give_back(back)
-            except Exception:  # noqa: BLE001 - the buffer keeps the pages
+            except BaseException as e:  # noqa: BLE001 - the buffer keeps the pages
+                note(e)
                 _log.error("undo of a failed wake: giving pages back failed; the buffer keeps them",
                            exc_info=True)
                 spare.extend(back)
         cand = {i: p for i, p in new.items() if id(p) in mapped}
         cand.update(self.kept)
         self.settle(n, data, cand, trusted, spare + self.spare, may_wake=False)
+        if interrupt:
+            raise interrupt[0]
 
     def make_unusable(self, err: BaseException, undo_err: BaseException, undo: _Undo) -> None:
         self.unusable = f"undoing a failed operation ({err!r}) also failed ({undo_err!r})"

@@ -171,9 +171,11 @@ def quiesce(core: Core) -> None:
         finally:
             try:
                 backend.event_destroy(h)
-            except Exception:
-                logger.warning("destroying a sleep event failed", exc_info=True)
+            except BaseException as e:  # an interrupt too: kept for close, or the event leaks
                 st.stale.append(h)
+                if not isinstance(e, Exception):
+                    raise
+                logger.warning("destroying a sleep event failed", exc_info=True)
         # Every event already recorded is older: complete too.
         st.done_seq = st.seq
         if st.events:
@@ -425,13 +427,18 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
                     base = sl.backup.ctypes.data
                     for _addr, n, off in pieces:
                         discard(base + off, n)
-    except BaseException:
+    except BaseException as err:
+        # The undo runs to its end even if interrupted (KeyboardInterrupt): each step
+        # notes what it left, so that the record stays true and wake() can retry; the
+        # first interrupt is raised once the undo is done.
+        interrupt: list[BaseException] = []
         keep: set[tuple[Arena, int]] = set()  # restored runs left mapped: (arena, first slot)
         if dropped:
             assert sl.backup is not None
             try:
                 staging(core).save(_device_runs(core, dropped, sl.offsets), sl.backup, COPY_STREAM)
-            except Exception:
+            except BaseException as e:
+                _note_interrupt(interrupt, e)
                 # Their bytes are on the device only: they stay mapped with their pages
                 # (access set, bytes restored), noted KEPT; the next wake() leaves them as
                 # they are. (Unmapping them here lost those bytes.)
@@ -451,11 +458,15 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
                 made = [(p, old) for p, old in made if p not in kept]
         for arena, s0, k in reversed(mapped):
             if (arena, s0) not in keep:
-                _unmap_back(core, arena, s0, k, sl)
+                _unmap_back(core, arena, s0, k, sl, interrupt)
         for p, old in reversed(made):
             try:
                 p.phys.close()
-            except Exception:
+            except BaseException as e:
+                _note_interrupt(interrupt, e)
+                if p.phys.closed:  # released all the same (interrupted after the release)
+                    p.phys = old  # type: ignore[assignment]
+                    continue
                 # The page keeps the handle (a sleeping page with a live handle, as a failed
                 # sleep leaves some): the next wake() maps it, close() releases it. (Dropping
                 # it left the release to its finalizer, a handle the pool no longer counted.)
@@ -464,6 +475,8 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
                 core.n_created += 1
                 continue
             p.phys = old  # type: ignore[assignment]
+        if interrupt and isinstance(err, Exception):
+            raise interrupt[0] from err
         raise
     for _arena, _s0, pages in runs:
         for p in pages:
@@ -475,25 +488,38 @@ def wake_runs(core: Core, runs: list[Run], sl: PoolSleep) -> None:
         core.peak_total = total
 
 
-def _unmap_back(core: Core, arena: Arena, s0: int, k: int, sl: PoolSleep) -> None:
+def _note_interrupt(interrupt: list[BaseException], e: BaseException) -> None:
+    """An undo step failed: keep the first interrupt (not an ``Exception``) to raise at the end."""
+    if not isinstance(e, Exception) and not interrupt:
+        interrupt.append(e)
+
+
+def _unmap_back(
+    core: Core, arena: Arena, s0: int, k: int, sl: PoolSleep, interrupt: list[BaseException]
+) -> None:
     """Undo of a failed wake: unmap slots ``[s0, s0 + k)``; those that stay mapped are noted STALE.
 
-    One call for the run; if it fails, one per slot (each page is its own
-    mapping), so that only the slots that really stay mapped are noted: the
-    next wake unmaps them first (see :class:`PoolSleep`).
+    One call for the run; if it fails (or is interrupted), one per slot still
+    mapped (each page is its own mapping), so that only the slots that really
+    stay mapped are noted: the next wake unmaps them first (see :class:`PoolSleep`).
     """
     P = core.P
     try:
         arena.res.unmap(s0 * P, k * P)
         return
-    except Exception:
+    except BaseException as e:
+        _note_interrupt(interrupt, e)
         logger.error("undo of a failed wake: unmap failed", exc_info=True)
     for s in range(s0, s0 + k):
+        if arena.res.access_at(s * P) is None:
+            continue  # not mapped (any more)
         try:
             arena.res.unmap(s * P, P)
-        except Exception:  # noqa: BLE001 - noted; wake() unmaps it first
-            sl.mapped[(arena, s)] = STALE
-            logger.error("undo of a failed wake: slot %d of arena %#x stays mapped", s, arena.base)
+        except BaseException as e:  # noqa: BLE001 - noted; wake() unmaps it first
+            _note_interrupt(interrupt, e)
+            if arena.res.access_at(s * P) is not None:
+                sl.mapped[(arena, s)] = STALE
+                logger.error("undo of a failed wake: slot %d of arena %#x stays mapped", s, arena.base)
 
 
 def unmap_stale(core: Core, sl: PoolSleep) -> None:
