@@ -1446,3 +1446,43 @@ def test_an_interrupt_at_a_sleep_events_destroy_keeps_the_event_for_close(
     assert not pool.asleep and _bytes_ok(dev, live)
     pool.close()
     assert dev._backend.live_events() == 0
+
+
+def test_a_page_freed_while_asleep_through_its_aliases_is_not_brought_back() -> None:
+    # An aliased page whose every byte was freed while asleep: wake() mapped it back (its
+    # aliases' fences kept it out of forget_freed), costing a page, and under a limit that
+    # fits the live pages wake() failed; _check() also called it pinned while asleep.
+    Q = 64 << 10
+    dev = vmmpool.Device.emulated(capacity=16 * Q, granularity=Q)
+    pool = PagePool(dev, limit=4 * Q)
+    xs = [pool.malloc(Q // 2) for _ in range(8)]
+    base = min(x.ptr for x in xs)
+    by_off = {(x.ptr - base) // (Q // 2): x for x in xs}
+    for k in (1, 4):
+        by_off.pop(k).free()
+    c = pool.malloc(3 * Q // 4)  # across page 0's free tail and page 2's free head
+    assert len(pool._core.aliases) == 2
+    data = {x.ptr: bytes([k]) * (Q // 2) for k, x in by_off.items()}
+    for ptr, b in data.items():
+        dev.write(ptr, b)
+    pool.sleep()
+    pool._check()
+    c.free()
+    a0 = by_off.pop(0)
+    del data[a0.ptr]
+    a0.free()  # page 0: every byte free now, its own and the ones it lent
+    pool._check()
+    live_pages = {(x.ptr - base) // Q for x in by_off.values()}
+    assert len(live_pages) == 3
+    pool.set_limit(3 * Q)
+    pool.wake()  # raised OutOfMemoryError: it brought page 0 back
+    pool._check()
+    s = pool.stats()
+    assert (s.total_pages, s.pinned_pages, s.reclaimable_pages) == (3, 3, 0)
+    assert not pool._core.aliases
+    for ptr, b in data.items():
+        assert bytes(dev.read(ptr, len(b))) == b
+    for x in by_off.values():
+        x.free()
+    pool.close()
+    assert dev.counters().live == (0, 0, 0)

@@ -382,14 +382,14 @@ class Core:
         """
         return len(self.idle_aliased_pages())
 
-    def idle_aliased_pages(self) -> list[Page]:
-        """The pages :meth:`idle_aliased` counts."""
+    def idle_aliased_pages(self, asleep_too: bool = False) -> list[Page]:
+        """The pages :meth:`idle_aliased` counts (with `asleep_too`, sleeping ones too)."""
         if not self.aliases:
             return []
         P = self.P
         n: list[Page] = []
         for p in {al.page: None for al in self.aliases}:
-            if p.state is not MAPPED or p.addr is None:
+            if (p.state is not MAPPED and not (asleep_too and p.state is ASLEEP)) or p.addr is None:
                 continue
             lent: list[tuple[int, int]] = []
             idle = True
@@ -1567,7 +1567,6 @@ class Core:
         done = 0
         for al in [al for al in self.aliases if al.arena.heap.stream is st]:
             a = al.arena
-            h = a.heap
             sa = a.base + al.slot * P
             g: Block | None = None
             seq = 0
@@ -1586,27 +1585,59 @@ class Core:
             a.res.unmap(al.slot * P, P)
             if self.history is not None:
                 self.history.record("segment_unmap", sa, P, st.key)
-            if g is not None:
-                h.remove(g)
-                gend = g.addr + g.size
-                if g.addr < sa + al.lo:
-                    h.add(Block(a, g.addr, sa + al.lo - g.addr, g.seq))
-                if sa + al.hi < gend:
-                    h.add(Block(a, sa + al.hi, gend - sa - al.hi, g.seq))
-            a.slots[al.slot] = None
-            a.give(al.slot, 1)
-            a.mapped -= 1
-            pf = al.pfence
-            if pf is not None:
-                pf.seq = seq
-                pf.arena.heap.insert(pf)
-            p = al.page
-            p.aliases = tuple(x for x in p.aliases if x is not al)
-            del self.aliases[al]
+            self.drop_alias(al, g, seq)
             done += 1
-            if not a.mapped:
-                self.note_emptied(st)
         return done
+
+    def forget_idle_aliases(self, busy: set[Page | None]) -> None:
+        """Asleep: forget every alias of a sleeping page (not in `busy`) whose bytes are all free.
+
+        No driver call: a sleep unmapped the alias's slot. See :func:`._sleep.forget_freed`.
+        """
+        P = self.P
+        for al in list(self.aliases):
+            a = al.arena
+            p = al.page
+            if p.state is not ASLEEP or p in busy or a.slots[al.slot] is not p:
+                continue
+            g = None
+            if al.hi > al.lo:
+                sa = a.base + al.slot * P
+                g = fenced_free(a, sa + al.lo, sa + al.hi, al.lo > 0)
+                if g is None:
+                    continue  # a live block still uses the alias
+            self.drop_alias(al, g, g.seq if g is not None else 0)
+
+    def drop_alias(self, al: Alias, g: Block | None, seq: int) -> None:
+        """Forget alias `al`, whose slot is unmapped (by :meth:`dissolve`, or by a sleep).
+
+        `g` is the free range holding the alias's bytes in its slot (None when
+        it lends none); those bytes are free again in the page's own slot, as
+        of stream position `seq`.
+        """
+        P = self.P
+        a = al.arena
+        h = a.heap
+        sa = a.base + al.slot * P
+        if g is not None:
+            h.remove(g)
+            gend = g.addr + g.size
+            if g.addr < sa + al.lo:
+                h.add(Block(a, g.addr, sa + al.lo - g.addr, g.seq))
+            if sa + al.hi < gend:
+                h.add(Block(a, sa + al.hi, gend - sa - al.hi, g.seq))
+        a.slots[al.slot] = None
+        a.give(al.slot, 1)
+        a.mapped -= 1
+        pf = al.pfence
+        if pf is not None:
+            pf.seq = seq
+            pf.arena.heap.insert(pf)
+        p = al.page
+        p.aliases = tuple(x for x in p.aliases if x is not al)
+        del self.aliases[al]
+        if not a.mapped:
+            self.note_emptied(h.stream)
 
     # ----------------------------------------------------------------- free
     def free_rec(self, b: Block) -> None:
@@ -2592,7 +2623,8 @@ class Core:
         # pinned: touched by a live block through any mapping (an aliased page none
         # touches is reclaimable: a reclaim dissolves its aliases and unmaps it)
         pinned_touch = len({a.slots[s] for a, s in touching})
-        idle = self.idle_aliased()
+        # (asleep: an aliased page freed while asleep is idle too, until wake() forgets it)
+        idle = len(self.idle_aliased_pages(asleep_too=self.asleep is not None))
         if self.mapped - cached - idle != pinned_touch:
             fail(
                 f"{self.mapped - cached - idle} pinned mapped pages counted ({idle} aliased ones "

@@ -340,6 +340,12 @@ def forget_freed(core: Core) -> None:
     sl = core.asleep
     assert sl is not None
     P = core.P
+    if core.aliases:
+        # An alias whose bytes were all freed while asleep: forgotten (its slot is unmapped
+        # already), its bytes free again in the page's own slot, so that a page with no live
+        # byte left is forgotten below instead of brought back (wake() restored it, and
+        # under a limit that fits the live pages, failed for want of it).
+        core.forget_idle_aliases({a.slots[s] for a, s in sl.mapped})
     for st in core.streams.values():
         for h in st.heaps:
             for b in list(h.by_start.values()):
