@@ -995,3 +995,104 @@ pool.close()
 print("live", dev.counters().live)
 """, timeout=30)
     assert "live (0, 0, 0)" in out, out
+
+
+def test_buffer_closed_inside_its_pools_lock_is_not_kept_alive_by_the_pools_queue() -> None:
+    """The deferred close held the buffer strongly in the pool's task queue, which the pool's
+    finalizer holds, and the buffer holds the pool: dropped before the pool's next call,
+    neither was ever collected (nor closed), and their pages stayed live."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+import weakref
+pool = vmmpool.PagePool(dev, limit=32 * P)
+keep = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=P)
+class Owner:
+    def __init__(self, buf):
+        self.buf = buf
+        self.me = self
+    def __del__(self):
+        self.buf.close()
+gc.disable()
+Owner(keep)
+a = collect_inside_the_pool_lock(pool, 7)
+gc.enable()
+assert not lost, lost
+assert keep.closed and pool._core.tasks
+wp = weakref.ref(pool)
+del keep, pool, a
+gc.collect()
+assert wp() is None, "the pool was kept alive by its own queue"
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_buffer_and_pool_closed_by_one_finalizer_inside_the_pools_lock() -> None:
+    """A __del__ closing a pooled buffer, then its pool: the pool's close ran the buffer's
+    deferred close under its lock, which deferred it to the (now closed) pool again, which
+    ran it at once: a RecursionError (logged), and the buffer's page stayed mapped."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+import logging
+records = []
+class H(logging.Handler):
+    def emit(self, r):
+        records.append(r.getMessage())
+logging.getLogger("vmmpool").addHandler(H())
+pool = vmmpool.PagePool(dev, limit=32 * P)
+buf = vmmpool.GrowableBuffer(max_size=4 * P, pool=pool, initial_size=P)
+class Owner:
+    def __init__(self, buf, pool):
+        self.buf, self.pool = buf, pool
+        self.me = self
+    def __del__(self):
+        self.buf.close()
+        self.pool.close()
+gc.disable()
+Owner(buf, pool)
+try:
+    collect_inside_the_pool_lock(pool, 7)
+except vmmpool.ClosedError:
+    pass
+gc.enable()
+assert not lost, lost
+assert not records, records
+assert pool.closed and buf.closed
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_shareable_free_from_a_signal_handler_between_taking_the_lock_and_noting_the_owner() -> None:
+    """As the test above, on a shareable pool: its free() takes the pool's lock to look at
+    the leases (a section), which waited for its own thread."""
+    out = run_script("""
+import os, signal
+pool = vmmpool.PagePool(dev, shareable=True)
+core = pool._core
+victim = pool.malloc(100)
+class Lock:
+    def __init__(self):
+        self.inner = threading.Lock()
+        self.armed = False
+    def acquire(self, blocking=True, timeout=-1):
+        got = self.inner.acquire(blocking, timeout)
+        if got and self.armed:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs before acquire returns
+        return got
+    def release(self):
+        self.inner.release()
+    def locked(self):
+        return self.inner.locked()
+signal.signal(signal.SIGUSR1, lambda *a: victim.free())
+core.lock = Lock()
+core.lock.armed = True
+a = pool.malloc(200)
+assert victim.freed
+core.lock = threading.Lock()
+a.free()
+assert pool.stats().live_allocations == 0
+pool._check()
+pool.close()
+print("live", dev.counters().live)
+""", timeout=30)
+    assert "live (0, 0, 0)" in out, out

@@ -688,3 +688,32 @@ assert kept == 0, f"{kept} bytes the parent released are still committed"
 print("OK")
 """)
     assert out.strip().endswith("OK")
+
+
+def test_forked_child_collecting_the_emulated_device_keeps_its_own_descriptors() -> None:
+    """The emulated device's safety net closed its memory files by number: a child that
+    closed its inherited descriptors and reused the numbers lost its own files when it
+    dropped the device (the test above keeps the device alive through its share)."""
+    out = run_script("""
+import gc, os, weakref
+import vmmpool
+dev = vmmpool.Device.emulated(capacity=64 << 20)
+P = dev.granularity
+pool = vmmpool.PagePool(dev, shareable=True)
+a = pool.malloc(P)
+b = pool.malloc(P)
+wb = weakref.ref(dev._backend)
+pid = os.fork()
+if pid == 0:
+    os.closerange(3, 4096)
+    mine = [os.open(os.devnull, os.O_RDONLY) for _ in range(32)]
+    del a, b, pool, dev
+    gc.collect()
+    lost = [fd for fd in mine if not os.path.exists(f"/proc/self/fd/{fd}")]
+    os._exit(0 if not lost and wb() is None else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the child's own descriptors were closed"
+a.free(); b.free(); pool.close()
+print("OK")
+""")
+    assert out.strip().endswith("OK")

@@ -77,6 +77,7 @@ stays live while any array or DLPack capsule made from it does). The rule:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -1003,6 +1004,13 @@ def _growth_oom(
     return out
 
 
+def _close_if_alive(ref: weakref.ReferenceType[GrowableBuffer]) -> None:
+    """A close() deferred to the pool's next call (see GrowableBuffer.close), if the buffer lives."""
+    buf = ref()
+    if buf is not None:
+        buf._close_after_operation()
+
+
 def _release(state: _State) -> None:
     """The buffer's finalizer: free `state`, never blocking on a pool's lock.
 
@@ -1706,7 +1714,22 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
             # waits for the pool's (a resize). Closed for use now, freed by the pool's next
             # call (as the safety net of a collected buffer is).
             self._closed = True
-            self._state.pool._defer(self._close_after_operation)  # type: ignore[union-attr]
+            pool = self._state.pool
+            if not pool.closed:  # type: ignore[union-attr]
+                # Weakly: the pool's finalizer holds its queue, and the buffer holds the pool
+                # (a strong reference kept both alive for good if dropped before the next call;
+                # a buffer collected meanwhile is freed by its safety net).
+                pool._defer(functools.partial(_close_if_alive, weakref.ref(self)))  # type: ignore[union-attr]
+                return
+            # The pool is closing under its lock (its queue runs there): a closed pool takes
+            # pages back without its lock, but this buffer's may be held by a thread that
+            # waits for the pool's. Closed now if that lock is free; else its safety net frees
+            # it (deferring to the pool would run this again at once: a RecursionError).
+            if self._lock._lock.acquire(False):
+                try:
+                    self._close_locked()
+                finally:
+                    self._lock._lock.release()
             return
         backend = self._state.device._backend
         if backend.in_call():
@@ -1719,25 +1742,29 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
                 backend.run_or_defer(self._close_after_operation)
             return
         with self._lock:
-            self._closed = True
-            if not self._fin.alive:
-                return
-            views = list(self._views)
-            if views:
-                if not self._deferred:
-                    self._deferred = True
-                    for v in views:
-                        safety_finalizer(v, self._free_when_unused, backend=self._state.device._backend)
-                return
-            # Take over the release from the finalizer atomically (the last
-            # view's finalizer may race with us); re-arm it if a step fails.
-            if self._fin.detach() is None:
-                return
-            try:
-                self._state.free()
-            except BaseException:
-                self._fin = safety_finalizer(self, _release, self._state, backend=self._state.device._backend)
-                raise
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        """close() with this buffer's lock held."""
+        self._closed = True
+        if not self._fin.alive:
+            return
+        views = list(self._views)
+        if views:
+            if not self._deferred:
+                self._deferred = True
+                for v in views:
+                    safety_finalizer(v, self._free_when_unused, backend=self._state.device._backend)
+            return
+        # Take over the release from the finalizer atomically (the last
+        # view's finalizer may race with us); re-arm it if a step fails.
+        if self._fin.detach() is None:
+            return
+        try:
+            self._state.free()
+        except BaseException:
+            self._fin = safety_finalizer(self, _release, self._state, backend=self._state.device._backend)
+            raise
 
     def _close_after_operation(self) -> None:
         """A close() that re-entered an operation, done as it ends; errors are logged (the

@@ -284,12 +284,17 @@ class Allocation(NoCopy):
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
-            elif core.backend.in_call() or shares.held_here():
+            elif (
+                core.backend.in_call() or shares.held_here()
+                or (not core.owner and core.lock.locked())
+            ):
                 # A finalizer inside a backend call of this thread: the pool's lock
                 # may be held by a thread waiting for the backend's; waiting for it
                 # here would deadlock. Likewise inside the leases' lock (a collection in
                 # Shares.done()): a free() in another thread holds the pool's lock and
-                # waits for that one. The pool's next call frees it (as below).
+                # waits for that one. And when the lock is busy with no owner noted (its holder
+                # may be this very thread, interrupted by a signal handler between taking it and
+                # noting itself: Core.free_contended). The pool's next call frees it (as below).
                 self.pool._defer(functools.partial(_free_shared, ref))
                 return
             else:
