@@ -670,8 +670,12 @@ def test_a_view_in_cuda_memory_exports_a_host_copy_and_refuses_asarray(device: v
         data = np.arange(16, dtype=np.int32)
         b.write(data)
         v = b.view("int32", shape=(4, 4))
+        syncs = device.counters().calls.get("synchronize", 0)
         c = np.from_dlpack(v, device="cpu")  # dl_device=(1, 0), copy=None: a host copy
         assert np.array_equal(c, data.reshape(4, 4))
+        # A copy to the host waits for the memory's work first (the array API standard asks the
+        # producer to synchronize); on the host emulator there is nothing to copy.
+        assert device.counters().calls.get("synchronize", 0) - syncs == (0 if device.is_host else 1)
         if device.is_host:
             assert np.shares_memory(c, np.asarray(v))
         else:

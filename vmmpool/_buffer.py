@@ -1744,6 +1744,10 @@ class GrowableBuffer(ClosesOnExit, NoCopy):
         with self._lock:
             self._close_locked()
 
+    def _host_copy_stream(self) -> int | None:
+        """The stream a host copy of a view waits for (``ArrayView.__dlpack__``; None: the device)."""
+        return self._state.stream
+
     def _close_locked(self) -> None:
         """close() with this buffer's lock held."""
         self._closed = True

@@ -798,6 +798,12 @@ class ArrayView(NoCopy):
         strides = [s // item for s in self.strides]
         code = dlpack_dtype(self.dtype)
         if copy:
+            if here[0] != KDL_CPU:
+                # To the host: the array API standard asks the producer to synchronize. The
+                # stream that orders the owner's memory (an allocation's, a buffer's) is
+                # waited for, else the whole device (a synchronous copy reads after neither).
+                wait = getattr(self.owner, "_host_copy_stream", None)
+                self.device.synchronize(wait() if wait is not None else None)
             # Read now (synchronous): the capsule owns bytes of its own, in host memory.
             n = self.nbytes
             raw = self.device.read(self.ptr, n) if n else bytearray(0)

@@ -238,6 +238,10 @@ class Allocation(NoCopy):
         """Device address of the first byte: the same as :attr:`ptr` (CuPy's spelling)."""
         return self.ptr
 
+    def _host_copy_stream(self) -> int:
+        """The stream a host copy of a view waits for (``ArrayView.__dlpack__``)."""
+        return self.stream
+
     def free(self) -> None:
         """Give the memory back to the pool (its stream's cache).
 
