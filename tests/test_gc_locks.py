@@ -911,6 +911,34 @@ print("live", dev.counters().live)
     assert "live (0, 0, 0)" in out, out
 
 
+def test_pool_closed_by_a_finalizer_inside_its_own_lock_closes_its_leases_too() -> None:
+    """The deferred close ran only the core's close: the leases' read ends stayed open and the
+    pool's safety net armed, unlike a direct close()."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+import os
+pool = vmmpool.PagePool(dev, shareable=True)
+a = pool.malloc(1000)
+h = a.share()
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+class Owner:
+    def __init__(self, pool):
+        self.pool = pool
+        self.me = self
+    def __del__(self):
+        self.pool.close()
+before = fds()
+gc.disable()
+Owner(pool)
+collect_inside_the_pool_lock(pool, 7)
+gc.enable()
+assert not lost, lost
+assert pool.closed
+print("leases", len(pool._shares.entries), "armed", pool._fin.alive, "fds closed", before - fds() >= 1)
+""", timeout=60)
+    assert "leases 0 armed False fds closed True" in out, out
+
+
 def test_shareable_free_from_a_finalizer_inside_the_leases_lock() -> None:
     """Thread A is in Shares.done() (the leases' lock, from stats()) when a finalizer frees a
     shareable allocation: free() waited for the pool's lock, held by thread B's free() of a

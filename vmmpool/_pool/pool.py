@@ -70,6 +70,21 @@ class _Ref(weakref.ref):
     core: Core
 
 
+def _after_deferred_close(ref: weakref.ReferenceType[PagePool]) -> None:
+    """The end of a close() a finalizer queued (see PagePool.close), once the pool is closed."""
+    pool = ref()
+    if pool is None:
+        return
+    core = pool._core
+    if not core.closed:
+        if CLOSE in core.pending:  # a call ran the tasks before the close: after it, again
+            core.tasks.append(functools.partial(_after_deferred_close, ref))
+        return
+    pool._shares.clear()  # receivers keep the pages they map (rule 7)
+    if not core.arenas and not core.pages:
+        pool._fin.detach()
+
+
 def _collected(ref: _Ref) -> None:
     # Runs in whatever thread dropped the last reference, possibly while that
     # thread holds the pool's lock: queue; settle() frees it now if the lock is
@@ -1620,7 +1635,10 @@ class PagePool(ClosesOnExit, NoCopy):
             # A finalizer that interrupted this thread inside this pool's locked section:
             # closing there raised ReentryError (lost in __del__; the pool stayed open).
             # Queued as the pool's own finalizer queues it: done as the holder lets go.
+            # The rest of close() (the leases' read ends, the safety net) follows as a
+            # task, which the close runs last.
             core.pending.append(CLOSE)
+            core.tasks.append(functools.partial(_after_deferred_close, weakref.ref(self)))
             return
         if core.tasks:
             core.run_tasks()
