@@ -214,6 +214,22 @@ def test_rule4_unmap_several_adjacent_whole_mappings(t: Tracker) -> None:
     assert before.mappings - after.mappings == 3
 
 
+def test_rule4_empty_range_rejected_by_unmap_and_set_access(t: Tracker) -> None:
+    # cuMemUnmap: "The range must be the entire contiguous address range that was mapped
+    # to"; cuMemSetAccess: "The range must be a fully mapped address range". An empty range
+    # is neither: the emulator raised CUDA_ERROR_OPERATING_SYSTEM (its mmap of 0 bytes
+    # failed) for the unmap, and silently accepted the set_access.
+    addr = t.reserve(2)
+    t.map(addr, t.create())
+    before = t.dev.counters()
+    for at in (addr, addr + t.g):  # a mapping's start, and never-mapped space
+        with rejects():
+            t.b.unmap(at, 0)
+        with rejects():
+            t.b.set_access(at, 0, Access.READWRITE, [t.dev.ordinal])
+    assert t.dev.counters().live == before.live
+
+
 # Rule 5: free exactly one reservation.
 def test_rule5_free_must_name_exactly_one_reservation(t: Tracker) -> None:
     a = t.reserve(2)
@@ -237,6 +253,32 @@ def test_rule6_hint_on_taken_range_returns_another_address(t: Tracker) -> None:
         return  # the driver refuses hinted reservations outright: also documented
     assert b != a
     assert b % t.g == 0
+
+
+def test_rule6_free_aligned_hint_is_honoured_by_emulator(host: Device) -> None:
+    # The driver "treats it as a hint about where to place the reservation"; the emulator
+    # asked the kernel for size + alignment bytes at the hint, so a hint naming free space
+    # right below another mapping (an adjacent reservation) was never honoured, and the
+    # adjacent-reservation case of rule 5 never ran on the emulator.
+    t = Tracker(host)
+    try:
+        base = t.b.reserve(3 * t.g, 0, 0)
+        t.b.free_address(base, 3 * t.g)  # [base, base + 3g) is free now
+        high = t.reserve(1, hint=base + 2 * t.g)
+        low = t.reserve(2, hint=base)  # directly below `high`: adjacent
+        assert (low, high) == (base, base + 2 * t.g)
+        with rejects():
+            t.b.free_address(low, 3 * t.g)  # two adjacent reservations in one call (rule 5)
+        h1, h2 = t.create(), t.create()
+        t.map(low + t.g, h1)
+        t.map(high, h2)
+        t.b.set_access(low + t.g, t.g, Access.READWRITE, [0])
+        t.b.set_access(high, t.g, Access.READWRITE, [0])
+        t.dev.write(high, b"adjacent")
+        assert t.dev.read(high, 8) == b"adjacent"
+    finally:
+        t.cleanup()
+    assert host.counters().live == (0, 0, 0)
 
 
 # Rule 7: memory lives until every reference is released and every mapping gone.

@@ -84,6 +84,7 @@ _MAP_FIXED = 0x10
 _MAP_ANONYMOUS = 0x20
 _MAP_NORESERVE = 0x4000
 _MAP_POPULATE = 0x8000
+_MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17; older kernels take it as a plain hint
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _PROT = {Access.READWRITE: _PROT_READ | _PROT_WRITE, Access.READ: _PROT_READ, Access.NONE: _PROT_NONE}
@@ -304,7 +305,14 @@ class _Reservation:
         return i < len(self.starts) and self.starts[i] < address + size
 
     def whole_run(self, op: str, address: int, size: int) -> list[int]:
-        """Starts of the whole adjacent mappings exactly covering the range."""
+        """Starts of the whole adjacent mappings exactly covering the range.
+
+        An empty range is refused: it is no mapped range ("the entire contiguous address
+        range that was mapped to", cuMemUnmap; "a fully mapped address range",
+        cuMemSetAccess), and the stand-in driver refuses it too.
+        """
+        if size <= 0:
+            raise _invalid(op, f"size must be > 0 (one or more whole mappings), got {size}")
         run = []
         cur, end = address, address + size
         while cur < end:
@@ -551,6 +559,27 @@ class HostBackend(Backend):
         with self._lock:
             if self._closed:
                 raise ClosedError("emulated Device")
+            if hint and hint % align == 0:
+                # A hint naming free, aligned address space is honoured exactly, as the
+                # driver does ("treats it as a hint about where to place the reservation"):
+                # the plain path below asks the kernel for size + alignment bytes at the hint,
+                # so it never landed right below another mapping (the hint for an adjacent
+                # reservation was never honoured). Refused (taken): the plain path.
+                got = _mmap(
+                    hint,
+                    size,
+                    _PROT_NONE,
+                    _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+                if got == hint:
+                    bisect.insort(self._res_starts, hint)
+                    self._reservations[hint] = _Reservation(hint, size, [(hint, size)])
+                    self._live_reservations += 1
+                    return hint
+                if got != _MAP_FAILED and got is not None:
+                    _munmap(got, size)  # a kernel without MAP_FIXED_NOREPLACE placed it elsewhere
             raw = _mmap(
                 hint or None,
                 span,
