@@ -1124,3 +1124,151 @@ pool.close()
 print("live", dev.counters().live)
 """, timeout=30)
     assert "live (0, 0, 0)" in out, out
+
+
+def test_a_record_logged_inside_the_pool_lock_never_waits_for_a_logging_lock() -> None:
+    """Thread B holds its logging handler's lock when the collector runs a user's __del__
+    that frees an allocation (it waits for the pool's lock); thread A, inside the pool's lock,
+    refuses a request: Core.oom logged "out of memory" there and waited for B's handler lock
+    (a deadlock). Records made under the lock are emitted after it is let go."""
+    out = run_script("""
+import logging
+pool = vmmpool.PagePool(dev, limit=4 * P)
+core = pool._core
+b_in_handler = threading.Event()
+a_in_lock = threading.Event()
+class Handler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+    def emit(self, record):
+        self.seen.append((record.name, record.levelno, record.threadName, record.getMessage()))
+        if threading.current_thread().name == "B" and not b_in_handler.is_set():
+            b_in_handler.set()
+            assert a_in_lock.wait(10)
+            gc.collect()  # as any allocation while formatting may: runs Cyc.__del__
+h = Handler()
+logging.getLogger().addHandler(h)
+logging.getLogger().setLevel(logging.INFO)
+class Cyc:
+    def __init__(self, a):
+        self.a = a
+        self.me = self
+    def __del__(self):
+        self.a.free()
+orig = core.oom
+def oom(*a, **k):  # A, inside the pool's lock, about to log its refusal
+    if threading.current_thread().name == "A" and not a_in_lock.is_set():
+        assert b_in_handler.wait(10)
+        a_in_lock.set()
+    return orig(*a, **k)
+core.oom = oom
+errors = []
+def A():
+    try:
+        pool.malloc(8 * P)
+    except vmmpool.OutOfMemoryError:
+        pass
+    except BaseException as e:
+        errors.append(e)
+def B():
+    gc.disable()
+    Cyc(pool.malloc(100))
+    logging.getLogger("app").info("B logs something")
+tb = threading.Thread(target=B, name="B")
+tb.start()
+ta = threading.Thread(target=A, name="A")
+ta.start()
+ta.join()
+tb.join()
+gc.enable()
+assert not errors, errors
+ooms = [s for s in h.seen if s[0] == "vmmpool.pool"]
+assert ooms and all(s[1] == logging.INFO and s[2] == "A" for s in ooms), ooms
+assert ooms[0][3].startswith("out of memory: "), ooms
+assert pool.stats().live_allocations == 0
+pool.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+def test_a_pool_logging_inside_a_finalizer_inside_another_pools_lock_waits_for_its_end() -> None:
+    """A user's __del__, collected inside pool X's locked section, uses pool Y, which logs
+    (a refusal): the record waits until X's lock is let go, then is emitted, in order."""
+    out = run_script(_GC_IN_POOL_LOCK + """
+import logging
+X = vmmpool.PagePool(dev, limit=32 * P)
+Y = vmmpool.PagePool(dev, limit=2 * P)
+held = []
+class Handler(logging.Handler):
+    def emit(self, record):
+        me = threading.get_ident()
+        held.append((record.getMessage()[:14], any(
+            p._core.owner == me and p._core.lock.locked() for p in (X, Y))))
+logging.getLogger("vmmpool.pool").addHandler(Handler())
+logging.getLogger("vmmpool.pool").setLevel(logging.INFO)
+class User:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        try:
+            Y.malloc(4 * P)
+        except vmmpool.OutOfMemoryError:
+            pass
+gc.disable()
+User()
+a = collect_inside_the_pool_lock(X, 7)
+gc.enable()
+assert not lost, lost
+assert held and all(not h for _, h in held), held
+assert held[0][0] == "out of memory:", held
+a.free()
+X.close()
+Y.close()
+print("live", dev.counters().live)
+""", timeout=60)
+    assert "live (0, 0, 0)" in out, out
+
+
+@pytest.mark.parametrize("spec", ["host", "cuda:0"])
+def test_a_device_asked_for_by_a_finalizer_inside_its_first_construction(spec: str) -> None:
+    """The first Device("host") (or Device(0)) built its backend holding the module's lock
+    (a plain Lock): a collection there running a __del__ that asks for that device waited
+    for its own thread. The nested call's device is the one published; the outer call
+    returns it and closes the backend it built (no context retained twice)."""
+    out = run_script(f"""
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+from vmmpool._backends import cuda, host
+from fake_cuda_driver import FakeDriver
+fake = FakeDriver()
+cuda._driver = lambda: fake
+spec = {spec!r}
+cls = host.HostBackend if spec == "host" else cuda.CudaBackend
+got = []
+class Cyc:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        got.append(vmmpool.Device(spec))
+built = []
+orig = cls.__init__
+def init(self, *a, **k):
+    cls.__init__ = orig
+    built.append(self)
+    gc.collect()  # as any allocation in the constructor may
+    orig(self, *a, **k)
+gc.disable()
+Cyc()
+cls.__init__ = init
+d = vmmpool.Device(spec)
+assert got and d is got[0] is vmmpool.Device(spec), (d, got)
+assert d._backend is not built[0]
+assert built[0].closed if spec == "host" else built[0]._closed
+if spec != "host":
+    assert fake.primary_refs[0] == 1, fake.primary_refs
+    d._backend.close()
+    assert fake.primary_refs[0] == 0, fake.primary_refs
+print("ok")
+""", timeout=30)
+    assert "ok" in out, out

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import vmmpool
+from vmmpool import _logq
 from vmmpool._options import PER_THREAD_KEYS, pool_key, stream_key
 from vmmpool._pool import ALIGNMENT, Allocation, PageInfo, PagePool, PoolStats
 from vmmpool._pool._core import REFUSED_MAX_WAIT
@@ -1173,6 +1174,98 @@ def test_logging(caplog: pytest.LogCaptureFixture) -> None:
     assert "remap: unmapped 4 cached page(s)" in text
     assert "out of memory" in text
     assert all(r.name == "vmmpool.pool" for r in caplog.records)
+
+
+def test_records_logged_under_the_lock_keep_their_order_caller_thread_and_exc_info() -> None:
+    """Records made inside the pool's lock are emitted after it is let go (never while a pool's
+    lock is held by the emitting thread), in order, as the call made them; none is lost at close."""
+    dev = vmmpool.Device.emulated(capacity=16 * 2 * MiB)
+    P = dev.granularity
+    lg = logging.getLogger("vmmpool.pool")
+    pools: list[PagePool] = []
+
+    class Handler(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[tuple[logging.LogRecord, bool]] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            me = threading.get_ident()
+            held = any(p._core.owner == me and p._core.lock.locked() for p in pools)
+            self.records.append((record, held))
+
+    h = Handler()
+    lg.addHandler(h)
+    level = lg.level
+    lg.setLevel(logging.DEBUG)
+    try:
+        pool = PagePool(dev, limit=8 * P)
+        pools.append(pool)
+        a = [pool.malloc(P) for _ in range(4)]
+        pool.set_limit(2 * P)  # the live pages stay above it
+        dev._backend.inject_fault("unmap", name="CUDA_ERROR_UNKNOWN")
+        a[0].free()  # gives pages above the limit back: the unmap fails, logged with exc_info
+        with pytest.raises(vmmpool.OutOfMemoryError):
+            pool.malloc(8 * P)
+        for x in a[1:]:
+            x.free()
+        pool.close()
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(level)
+    assert h.records and not [r.getMessage() for r, held in h.records if held]
+    msgs = [r.getMessage() for r, _ in h.records]
+    assert all(r.name == "vmmpool.pool" and r.threadName == threading.current_thread().name
+               for r, _ in h.records)
+    i = next(i for i, m in enumerate(msgs) if m.startswith("limit set to"))
+    j = next(i for i, m in enumerate(msgs) if m.startswith("giving pages above the limit back failed"))
+    k = next(i for i, m in enumerate(msgs) if m.startswith("out of memory"))
+    assert i < j < k, msgs
+    warn, _ = h.records[j]
+    assert warn.levelno == logging.WARNING and warn.funcName == "enforce_limit"
+    assert warn.exc_info is not None and isinstance(warn.exc_info[1], vmmpool.DriverError)
+    oom, _ = h.records[k]
+    assert oom.levelno == logging.INFO and oom.funcName == "oom"
+    created = [r.created for r, _ in h.records]
+    assert created == sorted(created)
+    assert _logq.pending_records() == 0
+
+
+def test_sleep_logs_a_failed_staging_cleanup_after_the_lock_is_let_go() -> None:
+    """_staging logs on ``vmmpool`` (not ``vmmpool.pool``) and sleep() runs it under the pool's
+    lock: a copy wait that fails, then its event's destroy, was logged with the lock held."""
+    dev = vmmpool.Device.emulated(capacity=16 * 2 * MiB)
+    P = dev.granularity
+    pool = PagePool(dev)
+    core = pool._core
+    seen: list[tuple[str, bool]] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held = core.owner == threading.get_ident() and core.lock.locked()
+            seen.append((record.getMessage(), held))
+
+    lg = logging.getLogger("vmmpool")
+    h = Handler()
+    lg.addHandler(h)
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        a = pool.malloc(3 * P)
+        # sleep: quiesce's event (wait 1, destroy 1), then staging.save's copies (wait 2 fails;
+        # its cleanup destroys the pending events: destroy 2 fails, logged)
+        dev._backend.inject_fault("event_wait", 2, name="CUDA_ERROR_UNKNOWN")
+        dev._backend.inject_fault("event_destroy", 2, name="CUDA_ERROR_UNKNOWN")
+        with pytest.raises(vmmpool.DriverError):
+            pool.sleep()
+        dev._backend.clear_faults()
+        a.free()
+        pool.close()
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(level)
+    assert any(m.startswith("destroying a staging event failed") for m, _ in seen), seen
+    assert not [m for m, held in seen if held], seen
 
 
 # ------------------------------------------------------- failure injection

@@ -51,6 +51,7 @@ SUITE = [
     "test_pool_lifetime.py",
     "test_process.py",
     "test_sleep.py",
+    "test_pool_views.py",
 ]
 
 #: The documented answers the default stand-in does not give.

@@ -78,7 +78,6 @@ stays live while any array or DLPack capsule made from it does). The rule:
 from __future__ import annotations
 
 import functools
-import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -97,6 +96,7 @@ from ._errors import (
     OutOfMemoryError,
     VmmError,
 )
+from ._logq import QueuedLogger
 from ._options import Access, address_limit, check_int, event_handle, host_bytes, stream_key
 from ._prefault import discard
 from ._process import NoCopy
@@ -116,7 +116,8 @@ from ._staging import SleepCounts, SleepStats, Staging, host_array
 
 __all__ = ["GrowableBuffer", "PageSource"]
 
-_log = logging.getLogger("vmmpool")
+# Queued while this thread holds a pool's lock (see _logq): never a logging lock there.
+_log = QueuedLogger("vmmpool")
 
 #: Where device memory is host RAM, sleep copies, unmaps and gives back pieces of at most
 #: this many bytes, one after the other (as ``PagePool.sleep``'s ``SLEEP_GROUP``).

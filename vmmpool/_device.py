@@ -23,7 +23,10 @@ KDL_CUDA = 2
 
 DeviceLike = Union["Device", str, int, None]
 
-_lock = threading.Lock()
+# Re-entrant: building a backend allocates, so the garbage collector may run a finalizer
+# there that asks for a Device (the nested call builds and publishes its own; the outer one
+# then discards what it built: see _publish).
+_lock = threading.RLock()
 _cuda_devices: dict[int, Device] = {}
 _host: Device | None = None
 
@@ -93,8 +96,12 @@ class Device:
             if dev is None:
                 from ._backends import cuda as _cuda
 
-                dev = cls._from_backend(_cuda.CudaBackend(ordinal))
-                _cuda_devices[ordinal] = dev
+                backend = _cuda.CudaBackend(ordinal)
+                dev = _cuda_devices.get(ordinal)  # a finalizer in the constructor may have made it
+                if dev is None:
+                    dev = _cuda_devices[ordinal] = cls._from_backend(backend)
+                else:
+                    _discard(backend)
             return dev
 
     @classmethod
@@ -342,11 +349,23 @@ class Device:
         return (Device, (str(self),))
 
 
+def _discard(backend: Backend) -> None:
+    """Close a backend built for a device that a nested call (a finalizer) made meanwhile."""
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001 - nothing was made on it; the device in use is the other
+        pass
+
+
 def _host_device() -> Device:
     global _host
     with _lock:
         if _host is None:
-            _host = Device._from_backend(HostBackend())
+            backend = HostBackend()
+            if _host is None:  # (a finalizer in the constructor may have made it)
+                _host = Device._from_backend(backend)
+            else:
+                _discard(backend)
         return _host
 
 
@@ -390,7 +409,7 @@ def _forget_devices_in_child() -> None:
     child's own. The module lock is replaced: a parent thread may have held it.
     """
     global _host, _default, _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _host = None
     _default = None
     _cuda_devices.clear()

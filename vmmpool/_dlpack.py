@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import logging
 import os
 import sys
 import threading
@@ -68,12 +67,14 @@ from numpy.typing import DTypeLike
 
 from ._device import KDL_CPU, KDL_CUDA, Device
 from ._errors import ExportAsleepError, ExportClosedError
+from ._logq import QueuedLogger
 from ._options import brief, check_int
 from ._process import NoCopy
 
 __all__ = ["ArrayView", "DLPACK_VERSION", "dlpack_dtype", "export_stats"]
 
-_log = logging.getLogger("vmmpool")
+# Queued while this thread holds a pool's lock (see _logq): never a logging lock there.
+_log = QueuedLogger("vmmpool")
 
 #: DLPack ABI version of the versioned capsules this module produces.
 DLPACK_VERSION: tuple[int, int] = (1, 0)

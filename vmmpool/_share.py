@@ -32,7 +32,6 @@ to keep a shared allocation's bytes out of reuse until every receiver is done
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from collections.abc import Sequence
@@ -43,11 +42,13 @@ from numpy.typing import DTypeLike
 from ._device import Device, DeviceLike
 from ._dlpack import ArrayView
 from ._errors import ClosedError, ForkedError
+from ._logq import QueuedLogger
 from ._options import check_int, host_bytes
 from ._process import track
 from ._resources import ClosesOnExit, OpLock, PhysicalAllocation, reserve, safety_finalizer
 
-_log = logging.getLogger("vmmpool")
+# Queued while this thread holds a pool's lock (see _logq): never a logging lock there.
+_log = QueuedLogger("vmmpool")
 
 __all__ = ["SharedMemoryHandle", "SharedMapping", "Lease", "check_shareable", "not_shareable"]
 

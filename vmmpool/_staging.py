@@ -27,7 +27,6 @@ partial restore is overwritten by the next try).
 from __future__ import annotations
 
 import ctypes
-import logging
 import mmap
 import os
 import time
@@ -36,11 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backends.base import Backend
+from ._logq import QueuedLogger
 from ._prefault import populate_write
 
 __all__ = ["Staging", "STAGING_CHUNK", "SleepCounts", "SleepStats", "host_array"]
 
-_log = logging.getLogger("vmmpool")
+# Queued while this thread holds a pool's lock (see _logq): never a logging lock there.
+_log = QueuedLogger("vmmpool")
 
 #: Bytes of each half of the staging buffer, at most (the buffer is 2x this).
 STAGING_CHUNK = 32 << 20

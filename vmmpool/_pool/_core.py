@@ -10,7 +10,6 @@ import bisect
 import collections
 import functools
 import itertools
-import logging
 import os
 import threading
 import weakref
@@ -22,6 +21,9 @@ from .. import _process
 from .._device import Device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ClosedError, DriverError, ForkedError, OutOfMemoryError
+from .._logq import LOG, flush
+from .._logq import pool_logger as logger
+from .._logq import register as register_log
 from .._observe import History
 from .._options import PER_THREAD_KEYS, Access, shown, watch_thread
 from .._resources import PhysicalAllocation, create, reserve
@@ -31,8 +33,6 @@ from ._blocks import ALIGNMENT, Block, n_whole, whole_slots
 from ._pages import ACQUIRED, ASLEEP, FREE, MAPPED, QUARANTINED, Alias, Page
 from ._sleep import KEPT, STALE, PoolSleep
 from ._streams import EventCounts, Heap, StreamState
-
-logger = logging.getLogger("vmmpool.pool")
 
 #: Each arena reserves this many times the limit of virtual address space ...
 ARENA_FACTOR = 2
@@ -320,6 +320,7 @@ class Core:
         self.staging: Staging | None = None
         self.sleeps = SleepCounts()
         _process.track(self)
+        register_log(self)  # (_logq.flush looks for a pool whose lock this thread holds)
 
     # ----------------------------------------------------------------- fork
     def _forked(self) -> None:
@@ -336,7 +337,7 @@ class Core:
         self.closed = True
         self.lock = threading.Lock()
         self.tasks.clear()
-        self.pending.clear()
+        self.pending.clear()  # (LOG markers too: _logq drops the parent's records in the child)
 
     def closed_error(self) -> ClosedError:
         """The error for a use of a closed pool: ForkedError in a forked child."""
@@ -556,20 +557,27 @@ class Core:
             st.obj = None
             self.drop_stream(st)  # nothing left of it: forgotten now (else by note_emptied)
 
-    def drain(self) -> None:
+    def drain(self, settling: bool = False) -> None:
         """Do what finalizers queued in ``pending`` (lock held).
 
         Collected allocations and re-entrant frees are freed (bookkeeping only);
         after close, ``RELEASE_HELD`` unmaps the arenas no view uses any more;
         ``CLOSE`` closes. A failure is logged: the next ``close()`` resumes it.
+        ``LOG`` (log records queued under the lock, see ``_logq``) stays queued
+        for the ``settle()`` after the lock is let go, unless `settling` (that
+        settle itself, which emits them after it lets go).
         """
         pending = self.pending
         later: list[object] = []
+        logged = False
         while pending:
             try:
                 ref = pending.popleft()
             except IndexError:  # pragma: no cover - emptied by another drain
                 break
+            if ref is LOG:
+                logged = True
+                continue
             if (ref is RELEASE_HELD or ref is CLOSE) and self.backend.in_call():
                 # A finalizer inside a backend call of this thread: these call the
                 # driver, never inside that call; the backend runs settle() after it.
@@ -595,6 +603,8 @@ class Core:
         if later:
             pending.extend(later)
             self.backend.run_or_defer(self.settle)
+        if logged and not settling:
+            pending.append(LOG)
 
     def settle(self) -> None:
         """Drain ``pending`` if the lock is free; never blocks, never raises.
@@ -612,10 +622,11 @@ class Core:
                     return  # its holder settles when it lets go
                 self.owner = _ident()
                 try:
-                    self.drain()
+                    self.drain(True)
                 finally:
                     self.owner = 0  # as in Section.__exit__
                     lock.release()
+                flush()  # the records logged under the lock (never raises)
                 if self.pending and self.backend.in_call():
                     # Left for after this thread's backend call (a close, a release: see drain).
                     self.backend.run_or_defer(self.settle)
@@ -2654,8 +2665,11 @@ class Core:
         released now (the memory lives while mapped, rule 7). If a release
         fails, the error propagates and calling ``close()`` again resumes.
         """
-        with self.section:
-            self.close_locked()
+        try:
+            with self.section:
+                self.close_locked()
+        finally:
+            flush()  # what the close logged (close_locked clears ``pending``)
 
     def close_locked(self) -> None:
         """:meth:`close` with the lock held."""

@@ -60,12 +60,12 @@ the export could order it against the sleep; only the caller can.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._logq import pool_logger as logger
 from .._options import event_handle
 from .._prefault import discard
 from .._resources import create
@@ -76,8 +76,6 @@ from ._pages import ASLEEP, FREE, MAPPED, Page
 if TYPE_CHECKING:
     from ._arena import Arena
     from ._core import Core
-
-logger = logging.getLogger("vmmpool.pool")
 
 #: Stream the copies are queued on (the legacy default stream on CUDA).
 COPY_STREAM = 0

@@ -51,10 +51,10 @@ histories and ``Allocation.stream`` show such keys as 2 (:func:`~vmmpool._option
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._logq import pool_logger as logger
 from .._options import event_handle
 from ._blocks import Block, FreeBlocks
 
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from .._backends.base import Backend
     from ._arena import Arena
 
-logger = logging.getLogger("vmmpool.pool")
 
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import logging
 import os
 import pickle
 import sys
@@ -28,6 +27,7 @@ from .._device import Device, DeviceLike
 from .._device import _parse as _parse_device
 from .._dlpack import ArrayView
 from .._errors import AsleepError, ForkedError, OutOfMemoryError, VmmWarning
+from .._logq import pool_logger as logger
 from .._observe import AllocationInfo, History, check_max_entries, format_summary, torch_snapshot
 from .._options import PER_THREAD, brief, check_int, check_iterable, pool_key, shown, stream_key
 from .._process import NoCopy
@@ -42,8 +42,6 @@ from ._shares import Shares
 from ._stats import PageInfo, PoolStats
 
 __all__ = ["Allocation", "PagePool"]
-
-logger = logging.getLogger("vmmpool.pool")
 
 #: After an out-of-memory, retries while garbage collection keeps giving memory back.
 _GC_RETRIES = 3
