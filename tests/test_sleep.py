@@ -1486,3 +1486,35 @@ def test_a_page_freed_while_asleep_through_its_aliases_is_not_brought_back() -> 
         x.free()
     pool.close()
     assert dev.counters().live == (0, 0, 0)
+
+
+def test_wake_without_device_memory_says_so_and_stays_asleep() -> None:
+    # Another job took the device's memory while the pool slept: wake() raised the driver's
+    # bare "capacity exhausted" (a request of one page, where it needs many), not counted.
+    P = 2 << 20
+    dev = vmmpool.Device.emulated(capacity=32 * P)
+    a = PagePool(dev, limit=32 * P)
+    data = [(a.malloc(n), bytes([k + 1]) * n) for k, n in enumerate((5 * P + 123, 777, 3 * P))]
+    for x, d in data:
+        dev.write(x.ptr, d)
+    held = a.stats().total_pages
+    a.sleep()
+    b = PagePool(dev, limit=32 * P)
+    hog = b.malloc((32 - held + 2) * P)  # leaves 2 pages fewer than the wake needs
+    before = dev.counters().live
+    with pytest.raises(vmmpool.OutOfMemoryError) as err:
+        a.wake()
+    msg = str(err.value)
+    assert f"wake needs {held} page(s)" in msg and "the device could not create them" in msg
+    assert "stays asleep" in msg and err.value.requested == held * P
+    assert isinstance(err.value.__cause__, vmmpool.OutOfMemoryError)
+    assert a.asleep and a.stats().n_ooms == 1 and dev.counters().live == before
+    a._check()
+    hog.free()
+    b.close()
+    a.wake()
+    assert all(bytes(dev.read(x.ptr, len(d))) == d for x, d in data)
+    for x, _ in data:
+        x.free()
+    a.close()
+    assert dev.counters().live == (0, 0, 0)

@@ -426,7 +426,7 @@ class Core:
 
     def oom(
         self, nbytes: int, n: int, why: str = "", *, pin: int | None = None, found: int | None = None,
-        pinned: int | None = None,
+        pinned: int | None = None, head: str | None = None,
     ) -> OutOfMemoryError:
         """The error for a request the pool refuses, stating the figures the refusal used.
 
@@ -434,7 +434,8 @@ class Core:
         those it maps plus cached ones it covers), the refusal was ``pinned + pin > limit``
         and the message shows that sum (`pinned`: the figure the refusal used, when not
         :meth:`pinned`); with `found`, the pool gathered only `found` of the `n` unmapped
-        pages it needed (free, creatable, reclaimable).
+        pages it needed (free, creatable, reclaimable). `head` replaces the sentence on the
+        request (``wake()``'s refusal is not a block's). Asleep, no byte is cached.
         """
         # Built from the state the caller leaves behind (after any undo), so
         # that it agrees with a stats() taken right after.
@@ -443,15 +444,15 @@ class Core:
         if pinned is None:
             pinned = self.pinned()
         reclaimable = self.reclaimable()
-        cached = self.cached_bytes()
-        if pin is not None:
+        cached = self.cached_bytes() if self.asleep is None else 0  # (asleep: no memory held)
+        if head is None and pin is not None:
             head = (
                 f"the block would pin {pin} more page(s) of {P} bytes ({n} to map"
                 + (f", {pin - n} cached it covers" if pin > n else "")
                 + f") and {pinned} of the limit's {self.max_pages} pages hold live data: "
                 f"{pinned} + {pin} > {self.max_pages}"
             )
-        else:
+        elif head is None:
             head = f"the block needs {n} unmapped page(s) of {P} bytes"
             if found is not None:
                 head += f", only {found} could be gathered (free, creatable under the limit or reclaimable)"

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._errors import OutOfMemoryError
 from .._logq import pool_logger as logger
 from .._options import event_handle
 from .._prefault import discard
@@ -555,13 +556,25 @@ def wake(core: Core) -> None:
     if over > 0 and core.free_pages:
         # Pages a failed sleep kept, freed while asleep: given back before they block the wake.
         core.release_free(over)
+    what = f"wake needs {need} page(s) of {core.P} bytes for the live data"
     if len(core.pages) + need > core.max_pages:
         raise core.oom(
             need * core.P, need,
-            f"wake needs {need} page(s) for the live data; the limit allows "
-            f"{core.max_pages - len(core.pages)} more (raise it with set_limit)",
+            f"the limit allows {core.max_pages - len(core.pages)} more (raise it with set_limit); "
+            "the pool stays asleep, every byte kept",
+            head=what,
         )
-    wake_runs(core, runs, sl)
+    try:
+        wake_runs(core, runs, sl)
+    except OutOfMemoryError as err:
+        # The device's memory, not the limit (another process holds it): the pool's own error,
+        # with the driver's as its cause. wake_runs left everything asleep as it was.
+        raise core.oom(
+            need * core.P, need,
+            f"the device could not create them ({err.message}); the pool stays asleep, every "
+            "byte kept: wake() again once memory is free",
+            head=what,
+        ) from err
     for (a, s), _how in sl.mapped.items():  # KEPT (unmap_stale removed the STALE): awake as they are
         p = a.slots[s]
         assert p is not None
