@@ -1272,3 +1272,36 @@ if spec != "host":
 print("ok")
 """, timeout=30)
     assert "ok" in out, out
+
+
+def test_callbacks_asked_for_by_a_finalizer_while_the_pair_is_made() -> None:
+    """vmmpool.torch made a pool's pair (its ctypes thunks, which allocate) under a plain lock:
+    a __del__ collected there that asked for the same pool's callbacks waited for its own
+    thread. One pair per pool still: the nested call's is kept."""
+    out = run_script("""
+import vmmpool.torch as vt
+pool = vmmpool.PagePool(dev, limit=8 * P)
+got = []
+class Asker:
+    def __init__(self):
+        self.me = self
+    def __del__(self):
+        got.append(vt.callbacks(pool))
+real = vt._Pair.__init__
+def init(self, *a, **k):
+    vt._Pair.__init__ = real
+    Asker()
+    gc.collect()
+    real(self, *a, **k)
+n_pairs = len(vt._PAIRS)
+gc.disable()
+vt._Pair.__init__ = init
+outer = vt.callbacks(pool)
+gc.enable()
+assert got == [outer], (got, outer)
+assert vt.callbacks(pool) == outer
+assert len(vt._PAIRS) == n_pairs + 1  # the pair the outer call made was dropped
+pool.close()
+print("done")
+""", timeout=30)
+    assert "done" in out, out

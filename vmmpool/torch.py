@@ -233,14 +233,16 @@ class _Pair:
 _PAIRS: list[_Pair] = []
 #: The pair of each pool (weakly keyed: a pool that is gone has no entry).
 _BY_POOL: weakref.WeakKeyDictionary[PagePool, _Pair] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+#: Re-entrant: making a pair (ctypes thunks) allocates, so the garbage collector may run a
+#: finalizer there that asks for callbacks; the nested call's pair is then the one kept.
+_LOCK = threading.RLock()
 
 
 def _new_lock_in_child() -> None:
     # After os.fork(), in the child: a parent thread may have held the lock at the fork,
     # and the child's own pools must still get their callbacks (issue 17).
     global _LOCK
-    _LOCK = threading.Lock()
+    _LOCK = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)
@@ -254,9 +256,12 @@ def _pair(pool: PagePool) -> _Pair:
     with _LOCK:
         pair = _BY_POOL.get(pool)
         if pair is None:
-            pair = _Pair(pool)
-            _PAIRS.append(pair)
-            _BY_POOL[pool] = pair
+            made = _Pair(pool)
+            pair = _BY_POOL.get(pool)  # a finalizer inside _Pair() may have made one
+            if pair is None:
+                pair = made
+                _PAIRS.append(pair)
+                _BY_POOL[pool] = pair
         return pair
 
 
@@ -381,7 +386,9 @@ def MemPool(pool: PagePool) -> Any:
     pair = _pair(pool)
     with _LOCK:
         if pair.torch_allocator is None:
-            pair.torch_allocator = torch._C._cuda_customAllocator(pair.alloc_address, pair.free_address)
+            made = torch._C._cuda_customAllocator(pair.alloc_address, pair.free_address)
+            if pair.torch_allocator is None:  # (a finalizer in the call may have made one)
+                pair.torch_allocator = made
         allocator = pair.torch_allocator
     # PyTorch registers a MemPool's allocator on the device current at construction
     # (MemPool::MemPool: device_ = current_device(); createOrIncrefPool(device_, ...)):
