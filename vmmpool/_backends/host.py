@@ -193,6 +193,11 @@ def _invalid(op: str, message: str) -> DriverError:
     return DriverError("CUDA_ERROR_INVALID_VALUE", message, operation=op)
 
 
+def _invalid_handle(op: str, message: str) -> DriverError:
+    """A handle (event, stream) that is not live: the driver's name, as the CUDA backend's."""
+    return DriverError("CUDA_ERROR_INVALID_HANDLE", message, operation=op)
+
+
 class _Chunk:
     """A shared memfd that allocations are cut from, first fit, in granules."""
 
@@ -976,7 +981,7 @@ class HostBackend(Backend):
         _pending, events, _held = self._event_state()
         rec = events.get(event)
         if rec is None:
-            raise _invalid(op, f"{event:#x} is not a live event")
+            raise _invalid_handle(op, f"{event:#x} is not a live event")
         return rec
 
     def event_query(self, event: int) -> bool:
@@ -1102,7 +1107,7 @@ class HostBackend(Backend):
         with self._lock:
             streams: set[int] = getattr(self, "_streams", set())
             if stream not in streams:
-                raise _invalid("stream_destroy", f"{stream!r} is not a stream from stream_create")
+                raise _invalid_handle("stream_destroy", f"{stream!r} is not a stream from stream_create")
             streams.remove(stream)
             self._live_streams = len(streams)
 
