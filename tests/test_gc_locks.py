@@ -1305,3 +1305,36 @@ pool.close()
 print("done")
 """, timeout=30)
     assert "done" in out, out
+
+
+def test_a_handler_whose_work_logs_again_does_not_keep_the_caller_forever() -> None:
+    """A handler with the usual recursion guard whose emit does pool work that logs: records
+    queued during its emit were handled after it returned (the guard off), each making more,
+    and the caller's malloc never returned. Handled inside the emit, as logging does."""
+    out = run_script("""
+import logging
+pool = vmmpool.PagePool(dev, limit=8 * P)
+logging.getLogger("vmmpool").setLevel(logging.DEBUG)
+class Guarded(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.busy = False
+        self.n = 0
+    def emit(self, record):
+        if self.busy:
+            return  # the recursion guard
+        self.busy = True
+        try:
+            self.n += 1
+            if self.n > 1000:
+                print("runaway"); sys.stdout.flush(); __import__("os")._exit(3)
+            pool.malloc(P).free()
+            pool.trim()
+        finally:
+            self.busy = False
+h = Guarded()
+logging.getLogger("vmmpool").addHandler(h)
+a = pool.malloc(2 * P)
+print("returned", 0 < h.n < 50)
+""", timeout=60)
+    assert "returned True" in out, out

@@ -1268,6 +1268,62 @@ def test_sleep_logs_a_failed_staging_cleanup_after_the_lock_is_let_go() -> None:
     assert not [m for m, held in seen if held], seen
 
 
+def test_records_are_emitted_by_their_thread_when_another_takes_the_lock_first() -> None:
+    """A thread that logged under the lock and lets go while another thread takes the lock
+    before its settle() emits its records itself before its call returns (they waited for
+    the other thread's section, and were emitted on that thread)."""
+    pool = PagePool("host", limit=8 * MiB)
+    core = pool._core
+    real = core.lock
+    taken = threading.Event()
+    done = threading.Event()
+
+    def other() -> None:
+        with core.section:
+            taken.set()
+            done.wait(10)
+
+    class HandoffLock:  # another thread takes the lock right after this one lets go
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            return real.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            real.release()
+            if _logq.pending_records() and not taken.is_set():
+                threading.Thread(target=other).start()
+                taken.wait(10)
+
+        def locked(self) -> bool:
+            return real.locked()
+
+    seen: list[tuple[str, str]] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), threading.current_thread().name))
+
+    lg = logging.getLogger("vmmpool.pool")
+    h = Handler()
+    lg.addHandler(h)
+    level = lg.level
+    lg.setLevel(logging.INFO)
+    try:
+        pool.malloc(4 * MiB).free()
+        core.lock = HandoffLock()  # type: ignore[assignment]
+        assert pool.trim() == 4 * MiB
+        got = list(seen)
+    finally:
+        done.set()
+        lg.removeHandler(h)
+        lg.setLevel(level)
+    assert taken.is_set()
+    me = threading.current_thread().name
+    assert [m for m, t in got if m.startswith("trim:") and t == me], got
+    core.lock = real
+    pool.close()
+    assert _logq.pending_records() == 0
+
+
 # ------------------------------------------------------- failure injection
 @pytest.mark.parametrize(
     ("op", "nth"),

@@ -31,6 +31,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._backends.base import Backend
     from ._pool._core import Core
 
 __all__ = ["LOG", "QueuedLogger", "flush", "pending_records", "pool_logger", "register"]
@@ -124,19 +125,54 @@ class QueuedLogger:
 pool_logger = QueuedLogger("vmmpool.pool")
 
 
+def _live_cores() -> list[Core]:
+    for _ in range(3):
+        try:
+            return list(_cores)
+        except RuntimeError:  # pragma: no cover - the set changed (a pool made meanwhile)
+            continue
+    return []  # pragma: no cover
+
+
 def _held_core() -> Core | None:
     """A pool whose lock this thread holds, if any (a walk of the live pools: slow paths only)."""
     me = threading.get_ident()
-    for _ in range(3):
+    for core in _live_cores():
+        if core.owner == me and core.lock.locked():
+            return core
+    return None
+
+
+def _scan() -> tuple[Core | None, Backend | None]:
+    """One walk: a pool whose lock this thread holds, else a backend inside a call of it."""
+    me = threading.get_ident()
+    busy: Backend | None = None
+    seen: set[int] = set()
+    for core in _live_cores():
+        if core.owner == me and core.lock.locked():
+            return core, None
+        b = core.backend
+        if busy is None and id(b) not in seen:  # pools of one device share their backend
+            seen.add(id(b))
+            if b.in_call():
+                busy = b
+    return None, busy
+
+
+#: The thread emitting `_records` now (0: none).
+_emitter = 0
+
+
+def _emit_queued() -> None:
+    while _records:
         try:
-            cores = list(_cores)
-        except RuntimeError:  # pragma: no cover - the set changed (a pool made meanwhile)
-            continue
-        for core in cores:
-            if core.owner == me and core.lock.locked():
-                return core
-        return None
-    return None  # pragma: no cover
+            lg, rec = _records.popleft()
+        except IndexError:  # pragma: no cover - emptied by another thread
+            break
+        try:
+            lg.handle(rec)
+        except Exception:  # noqa: BLE001 - as logging does: a record never raises
+            pass
 
 
 def flush() -> None:
@@ -146,31 +182,34 @@ def flush() -> None:
     records wait for that section's end (its ``pending`` gets :data:`LOG`);
     inside a backend call of this thread, for the call's end (a free from a
     finalizer may wait for the backend's lock). Another thread emitting takes
-    these records too.
+    these records too. A handler of the emitting thread whose work logged again
+    has those records handled at once, inside its ``emit``, as the logging
+    module does (its recursion guards then apply).
     """
+    global _emitter
     try:
         while _records:
-            core = _held_core()
+            core, busy = _scan()
             if core is not None:
                 core.pending.append(LOG)
                 return
-            for c in list(_cores):
-                if c.backend.in_call():
-                    c.backend.run_or_defer(flush)
-                    return
+            if busy is not None:
+                busy.run_or_defer(flush)
+                return
+            me = threading.get_ident()
+            if _emitter == me:
+                # Inside a handler's emit on this thread: nested, as logging itself does.
+                # Left queued, the outer loop handled each after the handler's guard was
+                # off, and a handler whose work logs again never let the caller return.
+                _emit_queued()
+                return
             if not _emitting.acquire(False):
                 return  # the emitting thread loops until the queue is empty
+            _emitter = me
             try:
-                while _records:
-                    try:
-                        lg, rec = _records.popleft()
-                    except IndexError:  # pragma: no cover - emptied by another thread
-                        break
-                    try:
-                        lg.handle(rec)
-                    except Exception:  # noqa: BLE001 - as logging does: a record never raises
-                        pass
+                _emit_queued()
             finally:
+                _emitter = 0
                 _emitting.release()
     except Exception:  # noqa: BLE001 - runs from finalizers: never raise
         pass
@@ -183,9 +222,10 @@ def pending_records() -> int:
 
 def _after_fork_in_child() -> None:
     # The queued records are the parent's (it emits them); the lock may have been held.
-    global _emitting
+    global _emitting, _emitter
     _records.clear()
     _emitting = threading.Lock()
+    _emitter = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

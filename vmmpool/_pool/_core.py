@@ -620,7 +620,10 @@ class Core:
         try:
             while self.pending:
                 if not lock.acquire(False):
-                    return  # its holder settles when it lets go
+                    # Its holder settles when it lets go; the records this thread queued are
+                    # emitted now (they need no pool lock), not when that holder lets go.
+                    flush()
+                    return
                 self.owner = _ident()
                 try:
                     self.drain(True)
@@ -2687,7 +2690,10 @@ class Core:
         if not self.closed:
             self.record_close()
             self.closed = True
+            logged = LOG in self.pending
             self.pending.clear()
+            if logged:  # records queued under the lock: emitted by the settle() after it
+                self.pending.append(LOG)
             for st in self.streams.values():
                 try:
                     st.drop_events(self.backend)
