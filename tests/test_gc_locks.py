@@ -985,13 +985,16 @@ print("live", dev.counters().live)
     assert "live (0, 0, 0)" in out, out
 
 
-def test_free_from_a_signal_handler_between_taking_the_lock_and_noting_the_owner() -> None:
+@pytest.mark.parametrize("shareable", [False, True])
+def test_free_from_a_signal_handler_between_taking_the_lock_and_noting_the_owner(shareable: bool) -> None:
     """A signal handler that frees, run right after a pool call's lock.acquire(False) and
-    before it notes its owner: free() saw no owner and waited for its own thread. Forced:
-    the handler runs from inside the lock's acquire (a wrapper lock) of a malloc."""
-    out = run_script("""
-import signal
-pool = vmmpool.PagePool(dev)
+    before it notes its owner: free() saw no owner and waited for its own thread (on a
+    shareable pool, in the section where it looks at the leases). Forced: the handler runs
+    from inside the lock's acquire (a wrapper lock) of a malloc."""
+    out = run_script(f"""
+import os, signal
+pool = vmmpool.PagePool(dev, shareable={shareable})
+""" + """
 core = pool._core
 victim = pool.malloc(100)
 class Lock:
@@ -1009,7 +1012,6 @@ class Lock:
         self.inner.release()
     def locked(self):
         return self.inner.locked()
-import os
 signal.signal(signal.SIGUSR1, lambda *a: victim.free())
 core.lock = Lock()
 core.lock.armed = True
@@ -1086,43 +1088,6 @@ assert not records, records
 assert pool.closed and buf.closed
 print("live", dev.counters().live)
 """, timeout=60)
-    assert "live (0, 0, 0)" in out, out
-
-
-def test_shareable_free_from_a_signal_handler_between_taking_the_lock_and_noting_the_owner() -> None:
-    """As the test above, on a shareable pool: its free() takes the pool's lock to look at
-    the leases (a section), which waited for its own thread."""
-    out = run_script("""
-import os, signal
-pool = vmmpool.PagePool(dev, shareable=True)
-core = pool._core
-victim = pool.malloc(100)
-class Lock:
-    def __init__(self):
-        self.inner = threading.Lock()
-        self.armed = False
-    def acquire(self, blocking=True, timeout=-1):
-        got = self.inner.acquire(blocking, timeout)
-        if got and self.armed:
-            self.armed = False
-            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs before acquire returns
-        return got
-    def release(self):
-        self.inner.release()
-    def locked(self):
-        return self.inner.locked()
-signal.signal(signal.SIGUSR1, lambda *a: victim.free())
-core.lock = Lock()
-core.lock.armed = True
-a = pool.malloc(200)
-assert victim.freed
-core.lock = threading.Lock()
-a.free()
-assert pool.stats().live_allocations == 0
-pool._check()
-pool.close()
-print("live", dev.counters().live)
-""", timeout=30)
     assert "live (0, 0, 0)" in out, out
 
 

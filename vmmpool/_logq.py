@@ -136,20 +136,18 @@ def _live_cores() -> list[Core]:
 
 def _held_core() -> Core | None:
     """A pool whose lock this thread holds, if any (a walk of the live pools: slow paths only)."""
-    me = threading.get_ident()
     for core in _live_cores():
-        if core.owner == me and core.lock.locked():
+        if core.held_here():
             return core
     return None
 
 
 def _scan() -> tuple[Core | None, Backend | None]:
     """One walk: a pool whose lock this thread holds, else a backend inside a call of it."""
-    me = threading.get_ident()
     busy: Backend | None = None
     seen: set[int] = set()
     for core in _live_cores():
-        if core.owner == me and core.lock.locked():
+        if core.held_here():
             return core, None
         b = core.backend
         if busy is None and id(b) not in seen:  # pools of one device share their backend

@@ -489,7 +489,7 @@ class Core:
         Nor inside a backend call of this thread (a finalizer's free there): a
         task takes the pool's lock, whose holder may be waiting for the backend's.
         """
-        if (self.owner == _ident() and self.lock.locked()) or self.backend.in_call():
+        if self.held_here() or self.backend.in_call():
             return
         tasks = self.tasks
         while tasks:
@@ -638,9 +638,14 @@ class Core:
         except Exception:  # runs from finalizers: never raise
             logger.error("deferred pool work failed", exc_info=True)
 
+    def held_here(self) -> bool:
+        """True when this thread holds the lock: only code that interrupted it there (a
+        finalizer, a signal handler) can call anything then."""
+        return self.owner == _ident() and self.lock.locked()
+
     def check_reentry(self) -> None:
         """The lock is busy: raise if this thread holds it (a finalizer re-entered the pool)."""
-        if self.owner == _ident() and self.lock.locked():
+        if self.held_here():
             raise ReentryError(
                 "PagePool called from a finalizer or signal handler that interrupted this "
                 "thread inside the same pool (the garbage collector runs wherever Python "
@@ -1750,7 +1755,7 @@ class Core:
         validated and queued, never waited for; the holder does it when it
         lets go.
         """
-        if self.owner == _ident() and self.lock.locked():
+        if self.held_here():
             self.queue_free(ref)  # done by the interrupted call when it lets go
             return False
         if self.tasks:

@@ -297,7 +297,7 @@ class Allocation(NoCopy):
                 raise core.closed_error()
             rec = ref.rec
             shares = self.pool._shares
-            if core.owner == threading.get_ident() and core.lock.locked():
+            if core.held_here():
                 # A finalizer re-entered this thread inside the pool: no other
                 # thread can be in share()'s locked section now.
                 leased = rec.ref is ref and shares.mark_freed(rec)
@@ -885,8 +885,7 @@ class PagePool(ClosesOnExit, NoCopy):
     def _held_here(self) -> bool:
         """True when this thread holds the pool's lock: only code that interrupted it there
         (a finalizer, a signal handler) can call anything then."""
-        core = self._core
-        return core.owner == threading.get_ident() and core.lock.locked()
+        return self._core.held_here()
 
     def _defer(self, fn: Callable[[], object]) -> None:
         """Queue `fn` for the next pool call (safe from finalizers: never blocks).
